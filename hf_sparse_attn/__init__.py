@@ -1,0 +1,22 @@
+"""hf_sparse_attn: swap the attention of chosen layers of a Transformers model for a fast approximate method.
+
+    from hf_sparse_attn import patch_model, unpatch_model
+    plan = patch_model(model, method="sparse_hyper", layers=0.5, select="weight_norm")
+    print(plan); plan.save("plan.json")
+    unpatch_model(model)
+"""
+
+__version__ = "0.1.0"
+
+from .methods import MethodSpec, Param, get_method, get_spec, list_methods, merge_attention, register_method
+from .patches import CapturedAttention, capture_attention, register_adapter, supported_families
+from .patching import current_plan, patch_model, patched, unpatch_model
+from .plan import LayerPlan, PatchPlan
+from .selection import LayerRanking, rank_layers
+
+__all__ = [
+    "__version__",
+    "patch_model", "unpatch_model", "patched", "current_plan", "rank_layers", "LayerRanking", "PatchPlan", "LayerPlan",
+    "register_method", "get_method", "get_spec", "list_methods", "MethodSpec", "Param", "merge_attention",
+    "capture_attention", "CapturedAttention", "register_adapter", "supported_families",
+]

@@ -1,0 +1,52 @@
+"""`hf-sparse-attn <command>`: one module per command, each with ``configure(parser)`` and ``run(args) -> int``.
+
+Commands are imported only when chosen, so ``--help`` stays fast and a missing optional dependency of one
+command never breaks the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "rank": ("hf_sparse_attn.commands.rank", "rank a model's layers by Q/K weight norm (no patching)"),
+    "demo": ("hf_sparse_attn.commands.demo", "the main job: real SmolLM2, ranked and patched, with a check"),
+    "bench": ("hf_sparse_attn.eval.bench_cli", "speed and error of methods (kernel level) and patched models"),
+    "head-tail": ("hf_sparse_attn.eval.head_tail_cli", "seed 003 head-to-tail ratio statistics of a model's attention"),
+    "sparsity": ("hf_sparse_attn.eval.sparsity_cli", "seed 002 k-sparsity of attention rows versus weight norm R"),
+    "longbench": ("hf_sparse_attn.eval.longbench.cli", "predict LongBench / LongBench-E / the offline suite with a patched model"),
+    "longbench-score": ("hf_sparse_attn.eval.longbench.score_cli", "score a directory of LongBench predictions"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-sparse-attn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue  # command not built yet
+            raise
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

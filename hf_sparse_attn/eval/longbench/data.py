@@ -1,0 +1,147 @@
+"""Reading LongBench samples: a local directory of the released JSONL files, the released ``data.zip``, a parquet
+copy (read through ``datasets``), or a ``datasets`` id. Remote code is never trusted: the official loading script
+does not run with ``datasets`` >= 4, and we never pass ``trust_remote_code``.
+
+Layouts accepted for a task ``T`` (LongBench-E files are ``T_e``):
+
+- directory: ``DIR/T.jsonl`` or ``DIR/data/T.jsonl``
+- zip: a member ``.../T.jsonl`` (the release has ``data/T.jsonl``)
+- parquet: ``DIR/T.parquet``, ``DIR/T/*.parquet`` or ``DIR/T/test-*.parquet`` (also under ``DIR/data/``), or a
+  single ``.parquet`` file holding many tasks with a ``dataset`` column
+- anything else is taken as a ``datasets`` hub id: ``load_dataset(id, T, split="test")``, then its parquet
+  conversion ``revision="refs/convert/parquet"``.
+
+Every sample gets an ``_id`` (the released files have one; otherwise a hash of its content) so that predictions
+can be resumed and shards merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from glob import glob
+from typing import Iterable, Optional
+
+__all__ = ["load_task", "file_name", "assign_ids", "read_jsonl_lines"]
+
+
+def file_name(task: str, longbench_e: bool) -> str:
+    """Released file stem of a task: ``T`` or ``T_e`` (LongBench-E)."""
+    return f"{task}_e" if longbench_e else task
+
+
+def read_jsonl_lines(lines: Iterable[str], where: str) -> list[dict]:
+    samples = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            samples.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: line {number} is not valid JSON ({err})") from None
+    return samples
+
+
+def assign_ids(samples: list[dict], task: str) -> list[dict]:
+    """Give each sample a stable ``_id``: its own if present, else a hash of its content (repeated content gets
+    a ``-k`` suffix so ids stay unique)."""
+    seen: dict[str, int] = {}
+    for sample in samples:
+        if not sample.get("_id"):
+            digest = hashlib.sha1(json.dumps(sample, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+            sample["_id"] = f"{task}-{digest}"
+        base = str(sample["_id"])
+        if base in seen:
+            seen[base] += 1
+            sample["_id"] = f"{base}-{seen[base]}"
+        else:
+            seen[base] = 0
+    return samples
+
+
+def _from_dir_jsonl(source: str, stem: str) -> Optional[list[dict]]:
+    for path in (os.path.join(source, f"{stem}.jsonl"), os.path.join(source, "data", f"{stem}.jsonl")):
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return read_jsonl_lines(f, path)
+    return None
+
+
+def _from_zip(source: str, stem: str) -> Optional[list[dict]]:
+    with zipfile.ZipFile(source) as archive:
+        members = [m for m in archive.namelist() if os.path.basename(m) == f"{stem}.jsonl"]
+        if not members:
+            return None
+        members.sort(key=len)  # prefer the shallowest path
+        with archive.open(members[0]) as raw:
+            return read_jsonl_lines(io.TextIOWrapper(raw, encoding="utf-8"), f"{source}:{members[0]}")
+
+
+def _parquet_files(source: str, stem: str) -> list[str]:
+    found: list[str] = []
+    for root in (source, os.path.join(source, "data")):
+        found += glob(os.path.join(root, f"{stem}.parquet"))
+        found += sorted(glob(os.path.join(root, stem, "*.parquet")))
+        found += sorted(glob(os.path.join(root, stem, "*", "*.parquet")))
+    return found
+
+
+def _load_parquet(files: list[str]) -> list[dict]:
+    from datasets import load_dataset
+
+    dataset = load_dataset("parquet", data_files={"test": files}, split="test")
+    return [dict(row) for row in dataset]
+
+
+def _from_hub(source: str, stem: str) -> list[dict]:
+    from datasets import load_dataset
+
+    errors = []
+    for kwargs in ({}, {"revision": "refs/convert/parquet"}):
+        try:
+            dataset = load_dataset(source, stem, split="test", **kwargs)
+            return [dict(row) for row in dataset]
+        except Exception as err:  # the hub copy's loading script fails on datasets>=4; try its parquet conversion
+            errors.append(f"{kwargs or 'default'}: {type(err).__name__}: {err}")
+    raise ValueError(f"could not load task {stem!r} from datasets id {source!r} (no remote code is run):\n  "
+                     + "\n  ".join(errors)
+                     + "\nDownload the released data.zip (or the parquet files) and pass its path to --data.")
+
+
+def load_task(source: str, task: str, longbench_e: bool = False, max_samples: Optional[int] = None) -> list[dict]:
+    """Samples of one task (dicts with context, input, answers, length, all_classes, _id, ...), in file order."""
+    stem = file_name(task, longbench_e)
+    samples: Optional[list[dict]] = None
+    if os.path.isdir(source):
+        samples = _from_dir_jsonl(source, stem)
+        if samples is None:
+            files = _parquet_files(source, stem)
+            if files:
+                samples = _load_parquet(files)
+        if samples is None:
+            raise FileNotFoundError(f"no {stem}.jsonl or {stem} parquet file under {source} (looked in {source} "
+                                    f"and {os.path.join(source, 'data')})")
+    elif os.path.isfile(source) and source.endswith(".zip"):
+        samples = _from_zip(source, stem)
+        if samples is None:
+            raise FileNotFoundError(f"{source} has no member named {stem}.jsonl")
+    elif os.path.isfile(source) and source.endswith(".parquet"):
+        samples = _load_parquet([source])
+        if samples and "dataset" in samples[0]:  # one file holding many tasks: keep this task's rows
+            samples = [s for s in samples if s["dataset"] in (stem, task)]
+            if not samples:
+                raise ValueError(f"{source} has no rows with dataset == {stem!r}")
+    elif os.path.isfile(source) and source.endswith(".jsonl"):
+        with open(source, encoding="utf-8") as f:
+            samples = read_jsonl_lines(f, source)
+    elif os.path.exists(source):
+        raise ValueError(f"--data {source}: expected a directory, a .zip, a .parquet or a .jsonl file")
+    else:
+        samples = _from_hub(source, stem)
+    if max_samples is not None:
+        samples = samples[:max_samples]
+    return assign_ids(samples, stem)

@@ -1,0 +1,10 @@
+"""Attention methods: each module registers one method of the contract in :mod:`.registry`.
+
+Importing this package registers every built-in method. A method never imports transformers.
+"""
+
+from .registry import MethodSpec, Param, get_method, get_spec, list_methods, register_method
+from .merge import merge_attention
+from . import exact  # noqa: F401  (registers "exact")
+
+__all__ = ["MethodSpec", "Param", "get_method", "get_spec", "list_methods", "register_method", "merge_attention"]

@@ -1,0 +1,150 @@
+"""The method registry: every attention method is a function of one contract, registered by name.
+
+The contract (see ``shared/DESIGN.md``)::
+
+    method(q, k, v, *, causal: bool, scale: float, key_padding_mask=None, generator=None, **params)
+        -> (out, lse)
+
+    q                 [B, H, Nq, D]   any float dtype
+    k, v              [B, H, Nk, D]   already expanded for GQA (same H as q)
+    key_padding_mask  [B, Nk] bool    True = this key may be attended; None = all keys valid
+    causal            query i attends key j only if j <= i (Nq == Nk; aligned top-left)
+    out               [B, H, Nq, D]   dtype of q, accumulated in float32
+    lse               [B, H, Nq]      float32 natural-log sum of exp(scale * q.k) over attended keys;
+                                      -inf for a query row with no key to attend (its out row is 0)
+
+A method may also declare ``check(q, k, causal, key_padding_mask, params) -> str | None``: a reason why it
+cannot serve this call (the adapter then runs exact attention and counts the reason in the plan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+
+MethodFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+CheckFn = Callable[..., Optional[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One tunable parameter of a method: its default, type and allowed range."""
+
+    default: Any
+    kind: type = int
+    low: Optional[float] = None  # inclusive
+    high: Optional[float] = None  # inclusive
+    choices: Optional[tuple] = None
+    help: str = ""
+
+    def validate(self, method: str, name: str, value: Any) -> Any:
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"method {method!r}: parameter {name!r} must be a bool, got {value!r}")
+            return value
+        if self.kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"method {method!r}: parameter {name!r} must be a {self.kind.__name__}, got {value!r}")
+        if self.kind is int:
+            if int(value) != value:
+                raise ValueError(f"method {method!r}: parameter {name!r} must be an integer, got {value!r}")
+            value = int(value)
+        elif self.kind is float:
+            value = float(value)
+        elif self.kind is str and not isinstance(value, str):
+            raise ValueError(f"method {method!r}: parameter {name!r} must be a string, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"method {method!r}: parameter {name!r}={value!r} is not one of {list(self.choices)}")
+        if self.low is not None and value < self.low:
+            raise ValueError(f"method {method!r}: parameter {name!r}={value!r} is below its minimum {self.low}")
+        if self.high is not None and value > self.high:
+            raise ValueError(f"method {method!r}: parameter {name!r}={value!r} is above its maximum {self.high}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: the function of the contract, its parameters, and what it comes from."""
+
+    name: str
+    fn: MethodFn
+    params: dict[str, Param]
+    check: Optional[CheckFn] = None
+    source: str = ""  # seed and algorithm, e.g. "seed 002, Algorithm 1"
+    summary: str = ""
+
+    def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Defaults filled in and every given value validated; unknown names are an error."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            known = ", ".join(sorted(self.params)) or "(none)"
+            raise ValueError(f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are: {known}")
+        resolved = {}
+        for name, spec in self.params.items():
+            resolved[name] = spec.validate(self.name, name, params[name]) if name in params else spec.default
+        return resolved
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    fn: MethodFn,
+    *,
+    params: Optional[dict[str, Param]] = None,
+    check: Optional[CheckFn] = None,
+    source: str = "",
+    summary: str = "",
+    overwrite: bool = False,
+) -> MethodSpec:
+    """Register ``fn`` (the contract in this module's docstring) under ``name``.
+
+    ``params`` declares every keyword parameter ``fn`` takes beyond the contract's own, with its default and range.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError("a method needs a non-empty string name")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace it")
+    params = dict(params or {})
+    signature = inspect.signature(fn)
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    for required in ("causal", "scale", "key_padding_mask", "generator"):
+        if required not in signature.parameters and not accepts_kwargs:
+            raise TypeError(f"method {name!r}: its function must take the keyword {required!r} (see the method contract)")
+    for pname in params:
+        if pname not in signature.parameters and not accepts_kwargs:
+            raise TypeError(f"method {name!r}: parameter {pname!r} is declared but its function does not take it")
+    spec = MethodSpec(name=name, fn=fn, params=params, check=check, source=source, summary=summary)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered under ``name``; a clear error listing the methods otherwise."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(list_methods())}") from None
+
+
+def get_method(name: str, **params: Any) -> MethodFn:
+    """The method ``name`` with ``params`` validated and bound, callable on bare tensors:
+
+    ``out, lse = get_method("exact")(q, k, v, causal=True, scale=D ** -0.5)``
+    """
+    spec = get_spec(name)
+    resolved = spec.resolve_params(params)
+    bound = functools.partial(spec.fn, **resolved)
+    functools.update_wrapper(bound, spec.fn)
+    bound.method_name = name  # type: ignore[attr-defined]
+    bound.method_params = resolved  # type: ignore[attr-defined]
+    return bound

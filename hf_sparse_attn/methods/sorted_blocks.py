@@ -1,0 +1,310 @@
+"""Sorted-block attention shared by ``hyper`` and ``sparse_hyper``: the LSH-sorted block diagonal, the sampled
+residual, the causal recursion, all with log-sum-exp values.
+
+Notation (tensors float32 unless said otherwise):
+
+    q [B, H, N, D], k/v [B, H, N, D]            the method's inputs, GQA already expanded
+    q_order, k_order [G, M] int64               positions of one group's queries / keys in Gray-sorted LSH order
+                                                (a group is one (batch, head) or one (batch, head, segment) pair)
+    block_size = bq                             queries per block; a group of M_q queries has nb = ceil(M_q / bq)
+                                                blocks; its M_k keys are cut into nb blocks of bk = ceil(M_k / nb)
+    q_index [G*nb, bq], k_index [G*nb, L] int64 rows of the flattened q [B*H*N, D] / k [B*H*N, D] a block reads
+                                                (L = bk, plus sample_size sampled keys for ``hyper``)
+    bias [G*nb, L]                              additive score bias shared by the block's queries:
+                                                0 = key attended, -inf = padded/masked key,
+                                                log(n / s) = sampled key (HyperAttention's weight n/s)
+
+Non-causal attention of a group (HyperAttention Algorithm 3 without the causal part; seed 002 Algorithm 1):
+query block b of the sorted order attends key block b exactly; with ``sample_size`` = s > 0 it also attends
+s keys drawn uniformly (with replacement) from the group's n valid keys, each with weight n/s, except the
+samples that fall inside key block b (they are already counted exactly: masking them out makes the estimate
+of the off-block mass unbiased, E[(n/s) sum_t e^{s_{i j_t}} 1[j_t not in block]] = sum_{j not in block} e^{s_ij}).
+Block keys and sampled keys are concatenated into one key set per block, so one softmax with the additive
+bias gives both parts and their log-sum-exp merged exactly (merge.py's rule, done inside the kernel).
+
+Causal attention (HyperAttention's recursion, flattened): pad N to N' = leaf * 2^m with leaf <= min_seq_len.
+Query i attends
+  * exactly (causal) the keys of its own leaf of ``leaf`` positions, and
+  * for every level l = 0..m-1 with segment size S = N' / 2^l: if i lies in the second half of its segment,
+    the first half of that segment, through the non-causal sorted-block attention above.
+These key sets are disjoint and cover [0, i] exactly, so merging them through their lse values is the
+recursion "diagonal halves causal (recursively), off-diagonal quadrant non-causal, exact below min_seq_len",
+with all quadrants of one level computed in a single batched call. Positions of the padding sit after every
+real query, so causality keeps them out; they are also masked as invalid keys.
+
+``sparse_hyper`` uses the same recursion with sample_size 0; its theory scale (seed 002 Definition 5.3) is
+applied once on the merged result, with k_i = number of keys query i retained over all parts and n_i = number
+of keys it may attend (see sparse_hyper.py and docs/methods/hyper.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .lsh import lsh_ranks, random_hyperplanes
+
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The block kernel (torch path). kernels.sorted_block_attention dispatches here or to the Triton kernel.
+# --------------------------------------------------------------------------------------------------------------
+
+def _flash_cpu_op():
+    """torch's fused CPU attention that also returns the log-sum-exp (a private aten op; None if absent)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def dense_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                             bias: Optional[torch.Tensor] = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of small dense groups: q [G, M, D], k/v [G, L, D] float32, bias [G, L] (shared by the
+    group's queries) or None; causal aligns query m with key m (M == L).
+
+    Returns out [G, M, D] and lse [G, M]. Rows with no attendable key are *not* fixed here (callers know them).
+    Uses torch's fused flash kernel on CPU (no [M, L] matrix), batched matmuls with an in-place softmax otherwise.
+    """
+    op = _flash_cpu_op()
+    if op is not None and q.device.type == "cpu" and q.dtype == torch.float32:
+        mask = None if bias is None else bias[:, None, None, :]
+        out, lse = op(q[:, None], k[:, None], v[:, None], 0.0, causal, attn_mask=mask, scale=scale)
+        return out[:, 0], lse[:, 0]
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [G, M, L]
+    if bias is not None:
+        scores.add_(bias[:, None, :])
+    if causal:
+        M, L = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(M, L, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    scores.sub_(safe.unsqueeze(-1)).exp_()
+    return torch.matmul(scores, v), lse
+
+
+def sorted_block_attention_torch(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                                 q_index: torch.Tensor, k_index: torch.Tensor, bias: Optional[torch.Tensor],
+                                 scale: float, out_flat: torch.Tensor, lse_flat: torch.Tensor) -> None:
+    """Attention of each block of gathered queries over its gathered keys, scattered back in place.
+
+    q_flat [Rq, D], k_flat/v_flat [Rk, D] float32; q_index [nblk, bq] int64 rows of q_flat (Rq = a padding
+    query whose result is dropped); k_index [nblk, L] int64 rows of k_flat (any valid row for padding, masked by
+    bias); bias [nblk, L] float32 or None. Writes out_flat [Rq + 1, D] and lse_flat [Rq + 1] at q_index rows
+    (row Rq is the dump of padded queries). A block whose bias is -inf everywhere gives 0 and lse -inf.
+    """
+    nblk, bq = q_index.shape
+    L = k_index.shape[1]
+    D = q_flat.shape[1]
+    Rq = q_flat.shape[0]
+    qs = q_flat.index_select(0, q_index.reshape(-1).clamp(max=Rq - 1)).view(nblk, bq, D)
+    ks = k_flat.index_select(0, k_index.reshape(-1)).view(nblk, L, D)
+    vs = v_flat.index_select(0, k_index.reshape(-1)).view(nblk, L, v_flat.shape[1])
+    out, lse = dense_attention_with_lse(qs, ks, vs, scale, bias)
+    if bias is not None:
+        empty = ~torch.isfinite(bias).any(dim=1)  # [nblk]
+        if bool(empty.any()):
+            out[empty] = 0.0
+            lse[empty] = NEG_INF
+    flat_index = q_index.reshape(-1)
+    out_flat.index_copy_(0, flat_index, out.reshape(nblk * bq, -1))
+    lse_flat.index_copy_(0, flat_index, lse.reshape(-1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building the blocks of one batched group call.
+# --------------------------------------------------------------------------------------------------------------
+
+def grouped_sorted_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, *,
+                             q_rows: torch.Tensor, k_rows: torch.Tensor, k_valid: Optional[torch.Tensor],
+                             block_size: int, sample_size: int, generator: torch.Generator, scale: float,
+                             out_flat: torch.Tensor, lse_flat: torch.Tensor,
+                             count_flat: Optional[torch.Tensor] = None) -> None:
+    """Non-causal sorted-block attention (+ sampled residual) of G groups in one call.
+
+    q_rows [G, Mq] int64: rows of q_flat of each group's queries, already in Gray-sorted LSH order.
+    k_rows [G, Mk] int64: rows of k_flat of each group's keys in sorted order, invalid keys last.
+    k_valid [G, Mk] bool (in the same sorted order) or None = all valid.
+    Writes out_flat [Rq + 1, D], lse_flat [Rq + 1] (and count_flat [Rq + 1]: keys retained exactly) at q_rows.
+    """
+    G, Mq = q_rows.shape
+    Mk = k_rows.shape[1]
+    device = q_flat.device
+    Rq = q_flat.shape[0]
+    bq = min(block_size, Mq)
+    nb = -(-Mq // bq)
+    bk = -(-Mk // nb)
+
+    q_index = q_rows
+    if nb * bq != Mq:  # padded query slots write to the dump row Rq
+        q_index = torch.cat([q_rows, q_rows.new_full((G, nb * bq - Mq), Rq)], dim=1)
+    q_index = q_index.view(G * nb, bq)
+
+    k_index = k_rows
+    valid = k_valid
+    if nb * bk != Mk:
+        k_index = torch.cat([k_rows, k_rows[:, :1].expand(G, nb * bk - Mk)], dim=1)
+        pad_valid = torch.zeros(G, nb * bk - Mk, dtype=torch.bool, device=device)
+        valid = torch.cat([k_valid if k_valid is not None else torch.ones(G, Mk, dtype=torch.bool, device=device), pad_valid], dim=1)
+    k_index = k_index.view(G, nb, bk)
+    bias = None
+    if valid is not None:
+        bias = torch.zeros(G, nb, bk, device=device).masked_fill_(~valid.view(G, nb, bk), NEG_INF)
+
+    if count_flat is not None:
+        per_block = valid.view(G, nb, bk).sum(-1).float() if valid is not None else torch.full((G, nb), float(bk), device=device)
+        count_flat.index_copy_(0, q_index.reshape(-1), per_block[:, :, None].expand(G, nb, bq).reshape(-1))
+
+    if sample_size > 0:
+        n_valid = (k_valid.sum(1) if k_valid is not None else torch.full((G,), Mk, device=device)).to(torch.float32)  # [G]
+        u = torch.rand(G, sample_size, generator=generator, device=generator.device).to(device)
+        sorted_pos = (u * n_valid[:, None]).long().clamp_(max=Mk - 1)  # uniform over the n valid keys (sorted first)
+        sample_rows = torch.gather(k_rows, 1, sorted_pos)  # [G, s]
+        sample_block = sorted_pos // bk  # key block each sample falls in
+        log_weight = torch.log(n_valid / sample_size)  # [G]; -inf where a group has no valid key
+        in_own_block = sample_block[:, None, :] == torch.arange(nb, device=device)[None, :, None]  # [G, nb, s]
+        sample_bias = log_weight[:, None, None].expand(G, nb, sample_size).masked_fill(in_own_block, NEG_INF)
+        k_index = torch.cat([k_index, sample_rows[:, None, :].expand(G, nb, sample_size)], dim=2)
+        if bias is None:
+            bias = torch.zeros(G, nb, bk, device=device)
+        bias = torch.cat([bias, sample_bias], dim=2)
+
+    L = k_index.shape[2]
+    from ..kernels import sorted_block_attention  # lazy: Triton only on CUDA tensors
+
+    sorted_block_attention(q_flat, k_flat, v_flat, q_index, k_index.reshape(G * nb, L),
+                           None if bias is None else bias.reshape(G * nb, L), scale, out_flat, lse_flat)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole method: non-causal or causal, with masks, returning per-query retained-key counts when asked.
+# --------------------------------------------------------------------------------------------------------------
+
+def causal_levels(n: int, min_seq_len: int) -> tuple[int, int]:
+    """(m, leaf): the causal recursion halves m times down to leaves of ``leaf`` <= max(min_seq_len, 1) positions."""
+    if n <= min_seq_len:
+        return 0, n
+    m = math.ceil(math.log2(n / max(1, min_seq_len)))
+    return m, -(-n // (1 << m))
+
+
+def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                         key_padding_mask: Optional[torch.Tensor], generator: torch.Generator,
+                         lsh_num_projs: int, block_size: int, sample_size: int, min_seq_len: int,
+                         want_counts: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """HyperAttention-style attention. q [B, H, Nq, D], k/v [B, H, Nk, D], key_padding_mask [B, Nk] bool.
+
+    Returns out [B, H, Nq, Dv] float32, lse [B, H, Nq] float32 and, if ``want_counts``, counts [B, H, Nq]
+    float32 = number of keys each query attended exactly (its blocks and leaf; sampled keys not counted).
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    Dv = v.shape[3]
+    device = q.device
+    qf, kf, vf = q.float(), k.float(), v.float()
+    key_valid = key_padding_mask  # [B, Nk] or None
+    planes = random_hyperplanes(H, D, lsh_num_projs, generator, device)
+
+    if not causal:
+        q_ranks = lsh_ranks(qf, planes)  # [B, H, Nq]
+        k_ranks = lsh_ranks(kf, planes, key_valid)
+        q_order = torch.sort(q_ranks, dim=-1, stable=True).indices.view(B * H, Nq)
+        k_order = torch.sort(k_ranks, dim=-1, stable=True).indices.view(B * H, Nk)
+        k_valid_sorted = None
+        if key_valid is not None:
+            k_valid_sorted = torch.gather(key_valid[:, None, :].expand(B, H, Nk).reshape(B * H, Nk), 1, k_order)
+        base_q = (torch.arange(B * H, device=device) * Nq)[:, None]
+        base_k = (torch.arange(B * H, device=device) * Nk)[:, None]
+        q_flat = qf.reshape(B * H * Nq, D)
+        k_flat = kf.reshape(B * H * Nk, D)
+        v_flat = vf.reshape(B * H * Nk, Dv)
+        out_flat = torch.empty(B * H * Nq + 1, Dv, device=device)
+        lse_flat = torch.empty(B * H * Nq + 1, device=device)
+        count_flat = torch.empty(B * H * Nq + 1, device=device) if want_counts else None
+        grouped_sorted_attention(q_flat, k_flat, v_flat, q_rows=q_order + base_q, k_rows=k_order + base_k,
+                                 k_valid=k_valid_sorted, block_size=block_size, sample_size=sample_size,
+                                 generator=generator, scale=scale, out_flat=out_flat, lse_flat=lse_flat,
+                                 count_flat=count_flat)
+        counts = count_flat[:-1].view(B, H, Nq) if want_counts else None
+        return out_flat[:-1].view(B, H, Nq, Dv), lse_flat[:-1].view(B, H, Nq), counts
+
+    # ---- causal: leaves exact, one batched non-causal call per level for the off-diagonal quadrants ----
+    N = Nq
+    m, leaf = causal_levels(N, min_seq_len)
+    Np = leaf << m
+    pad = Np - N
+    if pad:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
+        kf = torch.nn.functional.pad(kf, (0, 0, 0, pad))
+        vf = torch.nn.functional.pad(vf, (0, 0, 0, pad))
+        base_valid = key_valid if key_valid is not None else torch.ones(B, N, dtype=torch.bool, device=device)
+        key_valid = torch.nn.functional.pad(base_valid, (0, pad), value=False)
+    qf, kf, vf = qf.contiguous(), kf.contiguous(), vf.contiguous()
+
+    # leaves: exact causal attention inside each block of `leaf` positions
+    nleaf = 1 << m
+    leaf_bias = None
+    if key_valid is not None:
+        leaf_bias = torch.zeros(B, 1, Np, device=device).masked_fill_(~key_valid[:, None, :], NEG_INF)
+        leaf_bias = leaf_bias.expand(B, H, Np).reshape(B * H * nleaf, leaf)
+    out, lse = dense_attention_with_lse(qf.view(B * H * nleaf, leaf, D), kf.view(B * H * nleaf, leaf, D),
+                                        vf.view(B * H * nleaf, leaf, Dv), scale, leaf_bias, causal=True)
+    out = out.reshape(B, H, Np, Dv)
+    lse = lse.reshape(B, H, Np)
+    counts = None
+    if key_valid is not None or want_counts:
+        valid_f = (key_valid if key_valid is not None else torch.ones(B, Np, dtype=torch.bool, device=device)).float()
+        leaf_counts = valid_f.view(B, nleaf, leaf).cumsum(-1).view(B, 1, Np).expand(B, H, Np)  # keys <= i in own leaf
+        if key_valid is not None:
+            empty = leaf_counts == 0
+            lse = lse.masked_fill(empty, NEG_INF)
+            out = out.masked_fill(empty[..., None], 0.0)
+        if want_counts:
+            counts = leaf_counts.contiguous()
+
+    if m > 0:
+        ranks_q = lsh_ranks(qf, planes)  # [B, H, Np]
+        ranks_k = lsh_ranks(kf, planes, key_valid)
+        q_flat = qf.view(B * H * Np, D)
+        k_flat = kf.view(B * H * Np, D)
+        v_flat = vf.view(B * H * Np, Dv)
+        level_out = torch.empty(B * H * Np + 1, Dv, device=device)
+        level_lse = torch.empty(B * H * Np + 1, device=device)
+        level_count = torch.empty(B * H * Np + 1, device=device) if want_counts else None
+        valid_bh = None if key_valid is None else key_valid[:, None, :].expand(B, H, Np)
+        for level in range(m):
+            nseg = 1 << level
+            half = Np // (2 * nseg)
+            G = B * H * nseg
+            # first position of each (b, h, segment) in the flattened rows
+            seg_base = (torch.arange(B * H, device=device)[:, None] * Np + torch.arange(nseg, device=device)[None, :] * 2 * half).reshape(G, 1)
+            rq = ranks_q.view(B, H, nseg, 2, half)[:, :, :, 1].reshape(G, half)
+            rk = ranks_k.view(B, H, nseg, 2, half)[:, :, :, 0].reshape(G, half)
+            q_order = torch.sort(rq, dim=-1, stable=True).indices
+            k_order = torch.sort(rk, dim=-1, stable=True).indices
+            k_valid_sorted = None
+            if valid_bh is not None:
+                k_valid_sorted = torch.gather(valid_bh.reshape(B, H, nseg, 2, half)[:, :, :, 0].reshape(G, half), 1, k_order)
+            grouped_sorted_attention(q_flat, k_flat, v_flat, q_rows=q_order + seg_base + half, k_rows=k_order + seg_base,
+                                     k_valid=k_valid_sorted, block_size=block_size, sample_size=sample_size,
+                                     generator=generator, scale=scale, out_flat=level_out, lse_flat=level_lse,
+                                     count_flat=level_count)
+            # merge the second halves' results into the running (out, lse) through their lse values
+            sel_out = out.view(B, H, nseg, 2, half, Dv)[:, :, :, 1]
+            sel_lse = lse.view(B, H, nseg, 2, half)[:, :, :, 1]
+            new_out = level_out[:-1].view(B, H, nseg, 2, half, Dv)[:, :, :, 1]
+            new_lse = level_lse[:-1].view(B, H, nseg, 2, half)[:, :, :, 1]
+            merged_lse = torch.logaddexp(sel_lse, new_lse)
+            finite = torch.isfinite(merged_lse)
+            safe = torch.where(finite, merged_lse, torch.zeros_like(merged_lse))
+            w_old = torch.where(finite, torch.exp(sel_lse - safe), torch.zeros_like(safe))
+            w_new = torch.where(finite, torch.exp(new_lse - safe), torch.zeros_like(safe))
+            sel_out.mul_(w_old[..., None]).add_(new_out * w_new[..., None])
+            sel_lse.copy_(merged_lse)
+            if want_counts:
+                counts.view(B, H, nseg, 2, half)[:, :, :, 1].add_(level_count[:-1].view(B, H, nseg, 2, half)[:, :, :, 1])
+    out = out[:, :, :N]
+    lse = lse[:, :, :N]
+    if counts is not None:
+        counts = counts[:, :, :N]
+    return out, lse, counts

@@ -1,0 +1,190 @@
+"""What every adapter shares: the per-layer runtime that decides between the method and exact attention,
+mask analysis, capture of attention inputs, and the adapter protocol.
+
+An adapter (one per architecture family) knows where a model's attention layers are, how to read their Q/K
+weights for the ranking, and how to route a layer's attention call through :class:`LayerRuntime`. It never does
+attention math itself; the runtime calls the method (tensors in, tensors out) or hands back to the model's own
+exact attention.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+
+from ..methods.common import expand_kv_heads
+from ..methods.registry import get_spec
+
+
+@dataclasses.dataclass
+class CapturedAttention:
+    """The inputs of one attention call, exactly as the model attends with them (after RoPE).
+
+    query [B, H, Nq, D], key / value [B, Hkv, Nk, D] (KV heads not expanded), key_padding_mask [B, Nk] bool
+    (True = attend) or None, causal: whether query i sees only keys j <= i. ``attend_mask`` [B, 1, Nq, Nk] bool is
+    kept only when the mask is not of the causal + key-padding form.
+    """
+
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scale: float
+    causal: bool
+    key_padding_mask: Optional[torch.Tensor]
+    attend_mask: Optional[torch.Tensor] = None
+
+
+@dataclasses.dataclass
+class QKWeights:
+    """The Q/K projection of one attention layer, as the weight-norm ranking needs it.
+
+    w_q [H, D, hidden], w_k [Hkv, D, hidden] (rows: head dims; columns: the normalized input), norm_gain [hidden]
+    (the gain of the normalization whose output feeds the attention) or None where there is none to fold.
+    """
+
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    norm_gain: Optional[torch.Tensor]
+    norm_name: str = ""
+
+
+class Adapter(Protocol):
+    """The protocol an architecture adapter follows (see docs/adapters.md)."""
+
+    name: str
+
+    def matches(self, model: torch.nn.Module) -> bool: ...
+
+    def attention_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The attention modules, in layer order (index = layer_idx)."""
+
+    def qk_weights(self, model: torch.nn.Module, layer_idx: int) -> QKWeights: ...
+
+    def install(self, model: torch.nn.Module, runtimes: list["LayerRuntime"]) -> Any:
+        """Route every attention layer through its runtime; return what ``uninstall`` needs to undo it exactly."""
+
+    def uninstall(self, model: torch.nn.Module, token: Any) -> None: ...
+
+
+class LayerRuntime:
+    """One attention layer at run time: its method (or None: not chosen), its counters, an optional capture list.
+
+    ``attend(...)`` returns the method's output [B, H, Nq, D], or None when the call must run exact attention —
+    then the reason is counted in the layer's plan entry.
+    """
+
+    def __init__(self, layer_idx: int, method: Optional[str], params: dict[str, Any], seed: int, layer_plan: Any = None):
+        self.layer_idx = layer_idx
+        self.method = method
+        self.params = dict(params)
+        self.seed = seed
+        self.layer_plan = layer_plan  # a plan.LayerPlan whose counters we update, or None
+        self.previous_implementation = "sdpa"  # set by the adapter: what the layer ran before patching
+        self.capture: Optional[list[CapturedAttention]] = None
+        self.fallbacks: collections.Counter = collections.Counter()
+        self.served = 0
+        if method is not None:
+            spec = get_spec(method)
+            self._fn = spec.fn
+            self._check = spec.check
+            self._min_seq_len = int(self.params.get("min_seq_len", 0) or 0)
+
+    # -- counters mirrored into the plan --
+    def _count_fallback(self, reason: str) -> None:
+        self.fallbacks[reason] += 1
+        if self.layer_plan is not None:
+            self.layer_plan.fallbacks[reason] = self.layer_plan.fallbacks.get(reason, 0) + 1
+
+    def _count_served(self) -> None:
+        self.served += 1
+        if self.layer_plan is not None:
+            self.layer_plan.served += 1
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """A generator seeded from the plan seed and the layer index alone, so a recompute under gradient
+        checkpointing hashes and samples exactly as the first pass did."""
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.layer_idx)
+
+    def record(self, query, key, value, scale, causal, key_padding_mask, attend_mask=None) -> None:
+        if self.capture is not None:
+            self.capture.append(CapturedAttention(
+                self.layer_idx, query.detach(), key.detach(), value.detach(), float(scale), bool(causal),
+                None if key_padding_mask is None else key_padding_mask.detach(),
+                None if attend_mask is None else attend_mask.detach(),
+            ))
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool,
+        key_padding_mask: Optional[torch.Tensor],
+        unsupported: Optional[str] = None,
+    ) -> Optional[torch.Tensor]:
+        """query [B, H, Nq, D], key/value [B, Hkv, Nk, D]. ``unsupported``: a reason the adapter already found
+        (decode step, output_attentions, a mask of another form, dropout) -> exact attention."""
+        if self.method is None:
+            return None
+        if unsupported is not None:
+            self._count_fallback(unsupported)
+            return None
+        n_query, n_key = query.shape[2], key.shape[2]
+        if n_query != n_key:
+            self._count_fallback("q_len != kv_len (decode step, cache or cross-attention)")
+            return None
+        if n_key < self._min_seq_len:
+            self._count_fallback(f"seq_len < min_seq_len={self._min_seq_len}")
+            return None
+        groups = query.shape[1] // key.shape[1]
+        key = expand_kv_heads(key, groups)
+        value = expand_kv_heads(value, groups)
+        if self._check is not None:
+            reason = self._check(query, key, causal, key_padding_mask, self.params)
+            if reason:
+                self._count_fallback(reason)
+                return None
+        out, _lse = self._fn(
+            query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+            generator=self.generator(query.device), **self.params,
+        )
+        self._count_served()
+        return out
+
+
+def split_attend_mask(attend_mask: Optional[torch.Tensor], causal: bool, n_query: int) -> tuple[bool, Optional[torch.Tensor], bool]:
+    """Recognize a 4-D boolean mask [B, 1|H, Nq, Nk] (True = attend) as causal and/or key padding.
+
+    Returns (causal, key_padding_mask [B, Nk] or None, recognized). ``recognized`` is False when the mask has
+    any other form (sliding window, packed sequences, a custom mask): the caller must then run exact attention
+    with the mask itself, never drop it.
+    """
+    if attend_mask is None:
+        return causal, None, True
+    if attend_mask.dtype != torch.bool or attend_mask.dim() != 4 or attend_mask.shape[2] != n_query:
+        return causal, None, False
+    n_key = attend_mask.shape[-1]
+    if n_query != n_key:
+        return causal, None, False
+    first = attend_mask[:, :1]
+    if attend_mask.shape[1] > 1 and not torch.equal(attend_mask, first.expand_as(attend_mask)):
+        return causal, None, False
+    first = first[:, 0]  # [B, Nq, Nk]
+    if causal:
+        key_padding_mask = first[:, -1, :]  # the last query sees every valid key
+        lower = torch.ones(n_query, n_key, dtype=torch.bool, device=first.device).tril_()
+        expected = lower[None] & key_padding_mask[:, None, :]
+    else:
+        key_padding_mask = first.any(dim=1)
+        expected = key_padding_mask[:, None, :].expand_as(first)
+    if not torch.equal(first, expected):
+        return causal, None, False
+    if bool(key_padding_mask.all()):
+        key_padding_mask = None
+    return causal, key_padding_mask, True

@@ -1,0 +1,171 @@
+"""patch_model / unpatch_model / patched: the one call of the plugin.
+
+Everything that can fail (adapter lookup, method and parameter validation, plan checks, ranking) happens before
+the model is touched; installing is undone if it fails half-way, and a model patched before is left as it was. A
+patched model is never patched twice: a new patch replaces the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from .methods.registry import get_spec
+from .patches import LayerRuntime, find_adapter
+from .plan import LayerPlan, PatchPlan, check_plan_matches, library_versions, model_fingerprint, now_iso
+from .selection import LayersArg, SelectArg, rank_layers, resolve_layers, selection_order
+
+STATE_ATTR = "_hf_sparse_attn_state"
+
+
+@dataclasses.dataclass
+class PatchState:
+    adapter: Any
+    token: Any  # what adapter.uninstall needs
+    runtimes: list[LayerRuntime]
+    plan: Optional[PatchPlan]
+    adapter_options: dict[str, Any]
+
+
+def _state_of(model: torch.nn.Module) -> Optional[PatchState]:
+    return model.__dict__.get(STATE_ATTR)
+
+
+def _install_runtimes(model, adapter, runtimes) -> PatchState:
+    token = adapter.install(model, runtimes)
+    state = PatchState(adapter, token, runtimes, None, {})
+    model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def _uninstall_runtimes(model, state: PatchState) -> None:
+    state.adapter.uninstall(model, state.token)
+    model.__dict__.pop(STATE_ATTR, None)
+
+
+def _build_plan(model, adapter, method, layers, select, seed, norm, method_params, measured_scores) -> PatchPlan:
+    spec = get_spec(method)
+    params = spec.resolve_params(method_params)
+    ranking = rank_layers(model, norm=norm, adapter=adapter)
+    order = selection_order(ranking, select, seed=seed, measured_scores=measured_scores)
+    chosen = set(resolve_layers(layers, order, len(ranking)))
+    rank_of = {layer: r for r, layer in enumerate(order)}
+    layer_plans = [
+        LayerPlan(
+            layer_idx=i,
+            weight_norm=ranking.weight_norms[i],
+            rank=rank_of[i],
+            method=method if i in chosen else None,
+            params=dict(params) if i in chosen else {},
+            head_weight_norms=ranking.head_weight_norms[i],
+        )
+        for i in range(len(ranking))
+    ]
+    select_name = select if isinstance(select, str) else ("callable" if callable(select) else "explicit")
+    if not isinstance(layers, (int, float, str)):
+        select_name = "explicit"
+    return PatchPlan(
+        method=method, select=select_name, layers=layer_plans, seed=seed, norm=norm,
+        model_fingerprint=model_fingerprint(model), model_class=type(model).__name__, adapter=adapter.name,
+        versions=library_versions(), created=now_iso(),
+    )
+
+
+def patch_model(
+    model: torch.nn.Module,
+    method: str = "exact",
+    layers: LayersArg = 0.5,
+    select: SelectArg = "weight_norm",
+    *,
+    plan: Union[None, PatchPlan, str, os.PathLike] = None,
+    seed: int = 0,
+    norm: str = "spectral",
+    calibration: Optional[torch.Tensor] = None,
+    adapter_options: Optional[dict[str, Any]] = None,
+    **method_params: Any,
+) -> PatchPlan:
+    """Run ``method`` in the chosen attention layers of ``model``; return the :class:`PatchPlan`.
+
+    layers: a count (int), a fraction of the layers (float), "all", or a list of layer indices.
+    select: the order layers are chosen in — "weight_norm" (largest Q/K weight norm R first; seed 002 §5.1),
+        "last", "first", "even", "odd", "random" (with ``seed``), "measured" (most k-sparse first on ``calibration``
+        input ids), a list, or a callable taking the :class:`LayerRanking`.
+    plan: a PatchPlan or a path to its JSON: re-apply it (same model only); method/layers/select are then ignored.
+    seed: drives the hashing and sampling of every layer (per layer: seed and layer index).
+    method_params: the method's parameters (``hf_sparse_attn.list_methods()``; errors name the valid ones).
+    adapter_options: e.g. ``{"chatglm_layout": "batch_first"}``.
+    """
+    adapter = find_adapter(model, adapter_options)
+    num_layers = len(adapter.attention_layers(model))
+    if plan is not None:
+        if method_params:
+            raise ValueError("pass either plan= or method parameters, not both: the plan holds each layer's parameters")
+        new_plan = plan if isinstance(plan, PatchPlan) else PatchPlan.load(plan)
+        new_plan = PatchPlan.from_dict(new_plan.to_dict())  # our own copy, counters reset below
+        check_plan_matches(new_plan, model_fingerprint(model), num_layers, type(model).__name__)
+        for layer in new_plan.layers:
+            if layer.method is not None:
+                layer.params = get_spec(layer.method).resolve_params(layer.params)
+        new_plan.reset_counts()
+    else:
+        measured = None
+        if select == "measured":
+            if calibration is None:
+                raise ValueError("select='measured' needs calibration=input_ids (a batch of real text) to measure sparsity on")
+            from .eval.sparsity import measured_sparsity_scores
+
+            measured = measured_sparsity_scores(model, calibration)
+        new_plan = _build_plan(model, adapter, method, layers, select, seed, norm, method_params, measured)
+    runtimes = [LayerRuntime(layer.layer_idx, layer.method, layer.params, new_plan.seed, layer) for layer in new_plan.layers]
+
+    old_state = _state_of(model)
+    if old_state is not None:
+        _uninstall_runtimes(model, old_state)
+    try:
+        state = _install_runtimes(model, adapter, runtimes)
+    except Exception:
+        if old_state is not None:  # leave the model exactly as it was: patched with its previous plan
+            _install_runtimes(model, old_state.adapter, old_state.runtimes).plan = old_state.plan
+        raise
+    state.plan = new_plan
+    state.adapter_options = dict(adapter_options or {})
+    return new_plan
+
+
+def unpatch_model(model: torch.nn.Module) -> Optional[PatchPlan]:
+    """Put back the model's own attention in every layer (outputs bit-identical to before patching).
+    Returns the plan that was in force (with its run-time counters), or None if the model was not patched."""
+    state = _state_of(model)
+    if state is None:
+        return None
+    _uninstall_runtimes(model, state)
+    return state.plan
+
+
+def current_plan(model: torch.nn.Module) -> Optional[PatchPlan]:
+    """The plan in force on ``model``, or None."""
+    state = _state_of(model)
+    return None if state is None else state.plan
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, method: str = "exact", layers: LayersArg = 0.5, select: SelectArg = "weight_norm",
+            **kwargs: Any) -> Iterator[PatchPlan]:
+    """``with patched(model, method="hyper", layers=[3, 5]) as plan: ...`` — patched inside the block, and on exit
+    the model is as before the block (unpatched, or patched with its earlier plan)."""
+    earlier = current_plan(model)
+    earlier_options = _state_of(model).adapter_options if earlier is not None else None
+    plan = patch_model(model, method, layers, select, **kwargs)
+    try:
+        yield plan
+    finally:
+        unpatch_model(model)
+        if earlier is not None:
+            counts = [(l.served, dict(l.fallbacks)) for l in earlier.layers]
+            restored = patch_model(model, plan=earlier, adapter_options=earlier_options)
+            for layer, (served, fallbacks) in zip(restored.layers, counts):
+                layer.served, layer.fallbacks = served, fallbacks
