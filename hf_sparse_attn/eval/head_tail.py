@@ -152,28 +152,53 @@ def head_tail_statistics(
     wanted_set = set(wanted)
     keep = 2 * n  # candidates: the top 2n log-kernel values seen so far (see the module docstring)
 
+    # x/y squared norms once; log K_ij = 2 x_i.y_j - ||x_i||^2 - ||y_j||^2 (one baddbmm per block)
+    x_sq, y_sq = x.pow(2).sum(-1), y.pow(2).sum(-1)  # [G, n]
+    y_t = y.transpose(-1, -2)  # [G, D', n]
     candidates = torch.empty(G, 0, dtype=x.dtype, device=device)
     total = torch.zeros(G, dtype=torch.float64, device=device)  # ||K[:i,:i]||_1 / exp(ref)
     ref = torch.full((G,), -math.inf, dtype=torch.float64, device=device)  # running max of log K
+
+    def absorb(block: torch.Tensor) -> None:
+        """Fold a block of log K values [G, ...] into the candidates and the running L1 sum (block is consumed)."""
+        nonlocal candidates, total, ref
+        flat = block.reshape(G, -1)
+        if candidates.shape[1] >= keep and flat.shape[1] > 4 * keep:
+            # Large block: only entries above the current 2n-th largest value (tau) can enter the candidates.
+            passing = flat > candidates[:, -1:]
+            counts = passing.sum(1).tolist()
+            rows = []
+            for g in range(G):
+                if counts[g]:
+                    merged = torch.cat([candidates[g], flat[g].masked_select(passing[g])])
+                    rows.append(merged.topk(keep, sorted=True).values)
+                else:
+                    rows.append(candidates[g])
+            candidates = torch.stack(rows)
+        else:
+            merged = torch.cat([candidates, flat], dim=1)
+            candidates = merged.topk(min(keep, merged.shape[1]), dim=1, sorted=True).values
+        # The candidates hold the largest value seen so far: use it as the running shift.
+        new_ref = torch.maximum(ref, candidates[:, 0].to(torch.float64))
+        total = total * torch.exp(ref - new_ref).nan_to_num(nan=0.0)
+        ref = new_ref
+        flat.sub_(ref[:, None].to(flat.dtype)).exp_()  # exponents <= 0 after the shift: no overflow
+        total = total + flat.sum(-1, dtype=torch.float64)
+
     ratios: list[torch.Tensor] = []
     prev = 0
     for stop in boundaries:
-        rows = log_kernel_block(x[:, prev:stop], y[:, :stop])  # [G, stop-prev, stop]
-        if causal:
-            row_idx = torch.arange(prev, stop, device=device)[:, None]
-            col_idx = torch.arange(stop, device=device)[None, :]
-            rows = rows.masked_fill(col_idx > row_idx, -math.inf)
-            new = rows.reshape(G, -1)
-        else:
-            cols = log_kernel_block(x[:, :prev], y[:, prev:stop])  # [G, prev, stop-prev]
-            new = torch.cat([rows.reshape(G, -1), cols.reshape(G, -1)], dim=1)
-        # running L1 norm with a running shift (online log-sum-exp); exponents are <= 0 after the shift
-        new_ref = torch.maximum(ref, new.amax(-1).to(torch.float64))
-        total = total * torch.exp(ref - new_ref).nan_to_num(nan=0.0)
-        ref = new_ref
-        total = total + torch.exp(new - ref[:, None].to(new.dtype)).sum(-1, dtype=torch.float64)
-        merged = torch.cat([candidates, new], dim=1)
-        candidates = merged.topk(min(keep, merged.shape[1]), dim=1, sorted=True).values
+        # new rows prev:stop against columns :stop
+        rows = torch.baddbmm(-(x_sq[:, prev:stop, None] + y_sq[:, None, :stop]), x[:, prev:stop], y_t[:, :, :stop], alpha=2.0)
+        if causal:  # only the square rows prev:stop x cols prev:stop has entries above the diagonal
+            upper = torch.ones(stop - prev, stop - prev, dtype=torch.bool, device=device).triu(1)
+            rows[:, :, prev:stop].masked_fill_(upper, -math.inf)
+        absorb(rows)
+        del rows
+        if not causal and prev > 0:  # old rows :prev against the new columns prev:stop
+            cols = torch.baddbmm(-(x_sq[:, :prev, None] + y_sq[:, None, prev:stop]), x[:, :prev], y_t[:, :, prev:stop], alpha=2.0)
+            absorb(cols)
+            del cols
         if stop in wanted_set:
             head = torch.exp(candidates[:, :stop].to(torch.float64) - ref[:, None]).sum(-1)
             ratios.append((total - head).clamp_min(0) / head)

@@ -1,0 +1,46 @@
+"""Device kernels, dispatched lazily: Triton only for CUDA tensors when ``triton`` imports, torch otherwise.
+
+Importing this package never imports Triton; the torch code in ``hf_sparse_attn.methods.sorted_blocks`` is the
+reference and the CPU path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when ``import triton`` works (checked once)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernel serves tensors like ``t``: CUDA tensors with Triton importable."""
+    return t.is_cuda and triton_available()
+
+
+def sorted_block_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                           q_index: torch.Tensor, k_index: torch.Tensor, bias: Optional[torch.Tensor],
+                           scale: float, out_flat: torch.Tensor, lse_flat: torch.Tensor) -> None:
+    """Attention of index-gathered blocks with a per-block key bias, written back in place with its lse.
+
+    q_flat [Rq, D], k_flat/v_flat [Rk, D] float32; q_index [nblk, bq] int64 (value Rq = padding slot),
+    k_index [nblk, L] int64, bias [nblk, L] float32 or None; out_flat [Rq + 1, D], lse_flat [Rq + 1].
+    See ``hf_sparse_attn.methods.sorted_blocks.sorted_block_attention_torch`` for the full contract.
+    """
+    if use_triton(q_flat):
+        from .triton_sorted_blocks import sorted_block_attention_triton
+
+        return sorted_block_attention_triton(q_flat, k_flat, v_flat, q_index, k_index, bias, scale, out_flat, lse_flat)
+    from ..methods.sorted_blocks import sorted_block_attention_torch
+
+    return sorted_block_attention_torch(q_flat, k_flat, v_flat, q_index, k_index, bias, scale, out_flat, lse_flat)

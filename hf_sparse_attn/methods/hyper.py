@@ -1,0 +1,91 @@
+"""``hyper``: HyperAttention (Han et al. 2023), written from the paper and the facts in shared/REFERENCE.md.
+
+Non-causal (HyperAttention Algorithms 1-3 with the sortLSH of lsh.py):
+  1. sortLSH: hash queries and keys with ``lsh_num_projs`` random hyperplanes per head, order the bucket codes
+     in Gray order, sort the queries once and the keys once (lsh.py).
+  2. Block diagonal: query block b of the sorted order (``block_size`` queries) attends key block b exactly.
+  3. Sampled residual: ``sample_size`` = s keys drawn uniformly with replacement from the n valid keys of the
+     row group, each weighted n/s (score + log(n/s)); a sample inside the query's own key block is masked out,
+     since that block is already counted exactly (the public code double-counts it on its CPU/fp32 path).
+  4. Both parts are merged through their log-sum-exp values:
+         lse = log(e^{lse_block} + e^{lse_sample}),  out = sum_part e^{lse_part - lse} out_part
+     (done inside one softmax over the concatenated key set, see sorted_blocks.py).
+Causal: recursive halving - the two diagonal halves causal (recursively), the off-diagonal quadrant with the
+non-causal algorithm above - down to exact causal attention once a piece is <= ``min_seq_len``
+(flattened into one batched call per level, see sorted_blocks.py).
+
+Tensors: q [B, H, Nq, D], k/v [B, H, Nk, D] (GQA expanded), key_padding_mask [B, Nk] bool (True = attend);
+returns out [B, H, Nq, D] in q's dtype (float32 accumulation) and lse [B, H, Nq] float32 (-inf, out 0 for a
+row with no key). Padded keys are never attended: they sort after every bucket, are masked in their block,
+and are never sampled. Hashing and sampling come from ``generator`` (or a CPU generator seeded with ``seed``).
+No [N, N] tensor is formed: the largest score tile is [block_size, block_size + sample_size] per block.
+
+min_seq_len default: the measured crossover where ``hyper`` becomes faster than torch SDPA on the project's
+2-core CPU VM (B=1, H=8, D=64, fp32; eval/results/kernels_cpu/results.md): see MIN_SEQ_LEN below.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .common import check_inputs
+from .lsh import make_generator
+from .registry import Param, register_method
+from .sorted_blocks import sorted_lsh_attention
+
+# Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core CPU VM): see results.md.
+MIN_SEQ_LEN = 4096
+
+
+def hyper_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    lsh_num_projs: int = 7,
+    block_size: int = 256,
+    sample_size: int = 256,
+    min_seq_len: int = MIN_SEQ_LEN,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D] q's dtype, lse [B, H, Nq] float32)."""
+    check_inputs(q, k, v, causal, key_padding_mask)
+    if block_size < 1 or sample_size < 0:
+        raise ValueError(f"hyper: block_size must be >= 1 and sample_size >= 0, got {block_size}, {sample_size}")
+    gen = make_generator(generator, seed)
+    out, lse, _ = sorted_lsh_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                       generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
+                                       sample_size=sample_size, min_seq_len=min_seq_len)
+    return out.to(q.dtype), lse
+
+
+def check_sorted_lsh(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
+                     params: dict) -> Optional[str]:
+    """Why ``hyper`` / ``sparse_hyper`` cannot serve a call (None when it can)."""
+    if causal and q.shape[2] != k.shape[2]:
+        return "causal decode step (q_len != kv_len)"
+    return None
+
+
+HYPER_PARAMS = {
+    "lsh_num_projs": Param(7, int, low=1, high=16, help="random hyperplanes of the angular sortLSH (2^P Gray-ordered buckets)"),
+    "block_size": Param(256, int, low=1, help="queries per sorted block; each attends one key block exactly"),
+    "sample_size": Param(256, int, low=0, help="keys sampled uniformly per head, weight n/s, own block masked"),
+    "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, help="exact attention below this length; leaf size of the causal recursion"),
+    "seed": Param(0, int, low=0, help="seed of hashing and sampling when no generator is passed"),
+}
+
+register_method(
+    "hyper",
+    hyper_attention,
+    params=HYPER_PARAMS,
+    check=check_sorted_lsh,
+    source="HyperAttention (Han et al. 2023), Algorithms 1-3; causal recursion",
+    summary="sortLSH block diagonal + uniformly sampled residual, merged via lse",
+)

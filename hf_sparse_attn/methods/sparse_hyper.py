@@ -1,0 +1,139 @@
+"""``sparse_hyper``: Sparse HyperAttention (seed 002, Algorithm 1 and §5.1), written from the paper.
+
+The algorithm keeps HyperAttention's sortLSH and its block diagonal (sorted_blocks.py) and drops the sampled
+residual / sketch: seed 002 proves that attention rows are (eps, k)-sparse with high probability (Theorem 4.7
+/ D.1), so the output of query i is taken from its sorted block alone,
+
+    y~_i = sum_{j in S_i} e^{s_ij} v_j / D~_i,    D~_i = sum_{j in S_i} e^{s_ij},   s_ij = scale * q_i . k_j,
+
+and multiplied by the scale coefficient of Definitions 5.2-5.3 (formulas lost in the seed's extraction;
+reconstructed, full derivation in docs/methods/hyper.md):
+
+  Definition 5.2 (error estimate). Under the seed's model (LayerNorm'd Gaussian inputs, Gaussian weights) the
+  scores of row i are Gaussian, s_ij ~ N(mu_i, sigma_i^2), with sigma_i^2 = scale^2 q_i^T Sigma_K q_i (Sigma_K:
+  covariance of the keys; sigma grows with the weight norm R of Definition 4.2). With n_i attendable keys and
+  k_i of them kept, the expected softmax mass outside the top k_i entries is (Theorem 4.7's threshold
+  argument with the exact Gaussian tail, tau = the (1 - k/n) quantile):
+
+      eps_i = n E[e^s 1{s < tau}] / (n E[e^s]) = Phi(Phi^{-1}(1 - k_i / n_i) - sigma_i)   (0 when k_i >= n_i).
+
+  Definition 5.3 (scale coefficient). The block keeps a mass fraction c_i = D~_i / D_i <= 1 - eps_i (it keeps
+  at most the top-k mass). The exact output is y_i = c_i y~_i + (1 - c_i) y_rest with E[y_rest] = 0 under the
+  model (zero-mean values independent of the scores), so the estimate alpha_i y~_i with
+
+      alpha_i = 1 - eps_i,   i.e.  D^_i = D~_i / alpha_i  (a lower bound on D_i: "estimating a lower bound on D")
+
+  has error (c - alpha)^2 |y~|^2 + (1 - c)^2 E|y_rest|^2 <= (1 - c)^2 (|y~|^2 + E|y_rest|^2), the unscaled error,
+  because c <= alpha <= 1. The returned lse is log D^_i = log D~_i - log alpha_i, consistent with ``out``.
+
+Causal: the HyperAttention recursion (diagonal halves causal, off-diagonal quadrant non-causal, exact leaves of
+<= min_seq_len) with sample_size 0; k_i is the number of keys query i kept over its leaf and its quadrant
+blocks, n_i the number of keys j <= i it may attend; the scale is applied once to the merged result.
+Seed 002's Algorithm 1 is stated non-causal; this is our extension.
+
+Tensors: q [B, H, Nq, D], k/v [B, H, Nk, D], key_padding_mask [B, Nk] bool (True = attend); out [B, H, Nq, D]
+in q's dtype, lse [B, H, Nq] float32 (-inf and out 0 for a row with no key).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .common import check_inputs
+from .hyper import HYPER_PARAMS, check_sorted_lsh
+from .lsh import make_generator
+from .registry import Param, register_method
+from .sorted_blocks import sorted_lsh_attention
+
+# Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core CPU VM): see results.md.
+MIN_SEQ_LEN = 4096
+
+
+def score_std(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """sigma_i = std over keys j of scale * q_i . k_j, from the key covariance: [B, H, Nq] float32.
+
+    q [B, H, Nq, D], k [B, H, Nk, D] float32; Sigma_K [B, H, D, D] over the valid keys (O(N D^2), no N x N).
+    """
+    if key_padding_mask is not None:
+        w = key_padding_mask[:, None, :, None].to(k.dtype)  # [B, 1, Nk, 1]
+        n = w.sum(2).clamp(min=1.0)  # [B, 1, 1]
+        km = k * w
+    else:
+        n = torch.full((1, 1, 1), float(k.shape[2]), device=k.device)
+        km = k
+    mean = km.sum(2) / n  # [B, H, D]
+    second = torch.matmul(km.transpose(-1, -2), km) / n[..., None]  # [B, H, D, D]
+    cov = second - mean[..., :, None] * mean[..., None, :]
+    var = (torch.matmul(q, cov) * q).sum(-1).clamp(min=0.0)  # [B, H, Nq]
+    return var.sqrt() * abs(scale)
+
+
+def theory_scale(kept: torch.Tensor, attendable: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """alpha = 1 - eps, eps = Phi(Phi^{-1}(1 - k/n) - sigma) (Definitions 5.2-5.3 reconstructed); all [B, H, Nq].
+
+    kept = k_i keys retained, attendable = n_i keys the row may attend, sigma = score std of the row.
+    """
+    frac_out = (1.0 - kept / attendable.clamp(min=1.0)).clamp(0.0, 1.0)
+    eps = torch.special.ndtr(torch.special.ndtri(frac_out) - sigma)  # ndtri(0) = -inf -> eps 0
+    eps = torch.where(kept >= attendable, torch.zeros_like(eps), eps)
+    return (1.0 - eps).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def sparse_hyper_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    lsh_num_projs: int = 7,
+    block_size: int = 256,
+    min_seq_len: int = MIN_SEQ_LEN,
+    seed: int = 0,
+    scale_mode: str = "theory",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D], lse [B, H, Nq] float32).
+
+    ``scale_mode`` "theory" multiplies by alpha_i (module docstring), "none" returns the plain block softmax.
+    """
+    check_inputs(q, k, v, causal, key_padding_mask)
+    if scale_mode not in ("theory", "none"):
+        raise ValueError(f"sparse_hyper: scale_mode must be 'theory' or 'none', got {scale_mode!r}")
+    gen = make_generator(generator, seed)
+    want = scale_mode == "theory"
+    out, lse, kept = sorted_lsh_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                          generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
+                                          sample_size=0, min_seq_len=min_seq_len, want_counts=want)
+    if want:
+        B, H, Nq, _ = q.shape
+        Nk = k.shape[2]
+        if causal:
+            valid = key_padding_mask.float() if key_padding_mask is not None else torch.ones(B, Nk, device=q.device)
+            attendable = valid.cumsum(-1)[:, None, :].expand(B, H, Nq)
+        else:
+            n = key_padding_mask.sum(-1).float() if key_padding_mask is not None else torch.full((B,), float(Nk), device=q.device)
+            attendable = n[:, None, None].expand(B, H, Nq)
+        sigma = score_std(q.float(), k.float(), scale, key_padding_mask)
+        alpha = theory_scale(kept, attendable, sigma)
+        out = out * alpha[..., None]
+        lse = lse - torch.log(alpha)
+    return out.to(q.dtype), lse
+
+
+_PARAMS = {name: p for name, p in HYPER_PARAMS.items() if name != "sample_size"}
+_PARAMS["scale_mode"] = Param("theory", str, choices=("theory", "none"),
+                              help="'theory': multiply by seed 002's scale coefficient alpha = 1 - eps (Def. 5.2-5.3); 'none': plain block softmax")
+_PARAMS["min_seq_len"] = Param(MIN_SEQ_LEN, int, low=1, help="exact attention below this length; leaf size of the causal recursion")
+
+register_method(
+    "sparse_hyper",
+    sparse_hyper_attention,
+    params=_PARAMS,
+    check=check_sorted_lsh,
+    source="seed 002 (Attention is Naturally Sparse with Gaussian Distributed Input), Algorithm 1, Definitions 5.2-5.3",
+    summary="sortLSH block diagonal only, scaled by the estimated k-sparsity error",
+)
