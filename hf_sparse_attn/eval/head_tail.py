@@ -152,8 +152,11 @@ def head_tail_statistics(
     wanted_set = set(wanted)
     keep = 2 * n  # candidates: the top 2n log-kernel values seen so far (see the module docstring)
 
-    # x/y squared norms once; log K_ij = 2 x_i.y_j - ||x_i||^2 - ||y_j||^2 (one baddbmm per block)
-    x_sq, y_sq = x.pow(2).sum(-1), y.pow(2).sum(-1)  # [G, n]
+    # log K_ij = 2 x_i.y_j - ||x_i||^2 - ||y_j||^2, one baddbmm per block. By construction of the reduction every
+    # ||y_j||^2 equals (s/2) M (the appended coordinate fills each key up to the max norm), so the bias is a
+    # per-row column [G, r, 1] and never a full block.
+    x_sq = x.pow(2).sum(-1)  # [G, n]
+    y_sq = y.pow(2).sum(-1).mean(-1)  # [G]
     y_t = y.transpose(-1, -2)  # [G, D', n]
     candidates = torch.empty(G, 0, dtype=x.dtype, device=device)
     total = torch.zeros(G, dtype=torch.float64, device=device)  # ||K[:i,:i]||_1 / exp(ref)
@@ -166,15 +169,12 @@ def head_tail_statistics(
         if candidates.shape[1] >= keep and flat.shape[1] > 4 * keep:
             # Large block: only entries above the current 2n-th largest value (tau) can enter the candidates.
             passing = flat > candidates[:, -1:]
-            counts = passing.sum(1).tolist()
-            rows = []
-            for g in range(G):
-                if counts[g]:
-                    merged = torch.cat([candidates[g], flat[g].masked_select(passing[g])])
-                    rows.append(merged.topk(keep, sorted=True).values)
-                else:
-                    rows.append(candidates[g])
-            candidates = torch.stack(rows)
+            counts = passing.sum(1)
+            if int(counts.max()):
+                selected = [flat[g].masked_select(passing[g]) for g in range(G)]
+                padded = torch.nn.utils.rnn.pad_sequence(selected, batch_first=True, padding_value=-math.inf)
+                merged = torch.cat([candidates, padded], dim=1)
+                candidates = merged.topk(keep, dim=1, sorted=True).values
         else:
             merged = torch.cat([candidates, flat], dim=1)
             candidates = merged.topk(min(keep, merged.shape[1]), dim=1, sorted=True).values
@@ -189,14 +189,14 @@ def head_tail_statistics(
     prev = 0
     for stop in boundaries:
         # new rows prev:stop against columns :stop
-        rows = torch.baddbmm(-(x_sq[:, prev:stop, None] + y_sq[:, None, :stop]), x[:, prev:stop], y_t[:, :, :stop], alpha=2.0)
+        rows = torch.baddbmm(-(x_sq[:, prev:stop, None] + y_sq[:, None, None]), x[:, prev:stop], y_t[:, :, :stop], alpha=2.0)
         if causal:  # only the square rows prev:stop x cols prev:stop has entries above the diagonal
             upper = torch.ones(stop - prev, stop - prev, dtype=torch.bool, device=device).triu(1)
             rows[:, :, prev:stop].masked_fill_(upper, -math.inf)
         absorb(rows)
         del rows
         if not causal and prev > 0:  # old rows :prev against the new columns prev:stop
-            cols = torch.baddbmm(-(x_sq[:, :prev, None] + y_sq[:, None, prev:stop]), x[:, :prev], y_t[:, :, prev:stop], alpha=2.0)
+            cols = torch.baddbmm(-(x_sq[:, :prev, None] + y_sq[:, None, None]), x[:, :prev], y_t[:, :, prev:stop], alpha=2.0)
             absorb(cols)
             del cols
         if stop in wanted_set:

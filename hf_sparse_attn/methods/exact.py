@@ -42,17 +42,22 @@ def exact_attention(
     out = torch.empty(B, H, Nq, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     key_cols = torch.arange(Nk, device=q.device)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     for start in range(0, Nq, chunk):
         stop = min(Nq, start + chunk)
-        scores = torch.matmul(q[:, :, start:stop].float(), kf.transpose(-1, -2)).mul_(scale)  # [B, H, c, Nk]
+        scores = torch.matmul(q[:, :, start:stop].float(), kf.transpose(-1, -2)) * scale  # [B, H, c, Nk]
         if key_padding_mask is not None:
-            scores.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+            scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
         if causal:
             rows = torch.arange(start, stop, device=q.device)
-            scores.masked_fill_(key_cols[None, :] > rows[:, None], float("-inf"))
+            scores = scores.masked_fill(key_cols[None, :] > rows[:, None], float("-inf"))
         chunk_lse = torch.logsumexp(scores, dim=-1)  # [B, H, c]
         finite = torch.isfinite(chunk_lse)
-        probs = scores.sub_(torch.where(finite, chunk_lse, torch.zeros_like(chunk_lse)).unsqueeze(-1)).exp_()
+        shift = torch.where(finite, chunk_lse, torch.zeros_like(chunk_lse)).unsqueeze(-1)
+        if needs_grad:
+            probs = torch.exp(scores - shift)
+        else:  # in place: no second [B, H, c, Nk] buffer
+            probs = scores.sub_(shift).exp_()
         out[:, :, start:stop] = torch.matmul(probs, vf)
         lse[:, :, start:stop] = chunk_lse
     return out.to(q.dtype), lse

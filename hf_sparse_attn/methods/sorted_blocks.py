@@ -119,13 +119,23 @@ def grouped_sorted_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat:
                              q_rows: torch.Tensor, k_rows: torch.Tensor, k_valid: Optional[torch.Tensor],
                              block_size: int, sample_size: int, generator: torch.Generator, scale: float,
                              out_flat: torch.Tensor, lse_flat: torch.Tensor,
-                             count_flat: Optional[torch.Tensor] = None) -> None:
+                             count_flat: Optional[torch.Tensor] = None,
+                             q_ranks: Optional[torch.Tensor] = None, k_ranks_sorted: Optional[torch.Tensor] = None) -> None:
     """Non-causal sorted-block attention (+ sampled residual) of G groups in one call.
 
-    q_rows [G, Mq] int64: rows of q_flat of each group's queries, already in Gray-sorted LSH order.
+    q_rows [G, Mq] int64: rows of q_flat of each group's queries, in Gray-sorted LSH order.
     k_rows [G, Mk] int64: rows of k_flat of each group's keys in sorted order, invalid keys last.
     k_valid [G, Mk] bool (in the same sorted order) or None = all valid.
     Writes out_flat [Rq + 1, D], lse_flat [Rq + 1] (and count_flat [Rq + 1]: keys retained exactly) at q_rows.
+
+    Query blocks. By default (``q_ranks`` None) query block b is the b-th run of ``block_size`` sorted queries
+    (HyperAttention). That makes a query's block depend on the other queries' hashes, which is harmless without
+    a causal mask but leaks the future in the causal recursion (a later query's hash could move an earlier one
+    to another key block). With ``q_ranks`` [G, Mq] (the bucket rank of each query, in q_rows order, q_rows
+    sorted by rank) and ``k_ranks_sorted`` [G, Mk], each query instead goes to the key block whose range of
+    (rank, offset) it falls in: key block b starts at sorted key b*bk with composite c = rank * M + offset, and
+    query i (composite rank_i * M + offset_i) goes to the last block starting at or before it. That depends only
+    on q_i and the keys; the queries of one key block are then cut into chunks of ``block_size``.
     """
     G, Mq = q_rows.shape
     Mk = k_rows.shape[1]
@@ -135,10 +145,32 @@ def grouped_sorted_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat:
     nb = -(-Mq // bq)
     bk = -(-Mk // nb)
 
-    q_index = q_rows
-    if nb * bq != Mq:  # padded query slots write to the dump row Rq
-        q_index = torch.cat([q_rows, q_rows.new_full((G, nb * bq - Mq), Rq)], dim=1)
-    q_index = q_index.view(G * nb, bq)
+    chunk_block = None  # [G, nc] key block of each query chunk; None = chunk b reads key block b
+    if q_ranks is None:
+        q_index = q_rows
+        if nb * bq != Mq:  # padded query slots write to the dump row Rq
+            q_index = torch.cat([q_rows, q_rows.new_full((G, nb * bq - Mq), Rq)], dim=1)
+        q_index = q_index.view(G, nb, bq)
+        nc = nb
+    else:
+        M = max(Mq, Mk)
+        k_offsets = (k_rows - k_rows.min(dim=1, keepdim=True).values)  # offsets of the keys inside the group
+        k_comp = k_ranks_sorted * M + k_offsets
+        boundaries = k_comp[:, ::bk][:, :nb].contiguous()  # [G, nb] composite of each block's first key
+        q_offsets = q_rows - q_rows.min(dim=1, keepdim=True).values
+        q_comp = q_ranks * M + q_offsets
+        q_block = (torch.searchsorted(boundaries, q_comp.contiguous(), right=True) - 1).clamp_(min=0)  # [G, Mq] nondecreasing
+        per_block = torch.zeros(G, nb, dtype=torch.int64, device=device).scatter_add_(1, q_block, torch.ones_like(q_block))
+        chunks_per_block = -(-per_block // bq)
+        chunk_start = chunks_per_block.cumsum(1) - chunks_per_block  # [G, nb]
+        query_start = per_block.cumsum(1) - per_block
+        within = torch.arange(Mq, device=device)[None, :] - torch.gather(query_start, 1, q_block)
+        chunk = torch.gather(chunk_start, 1, q_block) + within // bq  # [G, Mq]
+        nc = int(chunks_per_block.sum(1).max())
+        q_index = q_rows.new_full((G, nc * bq), Rq)
+        q_index.scatter_(1, chunk * bq + within % bq, q_rows)
+        q_index = q_index.view(G, nc, bq)
+        chunk_block = torch.zeros(G, nc, dtype=torch.int64, device=device).scatter_(1, chunk, q_block)
 
     k_index = k_rows
     valid = k_valid
@@ -147,13 +179,18 @@ def grouped_sorted_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat:
         pad_valid = torch.zeros(G, nb * bk - Mk, dtype=torch.bool, device=device)
         valid = torch.cat([k_valid if k_valid is not None else torch.ones(G, Mk, dtype=torch.bool, device=device), pad_valid], dim=1)
     k_index = k_index.view(G, nb, bk)
+    valid = None if valid is None else valid.view(G, nb, bk)
+    if chunk_block is not None:
+        k_index = torch.gather(k_index, 1, chunk_block[:, :, None].expand(G, nc, bk))
+        if valid is not None:
+            valid = torch.gather(valid, 1, chunk_block[:, :, None].expand(G, nc, bk))
     bias = None
     if valid is not None:
-        bias = torch.zeros(G, nb, bk, device=device).masked_fill_(~valid.view(G, nb, bk), NEG_INF)
+        bias = torch.zeros(G, nc, bk, device=device).masked_fill_(~valid, NEG_INF)
 
     if count_flat is not None:
-        per_block = valid.view(G, nb, bk).sum(-1).float() if valid is not None else torch.full((G, nb), float(bk), device=device)
-        count_flat.index_copy_(0, q_index.reshape(-1), per_block[:, :, None].expand(G, nb, bq).reshape(-1))
+        per_chunk = valid.sum(-1).float() if valid is not None else torch.full((G, nc), float(bk), device=device)
+        count_flat.index_copy_(0, q_index.reshape(-1), per_chunk[:, :, None].expand(G, nc, bq).reshape(-1))
 
     if sample_size > 0:
         n_valid = (k_valid.sum(1) if k_valid is not None else torch.full((G,), Mk, device=device)).to(torch.float32)  # [G]
@@ -162,18 +199,19 @@ def grouped_sorted_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat:
         sample_rows = torch.gather(k_rows, 1, sorted_pos)  # [G, s]
         sample_block = sorted_pos // bk  # key block each sample falls in
         log_weight = torch.log(n_valid / sample_size)  # [G]; -inf where a group has no valid key
-        in_own_block = sample_block[:, None, :] == torch.arange(nb, device=device)[None, :, None]  # [G, nb, s]
-        sample_bias = log_weight[:, None, None].expand(G, nb, sample_size).masked_fill(in_own_block, NEG_INF)
-        k_index = torch.cat([k_index, sample_rows[:, None, :].expand(G, nb, sample_size)], dim=2)
+        own = chunk_block if chunk_block is not None else torch.arange(nb, device=device)[None, :].expand(G, nb)
+        in_own_block = sample_block[:, None, :] == own[:, :, None]  # [G, nc, s]
+        sample_bias = log_weight[:, None, None].expand(G, nc, sample_size).masked_fill(in_own_block, NEG_INF)
+        k_index = torch.cat([k_index, sample_rows[:, None, :].expand(G, nc, sample_size)], dim=2)
         if bias is None:
-            bias = torch.zeros(G, nb, bk, device=device)
+            bias = torch.zeros(G, nc, bk, device=device)
         bias = torch.cat([bias, sample_bias], dim=2)
 
     L = k_index.shape[2]
     from ..kernels import sorted_block_attention  # lazy: Triton only on CUDA tensors
 
-    sorted_block_attention(q_flat, k_flat, v_flat, q_index, k_index.reshape(G * nb, L),
-                           None if bias is None else bias.reshape(G * nb, L), scale, out_flat, lse_flat)
+    sorted_block_attention(q_flat, k_flat, v_flat, q_index.reshape(G * nc, bq), k_index.reshape(G * nc, L),
+                           None if bias is None else bias.reshape(G * nc, L), scale, out_flat, lse_flat)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,15 +318,15 @@ def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
             seg_base = (torch.arange(B * H, device=device)[:, None] * Np + torch.arange(nseg, device=device)[None, :] * 2 * half).reshape(G, 1)
             rq = ranks_q.view(B, H, nseg, 2, half)[:, :, :, 1].reshape(G, half)
             rk = ranks_k.view(B, H, nseg, 2, half)[:, :, :, 0].reshape(G, half)
-            q_order = torch.sort(rq, dim=-1, stable=True).indices
-            k_order = torch.sort(rk, dim=-1, stable=True).indices
+            rq_sorted, q_order = torch.sort(rq, dim=-1, stable=True)
+            rk_sorted, k_order = torch.sort(rk, dim=-1, stable=True)
             k_valid_sorted = None
             if valid_bh is not None:
                 k_valid_sorted = torch.gather(valid_bh.reshape(B, H, nseg, 2, half)[:, :, :, 0].reshape(G, half), 1, k_order)
             grouped_sorted_attention(q_flat, k_flat, v_flat, q_rows=q_order + seg_base + half, k_rows=k_order + seg_base,
                                      k_valid=k_valid_sorted, block_size=block_size, sample_size=sample_size,
                                      generator=generator, scale=scale, out_flat=level_out, lse_flat=level_lse,
-                                     count_flat=level_count)
+                                     count_flat=level_count, q_ranks=rq_sorted, k_ranks_sorted=rk_sorted)
             # merge the second halves' results into the running (out, lse) through their lse values
             sel_out = out.view(B, H, nseg, 2, half, Dv)[:, :, :, 1]
             sel_lse = lse.view(B, H, nseg, 2, half)[:, :, :, 1]

@@ -29,7 +29,9 @@ reconstructed, full derivation in docs/methods/hyper.md):
 Causal: the HyperAttention recursion (diagonal halves causal, off-diagonal quadrant non-causal, exact leaves of
 <= min_seq_len) with sample_size 0; k_i is the number of keys query i kept over its leaf and its quadrant
 blocks, n_i the number of keys j <= i it may attend; the scale is applied once to the merged result.
-Seed 002's Algorithm 1 is stated non-causal; this is our extension.
+Seed 002's Algorithm 1 is stated non-causal; this is our extension. For causal rows sigma_i comes from the
+covariance of the keys in the 256-position chunks before query i's chunk (score_std_causal), so no future key
+influences a past row.
 
 Tensors: q [B, H, Nq, D], k/v [B, H, Nk, D], key_padding_mask [B, Nk] bool (True = attend); out [B, H, Nq, D]
 in q's dtype, lse [B, H, Nq] float32 (-inf and out 0 for a row with no key).
@@ -68,6 +70,35 @@ def score_std(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask: 
     cov = second - mean[..., :, None] * mean[..., None, :]
     var = (torch.matmul(q, cov) * q).sum(-1).clamp(min=0.0)  # [B, H, Nq]
     return var.sqrt() * abs(scale)
+
+
+def score_std_causal(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask: Optional[torch.Tensor],
+                     chunk: int = 256) -> torch.Tensor:
+    """Causal-safe sigma_i: the key covariance over the keys in the chunks (of ``chunk`` positions) strictly
+    before query i's chunk, so no future key enters a past row. q, k [B, H, N, D] float32 -> [B, H, N].
+
+    Rows of the first chunk get sigma 0; they keep every key they may attend (their leaf), so eps = 0 anyway.
+    """
+    B, H, N, D = q.shape
+    nch = -(-N // chunk)
+    pad = nch * chunk - N
+    w = key_padding_mask.to(k.dtype) if key_padding_mask is not None else torch.ones(B, N, dtype=k.dtype, device=k.device)
+    if pad:
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        w = torch.nn.functional.pad(w, (0, pad))
+    kw = (k * w[:, None, :, None]).view(B, H, nch, chunk, D)
+    s1 = kw.sum(3)  # [B, H, nch, D]
+    s2 = torch.matmul(kw.transpose(-1, -2), kw)  # [B, H, nch, D, D] (w is 0/1, so kw^T kw = sum w k k^T)
+    cnt = w.view(B, 1, nch, chunk).sum(-1)  # [B, 1, nch]
+    # exclusive prefix sums over chunks: chunk c sees chunks 0..c-1
+    s1 = s1.cumsum(2) - s1
+    s2 = s2.cumsum(2) - s2
+    cnt = (cnt.cumsum(2) - cnt).clamp(min=1.0)
+    mean = s1 / cnt[..., None]
+    cov = s2 / cnt[..., None, None] - mean[..., :, None] * mean[..., None, :]
+    var = (torch.matmul(q.view(B, H, nch, chunk, D), cov) * q.view(B, H, nch, chunk, D)).sum(-1).clamp(min=0.0)
+    return (var.sqrt() * abs(scale)).view(B, H, nch * chunk)[:, :, :N]
 
 
 def theory_scale(kept: torch.Tensor, attendable: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -117,7 +148,10 @@ def sparse_hyper_attention(
         else:
             n = key_padding_mask.sum(-1).float() if key_padding_mask is not None else torch.full((B,), float(Nk), device=q.device)
             attendable = n[:, None, None].expand(B, H, Nq)
-        sigma = score_std(q.float(), k.float(), scale, key_padding_mask)
+        if causal:
+            sigma = score_std_causal(q.float(), k.float(), scale, key_padding_mask)
+        else:
+            sigma = score_std(q.float(), k.float(), scale, key_padding_mask)
         alpha = theory_scale(kept, attendable, sigma)
         out = out * alpha[..., None]
         lse = lse - torch.log(alpha)

@@ -133,7 +133,7 @@ def _retrieval_sample(kind: str, name: str, rng: random.Random, src: TextSources
     if language == "en":
         pool = [_trim_en(rng.choice(paragraphs), 110) for _, paragraphs in src.en_articles]
     else:
-        pool = [_trim_zh(p, 220) for p in rng.sample(src.zh_paragraphs, min(len(src.zh_paragraphs), 400))]
+        pool = [_trim_zh(p, 150) for p in rng.sample(src.zh_paragraphs, min(len(src.zh_paragraphs), 400))]
     overhead = count(offline_task(name).template) + 60
     paragraphs = _fill_paragraphs(rng, pool, count, budget, overhead)
     while True:

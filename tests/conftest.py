@@ -1,0 +1,73 @@
+"""Shared fixtures: small random configs of every supported family, and the real offline models (cached per session)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+VOCAB = 101
+
+
+def _tiny(family: str):
+    import transformers as T
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+    if family == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **common))
+    elif family == "mistral":
+        model = T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=None, **common))
+    elif family == "qwen2":
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=1, **common))
+    elif family == "glm":
+        model = T.GlmForCausalLM(T.GlmConfig(num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2, **common))
+    elif family == "glm4":
+        model = T.Glm4ForCausalLM(T.Glm4Config(num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2, **common))
+    elif family == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0))
+    elif family == "bert":
+        model = T.BertModel(T.BertConfig(**common))
+    elif family == "roberta":
+        model = T.RobertaModel(T.RobertaConfig(pad_token_id=1, **common))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+DECODERS = ["llama", "mistral", "qwen2", "glm", "glm4", "gpt2"]
+ENCODERS = ["bert", "roberta"]
+
+
+@pytest.fixture
+def tiny_model():
+    def make(family: str, seed: int = 0):
+        torch.manual_seed(seed)
+        return _tiny(family)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from hf_sparse_attn.eval.data import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from hf_sparse_attn.eval.data import load_minilm
+
+    return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def wiki_article_text():
+    from hf_sparse_attn.eval.data import wikipedia_articles
+
+    return wikipedia_articles(min_chars=20000)[0][1]
