@@ -80,6 +80,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.config = config
         self.np, self.ng, self.hn = config.num_attention_heads, config.multi_query_group_num, config.kv_channels
+        self.hidden_size_per_attention_head = config.kv_channels
         self.query_key_value = nn.Linear(config.hidden_size, (self.np + 2 * self.ng) * self.hn, bias=True)
         self.core_attention = CoreAttention(config, layer_number)
         self.dense = nn.Linear(self.np * self.hn, config.hidden_size, bias=False)
@@ -137,11 +138,13 @@ class ChatGLMStandIn(nn.Module):
         b, s = input_ids.shape
         past_len = 0 if past is None else past[0][0].shape[1]
         positions = torch.arange(past_len, past_len + s)
-        mask = None  # True = masked, ChatGLM's convention
+        mask = None  # True = masked, ChatGLM's convention; built like the published get_masks
         if attention_mask is not None and not bool(attention_mask.all()):
-            full = attention_mask.bool()
-            causal = torch.ones(s, past_len + s, dtype=torch.bool).tril(diagonal=past_len)
-            mask = ~(causal[None] & full[:, None, :])[:, None]
+            full = torch.ones(b, s, past_len + s).tril(diagonal=past_len)
+            full = full * attention_mask[:, None, :].float()
+            if past is None:  # padded query rows attend everything (never a fully masked row)
+                full = full - (attention_mask[:, :, None].float() - 1)
+            mask = (full < 0.5)[:, None]
         x = self.transformer.embedding(input_ids)
         caches = []
         for i, layer in enumerate(self.transformer.encoder.layers):

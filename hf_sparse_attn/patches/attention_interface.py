@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import LayerRuntime, QKWeights, split_attend_mask
+from .base import DECODE_REASON, LayerRuntime, QKWeights, split_attend_mask
 
 ATTENTION_NAME = "hf_sparse_attn"
 RUNTIME_ATTR = "_hf_sparse_attn_runtime"
@@ -101,6 +101,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             unsupported = "output_attentions=True"
         elif module.training and dropout and dropout > 0:
             unsupported = "attention dropout in training"
+        elif n_query != n_key:
+            unsupported = DECODE_REASON
         elif not recognized:
             unsupported = "mask is not causal + key padding"
         elif kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or kwargs.get("sliding_window"):

@@ -70,6 +70,9 @@ class Adapter(Protocol):
     def uninstall(self, model: torch.nn.Module, token: Any) -> None: ...
 
 
+DECODE_REASON = "q_len != kv_len (decode step, cache or cross-attention)"
+
+
 class LayerRuntime:
     """One attention layer at run time: its method (or None: not chosen), its counters, an optional capture list.
 
@@ -137,7 +140,7 @@ class LayerRuntime:
             return None
         n_query, n_key = query.shape[2], key.shape[2]
         if n_query != n_key:
-            self._count_fallback("q_len != kv_len (decode step, cache or cross-attention)")
+            self._count_fallback(DECODE_REASON)
             return None
         if n_key < self._min_seq_len:
             self._count_fallback(f"seq_len < min_seq_len={self._min_seq_len}")
@@ -181,9 +184,12 @@ def split_attend_mask(attend_mask: Optional[torch.Tensor], causal: bool, n_query
         lower = torch.ones(n_query, n_key, dtype=torch.bool, device=first.device).tril_()
         expected = lower[None] & key_padding_mask[:, None, :]
     else:
-        key_padding_mask = first.any(dim=1)
+        key_padding_mask = first.diagonal(dim1=1, dim2=2)  # a real token attends itself
         expected = key_padding_mask[:, None, :].expand_as(first)
-    if not torch.equal(first, expected):
+    # Rows of padding queries are compared too loosely on purpose: models fill them differently (ChatGLM lets them
+    # attend everything, sdpa_mask masks them), and their outputs never reach a real token.
+    mismatch = (first ^ expected) & key_padding_mask[:, :, None]
+    if bool(mismatch.any()):
         return causal, None, False
     if bool(key_padding_mask.all()):
         key_padding_mask = None

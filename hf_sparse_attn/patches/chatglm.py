@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from .base import LayerRuntime, QKWeights, split_attend_mask
+from .base import DECODE_REASON, LayerRuntime, QKWeights, split_attend_mask
 
 LAYOUTS = ("auto", "seq_first", "batch_first")
 
@@ -63,7 +63,7 @@ class ChatGLMAdapter:
         attn = block.self_attention
         config = model.config
         num_heads = config.num_attention_heads
-        head_dim = attn.hidden_size_per_attention_head
+        head_dim = getattr(attn, "hidden_size_per_attention_head", None) or config.kv_channels
         num_kv = config.multi_query_group_num if getattr(config, "multi_query_attention", False) else num_heads
         weight = attn.query_key_value.weight.detach().float()  # [np*hn + 2*ng*hn, hidden]
         hidden = weight.shape[1]
@@ -130,7 +130,9 @@ def _make_forward(adapter: ChatGLMAdapter, runtime: LayerRuntime, original):
         if recognized and n_query == n_key:
             runtime.record(q, k, v, scale, causal, key_padding_mask)
         unsupported = None
-        if not recognized:
+        if n_query != n_key:
+            unsupported = DECODE_REASON
+        elif not recognized:
             unsupported = "mask is not causal + key padding"
         elif core.training and getattr(core.attention_dropout, "p", 0.0) > 0:
             unsupported = "attention dropout in training"

@@ -1,0 +1,101 @@
+"""The ChatGLM2/3 adapter on a stand-in built from the published interface (the remote code cannot be downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+
+from chatglm_standin import ChatGLMStandIn, make_config
+from hf_sparse_attn import capture_attention, patch_model, rank_layers, unpatch_model
+
+
+def _model(layout, seed=0):
+    torch.manual_seed(seed)
+    return ChatGLMStandIn(make_config(layout)).eval()
+
+
+@pytest.mark.parametrize("layout", ["seq_first", "batch_first"])
+def test_exact_patch_matches_with_padding_and_decode(layout):
+    model = _model(layout)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref, cache = model(ids, mask)
+        ref_nomask, _ = model(ids)
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)  # decode keeps the padding mask
+        step_ref, _ = model(ids[:, :1], step_mask, past=cache)
+        plan = patch_model(model, method="exact", layers="all")
+        out, cache2 = model(ids, mask)
+        out_nomask, _ = model(ids)
+        step, _ = model(ids[:, :1], step_mask, past=cache2)
+    valid = mask.bool()
+    assert (out - ref)[valid].abs().max() < 1e-5
+    assert (out_nomask - ref_nomask).abs().max() < 1e-5
+    assert torch.allclose(step, step_ref, atol=1e-5)
+    assert all(layer.served == 2 for layer in plan.layers)
+    assert plan.fallback_counts() == {"q_len != kv_len (decode step, cache or cross-attention)": 3}
+    unpatch_model(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask)[0], ref)
+    assert all("forward" not in layer.self_attention.core_attention.__dict__ for layer in model.transformer.encoder.layers)
+
+
+def test_ranking_reads_fused_qkv_with_multi_query_groups():
+    model = _model("batch_first")
+    ranking = rank_layers(model)
+    block = model.transformer.encoder.layers[0]
+    w = block.self_attention.query_key_value.weight.detach().double()
+    gain = block.input_layernorm.weight.detach().double()
+    w_q0 = w[:16] * gain  # head 0 rows
+    w_k0 = w[64:80] * gain  # KV group 0 (heads 0 and 1 read it)
+    brute = torch.linalg.matrix_norm(w_q0.T @ w_k0, ord=2).item()
+    assert abs(ranking.head_weight_norms[0][0] - brute) < 1e-4 * brute
+    assert ranking.norm_sources[0].endswith("input_layernorm")
+
+
+def test_accelerate_hook_on_core_attention_is_kept():
+    class Counter(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counter.calls += 1
+            return args, kwargs
+
+    model = _model("batch_first")
+    for layer in model.transformer.encoder.layers:
+        add_hook_to_module(layer.self_attention.core_attention, Counter())
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        ref, _ = model(ids)
+        plan = patch_model(model, method="exact", layers="all")
+        before = Counter.calls
+        out, _ = model(ids)
+    assert Counter.calls - before == 3 and all(layer.served == 1 for layer in plan.layers)
+    assert torch.allclose(out, ref, atol=1e-5)
+    unpatch_model(model)
+
+
+def test_ambiguous_layout_asks_for_the_option():
+    model = _model("seq_first")
+    ids = torch.randint(0, 97, (4, 4))  # b == np == sq == 4: both layouts fit
+    patch_model(model, method="exact", layers="all")
+    with pytest.raises(ValueError, match="chatglm_layout"):
+        with torch.no_grad():
+            model(ids)
+    patch_model(model, method="exact", layers="all", adapter_options={"chatglm_layout": "seq_first"})
+    with torch.no_grad():
+        out, _ = model(ids)
+    unpatch_model(model)
+    with torch.no_grad():
+        assert torch.allclose(model(ids)[0], out, atol=1e-5)
+
+
+def test_capture_sees_rotated_queries():
+    model = _model("batch_first")
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad(), capture_attention(model, layers=[1]) as captured:
+        model(ids)
+    (call,) = captured[1]
+    assert call.query.shape == (1, 4, 7, 16) and call.causal and call.key_padding_mask is None

@@ -1,0 +1,163 @@
+"""``hyper`` (HyperAttention) against exact attention and its promised properties."""
+
+import pytest
+import torch
+
+from hf_sparse_attn.methods import get_method, get_spec, merge_attention
+from hf_sparse_attn.methods.common import expand_kv_heads
+
+SCALE = 0.25
+
+
+def _qkv(B=2, H=2, N=300, D=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3)]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_when_one_block_covers_and_no_samples(causal):
+    q, k, v = _qkv()
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, :40] = False
+    mask[0, 250:] = False
+    ref, ref_lse = get_method("exact")(q, k, v, causal=causal, scale=SCALE, key_padding_mask=mask)
+    out, lse = get_method("hyper", block_size=512, sample_size=0)(q, k, v, causal=causal, scale=SCALE, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-6, rtol=1e-5)
+    if causal:  # rows 0..39 of batch 1 have no key: 0 and -inf, never NaN
+        assert torch.all(out[1, :, :40] == 0) and torch.all(lse[1, :, :40] == float("-inf"))
+    assert not torch.isnan(out).any()
+
+
+def test_causal_recursion_is_exact_when_quadrant_blocks_cover():
+    # min_seq_len 100 forces 4 levels of halving; blocks cover each quadrant, so the result must be exact
+    q, k, v = _qkv(N=1000)
+    ref, ref_lse = get_method("exact")(q, k, v, causal=True, scale=SCALE)
+    out, lse = get_method("hyper", block_size=1024, sample_size=0, min_seq_len=100)(q, k, v, causal=True, scale=SCALE)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_residual_is_unbiased_lse_merge(causal):
+    """Block part + samples weighted n/s (own block masked) merged via lse converge to exact as s grows."""
+    q, k, v = _qkv(B=1, N=768)
+    ref, ref_lse = get_method("exact")(q, k, v, causal=causal, scale=SCALE)
+    errs, lse_errs = [], []
+    for s in (64, 1024, 16384):
+        out, lse = get_method("hyper", block_size=64, sample_size=s, min_seq_len=128)(q, k, v, causal=causal, scale=SCALE)
+        errs.append(_rel(out, ref))
+        lse_errs.append((lse - ref_lse).abs().mean().item())
+    # Monte-Carlo error falls like 1/sqrt(s): 256x more samples -> ~16x less error (double-counted
+    # in-block samples or a wrong weight would leave a bias that does not shrink)
+    assert errs[0] > errs[1] > errs[2] and errs[2] < errs[0] / 8 and errs[2] < 0.25, errs
+    assert lse_errs[2] < 0.01, lse_errs
+
+
+def test_merge_attention_of_disjoint_key_sets_is_exact():
+    q, k, v = _qkv(B=1, N=200)
+    ref, ref_lse = get_method("exact")(q, k, v, causal=False, scale=SCALE)
+    a, la = get_method("exact")(q, k[:, :, :70], v[:, :, :70], causal=False, scale=SCALE)
+    b, lb = get_method("exact")(q, k[:, :, 70:], v[:, :, 70:], causal=False, scale=SCALE)
+    out, lse = merge_attention(a, la, b, lb)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_past_outputs():
+    q, k, v = _qkv(B=1, N=1500, seed=1)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    t = 1100
+    q2[:, :, t:] = torch.randn_like(q2[:, :, t:])
+    k2[:, :, t:] += 1.0
+    v2[:, :, t:] -= 3.0
+    f = get_method("hyper", block_size=64, sample_size=32, min_seq_len=128)
+    out, _ = f(q, k, v, causal=True, scale=SCALE)
+    out2, _ = f(q2, k2, v2, causal=True, scale=SCALE)
+    assert torch.equal(out[:, :, :t], out2[:, :, :t])
+    assert not torch.equal(out[:, :, t:], out2[:, :, t:])
+
+
+def test_planted_heavy_keys_are_found():
+    """A key planted parallel to a query dominates its row; the sorted blocks must attend it."""
+    g = torch.Generator().manual_seed(2)
+    B, H, N, D = 1, 2, 4096, 32
+    q = torch.randn(B, H, N, D, generator=g)
+    k = torch.randn(B, H, N, D, generator=g) * 0.3
+    v = torch.randn(B, H, N, D, generator=g)
+    queries = torch.randint(0, N, (64,), generator=g)
+    planted = torch.randint(0, N, (64,), generator=g)
+    k[:, :, planted] = q[:, :, queries] * 3.0
+    ref, _ = get_method("exact")(q, k, v, causal=False, scale=D ** -0.5)
+    out, _ = get_method("hyper", block_size=256, sample_size=0)(q, k, v, causal=False, scale=D ** -0.5)
+    rel = (out[:, :, queries] - ref[:, :, queries]).norm(dim=-1) / ref[:, :, queries].norm(dim=-1)
+    # 16 key blocks: a block picked blindly would hold the planted key 1 time in 16; sortLSH puts it in the
+    # query's block most of the time (76% measured; misses are bucket runs cut at a block boundary)
+    assert (rel < 0.1).float().mean().item() > 0.6, rel
+
+
+def test_padded_keys_are_never_attended():
+    q, k, v = _qkv(B=2, N=1024)
+    mask = torch.ones(2, 1024, dtype=torch.bool)
+    mask[0, 600:] = False
+    v_poison = v.clone()
+    v_poison[0, :, 600:] = 1e6  # any attention to a padded key shows up
+    k_poison = k.clone()
+    k_poison[0, :, 600:] = q[0, :, :424] * 5  # padded keys look like the best matches
+    for causal in (False, True):
+        out, lse = get_method("hyper", block_size=64, sample_size=128, min_seq_len=128)(
+            q, k_poison, v_poison, causal=causal, scale=SCALE, key_padding_mask=mask)
+        assert out.abs().max().item() < 100 and not torch.isnan(out).any()
+    all_masked = torch.zeros(2, 1024, dtype=torch.bool)
+    out, lse = get_method("hyper", block_size=64, sample_size=16)(q, k, v, causal=False, scale=SCALE, key_padding_mask=all_masked)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+def test_deterministic_under_seed_and_generator():
+    q, k, v = _qkv(N=700)
+    f = get_method("hyper", block_size=64, sample_size=32)
+    a, _ = f(q, k, v, causal=False, scale=SCALE)
+    b, _ = f(q, k, v, causal=False, scale=SCALE)
+    c, _ = get_method("hyper", block_size=64, sample_size=32, seed=1)(q, k, v, causal=False, scale=SCALE)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    d, _ = f(q, k, v, causal=False, scale=SCALE, generator=torch.Generator().manual_seed(9))
+    e, _ = f(q, k, v, causal=False, scale=SCALE, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(d, e)
+
+
+def test_gqa_shapes_through_expand_and_non_contiguous_views():
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, N, D = 2, 6, 2, 400, 16
+    q = torch.randn(B, N, Hq, D, generator=g).transpose(1, 2)  # non-contiguous view, as HF passes it
+    k = expand_kv_heads(torch.randn(B, Hkv, N, D, generator=g), Hq // Hkv)
+    v = expand_kv_heads(torch.randn(B, Hkv, N, D, generator=g), Hq // Hkv)
+    out, lse = get_method("hyper", block_size=512, sample_size=0)(q, k, v, causal=True, scale=SCALE)
+    ref, _ = get_method("exact")(q, k, v, causal=True, scale=SCALE)
+    assert out.shape == (B, Hq, N, D) and lse.shape == (B, Hq, N)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    q, k, v = _qkv(N=300, dtype=dtype)
+    out, lse = get_method("hyper", block_size=512, sample_size=0)(q, k, v, causal=True, scale=SCALE)
+    ref, _ = get_method("exact")(q.float(), k.float(), v.float(), causal=True, scale=SCALE)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert _rel(out, ref) < 1e-2
+
+
+def test_params_and_check():
+    spec = get_spec("hyper")
+    assert {n: p.default for n, p in spec.params.items() if n != "min_seq_len"} == {
+        "lsh_num_projs": 7, "block_size": 256, "sample_size": 256, "seed": 0}
+    q, k, _ = _qkv(N=64)
+    assert spec.check(q[:, :, :1], k, True, None, {}) is not None  # decode step -> exact
+    assert spec.check(q, k, True, None, {}) is None
+    with pytest.raises(ValueError, match="block_size"):
+        get_method("hyper", block_size=0)

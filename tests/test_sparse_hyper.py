@@ -1,0 +1,124 @@
+"""``sparse_hyper`` (seed 002 Algorithm 1): exactness, causality, masks, and the theory scale coefficient."""
+
+import pytest
+import torch
+
+from hf_sparse_attn.methods import get_method, get_spec
+from hf_sparse_attn.methods.sparse_hyper import score_std, theory_scale
+
+SCALE = 0.25
+
+
+def _qkv(B=2, H=2, N=300, D=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3)]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale_mode", ["none", "theory"])
+def test_exact_when_one_block_covers(causal, scale_mode):
+    q, k, v = _qkv()
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, :40] = False
+    ref, ref_lse = get_method("exact")(q, k, v, causal=causal, scale=SCALE, key_padding_mask=mask)
+    out, lse = get_method("sparse_hyper", block_size=512, scale_mode=scale_mode)(
+        q, k, v, causal=causal, scale=SCALE, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)  # every key kept: eps = 0, alpha = 1
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-6, rtol=1e-5)
+    assert not torch.isnan(out).any()
+
+
+def test_causality_future_tokens_do_not_change_past_outputs():
+    q, k, v = _qkv(B=1, N=1500, seed=1)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    t = 1100
+    q2[:, :, t:] = torch.randn_like(q2[:, :, t:])
+    k2[:, :, t:] += 1.0
+    v2[:, :, t:] -= 3.0
+    f = get_method("sparse_hyper", block_size=64, min_seq_len=128)
+    out, lse = f(q, k, v, causal=True, scale=SCALE)
+    out2, lse2 = f(q2, k2, v2, causal=True, scale=SCALE)
+    torch.testing.assert_close(out[:, :, :t], out2[:, :, :t], atol=1e-6, rtol=0)  # float sums may round differently
+    torch.testing.assert_close(lse[:, :, :t], lse2[:, :, :t], atol=1e-6, rtol=0)
+    assert (out[:, :, t:] - out2[:, :, t:]).abs().max() > 0.1
+
+
+def test_masks_and_fully_masked_rows():
+    q, k, v = _qkv(B=2, N=1024)
+    mask = torch.ones(2, 1024, dtype=torch.bool)
+    mask[0, 600:] = False
+    mask[1, :100] = False
+    v_poison = v.clone()
+    v_poison[0, :, 600:] = 1e6
+    v_poison[1, :, :100] = 1e6
+    for causal in (False, True):
+        out, lse = get_method("sparse_hyper", block_size=64, min_seq_len=128)(
+            q, k, v_poison, causal=causal, scale=SCALE, key_padding_mask=mask)
+        assert out.abs().max().item() < 100 and not torch.isnan(out).any() and not torch.isnan(lse).any()
+        if causal:
+            assert torch.all(out[1, :, :100] == 0) and torch.all(lse[1, :, :100] == float("-inf"))
+
+
+def test_deterministic_and_dtypes():
+    q, k, v = _qkv(N=700)
+    f = get_method("sparse_hyper", block_size=64)
+    assert torch.equal(f(q, k, v, causal=True, scale=SCALE)[0], f(q, k, v, causal=True, scale=SCALE)[0])
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    out, lse = f(qb, kb, vb, causal=False, scale=SCALE)
+    ref, _ = f(qb.float(), kb.float(), vb.float(), causal=False, scale=SCALE)  # same hashes; only output rounding differs
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32 and _rel(out, ref) < 0.01
+
+
+def test_theory_eps_matches_gaussian_top_k_mass():
+    """Definition 5.2 reconstructed: eps = Phi(Phi^-1(1 - k/n) - sigma) is the softmax mass outside the top k
+    of n Gaussian scores of std sigma."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 8192, 256
+    for sigma in (1.0, 2.0, 3.0):
+        s = torch.randn(200, n, generator=g, dtype=torch.float64) * sigma
+        p = torch.softmax(s, -1)
+        mass_out = 1 - p.topk(k, dim=-1).values.sum(-1)
+        eps = 1 - theory_scale(torch.tensor(float(k)), torch.tensor(float(n)), torch.tensor(sigma)).item()
+        assert abs(mass_out.mean().item() - eps) < 0.1 * eps + 0.01, (sigma, mass_out.mean().item(), eps)
+
+
+def test_score_std_matches_empirical():
+    q, k, _ = _qkv(B=1, H=1, N=2000, D=8)
+    sigma = score_std(q, k, SCALE, None)
+    empirical = (SCALE * q[0, 0] @ k[0, 0].T).std(dim=-1, unbiased=False)
+    torch.testing.assert_close(sigma[0, 0], empirical, rtol=1e-3, atol=1e-4)
+
+
+def test_theory_scale_lowers_error_on_the_papers_gaussian_model():
+    """Seed 002 §5-6: LayerNorm'd Gaussian inputs, Gaussian W_Q, W_K (variance sets R), Gaussian W_V. The block
+    keeps c <= 1 - eps of the mass and the dropped values average to ~0, so scaling by alpha = 1 - eps lowers the
+    error (ℓ∞ and Frobenius) relative to the plain block softmax."""
+    g = torch.Generator().manual_seed(0)
+    n, d, b = 2048, 64, 256
+    x = torch.nn.functional.layer_norm(torch.randn(1, n, d, generator=g), (d,))
+    for r in (1.0, 2.0):
+        wq = torch.randn(d, d, generator=g) * r / d ** 0.5
+        wk = torch.randn(d, d, generator=g) * r / d ** 0.5
+        wv = torch.randn(d, d, generator=g) / d ** 0.5
+        q, k, v = ((x @ w)[:, None] for w in (wq, wk, wv))
+        ref, _ = get_method("exact")(q, k, v, causal=False, scale=d ** -0.5)
+        errs = {}
+        for mode in ("none", "theory"):
+            out, _ = get_method("sparse_hyper", block_size=b, scale_mode=mode)(q, k, v, causal=False, scale=d ** -0.5)
+            errs[mode] = (_rel(out, ref), (out - ref).abs().max().item())
+        assert errs["theory"][0] < errs["none"][0] and errs["theory"][1] < errs["none"][1], (r, errs)
+
+
+def test_params():
+    spec = get_spec("sparse_hyper")
+    assert "sample_size" not in spec.params
+    assert spec.params["scale_mode"].default == "theory"
+    assert spec.params["block_size"].default == 256 and spec.params["lsh_num_projs"].default == 7
+    with pytest.raises(ValueError, match="scale_mode"):
+        get_method("sparse_hyper", scale_mode="nope")
