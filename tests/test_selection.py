@@ -81,3 +81,16 @@ def test_plan_follows_weight_norm(tiny_model):
     plan = patch_model(model, method="exact", layers=1, select="weight_norm")
     assert plan.patched_layers == [ranking.order[0]]
     assert plan.layer(ranking.order[0]).rank == 0
+
+
+def test_select_measured_through_patch_model(tiny_model):
+    from hf_sparse_attn.eval.sparsity import measured_sparsity_scores
+
+    model = tiny_model("llama")
+    calibration = torch.randint(3, 101, (1, 48), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="calibration"):
+        patch_model(model, method="exact", layers=1, select="measured")
+    scores = measured_sparsity_scores(model, calibration)
+    plan = patch_model(model, method="exact", layers=1, select="measured", calibration=calibration)
+    best = max(range(3), key=lambda i: (scores[i], -i))
+    assert plan.patched_layers == [best] and plan.select == "measured"
