@@ -20,8 +20,6 @@ import os
 import platform
 import random
 import sys
-from typing import Any, Optional
-
 import torch
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,11 +136,6 @@ def load_texts(args: argparse.Namespace) -> tuple[str, list[str]]:
     return name, texts
 
 
-def tokenize(tokenizer, text: str, max_length: int) -> torch.Tensor:
-    """input_ids [1, n] of one text, truncated to max_length tokens (the model's special tokens included)."""
-    return tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
-
-
 class ResumableRun:
     """DIR/state/config.json + DIR/state/sequences.jsonl: one JSON line per finished sequence (flushed at once)."""
 
@@ -174,7 +167,9 @@ class ResumableRun:
                             self.records.append(json.loads(line))
                         except json.JSONDecodeError:
                             break  # a line cut by a crash: redo that sequence
-        self.done = {r["index"] for r in self.records}
+        self.done: set[int] = set()
+        for r in self.records:
+            self.done |= self._indices(r)
         self._file = open(self.records_path, "a")
 
     def add(self, record: dict) -> None:
@@ -182,7 +177,13 @@ class ResumableRun:
         self._file.flush()
         os.fsync(self._file.fileno())
         self.records.append(record)
-        self.done.add(record["index"])
+        self.done |= self._indices(record)
+
+    @staticmethod
+    def _indices(record: dict) -> set[int]:
+        """A record covers one sequence ("index": i) or a batch ("index": [i, j, ...])."""
+        index = record["index"]
+        return set(index) if isinstance(index, list) else {index}
 
     def close(self) -> None:
         self._file.close()
@@ -207,6 +208,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling-step", type=int, default=50, help="context lengths of the A.1.3 curve: min-prefix, +step, ... (default 50)")
     parser.add_argument("--max-block-entries", type=int, default=1 << 24, help="memory bound: kernel entries formed at once (default 2^24)")
     parser.add_argument("--restart", action="store_true", help="discard a previous run in --out instead of resuming it")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass when --max-length <= 1024 (default 16)")
 
 
 def _group_layers(num_heads: list[int], n: int, budget: int = 1 << 22) -> list[list[int]]:
@@ -220,8 +222,16 @@ def _group_layers(num_heads: list[int], n: int, budget: int = 1 << 22) -> list[l
     return groups
 
 
-def sequence_statistics(captured: dict, prefix_lengths: list[int], max_block_entries: int) -> list:
-    """Per layer (index order) SequenceHeadTail of the single sequence in ``captured`` (from capture_attention)."""
+def sequence_length(captured: dict, batch_index: int = 0) -> int:
+    """Unpadded token count of sequence ``batch_index`` of a capture_attention record."""
+    capture = captured[min(captured)][0]
+    if capture.key_padding_mask is None:
+        return int(capture.query.shape[2])
+    return int(capture.key_padding_mask[batch_index].sum())
+
+
+def sequence_statistics(captured: dict, prefix_lengths: list[int], max_block_entries: int, batch_index: int = 0) -> list:
+    """Per layer (index order) SequenceHeadTail of sequence ``batch_index`` of ``captured`` (from capture_attention)."""
     from hf_sparse_attn.eval.head_tail import SequenceHeadTail, head_tail_statistics, sequence_points
 
     layers = sorted(captured)
@@ -235,10 +245,15 @@ def sequence_statistics(captured: dict, prefix_lengths: list[int], max_block_ent
         if capture.attend_mask is not None:
             raise ValueError(f"layer {layer} uses a mask that is neither causal nor key padding; head-tail supports only those")
         records.append(capture)
-    n = records[0].query.shape[2] if records[0].key_padding_mask is None else int(records[0].key_padding_mask[0].sum())
+    n = sequence_length(captured, batch_index)
     out: list = [None] * len(layers)
-    for group in _group_layers([r.query.shape[1] for r in records], n):
-        points = [sequence_points(records[i]) for i in group]
+    groups = _group_layers([r.query.shape[1] for r in records], n)
+    if n >= 2048:  # minutes per sequence: show the layers going by
+        from tqdm import tqdm
+
+        groups = tqdm(groups, desc=f"layers (n={n})", leave=False)
+    for group in groups:
+        points = [sequence_points(records[i], batch_index) for i in group]
         causal = {records[i].causal for i in group}
         if len(causal) != 1:  # keep mixed groups apart
             for i, (x, y) in zip(group, points):
@@ -254,8 +269,6 @@ def sequence_statistics(captured: dict, prefix_lengths: list[int], max_block_ent
                                       stats.ratio_n_n1[start:start + h], stats.ratio_n_2n[start:start + h],
                                       stats.float32_zero_n1[start:start + h], stats.float32_zero_2n[start:start + h])
             start += h
-        for i in group:
-            captured[i].clear()
     return out
 
 
@@ -278,29 +291,37 @@ def run(args: argparse.Namespace) -> int:
               "min_prefix": args.min_prefix, "prefix_step": args.prefix_step, "scaling_step": args.scaling_step,
               "sequences_in_corpus_draw": len(texts)}
     state = ResumableRun(args.out, config, restart=args.restart)
-    skipped = 0
-    causal_seen: set = set()
-    shape: Optional[tuple[int, int]] = None
+    batch_size = max(1, args.batch_size if max_length <= 1024 else 1)
+    pending = [i for i in range(len(texts)) if i not in state.done]
     try:
-        bar = tqdm(range(len(texts)), desc="head-tail", unit="seq", initial=len(state.done))
-        for index in bar:
-            if index in state.done:
+        bar = tqdm(total=len(texts), desc="head-tail", unit="seq", initial=len(texts) - len(pending))
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            encoded = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            lengths = encoded["attention_mask"].sum(1).tolist()
+            keep = [j for j, n in enumerate(lengths) if n >= args.min_tokens]
+            for j, n in enumerate(lengths):
+                if n < args.min_tokens:
+                    state.add({"index": batch[j], "skipped": f"{n} tokens < --min-tokens {args.min_tokens}"})
+                    bar.update(1)
+            if not keep:
                 continue
-            input_ids = tokenize(tokenizer, texts[index], max_length).to(args.device)
-            n = input_ids.shape[1]
-            if n < args.min_tokens:
-                skipped += 1
-                state.add({"index": index, "skipped": f"{n} tokens < --min-tokens {args.min_tokens}"})
-                continue
+            input_ids = encoded["input_ids"][keep].to(args.device)
+            attention_mask = encoded["attention_mask"][keep].to(args.device)
             with capture_attention(model) as captured:
-                model_forward(model, input_ids)
-            causal_seen |= {c.causal for caps in captured.values() for c in caps[:1]}
-            stats = sequence_statistics(captured, prefix_grid(n, args.min_prefix, args.prefix_step, scaling), args.max_block_entries)
-            record = sequence_record(stats, scaling)
-            record["index"] = index
-            record["causal"] = stats[0].causal
-            state.add(record)
-            bar.set_postfix(tokens=n)
+                model_forward(model, input_ids, attention_mask if len(keep) > 1 else None)
+            for b, j in enumerate(keep):
+                n = int(lengths[j])
+                stats = sequence_statistics(captured, prefix_grid(n, args.min_prefix, args.prefix_step, scaling),
+                                            args.max_block_entries, batch_index=b)
+                record = sequence_record(stats, scaling)
+                record["index"] = batch[j]
+                record["causal"] = stats[0].causal
+                state.add(record)
+                bar.update(1)
+                bar.set_postfix(tokens=n)
+            del captured
+        bar.close()
     finally:
         state.close()
 

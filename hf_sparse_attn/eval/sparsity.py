@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -364,6 +364,8 @@ def sparsity_summary(result: dict) -> str:
             break
     lines.append("Spearman rho between R and sparsity (layers | heads):")
     for c in result["spearman"]:
+        if c["eps"] not in (None, epsilons[mid]):
+            continue  # the others are in sparsity.json
         label = f"k={c['k']}, " + ("mean top-k mass" if c["eps"] is None else f"eps={c['eps']}")
         fmt = lambda r: "n/a" if r is None else f"{r:+.2f}"  # noqa: E731
         lines.append(f"  {label:<24} {fmt(c['layers']['rho'])} (p={c['layers']['p_value'] if c['layers']['p_value'] is None else format(c['layers']['p_value'], '.2g')})"

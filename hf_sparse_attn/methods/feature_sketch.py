@@ -173,7 +173,7 @@ def bss_sparsify(x: torch.Tensor, eps: float, rank_tol: float = 1e-6) -> tuple[t
 
 
 def sparsify_features(x: torch.Tensor, *, eps: float = 0.5, mode: str = "leverage", delta: float = 0.1,
-                      oversample: float = 1.0, generator: Optional[torch.Generator] = None,
+                      oversample: float = 2.0, generator: Optional[torch.Generator] = None,
                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The symmetric problem of the paper: x [n, d] -> Y = x[:, idx] * sqrt(weights) [n, m] with
     Y Y^T ~ (1 +- eps) x x^T. mode "leverage" (randomized, Theorem 3.5) or "deterministic" (Theorem 3.6)."""
@@ -190,7 +190,7 @@ def _selection_size_bound(n_rows: int, d: int, params: dict[str, Any]) -> int:
     eps = float(params.get("eps", 0.5))
     if params.get("mode", "leverage") == "deterministic":
         return bss_kappa(eps) * n_rows
-    return sample_size(n_rows, eps, float(params.get("delta", 0.1)), float(params.get("oversample", 1.0)))
+    return sample_size(n_rows, eps, float(params.get("delta", 0.1)), float(params.get("oversample", 2.0)))
 
 
 def feature_sketch_check(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
@@ -218,7 +218,7 @@ def feature_sketch_attention(
     mode: str = "leverage",
     eps: float = 0.5,
     delta: float = 0.1,
-    oversample: float = 1.0,
+    oversample: float = 2.0,
     min_dim_ratio: float = 2.0,
     seed: int = 0,
     min_seq_len: int = 8,
@@ -271,7 +271,7 @@ register_method(
                       help="leverage: randomized leverage-score sampling (Thm 3.5); deterministic: BSS sparsifier (Thm 3.6)"),
         "eps": Param(0.5, float, low=1e-3, high=0.99, help="spectral approximation (1 +- eps) of [Q;K][Q;K]^T"),
         "delta": Param(0.1, float, low=1e-9, high=0.5, help="failure probability of the randomized sampler"),
-        "oversample": Param(1.0, float, low=1e-3, help="constant in T = c eps^-2 n ln(n/delta) draws"),
+        "oversample": Param(2.0, float, low=1e-3, help="constant in T = c eps^-2 n ln(n/delta) draws"),
         "min_dim_ratio": Param(2.0, float, low=0.0, help="apply only when head dim d >= ratio * seq_len"),
         "seed": Param(0, int, low=0, help="seed of the sampler when no generator is given"),
         "min_seq_len": Param(8, int, low=0, help="below this many keys: exact attention"),

@@ -118,7 +118,8 @@ def kernel_block(xq: torch.Tensor, yk: torch.Tensor, xsq: torch.Tensor, ysq: tor
 
 
 def find_heavy(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, threshold_sq: float, width: float, num_projs: int,
-               num_tables: int, generator: torch.Generator, stats: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               num_tables: int, generator: torch.Generator, stats: Optional[dict] = None,
+               dense_verify_fraction: float = 8.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Algorithm 1 FINDHEAVY with E2LSH: all pairs (i, j), j in ``keys``, with ||x_i - y_j||^2 <= threshold_sq.
 
     x [nq, p], y [nk, p], keys [t] int64 (the candidate key set T). Returns (rows [s], cols [s], dist_sq [s]) of the
@@ -133,6 +134,7 @@ def find_heavy(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, threshold_s
     yk = y[keys]
     multipliers = torch.randint(1, 1 << 30, (num_projs,), generator=generator, dtype=torch.int64) * 2 + 1
     pair_ids = []
+    raw_total = 0
     for _ in range(num_tables):
         a = torch.randn(p, num_projs, generator=generator)
         b = torch.rand(num_projs, generator=generator) * width
@@ -149,11 +151,20 @@ def find_heavy(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, threshold_s
         starts = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
         pos = torch.arange(total) + starts
         pair_ids.append(rows * nk + keys[order[pos]])
+        raw_total += total
+        if raw_total * dense_verify_fraction > 2 * nq * keys.numel():  # the hashes are not pruning: one dense pass
+            if stats is not None:
+                stats["lsh_candidates"] = stats.get("lsh_candidates", 0) + nq * int(keys.numel())
+            return _dense_heavy(x, y, keys, threshold_sq)
     if not pair_ids:
         return empty, empty, torch.zeros(0)
     cand = torch.unique(torch.cat(pair_ids))  # sorted
     if stats is not None:
         stats["lsh_candidates"] = stats.get("lsh_candidates", 0) + int(cand.numel())
+    if cand.numel() * dense_verify_fraction > nq * keys.numel():
+        # The hashes did not prune (no gap between heavy and light distances, e.g. near-uniform attention):
+        # verifying pair by pair would cost more than one dense pass over (queries x T), which finds every heavy pair.
+        return _dense_heavy(x, y, keys, threshold_sq)
     keep_rows, keep_cols, keep_dist = [], [], []
     for start in range(0, cand.numel(), _PAIR_CHUNK):
         ids = cand[start:start + _PAIR_CHUNK]
@@ -164,6 +175,25 @@ def find_heavy(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, threshold_s
         keep_cols.append(c[ok])
         keep_dist.append(dist[ok])
     return torch.cat(keep_rows), torch.cat(keep_cols), torch.cat(keep_dist)
+
+
+def _dense_heavy(x, y, keys, threshold_sq):
+    """Every pair (i, j in keys) with ||x_i - y_j||^2 <= threshold_sq, by dense blocks, sorted by pair id."""
+    nk = y.shape[0]
+    yk = y[keys]
+    ysq = _sq_norms(yk)
+    rows_out, cols_out, dist_out = [], [], []
+    per = max(1, _BLOCK_ELEMS // max(1, keys.numel()))
+    for s in range(0, x.shape[0], per):
+        xs = x[s:s + per]
+        dist = (_sq_norms(xs)[:, None] + ysq[None, :] - 2 * (xs @ yk.T)).clamp_min_(0)
+        r, c = (dist <= threshold_sq).nonzero(as_tuple=True)
+        rows_out.append(r + s)
+        cols_out.append(keys[c])
+        dist_out.append(dist[r, c])
+    rows, cols, dist = torch.cat(rows_out), torch.cat(cols_out), torch.cat(dist_out)
+    order = torch.argsort(rows * nk + cols)
+    return rows[order], cols[order], dist[order]
 
 
 def approx_kmv(
@@ -469,7 +499,7 @@ register_method(
     kmv_attention,
     params={
         "eps": Param(0.1, float, low=1e-4, high=1.0, help="per-row error target relative to the row (A.1.4: error/||v||)"),
-        "alpha": Param(1.0 / 3.0, float, low=0.0, high=1.0, help="heavy threshold K_ij >= n^-alpha (paper 1/3)"),
+        "alpha": Param(1.0 / 3.0, float, low=0.0, high=100.0, help="heavy threshold K_ij >= n^-alpha (paper 1/3)"),
         "gamma": Param(0.109, float, low=0.0, high=1.0, help="value rows with ||x_j||^2 >= n^gamma computed exactly (paper 0.109)"),
         "lsh_bucket_width": Param(2.0, float, low=0.1, help="E2LSH bucket width in units of r_near = sqrt(alpha ln n)"),
         "lsh_num_projs": Param(0, int, low=0, high=64, help="hashes per table; 0 = collision prob ~ n^-alpha at r_near (Lemma 2.1)"),

@@ -15,6 +15,7 @@ Output directory: ``<task>.jsonl`` predictions (resumable: rerun the same comman
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -82,6 +83,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="prompt budget in tokens before middle truncation (default: the official table, "
                              "else positions - 512; offline suite: positions - 32)")
     parser.add_argument("--max-samples", type=int, help="first N samples per task (offline: samples per task)")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="cap every task's output length (smoke tests only: official lengths otherwise)")
     parser.add_argument("--contexts", default="2,4,8", help="offline suite context sizes in K tokens (x1024)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patch plan, sampling and offline data")
     parser.add_argument("--dtype", default="auto", help="model dtype when loading a path (auto, float32, bfloat16...)")
@@ -89,9 +92,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_model(name: str, dtype: str = "auto"):
+def load_model(name: str, dtype: str = "auto", device_map: Any = "auto"):
     """(model, tokenizer, model_name). 'smollm2' is the offline real model; anything else goes through
-    from_pretrained with device_map='auto' (accelerate places it on the available devices)."""
+    from_pretrained with ``device_map`` ("auto": accelerate spreads it over the visible devices; under
+    ``accelerate launch`` with several processes each process puts its own copy on its own device)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,7 +106,7 @@ def load_model(name: str, dtype: str = "auto"):
         return model.eval(), tokenizer, "SmolLM2-135M-Instruct"
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, device_map="auto")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, device_map=device_map)
     return model.eval(), tokenizer, name
 
 
@@ -135,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--data is required for LongBench (a directory of <task>.jsonl, data.zip, parquet or a "
                          "datasets id); use --suite offline for the generated suite")
     tasks = _task_list(args)
-    model, tokenizer, model_name = load_model(args.model, args.dtype)
+    device_map = "auto" if state.num_processes == 1 else {"": str(state.device)}
+    model, tokenizer, model_name = load_model(args.model, args.dtype, device_map)
 
     plan_dict = None
     if args.plan or args.method != "none":
@@ -175,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             task_samples[task] = (get_task(task), load_task(args.data, task, args.e, args.max_samples))
 
+    if args.max_new_tokens:
+        task_samples = {name: (dataclasses.replace(spec, max_new_tokens=min(spec.max_new_tokens, args.max_new_tokens)),
+                               samples) for name, (spec, samples) in task_samples.items()}
     counts = predict_tasks(model, tokenizer, task_samples, args.out, max_length, seed=args.seed,
                            process_index=state.process_index, num_processes=state.num_processes,
                            chat_template=not args.no_chat_template,
@@ -193,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         "select": args.select,
         "method_params": parse_params(args.param),
         "max_length": max_length,
+        "max_new_tokens_cap": args.max_new_tokens,
         "seed": args.seed,
         "num_processes": state.num_processes,
         "this_invocation": counts,

@@ -176,6 +176,9 @@ def _count_sample(name: str, rng: random.Random, src: TextSources, count: _Count
             break
         slots.append(p)
         used += count(p) + 6
+    if len(slots) == len(unique) and len(unique) >= 3:  # no room for a repeat: trade one paragraph for one
+        unique.pop()
+        slots = list(unique) + [rng.choice(unique)]
     rng.shuffle(slots)
     sample = {"input": "", "context": _numbered(slots, "en"), "answers": [str(len(unique))]}
     while not _fit(name, sample, count, budget):  # drop a repeated paragraph (never the last copy of one)

@@ -206,7 +206,7 @@ def comparison_table(runs: Sequence[tuple[str, int, dict]], bucket: Optional[str
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for method, layers, result in runs:
         row = table1_row(result, bucket)
-        name = f"{layers} (exact)" if method == "exact" or layers == 0 else f"{method}-{layers}"
+        name = "0 (exact)" if layers == 0 else f"{method}-{layers}"
         lines.append(f"| {name} | " + " | ".join(_fmt(row[c]) for c, _ in _TABLE1_COLUMNS)
                      + f" | {_fmt(row['Average'])} |")
     return "\n".join(lines)

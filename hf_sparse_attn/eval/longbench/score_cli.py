@@ -1,6 +1,10 @@
 """`hf-sparse-attn longbench-score PRED_DIR [--e]`: score a directory laid out as the official release does (one
 ``<task>.jsonl`` per task, lines ``{pred, answers, all_classes, length}``) and write ``PRED_DIR/result.json``
-(task -> score; with ``--e``: task -> {"0-4k", "4-8k", "8k+"}), plus ``PRED_DIR/report.md``."""
+(task -> score; with ``--e``: task -> {"0-4k", "4-8k", "8k+"}), plus ``PRED_DIR/report.md``.
+
+``--compare DIR ...`` also scores the other run directories and writes ``PRED_DIR/comparison.md``: seed 002 Table 1's
+layout, one row per run (method and number of replaced layers read from each run's summary.json, written by
+``hf-sparse-attn longbench``), LongBench-E 8k+ bucket with ``--e`` (``--bucket`` to choose another)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pred_dir", metavar="PRED_DIR", help="directory of <task>.jsonl prediction files")
     parser.add_argument("--e", action="store_true", help="LongBench-E: score by length bucket")
     parser.add_argument("--no-report", action="store_true", help="write only result.json")
+    parser.add_argument("--compare", nargs="+", metavar="DIR", help="other run directories for a seed 002 Table 1 comparison")
+    parser.add_argument("--bucket", default="8k+", choices=("0-4k", "4-8k", "8k+"), help="LongBench-E bucket of the comparison")
+
+
+def _run_label(pred_dir: str) -> tuple[str, int]:
+    """(method, number of replaced layers) of a run directory, from its summary.json; (dir name, 0) without one."""
+    path = os.path.join(pred_dir, "summary.json")
+    if not os.path.exists(path):
+        return os.path.basename(os.path.normpath(pred_dir)), 0
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f).get("meta", {})
+    layers = meta.get("layers") or []
+    return str(meta.get("method", "none")), len(layers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,4 +43,16 @@ def run(args: argparse.Namespace) -> int:
             f.write(markdown_report(result, {"predictions": os.path.abspath(args.pred_dir)},
                                     title="LongBench-E results" if args.e else "LongBench results"))
     print(json.dumps(result, ensure_ascii=False, indent=2))
+    if args.compare:
+        from .score import comparison_table
+
+        runs = []
+        for run_dir in [args.pred_dir, *args.compare]:
+            method, layers = _run_label(run_dir)
+            runs.append((method, layers, result if run_dir == args.pred_dir else
+                         score_directory(run_dir, longbench_e=args.e, write=False)))
+        table = comparison_table(runs, bucket=args.bucket if args.e else None)
+        with open(os.path.join(args.pred_dir, "comparison.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        print(table)
     return 0

@@ -1,0 +1,230 @@
+"""`hf-sparse-attn bench kernel|model`: speed and error of the methods alone, and of a patched real model.
+
+    hf-sparse-attn bench kernel --inputs random smollm2 minilm --ns 1024 4096 16384 --dtypes fp32 bf16 --out DIR
+    hf-sparse-attn bench model --tokens 8192 --articles 20 --methods sparse_hyper hyper --layers 0 8 15 23 30 \\
+        --selections weight_norm last first measured random --out DIR
+
+Both are resumable (give the same --out again: finished cells are skipped) and write JSON, a markdown table and
+PNG plots into --out. Every speed-up is measured against torch SDPA / the exact model in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+from typing import Any, Optional
+
+import torch
+
+
+def _parse_method_params(items: Optional[list[str]]) -> dict[str, dict[str, Any]]:
+    """["hyper.block_size=128", ...] -> {"hyper": {"block_size": 128}} (values parsed as int, float, bool or str)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SystemExit(f"--method-param {item!r}: write METHOD.NAME=VALUE, e.g. sparse_hyper.block_size=128")
+        lhs, value = item.split("=", 1)
+        method, name = lhs.split(".", 1)
+        parsed: Any = value
+        for conv in (int, float):
+            try:
+                parsed = conv(value)
+                break
+            except ValueError:
+                continue
+        if value in ("True", "true", "False", "false"):
+            parsed = value.lower() == "true"
+        out.setdefault(method, {})[name] = parsed
+    return out
+
+
+def _parse_max_n(items: Optional[list[str]]) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--max-n {item!r}: write METHOD=N, e.g. kmv=8192")
+        method, n = item.split("=", 1)
+        out[method] = int(n)
+    return out
+
+
+def machine_description(note: str = "") -> str:
+    cuda = torch.cuda.is_available()
+    desc = f"{os.cpu_count()}-core CPU ({platform.machine()}), {'GPU: ' + torch.cuda.get_device_name(0) if cuda else 'no GPU'}"
+    return desc + (f"; {note}" if note else "")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    levels = parser.add_subparsers(dest="level", metavar="LEVEL")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output directory (results.json / results.jsonl, results.md, *.png); "
+                                                     "giving it again resumes")
+    common.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default, all cores)")
+    common.add_argument("--method-param", action="append", metavar="METHOD.NAME=VALUE",
+                        help="a method parameter, repeatable (e.g. sparse_hyper.block_size=128)")
+    common.add_argument("--machine-note", default="", help="added to the machine description in the report (e.g. 'shared with other jobs')")
+    common.add_argument("--report-only", action="store_true", help="only rewrite results.md / JSON / plots from what is in --out")
+    common.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+    kernel = levels.add_parser("kernel", parents=[common], help="every method vs torch SDPA on the same inputs",
+                               description="Time, peak extra memory, useful GFLOP/s and output error (relative Frobenius, vs fp32 SDPA) "
+                                           "of each method against torch SDPA on the same q, k, v, alternating them on every repeat.")
+    kernel.add_argument("--methods", nargs="+", default=None, help="registered methods (default: all of them)")
+    kernel.add_argument("--inputs", nargs="+", default=["random"], choices=["random", "smollm2", "minilm"],
+                        help="random: standard normal B=1 H=8 D=64; smollm2: q/k/v captured from the largest-R layer on a Wikipedia "
+                             "article (N <= 8192); minilm: same for MiniLM at N=512 only (its position limit)")
+    kernel.add_argument("--ns", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768], help="sequence lengths N")
+    kernel.add_argument("--causal", choices=["both", "causal", "bidirectional"], default="both", help="attention kind (MiniLM: always bidirectional)")
+    kernel.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="input dtypes")
+    kernel.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median and spread reported)")
+    kernel.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
+    kernel.add_argument("--max-n", action="append", metavar="METHOD=N", help="largest N a slow method runs at, repeatable (e.g. exact=8192)")
+
+    model = levels.add_parser("model", parents=[common], help="prefill time and perplexity of patched SmolLM2 on Wikipedia",
+                              description="Prefill time and perplexity of real SmolLM2-135M on real Wikipedia articles for each method x "
+                                          "replaced layers x selection; speed-ups against the exact model measured in the same run; "
+                                          "attention's share of the exact prefill from torch.profiler (the Amdahl ceiling).")
+    model.add_argument("--tokens", nargs="+", type=int, default=[2048, 4096, 8192], help="context lengths N (each article cut to N tokens)")
+    model.add_argument("--articles", type=int, default=20, help="articles per N (the first ones with >= N tokens; identical for every cell)")
+    model.add_argument("--methods", nargs="+", default=["sparse_hyper", "hyper"], help="methods to patch with")
+    model.add_argument("--layers", nargs="+", type=int, default=list(range(0, 31, 3)) + [15],
+                       help="numbers of replaced layers (0 = the exact baseline, always run)")
+    model.add_argument("--selections", nargs="+", default=["weight_norm", "last", "first", "measured", "random"],
+                       choices=["weight_norm", "last", "first", "measured", "random"], help="layer selections")
+    model.add_argument("--random-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the random selection")
+    model.add_argument("--compare-selections-at", nargs="+", type=int, default=None,
+                       help="run selections other than weight_norm only at these layer counts (default: at every count)")
+    model.add_argument("--method-layers", action="append", metavar="METHOD=L1,L2",
+                       help="layer counts for one method only (repeatable; default: --layers for every method)")
+    model.add_argument("--calibration-tokens", type=int, default=2048,
+                       help="tokens of the calibration article for select=measured (an article not among the scored ones)")
+    model.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run of the exact prefill")
+
+
+def _header(args: argparse.Namespace, what: str) -> list[str]:
+    return [f"# {what}", "",
+            f"Machine: {machine_description(args.machine_note)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}. Date: {datetime.date.today().isoformat()}.",
+            f"Command: `hf-sparse-attn bench {' '.join(shlex.quote(a) for a in getattr(args, '_argv', []))}`"
+            if getattr(args, "_argv", None) else f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`"]
+
+
+def run_kernel(args: argparse.Namespace) -> int:
+    from ..methods import list_methods
+    from .kernel_suite import kernel_report_markdown, run_kernel_suite, suite_cells
+    from .plots import plot_kernel_time_vs_n
+
+    methods = args.methods or list_methods()
+    unknown = [m for m in methods if m not in list_methods()]
+    if unknown:
+        print(f"unknown method(s) {unknown}; registered: {', '.join(list_methods())}", file=sys.stderr)
+        return 2
+    params = _parse_method_params(args.method_param)
+    causal_modes = {"both": [False, True], "causal": [True], "bidirectional": [False]}[args.causal]
+    cells = suite_cells(args.inputs, args.ns, causal_modes, args.dtypes)
+    header = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": methods, "params": params,
+              "max_n": _parse_max_n(args.max_n)}
+    if not args.report_only:
+        results = run_kernel_suite(args.out, cells, methods, repeats=args.repeats, warmup=args.warmup, params=params,
+                                   max_n=_parse_max_n(args.max_n), header=header, progress=not args.no_progress)
+    else:
+        import json
+
+        with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
+            results = json.load(f)
+    lines = _header(args, "Kernel benchmark: every method vs torch SDPA on the same inputs")
+    lines += ["", "Time = median of the repeats (spread = max - min), method and SDPA alternated on every repeat. Useful GFLOP/s = "
+              "4*B*H*N^2*D (halved for causal) / time. Rel. error = ||out - ref||_F / ||ref||_F with ref = SDPA in fp32 on the "
+              "same inputs; 'SDPA bf16 err' is SDPA's own error in the cell's dtype. Method parameters: "
+              f"defaults except {results.get('params') or 'none'} (each cell's JSON lists them; below its min_seq_len a method "
+              "computes exact attention itself, so those rows time its exact path). Per-method N limits: "
+              f"{results.get('max_n') or 'none'}."]
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(kernel_report_markdown(results, lines))
+    for kind in ("random", "smollm2"):
+        kind_cells = [c for c in results["cells"].values() if c["inputs"] == kind]
+        if len({c["n"] for c in kind_cells}) > 1:
+            plot_kernel_time_vs_n(kind_cells, os.path.join(args.out, f"time_vs_n_{kind}.png"), title=f"{kind} inputs: time vs N")
+    print(f"wrote {args.out}/results.json, results.md and plots")
+    return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    from .. import list_methods, rank_layers
+    from .data import load_smollm2, wikipedia_articles
+    from .model_bench import article_token_sets, build_grid, run_grid, selection_order_measured, write_model_results
+
+    unknown = [m for m in args.methods if m not in list_methods()]
+    if unknown:
+        print(f"unknown method(s) {unknown}; registered: {', '.join(list_methods())}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    model, tokenizer = load_smollm2()
+    num_layers = model.config.num_hidden_layers
+    method_layers = {}
+    for item in args.method_layers or []:
+        method, _, counts = item.partition("=")
+        if method not in args.methods or not counts:
+            print(f"--method-layers {item!r}: write METHOD=L1,L2 for a method in --methods", file=sys.stderr)
+            return 2
+        method_layers[method] = [int(x) for x in counts.split(",")]
+    bad = [n for counts in [args.layers, *method_layers.values()] for n in counts if not 0 <= n <= num_layers]
+    if bad:
+        print(f"layer counts {bad}: SmolLM2 has {num_layers} layers", file=sys.stderr)
+        return 2
+    cells = build_grid(args.methods, args.tokens, args.layers, args.selections, args.random_seeds, args.compare_selections_at,
+                       method_layers)
+    articles = wikipedia_articles(min_chars=min(args.tokens + [args.calibration_tokens]))
+    # the calibration article for select=measured: the last long-enough article, never one of the scored ones
+    calibration_title, calibration_text = next(
+        (t, x) for t, x in reversed(articles) if len(tokenizer(x).input_ids) >= args.calibration_tokens)
+    header = _header(args, "Model benchmark: patched SmolLM2-135M on Wikipedia, prefill time and perplexity")
+    if not args.report_only:
+        cache: dict[int, list] = {}
+
+        def texts_for(n: int):
+            if n not in cache:
+                cache[n] = article_token_sets(tokenizer, n, args.articles, articles, skip_titles=[calibration_title])
+            return cache[n]
+
+        def measured_order():
+            ids = tokenizer(calibration_text, return_tensors="pt").input_ids[:, : args.calibration_tokens]
+            return selection_order_measured(model, ids)
+
+        run_grid(model, cells, texts_for, os.path.join(args.out, "results.jsonl"),
+                 method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
+                 profile=not args.no_profile, progress=not args.no_progress)
+    ranking = rank_layers(model)
+    extra = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
+             "model": "SmolLM2-135M-Instruct (real weights, fp32)", "num_layers": num_layers,
+             "weight_norm_order": ranking.order, "calibration_article": calibration_title,
+             "grid": {"tokens": args.tokens, "articles": args.articles, "methods": args.methods, "layers": args.layers,
+                      "selections": args.selections, "random_seeds": args.random_seeds, "method_layers": method_layers,
+                      "compare_selections_at": args.compare_selections_at}}
+    header += ["", f"Grid: tokens {args.tokens}, {args.articles} articles per N, methods {args.methods}, layers {args.layers} "
+               f"(per method: {method_layers or 'the same'}), "
+               f"selections {args.selections} (random seeds {args.random_seeds}; selections other than weight_norm at "
+               f"{args.compare_selections_at or 'every layer count'}). Weight-norm order of the layers: {ranking.order}. "
+               f"Calibration article for select=measured: '{calibration_title}' ({args.calibration_tokens} tokens)."]
+    write_model_results(args.out, num_layers, header_lines=header, extra=extra)
+    print(f"wrote {args.out}/results.jsonl, results.json, results.md and plots")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.level == "kernel":
+        return run_kernel(args)
+    if args.level == "model":
+        return run_model(args)
+    print("choose a level: `hf-sparse-attn bench kernel --help` or `hf-sparse-attn bench model --help`", file=sys.stderr)
+    return 2
