@@ -32,7 +32,7 @@ from hf_sparse_attn.cli import main  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "kernels_all")
 MAX_N = ["--max-n", "kmv=1024", "--max-n", "exact=2048", "--max-n", "feature_sketch=2048"]
-NOTE = "2-core CPU VM, no GPU, shared with other jobs; date 2026-11-22"
+NOTE = "a VM shared with other engineers' jobs (see load_avg_1min per cell in results.json)"
 
 STAGES = [  # (inputs, ns, causal, dtypes)
     (["random"], [1024, 2048, 4096, 8192, 16384, 32768], "both", ["fp32"]),

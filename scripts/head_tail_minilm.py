@@ -68,7 +68,7 @@ if __name__ == "__main__":
     which = sys.argv[1:] or ["sentences", "paragraphs"]
     if "sentences" in which:
         work = os.path.join(WORK, "sentences")
-        command = ["head-tail", "--model", "minilm", "--corpus", "wikipedia", "--max-sequences", "2000", "--seed", "0", "--out", work]
+        command = ["head-tail", "--threads", "1", "--model", "minilm", "--corpus", "wikipedia", "--max-sequences", "2000", "--seed", "0", "--out", work]
         start = time.time()
         main(command)
         publish(work, os.path.join(RESULTS, "sentences"), command, time.time() - start,
@@ -76,7 +76,7 @@ if __name__ == "__main__":
     if "paragraphs" in which:
         work = os.path.join(WORK, "paragraphs")
         text = paragraphs_file(os.path.join(WORK, "paragraphs.txt"))
-        command = ["head-tail", "--model", "minilm", "--text", text, "--max-length", "512", "--prefix-step", "10", "--out", work]
+        command = ["head-tail", "--threads", "1", "--model", "minilm", "--text", text, "--max-length", "512", "--prefix-step", "10", "--out", work]
         start = time.time()
         main(command)
         publish(work, os.path.join(RESULTS, "paragraphs"), command, time.time() - start,

@@ -29,7 +29,7 @@ WORK = os.path.join(ROOT, "runs", "head_tail_smollm2")
 RESULTS = os.path.join(ROOT, "eval", "results", "head_tail_smollm2")
 
 if __name__ == "__main__":
-    command = ["head-tail", "--model", "smollm2", "--corpus", "wikipedia-articles", "--min-chars", "40000",
+    command = ["head-tail", "--threads", "1", "--model", "smollm2", "--corpus", "wikipedia-articles", "--min-chars", "40000",
                "--max-sequences", "4", "--seed", "0", "--max-length", "8192", "--prefix-step", "50", "--out", WORK]
     start = time.time()
     main(command)

@@ -241,6 +241,12 @@ def aggregate(args, suite, num_layers: int) -> None:
                    "contexts_k": contexts, "samples_per_task": args.samples, "params": parse_params_safe(args.param),
                    "seconds_per_sample": timing, "rows": table}, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(f"# Offline suite, SmolLM2-135M-Instruct ({MACHINE}, {DATE})\n\n"
+                f"Produced by `scripts/offline_suite.py {' '.join(sys.argv[1:])}`; method params "
+                f"{parse_params_safe(args.param)}; {args.samples} sample(s) per task, seed {args.seed}. Scores are "
+                "LongBench metrics x 100 (needle: qa_f1, retrieval: retrieval, count: count). 'contains answer': "
+                "the gold answer appears verbatim in the prediction; 'same as exact': the prediction equals the "
+                "unpatched model's.\n\n")
         f.write(table_md + "\n")
     return None
 

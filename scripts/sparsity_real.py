@@ -39,7 +39,7 @@ RUNS = {
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(RUNS):
         work = os.path.join(WORK, name)
-        command = ["sparsity", *RUNS[name], "--out", work]
+        command = ["sparsity", "--threads", "1", *RUNS[name], "--out", work]
         start = time.time()
         main(command)
         seconds = time.time() - start

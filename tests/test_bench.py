@@ -72,6 +72,10 @@ def test_build_grid_structure():
     assert len(cells) == 2 * (1 + 3 + 1 + 3)
     full = mb.build_grid(["hyper"], [4096], [0, 10, 20], ["weight_norm", "first"])
     assert len(full) == 1 + 2 * 2
+    mixed = mb.build_grid(["sparse_hyper", "hyper"], [8192], [0, 15, 30], ["weight_norm", "last"], compare_selections_at=[15],
+                          method_layers={"hyper": [30]}, compare_methods=["sparse_hyper"])
+    assert sorted((c.method, c.layers, c.select) for c in mixed if not c.is_baseline) == [
+        ("hyper", 30, "weight_norm"), ("sparse_hyper", 15, "last"), ("sparse_hyper", 15, "weight_norm"), ("sparse_hyper", 30, "weight_norm")]
     with pytest.raises(ValueError, match="unknown selection"):
         mb.build_grid(["hyper"], [4096], [10], ["weightnorm"])
 

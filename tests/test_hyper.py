@@ -154,10 +154,55 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
 
 def test_params_and_check():
     spec = get_spec("hyper")
-    assert {n: p.default for n, p in spec.params.items() if n != "min_seq_len"} == {
+    assert {n: p.default for n, p in spec.params.items() if n not in ("min_seq_len", "causal_min_seq_len")} == {
         "lsh_num_projs": 7, "block_size": 256, "sample_size": 256, "seed": 0}
     q, k, _ = _qkv(N=64)
-    assert spec.check(q[:, :, :1], k, True, None, {}) is not None  # decode step -> exact
-    assert spec.check(q, k, True, None, {}) is None
+    params = spec.resolve_params({"min_seq_len": 16})
+    assert spec.check(q[:, :, :1], k, True, None, params) is not None  # decode step -> exact
+    assert spec.check(q, k, True, None, params) is None  # 64 >= auto causal threshold 4 x 16
     with pytest.raises(ValueError, match="block_size"):
         get_method("hyper", block_size=0)
+
+
+@pytest.mark.parametrize("name", ["hyper", "sparse_hyper"])
+def test_causal_threshold_is_separate_from_min_seq_len(name):
+    """causal_min_seq_len (0 = auto = 4 x min_seq_len, the measured causal/bidirectional crossover ratio) refuses
+    only causal calls; bidirectional calls of the same length are served."""
+    from hf_sparse_attn.methods.hyper import CAUSAL_CROSSOVER_FACTOR, causal_threshold
+
+    spec = get_spec(name)
+    q, k, _ = _qkv(B=1, N=512)
+    defaults = spec.resolve_params({})
+    assert causal_threshold(defaults) == CAUSAL_CROSSOVER_FACTOR * defaults["min_seq_len"]
+    auto = spec.resolve_params({"min_seq_len": 256})  # causal threshold 1024
+    reason = spec.check(q, k, True, None, auto)
+    assert reason is not None and "causal_min_seq_len=1024" in reason
+    assert spec.check(q, k, False, None, auto) is None
+    explicit = spec.resolve_params({"min_seq_len": 256, "causal_min_seq_len": 512})
+    assert spec.check(q, k, True, None, explicit) is None
+    assert spec.check(q[:, :, :511], k[:, :, :511], True, None, explicit) is not None
+    with pytest.raises(ValueError, match="causal_min_seq_len"):
+        get_method(name, causal_min_seq_len=-1)
+
+
+def test_adapter_counts_causal_threshold_fallback(tiny_model):
+    """Through patch_model: a causal LM call below the causal threshold runs exact attention (output equal to the
+    unpatched model) and the plan counts the reason; with the threshold lowered the method serves it."""
+    from hf_sparse_attn import patch_model, unpatch_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 100, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        plan = patch_model(model, method="hyper", layers="all", min_seq_len=32, block_size=16, sample_size=8)
+        out = model(ids).logits  # 96 < 4 x 32 = 128: causal fallback
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert sum(layer.served for layer in plan.layers) == 0
+        assert plan.fallback_counts() == {"causal seq_len < causal_min_seq_len=128": 3}
+        unpatch_model(model)
+        plan = patch_model(model, method="hyper", layers="all", min_seq_len=32, block_size=16, sample_size=8,
+                           causal_min_seq_len=64)
+        out = model(ids).logits
+        assert sum(layer.served for layer in plan.layers) == 3 and plan.fallback_counts() == {}
+        assert not torch.allclose(out, ref, atol=1e-3)  # the approximation really ran
+        unpatch_model(model)

@@ -168,7 +168,7 @@ def test_resume_after_sigkill(tiny_lm, tmp_path):
     pred_file = os.path.join(out, "hotpotqa.jsonl")
 
     proc = _run_cli(args)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     lines = 0
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(pred_file):

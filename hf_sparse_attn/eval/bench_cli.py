@@ -101,6 +101,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--random-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the random selection")
     model.add_argument("--compare-selections-at", nargs="+", type=int, default=None,
                        help="run selections other than weight_norm only at these layer counts (default: at every count)")
+    model.add_argument("--compare-methods", nargs="+", default=None,
+                       help="methods that run the selections other than weight_norm (default: every method)")
     model.add_argument("--method-layers", action="append", metavar="METHOD=L1,L2",
                        help="layer counts for one method only (repeatable; default: --layers for every method)")
     model.add_argument("--calibration-tokens", type=int, default=2048,
@@ -143,7 +145,7 @@ def run_kernel(args: argparse.Namespace) -> int:
     lines = _header(args, "Kernel benchmark: every method vs torch SDPA on the same inputs")
     lines += ["", "Time = median of the repeats (spread = max - min), method and SDPA alternated on every repeat. Useful GFLOP/s = "
               "4*B*H*N^2*D (halved for causal) / time. Rel. error = ||out - ref||_F / ||ref||_F with ref = SDPA in fp32 on the "
-              "same inputs; 'SDPA bf16 err' is SDPA's own error in the cell's dtype. Method parameters: "
+              "same inputs; 'SDPA err' is SDPA's own error in the cell's dtype (0 in fp32); load = 1-minute load average after the cell. Method parameters: "
               f"defaults except {results.get('params') or 'none'} (each cell's JSON lists them; below its min_seq_len a method "
               "computes exact attention itself, so those rows time its exact path). Per-method N limits: "
               f"{results.get('max_n') or 'none'}."]
@@ -181,7 +183,7 @@ def run_model(args: argparse.Namespace) -> int:
         print(f"layer counts {bad}: SmolLM2 has {num_layers} layers", file=sys.stderr)
         return 2
     cells = build_grid(args.methods, args.tokens, args.layers, args.selections, args.random_seeds, args.compare_selections_at,
-                       method_layers)
+                       method_layers, args.compare_methods)
     articles = wikipedia_articles(min_chars=min(args.tokens + [args.calibration_tokens]))
     # the calibration article for select=measured: the last long-enough article, never one of the scored ones
     calibration_title, calibration_text = next(
@@ -208,11 +210,12 @@ def run_model(args: argparse.Namespace) -> int:
              "weight_norm_order": ranking.order, "calibration_article": calibration_title,
              "grid": {"tokens": args.tokens, "articles": args.articles, "methods": args.methods, "layers": args.layers,
                       "selections": args.selections, "random_seeds": args.random_seeds, "method_layers": method_layers,
+                      "compare_methods": args.compare_methods,
                       "compare_selections_at": args.compare_selections_at}}
     header += ["", f"Grid: tokens {args.tokens}, {args.articles} articles per N, methods {args.methods}, layers {args.layers} "
                f"(per method: {method_layers or 'the same'}), "
                f"selections {args.selections} (random seeds {args.random_seeds}; selections other than weight_norm at "
-               f"{args.compare_selections_at or 'every layer count'}). Weight-norm order of the layers: {ranking.order}. "
+               f"{args.compare_selections_at or 'every layer count'}, for {args.compare_methods or 'every method'}). Weight-norm order of the layers: {ranking.order}. "
                f"Calibration article for select=measured: '{calibration_title}' ({args.calibration_tokens} tokens)."]
     write_model_results(args.out, num_layers, header_lines=header, extra=extra)
     print(f"wrote {args.out}/results.jsonl, results.json, results.md and plots")

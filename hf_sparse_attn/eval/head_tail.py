@@ -152,53 +152,64 @@ def head_tail_statistics(
     wanted_set = set(wanted)
     keep = 2 * n  # candidates: the top 2n log-kernel values seen so far (see the module docstring)
 
-    # log K_ij = 2 x_i.y_j - ||x_i||^2 - ||y_j||^2, one baddbmm per block. By construction of the reduction every
-    # ||y_j||^2 equals (s/2) M (the appended coordinate fills each key up to the max norm), so the bias is a
-    # per-row column [G, r, 1] and never a full block.
-    x_sq = x.pow(2).sum(-1)  # [G, n]
-    y_sq = y.pow(2).sum(-1).mean(-1)  # [G]
+    # log K_ij = 2 x_i.y_j - ||x_i||^2 - ||y_j||^2: one bmm per block plus a per-row bias. By construction of the
+    # reduction every ||y_j||^2 equals (s/2) M (the appended coordinate fills each key up to the max norm), so the
+    # bias is a column [G, r, 1] and never a full block. Blocks are written into two reused buffers (fresh large
+    # allocations cost page faults on every step).
+    x2 = 2.0 * x
+    row_bias = -(x.pow(2).sum(-1) + y.pow(2).sum(-1).mean(-1, keepdim=True))  # [G, n]
     y_t = y.transpose(-1, -2)  # [G, D', n]
+    buffer_entries = G * rows_per_step * n
+    block_buffer = torch.empty(buffer_entries, dtype=x.dtype, device=device)
+    exp_buffer = torch.empty(buffer_entries, dtype=x.dtype, device=device)
     candidates = torch.empty(G, 0, dtype=x.dtype, device=device)
     total = torch.zeros(G, dtype=torch.float64, device=device)  # ||K[:i,:i]||_1 / exp(ref)
     ref = torch.full((G,), -math.inf, dtype=torch.float64, device=device)  # running max of log K
 
+    def log_kernel(row_start: int, row_stop: int, col_start: int, col_stop: int) -> torch.Tensor:
+        r, c = row_stop - row_start, col_stop - col_start
+        out = block_buffer[: G * r * c].view(G, r, c)
+        torch.bmm(x2[:, row_start:row_stop], y_t[:, :, col_start:col_stop], out=out)
+        return out.add_(row_bias[:, row_start:row_stop, None])
+
     def absorb(block: torch.Tensor) -> None:
-        """Fold a block of log K values [G, ...] into the candidates and the running L1 sum (block is consumed)."""
+        """Fold a block of log K values [G, r, c] into the candidates and the running L1 sum (block is consumed)."""
         nonlocal candidates, total, ref
-        flat = block.reshape(G, -1)
-        if candidates.shape[1] >= keep and flat.shape[1] > 4 * keep:
-            # Large block: only entries above the current 2n-th largest value (tau) can enter the candidates.
-            passing = flat > candidates[:, -1:]
-            counts = passing.sum(1)
-            if int(counts.max()):
-                selected = [flat[g].masked_select(passing[g]) for g in range(G)]
-                padded = torch.nn.utils.rnn.pad_sequence(selected, batch_first=True, padding_value=-math.inf)
-                merged = torch.cat([candidates, padded], dim=1)
-                candidates = merged.topk(keep, dim=1, sorted=True).values
-        else:
-            merged = torch.cat([candidates, flat], dim=1)
+        if candidates.shape[1] < keep:  # still filling up: merge everything
+            merged = torch.cat([candidates, block.reshape(G, -1)], dim=1)
             candidates = merged.topk(min(keep, merged.shape[1]), dim=1, sorted=True).values
+        else:
+            # Only entries above the current 2n-th largest value (tau) can enter the candidates, and only rows whose
+            # maximum is above tau hold such entries (typically few rows: the cost is one pass for the row maxima).
+            passing_rows = block.amax(-1) > candidates[:, -1:]  # [G, r]
+            if bool(passing_rows.any()):
+                tau = candidates[:, -1].tolist()
+                picked = []
+                for g in range(G):
+                    values = block[g].index_select(0, passing_rows[g].nonzero().squeeze(1)).reshape(-1)
+                    count = int((values > tau[g]).sum())  # exactly these can enter
+                    picked.append(values.topk(min(count, keep), sorted=False).values)
+                padded = torch.nn.utils.rnn.pad_sequence(picked, batch_first=True, padding_value=-math.inf)
+                candidates = torch.cat([candidates, padded], dim=1).topk(keep, dim=1, sorted=True).values
         # The candidates hold the largest value seen so far: use it as the running shift.
         new_ref = torch.maximum(ref, candidates[:, 0].to(torch.float64))
         total = total * torch.exp(ref - new_ref).nan_to_num(nan=0.0)
         ref = new_ref
-        flat.sub_(ref[:, None].to(flat.dtype)).exp_()  # exponents <= 0 after the shift: no overflow
-        total = total + flat.sum(-1, dtype=torch.float64)
+        block.sub_(ref[:, None, None].to(block.dtype))  # exponents <= 0 after the shift: no overflow
+        exps = torch.exp(block, out=exp_buffer[: block.numel()].view(block.shape))
+        # summed in the block's dtype (cascade summation, relative error ~1e-7 for float32), accumulated in float64
+        total = total + exps.reshape(G, -1).sum(-1).to(torch.float64)
 
     ratios: list[torch.Tensor] = []
     prev = 0
     for stop in boundaries:
-        # new rows prev:stop against columns :stop
-        rows = torch.baddbmm(-(x_sq[:, prev:stop, None] + y_sq[:, None, None]), x[:, prev:stop], y_t[:, :, :stop], alpha=2.0)
+        rows = log_kernel(prev, stop, 0, stop)  # new rows prev:stop against columns :stop
         if causal:  # only the square rows prev:stop x cols prev:stop has entries above the diagonal
-            upper = torch.ones(stop - prev, stop - prev, dtype=torch.bool, device=device).triu(1)
+            upper = torch.arange(prev, stop, device=device)[None, :] > torch.arange(stop - prev, device=device)[:, None] + prev
             rows[:, :, prev:stop].masked_fill_(upper, -math.inf)
         absorb(rows)
-        del rows
         if not causal and prev > 0:  # old rows :prev against the new columns prev:stop
-            cols = torch.baddbmm(-(x_sq[:, :prev, None] + y_sq[:, None, None]), x[:, :prev], y_t[:, :, prev:stop], alpha=2.0)
-            absorb(cols)
-            del cols
+            absorb(log_kernel(0, prev, prev, stop))
         if stop in wanted_set:
             head = torch.exp(candidates[:, :stop].to(torch.float64) - ref[:, None]).sum(-1)
             ratios.append((total - head).clamp_min(0) / head)

@@ -36,6 +36,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="'minilm' or 'smollm2' (the real offline models), or a local path / hub id")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (e.g. ChatGLM); off by default")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is much "
+                        "faster on a machine whose cores are busy with other jobs)")
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +51,11 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw of sequences (default 0)")
     parser.add_argument("--max-length", type=int, default=None, help="truncate to this many tokens (default: the model's maximum)")
     parser.add_argument("--min-tokens", type=int, default=2, help="skip sequences with fewer tokens (default 2)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
 
 def load_model(name: str, trust_remote_code: bool = False, device: str = "cpu"):
@@ -282,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     if args.min_prefix < 1 or args.prefix_step < 1 or args.scaling_step < 1:
         raise SystemExit("--min-prefix, --prefix-step and --scaling-step must be >= 1")
     os.makedirs(args.out, exist_ok=True)
+    apply_threads(args)
     model, tokenizer = load_model(args.model, args.trust_remote_code, args.device)
     max_length = args.max_length or model_max_length(model, tokenizer)
     corpus, texts = load_texts(args)

@@ -166,13 +166,17 @@ class RealInputs:
     512-token window of the same article, bidirectional), from the layer with the largest Q/K weight norm R
     (the first one ``patch_model`` replaces)."""
 
-    def __init__(self) -> None:
+    def __init__(self, smollm2_tokens: int = SMOLLM2_MAX_TOKENS) -> None:
+        if not 1 <= smollm2_tokens <= SMOLLM2_MAX_TOKENS:
+            raise ValueError(f"smollm2_tokens must be in 1..{SMOLLM2_MAX_TOKENS}")
+        self.smollm2_tokens = smollm2_tokens  # the capture length; shorter N are its prefixes
         self._smollm2: Optional[dict] = None
         self._minilm: Optional[dict] = None
 
     def smollm2(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, dict]:
-        if n > SMOLLM2_MAX_TOKENS:
-            raise ValueError(f"SmolLM2 has {SMOLLM2_MAX_TOKENS} positions; no real inputs at N={n}")
+        if n > self.smollm2_tokens:
+            raise ValueError(f"SmolLM2 inputs were captured at {self.smollm2_tokens} tokens (its limit: {SMOLLM2_MAX_TOKENS}); "
+                             f"no real inputs at N={n}")
         if self._smollm2 is None:
             from .. import rank_layers
             from .data import load_smollm2, wikipedia_articles
@@ -181,7 +185,7 @@ class RealInputs:
             layer = rank_layers(model).order[0]
             title, text = next((t, x) for t, x in wikipedia_articles(min_chars=40000)
                                if len(tokenizer(x).input_ids) >= SMOLLM2_MAX_TOKENS)
-            ids = tokenizer(text, return_tensors="pt").input_ids[:, :SMOLLM2_MAX_TOKENS]
+            ids = tokenizer(text, return_tensors="pt").input_ids[:, : self.smollm2_tokens]
             q, k, v, scale = capture_smollm2_qkv(model, ids, [layer])[layer]
             self._smollm2 = {"q": q, "k": k, "v": v, "scale": scale, "info": {"model": "SmolLM2-135M-Instruct", "layer": layer, "article": title}}
             del model
@@ -243,8 +247,9 @@ def run_kernel_suite(out_dir: str, cells: Sequence[dict], methods: Sequence[str]
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
     results.update(header or {})
-    real = real or RealInputs()
     todo = [c for c in cells if c["key"] not in results["cells"]]
+    if real is None:
+        real = RealInputs(max([c["n"] for c in todo if c["inputs"] == "smollm2"], default=SMOLLM2_MAX_TOKENS))
     for cell in tqdm(todo, desc="kernel bench", unit="cell", disable=not progress):
         dtype = DTYPES[cell["dtype"]]
         if cell["inputs"] == "random":
@@ -274,18 +279,19 @@ def kernel_report_markdown(results: dict, header_lines: Sequence[str]) -> str:
             continue
         src = mine[0]["source"]
         lines += ["", f"## Inputs: {kind} ({', '.join(f'{k}={v}' for k, v in src.items())})", "",
-                  "| N | causal | dtype | SDPA s (spread) | SDPA GFLOP/s | SDPA bf16 err | method | time s (spread) | speed-up | useful GFLOP/s | peak extra MB | rel. error |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| N | causal | dtype | SDPA s (spread) | SDPA GFLOP/s | SDPA err | method | time s (spread) | speed-up | useful GFLOP/s | peak extra MB | rel. error | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in mine:
             s = c["sdpa"]
             for name, m in c["methods"].items():
                 row = f"| {c['n']} | {c['causal']} | {c['dtype']} | {s['time_s']:.3f} ({s['spread_s']:.3f}) | {s['useful_gflops']:.0f} | {s['rel_error']:.1e} | {name} | "
                 if "failed" in m:
                     row += f"failed: {m['failed'][:90]} | | | | |"
+                    row += f" {c.get('load_avg_1min', float('nan')):.1f} |"
                 else:
                     row += (f"{m['time_s']:.3f} ({m['spread_s']:.3f}) | {m['speedup_vs_sdpa']:.2f}x | {m['useful_gflops']:.0f} | "
-                            f"{m['peak_extra_mb']:.0f} | {m['rel_error']:.2e} |")
+                            f"{m['peak_extra_mb']:.0f} | {m['rel_error']:.2e} | {c.get('load_avg_1min', float('nan')):.1f} |")
                 lines.append(row)
             if c.get("skipped"):
-                lines.append(f"| {c['n']} | {c['causal']} | {c['dtype']} | | | | {', '.join(c['skipped'])} | not run (too slow at this N) | | | | |")
+                lines.append(f"| {c['n']} | {c['causal']} | {c['dtype']} | | | | {', '.join(c['skipped'])} | not run (too slow at this N) | | | | | |")
     return "\n".join(lines) + "\n"

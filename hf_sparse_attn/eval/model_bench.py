@@ -170,11 +170,13 @@ def baseline_cell(tokens: int) -> Cell:
 def build_grid(methods: Sequence[str], token_lengths: Sequence[int], layer_counts: Sequence[int],
                selections: Sequence[str] = ("weight_norm",), random_seeds: Sequence[int] = (0, 1, 2),
                compare_selections_at: Optional[Sequence[int]] = None,
-               method_layers: Optional[dict[str, Sequence[int]]] = None) -> list[Cell]:
+               method_layers: Optional[dict[str, Sequence[int]]] = None,
+               compare_methods: Optional[Sequence[str]] = None) -> list[Cell]:
     """All cells, baselines first for each N. ``weight_norm`` runs at every layer count; the other selections at
     ``compare_selections_at`` (default: every layer count). ``random`` runs once per seed. Layer count 0 is the
     one shared baseline of each N; "exact" in ``methods`` adds nothing beyond it (patching exact changes nothing).
-    ``method_layers``: method -> the layer counts it runs at (default: ``layer_counts``)."""
+    ``method_layers``: method -> the layer counts it runs at (default: ``layer_counts``); ``compare_methods``: the
+    methods that run the other selections (default: all)."""
     unknown = [s for s in selections if s not in SELECTIONS]
     if unknown:
         raise ValueError(f"unknown selection(s) {unknown}; choose from {list(SELECTIONS)}")
@@ -189,7 +191,8 @@ def build_grid(methods: Sequence[str], token_lengths: Sequence[int], layer_count
                 if layers == 0:
                     continue
                 for select in selections:
-                    if select != "weight_norm" and layers not in compare:
+                    if select != "weight_norm" and (layers not in compare or
+                                                    (compare_methods is not None and method not in compare_methods)):
                         continue
                     for seed in (random_seeds if select == "random" else (0,)):
                         cells.append(Cell(method, n, layers, select, seed))

@@ -22,6 +22,7 @@ from hf_sparse_attn.eval.head_tail_cli import (
     ResumableRun,
     add_corpus_arguments,
     add_model_arguments,
+    apply_threads,
     load_model,
     load_texts,
     model_max_length,
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if min(args.k) < 1 or not all(0 <= e < 1 for e in args.eps):
         raise SystemExit("--k must be >= 1 and --eps in [0, 1)")
     os.makedirs(args.out, exist_ok=True)
+    apply_threads(args)
     model, tokenizer = load_model(args.model, args.trust_remote_code, args.device)
     max_length = args.max_length or model_max_length(model, tokenizer)
     corpus, texts = load_texts(args)

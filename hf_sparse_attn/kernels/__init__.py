@@ -30,12 +30,15 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def sorted_block_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
                            q_index: torch.Tensor, k_index: torch.Tensor, bias: Optional[torch.Tensor],
-                           scale: float, out_flat: torch.Tensor, lse_flat: torch.Tensor) -> None:
+                           scale: float, out_flat: torch.Tensor, lse_flat: torch.Tensor,
+                           may_have_empty_blocks: bool = True) -> None:
     """Attention of index-gathered blocks with a per-block key bias, written back in place with its lse.
 
     q_flat [Rq, D], k_flat/v_flat [Rk, D] float32; q_index [nblk, bq] int64 (value Rq = padding slot),
     k_index [nblk, L] int64, bias [nblk, L] float32 or None; out_flat [Rq + 1, D], lse_flat [Rq + 1].
-    See ``hf_sparse_attn.methods.sorted_blocks.sorted_block_attention_torch`` for the full contract.
+    See ``hf_sparse_attn.methods.sorted_blocks.sorted_block_attention_torch`` for the full contract;
+    ``may_have_empty_blocks`` False lets the torch path skip its check for blocks with no key (the Triton
+    kernel handles them in its online softmax either way).
     """
     if use_triton(q_flat):
         from .triton_sorted_blocks import sorted_block_attention_triton
@@ -43,4 +46,5 @@ def sorted_block_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: t
         return sorted_block_attention_triton(q_flat, k_flat, v_flat, q_index, k_index, bias, scale, out_flat, lse_flat)
     from ..methods.sorted_blocks import sorted_block_attention_torch
 
-    return sorted_block_attention_torch(q_flat, k_flat, v_flat, q_index, k_index, bias, scale, out_flat, lse_flat)
+    return sorted_block_attention_torch(q_flat, k_flat, v_flat, q_index, k_index, bias, scale, out_flat, lse_flat,
+                                        may_have_empty_blocks)

@@ -39,6 +39,22 @@ from .sorted_blocks import sorted_lsh_attention
 # bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
 # (1.4-1.6x; 0.7-0.9x at 2048-4096). 2048 is the bidirectional crossover; causal models gain only from 8192.
 MIN_SEQ_LEN = 2048
+# Causal calls pay only from a longer length (the recursion's exact leaves plus one sorted-block level per halving):
+# the adapter runs exact attention for causal calls below ``causal_min_seq_len`` (check_sorted_lsh). Its default 0
+# means "auto" = CAUSAL_CROSSOVER_FACTOR * min_seq_len: measured at the defaults, causal crossover 8192 =
+# 4 x the bidirectional crossover 2048 (the recursion needs leaves of min_seq_len and >= 2 halvings to pay).
+# Tying it to min_seq_len keeps a user's lowered min_seq_len meaningful for causal models too.
+CAUSAL_CROSSOVER_FACTOR = 4
+CAUSAL_MIN_SEQ_LEN = 0
+
+
+def causal_threshold(params: dict) -> int:
+    """The causal fallback length of ``params``: ``causal_min_seq_len``, or CAUSAL_CROSSOVER_FACTOR x min_seq_len
+    when it is 0 (auto)."""
+    explicit = int(params.get("causal_min_seq_len", CAUSAL_MIN_SEQ_LEN) or 0)
+    if explicit > 0:
+        return explicit
+    return CAUSAL_CROSSOVER_FACTOR * int(params.get("min_seq_len", MIN_SEQ_LEN))
 
 
 def hyper_attention(
@@ -55,8 +71,12 @@ def hyper_attention(
     sample_size: int = 256,
     min_seq_len: int = MIN_SEQ_LEN,
     seed: int = 0,
+    causal_min_seq_len: int = CAUSAL_MIN_SEQ_LEN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D] q's dtype, lse [B, H, Nq] float32)."""
+    """HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D] q's dtype, lse [B, H, Nq] float32).
+
+    ``causal_min_seq_len`` is read only by the adapter's check (``check_sorted_lsh``): called directly, the method
+    always approximates (and is exact for causal N <= min_seq_len, a single leaf)."""
     check_inputs(q, k, v, causal, key_padding_mask)
     if block_size < 1 or sample_size < 0:
         raise ValueError(f"hyper: block_size must be >= 1 and sample_size >= 0, got {block_size}, {sample_size}")
@@ -69,9 +89,14 @@ def hyper_attention(
 
 def check_sorted_lsh(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
                      params: dict) -> Optional[str]:
-    """Why ``hyper`` / ``sparse_hyper`` cannot serve a call (None when it can)."""
+    """Why ``hyper`` / ``sparse_hyper`` cannot serve a call (None when it can): a causal decode step, or a causal
+    call shorter than ``causal_min_seq_len`` (where the causal recursion is slower than exact attention; the
+    bidirectional threshold is ``min_seq_len``, applied by the adapter to every call)."""
     if causal and q.shape[2] != k.shape[2]:
         return "causal decode step (q_len != kv_len)"
+    causal_min = causal_threshold(params)
+    if causal and k.shape[2] < causal_min:
+        return f"causal seq_len < causal_min_seq_len={causal_min}"
     return None
 
 
@@ -81,6 +106,9 @@ HYPER_PARAMS = {
     "sample_size": Param(256, int, low=0, help="keys sampled uniformly per head, weight n/s, own block masked"),
     "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, help="exact attention below this length; leaf size of the causal recursion"),
     "seed": Param(0, int, low=0, help="seed of hashing and sampling when no generator is passed"),
+    "causal_min_seq_len": Param(CAUSAL_MIN_SEQ_LEN, int, low=0,
+                                help="the adapter runs exact attention for causal calls shorter than this; "
+                                     f"0 = auto = {CAUSAL_CROSSOVER_FACTOR} x min_seq_len (the measured causal crossover)"),
 }
 
 register_method(

@@ -304,8 +304,9 @@ def _causal_numerator(u: torch.Tensor, w: torch.Tensor, v1: torch.Tensor, coef: 
 
 
 def poly_check(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
-               params: dict[str, Any]) -> Optional[str]:
-    """Why ``poly`` should not serve this call (outside Theorem 3.7's regime, or no speed-up), else None."""
+               params: dict[str, Any], scale: Optional[float] = None) -> Optional[str]:
+    """Why ``poly`` should not serve this call (outside Theorem 3.7's regime, or no speed-up), else None.
+    ``scale``: the call's softmax scale (1/sqrt(D) when not given)."""
     D, n = q.shape[-1], k.shape[-2]
     max_features = int(params.get("max_features", 4096))
     if params.get("degree"):
@@ -313,7 +314,7 @@ def poly_check(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask:
         if r > max_features:
             return f"poly: degree {params['degree']} needs r={r} > max_features={max_features}"
     else:
-        scale = D ** -0.5  # the check hook is not given the call's scale; 1/sqrt(D) is what the supported models use
+        scale = D ** -0.5 if scale is None else scale
         info = poly_regime(q, k, scale, float(params.get("eps", 0.01)), max_features, key_padding_mask)
         if not info["in_regime"] and not params.get("allow_out_of_regime", False):
             return (f"poly: out of Theorem 3.7 regime (scores within +-{info['score_bound']:.3g}, B={info['B']:.3g}; "

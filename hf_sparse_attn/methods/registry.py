@@ -13,8 +13,9 @@ The contract (see ``shared/DESIGN.md``)::
     lse               [B, H, Nq]      float32 natural-log sum of exp(scale * q.k) over attended keys;
                                       -inf for a query row with no key to attend (its out row is 0)
 
-A method may also declare ``check(q, k, causal, key_padding_mask, params) -> str | None``: a reason why it
-cannot serve this call (the adapter then runs exact attention and counts the reason in the plan).
+A method may also declare ``check(q, k, causal, key_padding_mask, params[, scale]) -> str | None``: a reason why it
+cannot serve this call (the adapter then runs exact attention and counts the reason in the plan). The call's softmax
+scale is passed as the keyword ``scale`` to checks that take it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ class MethodSpec:
     check: Optional[CheckFn] = None
     source: str = ""  # seed and algorithm, e.g. "seed 002, Algorithm 1"
     summary: str = ""
+
+    def why_not(self, q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
+                params: dict[str, Any], scale: float) -> Optional[str]:
+        """The method's own reason not to serve this call (its ``check``), or None."""
+        if self.check is None:
+            return None
+        if "scale" in inspect.signature(self.check).parameters:
+            return self.check(q, k, causal, key_padding_mask, params, scale=scale)
+        return self.check(q, k, causal, key_padding_mask, params)
 
     def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Defaults filled in and every given value validated; unknown names are an error."""

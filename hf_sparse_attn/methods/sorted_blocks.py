@@ -88,30 +88,81 @@ def dense_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def sorted_block_attention_torch(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
                                  q_index: torch.Tensor, k_index: torch.Tensor, bias: Optional[torch.Tensor],
-                                 scale: float, out_flat: torch.Tensor, lse_flat: torch.Tensor) -> None:
+                                 scale: float, out_flat: torch.Tensor, lse_flat: torch.Tensor,
+                                 may_have_empty_blocks: bool = True) -> None:
     """Attention of each block of gathered queries over its gathered keys, scattered back in place.
 
     q_flat [Rq, D], k_flat/v_flat [Rk, D] float32; q_index [nblk, bq] int64 rows of q_flat (Rq = a padding
     query whose result is dropped); k_index [nblk, L] int64 rows of k_flat (any valid row for padding, masked by
     bias); bias [nblk, L] float32 or None. Writes out_flat [Rq + 1, D] and lse_flat [Rq + 1] at q_index rows
-    (row Rq is the dump of padded queries). A block whose bias is -inf everywhere gives 0 and lse -inf.
+    (row Rq is the dump of padded queries). A block whose bias is -inf everywhere gives 0 and lse -inf
+    (checked only when ``may_have_empty_blocks``; callers that know no block is empty skip the check).
+
+    The gathered blocks go to reused workspace buffers (see :func:`workspace`) when no gradient is needed:
+    a fresh allocation of that size costs more than the gather itself on the 2-core VMs (page faults).
     """
     nblk, bq = q_index.shape
     L = k_index.shape[1]
     D = q_flat.shape[1]
+    Dv = v_flat.shape[1]
     Rq = q_flat.shape[0]
-    qs = q_flat.index_select(0, q_index.reshape(-1).clamp(max=Rq - 1)).view(nblk, bq, D)
-    ks = k_flat.index_select(0, k_index.reshape(-1)).view(nblk, L, D)
-    vs = v_flat.index_select(0, k_index.reshape(-1)).view(nblk, L, v_flat.shape[1])
-    out, lse = dense_attention_with_lse(qs, ks, vs, scale, bias)
-    if bias is not None:
-        empty = ~torch.isfinite(bias).any(dim=1)  # [nblk]
+    reuse = not (torch.is_grad_enabled() and (q_flat.requires_grad or k_flat.requires_grad or v_flat.requires_grad))
+    q_rows = q_index.reshape(-1)
+    if bool((q_rows >= Rq).any()):
+        q_rows = q_rows.clamp(max=Rq - 1)
+    k_rows = k_index.reshape(-1)
+    if reuse:
+        qs = torch.index_select(q_flat, 0, q_rows, out=workspace("block_q", (nblk * bq, D), q_flat))
+        ks = torch.index_select(k_flat, 0, k_rows, out=workspace("block_k", (nblk * L, D), k_flat))
+        vs = torch.index_select(v_flat, 0, k_rows, out=workspace("block_v", (nblk * L, Dv), v_flat))
+    else:
+        qs, ks, vs = q_flat.index_select(0, q_rows), k_flat.index_select(0, k_rows), v_flat.index_select(0, k_rows)
+    out, lse = dense_attention_with_lse(qs.view(nblk, bq, D), ks.view(nblk, L, D), vs.view(nblk, L, Dv), scale, bias)
+    if bias is not None and may_have_empty_blocks:
+        empty = bias.amax(dim=1) == NEG_INF  # [nblk]
         if bool(empty.any()):
             out[empty] = 0.0
             lse[empty] = NEG_INF
     flat_index = q_index.reshape(-1)
     out_flat.index_copy_(0, flat_index, out.reshape(nblk * bq, -1))
     lse_flat.index_copy_(0, flat_index, lse.reshape(-1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reused buffers
+# --------------------------------------------------------------------------------------------------------------
+
+_WORKSPACE: dict[tuple, torch.Tensor] = {}
+
+
+def workspace(name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A reused buffer of ``shape`` with the dtype/device of ``like`` (contents undefined).
+
+    One flat buffer per (name, dtype, device), grown when a larger one is asked for and kept between calls:
+    large fresh allocations page-fault on every call on the project's VMs (DESIGN.md), costing more than the
+    gathers. Only for intermediates that do not outlive the call and do not need autograd; not thread-safe
+    (one attention call at a time per process, as in a model's forward). ``clear_workspace()`` frees them.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    key = (name, like.dtype, like.device)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACE.pop(key, None)
+        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        _WORKSPACE[key] = buf
+    return buf[:numel].view(shape)
+
+
+def workspace_bytes() -> int:
+    """Bytes held by the reused buffers of :func:`workspace`."""
+    return sum(b.numel() * b.element_size() for b in _WORKSPACE.values())
+
+
+def clear_workspace() -> None:
+    """Free the reused buffers (they are re-created on the next call)."""
+    _WORKSPACE.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,7 +266,8 @@ def grouped_sorted_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat:
     from ..kernels import sorted_block_attention  # lazy: Triton only on CUDA tensors
 
     sorted_block_attention(q_flat, k_flat, v_flat, q_index.reshape(G * nc, bq), k_index.reshape(G * nc, L),
-                           None if bias is None else bias.reshape(G * nc, L), scale, out_flat, lse_flat)
+                           None if bias is None else bias.reshape(G * nc, L), scale, out_flat, lse_flat,
+                           may_have_empty_blocks=valid is not None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,8 +362,13 @@ def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
         q_flat = qf.view(B * H * Np, D)
         k_flat = kf.view(B * H * Np, D)
         v_flat = vf.view(B * H * Np, Dv)
-        level_out = torch.empty(B * H * Np + 1, Dv, device=device)
-        level_lse = torch.empty(B * H * Np + 1, device=device)
+        no_grad = not (torch.is_grad_enabled() and (qf.requires_grad or kf.requires_grad or vf.requires_grad))
+        if no_grad:  # intermediates of every level: reused buffers (fresh ones page-fault on every call)
+            level_out = workspace("level_out", (B * H * Np + 1, Dv), vf)
+            level_lse = workspace("level_lse", (B * H * Np + 1,), vf)
+        else:
+            level_out = torch.empty(B * H * Np + 1, Dv, device=device)
+            level_lse = torch.empty(B * H * Np + 1, device=device)
         level_count = torch.empty(B * H * Np + 1, device=device) if want_counts else None
         valid_bh = None if key_valid is None else key_valid[:, None, :].expand(B, H, Np)
         for level in range(m):
@@ -341,7 +398,10 @@ def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
             safe = torch.where(finite, merged_lse, torch.zeros_like(merged_lse))
             w_old = torch.where(finite, torch.exp(sel_lse - safe), torch.zeros_like(safe))
             w_new = torch.where(finite, torch.exp(new_lse - safe), torch.zeros_like(safe))
-            sel_out.mul_(w_old[..., None]).add_(new_out * w_new[..., None])
+            if no_grad:
+                sel_out.mul_(w_old[..., None]).add_(new_out.mul_(w_new[..., None]))
+            else:
+                sel_out.mul_(w_old[..., None]).add_(new_out * w_new[..., None])
             sel_lse.copy_(merged_lse)
             if want_counts:
                 counts.view(B, H, nseg, 2, half)[:, :, :, 1].add_(level_count[:-1].view(B, H, nseg, 2, half)[:, :, :, 1])

@@ -44,10 +44,10 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
-from .hyper import HYPER_PARAMS, check_sorted_lsh
+from .hyper import CAUSAL_MIN_SEQ_LEN, HYPER_PARAMS, check_sorted_lsh
 from .lsh import make_generator
 from .registry import Param, register_method
-from .sorted_blocks import sorted_lsh_attention
+from .sorted_blocks import sorted_lsh_attention, workspace
 
 # Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
 # bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
@@ -70,8 +70,16 @@ def score_std(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask: 
     mean = km.sum(2) / n  # [B, H, D]
     second = torch.matmul(km.transpose(-1, -2), km) / n[..., None]  # [B, H, D, D]
     cov = second - mean[..., :, None] * mean[..., None, :]
-    var = (torch.matmul(q, cov) * q).sum(-1).clamp(min=0.0)  # [B, H, Nq]
-    return var.sqrt() * abs(scale)
+    return _quadratic_form_std(q, cov, scale)
+
+
+def _quadratic_form_std(q: torch.Tensor, cov: torch.Tensor, scale: float) -> torch.Tensor:
+    """|scale| sqrt(q_i^T cov q_i): q [..., M, D], cov [..., D, D] -> [..., M]; the [..., M, D] product goes to a
+    reused buffer (no autograd needed: the scale coefficient is a statistic, computed without gradient)."""
+    with torch.no_grad():
+        qc = torch.matmul(q, cov, out=workspace("sigma_qc", tuple(q.shape[:-2]) + (q.shape[-2], cov.shape[-1]), q))
+        var = qc.mul_(q).sum(-1).clamp_(min=0.0)
+    return var.sqrt_().mul_(abs(scale))
 
 
 def score_std_causal(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask: Optional[torch.Tensor],
@@ -99,8 +107,7 @@ def score_std_causal(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding
     cnt = (cnt.cumsum(2) - cnt).clamp(min=1.0)
     mean = s1 / cnt[..., None]
     cov = s2 / cnt[..., None, None] - mean[..., :, None] * mean[..., None, :]
-    var = (torch.matmul(q.view(B, H, nch, chunk, D), cov) * q.view(B, H, nch, chunk, D)).sum(-1).clamp(min=0.0)
-    return (var.sqrt() * abs(scale)).view(B, H, nch * chunk)[:, :, :N]
+    return _quadratic_form_std(q.reshape(B, H, nch, chunk, D), cov, scale).view(B, H, nch * chunk)[:, :, :N]
 
 
 def theory_scale(kept: torch.Tensor, attendable: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -128,10 +135,12 @@ def sparse_hyper_attention(
     min_seq_len: int = MIN_SEQ_LEN,
     seed: int = 0,
     scale_mode: str = "theory",
+    causal_min_seq_len: int = CAUSAL_MIN_SEQ_LEN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D], lse [B, H, Nq] float32).
 
     ``scale_mode`` "theory" multiplies by alpha_i (module docstring), "none" returns the plain block softmax.
+    ``causal_min_seq_len`` is read only by the adapter's check (see hyper.check_sorted_lsh).
     """
     check_inputs(q, k, v, causal, key_padding_mask)
     if scale_mode not in ("theory", "none"):
@@ -155,7 +164,10 @@ def sparse_hyper_attention(
         else:
             sigma = score_std(q.float(), k.float(), scale, key_padding_mask)
         alpha = theory_scale(kept, attendable, sigma)
-        out = out * alpha[..., None]
+        if out.requires_grad:
+            out = out * alpha[..., None]
+        else:
+            out.mul_(alpha[..., None])  # out is this call's own fresh tensor
         lse = lse - torch.log(alpha)
     return out.to(q.dtype), lse
 

@@ -91,9 +91,8 @@ class LayerRuntime:
         self.fallbacks: collections.Counter = collections.Counter()
         self.served = 0
         if method is not None:
-            spec = get_spec(method)
-            self._fn = spec.fn
-            self._check = spec.check
+            self._spec = get_spec(method)
+            self._fn = self._spec.fn
             self._min_seq_len = int(self.params.get("min_seq_len", 0) or 0)
 
     # -- counters mirrored into the plan --
@@ -148,11 +147,10 @@ class LayerRuntime:
         groups = query.shape[1] // key.shape[1]
         key = expand_kv_heads(key, groups)
         value = expand_kv_heads(value, groups)
-        if self._check is not None:
-            reason = self._check(query, key, causal, key_padding_mask, self.params)
-            if reason:
-                self._count_fallback(reason)
-                return None
+        reason = self._spec.why_not(query, key, causal, key_padding_mask, self.params, scale)
+        if reason:
+            self._count_fallback(reason)
+            return None
         out, _lse = self._fn(
             query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
             generator=self.generator(query.device), **self.params,

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     device_map = "auto" if state.num_processes == 1 else {"": str(state.device)}
     model, tokenizer, model_name = load_model(args.model, args.dtype, device_map)
 
-    plan_dict = None
+    plan_dict, plan = None, None
     if args.plan or args.method != "none":
         from hf_sparse_attn import patch_model
 
@@ -205,10 +205,13 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "num_processes": state.num_processes,
         "this_invocation": counts,
+        "fallbacks_this_invocation": plan.fallback_counts() if plan is not None else {},
         "wall_s_this_invocation": round(time.perf_counter() - started, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "environment": environment_info(),
     }
+    if plan is not None:
+        plan_dict = plan.to_dict()  # with this invocation's per-layer call / fallback counts
     if args.e:
         summary = {b: summarize(result, b) for b in ("0-4k", "4-8k", "8k+")}
     else:

@@ -1,0 +1,207 @@
+"""Per-layer attention error of the fast methods on real SmolLM2-135M-Instruct activations (issue 3, "Accuracy").
+
+Real model (hf_sparse_attn.eval.data.load_smollm2(): LlamaForCausalLM, 30 layers, 9 query heads, 3 KV heads,
+d=64, fp32) on one real English Wikipedia article (gensim's test data; the first article of >= 20,000 characters
+with at least --tokens tokens, truncated to --tokens tokens). One exact prefill runs under
+``hf_sparse_attn.capture_attention(model)``, which records each layer's query [1, 9, N, 64] and key / value
+[1, 3, N, 64] after RoPE, exactly as the model attends (causal). For every layer and method we then compute, on
+those tensors (KV heads expanded with ``expand_kv_heads``),
+
+    relative Frobenius error = ||out_method - out_exact||_F / ||out_exact||_F     (all heads and positions)
+
+next to the layer's weight norm R (``hf_sparse_attn.rank_layers(model).weight_norms``; seed 002 §5.1 predicts
+smaller error for larger R). Every method runs causal, as the model does, with ``min_seq_len`` = --min-seq-len
+(default 512: the causal recursion's exact leaves are 512 positions, so at N=4096 every query outside the first
+leaf is approximated over 3 halving levels; with the default 2048 only one level would approximate).
+Methods: hyper (block 256, 256 samples), sparse_hyper with scale_mode theory and none (block 256), and kmv / poly
+with their defaults (min_seq_len lowered likewise) when one layer of them runs within --slow-limit seconds.
+
+Resumable: results.json is rewritten after every (layer, method) cell and cells already there are skipped.
+Writes eval/results/smollm2_layer_error/{results.json, results.md, error_by_layer.png}.
+Machine of the committed run: 2-core CPU VM, no GPU (shared with other jobs). Date: 2026-11-22.
+
+    .venv/bin/python scripts/smollm2_layer_error.py [--tokens 4096] [--min-seq-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from hf_sparse_attn import capture_attention, rank_layers  # noqa: E402
+from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles  # noqa: E402
+from hf_sparse_attn.methods import get_method  # noqa: E402
+from hf_sparse_attn.methods.common import expand_kv_heads  # noqa: E402
+
+OUT_DIR = os.path.join(ROOT, "eval", "results", "smollm2_layer_error")
+MACHINE = "2-core CPU VM, no GPU (shared with other jobs)"
+DATE = "2026-11-22"
+
+
+def method_configs(min_seq_len: int) -> dict[str, tuple[str, dict]]:
+    """label -> (registered method, params)."""
+    return {
+        "hyper": ("hyper", {"min_seq_len": min_seq_len}),
+        "sparse_hyper (theory)": ("sparse_hyper", {"min_seq_len": min_seq_len, "scale_mode": "theory"}),
+        "sparse_hyper (none)": ("sparse_hyper", {"min_seq_len": min_seq_len, "scale_mode": "none"}),
+        "kmv": ("kmv", {"min_seq_len": min_seq_len}),
+        "poly": ("poly", {"min_seq_len": min_seq_len}),
+    }
+
+
+SLOW_OPTIONAL = ("kmv", "poly")  # skipped when one layer takes longer than --slow-limit
+
+
+def pick_article(tokenizer, tokens: int) -> tuple[str, torch.Tensor]:
+    for title, text in wikipedia_articles(min_chars=20000):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] >= tokens:
+            return title, ids[:, :tokens]
+    raise RuntimeError(f"no Wikipedia article with >= {tokens} tokens; lower --tokens")
+
+
+def rel_fro(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def write_report(results: dict) -> None:
+    labels = [l for l in results["methods"] if any(l in row["errors"] for row in results["layers"].values())]
+    lines = [
+        "# Per-layer attention error on real SmolLM2-135M-Instruct activations",
+        "",
+        f"Machine: {MACHINE}. Date: {DATE}. Script: `scripts/smollm2_layer_error.py`.",
+        f"Input: Wikipedia article \"{results['article']}\", first {results['tokens']} tokens; one exact prefill, each",
+        "layer's q/k/v captured after RoPE (`capture_attention`), KV heads expanded; every method run causal on them.",
+        f"All methods with min_seq_len={results['min_seq_len']} (the causal recursion's exact leaves; at N={results['tokens']}",
+        "the other queries are approximated), otherwise default parameters. Error = ||out - exact||_F / ||exact||_F over all",
+        "heads and positions. R = the layer's Q/K weight norm (rank_layers, mean over heads).",
+        "",
+        "| layer | R | " + " | ".join(labels) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    rows = sorted(results["layers"].items(), key=lambda kv: int(kv[0]))
+    for layer, row in rows:
+        cells = [f"{row['errors'][l]:.4f}" if l in row["errors"] else "-" for l in labels]
+        lines.append(f"| {layer} | {row['R']:.3g} | " + " | ".join(cells) + " |")
+    lines += ["", "## Summary", ""]
+    for l in labels:
+        errs = [row["errors"][l] for _, row in rows if l in row["errors"]]
+        rs = [row["R"] for _, row in rows if l in row["errors"]]
+        if len(errs) >= 3:
+            corr = torch.corrcoef(torch.tensor([rs, errs]))[0, 1].item()
+            lines.append(f"- {l}: mean error {sum(errs) / len(errs):.4f}, median {sorted(errs)[len(errs) // 2]:.4f}, "
+                         f"max {max(errs):.4f} (layer {rows[errs.index(max(errs))][0]}); Pearson corr(R, error) = {corr:+.2f}; "
+                         f"mean time per layer {results['seconds'][l] / len(errs):.2f} s")
+    for l, why in results.get("skipped", {}).items():
+        lines.append(f"- {l}: skipped ({why})")
+    lines.append("")
+    lines += results.get("notes", [])
+    with open(os.path.join(OUT_DIR, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(results["layers"].items(), key=lambda kv: int(kv[0]))
+    layers = [int(k) for k, _ in rows]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, label in enumerate(results["methods"]):
+        pts = [(int(k), r["errors"][label]) for k, r in rows if label in r["errors"]]
+        if pts:
+            ax.plot(*zip(*pts), marker="os^vD"[i % 5], label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative Frobenius error vs exact")
+    ax.grid(True, which="both", alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.bar(layers, [r["R"] for _, r in rows], alpha=0.15, color="gray", label="weight norm R")
+    ax2.set_ylabel("weight norm R (bars)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"SmolLM2-135M, {results['tokens']} tokens of \"{results['article']}\", causal, min_seq_len={results['min_seq_len']}")
+    fig.text(0.01, 0.01, f"{MACHINE}, {DATE}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT_DIR, "error_by_layer.png"), dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--min-seq-len", type=int, default=512)
+    parser.add_argument("--slow-limit", type=float, default=60.0, help="skip kmv/poly if one layer takes longer (s)")
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(OUT_DIR, exist_ok=True)
+    path = os.path.join(OUT_DIR, "results.json")
+    configs = method_configs(args.min_seq_len)
+    results = {"machine": MACHINE, "date": DATE, "script": "scripts/smollm2_layer_error.py", "tokens": args.tokens,
+               "min_seq_len": args.min_seq_len, "methods": {l: {"method": m, "params": p} for l, (m, p) in configs.items()},
+               "layers": {}, "seconds": {l: 0.0 for l in configs}, "skipped": {}}
+    if os.path.exists(path) and not args.redo:
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("tokens") == args.tokens and old.get("min_seq_len") == args.min_seq_len:
+            results.update({k: old[k] for k in ("layers", "seconds", "skipped", "article", "notes") if k in old})
+
+    def save() -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    if not args.report_only:
+        torch.manual_seed(0)
+        model, tokenizer = load_smollm2()
+        ranking = rank_layers(model)
+        title, ids = pick_article(tokenizer, args.tokens)
+        results["article"] = title
+        print(f"article {title!r}: {ids.shape[1]} tokens; prefill with capture ...", flush=True)
+        start = time.time()
+        with torch.no_grad(), capture_attention(model) as captured:
+            model(ids)
+        print(f"prefill {time.time() - start:.1f} s", flush=True)
+        del model
+        todo = [(layer, label) for layer in sorted(captured) for label in configs
+                if label not in results["skipped"] and label not in results["layers"].get(str(layer), {}).get("errors", {})]
+        refs: dict[int, torch.Tensor] = {}
+        for layer, label in tqdm(todo, desc="layer x method"):
+            if label in results["skipped"]:
+                continue
+            call = captured[layer][0]
+            groups = call.query.shape[1] // call.key.shape[1]
+            q, k, v = call.query, expand_kv_heads(call.key, groups), expand_kv_heads(call.value, groups)
+            row = results["layers"].setdefault(str(layer), {"R": float(ranking.weight_norms[layer]), "errors": {}})
+            with torch.no_grad():
+                if layer not in refs:
+                    refs = {layer: get_method("exact")(q, k, v, causal=call.causal, scale=call.scale,
+                                                       key_padding_mask=call.key_padding_mask)[0]}
+                name, params = configs[label]
+                fn = get_method(name, **params)
+                t0 = time.time()
+                out, _ = fn(q, k, v, causal=call.causal, scale=call.scale, key_padding_mask=call.key_padding_mask,
+                            generator=torch.Generator().manual_seed(layer))
+                elapsed = time.time() - t0
+            if name in SLOW_OPTIONAL and elapsed > args.slow_limit:
+                results["skipped"][label] = f"one layer took {elapsed:.0f} s > --slow-limit {args.slow_limit:.0f} s"
+            row["errors"][label] = rel_fro(out, refs[layer])
+            results["seconds"][label] = results["seconds"].get(label, 0.0) + elapsed
+            save()
+    write_report(results)
+    plot(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
