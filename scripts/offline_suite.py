@@ -91,6 +91,8 @@ def main(argv=None) -> int:
                 suite[name[: -len(".jsonl")]] = read_jsonl_lines(f, name)
         aggregate(args, suite, AutoConfig.from_pretrained(smollm2_path()).num_hidden_layers)
         return 0
+    with open(os.path.join(args.out, "commands.log"), "a") as f:  # what produced the runs (aggregate lists it)
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M')} .venv/bin/python scripts/offline_suite.py {' '.join(sys.argv[1:])}\n")
     model, tokenizer = load_smollm2()
     contexts = [int(c) for c in args.contexts.split(",")]
     suite = build_offline_suite(tokenizer, contexts, num_samples=args.samples, seed=args.seed,
@@ -213,9 +215,10 @@ def aggregate(args, suite, num_layers: int) -> None:
             per_context.setdefault(family, {}).setdefault(k, []).extend(secs)
     timing = {f: {k: round(statistics.mean(v), 2) for k, v in sorted(d.items())} for f, d in per_context.items()}
 
-    fig, axes = plt.subplots(1, len(contexts) + 1, figsize=(5 * (len(contexts) + 1), 4), squeeze=False)
+    panels = contexts + [None] if len(contexts) > 1 else contexts
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     baseline = next((r for r in table if r["layers"] == 0), None)
-    for ax, k in zip(axes[0], contexts + [None]):
+    for ax, k in zip(axes[0], panels):
         key = "average" if k is None else f"avg_{k}k"
         for method in args.methods.split(","):
             for select, style in zip(args.selects.split(","), ("-o", "--s", ":^")):
@@ -229,6 +232,7 @@ def aggregate(args, suite, num_layers: int) -> None:
         ax.set_title(f"offline suite, {'all contexts' if k is None else f'{k}k context'}")
         ax.set_xlabel("replaced layers (of 30)")
         ax.set_ylabel("score (0-100)")
+        ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M-Instruct, {args.samples} samples/task, seed {args.seed} ({MACHINE}, {DATE})", fontsize=9)
@@ -242,12 +246,16 @@ def aggregate(args, suite, num_layers: int) -> None:
                    "seconds_per_sample": timing, "rows": table}, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(f"# Offline suite, SmolLM2-135M-Instruct ({MACHINE}, {DATE})\n\n"
-                f"Produced by `scripts/offline_suite.py {' '.join(sys.argv[1:])}`; method params "
+                f"Produced by `scripts/offline_suite.py` (commands below); method params "
                 f"{parse_params_safe(args.param)}; {args.samples} sample(s) per task, seed {args.seed}. Scores are "
                 "LongBench metrics x 100 (needle: qa_f1, retrieval: retrieval, count: count). 'contains answer': "
                 "the gold answer appears verbatim in the prediction; 'same as exact': the prediction equals the "
                 "unpatched model's.\n\n")
         f.write(table_md + "\n")
+        log = os.path.join(args.out, "commands.log")
+        if os.path.exists(log):
+            f.write("\nCommands that produced these runs (rerun the same command to resume or extend):\n\n```\n"
+                    + open(log).read() + "```\n")
     return None
 
 

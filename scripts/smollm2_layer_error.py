@@ -141,6 +141,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--min-seq-len", type=int, default=512)
     parser.add_argument("--slow-limit", type=float, default=60.0, help="skip kmv/poly if one layer takes longer (s)")
+    parser.add_argument("--methods", nargs="+", default=None, help="labels to run (default: all of method_configs)")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
@@ -174,7 +175,7 @@ def main() -> int:
         print(f"prefill {time.time() - start:.1f} s", flush=True)
         del model
         todo = [(layer, label) for layer in sorted(captured) for label in configs
-                if label not in results["skipped"] and label not in results["layers"].get(str(layer), {}).get("errors", {})]
+                if (args.methods is None or label in args.methods) and label not in results["skipped"] and label not in results["layers"].get(str(layer), {}).get("errors", {})]
         refs: dict[int, torch.Tensor] = {}
         for layer, label in tqdm(todo, desc="layer x method"):
             if label in results["skipped"]:
@@ -190,8 +191,13 @@ def main() -> int:
                 name, params = configs[label]
                 fn = get_method(name, **params)
                 t0 = time.time()
-                out, _ = fn(q, k, v, causal=call.causal, scale=call.scale, key_padding_mask=call.key_padding_mask,
-                            generator=torch.Generator().manual_seed(layer))
+                try:
+                    out, _ = fn(q, k, v, causal=call.causal, scale=call.scale, key_padding_mask=call.key_padding_mask,
+                                generator=torch.Generator().manual_seed(layer))
+                except ValueError as err:  # a method that refuses these inputs (e.g. poly outside its regime)
+                    results["skipped"][label] = f"refused layer {layer}: {err}"
+                    save()
+                    continue
                 elapsed = time.time() - t0
             if name in SLOW_OPTIONAL and elapsed > args.slow_limit:
                 results["skipped"][label] = f"one layer took {elapsed:.0f} s > --slow-limit {args.slow_limit:.0f} s"

@@ -206,3 +206,26 @@ def test_adapter_counts_causal_threshold_fallback(tiny_model):
         assert sum(layer.served for layer in plan.layers) == 3 and plan.fallback_counts() == {}
         assert not torch.allclose(out, ref, atol=1e-3)  # the approximation really ran
         unpatch_model(model)
+
+
+def test_workspace_reuse_does_not_change_results_and_grad_path_works():
+    """The reused gather buffers (sorted_blocks.workspace) must not leak state between calls of other sizes, and
+    a call that needs gradients must not use them (autograd through fresh tensors)."""
+    from hf_sparse_attn.methods.sorted_blocks import clear_workspace, workspace_bytes
+
+    f = get_method("hyper", block_size=64, sample_size=32, min_seq_len=128)
+    q, k, v = _qkv(B=1, N=700)
+    clear_workspace()
+    first, _ = f(q, k, v, causal=True, scale=SCALE)
+    assert workspace_bytes() > 0
+    small = _qkv(B=2, N=300, seed=3)
+    f(*small, causal=False, scale=SCALE)
+    again, _ = f(q, k, v, causal=True, scale=SCALE)
+    assert torch.equal(first, again)
+    clear_workspace()
+    assert workspace_bytes() == 0
+    qg = q.clone().requires_grad_(True)
+    out, _ = get_method("sparse_hyper", block_size=64, min_seq_len=128, scale_mode="none")(qg, k, v, causal=False, scale=SCALE)
+    out.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all() and qg.grad.abs().sum() > 0
+    assert workspace_bytes() == 0

@@ -54,8 +54,18 @@ def test_rouge_en_is_the_rouge_package_summary_level():
 def test_rouge_exceptions_score_zero_like_the_official_code():
     assert M.rouge_score("", "a summary") == 0.0  # "Hypothesis is empty."
     assert M.rouge_score("...", "a summary") == 0.0  # splits into no sentence
-    long_sentence = " ".join(f"w{i}" for i in range(1000))  # LCS recursion deeper than Python's limit
-    assert M.rouge_score(long_sentence, long_sentence) == 0.0  # RecursionError inside rouge -> 0, as official
+    # rouge rebuilds the LCS recursively: a sentence of ~1000 words exceeds Python's default recursion limit and
+    # the official code scores it 0. Same mechanism, cheaper: 400 words under a limit of 300.
+    import sys
+
+    long_sentence = " ".join(f"w{i}" for i in range(400))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)
+    try:
+        assert M.rouge_score(long_sentence, long_sentence) == 0.0  # RecursionError inside rouge -> 0, as official
+    finally:
+        sys.setrecursionlimit(limit)
+    assert M.rouge_score(long_sentence, long_sentence) == pytest.approx(1.0, abs=1e-6)  # fits the default limit
 
 
 def test_rouge_zh():
