@@ -4,12 +4,14 @@ and MiniLM, causal and bidirectional, fp32 and bf16, medians of repeats with the
 Machine: 2-core CPU VM, no GPU, shared with other engineers' jobs (ratios measured side by side in the same cell are
 the numbers to trust; each cell records the 1-minute load average). Date: 2026-11-22.
 
-The grid, reduced to fit the shared 2-core machine (everything runs through `hf-sparse-attn bench kernel`):
-  * random inputs (B=1, H=8, D=64), fp32, causal and bidirectional, N = 1k, 2k, 4k, 8k, 16k, 32k;
-  * random inputs, bf16, N = 1k, 4k;
-  * SmolLM2 (layer with the largest weight norm, one 8k-token Wikipedia article; prefixes give N < 8k), fp32,
-    causal and bidirectional, N = 1k, 2k, 4k, 8k; bf16 at 4k;
-  * MiniLM (largest-R layer, one 512-token window, bidirectional: its only real length), fp32 and bf16.
+The grid, reduced to fit the shared 2-core machine in the time left after the model benchmark (everything runs
+through `hf-sparse-attn bench kernel`; the issue's full range is N = 1k..32k for every kind and dtype):
+  * random inputs (B=1, H=8, D=64), fp32, causal and bidirectional, N = 1k, 4k, 16k (32k not run here: SDPA alone
+    takes 12.7 s per bidirectional call at 32k, see eval/results/kernels_cpu for hyper / sparse_hyper there);
+  * SmolLM2 (layer with the largest weight norm, one Wikipedia article; shorter N are prefixes of the capture),
+    fp32, causal and bidirectional, N = 1k, 4k;
+  * MiniLM (largest-R layer, one 512-token window, bidirectional: its only real length), fp32 and bf16;
+  * random inputs, bf16, causal and bidirectional, N = 4k.
 Slow methods run only up to an N limit (--max-n below), measured once at 4k before this script was written:
 ``kmv`` took 63-80 s per call at N=4096 (SDPA 0.8-1.6 s), so it stops at 1024; ``exact`` (our chunked reference,
 6-12x slower than SDPA: 6.5-9.4 s at 4096) and ``feature_sketch`` (which computes exact attention unless D >= 2N, i.e.
@@ -35,11 +37,10 @@ MAX_N = ["--max-n", "kmv=1024", "--max-n", "exact=2048", "--max-n", "feature_ske
 NOTE = "a VM shared with other engineers' jobs (see load_avg_1min per cell in results.json)"
 
 STAGES = [  # (inputs, ns, causal, dtypes)
-    (["random"], [1024, 2048, 4096, 8192, 16384, 32768], "both", ["fp32"]),
-    (["smollm2"], [1024, 2048, 4096, 8192], "both", ["fp32"]),
+    (["random"], [1024, 4096, 16384], "both", ["fp32"]),
+    (["smollm2"], [1024, 4096], "both", ["fp32"]),
     (["minilm"], [512], "bidirectional", ["fp32", "bf16"]),
-    (["random"], [1024, 4096], "both", ["bf16"]),
-    (["smollm2"], [4096], "both", ["bf16"]),
+    (["random"], [4096], "both", ["bf16"]),
 ]
 
 

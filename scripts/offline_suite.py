@@ -235,7 +235,7 @@ def aggregate(args, suite, num_layers: int) -> None:
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct, {args.samples} samples/task, seed {args.seed} ({MACHINE}, {DATE})", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M-Instruct, {args.samples} sample(s)/task, seed {args.seed}\n{MACHINE}, {DATE}", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "score_vs_layers.png"), dpi=110)
     plt.close(fig)
