@@ -2,12 +2,12 @@
 
 Run 1 (the main one): 2,000 sentences drawn (seed 0) from the English Wikipedia in gensim's test data, every
 layer x head, every prefix length >= 50 (experiment (i)), experiment (ii) on every sentence.
-Run 2 (for the A.1.3 scaling curve up to 512 tokens, which sentences never reach): 300 Wikipedia paragraphs of at
-least 400 characters (seed 0), truncated to 512 tokens, prefix step 10 (the lengths 50, 100, ..., 500 and n are
-always evaluated).
+Run 2 (for the A.1.3 scaling curve up to 512 tokens, which sentences never reach): 200 passages of ~3,000
+characters cut from the same articles (seed 0), truncated to 512 tokens, prefix step 10 (the lengths 50, 100, ...,
+500 and n are always evaluated).
 
-Work directories (resumable, not committed): runs/head_tail_minilm/{sentences,paragraphs}/. Results are copied to
-eval/results/head_tail_minilm/{sentences,paragraphs}/ with a results.md.
+Work directories (resumable, not committed): runs/head_tail_minilm/{sentences,passages}/. Results are copied to
+eval/results/head_tail_minilm/{sentences,passages}/ with a results.md.
 Machine of the committed run: 2-core CPU VM, no GPU, shared with other jobs; date 2026-11-22.
 
     .venv/bin/python scripts/head_tail_minilm.py
@@ -48,16 +48,23 @@ def publish(work: str, results: str, command: list[str], seconds: float, note: s
         f.write("```\n" + summary + "```\n")
 
 
-def paragraphs_file(path: str, count: int = 300, min_chars: int = 400, seed: int = 0) -> str:
+def passages_file(path: str, count: int = 200, chars: int = 3000, seed: int = 0) -> str:
+    """Consecutive ~3,000-character windows of the Wikipedia articles (line breaks become spaces), one per line:
+    long enough to fill MiniLM's 512 positions."""
     from hf_sparse_attn.eval.data import wikipedia_articles
 
-    paragraphs = []
+    passages = []
     for _title, text in wikipedia_articles():
-        for line in text.split("\n"):
-            line = line.strip()
-            if len(line) >= min_chars and not line.startswith(("*", "|", "{", "=")):
-                paragraphs.append(line)
-    picks = random.Random(seed).sample(paragraphs, min(count, len(paragraphs)))
+        words = text.split()
+        current: list[str] = []
+        length = 0
+        for word in words:
+            current.append(word)
+            length += len(word) + 1
+            if length >= chars:
+                passages.append(" ".join(current))
+                current, length = [], 0
+    picks = random.Random(seed).sample(passages, min(count, len(passages)))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(picks) + "\n")
@@ -65,7 +72,7 @@ def paragraphs_file(path: str, count: int = 300, min_chars: int = 400, seed: int
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["sentences", "paragraphs"]
+    which = sys.argv[1:] or ["sentences", "passages"]
     if "sentences" in which:
         work = os.path.join(WORK, "sentences")
         command = ["head-tail", "--threads", "1", "--model", "minilm", "--corpus", "wikipedia", "--max-sequences", "2000", "--seed", "0", "--out", work]
@@ -73,12 +80,12 @@ if __name__ == "__main__":
         main(command)
         publish(work, os.path.join(RESULTS, "sentences"), command, time.time() - start,
                 "Real all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads, d=32) on 2,000 Wikipedia sentences; min prefix 50, every prefix.")
-    if "paragraphs" in which:
-        work = os.path.join(WORK, "paragraphs")
-        text = paragraphs_file(os.path.join(WORK, "paragraphs.txt"))
+    if "passages" in which:
+        work = os.path.join(WORK, "passages")
+        text = passages_file(os.path.join(WORK, "passages.txt"))
         command = ["head-tail", "--threads", "1", "--model", "minilm", "--text", text, "--max-length", "512", "--prefix-step", "10", "--out", work]
         start = time.time()
         main(command)
-        publish(work, os.path.join(RESULTS, "paragraphs"), command, time.time() - start,
-                "Real all-MiniLM-L6-v2 on 300 Wikipedia paragraphs (>= 400 characters, truncated to 512 tokens); "
+        publish(work, os.path.join(RESULTS, "passages"), command, time.time() - start,
+                "Real all-MiniLM-L6-v2 on 200 Wikipedia passages (~3,000 characters of one article, truncated to 512 tokens); "
                 "prefix step 10 plus the scaling lengths 50..500 and n.")

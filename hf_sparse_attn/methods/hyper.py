@@ -14,6 +14,12 @@ Causal: recursive halving - the two diagonal halves causal (recursively), the of
 non-causal algorithm above - down to exact causal attention once a piece is <= ``min_seq_len``
 (flattened into one batched call per level, see sorted_blocks.py).
 
+Attention sinks (``num_sink_tokens`` = S, our addition; StreamingLLM's observation that LLM heads put much of each
+row's mass on the first tokens): every query also attends keys 0..S-1 exactly (causal: those <= its position),
+merged with the result above through lse; those keys are removed from the sorted blocks and from the samples
+(sorted_blocks.split_sink_keys / sink_attention; docs/methods/hyper.md "Attention sinks"). Default: NUM_SINK_TOKENS
+below, chosen from the SmolLM2 measurement.
+
 Tensors: q [B, H, Nq, D], k/v [B, H, Nk, D] (GQA expanded), key_padding_mask [B, Nk] bool (True = attend);
 returns out [B, H, Nq, D] in q's dtype (float32 accumulation) and lse [B, H, Nq] float32 (-inf, out 0 for a
 row with no key). Padded keys are never attended: they sort after every bucket, are masked in their block,
@@ -33,7 +39,8 @@ import torch
 from .common import check_inputs
 from .lsh import make_generator
 from .registry import Param, register_method
-from .sorted_blocks import sorted_lsh_attention
+from .merge import merge_attention
+from .sorted_blocks import sink_attention, sorted_lsh_attention, split_sink_keys
 
 # Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
 # bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
@@ -46,6 +53,8 @@ MIN_SEQ_LEN = 2048
 # Tying it to min_seq_len keeps a user's lowered min_seq_len meaningful for causal models too.
 CAUSAL_CROSSOVER_FACTOR = 4
 CAUSAL_MIN_SEQ_LEN = 0
+# Attention sinks: every query also attends the first NUM_SINK_TOKENS keys exactly (sorted_blocks.sink_attention).
+NUM_SINK_TOKENS = 0
 
 
 def causal_threshold(params: dict) -> int:
@@ -72,18 +81,26 @@ def hyper_attention(
     min_seq_len: int = MIN_SEQ_LEN,
     seed: int = 0,
     causal_min_seq_len: int = CAUSAL_MIN_SEQ_LEN,
+    num_sink_tokens: int = NUM_SINK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D] q's dtype, lse [B, H, Nq] float32).
 
     ``causal_min_seq_len`` is read only by the adapter's check (``check_sorted_lsh``): called directly, the method
     always approximates (and is exact for causal N <= min_seq_len, a single leaf)."""
     check_inputs(q, k, v, causal, key_padding_mask)
-    if block_size < 1 or sample_size < 0:
-        raise ValueError(f"hyper: block_size must be >= 1 and sample_size >= 0, got {block_size}, {sample_size}")
+    if block_size < 1 or sample_size < 0 or num_sink_tokens < 0:
+        raise ValueError(f"hyper: block_size must be >= 1, sample_size >= 0 and num_sink_tokens >= 0, got "
+                         f"{block_size}, {sample_size}, {num_sink_tokens}")
     gen = make_generator(generator, seed)
-    out, lse, _ = sorted_lsh_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+    num_sinks = min(num_sink_tokens, k.shape[2])
+    k_rest, v_rest, rest_mask = split_sink_keys(k, v, key_padding_mask, num_sinks, causal)
+    out, lse, _ = sorted_lsh_attention(q, k_rest, v_rest, causal=causal, scale=scale, key_padding_mask=rest_mask,
                                        generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
                                        sample_size=sample_size, min_seq_len=min_seq_len)
+    if num_sinks > 0:
+        sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
+                                               key_padding_mask=key_padding_mask)
+        out, lse = merge_attention(out, lse, sink_out, sink_lse)
     return out.to(q.dtype), lse
 
 
@@ -109,6 +126,9 @@ HYPER_PARAMS = {
     "causal_min_seq_len": Param(CAUSAL_MIN_SEQ_LEN, int, low=0,
                                 help="the adapter runs exact attention for causal calls shorter than this; "
                                      f"0 = auto = {CAUSAL_CROSSOVER_FACTOR} x min_seq_len (the measured causal crossover)"),
+    "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0,
+                             help="every query also attends the first num_sink_tokens keys exactly (attention sinks), "
+                                  "merged via lse; they are excluded from the sorted blocks and the samples"),
 }
 
 register_method(

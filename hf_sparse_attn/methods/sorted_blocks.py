@@ -282,6 +282,77 @@ def causal_levels(n: int, min_seq_len: int) -> tuple[int, int]:
     return m, -(-n // (1 << m))
 
 
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_sink_tokens: int, causal: bool,
+                   scale: float, key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact attention of every query over the first ``num_sink_tokens`` = S keys (the "attention sinks").
+
+    q [B, H, Nq, D], k/v [B, H, Nk, Dv] (any float dtype) with S <= Nk, key_padding_mask [B, Nk] bool or None.
+    Returns out [B, H, Nq, Dv] float32, lse [B, H, Nq] (-inf and out 0 for a row with no attendable sink) and
+    counts [B, H, Nq] float32 = number of sinks each query attended.
+
+    Causal: query i attends sink j only if j <= i. Queries 0..S-1 attend the sinks with a causal mask (one
+    [S, S] problem), queries S..Nq-1 attend all S sinks; both through torch's fused attention with lse, so the
+    cost is O(Nq * S * D) and no [Nq, S] score matrix is kept. Padded sink keys get bias -inf.
+    """
+    B, H, Nq, D = q.shape
+    S = int(num_sink_tokens)
+    Dv = v.shape[3]
+    device = q.device
+    q, k, v = q.float(), k[:, :, :S].float(), v[:, :, :S].float()
+    sink_valid = (key_padding_mask[:, :S] if key_padding_mask is not None
+                  else torch.ones(B, S, dtype=torch.bool, device=device))  # [B, S]
+    bias = torch.zeros(B, 1, S, device=device).masked_fill_(~sink_valid[:, None, :], NEG_INF).expand(B, H, S).reshape(B * H, S)
+    ks = k[:, :, :S].reshape(B * H, S, D)
+    vs = v[:, :, :S].reshape(B * H, S, Dv)
+    if not causal:
+        out, lse = dense_attention_with_lse(q.reshape(B * H, Nq, D), ks, vs, scale, bias)
+        counts = sink_valid.sum(-1).float()[:, None, None].expand(B, H, Nq)
+    else:
+        head = min(S, Nq)  # queries that see only part of the sinks (causal mask among the first S positions)
+        out_head, lse_head = dense_attention_with_lse(q[:, :, :head].reshape(B * H, head, D), ks[:, :head], vs[:, :head],
+                                                      scale, bias[:, :head], causal=True)
+        out = torch.empty(B * H, Nq, Dv, device=device)
+        lse = torch.empty(B * H, Nq, device=device)
+        out[:, :head] = out_head
+        lse[:, :head] = lse_head
+        if Nq > head:
+            out_tail, lse_tail = dense_attention_with_lse(q[:, :, head:].reshape(B * H, Nq - head, D), ks, vs, scale, bias)
+            out[:, head:] = out_tail
+            lse[:, head:] = lse_tail
+        per_query = torch.cat([sink_valid.float().cumsum(-1)[:, :head],
+                               sink_valid.float().sum(-1, keepdim=True).expand(B, Nq - head)], dim=1)  # [B, Nq]
+        counts = per_query[:, None, :].expand(B, H, Nq)
+    out = out.view(B, H, Nq, Dv)
+    lse = lse.view(B, H, Nq)
+    empty = counts == 0  # no attendable sink: 0 and -inf (the fused kernel may leave NaN there)
+    out = out.masked_fill(empty[..., None], 0.0)
+    lse = lse.masked_fill(empty, NEG_INF)
+    return out, lse, counts
+
+
+def split_sink_keys(k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], num_sink_tokens: int,
+                    causal: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The keys left for the sorted blocks once the first ``num_sink_tokens`` = S keys are attended as sinks.
+
+    k/v [B, H, Nk, D], key_padding_mask [B, Nk] bool or None, 0 <= S <= Nk. Returns (k_rest, v_rest, rest_mask):
+      * non-causal: k[:, :, S:], v[:, :, S:] and mask[:, S:] (or None): the sinks are hashed, blocked and sampled
+        nowhere and the key blocks are cut from the Nk - S other keys;
+      * causal: k, v unchanged and rest_mask [B, Nk] = mask with positions < S set False: the recursion needs the
+        keys aligned with the queries, so the sinks become invalid keys (sorted last, masked in their block, never
+        sampled; the n of the n/s sample weight counts only the other keys).
+    With S = 0 the inputs come back unchanged. Together with :func:`sink_attention` this splits every row's key set
+    into two disjoint parts, sinks {j < S} and rest {j >= S}, merged through their lse values (merge.py).
+    """
+    S = int(num_sink_tokens)
+    if S == 0:
+        return k, v, key_padding_mask
+    if causal:
+        not_sink = torch.arange(k.shape[2], device=k.device) >= S
+        rest_mask = not_sink[None, :] if key_padding_mask is None else key_padding_mask & not_sink[None, :]
+        return k, v, rest_mask.expand(k.shape[0], -1).contiguous()
+    return k[:, :, S:], v[:, :, S:], None if key_padding_mask is None else key_padding_mask[:, S:]
+
+
 def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                          key_padding_mask: Optional[torch.Tensor], generator: torch.Generator,
                          lsh_num_projs: int, block_size: int, sample_size: int, min_seq_len: int,
@@ -290,11 +361,15 @@ def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
 
     Returns out [B, H, Nq, Dv] float32, lse [B, H, Nq] float32 and, if ``want_counts``, counts [B, H, Nq]
     float32 = number of keys each query attended exactly (its blocks and leaf; sampled keys not counted).
+    Non-causal calls accept Nk = 0 (every row empty: out 0, lse -inf), the case of a call whose keys are all sinks.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     Dv = v.shape[3]
     device = q.device
+    if Nk == 0 and not causal:
+        empty_counts = torch.zeros(B, H, Nq, device=device) if want_counts else None
+        return torch.zeros(B, H, Nq, Dv, device=device), torch.full((B, H, Nq), NEG_INF, device=device), empty_counts
     qf, kf, vf = q.float(), k.float(), v.float()
     key_valid = key_padding_mask  # [B, Nk] or None
     planes = random_hyperplanes(H, D, lsh_num_projs, generator, device)

@@ -33,6 +33,13 @@ Seed 002's Algorithm 1 is stated non-causal; this is our extension. For causal r
 covariance of the keys in the 256-position chunks before query i's chunk (score_std_causal), so no future key
 influences a past row.
 
+Attention sinks (``num_sink_tokens`` = S, as in hyper.py): keys 0..S-1 are attended exactly by every query and
+removed from the sorted blocks. The theory scale is applied to the block part alone, before the lse merge with the
+sinks: k_i, n_i count the non-sink keys and sigma_i comes from them. The Gaussian model describes the bulk of a row's
+scores, not a sink; under it the unseen bulk mass is D~_b (1/alpha - 1) with zero-mean values, so
+    y = (D_s y_s + D~_b y~_b) / (D_s + D~_b / alpha),
+which is the lse merge of (y_s, log D_s) with (alpha y~_b, log D~_b - log alpha).
+
 Tensors: q [B, H, Nq, D], k/v [B, H, Nk, D], key_padding_mask [B, Nk] bool (True = attend); out [B, H, Nq, D]
 in q's dtype, lse [B, H, Nq] float32 (-inf and out 0 for a row with no key).
 """
@@ -44,10 +51,11 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
-from .hyper import CAUSAL_MIN_SEQ_LEN, HYPER_PARAMS, check_sorted_lsh
+from .hyper import CAUSAL_MIN_SEQ_LEN, HYPER_PARAMS, NUM_SINK_TOKENS, check_sorted_lsh
 from .lsh import make_generator
 from .registry import Param, register_method
-from .sorted_blocks import sorted_lsh_attention, workspace
+from .merge import merge_attention
+from .sorted_blocks import sink_attention, sorted_lsh_attention, split_sink_keys, workspace
 
 # Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
 # bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
@@ -136,6 +144,7 @@ def sparse_hyper_attention(
     seed: int = 0,
     scale_mode: str = "theory",
     causal_min_seq_len: int = CAUSAL_MIN_SEQ_LEN,
+    num_sink_tokens: int = NUM_SINK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D], lse [B, H, Nq] float32).
 
@@ -145,30 +154,36 @@ def sparse_hyper_attention(
     check_inputs(q, k, v, causal, key_padding_mask)
     if scale_mode not in ("theory", "none"):
         raise ValueError(f"sparse_hyper: scale_mode must be 'theory' or 'none', got {scale_mode!r}")
+    if num_sink_tokens < 0:
+        raise ValueError(f"sparse_hyper: num_sink_tokens must be >= 0, got {num_sink_tokens}")
     gen = make_generator(generator, seed)
     want = scale_mode == "theory"
-    out, lse, kept = sorted_lsh_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+    num_sinks = min(num_sink_tokens, k.shape[2])
+    k_rest, v_rest, rest_mask = split_sink_keys(k, v, key_padding_mask, num_sinks, causal)
+    out, lse, kept = sorted_lsh_attention(q, k_rest, v_rest, causal=causal, scale=scale, key_padding_mask=rest_mask,
                                           generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
                                           sample_size=0, min_seq_len=min_seq_len, want_counts=want)
-    if want:
+    if want and k_rest.shape[2] > 0:  # the theory scale of the sorted-block part (over the non-sink keys)
         B, H, Nq, _ = q.shape
-        Nk = k.shape[2]
+        Nr = k_rest.shape[2]
         if causal:
-            valid = key_padding_mask.float() if key_padding_mask is not None else torch.ones(B, Nk, device=q.device)
+            valid = rest_mask.float() if rest_mask is not None else torch.ones(B, Nr, device=q.device)
             attendable = valid.cumsum(-1)[:, None, :].expand(B, H, Nq)
+            sigma = score_std_causal(q.float(), k_rest.float(), scale, rest_mask)
         else:
-            n = key_padding_mask.sum(-1).float() if key_padding_mask is not None else torch.full((B,), float(Nk), device=q.device)
+            n = rest_mask.sum(-1).float() if rest_mask is not None else torch.full((B,), float(Nr), device=q.device)
             attendable = n[:, None, None].expand(B, H, Nq)
-        if causal:
-            sigma = score_std_causal(q.float(), k.float(), scale, key_padding_mask)
-        else:
-            sigma = score_std(q.float(), k.float(), scale, key_padding_mask)
+            sigma = score_std(q.float(), k_rest.float(), scale, rest_mask)
         alpha = theory_scale(kept, attendable, sigma)
         if out.requires_grad:
             out = out * alpha[..., None]
         else:
             out.mul_(alpha[..., None])  # out is this call's own fresh tensor
         lse = lse - torch.log(alpha)
+    if num_sinks > 0:
+        sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
+                                               key_padding_mask=key_padding_mask)
+        out, lse = merge_attention(out, lse, sink_out, sink_lse)
     return out.to(q.dtype), lse
 
 
