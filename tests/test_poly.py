@@ -102,7 +102,8 @@ def test_regime_check_and_out_of_regime():
 
 def test_time_is_linear_in_n():
     """4k -> 16k tokens (4x) within 5x the time (quadratic would be 16x)."""
-    method = get_method("poly", eps=1e-3, min_seq_len=0)
+    # a fixed degree (fixed r): with eps alone, the larger n's more extreme entries would pick a higher degree
+    method = get_method("poly", degree=6, min_seq_len=0)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -110,10 +111,10 @@ def test_time_is_linear_in_n():
         for n in (4096, 16384):
             q, k, v = bounded(1, 4, n, 4, seed=6)
             best = float("inf")
-            for _ in range(3):
-                start = time.perf_counter()
+            for _ in range(5):
+                start = time.process_time()  # this process's CPU time: robust to other jobs on the machine
                 method(q, k, v, causal=False, scale=0.5)
-                best = min(best, time.perf_counter() - start)
+                best = min(best, time.process_time() - start)
             times[n] = best
     finally:
         torch.set_num_threads(before)
