@@ -86,6 +86,15 @@ def append_scope_section(out: str, grid: dict) -> None:
              f"2k and 4k contexts not run; fewer than the issue's 20 articles."
              + (f" Cells of this grid NOT run (stopped for lack of time; rerunning the script resumes them): {missing}." if missing else ""),
              ""]
+    over = [r for r in result["rows"] if r.get("amdahl_ceiling") and r["speedup"] > r["amdahl_ceiling"]]
+    loads = [x for r in result["rows"] for x in (r.get("load_avg_1min") or [])]
+    lines += [f"Reading the timings: the machine's 1-minute load average ranged {min(loads, default=0):.1f}-{max(loads, default=0):.1f} "
+              "during the run (other engineers' jobs on the same 2 cores), and every cell is timed once, minutes after the "
+              "baseline. Speed-ups therefore carry the load change between the baseline and the cell: "
+              + (f"{len(over)} cell(s) exceed their Amdahl ceiling ({', '.join(r['key'] for r in over)}), which no method "
+                 "can do, so their timing is load, not method. " if over else "")
+              + "Layer selection does not change the work (15 layers of the same method are 15 layers), so the spread of "
+              "speed-ups among the 15-layer cells is the noise of this machine. Perplexities do not depend on load.", ""]
     if baselines:
         n = max(baselines)
         per_article = baselines[n]["prefill_s"] / baselines[n]["articles"]

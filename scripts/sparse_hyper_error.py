@@ -35,9 +35,10 @@ NS = (1024, 2048, 4096, 8192)
 BLOCKS = (64, 128, 256)
 DEFAULT_N, DEFAULT_W = 4096, 1.5
 METHODS = {
-    "hyper": lambda b: get_method("hyper", block_size=b, sample_size=b),
-    "sparse_hyper": lambda b: get_method("sparse_hyper", block_size=b, scale_mode="theory"),
-    "sparse_hyper_noscale": lambda b: get_method("sparse_hyper", block_size=b, scale_mode="none"),
+    # num_sink_tokens=0: the algorithms as the papers state them (the results were made before sinks existed)
+    "hyper": lambda b: get_method("hyper", block_size=b, sample_size=b, num_sink_tokens=0),
+    "sparse_hyper": lambda b: get_method("sparse_hyper", block_size=b, scale_mode="theory", num_sink_tokens=0),
+    "sparse_hyper_noscale": lambda b: get_method("sparse_hyper", block_size=b, scale_mode="none", num_sink_tokens=0),
 }
 
 

@@ -205,7 +205,7 @@ def test_adapter_counts_causal_threshold_fallback(tiny_model):
         assert plan.fallback_counts() == {"causal seq_len < causal_min_seq_len=128": 3}
         unpatch_model(model)
         plan = patch_model(model, method="hyper", layers="all", min_seq_len=32, block_size=16, sample_size=8,
-                           causal_min_seq_len=64)
+                           causal_min_seq_len=64, num_sink_tokens=0)  # 64 default sinks would cover 64 of 96 keys
         out = model(ids).logits
         assert sum(layer.served for layer in plan.layers) == 3 and plan.fallback_counts() == {}
         assert not torch.allclose(out, ref, atol=1e-3)  # the approximation really ran
@@ -294,7 +294,7 @@ def test_sinks_removed_from_blocks_no_double_counting():
         ref, _ = get_method("exact")(q[:, :, rows], k, v, causal=False, scale=1.0, key_padding_mask=keys)
         torch.testing.assert_close(out[:, :, rows], ref, atol=1e-5, rtol=1e-5)
     # without sinks block 0 holds keys 0..127: the structure the test relies on
-    plain, _ = get_method("hyper", block_size=block, sample_size=0)(q, k, v, causal=False, scale=1.0)
+    plain, _ = get_method("hyper", block_size=block, sample_size=0, num_sink_tokens=0)(q, k, v, causal=False, scale=1.0)
     ref0, _ = get_method("exact")(q[:, :, :block], k[:, :, :block], v[:, :, :block], causal=False, scale=1.0)
     torch.testing.assert_close(plain[:, :, :block], ref0, atol=1e-5, rtol=1e-5)
 
@@ -382,3 +382,19 @@ def test_sinks_find_planted_heavy_first_key_the_hash_misses(causal):
     # measured: 95% (non-causal) / 44% (causal) of the rows off by > 30% without sinks, 21% / 12% with one sink
     # (the rest is the block error over the small keys, no sample residual here)
     assert errs[0] > 0.4 and errs[1] < errs[0] / 3, errs
+
+
+@pytest.mark.parametrize("num_sinks", [0, 16])
+def test_gradients_match_exact_through_recursion_and_sinks(num_sinks):
+    """Autograd through the lse merges (causal recursion with 3 halvings, the sink merge): with every quadrant
+    covered by one block the gradients must equal exact attention's (the fused CPU op gives no gradient through
+    its lse, and in-place merges break backward; both paths are avoided when a gradient is needed)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = [torch.randn(1, 2, 600, 16, generator=g, requires_grad=True) for _ in range(3)]
+    ref, _ = get_method("exact")(q, k, v, causal=True, scale=SCALE)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    out, _ = get_method("hyper", block_size=1024, sample_size=0, min_seq_len=100, num_sink_tokens=num_sinks)(
+        q, k, v, causal=True, scale=SCALE)
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

@@ -115,7 +115,9 @@ def _header(args: argparse.Namespace, what: str) -> list[str]:
             f"Machine: {machine_description(args.machine_note)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"Python {platform.python_version()}. Date: {datetime.date.today().isoformat()}.",
             f"Command: `hf-sparse-attn bench {' '.join(shlex.quote(a) for a in getattr(args, '_argv', []))}`"
-            if getattr(args, "_argv", None) else f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`"]
+            if getattr(args, "_argv", None) else f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`"
+            + (" (this report was rewritten from the saved results; the same command without --report-only ran the cells)"
+               if getattr(args, "report_only", False) else "")]
 
 
 def run_kernel(args: argparse.Namespace) -> int:

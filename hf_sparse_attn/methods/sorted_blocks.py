@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 
 from .lsh import lsh_ranks, random_hyperplanes
+from .merge import merge_attention
 
 NEG_INF = float("-inf")
 # Causal quadrants cut each key block's queries into chunks of block_size / 2 (at 32k, chunks of
@@ -68,8 +69,28 @@ def dense_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Returns out [G, M, D] and lse [G, M]. Rows with no attendable key are *not* fixed here (callers know them).
     Uses torch's fused flash kernel on CPU (no [M, L] matrix), batched matmuls with an in-place softmax otherwise.
+    When autograd needs the inputs: batched matmuls without in-place steps (the fused op gives no gradient through
+    its lse, which the lse merges of the causal recursion and of the sinks need).
     """
     op = _flash_cpu_op()
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [G, M, L]
+        if bias is not None:
+            scores = scores + bias[:, None, :]
+        if causal:
+            M, L = scores.shape[-2:]
+            scores = scores.masked_fill(torch.ones(M, L, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
+        # lse = log sum_j e^{s_j - m} + m for any constant m (the row max, detached); a row with no key keeps
+        # out 0, lse -inf and a zero (never NaN) gradient
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - row_max)
+        denom = weights.sum(dim=-1)
+        nonempty = denom > 0
+        denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
+        lse = torch.where(nonempty, torch.log(denom_safe) + row_max.squeeze(-1), torch.full_like(denom, NEG_INF))
+        return torch.matmul(weights, v) / denom_safe.unsqueeze(-1), lse
     if op is not None and q.device.type == "cpu" and q.dtype == torch.float32:
         mask = None if bias is None else bias[:, None, None, :]
         out, lse = op(q[:, None], k[:, None], v[:, None], 0.0, causal, attn_mask=mask, scale=scale)
@@ -121,8 +142,12 @@ def sorted_block_attention_torch(q_flat: torch.Tensor, k_flat: torch.Tensor, v_f
     if bias is not None and may_have_empty_blocks:
         empty = bias.amax(dim=1) == NEG_INF  # [nblk]
         if bool(empty.any()):
-            out[empty] = 0.0
-            lse[empty] = NEG_INF
+            if reuse:
+                out[empty] = 0.0
+                lse[empty] = NEG_INF
+            else:  # autograd: no in-place write into tensors saved for backward
+                out = out.masked_fill(empty[:, None, None], 0.0)
+                lse = lse.masked_fill(empty[:, None], NEG_INF)
     flat_index = q_index.reshape(-1)
     out_flat.index_copy_(0, flat_index, out.reshape(nblk * bq, -1))
     lse_flat.index_copy_(0, flat_index, lse.reshape(-1))
@@ -290,44 +315,62 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_sin
     Returns out [B, H, Nq, Dv] float32, lse [B, H, Nq] (-inf and out 0 for a row with no attendable sink) and
     counts [B, H, Nq] float32 = number of sinks each query attended.
 
-    Causal: query i attends sink j only if j <= i. Queries 0..S-1 attend the sinks with a causal mask (one
-    [S, S] problem), queries S..Nq-1 attend all S sinks; both through torch's fused attention with lse, so the
-    cost is O(Nq * S * D) and no [Nq, S] score matrix is kept. Padded sink keys get bias -inf.
+    One call of torch's fused attention with lse over the S sinks for all queries (O(Nq * S * D), no [Nq, S]
+    score matrix kept); causal: the first min(S, Nq) rows, the only ones that may not see every sink, are then
+    recomputed with the causal mask among the sinks (query i attends sink j only if j <= i). Padded sinks get
+    bias -inf.
     """
     B, H, Nq, D = q.shape
     S = int(num_sink_tokens)
     Dv = v.shape[3]
     device = q.device
-    q, k, v = q.float(), k[:, :, :S].float(), v[:, :, :S].float()
-    sink_valid = (key_padding_mask[:, :S] if key_padding_mask is not None
-                  else torch.ones(B, S, dtype=torch.bool, device=device))  # [B, S]
-    bias = torch.zeros(B, 1, S, device=device).masked_fill_(~sink_valid[:, None, :], NEG_INF).expand(B, H, S).reshape(B * H, S)
-    ks = k[:, :, :S].reshape(B * H, S, D)
-    vs = v[:, :, :S].reshape(B * H, S, Dv)
-    if not causal:
-        out, lse = dense_attention_with_lse(q.reshape(B * H, Nq, D), ks, vs, scale, bias)
-        counts = sink_valid.sum(-1).float()[:, None, None].expand(B, H, Nq)
-    else:
-        head = min(S, Nq)  # queries that see only part of the sinks (causal mask among the first S positions)
-        out_head, lse_head = dense_attention_with_lse(q[:, :, :head].reshape(B * H, head, D), ks[:, :head], vs[:, :head],
-                                                      scale, bias[:, :head], causal=True)
-        out = torch.empty(B * H, Nq, Dv, device=device)
-        lse = torch.empty(B * H, Nq, device=device)
-        out[:, :head] = out_head
-        lse[:, :head] = lse_head
-        if Nq > head:
-            out_tail, lse_tail = dense_attention_with_lse(q[:, :, head:].reshape(B * H, Nq - head, D), ks, vs, scale, bias)
-            out[:, head:] = out_tail
-            lse[:, head:] = lse_tail
-        per_query = torch.cat([sink_valid.float().cumsum(-1)[:, :head],
-                               sink_valid.float().sum(-1, keepdim=True).expand(B, Nq - head)], dim=1)  # [B, Nq]
-        counts = per_query[:, None, :].expand(B, H, Nq)
+    qf = q.float().reshape(B * H, Nq, D)
+    ks = k[:, :, :S].float().reshape(B * H, S, D)
+    vs = v[:, :, :S].float().reshape(B * H, S, Dv)
+    bias = None
+    sink_valid = torch.ones(B, S, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        sink_valid = key_padding_mask[:, :S]
+        if not bool(sink_valid.all()):
+            bias = torch.zeros(B, 1, S, device=device).masked_fill_(~sink_valid[:, None, :], NEG_INF).expand(B, H, S).reshape(B * H, S)
+    out, lse = dense_attention_with_lse(qf, ks, vs, scale, bias)  # [B*H, Nq, Dv], [B*H, Nq]: every sink
+    counts = sink_valid.float().sum(-1)[:, None].expand(B, Nq)  # [B, Nq]
+    if causal:
+        head = min(S, Nq)
+        out_head, lse_head = dense_attention_with_lse(qf[:, :head], ks[:, :head], vs[:, :head], scale,
+                                                      None if bias is None else bias[:, :head], causal=True)
+        if torch.is_grad_enabled() and out.requires_grad:  # the fused op keeps its output for backward
+            out = torch.cat([out_head, out[:, head:]], dim=1)
+            lse = torch.cat([lse_head, lse[:, head:]], dim=1)
+        else:
+            out[:, :head] = out_head
+            lse[:, :head] = lse_head
+        counts = torch.cat([sink_valid.float().cumsum(-1)[:, :head], counts[:, head:]], dim=1)
     out = out.view(B, H, Nq, Dv)
     lse = lse.view(B, H, Nq)
+    counts = counts[:, None, :].expand(B, H, Nq)
     empty = counts == 0  # no attendable sink: 0 and -inf (the fused kernel may leave NaN there)
-    out = out.masked_fill(empty[..., None], 0.0)
-    lse = lse.masked_fill(empty, NEG_INF)
+    if bool(empty.any()):
+        out = out.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, NEG_INF)
     return out, lse, counts
+
+
+def merge_sink_attention(out: torch.Tensor, lse: torch.Tensor, sink_out: torch.Tensor,
+                         sink_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge.py's lse rule for the sorted-block part (out [B, H, N, Dv], lse [B, H, N]) and the sink part, written
+    into ``out`` / ``lse`` (the caller's own fresh tensors) when no gradient is needed: fresh [B, H, N, Dv]
+    temporaries page-fault on these VMs and cost more than the arithmetic. With autograd: merge_attention."""
+    if torch.is_grad_enabled() and (out.requires_grad or sink_out.requires_grad):
+        return merge_attention(out, lse, sink_out, sink_lse)
+    merged = torch.logaddexp(lse, sink_lse)
+    finite = torch.isfinite(merged)
+    safe = torch.where(finite, merged, torch.zeros_like(merged))
+    w_blocks = torch.where(finite, torch.exp(lse - safe), torch.zeros_like(safe))
+    w_sinks = torch.where(finite, torch.exp(sink_lse - safe), torch.zeros_like(safe))
+    out.mul_(w_blocks[..., None]).add_(sink_out.mul_(w_sinks[..., None]))
+    lse.copy_(merged)
+    return out, lse
 
 
 def split_sink_keys(k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], num_sink_tokens: int,
@@ -447,6 +490,9 @@ def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
         level_count = torch.empty(B * H * Np + 1, device=device) if want_counts else None
         valid_bh = None if key_valid is None else key_valid[:, None, :].expand(B, H, Np)
         for level in range(m):
+            if not no_grad:  # autograd keeps each level's result: a fresh buffer per level
+                level_out = torch.empty(B * H * Np + 1, Dv, device=device)
+                level_lse = torch.empty(B * H * Np + 1, device=device)
             nseg = 1 << level
             half = Np // (2 * nseg)
             G = B * H * nseg
@@ -475,9 +521,12 @@ def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
             w_new = torch.where(finite, torch.exp(new_lse - safe), torch.zeros_like(safe))
             if no_grad:
                 sel_out.mul_(w_old[..., None]).add_(new_out.mul_(w_new[..., None]))
-            else:
-                sel_out.mul_(w_old[..., None]).add_(new_out * w_new[..., None])
-            sel_lse.copy_(merged_lse)
+                sel_lse.copy_(merged_lse)
+            else:  # autograd: rebuild out / lse instead of writing into tensors saved for backward
+                out6 = out.view(B, H, nseg, 2, half, Dv)
+                merged_out = sel_out * w_old[..., None] + new_out * w_new[..., None]
+                out = torch.stack([out6[:, :, :, 0], merged_out], dim=3).reshape(B, H, Np, Dv)
+                lse = torch.stack([lse.view(B, H, nseg, 2, half)[:, :, :, 0], merged_lse], dim=3).reshape(B, H, Np)
             if want_counts:
                 counts.view(B, H, nseg, 2, half)[:, :, :, 1].add_(level_count[:-1].view(B, H, nseg, 2, half)[:, :, :, 1])
     out = out[:, :, :N]

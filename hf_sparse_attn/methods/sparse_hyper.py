@@ -54,8 +54,7 @@ from .common import check_inputs
 from .hyper import CAUSAL_MIN_SEQ_LEN, HYPER_PARAMS, NUM_SINK_TOKENS, check_sorted_lsh
 from .lsh import make_generator
 from .registry import Param, register_method
-from .merge import merge_attention
-from .sorted_blocks import sink_attention, sorted_lsh_attention, split_sink_keys, workspace
+from .sorted_blocks import merge_sink_attention, sink_attention, sorted_lsh_attention, split_sink_keys, workspace
 
 # Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
 # bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
@@ -183,7 +182,7 @@ def sparse_hyper_attention(
     if num_sinks > 0:
         sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
                                                key_padding_mask=key_padding_mask)
-        out, lse = merge_attention(out, lse, sink_out, sink_lse)
+        out, lse = merge_sink_attention(out, lse, sink_out, sink_lse)
     return out.to(q.dtype), lse
 
 
