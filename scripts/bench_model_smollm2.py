@@ -91,8 +91,8 @@ def append_scope_section(out: str, grid: dict) -> None:
     lines += [f"Reading the timings: the machine's 1-minute load average ranged {min(loads, default=0):.1f}-{max(loads, default=0):.1f} "
               "during the run (other engineers' jobs on the same 2 cores), and every cell is timed once, minutes after the "
               "baseline. Speed-ups therefore carry the load change between the baseline and the cell: "
-              + (f"{len(over)} cell(s) exceed their Amdahl ceiling ({', '.join(r['key'] for r in over)}), which no method "
-                 "can do, so their timing is load, not method. " if over else "")
+              + (f"{len(over)} cell(s) exceed their Amdahl ceiling ({', '.join(r['key'] for r in over)}), which a method alone cannot do (given the profiled attention share), "
+                 "so their timing is mostly load, not method. " if over else "")
               + "Layer selection does not change the work (15 layers of the same method are 15 layers), so the spread of "
               "speed-ups among the 15-layer cells is the noise of this machine. Perplexities do not depend on load.", ""]
     if baselines:

@@ -102,7 +102,7 @@ class FakeClockScorer:
         return nll, tokens, self.base_s if current_plan(model) is None else self.patched_s
 
 
-PARAMS = {"sparse_hyper": {"min_seq_len": 16, "block_size": 16}}
+PARAMS = {"sparse_hyper": {"min_seq_len": 16, "block_size": 16, "num_sink_tokens": 0}}
 
 
 def test_run_grid_records_resume_and_same_run_baseline(llama, tmp_path):
@@ -220,7 +220,7 @@ def test_goals_and_report(tmp_path):
 def test_bench_on_inputs_values():
     q, k, v = random_qkv(96, heads=4, head_dim=16, seed=3)
     res = bench_on_inputs(["exact", "hyper"], q, k[:, :2], v[:, :2], causal=True, repeats=2,
-                          params={"hyper": {"min_seq_len": 16, "block_size": 16, "sample_size": 8}})
+                          params={"hyper": {"min_seq_len": 16, "block_size": 16, "sample_size": 8, "num_sink_tokens": 0}})
     assert res["n"] == 96 and res["heads"] == 4 and res["sdpa"]["rel_error"] == 0.0
     exact, hyper = res["methods"]["exact"], res["methods"]["hyper"]
     assert exact["rel_error"] < 1e-5  # exact attention (GQA expanded) matches SDPA

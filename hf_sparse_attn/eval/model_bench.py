@@ -422,7 +422,7 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
     for c in cells.values():
         row = {k: c.get(k) for k in ("key", "method", "tokens", "layers", "select", "seed", "perplexity", "tokens_scored",
                                       "articles", "prefill_s", "baseline_prefill_s", "speedup", "run_id", "served", "fallbacks",
-                                      "load_avg_1min")}
+                                      "load_avg_1min", "params")}
         base = baseline_ppl.get(c["tokens"])
         row["ppl_change_pct"] = None if base is None else 100.0 * (c["perplexity"] / base - 1.0)
         prof = profiles.get(c["tokens"])
@@ -539,6 +539,13 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
                      f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {r['tokens_scored']} | {r['prefill_s']:.1f} | {_fmt(r['speedup'], '.2f')}x | "
                      f"{_fmt(r['amdahl_ceiling'], '.2f')}x | {r.get('served', 0)} | {falls} | "
                      f"{'-' if not r.get('load_avg_1min') else '/'.join(f'{x:.1f}' for x in r['load_avg_1min'])} |")
+    params_seen: dict[str, set] = {}
+    for r in summary["rows"]:
+        if r.get("params"):
+            params_seen.setdefault(r["method"], set()).add(json.dumps(r["params"], sort_keys=True))
+    if params_seen:
+        lines += ["", "Method parameters as run (from the plan of each cell; the method code is that of the run's date): "
+                  + "; ".join(f"{m}: {' / '.join(sorted(v))}" for m, v in sorted(params_seen.items()))]
     if summary["random"]:
         lines += ["", "## Random selection (mean over seeds)", "", "| N | method | layers | seeds | mean perplexity | min | max | mean speed-up |",
                   "|---|---|---|---|---|---|---|---|"]
