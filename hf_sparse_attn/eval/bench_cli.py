@@ -148,8 +148,10 @@ def run_kernel(args: argparse.Namespace) -> int:
     lines += ["", "Time = median of the repeats (spread = max - min), method and SDPA alternated on every repeat. Useful GFLOP/s = "
               "4*B*H*N^2*D (halved for causal) / time. Rel. error = ||out - ref||_F / ||ref||_F with ref = SDPA in fp32 on the "
               "same inputs; 'SDPA err' is SDPA's own error in the cell's dtype (0 in fp32); load = 1-minute load average after the cell. Method parameters: "
-              f"defaults except {results.get('params') or 'none'} (each cell's JSON lists them; below its min_seq_len a method "
-              "computes exact attention itself, so those rows time its exact path). Per-method N limits: "
+              f"defaults except {results.get('params') or 'none'} (each cell's JSON lists them). Called on bare tensors as here, "
+              "a method runs its own algorithm at every N: min_seq_len is applied by the model adapter (kmv, poly and "
+              "feature_sketch fall back to exact inside the call below theirs; hyper and sparse_hyper approximate; on "
+              "near-uniform random attention the exact output is small, so relative errors above 1 occur). Per-method N limits: "
               f"{results.get('max_n') or 'none'}."]
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(kernel_report_markdown(results, lines))
