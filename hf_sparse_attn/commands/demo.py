@@ -46,10 +46,12 @@ def run(args: argparse.Namespace) -> int:
         diff = (model(check).logits - reference).abs().max().item()
         unpatch_model(model)
         identical = torch.equal(model(check).logits, reference)
+    # float32 summation order differs between our exact kernel and SDPA: compare relative to the logits' scale
+    relative = diff / max(1.0, reference.abs().max().item())
     print(f"check with method='exact' on {len(plan.patched_layers)} layers {plan.patched_layers}: "
-          f"max |logit diff| = {diff:.2e} ({'OK' if diff <= 1e-5 else 'FAILED'}, limit 1e-5); "
-          f"unpatched bit-identical: {identical}\n")
-    ok = diff <= 1e-5 and identical
+          f"max |logit diff| = {diff:.2e}, relative to max |logit| = {relative:.2e} "
+          f"({'OK' if relative <= 1e-5 else 'FAILED'}, limit 1e-5); unpatched bit-identical: {identical}\n")
+    ok = relative <= 1e-5 and identical
 
     if args.method not in list_methods():
         print(f"method {args.method!r} is not registered (available: {', '.join(list_methods())}); skipping the speed step")
