@@ -153,7 +153,3 @@ def check_plan_matches(plan: PatchPlan, fingerprint: str, num_layers: int, model
             f"the plan was made for a model with fingerprint {plan.model_fingerprint} ({plan.model_class}); this model "
             f"({model_class}) has {fingerprint}. Rebuild the plan with patch_model(model, method=..., layers=...)."
         )
-
-
-def optional_float(value: Optional[float]) -> float:
-    return float("nan") if value is None else float(value)

@@ -14,6 +14,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 VOCAB = 101
 
 
+def random_qkv(B=2, H=2, N=300, D=16, seed=0, dtype=torch.float32):
+    """Three standard-normal tensors [B, H, N, D] from a seeded generator (q, k, v)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3)]
+
+
+def rel_error(a, b):
+    """||a - b||_F / ||b||_F in float32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def _tiny(family: str):
     import transformers as T
 

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
+from conftest import random_qkv
 from hf_sparse_attn import Param, get_method, get_spec, list_methods, merge_attention, register_method
 from hf_sparse_attn.methods.registry import _REGISTRY
 
 
-def _qkv(b=2, h=3, n=20, d=8, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(3)]
+def _qkv(seed=0, dtype=torch.float32):
+    return random_qkv(2, 3, 20, 8, seed=seed, dtype=dtype)
 
 
 def test_unknown_method_lists_methods():

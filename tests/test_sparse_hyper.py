@@ -8,14 +8,7 @@ from hf_sparse_attn.methods.sparse_hyper import score_std, theory_scale
 
 SCALE = 0.25
 
-
-def _qkv(B=2, H=2, N=300, D=16, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3)]
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+from conftest import random_qkv as _qkv, rel_error as _rel
 
 
 @pytest.mark.parametrize("causal", [False, True])

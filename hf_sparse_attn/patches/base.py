@@ -9,7 +9,6 @@ exact attention.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Any, Callable, Optional, Protocol
 
@@ -88,21 +87,17 @@ class LayerRuntime:
         self.layer_plan = layer_plan  # a plan.LayerPlan whose counters we update, or None
         self.previous_implementation = "sdpa"  # set by the adapter: what the layer ran before patching
         self.capture: Optional[list[CapturedAttention]] = None
-        self.fallbacks: collections.Counter = collections.Counter()
-        self.served = 0
         if method is not None:
             self._spec = get_spec(method)
             self._fn = self._spec.fn
             self._min_seq_len = int(self.params.get("min_seq_len", 0) or 0)
 
-    # -- counters mirrored into the plan --
+    # -- the counters live in the layer's plan entry (a runtime with a method always has one) --
     def _count_fallback(self, reason: str) -> None:
-        self.fallbacks[reason] += 1
         if self.layer_plan is not None:
             self.layer_plan.fallbacks[reason] = self.layer_plan.fallbacks.get(reason, 0) + 1
 
     def _count_served(self) -> None:
-        self.served += 1
         if self.layer_plan is not None:
             self.layer_plan.served += 1
 
