@@ -142,6 +142,43 @@ def test_run_grid_records_resume_and_same_run_baseline(llama, tmp_path):
     assert scorer2.calls == 1 + 2 + 2  # warm-up + baseline + the one new cell (2 articles each)
 
 
+class CrashingScorer(FakeClockScorer):
+    """Raises on call number ``crash_at`` (1-based), as a kill in the middle of a cell would stop the run."""
+
+    def __init__(self, base_s: float, patched_s: float, crash_at: int):
+        super().__init__(base_s, patched_s)
+        self.crash_at = crash_at
+
+    def __call__(self, model, ids):
+        if self.calls + 1 == self.crash_at:
+            raise KeyboardInterrupt("killed")
+        return super().__call__(model, ids)
+
+
+def test_run_grid_resumes_a_cell_from_its_finished_articles(llama, tmp_path):
+    out = str(tmp_path / "results.jsonl")
+    texts = {64: _texts(64, count=3)}
+    cell = mb.Cell("sparse_hyper", 64, 2, "weight_norm")
+    cells = [mb.baseline_cell(64), cell]
+    clean = mb.run_grid(llama, cells, texts.__getitem__, str(tmp_path / "clean.jsonl"), method_params=PARAMS,
+                        profile=False, scorer=FakeClockScorer(2.0, 1.0), progress=False)
+    # calls: 1 warm-up, 3 baseline articles, then the cell's articles: killed during its third article
+    with pytest.raises(KeyboardInterrupt):
+        mb.run_grid(llama, cells, texts.__getitem__, out, method_params=PARAMS, profile=False,
+                    scorer=CrashingScorer(2.0, 1.0, crash_at=1 + 3 + 3), progress=False)
+    assert current_plan(llama) is None  # the kill did not leave the model patched
+    saved = [r for r in mb.read_jsonl(out) if r["kind"] == "article"]
+    assert [r["title"] for r in saved] == ["text0", "text1"] and cell.key not in mb.finished_keys(mb.read_jsonl(out))
+    resumed_scorer = FakeClockScorer(4.0, 1.0)  # a slower machine for the baseline of the second run
+    records = mb.run_grid(llama, cells, texts.__getitem__, out, method_params=PARAMS, profile=False,
+                          scorer=resumed_scorer, progress=False)
+    assert resumed_scorer.calls == 1 + 3 + 1  # warm-up, baseline re-timed, only the article lost to the kill
+    done, reference = mb.latest_cells(records)[cell.key], mb.latest_cells(clean)[cell.key]
+    assert [a["title"] for a in done["per_article"]] == ["text0", "text1", "text2"]
+    assert done["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-6)
+    assert done["articles_timed"] == 1 and done["speedup"] == pytest.approx(4.0)  # this run's baseline of text2 only
+
+
 def test_read_jsonl_ignores_a_line_cut_by_a_crash(tmp_path):
     path = str(tmp_path / "r.jsonl")
     mb.append_jsonl(path, {"kind": "cell", "key": "a"})
@@ -213,6 +250,47 @@ def test_goals_and_report(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "**NOT MET**" in md and "| 8192 | sparse_hyper | 4 | weight_norm |" in md
     assert result["plots"] == ["ppl_vs_speedup_8192.png"] and (tmp_path / "out" / "ppl_vs_speedup_8192.png").stat().st_size > 1000
+
+
+def _article_cell(select, nll_per_article, seed=0, layers=2):
+    """A finished cell with per-article losses (100 tokens per article)."""
+    per_article = [{"title": f"art{i}", "nll_sum": nll, "tokens": 100, "prefill_s": 1.0} for i, nll in enumerate(nll_per_article)]
+    nll_sum = sum(nll_per_article)
+    cell = mb.Cell("exact" if layers == 0 else "sparse_hyper", 8192, layers, "none" if layers == 0 else select, seed)
+    return {"kind": "cell", "key": cell.key, "method": cell.method, "tokens": 8192, "layers": layers, "select": cell.select,
+            "seed": seed, "perplexity": math.exp(nll_sum / (100 * len(nll_per_article))), "per_article": per_article,
+            "tokens_scored": 100 * len(nll_per_article), "prefill_s": 3.0, "speedup": 1.0}
+
+
+def test_selection_comparison_is_paired_by_article(tmp_path):
+    records = [_article_cell("none", [200.0, 300.0, 250.0], layers=0),
+               _article_cell("weight_norm", [210.0, 310.0, 270.0]),
+               _article_cell("last", [215.0, 305.0, 280.0]),      # worse on articles 0 and 2, better on 1
+               _article_cell("random", [205.0, 320.0, 260.0], seed=0),
+               _article_cell("weight_norm", [230.0, 330.0, 260.0], layers=3)]  # alone at 3 layers: no comparison
+    (group,) = mb.selection_comparison(records)
+    assert (group["method"], group["layers"], group["titles"]) == ("sparse_hyper", 2, ["art0", "art1", "art2"])
+    rows = {r["select"]: r for r in group["rows"]}
+    assert list(rows) == ["weight_norm", "last", "random"]  # weight_norm first
+    assert rows["last"]["weight_norm_lower_on"] == 2 and rows["random"]["weight_norm_lower_on"] == 1
+    # per article: exp((nll - nll_exact) / tokens) - 1, in %
+    assert rows["last"]["article_change_pct"] == pytest.approx([100 * (math.exp(0.15) - 1), 100 * (math.exp(0.05) - 1),
+                                                                100 * (math.exp(0.30) - 1)])
+    assert rows["weight_norm"]["ppl_change_pct"] == pytest.approx(100 * (math.exp(40 / 300) - 1))
+    summary = mb.summarize(records, num_layers=4)
+    goal = mb.evaluate_goals(summary, num_layers=4, comparison=[group])[1]
+    assert "lower than last on 2/3 articles, random on 1/3 article-seed pairs" in goal["detail"]
+
+    os.makedirs(tmp_path / "out")
+    with open(tmp_path / "out" / "results.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    result = mb.write_model_results(str(tmp_path / "out"), 4, header_lines=["# test"])
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## Layer selections article by article: sparse_hyper, 2 layers, 8192 tokens" in md
+    assert "| last | 0 | " in md and "| 2/3 |" in md
+    heatmap = tmp_path / "out" / "selections_by_article_sparse_hyper_2layers_8192.png"
+    assert heatmap.name in result["plots"] and heatmap.stat().st_size > 1000
 
 
 # ---- kernel level ---------------------------------------------------------------------------------------------

@@ -290,9 +290,15 @@ def _patch_for(model: torch.nn.Module, cell: Cell, method_params: dict, measured
 
 def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torch.Tensor]], *,
              method_params: Optional[dict[str, dict]] = None, measured_order: Optional[list[int]] = None,
-             scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll) -> dict:
+             scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll,
+             done_articles: Optional[dict[str, dict]] = None,
+             on_article: Optional[Callable[[dict], None]] = None) -> dict:
     """Run one cell on every text (the model is patched for the cell and unpatched after). Returns the record
-    (without the run fields: see :func:`run_grid`)."""
+    (without the run fields: see :func:`run_grid`).
+
+    ``done_articles``: title -> article record (``{"title", "nll_sum", "tokens", "prefill_s", ...}``) finished by an
+    earlier, interrupted run of this cell: reused, not recomputed. ``on_article`` is called with each newly
+    computed article record (``run_grid`` appends it to the results file, so a crash loses at most one article)."""
     from .. import unpatch_model
 
     for _, ids in texts:
@@ -303,8 +309,14 @@ def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torc
     load_before = os.getloadavg()[0]
     try:
         for title, ids in texts:
+            if done_articles and title in done_articles:
+                per_article.append(dict(done_articles[title], resumed=True))
+                continue
             nll, scored, seconds = scorer(model, ids)
-            per_article.append({"title": title, "nll_sum": nll, "tokens": scored, "prefill_s": seconds})
+            article = {"title": title, "nll_sum": nll, "tokens": scored, "prefill_s": seconds}
+            per_article.append(article)
+            if on_article is not None:
+                on_article(article)
     finally:
         if plan is not None:
             unpatch_model(model)
@@ -343,12 +355,21 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     already has it: a speed-up is only computed against a baseline of the same run) and, with ``profile``, one
     profiled exact prefill of the first text gives attention's share. Each cell record carries ``run_id``,
     ``baseline_prefill_s`` (this run's) and ``speedup`` = baseline_prefill_s / prefill_s.
+
+    Every finished article of a patched cell is appended at once (``"kind": "article"``); a rerun after a crash
+    reuses them, so it loses at most the article in flight. The speed-up of a cell finished across two runs is
+    then taken over the articles timed in this run, against this run's baseline times of the same articles.
     """
     from tqdm import tqdm
 
     run_info = dict(run_info or new_run_info())
     run_id = run_info["run_id"]
-    done = finished_keys(read_jsonl(out_path))
+    previous = read_jsonl(out_path)
+    done = finished_keys(previous)
+    partial: dict[str, dict[str, dict]] = {}
+    for r in previous:
+        if r.get("kind") == "article" and r["key"] not in done:
+            partial.setdefault(r["key"], {})[r["title"]] = {k: r[k] for k in ("title", "nll_sum", "tokens", "prefill_s", "run_id")}
     todo = [c for c in cells if c.key not in done]
     if not todo:
         return read_jsonl(out_path)
@@ -381,9 +402,18 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
                 if measured_order_for is None:
                     raise ValueError("a 'measured' cell needs measured_order_for (calibration)")
                 measured_order = list(measured_order_for())
-            record = run_cell(model, cell, texts, method_params=method_params, measured_order=measured_order, scorer=scorer)
-            record.update(run_id=run_id, baseline_prefill_s=baselines[n]["prefill_s"],
-                          speedup=baselines[n]["prefill_s"] / record["prefill_s"],
+            def on_article(article: dict, key: str = cell.key) -> None:
+                append_jsonl(out_path, {"kind": "article", "key": key, "run_id": run_id, **article})
+                bar.set_postfix_str(f"{key} article {article['title'][:20]}")
+
+            record = run_cell(model, cell, texts, method_params=method_params, measured_order=measured_order, scorer=scorer,
+                              done_articles=partial.get(cell.key), on_article=on_article)
+            base_times = {a["title"]: a["prefill_s"] for a in baselines[n]["per_article"]}
+            timed_here = [a for a in record["per_article"] if not a.get("resumed")]
+            base_s = sum(base_times[a["title"]] for a in timed_here)
+            cell_s = sum(a["prefill_s"] for a in timed_here)
+            record.update(run_id=run_id, baseline_prefill_s=base_s, articles_timed=len(timed_here), prefill_s_timed=cell_s,
+                          speedup=base_s / cell_s if cell_s > 0 else None,
                           baseline_perplexity=baselines[n]["perplexity"])
             append_jsonl(out_path, record)
             bar.update(1)
@@ -435,25 +465,66 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
             g = random_groups.setdefault(f"{r['method']}|N={r['tokens']}|layers={r['layers']}",
                                          {"method": r["method"], "tokens": r["tokens"], "layers": r["layers"], "perplexities": [], "speedups": []})
             g["perplexities"].append(r["perplexity"])
-            g["speedups"].append(r["speedup"])
+            if r["speedup"] is not None:
+                g["speedups"].append(r["speedup"])
     for g in random_groups.values():
         g["seeds"] = len(g["perplexities"])
         g["mean_perplexity"] = sum(g["perplexities"]) / g["seeds"]
-        g["mean_speedup"] = sum(g["speedups"]) / g["seeds"]
+        g["mean_speedup"] = sum(g["speedups"]) / len(g["speedups"]) if g["speedups"] else None
     return {"rows": rows, "profiles": {str(k): v for k, v in profiles.items()}, "random": list(random_groups.values())}
+
+
+def selection_comparison(records: Sequence[dict]) -> list[dict]:
+    """Layer selections compared article by article, at equal work (same method, N and number of layers).
+
+    For every (method, N, layers) with a ``weight_norm`` cell and at least one other selection: each selection's
+    per-article perplexity change against the exact model on the same article, and on how many articles
+    weight_norm's loss is the lower one. A paired comparison: articles differ from each other far more than
+    selections do, so "lower on 7 of 8 articles" says more than two pooled perplexities 1% apart.
+
+    Returns groups ``{"method", "tokens", "layers", "titles": [str], "rows": [{"select", "seed", "perplexity",
+    "ppl_change_pct", "article_change_pct": [float per title], "weight_norm_lower_on": int, "articles": int}]}``."""
+    cells = [c for c in latest_cells(records).values() if c.get("per_article")]
+    exact = {c["tokens"]: {a["title"]: a for a in c["per_article"]} for c in cells if c["layers"] == 0}
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        if c["layers"] > 0:
+            groups.setdefault((c["method"], c["tokens"], c["layers"]), []).append(c)
+    out = []
+    for (method, tokens, layers), members in sorted(groups.items()):
+        wn = next((c for c in members if c["select"] == "weight_norm"), None)
+        base = exact.get(tokens)
+        if wn is None or base is None or len(members) < 2:
+            continue
+        titles = [a["title"] for a in wn["per_article"] if a["title"] in base]
+        wn_nll = {a["title"]: a["nll_sum"] for a in wn["per_article"]}
+        rows = []
+        for c in sorted(members, key=lambda c: (c["select"] != "weight_norm", c["select"], c["seed"])):
+            mine = {a["title"]: a for a in c["per_article"]}
+            shared = [t for t in titles if t in mine]
+            changes = [100.0 * (math.exp((mine[t]["nll_sum"] - base[t]["nll_sum"]) / base[t]["tokens"]) - 1.0) for t in shared]
+            rows.append({"select": c["select"], "seed": c["seed"], "perplexity": c["perplexity"],
+                         "ppl_change_pct": 100.0 * (c["perplexity"] / math.exp(sum(base[t]["nll_sum"] for t in shared)
+                                                                              / sum(base[t]["tokens"] for t in shared)) - 1.0),
+                         "article_change_pct": changes, "articles": len(shared),
+                         "weight_norm_lower_on": sum(wn_nll[t] < mine[t]["nll_sum"] for t in shared)})
+        out.append({"method": method, "tokens": tokens, "layers": layers, "titles": titles, "rows": rows})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Goals of issue 7 and the markdown report
 # ---------------------------------------------------------------------------------------------------------
 
-def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None) -> list[dict]:
+def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None,
+                   comparison: Optional[Sequence[dict]] = None) -> list[dict]:
     """The three goals of issue 7 at ``tokens`` (default: the largest N measured), per patched method.
 
     1. weight_norm with half the layers replaced keeps perplexity within +5% of exact;
     2. weight_norm beats ``last`` and random (mean over seeds, and each seed) on perplexity at the same layer count
        (the same method and count give about the same speed-up: both are reported);
     3. speed-up with all layers replaced, next to the Amdahl ceiling from the profiled attention share.
+    ``comparison`` (:func:`selection_comparison`) adds to goal 2 on how many articles weight_norm's loss was lower.
     Each entry: {"goal", "method", "status" ("MET" / "NOT MET" / "NOT MEASURED"), "detail"}.
     """
     rows = summary["rows"]
@@ -474,7 +545,7 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None)
         else:
             g1.update(status="MET" if wn["ppl_change_pct"] <= 5.0 else "NOT MET",
                       detail=f"exact {base['perplexity']:.3f} -> {wn['perplexity']:.3f} ({wn['ppl_change_pct']:+.1f}%), "
-                             f"speed-up {wn['speedup']:.2f}x, {wn['tokens_scored']} tokens scored")
+                             f"speed-up {_fmt(wn['speedup'], '.2f')}x, {wn['tokens_scored']} tokens scored")
         goals.append(g1)
 
         g2 = {"goal": f"weight_norm beats last and random at {half} layers ({tokens} tokens)", "method": method}
@@ -488,14 +559,15 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None)
             beats_mean = wn["perplexity"] < mean_random
             seeds_beaten = sum(wn["perplexity"] < r["perplexity"] for r in randoms)
             seed_ppls = ", ".join(f"{r['perplexity']:.3f}" for r in sorted(randoms, key=lambda r: r["seed"]))
-            others = [f"{s} {at[(method, half, s, 0)]['perplexity']:.3f} ({at[(method, half, s, 0)]['speedup']:.2f}x)"
+            others = [f"{s} {at[(method, half, s, 0)]['perplexity']:.3f} ({_fmt(at[(method, half, s, 0)]['speedup'], '.2f')}x)"
                       for s in ("first", "measured") if (method, half, s, 0) in at]
             g2.update(status="MET" if beats_last and beats_mean else "NOT MET",
-                      detail=f"weight_norm {wn['perplexity']:.3f} ({wn['speedup']:.2f}x) vs last {last['perplexity']:.3f} "
-                             f"({last['speedup']:.2f}x) vs random mean {mean_random:.3f} over {len(randoms)} seeds "
+                      detail=f"weight_norm {wn['perplexity']:.3f} ({_fmt(wn['speedup'], '.2f')}x) vs last {last['perplexity']:.3f} "
+                             f"({_fmt(last['speedup'], '.2f')}x) vs random mean {mean_random:.3f} over {len(randoms)} seeds "
                              f"({seed_ppls}; "
                              f"weight_norm beats {seeds_beaten}/{len(randoms)} seeds)"
-                             + (f"; also {', '.join(others)}" if others else ""))
+                             + (f"; also {', '.join(others)}" if others else "")
+                             + _paired_detail(comparison, method, tokens, half))
         goals.append(g2)
 
         full = at.get((method, num_layers, "weight_norm", 0))
@@ -505,7 +577,7 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None)
         else:
             ceiling = amdahl_ceiling(prof["sdpa_share"], num_layers, num_layers)
             g3.update(status="REPORTED",
-                      detail=f"speed-up {full['speedup']:.2f}x (prefill {full['baseline_prefill_s']:.1f} s -> {full['prefill_s']:.1f} s "
+                      detail=f"speed-up {_fmt(full['speedup'], '.2f')}x (prefill {full['baseline_prefill_s']:.1f} s -> {full.get('prefill_s_timed', full['prefill_s']):.1f} s "
                              f"over {full['articles']} articles); SDPA is {100 * prof['sdpa_share']:.0f}% of the exact prefill "
                              f"(attention modules with projections {100 * prof['attention_module_share']:.0f}%), so the ceiling "
                              f"is {ceiling:.2f}x; perplexity {full['perplexity']:.3f} ({full['ppl_change_pct']:+.1f}%)")
@@ -513,12 +585,27 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None)
     return goals
 
 
+def _paired_detail(comparison: Optional[Sequence[dict]], method: str, tokens: int, layers: int) -> str:
+    group = next((g for g in comparison or () if (g["method"], g["tokens"], g["layers"]) == (method, tokens, layers)), None)
+    if group is None:
+        return ""
+    parts = []
+    for select in ("last", "first", "measured", "random"):
+        rows = [r for r in group["rows"] if r["select"] == select]
+        if rows:
+            parts.append(f"{select} on {sum(r['weight_norm_lower_on'] for r in rows)}/{sum(r['articles'] for r in rows)}"
+                         + (" article-seed pairs" if select == "random" else " articles"))
+    return "; article by article, weight_norm's loss is lower than " + ", ".join(parts) if parts else ""
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines: Sequence[str]) -> str:
-    """results.md: header, goals, profile table, every cell, random-selection groups."""
+def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines: Sequence[str],
+                          comparison: Sequence[dict] = (), comparison_plots: Optional[dict] = None) -> str:
+    """results.md: header, goals, profile table, the article-by-article selection comparison, every cell,
+    random-selection groups."""
     lines = list(header_lines) + ["", "## Goals (issue 7)", ""]
     for g in goals:
         lines.append(f"- **{g['status']}** — {g['method']}: {g['goal']}. {g['detail']}.")
@@ -527,6 +614,21 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
     for n, p in sorted(summary["profiles"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {n} | {p['wall_s']:.2f} | {100 * p['sdpa_share']:.1f}% | {100 * p['attention_module_share']:.1f}% | "
                      f"{1 / (1 - p['sdpa_share']):.2f}x |")
+    for g in comparison:
+        lines += ["", f"## Layer selections article by article: {g['method']}, {g['layers']} layers, {g['tokens']} tokens", "",
+                  f"Change = perplexity against the exact model on the same article; 'weight_norm lower on' = articles where "
+                  f"weight_norm's loss is below this selection's (of {len(g['titles'])}).", ""]
+        plot = (comparison_plots or {}).get((g["method"], g["tokens"], g["layers"]))
+        if plot:
+            lines += [f"![{plot}]({plot})", ""]
+        lines += ["| select | seed | perplexity | change | per-article change, min / median / max | weight_norm lower on |",
+                  "|---|---|---|---|---|---|"]
+        for r in g["rows"]:
+            ch = sorted(r["article_change_pct"])
+            med = ch[len(ch) // 2] if len(ch) % 2 else 0.5 * (ch[len(ch) // 2 - 1] + ch[len(ch) // 2])
+            lines.append(f"| {r['select']} | {r['seed']} | {r['perplexity']:.3f} | {r['ppl_change_pct']:+.1f}% | "
+                         f"{ch[0]:+.1f}% / {med:+.1f}% / {ch[-1]:+.1f}% | "
+                         + ("-" if r["select"] == "weight_norm" else f"{r['weight_norm_lower_on']}/{r['articles']}") + " |")
     lines += ["", "## Every cell", "",
               "Perplexity = exp(mean natural-log loss) over the identical token set of each N; speed-up = this run's exact "
               "prefill time / the cell's (sums over the articles); ceiling = Amdahl bound for that many layers; load = 1-minute "
@@ -551,29 +653,37 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
                   "|---|---|---|---|---|---|---|---|"]
         for g in summary["random"]:
             lines.append(f"| {g['tokens']} | {g['method']} | {g['layers']} | {g['seeds']} | {g['mean_perplexity']:.3f} | "
-                         f"{min(g['perplexities']):.3f} | {max(g['perplexities']):.3f} | {g['mean_speedup']:.2f}x |")
+                         f"{min(g['perplexities']):.3f} | {max(g['perplexities']):.3f} | {_fmt(g['mean_speedup'], '.2f')}x |")
     return "\n".join(lines) + "\n"
 
 
 def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence[str], extra: Optional[dict] = None) -> dict:
     """From ``out_dir``/results.jsonl write results.json, results.md and one ppl-vs-speed-up PNG per N."""
-    from .plots import plot_perplexity_vs_speedup
+    from .plots import plot_perplexity_vs_speedup, plot_selection_articles
 
     records = read_jsonl(os.path.join(out_dir, "results.jsonl"))
     summary = summarize(records, num_layers)
-    goals = evaluate_goals(summary, num_layers)
+    comparison = selection_comparison(records)
+    goals = evaluate_goals(summary, num_layers, comparison=comparison)
+    comparison_plots = {}
+    for g in comparison:
+        name = f"selections_by_article_{g['method']}_{g['layers']}layers_{g['tokens']}.png"
+        plot_selection_articles(g, os.path.join(out_dir, name))
+        comparison_plots[(g["method"], g["tokens"], g["layers"])] = name
     plots = []
     for n in sorted({r["tokens"] for r in summary["rows"]}):
         if any(r["tokens"] == n and r["layers"] > 0 for r in summary["rows"]):
             plots.append(os.path.basename(plot_perplexity_vs_speedup(
                 summary["rows"], n, os.path.join(out_dir, f"ppl_vs_speedup_{n}.png"))))
     runs = [r for r in records if r.get("kind") == "run"]
-    result = {**(extra or {}), "runs": runs, "goals": goals, "plots": plots, **summary}
+    result = {**(extra or {}), "runs": runs, "goals": goals, "plots": plots + list(comparison_plots.values()),
+              "selection_comparison": comparison, **summary}
     tmp = os.path.join(out_dir, "results.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "results.json"))
-    md = model_report_markdown(summary, goals, header_lines=list(header_lines) + ([""] + [f"![{p}]({p})" for p in plots] if plots else []))
+    md = model_report_markdown(summary, goals, header_lines=list(header_lines) + ([""] + [f"![{p}]({p})" for p in plots] if plots else []),
+                               comparison=comparison, comparison_plots=comparison_plots)
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(md)
     return result

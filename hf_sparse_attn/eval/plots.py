@@ -61,6 +61,31 @@ def plot_perplexity_vs_speedup(rows: Sequence[dict], tokens: int, path: str, tit
     return path
 
 
+def plot_selection_articles(group: dict, path: str) -> str:
+    """Heatmap of one :func:`hf_sparse_attn.eval.model_bench.selection_comparison` group: rows = layer selections
+    (random: one row per seed), columns = articles, colour and label = perplexity change against the exact model
+    on that article (%)."""
+    plt = _pyplot()
+    rows = group["rows"]
+    labels = [r["select"] + (f" (seed {r['seed']})" if r["select"] == "random" else "") for r in rows]
+    values = [r["article_change_pct"] for r in rows]
+    width = max(6.0, 0.9 * len(group["titles"]) + 2.5)
+    fig, ax = plt.subplots(figsize=(width, 0.45 * len(rows) + 2.2))
+    image = ax.imshow(values, cmap="Reds", aspect="auto", vmin=0.0)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xticks(range(len(group["titles"])), [t[:18] for t in group["titles"]], rotation=40, ha="right", fontsize=7)
+    fig.colorbar(image, ax=ax, label="perplexity change vs exact (%)")
+    ax.set_title(f"{group['method']}, {group['layers']} layers replaced, {group['tokens']} tokens: change per article", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_kernel_time_vs_n(cells: Sequence[dict], path: str, title: str = "") -> str:
     """Log-log time against N, one panel per (causal, dtype), one line per method plus SDPA.
 

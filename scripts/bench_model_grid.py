@@ -1,0 +1,37 @@
+"""Model level (issue 7), current code (sparse_hyper / hyper with 64 attention-sink keys by default): real
+SmolLM2-135M-Instruct on 8 real Wikipedia articles cut to 8192 tokens; perplexity and prefill time per method x
+replaced layers x layer selection, every speed-up against the exact model measured in the same run.
+
+Cell order puts the question of issue 7 first: the 15-layer sparse_hyper cells of every selection (weight_norm, last,
+first, measured, random x 3 seeds), then sparse_hyper by weight norm on 30, 8 and 23 layers, then hyper on 15 and 30.
+One torch thread, pinned to one core (`taskset -c 1`), so that the other core can run the offline suite without
+disturbing these timings much; resumable (finished cells in results.jsonl are skipped; a restart re-measures the
+baseline, as every speed-up needs a baseline of its own run).
+
+Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
+
+    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py   # writes eval/results/model_bench_grid/
+    .venv/bin/python scripts/bench_model_grid.py --report-only  # rebuild results.md / json / plots
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from hf_sparse_attn.cli import main  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_grid")
+ARGV = [
+    "bench", "model", "--tokens", "8192", "--articles", "8", "--threads", "1",
+    "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23",
+    "--method-layers", "hyper=15,30",
+    "--selections", "weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2",
+    "--compare-selections-at", "15", "--compare-methods", "sparse_hyper",
+    "--machine-note", "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py",
+    "--out", OUT,
+]
+
+if __name__ == "__main__":
+    sys.exit(main(ARGV + sys.argv[1:]))
