@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -267,8 +268,8 @@ def aggregate(args, suite, num_layers: int) -> None:
             ax.set_xticks([0, 8, 15, 23, 30])
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Offline suite (needle QA), SmolLM2-135M-Instruct, exact vs patched, seed {args.seed}\n{MACHINE}, {DATE}",
-                 fontsize=9)
+    fig.suptitle(f"Offline suite (needle QA), SmolLM2-135M-Instruct, exact vs patched, seed {args.seed}\n"
+                 + textwrap.fill(f"{MACHINE}, {DATE}", 60 * len(contexts)), fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "score_vs_layers.png"), dpi=110)
     plt.close(fig)
