@@ -3,7 +3,7 @@ growing number of replaced layers, chosen by Q/K weight norm (seed 002 §5.1) an
 
 Resumable and parameterized: every (method, select, layers) run writes its predictions sample by sample under
 OUT/runs/<run>/ (rerun the same command to continue after a crash or a --budget-minutes stop); the aggregate
-(table.md, results.json, score_vs_layers.png, results.md) is rebuilt from whatever runs exist.
+(results.md, results.json, score_vs_layers.png) is rebuilt from whatever runs exist.
 
     .venv/bin/python scripts/offline_suite.py --contexts 2,4 --samples 2 --budget-minutes 30   # reduced grid
     .venv/bin/python scripts/offline_suite.py --contexts 2,4,8 --samples 5                      # full grid
@@ -170,13 +170,14 @@ def _kind(task: str) -> str:
 
 
 def aggregate(args, suite, num_layers: int) -> None:
-    """Rebuild table.md, results.json and score_vs_layers.png from every run under OUT/runs.
+    """Rebuild results.md, results.json and score_vs_layers.png from every run under OUT/runs.
 
     The comparison (table and plot) is over the tasks the patched runs were asked for (the needle tasks in the
     committed run); the unpatched model's scores on the other kinds are a table of their own. Per context: mean
     score (LongBench metric x 100), 'found' = share of samples whose prediction contains a gold answer verbatim
     (qa_f1 also penalizes the words around a correct answer), 'same' = share of predictions identical to the
-    unpatched model's. A run is complete when every task it has was predicted for every sample of the suite."""
+    unpatched model's. A run is complete when it predicted every sample of its tasks (patched runs: the compared tasks; the unpatched
+    run: every task of the suite)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +213,8 @@ def aggregate(args, suite, num_layers: int) -> None:
     order = sorted(runs, key=lambda n: (runs[n]["meta"]["layers"], runs[n]["meta"]["select"], runs[n]["meta"]["method"]))
     for name in order:
         run, meta = runs[name], runs[name]["meta"]
-        complete = all(len(run["seconds"].get(t, [])) >= expected.get(t, 0) for t in run["result"])
+        needed = compared if meta["layers"] > 0 else list(expected)  # patched: the compared tasks; exact: every task
+        complete = all(len(run["seconds"].get(t, [])) >= expected.get(t, 0) for t in needed)
         table.append({"run": name, "method": meta["method"], "select": meta["select"], "layers": meta["layers"],
                       "params": meta.get("params"), "patched_layers": meta.get("patched_layers"),
                       "fallbacks": meta.get("fallbacks"), "complete": complete, "scores": run["result"],
@@ -280,7 +282,7 @@ def aggregate(args, suite, num_layers: int) -> None:
         json.dump({"machine": MACHINE, "date": DATE, "script": "scripts/offline_suite.py", "contexts_k": contexts,
                    "compared_tasks": compared, "samples_per_task": samples, "params": params,
                    "seconds_per_sample": timing, "rows": table}, f, indent=2)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+    with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"# Offline suite, SmolLM2-135M-Instruct ({MACHINE}, {DATE})\n\n"
                 f"Produced by `scripts/offline_suite.py` (commands below). Method parameters of the patched runs: "
                 f"{params}. Compared tasks: {', '.join(compared)}; samples per task: "

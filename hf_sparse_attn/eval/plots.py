@@ -72,9 +72,10 @@ def plot_selection_articles(group: dict, path: str) -> str:
     width = max(6.0, 0.9 * len(group["titles"]) + 2.5)
     fig, ax = plt.subplots(figsize=(width, 0.45 * len(rows) + 2.2))
     image = ax.imshow(values, cmap="Reds", aspect="auto", vmin=0.0)
+    top = max((v for row in values for v in row), default=0.0)
     for i, row in enumerate(values):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=7, color="white" if v > 0.6 * top else "black")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_xticks(range(len(group["titles"])), [t[:18] for t in group["titles"]], rotation=40, ha="right", fontsize=7)
     fig.colorbar(image, ax=ax, label="perplexity change vs exact (%)")
