@@ -278,6 +278,9 @@ def test_selection_comparison_is_paired_by_article(tmp_path):
                                                                 100 * (math.exp(0.30) - 1)])
     assert rows["weight_norm"]["ppl_change_pct"] == pytest.approx(100 * (math.exp(40 / 300) - 1))
     summary = mb.summarize(records, num_layers=4)
+    medians = {(r["layers"], r["select"]): r["median_article_change_pct"] for r in summary["rows"]}
+    assert medians[(2, "weight_norm")] == pytest.approx(100 * (math.exp(0.1) - 1))  # articles: +10.5%, +10.5%, +22.1%
+    assert medians[(2, "last")] == pytest.approx(100 * (math.exp(0.15) - 1)) and medians[(0, "none")] == 0.0
     goal = mb.evaluate_goals(summary, num_layers=4, comparison=[group])[1]
     assert "lower than last on 2/3 articles, random on 1/3 article-seed pairs" in goal["detail"]
 

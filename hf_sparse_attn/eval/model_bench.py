@@ -448,6 +448,7 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
     cells = latest_cells(records)
     profiles = latest_profiles(records)
     baseline_ppl = {c["tokens"]: c["perplexity"] for c in cells.values() if c["layers"] == 0}
+    baseline_articles = {c["tokens"]: {a["title"]: a for a in c.get("per_article", [])} for c in cells.values() if c["layers"] == 0}
     rows = []
     for c in cells.values():
         row = {k: c.get(k) for k in ("key", "method", "tokens", "layers", "select", "seed", "perplexity", "tokens_scored",
@@ -455,6 +456,11 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
                                       "load_avg_1min", "params")}
         base = baseline_ppl.get(c["tokens"])
         row["ppl_change_pct"] = None if base is None else 100.0 * (c["perplexity"] / base - 1.0)
+        exact_articles = baseline_articles.get(c["tokens"], {})
+        changes = sorted(100.0 * (math.exp((a["nll_sum"] - exact_articles[a["title"]]["nll_sum"]) / a["tokens"]) - 1.0)
+                         for a in c.get("per_article", []) if a["title"] in exact_articles)
+        row["median_article_change_pct"] = (None if not changes else changes[len(changes) // 2] if len(changes) % 2
+                                            else 0.5 * (changes[len(changes) // 2 - 1] + changes[len(changes) // 2]))
         prof = profiles.get(c["tokens"])
         row["amdahl_ceiling"] = None if prof is None else amdahl_ceiling(prof["sdpa_share"], c["layers"], num_layers)
         rows.append(row)
@@ -631,14 +637,15 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
                          + ("-" if r["select"] == "weight_norm" else f"{r['weight_norm_lower_on']}/{r['articles']}") + " |")
     lines += ["", "## Every cell", "",
               "Perplexity = exp(mean natural-log loss) over the identical token set of each N; speed-up = this run's exact "
-              "prefill time / the cell's (sums over the articles); ceiling = Amdahl bound for that many layers; load = 1-minute "
+              "prefill time / the cell's (sums over the articles); median article change = the median over the articles of each "
+              "article's own perplexity change; ceiling = Amdahl bound for that many layers; load = 1-minute "
               "load average of the machine before/after the cell (2 cores: above ~2 other jobs competed).", "",
-              "| N | method | layers | select | seed | perplexity | change | tokens scored | prefill s | speed-up | ceiling | served | fallbacks | load |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| N | method | layers | select | seed | perplexity | change | median article change | tokens scored | prefill s | speed-up | ceiling | served | fallbacks | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         falls = "; ".join(f"{k}: {v}" for k, v in sorted((r.get("fallbacks") or {}).items())) or "-"
         lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['perplexity']:.3f} | "
-                     f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {r['tokens_scored']} | {r['prefill_s']:.1f} | {_fmt(r['speedup'], '.2f')}x | "
+                     f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {_fmt(r.get('median_article_change_pct'), '+.1f')}% | {r['tokens_scored']} | {r['prefill_s']:.1f} | {_fmt(r['speedup'], '.2f')}x | "
                      f"{_fmt(r['amdahl_ceiling'], '.2f')}x | {r.get('served', 0)} | {falls} | "
                      f"{'-' if not r.get('load_avg_1min') else '/'.join(f'{x:.1f}' for x in r['load_avg_1min'])} |")
     params_seen: dict[str, set] = {}
