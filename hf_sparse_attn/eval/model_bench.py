@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 import uuid
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -459,8 +460,7 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
         exact_articles = baseline_articles.get(c["tokens"], {})
         changes = sorted(100.0 * (math.exp((a["nll_sum"] - exact_articles[a["title"]]["nll_sum"]) / a["tokens"]) - 1.0)
                          for a in c.get("per_article", []) if a["title"] in exact_articles)
-        row["median_article_change_pct"] = (None if not changes else changes[len(changes) // 2] if len(changes) % 2
-                                            else 0.5 * (changes[len(changes) // 2 - 1] + changes[len(changes) // 2]))
+        row["median_article_change_pct"] = statistics.median(changes) if changes else None
         prof = profiles.get(c["tokens"])
         row["amdahl_ceiling"] = None if prof is None else amdahl_ceiling(prof["sdpa_share"], c["layers"], num_layers)
         rows.append(row)
@@ -631,7 +631,7 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
                   "|---|---|---|---|---|---|"]
         for r in g["rows"]:
             ch = sorted(r["article_change_pct"])
-            med = ch[len(ch) // 2] if len(ch) % 2 else 0.5 * (ch[len(ch) // 2 - 1] + ch[len(ch) // 2])
+            med = statistics.median(ch)
             lines.append(f"| {r['select']} | {r['seed']} | {r['perplexity']:.3f} | {r['ppl_change_pct']:+.1f}% | "
                          f"{ch[0]:+.1f}% / {med:+.1f}% / {ch[-1]:+.1f}% | "
                          + ("-" if r["select"] == "weight_norm" else f"{r['weight_norm_lower_on']}/{r['articles']}") + " |")
