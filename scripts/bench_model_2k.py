@@ -21,14 +21,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_sparse_attn.cli import main  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_2k")
-ARGV = [
-    "bench", "model", "--tokens", "2048", "--articles", "20", "--threads", "1",
-    "--methods", "sparse_hyper", "--layers", "0", "15", "30", "--selections", "weight_norm", "last",
-    "--compare-selections-at", "15",
-    "--method-param", "sparse_hyper.min_seq_len=512", "--method-param", "sparse_hyper.causal_min_seq_len=1024",
-    "--machine-note", "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py",
-    "--out", OUT,
-]
+
+
+def forced_on_argv(tokens: int, articles: int, threads: int, machine_note: str, out: str) -> list[str]:
+    """`hf-sparse-attn bench model` arguments: exact vs sparse_hyper on 15 layers (weight_norm, last) and on all 30,
+    the method forced on at short contexts (also used by scripts/bench_model_4k.py)."""
+    return [
+        "bench", "model", "--tokens", str(tokens), "--articles", str(articles), "--threads", str(threads),
+        "--methods", "sparse_hyper", "--layers", "0", "15", "30", "--selections", "weight_norm", "last",
+        "--compare-selections-at", "15",
+        "--method-param", "sparse_hyper.min_seq_len=512", "--method-param", "sparse_hyper.causal_min_seq_len=1024",
+        "--machine-note", machine_note, "--out", out,
+    ]
+
+
+ARGV = forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py", OUT)
 
 if __name__ == "__main__":
     sys.exit(main(ARGV + sys.argv[1:]))

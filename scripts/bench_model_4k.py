@@ -18,17 +18,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_model_2k import forced_on_argv  # noqa: E402
+
 from hf_sparse_attn.cli import main  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_4k")
-ARGV = [
-    "bench", "model", "--tokens", "4096", "--articles", "10", "--threads", "2",
-    "--methods", "sparse_hyper", "--layers", "0", "15", "30", "--selections", "weight_norm", "last",
-    "--compare-selections-at", "15",
-    "--method-param", "sparse_hyper.min_seq_len=512", "--method-param", "sparse_hyper.causal_min_seq_len=1024",
-    "--machine-note", "2 torch threads, no other job",
-    "--out", OUT,
-]
+ARGV = forced_on_argv(4096, 10, 2, "2 torch threads, no other job", OUT)
 
 if __name__ == "__main__":
     sys.exit(main(ARGV + sys.argv[1:]))

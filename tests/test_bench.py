@@ -221,6 +221,16 @@ def _row(method, layers, select, ppl, speedup, seed=0, tokens=8192):
             "prefill_s": 10.0 / speedup, "baseline_prefill_s": 10.0, "speedup": speedup, "run_id": "r", "served": 1, "fallbacks": {}}
 
 
+def _write_report(out, records):
+    """Write ``records`` as out/results.jsonl, build the report from it: (result dict, results.md text)."""
+    os.makedirs(out)
+    with open(out / "results.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    result = mb.write_model_results(str(out), 4, header_lines=["# test"])
+    return result, (out / "results.md").read_text()
+
+
 def test_goals_and_report(tmp_path):
     records = [
         _row("exact", 0, "none", 10.0, 1.0),
@@ -242,12 +252,7 @@ def test_goals_and_report(tmp_path):
     assert "beats 1/2 seeds" in list(goals.values())[1]["detail"]
     assert "1.67x" in list(goals.values())[2]["detail"]  # Amdahl ceiling 1 / (1 - 0.4)
 
-    os.makedirs(tmp_path / "out")
-    with open(tmp_path / "out" / "results.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    result = mb.write_model_results(str(tmp_path / "out"), 4, header_lines=["# test"])
-    md = (tmp_path / "out" / "results.md").read_text()
+    result, md = _write_report(tmp_path / "out", records)
     assert "**NOT MET**" in md and "| 8192 | sparse_hyper | 4 | weight_norm |" in md
     assert result["plots"] == ["ppl_vs_speedup_8192.png"] and (tmp_path / "out" / "ppl_vs_speedup_8192.png").stat().st_size > 1000
 
@@ -284,12 +289,7 @@ def test_selection_comparison_is_paired_by_article(tmp_path):
     goal = mb.evaluate_goals(summary, num_layers=4, comparison=[group])[1]
     assert "lower than last on 2/3 articles, random on 1/3 article-seed pairs" in goal["detail"]
 
-    os.makedirs(tmp_path / "out")
-    with open(tmp_path / "out" / "results.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    result = mb.write_model_results(str(tmp_path / "out"), 4, header_lines=["# test"])
-    md = (tmp_path / "out" / "results.md").read_text()
+    result, md = _write_report(tmp_path / "out", records)
     assert "## Layer selections article by article: sparse_hyper, 2 layers, 8192 tokens" in md
     assert "| last | 0 | " in md and "| 2/3 |" in md
     heatmap = tmp_path / "out" / "selections_by_article_sparse_hyper_2layers_8192.png"
