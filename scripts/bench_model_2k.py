@@ -1,15 +1,18 @@
 """Model level (issue 7) at 2048 tokens: real SmolLM2-135M-Instruct on the first 20 real Wikipedia articles with at
-least 2048 tokens, exact vs sparse_hyper on 15 layers (weight_norm and last) and on all 30 layers.
+least 2048 tokens, exact vs sparse_hyper.
 
 With its defaults sparse_hyper runs causal calls shorter than 8192 tokens exact (below that the causal recursion is
 slower than SDPA on this CPU: eval/results/kernels_cpu), so a default-patched model at 2k *is* the exact model. This
 run forces the method on: min_seq_len=512 (leaf size of the causal recursion) and causal_min_seq_len=1024, the
 parameters of the offline suite (scripts/offline_suite.py), to show what it would cost and save at 2k.
 
-One torch thread (run pinned to one core with taskset, as scripts/bench_model_grid.py); resumable.
+One torch thread pinned to one core (taskset, as scripts/bench_model_grid.py), resumable. Stage 1 (the committed
+results): 15 layers by weight_norm and last, and all 30 layers. Stage 2 (not run yet: no time left in session 3)
+adds every selection at 15 layers (first, measured, random x 3 seeds) and 8 / 23 layers by weight_norm, as 4k has.
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
-    taskset -c 1 .venv/bin/python scripts/bench_model_2k.py    # writes eval/results/model_bench_2k/
+    taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 1   # writes eval/results/model_bench_2k/
+    taskset -c 0 .venv/bin/python scripts/bench_model_2k.py --stage 2   # extends it (about 35 min at 1 thread)
 """
 
 from __future__ import annotations
@@ -21,21 +24,39 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_sparse_attn.cli import main  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_2k")
+FIRST_GRID = {"layers": ["0", "15", "30"], "selections": ["weight_norm", "last"]}
+FULL_GRID = {"layers": ["0", "8", "15", "23", "30"],
+             "selections": ["weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2"]}
 
 
-def forced_on_argv(tokens: int, articles: int, threads: int, machine_note: str, out: str) -> list[str]:
-    """`hf-sparse-attn bench model` arguments: exact vs sparse_hyper on 15 layers (weight_norm, last) and on all 30,
-    the method forced on at short contexts (also used by scripts/bench_model_4k.py)."""
+def forced_on_argv(tokens: int, articles: int, threads: int, machine_note: str, out: str, grid: dict = FIRST_GRID) -> list[str]:
+    """`hf-sparse-attn bench model` arguments: exact vs sparse_hyper on ``grid`` (layer counts; selections, compared
+    at 15 layers), the method forced on at short contexts (also used by scripts/bench_model_4k.py)."""
     return [
         "bench", "model", "--tokens", str(tokens), "--articles", str(articles), "--threads", str(threads),
-        "--methods", "sparse_hyper", "--layers", "0", "15", "30", "--selections", "weight_norm", "last",
+        "--methods", "sparse_hyper", "--layers", *grid["layers"], "--selections", *grid["selections"],
         "--compare-selections-at", "15",
         "--method-param", "sparse_hyper.min_seq_len=512", "--method-param", "sparse_hyper.causal_min_seq_len=1024",
         "--machine-note", machine_note, "--out", out,
     ]
 
 
-ARGV = forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py", OUT)
+def stage_argv(stages: dict[str, list[str]], argv: list[str]) -> list[str]:
+    """``--stage S`` picks ``stages[S]`` (default: the last stage); the other arguments are passed on."""
+    argv = list(argv)
+    stage = list(stages)[-1]
+    if "--stage" in argv:
+        i = argv.index("--stage")
+        stage = argv[i + 1]
+        del argv[i: i + 2]
+    return stages[stage] + argv
+
+
+STAGES = {
+    "1": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py", OUT),
+    "2": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_grid.py "
+                        "(1 thread)", OUT, FULL_GRID),
+}
 
 if __name__ == "__main__":
-    sys.exit(main(ARGV + sys.argv[1:]))
+    sys.exit(main(stage_argv(STAGES, sys.argv[1:])))

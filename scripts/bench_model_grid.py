@@ -10,8 +10,16 @@ baseline, as every speed-up needs a baseline of its own run).
 
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
-    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py   # writes eval/results/model_bench_grid/
-    .venv/bin/python scripts/bench_model_grid.py --report-only  # rebuild results.md / json / plots
+Two stages, the same results file (eval/results/model_bench_grid/results.jsonl):
+1. (session 2) every cell on 8 articles;
+2. (session 3, same date) the question of issue 7 on 20 articles: the exact baseline and the 15-layer sparse_hyper
+   cells of every selection are extended from 8 to 20 articles (the 8 articles' losses reused, the 12 new ones
+   computed and timed, the baseline timed on the same 12 in the same run; no re-profile: the profile of stage 1
+   stays). The other cells stay on 8 articles; the report compares each cell with exact on its own articles.
+
+    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
+    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2
+    .venv/bin/python scripts/bench_model_grid.py --report-only            # rebuild results.md / json / plots
 """
 
 from __future__ import annotations
@@ -20,18 +28,24 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_model_2k import stage_argv  # noqa: E402
+
 from hf_sparse_attn.cli import main  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_grid")
-ARGV = [
-    "bench", "model", "--tokens", "8192", "--articles", "8", "--threads", "1",
-    "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23",
-    "--method-layers", "hyper=15,30",
-    "--selections", "weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2",
-    "--compare-selections-at", "15", "--compare-methods", "sparse_hyper",
-    "--machine-note", "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py",
-    "--out", OUT,
-]
+SELECTIONS = ["--selections", "weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2",
+              "--compare-selections-at", "15", "--compare-methods", "sparse_hyper"]
+STAGES = {
+    "1": ["bench", "model", "--tokens", "8192", "--articles", "8", "--threads", "1",
+          "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23", "--method-layers", "hyper=15,30",
+          *SELECTIONS, "--machine-note", "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py",
+          "--out", OUT],
+    "2": ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+          "--methods", "sparse_hyper", "--layers", "0", "15", *SELECTIONS,
+          "--machine-note", "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py, then "
+          "scripts/bench_kernels_all.py --grid full (1 thread each)", "--out", OUT],
+}
 
 if __name__ == "__main__":
-    sys.exit(main(ARGV + sys.argv[1:]))
+    sys.exit(main(stage_argv(STAGES, sys.argv[1:])))

@@ -172,11 +172,44 @@ def test_run_grid_resumes_a_cell_from_its_finished_articles(llama, tmp_path):
     resumed_scorer = FakeClockScorer(4.0, 1.0)  # a slower machine for the baseline of the second run
     records = mb.run_grid(llama, cells, texts.__getitem__, out, method_params=PARAMS, profile=False,
                           scorer=resumed_scorer, progress=False)
-    assert resumed_scorer.calls == 1 + 3 + 1  # warm-up, baseline re-timed, only the article lost to the kill
+    assert resumed_scorer.calls == 1 + 1 + 1  # warm-up, the baseline re-timed on the lost article only, that article
     done, reference = mb.latest_cells(records)[cell.key], mb.latest_cells(clean)[cell.key]
     assert [a["title"] for a in done["per_article"]] == ["text0", "text1", "text2"]
     assert done["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-6)
     assert done["articles_timed"] == 1 and done["speedup"] == pytest.approx(4.0)  # this run's baseline of text2 only
+
+
+def test_run_grid_extends_finished_cells_to_more_articles(llama, tmp_path):
+    """A grid run on 2 articles, then asked for 3: no cell is skipped as finished; each computes the third article
+    only, the baseline is timed on it alone, and the result equals a clean 3-article run."""
+    out = str(tmp_path / "results.jsonl")
+    three = _texts(64, count=3)
+    cells = [mb.baseline_cell(64), mb.Cell("sparse_hyper", 64, 2, "weight_norm"), mb.Cell("sparse_hyper", 64, 1, "last")]
+    clean = mb.latest_cells(mb.run_grid(llama, cells, {64: three}.__getitem__, str(tmp_path / "clean.jsonl"),
+                                        method_params=PARAMS, profile=False, scorer=FakeClockScorer(2.0, 1.0), progress=False))
+    mb.run_grid(llama, cells, {64: three[:2]}.__getitem__, out, method_params=PARAMS, profile=False,
+                scorer=FakeClockScorer(2.0, 1.0), progress=False)
+    assert mb.finished_keys(mb.read_jsonl(out), lambda n: [t for t, _ in three]) == set()
+    later = FakeClockScorer(6.0, 2.0)  # the later run's machine is slower: its speed-ups use its own timings
+    records = mb.run_grid(llama, cells, {64: three}.__getitem__, out, method_params=PARAMS, profile=False,
+                          scorer=later, progress=False)
+    assert later.calls == 1 + 1 + 2  # warm-up, baseline on text2, each patched cell on text2
+    done = mb.latest_cells(records)
+    for cell in cells:
+        assert [a["title"] for a in done[cell.key]["per_article"]] == ["text0", "text1", "text2"]
+        assert done[cell.key]["perplexity"] == pytest.approx(clean[cell.key]["perplexity"], rel=1e-6)
+    wn = done[cells[1].key]
+    assert wn["articles_timed"] == 1 and wn["speedup"] == pytest.approx(3.0) and wn["baseline_prefill_s"] == pytest.approx(6.0)
+    # a cell left on 2 articles is compared with the exact model on those 2, not on the baseline's 3
+    records.append({**done[cells[2].key], "per_article": done[cells[2].key]["per_article"][:2],
+                    "perplexity": math.exp(
+                        sum(a["nll_sum"] for a in done[cells[2].key]["per_article"][:2]) / 126)})
+    rows = {r["key"]: r for r in mb.summarize(records, num_layers=3)["rows"]}
+    assert rows[cells[1].key]["articles_timed"] == 1 and rows[cells[1].key]["prefill_s_timed"] == pytest.approx(2.0)
+    base2 = done[mb.baseline_cell(64).key]["per_article"][:2]
+    exact2 = math.exp(sum(a["nll_sum"] for a in base2) / 126)
+    assert rows[cells[2].key]["exact_perplexity"] == pytest.approx(exact2)
+    assert rows[cells[2].key]["ppl_change_pct"] == pytest.approx(100 * (records[-1]["perplexity"] / exact2 - 1))
 
 
 def test_read_jsonl_ignores_a_line_cut_by_a_crash(tmp_path):
@@ -218,7 +251,8 @@ def test_profile_attention_share(llama):
 def _row(method, layers, select, ppl, speedup, seed=0, tokens=8192):
     return {"kind": "cell", "key": mb.Cell(method, tokens, layers, select, seed).key, "method": method, "tokens": tokens,
             "layers": layers, "select": select, "seed": seed, "perplexity": ppl, "tokens_scored": 100, "articles": 1,
-            "prefill_s": 10.0 / speedup, "baseline_prefill_s": 10.0, "speedup": speedup, "run_id": "r", "served": 1, "fallbacks": {}}
+            "prefill_s": 10.0 / speedup, "baseline_prefill_s": 10.0, "speedup": speedup, "run_id": "r", "served": 1, "fallbacks": {},
+            "per_article": [{"title": "a", "nll_sum": 100 * math.log(ppl), "tokens": 100, "prefill_s": 10.0 / speedup}]}
 
 
 def _write_report(out, records):
@@ -254,7 +288,7 @@ def test_goals_and_report(tmp_path):
 
     result, md = _write_report(tmp_path / "out", records)
     assert "**NOT MET**" in md and "| 8192 | sparse_hyper | 4 | weight_norm |" in md
-    assert result["plots"] == ["ppl_vs_speedup_8192.png"] and (tmp_path / "out" / "ppl_vs_speedup_8192.png").stat().st_size > 1000
+    assert result["plots"] == ["ppl_vs_speedup_8192.png", "selections_by_article_sparse_hyper_2layers_8192.png"] and (tmp_path / "out" / "ppl_vs_speedup_8192.png").stat().st_size > 1000
 
 
 def _article_cell(select, nll_per_article, seed=0, layers=2):

@@ -92,7 +92,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                           "replaced layers x selection; speed-ups against the exact model measured in the same run; "
                                           "attention's share of the exact prefill from torch.profiler (the Amdahl ceiling).")
     model.add_argument("--tokens", nargs="+", type=int, default=[2048, 4096, 8192], help="context lengths N (each article cut to N tokens)")
-    model.add_argument("--articles", type=int, default=20, help="articles per N (the first ones with >= N tokens; identical for every cell)")
+    model.add_argument("--articles", type=int, default=20, help="articles per N (the first ones with >= N tokens; identical for every cell). Raising it on an existing --out extends finished cells: their articles are reused, only the new ones computed")
     model.add_argument("--methods", nargs="+", default=["sparse_hyper", "hyper"], help="methods to patch with")
     model.add_argument("--layers", nargs="+", type=int, default=list(range(0, 31, 3)) + [15],
                        help="numbers of replaced layers (0 = the exact baseline, always run)")
@@ -216,7 +216,8 @@ def run_model(args: argparse.Namespace) -> int:
                       "selections": args.selections, "random_seeds": args.random_seeds, "method_layers": method_layers,
                       "compare_methods": args.compare_methods,
                       "compare_selections_at": args.compare_selections_at}}
-    header += ["", f"Grid: tokens {args.tokens}, {args.articles} articles per N, methods {args.methods}, layers {args.layers} "
+    header += ["", f"Grid: tokens {args.tokens}, {args.articles} articles per N (cells of an earlier run on fewer articles "
+               f"and not asked for here keep theirs: see the articles column), methods {args.methods}, layers {args.layers} "
                f"(per method: {method_layers or 'the same'}), "
                f"selections {args.selections} (random seeds {args.random_seeds}; selections other than weight_norm at "
                f"{args.compare_selections_at or 'every layer count'}, for {args.compare_methods or 'every method'}). Weight-norm order of the layers: {ranking.order}. "

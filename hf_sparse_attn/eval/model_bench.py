@@ -15,8 +15,10 @@ What is measured, for one configuration ("cell": method, tokens N, number of rep
   Q/K/V/O projections and RoPE, which stay), each over the profiled forward's wall time. Replacing k of L layers
   by an infinitely fast method can at best give the Amdahl ceiling 1 / (1 - share * k / L).
 
-Results are one JSON line per finished cell (flushed at once, so a crash loses at most the cell in progress);
-finished cells are skipped when the same file is given again (resume).
+Results are JSON lines: one per finished article of a patched cell and one per finished cell, flushed at once, so a
+crash loses at most the article in progress. Given the same file again, a cell is skipped when its record covers every
+requested article; a cell run on fewer articles (say 8 before ``--articles 20``) is extended: its articles are reused
+and only the missing ones computed (resume).
 """
 
 from __future__ import annotations
@@ -260,8 +262,14 @@ def append_jsonl(path: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def finished_keys(records: Iterable[dict]) -> set[str]:
-    return {r["key"] for r in records if r.get("kind") == "cell"}
+def finished_keys(records: Iterable[dict], titles_for: Optional[Callable[[int], Sequence[str]]] = None) -> set[str]:
+    """Keys of the finished cells. With ``titles_for`` (N -> the requested article titles), only the cells whose
+    latest record covers every requested article of its N count as finished."""
+    cells = latest_cells(records)
+    if titles_for is None:
+        return set(cells)
+    return {k for k, c in cells.items()
+            if set(titles_for(c["tokens"])) <= {a["title"] for a in c.get("per_article", [])}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,11 +374,19 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     run_info = dict(run_info or new_run_info())
     run_id = run_info["run_id"]
     previous = read_jsonl(out_path)
-    done = finished_keys(previous)
+    texts_by_n = {n: texts_for(n) for n in sorted({c.tokens for c in cells})}
+    done = finished_keys(previous, lambda n: [t for t, _ in texts_by_n.get(n, ())])
+    # articles already computed for unfinished cells: from an earlier cell record on fewer articles, then from the
+    # article records of an interrupted run (the later one wins)
     partial: dict[str, dict[str, dict]] = {}
+    fields = ("title", "nll_sum", "tokens", "prefill_s", "run_id")
+    for key, c in latest_cells(previous).items():
+        if key not in done:
+            for a in c.get("per_article", []):
+                partial.setdefault(key, {})[a["title"]] = {k: a.get(k, c.get("run_id")) for k in fields}
     for r in previous:
         if r.get("kind") == "article" and r["key"] not in done:
-            partial.setdefault(r["key"], {})[r["title"]] = {k: r[k] for k in ("title", "nll_sum", "tokens", "prefill_s", "run_id")}
+            partial.setdefault(r["key"], {})[r["title"]] = {k: r[k] for k in fields}
     todo = [c for c in cells if c.key not in done]
     if not todo:
         return read_jsonl(out_path)
@@ -380,12 +396,17 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     bar = tqdm(total=len(todo), desc="model bench", unit="cell", disable=not progress)
     warmed = False
     for n in sorted({c.tokens for c in todo}):
-        texts = texts_for(n)
+        texts = texts_by_n[n]
         if not warmed:  # the first forward of a process pays one-time costs: keep them out of the baseline
             scorer(model, texts[0][1][:, : min(512, n)])
             warmed = True
         base = baseline_cell(n)
-        record = run_cell(model, base, texts, scorer=scorer)
+        # the baseline is timed in this run on every article a patched cell will time in this run (and on the
+        # articles it lacks); its other articles are reused from the earlier record
+        to_time = {t for c in todo if c.tokens == n and not c.is_baseline for t, _ in texts if t not in partial.get(c.key, {})}
+        earlier_base = latest_cells(previous).get(base.key)
+        base_reuse = {a["title"]: a for a in (earlier_base or {}).get("per_article", []) if a["title"] not in to_time}
+        record = run_cell(model, base, texts, scorer=scorer, done_articles=base_reuse)
         record["run_id"] = run_id
         baselines[n] = record
         if base.key not in done:
@@ -409,7 +430,7 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
 
             record = run_cell(model, cell, texts, method_params=method_params, measured_order=measured_order, scorer=scorer,
                               done_articles=partial.get(cell.key), on_article=on_article)
-            base_times = {a["title"]: a["prefill_s"] for a in baselines[n]["per_article"]}
+            base_times = {a["title"]: a["prefill_s"] for a in baselines[n]["per_article"] if not a.get("resumed")}
             timed_here = [a for a in record["per_article"] if not a.get("resumed")]
             base_s = sum(base_times[a["title"]] for a in timed_here)
             cell_s = sum(a["prefill_s"] for a in timed_here)
@@ -448,16 +469,25 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
     the random-selection mean/min/max per (method, N, layers)."""
     cells = latest_cells(records)
     profiles = latest_profiles(records)
-    baseline_ppl = {c["tokens"]: c["perplexity"] for c in cells.values() if c["layers"] == 0}
     baseline_articles = {c["tokens"]: {a["title"]: a for a in c.get("per_article", [])} for c in cells.values() if c["layers"] == 0}
     rows = []
     for c in cells.values():
         row = {k: c.get(k) for k in ("key", "method", "tokens", "layers", "select", "seed", "perplexity", "tokens_scored",
                                       "articles", "prefill_s", "baseline_prefill_s", "speedup", "run_id", "served", "fallbacks",
                                       "load_avg_1min", "params")}
-        base = baseline_ppl.get(c["tokens"])
-        row["ppl_change_pct"] = None if base is None else 100.0 * (c["perplexity"] / base - 1.0)
+        timed = [a for a in c.get("per_article", []) if not a.get("resumed")]  # timed in the cell's own run
+        row["articles_timed"] = len(timed) if timed else c.get("articles")
+        row["prefill_s_timed"] = sum(a["prefill_s"] for a in timed) if timed else c.get("prefill_s")
         exact_articles = baseline_articles.get(c["tokens"], {})
+        # the change is taken against the exact model on this cell's own articles (cells may cover different sets
+        # when a grid was extended to more articles part of the way)
+        titles = [a["title"] for a in c.get("per_article", [])]
+        if titles and all(t in exact_articles for t in titles):
+            row["exact_perplexity"] = perplexity(sum(exact_articles[t]["nll_sum"] for t in titles),
+                                                 sum(exact_articles[t]["tokens"] for t in titles))
+            row["ppl_change_pct"] = 100.0 * (c["perplexity"] / row["exact_perplexity"] - 1.0)
+        else:
+            row["exact_perplexity"] = row["ppl_change_pct"] = None
         changes = sorted(100.0 * (math.exp((a["nll_sum"] - exact_articles[a["title"]]["nll_sum"]) / a["tokens"]) - 1.0)
                          for a in c.get("per_article", []) if a["title"] in exact_articles)
         row["median_article_change_pct"] = statistics.median(changes) if changes else None
@@ -510,8 +540,8 @@ def selection_comparison(records: Sequence[dict]) -> list[dict]:
             shared = [t for t in titles if t in mine]
             changes = [100.0 * (math.exp((mine[t]["nll_sum"] - base[t]["nll_sum"]) / base[t]["tokens"]) - 1.0) for t in shared]
             rows.append({"select": c["select"], "seed": c["seed"], "perplexity": c["perplexity"],
-                         "ppl_change_pct": 100.0 * (c["perplexity"] / math.exp(sum(base[t]["nll_sum"] for t in shared)
-                                                                              / sum(base[t]["tokens"] for t in shared)) - 1.0),
+                         "ppl_change_pct": 100.0 * (math.exp(sum(mine[t]["nll_sum"] - base[t]["nll_sum"] for t in shared)
+                                                             / sum(base[t]["tokens"] for t in shared)) - 1.0),
                          "article_change_pct": changes, "articles": len(shared),
                          "weight_norm_lower_on": sum(wn_nll[t] < mine[t]["nll_sum"] for t in shared)})
         out.append({"method": method, "tokens": tokens, "layers": layers, "titles": titles, "rows": rows})
@@ -550,8 +580,8 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None,
             g1.update(status="NOT MEASURED", detail="cell not run")
         else:
             g1.update(status="MET" if wn["ppl_change_pct"] <= 5.0 else "NOT MET",
-                      detail=f"exact {base['perplexity']:.3f} -> {wn['perplexity']:.3f} ({wn['ppl_change_pct']:+.1f}%), "
-                             f"speed-up {_fmt(wn['speedup'], '.2f')}x, {wn['tokens_scored']} tokens scored")
+                      detail=f"exact {wn['exact_perplexity']:.3f} -> {wn['perplexity']:.3f} ({wn['ppl_change_pct']:+.1f}%), "
+                             f"speed-up {_fmt(wn['speedup'], '.2f')}x, {wn['articles']} articles, {wn['tokens_scored']} tokens scored")
         goals.append(g1)
 
         g2 = {"goal": f"weight_norm beats last and random at {half} layers ({tokens} tokens)", "method": method}
@@ -583,8 +613,8 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None,
         else:
             ceiling = amdahl_ceiling(prof["sdpa_share"], num_layers, num_layers)
             g3.update(status="REPORTED",
-                      detail=f"speed-up {_fmt(full['speedup'], '.2f')}x (prefill {full['baseline_prefill_s']:.1f} s -> {full.get('prefill_s_timed', full['prefill_s']):.1f} s "
-                             f"over {full['articles']} articles); SDPA is {100 * prof['sdpa_share']:.0f}% of the exact prefill "
+                      detail=f"speed-up {_fmt(full['speedup'], '.2f')}x (prefill {full['baseline_prefill_s']:.1f} s -> {full['prefill_s_timed']:.1f} s "
+                             f"over the {full['articles_timed']} articles timed in that run); SDPA is {100 * prof['sdpa_share']:.0f}% of the exact prefill "
                              f"(attention modules with projections {100 * prof['attention_module_share']:.0f}%), so the ceiling "
                              f"is {ceiling:.2f}x; perplexity {full['perplexity']:.3f} ({full['ppl_change_pct']:+.1f}%)")
         goals.append(g3)
@@ -637,15 +667,17 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
                          + ("-" if r["select"] == "weight_norm" else f"{r['weight_norm_lower_on']}/{r['articles']}") + " |")
     lines += ["", "## Every cell", "",
               "Perplexity = exp(mean natural-log loss) over the identical token set of each N; speed-up = this run's exact "
-              "prefill time / the cell's (sums over the articles); median article change = the median over the articles of each "
+              "prefill time / the cell's (sums over the articles timed in the cell's run: 'prefill s' is that sum); median article change = the median over the articles of each "
               "article's own perplexity change; ceiling = Amdahl bound for that many layers; load = 1-minute "
-              "load average of the machine before/after the cell (2 cores: above ~2 other jobs competed).", "",
-              "| N | method | layers | select | seed | perplexity | change | median article change | tokens scored | prefill s | speed-up | ceiling | served | fallbacks | load |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "load average of the machine before/after the cell (2 cores: above ~2 other jobs competed). 'articles' = scored "
+              "(timed in the run of the speed-up): a cell extended to more articles in a later run is timed on the new ones; "
+              "its change is against the exact model on its own articles.", "",
+              "| N | method | layers | select | seed | perplexity | change | median article change | articles (timed) | tokens scored | prefill s | speed-up | ceiling | served | fallbacks | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         falls = "; ".join(f"{k}: {v}" for k, v in sorted((r.get("fallbacks") or {}).items())) or "-"
         lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['perplexity']:.3f} | "
-                     f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {_fmt(r.get('median_article_change_pct'), '+.1f')}% | {r['tokens_scored']} | {r['prefill_s']:.1f} | {_fmt(r['speedup'], '.2f')}x | "
+                     f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {_fmt(r.get('median_article_change_pct'), '+.1f')}% | {r.get('articles')} ({r['articles_timed']}) | {r['tokens_scored']} | {r['prefill_s_timed']:.1f} | {_fmt(r['speedup'], '.2f')}x | "
                      f"{_fmt(r['amdahl_ceiling'], '.2f')}x | {r.get('served', 0)} | {falls} | "
                      f"{'-' if not r.get('load_avg_1min') else '/'.join(f'{x:.1f}' for x in r['load_avg_1min'])} |")
     params_seen: dict[str, set] = {}
