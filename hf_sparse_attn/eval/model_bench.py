@@ -374,13 +374,14 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     run_info = dict(run_info or new_run_info())
     run_id = run_info["run_id"]
     previous = read_jsonl(out_path)
+    previous_cells = latest_cells(previous)
     texts_by_n = {n: texts_for(n) for n in sorted({c.tokens for c in cells})}
     done = finished_keys(previous, lambda n: [t for t, _ in texts_by_n.get(n, ())])
     # articles already computed for unfinished cells: from an earlier cell record on fewer articles, then from the
     # article records of an interrupted run (the later one wins)
     partial: dict[str, dict[str, dict]] = {}
     fields = ("title", "nll_sum", "tokens", "prefill_s", "run_id")
-    for key, c in latest_cells(previous).items():
+    for key, c in previous_cells.items():
         if key not in done:
             for a in c.get("per_article", []):
                 partial.setdefault(key, {})[a["title"]] = {k: a.get(k, c.get("run_id")) for k in fields}
@@ -404,7 +405,7 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
         # the baseline is timed in this run on every article a patched cell will time in this run (and on the
         # articles it lacks); its other articles are reused from the earlier record
         to_time = {t for c in todo if c.tokens == n and not c.is_baseline for t, _ in texts if t not in partial.get(c.key, {})}
-        earlier_base = latest_cells(previous).get(base.key)
+        earlier_base = previous_cells.get(base.key)
         base_reuse = {a["title"]: a for a in (earlier_base or {}).get("per_article", []) if a["title"] not in to_time}
         record = run_cell(model, base, texts, scorer=scorer, done_articles=base_reuse)
         record["run_id"] = run_id
