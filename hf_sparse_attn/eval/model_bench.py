@@ -465,6 +465,12 @@ def latest_profiles(records: Iterable[dict]) -> dict[int, dict]:
     return out
 
 
+def article_change_pct(article: dict, exact_article: dict) -> float:
+    """One article's perplexity change against the exact model on the same tokens, in %:
+    100 * (exp((nll_sum - exact nll_sum) / tokens) - 1)."""
+    return 100.0 * (math.exp((article["nll_sum"] - exact_article["nll_sum"]) / exact_article["tokens"]) - 1.0)
+
+
 def summarize(records: Sequence[dict], num_layers: int) -> dict:
     """Cells with perplexity change vs the same N's baseline and the Amdahl ceiling of their layer count, plus
     the random-selection mean/min/max per (method, N, layers)."""
@@ -489,7 +495,7 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
             row["ppl_change_pct"] = 100.0 * (c["perplexity"] / row["exact_perplexity"] - 1.0)
         else:
             row["exact_perplexity"] = row["ppl_change_pct"] = None
-        changes = sorted(100.0 * (math.exp((a["nll_sum"] - exact_articles[a["title"]]["nll_sum"]) / a["tokens"]) - 1.0)
+        changes = sorted(article_change_pct(a, exact_articles[a["title"]])
                          for a in c.get("per_article", []) if a["title"] in exact_articles)
         row["median_article_change_pct"] = statistics.median(changes) if changes else None
         prof = profiles.get(c["tokens"])
@@ -539,7 +545,7 @@ def selection_comparison(records: Sequence[dict]) -> list[dict]:
         for c in sorted(members, key=lambda c: (c["select"] != "weight_norm", c["select"], c["seed"])):
             mine = {a["title"]: a for a in c["per_article"]}
             shared = [t for t in titles if t in mine]
-            changes = [100.0 * (math.exp((mine[t]["nll_sum"] - base[t]["nll_sum"]) / base[t]["tokens"]) - 1.0) for t in shared]
+            changes = [article_change_pct(mine[t], base[t]) for t in shared]
             rows.append({"select": c["select"], "seed": c["seed"], "perplexity": c["perplexity"],
                          "ppl_change_pct": 100.0 * (math.exp(sum(mine[t]["nll_sum"] - base[t]["nll_sum"] for t in shared)
                                                              / sum(base[t]["tokens"] for t in shared)) - 1.0),
