@@ -16,9 +16,12 @@ Two stages, the same results file (eval/results/model_bench_grid/results.jsonl):
    cells of every selection are extended from 8 to 20 articles (the 8 articles' losses reused, the 12 new ones
    computed and timed, the baseline timed on the same 12 in the same run; no re-profile: the profile of stage 1
    stays). The other cells stay on 8 articles; the report compares each cell with exact on its own articles.
+3. (session 4, same date) every other cell of stage 1 extended to 20 articles the same way: sparse_hyper by weight
+   norm on 30, 8 and 23 layers, hyper on 15 and 30 (the exact baseline re-timed on the 12 new articles).
 
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2
+    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 3   # about 95 min
     .venv/bin/python scripts/bench_model_grid.py --report-only            # rebuild results.md / json / plots
 """
 
@@ -45,6 +48,10 @@ STAGES = {
           "--methods", "sparse_hyper", "--layers", "0", "15", *SELECTIONS,
           "--machine-note", "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py, then "
           "scripts/bench_kernels_all.py --grid full (1 thread each)", "--out", OUT],
+    "3": ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+          "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23", "--method-layers", "hyper=15,30",
+          *SELECTIONS, "--machine-note", "1 torch thread pinned to one core; the other core ran "
+          "scripts/bench_model_2k.py --stage 2 (1 thread)", "--out", OUT],
 }
 
 if __name__ == "__main__":

@@ -330,6 +330,32 @@ def test_selection_comparison_is_paired_by_article(tmp_path):
     assert heatmap.name in result["plots"] and heatmap.stat().st_size > 1000
 
 
+def test_selections_side_by_side_at_every_layer_count(tmp_path):
+    records = [_article_cell("none", [200.0, 300.0], layers=0),
+               _article_cell("weight_norm", [210.0, 310.0], layers=1), _article_cell("last", [215.0, 305.0], layers=1),
+               _article_cell("weight_norm", [230.0, 330.0], layers=2), _article_cell("last", [240.0, 340.0], layers=2),
+               _article_cell("random", [220.0, 350.0], seed=0, layers=2),
+               _article_cell("random", [235.0, 320.0], seed=1, layers=2)]
+    (overview,) = mb.selections_by_layer_count(mb.selection_comparison(records))
+    assert (overview["method"], overview["tokens"], overview["layers"]) == ("sparse_hyper", 8192, [1, 2])
+    cells = overview["cells"]
+    assert ("random", 1) not in cells
+    assert cells[("last", 1)]["weight_norm_lower_on"] == 1 and cells[("last", 2)]["weight_norm_lower_on"] == 2
+    assert cells[("random", 2)]["weight_norm_lower_on"] == 2 and cells[("random", 2)]["articles"] == 4  # pairs
+    change = lambda nll: 100 * (math.exp(nll / 200) - 1)  # noqa: E731 — pooled over the 2 x 100 tokens
+    assert cells[("random", 2)]["ppl_change_pct"] == pytest.approx((change(70.0) + change(55.0)) / 2)
+    assert cells[("weight_norm", 2)]["ppl_change_pct"] == pytest.approx(change(60.0))
+
+    result, md = _write_report(tmp_path / "out", records)
+    assert "## Layer selections at every layer count compared: sparse_hyper, 8192 tokens" in md
+    assert "| layers | weight_norm | last | random |" in md
+    assert f"| 1 | {change(20.0):+.1f}% | {change(20.0):+.1f}% (1/2) | - |" in md
+    assert f"| 2 | {change(60.0):+.1f}% | {change(80.0):+.1f}% (2/2) | {(change(70.0) + change(55.0)) / 2:+.1f}% (2/4) |" in md
+    curves = tmp_path / "out" / "selections_vs_layers_sparse_hyper_8192.png"
+    assert curves.name in result["plots"] and curves.stat().st_size > 1000
+    assert {(c["select"], c["layers"]) for c in result["selections_by_layer_count"][0]["cells"]} == set(cells)
+
+
 # ---- kernel level ---------------------------------------------------------------------------------------------
 
 def test_bench_on_inputs_values():

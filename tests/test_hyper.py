@@ -391,3 +391,40 @@ def test_gradients_match_exact_through_recursion_and_sinks(num_sinks):
     grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["hyper", "sparse_hyper"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks_of_a_left_padded_row_are_its_first_real_tokens(method, causal):
+    """Left padding (batched generation) puts padding at positions 0..P-1. The sinks must be the row's first real
+    tokens: the planted heavy key sits at the first real position P > num_sink_tokens, so sinks taken by position
+    would be padding and miss it (before the fix: the row's error was that of no sinks at all). A left-padded row
+    is computed as its right-padded copy, and its padding queries (causal) attend nothing: out 0, lse -inf."""
+    N, P = 2048, 100
+    q, k, v = _heavy_first_key(N=N)
+    scale = q.shape[-1] ** -0.5
+    g = torch.Generator().manual_seed(9)
+    pad = [torch.randn(1, 2, P, q.shape[-1], generator=g) * 20 for _ in range(3)]  # poison: never attended
+    left = [torch.cat([p, x[:, :, : N - P]], dim=2) for p, x in zip(pad, (q, k, v))]
+    right = [torch.cat([x[:, :, : N - P], p], dim=2) for p, x in zip(pad, (q, k, v))]
+    left_mask = torch.arange(N)[None] >= P
+    right_mask = torch.arange(N)[None] < N - P
+    params = dict(block_size=128, min_seq_len=256, num_sink_tokens=1)
+    if method == "hyper":
+        params["sample_size"] = 0
+    f = get_method(method, **params)
+    out_l, lse_l = f(*left, causal=causal, scale=scale, key_padding_mask=left_mask)
+    out_r, lse_r = f(*right, causal=causal, scale=scale, key_padding_mask=right_mask)
+    torch.testing.assert_close(out_l[:, :, P:], out_r[:, :, : N - P], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_l[:, :, P:], lse_r[:, :, : N - P], atol=1e-5, rtol=1e-5)
+    if causal:
+        assert torch.all(out_l[:, :, :P] == 0) and torch.all(lse_l[:, :, :P] == float("-inf"))
+    ref, _ = get_method("exact")(*left, causal=causal, scale=scale, key_padding_mask=left_mask)
+    rows = slice(P, N)
+    no_sinks, _ = get_method(method, **{**params, "num_sink_tokens": 0})(*left, causal=causal, scale=scale,
+                                                                          key_padding_mask=left_mask)
+
+    def off(out):  # share of the real rows off by more than 30%
+        return ((out - ref)[:, :, rows].norm(dim=-1) / ref[:, :, rows].norm(dim=-1) > 0.3).float().mean().item()
+
+    assert off(no_sinks) > 0.4 and off(out_l) < off(no_sinks) / 3, (off(no_sinks), off(out_l))

@@ -555,6 +555,36 @@ def selection_comparison(records: Sequence[dict]) -> list[dict]:
     return out
 
 
+SELECTION_ORDER = ("weight_norm", "last", "first", "measured", "random")
+
+
+def selections_by_layer_count(comparison: Sequence[dict]) -> list[dict]:
+    """The :func:`selection_comparison` groups of one (method, N) side by side, where selections were compared at
+    two or more layer counts: does a selection's lead hold as more layers are replaced?
+
+    Returns ``[{"method", "tokens", "layers": [int], "cells": {(select, layers): {"ppl_change_pct",
+    "weight_norm_lower_on", "articles", "seeds"}}}]``; random is one entry per layer count: the change is the mean
+    over its seeds, the paired counts are summed over them (article-seed pairs)."""
+    by_method: dict[tuple, list[dict]] = {}
+    for g in comparison:
+        by_method.setdefault((g["method"], g["tokens"]), []).append(g)
+    out = []
+    for (method, tokens), groups in sorted(by_method.items()):
+        if len(groups) < 2:
+            continue
+        cells: dict[tuple, dict] = {}
+        for g in groups:
+            for select in SELECTION_ORDER:
+                rows = [r for r in g["rows"] if r["select"] == select]
+                if rows:
+                    cells[(select, g["layers"])] = {
+                        "ppl_change_pct": sum(r["ppl_change_pct"] for r in rows) / len(rows),
+                        "weight_norm_lower_on": sum(r["weight_norm_lower_on"] for r in rows),
+                        "articles": sum(r["articles"] for r in rows), "seeds": len(rows)}
+        out.append({"method": method, "tokens": tokens, "layers": sorted(g["layers"] for g in groups), "cells": cells})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Goals of issue 7 and the markdown report
 # ---------------------------------------------------------------------------------------------------------
@@ -657,6 +687,23 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
     for n, p in sorted(summary["profiles"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {n} | {p['wall_s']:.2f} | {100 * p['sdpa_share']:.1f}% | {100 * p['attention_module_share']:.1f}% | "
                      f"{1 / (1 - p['sdpa_share']):.2f}x |")
+    for overview in selections_by_layer_count(comparison):
+        selects = [s for s in SELECTION_ORDER if any(k[0] == s for k in overview["cells"])]
+        lines += ["", f"## Layer selections at every layer count compared: {overview['method']}, {overview['tokens']} tokens", "",
+                  "Perplexity change against the exact model on the same articles (random: mean over its seeds) and, in "
+                  "brackets, on how many articles (random: article-seed pairs) weight_norm's loss is the lower one. Equal "
+                  "layer count = equal work: the speed-ups of a row differ only by timing noise (see 'Every cell').", ""]
+        plot = (comparison_plots or {}).get((overview["method"], overview["tokens"], "layers"))
+        if plot:
+            lines += [f"![{plot}]({plot})", ""]
+        lines += ["| layers | " + " | ".join(selects) + " |", "|---" * (len(selects) + 1) + "|"]
+        for layers in overview["layers"]:
+            entries = []
+            for select in selects:
+                c = overview["cells"].get((select, layers))
+                entries.append("-" if c is None else f"{c['ppl_change_pct']:+.1f}%" + (
+                    "" if select == "weight_norm" else f" ({c['weight_norm_lower_on']}/{c['articles']})"))
+            lines.append(f"| {layers} | " + " | ".join(entries) + " |")
     for g in comparison:
         lines += ["", f"## Layer selections article by article: {g['method']}, {g['layers']} layers, {g['tokens']} tokens", "",
                   f"Change = perplexity against the exact model on the same article; 'weight_norm lower on' = articles where "
@@ -704,8 +751,10 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
 
 
 def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence[str], extra: Optional[dict] = None) -> dict:
-    """From ``out_dir``/results.jsonl write results.json, results.md and one ppl-vs-speed-up PNG per N."""
-    from .plots import plot_perplexity_vs_speedup, plot_selection_articles
+    """From ``out_dir``/results.jsonl write results.json, results.md and the plots: one ppl-vs-speed-up PNG per N,
+    one per-article heatmap per selection comparison, one change-vs-layers curve per (method, N) compared at two or
+    more layer counts."""
+    from .plots import plot_perplexity_vs_speedup, plot_selection_articles, plot_selections_vs_layers
 
     records = read_jsonl(os.path.join(out_dir, "results.jsonl"))
     summary = summarize(records, num_layers)
@@ -716,6 +765,10 @@ def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence
         name = f"selections_by_article_{g['method']}_{g['layers']}layers_{g['tokens']}.png"
         plot_selection_articles(g, os.path.join(out_dir, name))
         comparison_plots[(g["method"], g["tokens"], g["layers"])] = name
+    for overview in selections_by_layer_count(comparison):
+        name = f"selections_vs_layers_{overview['method']}_{overview['tokens']}.png"
+        plot_selections_vs_layers(overview, os.path.join(out_dir, name))
+        comparison_plots[(overview["method"], overview["tokens"], "layers")] = name
     plots = []
     for n in sorted({r["tokens"] for r in summary["rows"]}):
         if any(r["tokens"] == n and r["layers"] > 0 for r in summary["rows"]):
@@ -723,7 +776,9 @@ def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence
                 summary["rows"], n, os.path.join(out_dir, f"ppl_vs_speedup_{n}.png"))))
     runs = [r for r in records if r.get("kind") == "run"]
     result = {**(extra or {}), "runs": runs, "goals": goals, "plots": plots + list(comparison_plots.values()),
-              "selection_comparison": comparison, **summary}
+              "selection_comparison": comparison,
+              "selections_by_layer_count": [{**o, "cells": [{"select": s, "layers": l, **c} for (s, l), c in o["cells"].items()]}
+                                            for o in selections_by_layer_count(comparison)], **summary}
     tmp = os.path.join(out_dir, "results.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)

@@ -87,6 +87,36 @@ def plot_selection_articles(group: dict, path: str) -> str:
     return path
 
 
+def plot_selections_vs_layers(overview: dict, path: str) -> str:
+    """Perplexity change against exact (y, %) by number of layers replaced (x), one curve per layer selection: one
+    :func:`hf_sparse_attn.eval.model_bench.selections_by_layer_count` entry (random: the mean over its seeds).
+    At equal layer count the work is equal, so the curves compare selections at equal speed-up."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    selects = []
+    for select, _ in overview["cells"]:
+        if select not in selects:
+            selects.append(select)
+    for select in selects:
+        pts = sorted((layers, c) for (s, layers), c in overview["cells"].items() if s == select)
+        seeds = max(c["seeds"] for _, c in pts)
+        label = select + (f" (mean of {seeds} seeds)" if select == "random" else "")
+        style = dict(color="gray", linestyle="--") if select == "random" else {}
+        ax.plot([l for l, _ in pts], [c["ppl_change_pct"] for _, c in pts], marker="o", label=label, **style)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(overview["layers"])
+    ax.set_xlabel("layers replaced (equal work at equal count)")
+    ax.set_ylabel("perplexity change vs exact (%)")
+    ax.set_title(f"{overview['method']}, {overview['tokens']} tokens: layer selections", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_kernel_time_vs_n(cells: Sequence[dict], path: str, title: str = "") -> str:
     """Log-log time against N, one panel per (causal, dtype), one line per method plus SDPA.
 

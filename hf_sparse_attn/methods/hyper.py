@@ -39,7 +39,8 @@ import torch
 from .common import check_inputs
 from .lsh import make_generator
 from .registry import Param, register_method
-from .sorted_blocks import merge_sink_attention, sink_attention, sorted_lsh_attention, split_sink_keys
+from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
+                            sink_attention, sorted_lsh_attention, split_sink_keys)
 
 # Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
 # bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
@@ -97,6 +98,9 @@ def hyper_attention(
                          f"{block_size}, {sample_size}, {num_sink_tokens}")
     gen = make_generator(generator, seed)
     num_sinks = min(num_sink_tokens, k.shape[2])
+    shift = leading_padding(key_padding_mask) if num_sinks > 0 else None
+    if shift is not None:  # left padding: the sinks must be each row's first real tokens, not its padding
+        q, k, v, key_padding_mask = move_leading_padding_to_end(q, k, v, key_padding_mask, shift)
     k_rest, v_rest, rest_mask = split_sink_keys(k, v, key_padding_mask, num_sinks, causal)
     out, lse, _ = sorted_lsh_attention(q, k_rest, v_rest, causal=causal, scale=scale, key_padding_mask=rest_mask,
                                        generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
@@ -105,6 +109,8 @@ def hyper_attention(
         sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
                                                key_padding_mask=key_padding_mask)
         out, lse = merge_sink_attention(out, lse, sink_out, sink_lse)
+    if shift is not None:
+        out, lse = restore_leading_padding(out, lse, shift, k.shape[2], causal)
     return out.to(q.dtype), lse
 
 
@@ -131,7 +137,7 @@ HYPER_PARAMS = {
                                 help="the adapter runs exact attention for causal calls shorter than this; "
                                      f"0 = auto = {CAUSAL_CROSSOVER_FACTOR} x min_seq_len (the measured causal crossover)"),
     "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0,
-                             help="every query also attends the first num_sink_tokens keys exactly (attention sinks), "
+                             help="every query also attends the first num_sink_tokens real keys exactly (attention sinks; left padding skipped), "
                                   "merged via lse; they are excluded from the sorted blocks and the samples"),
 }
 
