@@ -692,7 +692,9 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
         lines += ["", f"## Layer selections at every layer count compared: {overview['method']}, {overview['tokens']} tokens", "",
                   "Perplexity change against the exact model on the same articles (random: mean over its seeds) and, in "
                   "brackets, on how many articles (random: article-seed pairs) weight_norm's loss is the lower one. Equal "
-                  "layer count = equal work: the speed-ups of a row differ only by timing noise (see 'Every cell').", ""]
+                  "layer count = equal work: the speed-ups of a row differ only by timing noise (see 'Every cell'). With every "
+                  "layer replaced all selections patch the same layers (ties count as not lower); a random cell differs "
+                  "there only by its seed, which also seeds hashing: that spread is the method's own seed noise.", ""]
         plot = (comparison_plots or {}).get((overview["method"], overview["tokens"], "layers"))
         if plot:
             lines += [f"![{plot}]({plot})", ""]

@@ -33,8 +33,8 @@ Seed 002's Algorithm 1 is stated non-causal; this is our extension. For causal r
 covariance of the keys in the 256-position chunks before query i's chunk (score_std_causal), so no future key
 influences a past row.
 
-Attention sinks (``num_sink_tokens`` = S, as in hyper.py): keys 0..S-1 are attended exactly by every query and
-removed from the sorted blocks. The theory scale is applied to the block part alone, before the lse merge with the
+Attention sinks (``num_sink_tokens`` = S, as in hyper.py): keys 0..S-1 (a left-padded row's first S real tokens)
+are attended exactly by every query and removed from the sorted blocks. The theory scale is applied to the block part alone, before the lse merge with the
 sinks: k_i, n_i count the non-sink keys and sigma_i comes from them. The Gaussian model describes the bulk of a row's
 scores, not a sink; under it the unseen bulk mass is D~_b (1/alpha - 1) with zero-mean values, so
     y = (D_s y_s + D~_b y~_b) / (D_s + D~_b / alpha),
