@@ -18,8 +18,8 @@ Attention sinks (``num_sink_tokens`` = S, our addition; StreamingLLM's observati
 row's mass on the first tokens): every query also attends keys 0..S-1 exactly (causal: those <= its position),
 merged with the result above through lse; those keys are removed from the sorted blocks and from the samples
 (sorted_blocks.split_sink_keys / sink_attention; docs/methods/hyper.md "Attention sinks"). A left-padded row is
-first rolled past its padding (sorted_blocks.move_leading_padding_to_end), so its sinks are its first real tokens. Default: NUM_SINK_TOKENS
-below, chosen from the SmolLM2 measurement.
+first rolled past its padding (sorted_blocks.move_leading_padding_to_end), so its sinks are its first real tokens.
+Default: NUM_SINK_TOKENS below, chosen from the SmolLM2 measurement.
 
 Tensors: q [B, H, Nq, D], k/v [B, H, Nk, D] (GQA expanded), key_padding_mask [B, Nk] bool (True = attend);
 returns out [B, H, Nq, D] in q's dtype (float32 accumulation) and lse [B, H, Nq] float32 (-inf, out 0 for a

@@ -384,7 +384,7 @@ def leading_padding(key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.
 def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """x [B, N] or [B, H, N] or [B, H, N, D], shift [B] int64 -> x rolled left by shift[b] along N in row b
     (element i of row b = element (i + shift[b]) mod N); a negative shift rolls right (the inverse)."""
-    B, N = x.shape[0], x.shape[1 if x.dim() == 2 else 2]
+    N = x.shape[1 if x.dim() == 2 else 2]
     index = (torch.arange(N, device=x.device)[None, :] + shift[:, None]) % N  # [B, N]
     if x.dim() == 2:
         return torch.gather(x, 1, index)
