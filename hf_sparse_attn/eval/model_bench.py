@@ -767,7 +767,8 @@ def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence
         name = f"selections_by_article_{g['method']}_{g['layers']}layers_{g['tokens']}.png"
         plot_selection_articles(g, os.path.join(out_dir, name))
         comparison_plots[(g["method"], g["tokens"], g["layers"])] = name
-    for overview in selections_by_layer_count(comparison):
+    overviews = selections_by_layer_count(comparison)
+    for overview in overviews:
         name = f"selections_vs_layers_{overview['method']}_{overview['tokens']}.png"
         plot_selections_vs_layers(overview, os.path.join(out_dir, name))
         comparison_plots[(overview["method"], overview["tokens"], "layers")] = name
@@ -780,7 +781,7 @@ def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence
     result = {**(extra or {}), "runs": runs, "goals": goals, "plots": plots + list(comparison_plots.values()),
               "selection_comparison": comparison,
               "selections_by_layer_count": [{**o, "cells": [{"select": s, "layers": l, **c} for (s, l), c in o["cells"].items()]}
-                                            for o in selections_by_layer_count(comparison)], **summary}
+                                            for o in overviews], **summary}
     tmp = os.path.join(out_dir, "results.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
