@@ -101,6 +101,24 @@ def test_regime_check_and_out_of_regime():
     assert torch.isfinite(lse).all() and not torch.isnan(out).any()  # bad rows recomputed exactly: still finite
 
 
+def test_out_of_regime_with_a_huge_score_range_stays_finite():
+    """allow_out_of_regime on scores far beyond e^88 (float32's limit): P approximates the shifted e^(x - R), so its
+    coefficients stay representable and R goes back into lse; unshifted, this raised a float overflow error."""
+    q, k, v = bounded(1, 2, 512, 8, seed=7, bound=6.0)
+    info = poly.poly_regime(q, k, 1.0, 0.01, 4096)
+    assert info["score_bound"] > 150 and not info["in_regime"]
+    out, lse = get_method("poly", min_seq_len=0, allow_out_of_regime=True)(q, k, v, causal=True, scale=1.0)
+    ref, ref_lse = exact_attention(q, k, v, causal=True, scale=1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert float(lse.max()) > 88  # lse holds the true scale of the scores, beyond what the coefficients could hold
+    assert poly.poly_regime(q, k, 1e4, 0.01, 4096)["rel_error"] >= 0  # R ~ 1e6: no float64 overflow in the check
+    # in regime the shift changes nothing but rounding
+    small = bounded(1, 2, 512, 4, seed=8)
+    out_s, lse_s = get_method("poly", eps=1e-4, min_seq_len=0)(*small, causal=False, scale=0.5)
+    ref_s, ref_lse_s = exact_attention(*small, causal=False, scale=0.5)
+    assert torch.allclose(out_s, ref_s, atol=1e-3) and torch.allclose(lse_s, ref_lse_s, atol=1e-3)
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor any aten op produces while active (an N x N score matrix would show here)."""
 

@@ -9,12 +9,14 @@ Algorithm 1 (POLYATTENTION) with Lemmas 3.2-3.6 and Corollary 2.2, written for t
    (Cauchy-Schwarz, and Lemma 3.3: |<q, k>| <= D ||Q||_inf ||K||_inf). In the paper's normalisation
    (scale = 1/D, entries of Q, K in [-B, B]) R = B^2, so we report B = sqrt(R).
 
-2. Polynomial (Corollary 2.2). A degree-g polynomial P with |P(x) - e^x| <= eps * e^x on [-R, R]. The paper
-   shifts by R and asks for additive error eps on [0, 2R] (Lemma 2.1), i.e. additive error eps * e^-R on
-   [-R, R], which is what a relative bound needs at the left end. We take the Chebyshev interpolant of exp on
-   [-R, R] (near-minimax for analytic functions), convert it to monomial coefficients c_0..c_g in x, and pick
-   the smallest g whose *measured* relative error on a 4001-point grid (float64) is <= eps. The measured
-   value is eps_A of Lemma 3.6. Since eps < 1, P > 0 on [-R, R]: every denominator is positive.
+2. Polynomial (Corollary 2.2). A degree-g polynomial P with |P(x) - e^(x-R)| <= eps * e^(x-R) on [-R, R]. The
+   paper shifts by R and asks for additive error eps on [0, 2R] (Lemma 2.1), i.e. additive error eps * e^-R on
+   [-R, R], which is what a relative bound needs at the left end. We take the Chebyshev interpolant of the
+   shifted e^(x-R) on [-R, R] (near-minimax for analytic functions), convert it to monomial coefficients
+   c_0..c_g in x, and pick the smallest g whose *measured* relative error on a 4001-point grid (float64) is
+   <= eps. The measured value is eps_A of Lemma 3.6. Since eps < 1, P > 0 on [-R, R]: every denominator is
+   positive. The shift keeps P in (0, 1 + eps] and its coefficients representable in float32 for any R (e^x
+   itself would need coefficients near e^R, which overflow float32 from R ~ 88: real LLM scores reach that).
 
 3. Feature maps (Lemma 3.2, with a smaller r). P(<u, v>) = sum_t c_t <u, v>^t and, by the multinomial
    theorem, <u, v>^t = sum_{|a| = t} (t! / prod_l a_l!) u^a v^a over multi-indices a in N^D. So
@@ -31,7 +33,7 @@ Algorithm 1 (POLYATTENTION) with Lemmas 3.2-3.6 and Corollary 2.2, written for t
        T = diag(w)^-1 U1 (U2^T V)
 
    and Lemma 3.6 gives ||T - D^-1 A V||_inf <= (eps_A + eps_D) ||V||_inf <= 2 eps_A ||V||_inf.
-   lse = log(w) because P approximates exp itself (no shift is needed: P(x) <= (1+eps) e^R).
+   lse = log(w) + R because P approximates e^(x-R) (the shift cancels in T).
 
 Causal attention is a chunked prefix sum: keys are taken in chunks of ``chunk_size``; a query in chunk c gets
 U1_i S_{<c} from the running state S = sum_{j in earlier chunks} U2_j^T [v_j, 1] (r x (Dv+1)) plus the
@@ -85,15 +87,22 @@ def score_bound(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask
 
 @functools.lru_cache(maxsize=256)
 def exp_polynomial(bound: float, degree: int) -> tuple[tuple[float, ...], float]:
-    """Monomial coefficients (c_0..c_g) of the Chebyshev interpolant of exp on [-bound, bound] and its measured
-    max relative error max |P(x) - e^x| / e^x on a 4001-point grid (float64)."""
+    """Monomial coefficients (c_0..c_g) of the Chebyshev interpolant P of the shifted exponential e^(x - bound) on
+    [-bound, bound] (the shift of Lemma 2.1) and its measured max relative error max |P(x) e^(bound - x) - 1| on a
+    4001-point grid (float64). Shifted, P takes values in (0, 1] and its coefficients stay representable in float32
+    for any score range (unshifted they grow like e^bound and overflow float32 from bound ~ 88); callers add
+    ``bound`` back to lse."""
     bound = max(float(bound), 1e-6)
-    cheb = np.polynomial.Chebyshev.interpolate(np.exp, degree, domain=[-bound, bound])
+    cheb = np.polynomial.Chebyshev.interpolate(lambda x: np.exp(x - bound), degree, domain=[-bound, bound])
     poly = cheb.convert(kind=np.polynomial.Polynomial, domain=[-1, 1], window=[-1, 1])
     coef = np.zeros(degree + 1)
     coef[: len(poly.coef)] = poly.coef
     grid = np.linspace(-bound, bound, _GRID_POINTS)
-    rel_err = float(np.max(np.abs(np.polynomial.polynomial.polyval(grid, coef) * np.exp(-grid) - 1.0)))
+    values = np.polynomial.polynomial.polyval(grid, coef)
+    if np.any(values <= 0):  # P must stay positive to be a relative approximation (out of regime it need not)
+        return tuple(float(c) for c in coef), float("inf")
+    with np.errstate(over="ignore"):  # log space: e^(bound - x) alone overflows float64 from bound ~ 355
+        rel_err = float(np.max(np.abs(np.expm1(np.log(values) - (grid - bound)))))
     return tuple(float(c) for c in coef), rel_err
 
 
@@ -230,7 +239,8 @@ def poly_attention(
             raise ValueError(f"poly: degree {degree} needs r = C({D}+{degree}, {degree}) = {r} features per token, above "
                              f"max_features={max_features} (memory N*r floats per head); lower the degree or raise "
                              f"max_features")
-        coef, _ = exp_polynomial(score_bound(q, k, scale, key_padding_mask), degree)
+        bound = score_bound(q, k, scale, key_padding_mask)
+        coef, _ = exp_polynomial(bound, degree)
     else:
         bound = score_bound(q, k, scale, key_padding_mask)
         degree, err, fits = choose_degree(bound, eps, D, max_features)
@@ -270,7 +280,7 @@ def poly_attention(
             has_key = _rows_with_keys(Nq, causal, key_valid, q.device)
             good = has_key & (den > 0)
             out[b, h] = torch.where(good[:, None], num[:, :-1] / den.clamp_min(1e-30)[:, None], torch.zeros_like(num[:, :-1]))
-            lse[b, h] = torch.where(good, den.clamp_min(1e-30).log(), lse[b, h])
+            lse[b, h] = torch.where(good, den.clamp_min(1e-30).log() + bound, lse[b, h])
             bad = (has_key & ~good).nonzero().flatten()
             if bad.numel():  # out of regime or rounding: exact for these rows only
                 out[b, h, bad], lse[b, h, bad] = _exact_rows(qh, kh, vh, bad, scale, causal, key_valid)
