@@ -18,11 +18,14 @@ Two stages, the same results file (eval/results/model_bench_grid/results.jsonl):
    stays). The other cells stay on 8 articles; the report compares each cell with exact on its own articles.
 3. (session 4, same date) every other cell of stage 1 extended to 20 articles the same way: sparse_hyper by weight
    norm on 30, 8 and 23 layers, hyper on 15 and 30 (the exact baseline re-timed on the 12 new articles).
+4. (defined 2026-11-30, not run: about 20 min of one core per cell, 12 cells) every selection at 8 and 23 layers as
+   well (last, first, measured, random x 3 seeds), so that each selection has a curve at 8k as at 2k and 4k.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 3   # about 95 min
-    .venv/bin/python scripts/bench_model_grid.py --report-only            # rebuild results.md / json / plots
+    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 4   # about 4.5 hours: NOT run yet (see below)
+    .venv/bin/python scripts/bench_model_grid.py --stage 3 --report-only  # rebuild results.md / json / plots
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ STAGES = {
           "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23", "--method-layers", "hyper=15,30",
           *SELECTIONS, "--machine-note", "1 torch thread pinned to one core; the other core ran "
           "scripts/bench_model_2k.py --stage 2 (1 thread)", "--out", OUT],
+    "4": ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+          "--methods", "sparse_hyper", "--layers", "0", "15", "8", "23",
+          *SELECTIONS[:-4], "--compare-selections-at", "8", "15", "23", "--compare-methods", "sparse_hyper",
+          "--machine-note", "1 torch thread pinned to one core", "--out", OUT],
 }
 
 if __name__ == "__main__":

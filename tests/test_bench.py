@@ -362,7 +362,7 @@ def test_bench_on_inputs_values():
     q, k, v = random_qkv(96, heads=4, head_dim=16, seed=3)
     res = bench_on_inputs(["exact", "hyper"], q, k[:, :2], v[:, :2], causal=True, repeats=2,
                           params={"hyper": {"min_seq_len": 16, "block_size": 16, "sample_size": 8, "num_sink_tokens": 0}})
-    assert res["n"] == 96 and res["heads"] == 4 and res["sdpa"]["rel_error"] == 0.0
+    assert res["n"] == 96 and res["heads"] == 4 and res["sdpa"]["rel_error"] == 0.0 and res["device"] == "cpu"
     exact, hyper = res["methods"]["exact"], res["methods"]["hyper"]
     assert exact["rel_error"] < 1e-5  # exact attention (GQA expanded) matches SDPA
     assert hyper["rel_error"] > 1e-3  # hyper approximates at this size: the error is measured, not assumed
@@ -409,6 +409,12 @@ def test_cli_kernel_runs_resumes_and_writes(tmp_path, capsys):
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["cells"] == first["cells"]
     assert main(["bench", "kernel", "--methods", "nope", "--out", out]) == 2
+    capsys.readouterr()
+    assert main(["bench", "kernel", "--methods", "exact", "--device", "tpu", "--out", out]) == 2
+    assert "choose cpu or cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # a clear refusal, not a crash deep inside the first cell
+        assert main(["bench", "kernel", "--methods", "exact", "--device", "cuda", "--out", out]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "model", "--help"])
     assert "--compare-selections-at" in capsys.readouterr().out

@@ -86,6 +86,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     kernel.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median and spread reported)")
     kernel.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
     kernel.add_argument("--max-n", action="append", metavar="METHOD=N", help="largest N a slow method runs at, repeatable (e.g. exact=8192)")
+    kernel.add_argument("--device", default="cpu",
+                        help="where the calls run: cpu (default) or cuda[:i] (inputs moved there; hyper / sparse_hyper use "
+                             "their Triton kernel when triton imports; time waits for the GPU, memory is the allocator's peak)")
 
     model = levels.add_parser("model", parents=[common], help="prefill time and perplexity of patched SmolLM2 on Wikipedia",
                               description="Prefill time and perplexity of real SmolLM2-135M on real Wikipedia articles for each method x "
@@ -131,14 +134,23 @@ def run_kernel(args: argparse.Namespace) -> int:
         print(f"unknown method(s) {unknown}; registered: {', '.join(list_methods())}", file=sys.stderr)
         return 2
     params = _parse_method_params(args.method_param)
+    if not args.report_only and args.device != "cpu":
+        if not args.device.startswith("cuda"):
+            print(f"--device {args.device!r}: choose cpu or cuda[:index]", file=sys.stderr)
+            return 2
+        if not torch.cuda.is_available():
+            print(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; run on a GPU machine with a "
+                  f"CUDA build of torch, or use --device cpu", file=sys.stderr)
+            return 2
     causal_modes = {"both": [False, True], "causal": [True], "bidirectional": [False]}[args.causal]
     cells = suite_cells(args.inputs, args.ns, causal_modes, args.dtypes)
     header = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": methods, "params": params,
-              "max_n": _parse_max_n(args.max_n)}
+              "max_n": _parse_max_n(args.max_n), "device": args.device}
     if not args.report_only:
         results = run_kernel_suite(args.out, cells, methods, repeats=args.repeats, warmup=args.warmup, params=params,
-                                   max_n=_parse_max_n(args.max_n), header=header, progress=not args.no_progress)
+                                   max_n=_parse_max_n(args.max_n), header=header, progress=not args.no_progress,
+                                   device=args.device)
     else:
         import json
 

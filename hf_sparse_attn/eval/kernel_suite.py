@@ -37,7 +37,18 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, int, Any]:
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, int, Any]:
+    """(seconds, peak extra bytes, fn's result). CUDA: the queue is drained before and after (kernels run
+    asynchronously) and the peak is torch's allocator peak above the memory held at entry; CPU: the peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        return elapsed, torch.cuda.max_memory_allocated(device) - base, result
     with PeakRSS() as mem:
         start = time.perf_counter()
         result = fn()
@@ -47,8 +58,9 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, int, Any]:
 
 def bench_on_inputs(methods: Sequence[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     scale: Optional[float] = None, repeats: int = 3, warmup: int = 1,
-                    params: Optional[dict[str, dict]] = None) -> dict:
-    """Time ``methods`` and SDPA on q [B, H, N, D], k/v [B, Hkv, N, D] (KV heads expanded here), alternating them.
+                    params: Optional[dict[str, dict]] = None, device: str | torch.device = "cpu") -> dict:
+    """Time ``methods`` and SDPA on q [B, H, N, D], k/v [B, Hkv, N, D] (KV heads expanded here), alternating them,
+    on ``device`` (the inputs are moved there; "cuda" runs the Triton kernels where a method has them).
 
     Returns {"n", "causal", "dtype", "batch", "heads", "head_dim", "repeats", "threads",
     "sdpa": {"time_s", "times_s", "spread_s", "peak_extra_mb", "useful_gflops", "rel_error"},
@@ -62,9 +74,10 @@ def bench_on_inputs(methods: Sequence[str], q: torch.Tensor, k: torch.Tensor, v:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} KV heads evenly")
     if repeats < 1 or warmup < 1:
         raise ValueError("repeats and warmup must be >= 1")
-    k = expand_kv_heads(k, q.shape[1] // k.shape[1]).contiguous()
-    v = expand_kv_heads(v, q.shape[1] // v.shape[1]).contiguous()
-    q = q.contiguous()
+    device = torch.device(device)
+    k = expand_kv_heads(k, q.shape[1] // k.shape[1]).to(device).contiguous()
+    v = expand_kv_heads(v, q.shape[1] // v.shape[1]).to(device).contiguous()
+    q = q.to(device).contiguous()
     batch, heads, n, head_dim = q.shape
     scale = head_dim ** -0.5 if scale is None else float(scale)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -93,7 +106,7 @@ def bench_on_inputs(methods: Sequence[str], q: torch.Tensor, k: torch.Tensor, v:
         mems: dict[str, list[int]] = {name: [] for name in calls}
         for r in range(repeats):
             for name, call in calls.items():
-                t, m, out = _timed(call)
+                t, m, out = _timed(call, device)
                 times[name].append(t)
                 mems[name].append(m)
                 if r == 0:
@@ -107,8 +120,8 @@ def bench_on_inputs(methods: Sequence[str], q: torch.Tensor, k: torch.Tensor, v:
                 "peak_extra_mb": max(mems[name]) / 2**20, "useful_gflops": work / t / 1e9, "rel_error": errors[name]}
 
     result = {"n": n, "causal": causal, "dtype": str(q.dtype).replace("torch.", ""), "batch": batch, "heads": heads,
-              "head_dim": head_dim, "repeats": repeats, "threads": torch.get_num_threads(), "sdpa": summary("sdpa"),
-              "methods": {}}
+              "head_dim": head_dim, "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
+              "sdpa": summary("sdpa"), "methods": {}}
     for name in methods:
         if name in failed:
             result["methods"][name] = {"failed": failed[name], "params": resolved[name]}
@@ -232,9 +245,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def run_kernel_suite(out_dir: str, cells: Sequence[dict], methods: Sequence[str], *, repeats: int = 3, warmup: int = 1,
                      params: Optional[dict[str, dict]] = None, max_n: Optional[dict[str, int]] = None,
-                     header: Optional[dict] = None, progress: bool = True, real: Optional[RealInputs] = None) -> dict:
+                     header: Optional[dict] = None, progress: bool = True, real: Optional[RealInputs] = None,
+                     device: str = "cpu") -> dict:
     """Run the cells not yet in ``out_dir``/results.json (rewritten atomically after every cell: resumable).
-    ``max_n``: method -> largest N it runs at (slow methods); above it the cell lists the method as skipped."""
+    ``max_n``: method -> largest N it runs at (slow methods); above it the cell lists the method as skipped.
+    ``device``: where every call runs ("cpu", "cuda", "cuda:1"); inputs are drawn or captured on the CPU and moved."""
     import json
     import os
 
@@ -259,7 +274,8 @@ def run_kernel_suite(out_dir: str, cells: Sequence[dict], methods: Sequence[str]
             q, k, v, scale, info = getattr(real, cell["inputs"])(cell["n"])
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         chosen = [m for m in methods if (max_n or {}).get(m, 1 << 62) >= cell["n"]]
-        res = bench_on_inputs(chosen, q, k, v, causal=cell["causal"], scale=scale, repeats=repeats, warmup=warmup, params=params)
+        res = bench_on_inputs(chosen, q, k, v, causal=cell["causal"], scale=scale, repeats=repeats, warmup=warmup,
+                              params=params, device=device)
         res.update({"inputs": cell["inputs"], "source": info, "skipped": [m for m in methods if m not in chosen],
                     "load_avg_1min": os.getloadavg()[0]})
         results["cells"][cell["key"]] = res
