@@ -3,12 +3,14 @@
 1. rank SmolLM2's 30 layers by Q/K weight norm and print the ranking;
 2. patch half of them with `exact` and check that the logits are unchanged (<= 1e-5) and unpatching is bit-identical;
 3. patch the same half with a fast method (default `sparse_hyper`) and print prefill time and perplexity, exact vs patched,
-   on a long real article, with the plan (what ran where, and every fallback).
+   on a long real article, with the plan (what ran where, and every fallback); write a figure (R per layer with the
+   patched layers marked; loss along the article, exact vs patched).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -21,13 +23,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tokens of the article for step 3 (default 8192: causal calls shorter than 8192 run exact by default)")
     parser.add_argument("--check-tokens", type=int, default=1024, help="tokens for the exactness check (default 1024)")
     parser.add_argument("--plan-out", default="demo_plan.json", help="where to save the fast plan (default demo_plan.json)")
+    parser.add_argument("--plot-out", default="demo.png",
+                        help="where to write the figure: R per layer, loss along the article exact vs patched (default demo.png)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import list_methods, patch_model, rank_layers, unpatch_model
     from ..eval.data import load_smollm2, wikipedia_articles
-    from ..eval.perplexity import perplexity_and_time
+    from ..eval.perplexity import token_losses_and_time
+    from ..eval.plots import plot_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: SmolLM2-135M-Instruct (real weights, fp32, {torch.get_num_threads()} threads); "
           f"text: Wikipedia '{title}' ({ids.shape[1]} tokens)\n")
 
-    print(rank_layers(model), "\n")
+    ranking = rank_layers(model)
+    print(ranking, "\n")
 
     check = ids[:, : args.check_tokens]
     with torch.no_grad():
@@ -57,16 +63,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"method {args.method!r} is not registered (available: {', '.join(list_methods())}); skipping the speed step")
         return 0 if ok else 1
     long_ids = ids[:, : args.tokens]
-    ppl_exact, n_scored, t_exact = perplexity_and_time(model, long_ids)
+    exact_losses, t_exact = token_losses_and_time(model, long_ids)
     plan = patch_model(model, method=args.method, layers=args.layers, select=args.select)
-    ppl_fast, _, t_fast = perplexity_and_time(model, long_ids)
+    fast_losses, t_fast = token_losses_and_time(model, long_ids)
     plan.save(args.plan_out)
     unpatch_model(model)
+    n_scored = exact_losses.numel()
+    ppl_exact, ppl_fast = (math.exp(losses.double().mean().item()) for losses in (exact_losses, fast_losses))
+    plot_demo(ranking.weight_norms, plan.patched_layers, exact_losses.tolist(), fast_losses.tolist(), args.plot_out,
+              method=args.method)
     print(plan, "\n")
     print(f"{'configuration':<44} {'prefill s':>9} {'perplexity':>10}")
     print(f"{'exact (sdpa), all 30 layers':<44} {t_exact:>9.2f} {ppl_exact:>10.3f}")
     name = f"{args.method} on {len(plan.patched_layers)} layers ({args.select})"
     print(f"{name:<44} {t_fast:>9.2f} {ppl_fast:>10.3f}")
     print(f"\nspeed-up {t_exact / t_fast:.2f}x, perplexity {100 * (ppl_fast / ppl_exact - 1):+.1f}% over {n_scored} scored tokens "
-          f"(one run each; `hf-sparse-attn bench` repeats and profiles). Plan written to {args.plan_out}.")
+          f"(one run each; `hf-sparse-attn bench` repeats and profiles). Plan written to {args.plan_out}, "
+          f"figure to {args.plot_out}.")
     return 0 if ok else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -13,6 +14,49 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: str) -> str:
+    """Lay out, write ``path`` as PNG (its folder created), close the figure; returns ``path``."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_demo(weight_norms: Sequence[float], patched_layers: Sequence[int], exact_losses: Sequence[float],
+              patched_losses: Sequence[float], path: str, method: str, window: int = 512) -> str:
+    """The demo's figure, two panels. Left: Q/K weight norm R per layer (bars), the patched layers highlighted.
+    Right: the loss the patch adds, mean over each ``window``-token span of the text (patched minus exact, nats per
+    token), against the token position: where in a long context the approximation costs; perplexities in the title.
+
+    weight_norms [L]; exact_losses, patched_losses [N-1] natural-log losses of the same tokens."""
+    if len(exact_losses) != len(patched_losses) or not exact_losses:
+        raise ValueError(f"exact and patched losses must cover the same tokens: {len(exact_losses)} != {len(patched_losses)}")
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.0, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    patched = set(patched_layers)
+    left.bar(range(len(weight_norms)), weight_norms,
+             color=["tab:red" if i in patched else "tab:gray" for i in range(len(weight_norms))])
+    left.set_xlabel("layer")
+    left.set_ylabel("Q/K weight norm R")
+    left.set_title(f"{len(patched)} of {len(weight_norms)} layers patched with {method} (red)", fontsize=9)
+    left.grid(alpha=0.3, axis="y")
+    n = len(exact_losses)
+    starts = list(range(0, n, window))
+    gaps = [sum(p - e for p, e in zip(patched_losses[s:s + window], exact_losses[s:s + window])) / len(exact_losses[s:s + window])
+            for s in starts]
+    right.bar([s + min(window, n - s) / 2 for s in starts], gaps, width=0.8 * window,
+              color=["tab:red" if g > 0 else "tab:green" for g in gaps])
+    right.axhline(0.0, color="black", linewidth=0.8)
+    ppl_exact, ppl_patched = (math.exp(sum(losses) / n) for losses in (exact_losses, patched_losses))
+    right.set_xlabel(f"token position ({window}-token spans)")
+    right.set_ylabel("loss added by the patch (nats / token)")
+    right.set_title(f"perplexity {ppl_exact:.3f} exact -> {ppl_patched:.3f} patched ({100 * (ppl_patched / ppl_exact - 1):+.1f}%) "
+                    f"over {n} tokens", fontsize=9)
+    right.grid(alpha=0.3, axis="y")
+    return _save(plt, fig, path)
 
 
 def plot_perplexity_vs_speedup(rows: Sequence[dict], tokens: int, path: str, title: str = "") -> str:
@@ -54,11 +98,7 @@ def plot_perplexity_vs_speedup(rows: Sequence[dict], tokens: int, path: str, tit
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_selection_articles(group: dict, path: str) -> str:
@@ -80,11 +120,7 @@ def plot_selection_articles(group: dict, path: str) -> str:
     ax.set_xticks(range(len(group["titles"])), [t[:18] for t in group["titles"]], rotation=40, ha="right", fontsize=7)
     fig.colorbar(image, ax=ax, label="perplexity change vs exact (%)")
     ax.set_title(f"{group['method']}, {group['layers']} layers replaced, {group['tokens']} tokens: change per article", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_selections_vs_layers(overview: dict, path: str) -> str:
@@ -110,11 +146,7 @@ def plot_selections_vs_layers(overview: dict, path: str) -> str:
     ax.set_title(f"{overview['method']}, {overview['tokens']} tokens: layer selections", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_kernel_time_vs_n(cells: Sequence[dict], path: str, title: str = "") -> str:
@@ -141,8 +173,4 @@ def plot_kernel_time_vs_n(cells: Sequence[dict], path: str, title: str = "") -> 
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -1,0 +1,42 @@
+"""The main job (`make demo` = `hf-sparse-attn demo`) on the real SmolLM2, at a short length so that CI can afford it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hf_sparse_attn.eval.plots import plot_demo
+
+
+@pytest.mark.slow
+def test_demo_ranks_patches_half_checks_and_reports(tmp_path):
+    argv = [sys.executable, "-m", "hf_sparse_attn.cli", "demo", "--tokens", "2048", "--check-tokens", "256",
+            "--plan-out", "plan.json", "--plot-out", "demo.png"]
+    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "(OK, limit 1e-5); unpatched bit-identical: True" in out  # the exactness check passed
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    layers = sorted(plan["layers"], key=lambda entry: entry["layer_idx"])
+    patched = [e for e in layers if e["method"] == "sparse_hyper"]
+    norms = sorted((e["weight_norm"] for e in layers), reverse=True)
+    assert len(patched) == 15 and sorted(e["weight_norm"] for e in patched) == sorted(norms[:15])  # half, largest R
+    # at 2048 tokens sparse_hyper's defaults run causal calls exact (below causal_min_seq_len 8192), and the plan says
+    # so on every patched layer; so the patched model is the exact model and the table must show the same perplexity
+    assert all(e["served"] == 0 and sum(e["fallbacks"].values()) == 1 for e in patched)
+    table = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("exact (sdpa)", "sparse_hyper on"))}
+    (exact_row,), (patched_row,) = ([v for k, v in table.items() if k.startswith(p)] for p in ("exact", "sparse_hyper"))
+    assert float(exact_row[-1]) == pytest.approx(float(patched_row[-1]), rel=1e-4)
+    assert 5.0 < float(exact_row[-1]) < 60.0  # the real model on real text
+    assert "over 2047 scored tokens" in out and "figure to demo.png" in out
+    assert (tmp_path / "demo.png").stat().st_size > 20_000
+
+
+def test_plot_demo_refuses_losses_of_different_tokens(tmp_path):
+    with pytest.raises(ValueError, match="same tokens"):
+        plot_demo([1.0, 2.0], [1], [0.5] * 10, [0.5] * 9, str(tmp_path / "x.png"), method="hyper")
