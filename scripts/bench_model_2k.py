@@ -9,12 +9,14 @@ parameters of the offline suite (scripts/offline_suite.py), to show what it woul
 One torch thread pinned to one core (taskset, as scripts/bench_model_grid.py), resumable. Stage 1 (session 2):
 15 layers by weight_norm and last, and all 30 layers. Stage 2 (session 4): every selection (weight_norm, last, first,
 measured, random x 3 seeds) at every sampled layer count (8, 15, 23, 30), so that each selection has a curve of
-perplexity against speed-up, not one point; the 15-layer cells run first. 2k is the one length where the whole
+perplexity against speed-up, not one point; the 15-layer cells run first. Stage 3 (session 5, 2026-11-30): plain
+`hyper` (sampled residual keys) forced on the same way, by weight_norm at 8, 15, 23 and 30 layers. 2k is the one length where the whole
 selection x layer-count grid fits in a session (a cell is about 4 min of one core; at 8k it is about 25 min).
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 1   # writes eval/results/model_bench_2k/
     taskset -c 0 .venv/bin/python scripts/bench_model_2k.py --stage 2   # extends it (about 105 min at 1 thread)
+    taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 3   # hyper (about 25 min)
 """
 
 from __future__ import annotations
@@ -31,16 +33,21 @@ FULL_GRID = {"layers": ["0", "8", "15", "23", "30"],
              "selections": ["weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2"]}
 
 
-def forced_on_argv(tokens: int, articles: int, threads: int, machine_note: str, out: str, grid: dict = FIRST_GRID) -> list[str]:
+def forced_on_argv(tokens: int, articles: int, threads: int, machine_note: str, out: str, grid: dict = FIRST_GRID,
+                   hyper_layers: tuple[str, ...] = ()) -> list[str]:
     """`hf-sparse-attn bench model` arguments: exact vs sparse_hyper on ``grid`` (layer counts; selections, compared
-    at the layer counts ``compare_at``, default 15), the method forced on at short contexts (also used by scripts/bench_model_4k.py)."""
-    return [
-        "bench", "model", "--tokens", str(tokens), "--articles", str(articles), "--threads", str(threads),
-        "--methods", "sparse_hyper", "--layers", *grid["layers"], "--selections", *grid["selections"],
-        "--compare-selections-at", *grid.get("compare_at", ["15"]),
-        "--method-param", "sparse_hyper.min_seq_len=512", "--method-param", "sparse_hyper.causal_min_seq_len=1024",
-        "--machine-note", machine_note, "--out", out,
-    ]
+    at the layer counts ``compare_at``, default 15), the method forced on at short contexts (also used by
+    scripts/bench_model_4k.py). ``hyper_layers``: plain hyper too, forced on the same way, by weight_norm at these
+    layer counts (the other selections stay sparse_hyper's)."""
+    methods = ["sparse_hyper", "hyper"] if hyper_layers else ["sparse_hyper"]
+    argv = ["bench", "model", "--tokens", str(tokens), "--articles", str(articles), "--threads", str(threads),
+            "--methods", *methods, "--layers", *grid["layers"], "--selections", *grid["selections"],
+            "--compare-selections-at", *grid.get("compare_at", ["15"])]
+    if hyper_layers:
+        argv += ["--method-layers", "hyper=" + ",".join(hyper_layers), "--compare-methods", "sparse_hyper"]
+    for method in methods:
+        argv += ["--method-param", f"{method}.min_seq_len=512", "--method-param", f"{method}.causal_min_seq_len=1024"]
+    return argv + ["--machine-note", machine_note, "--out", out]
 
 
 def stage_argv(stages: dict[str, list[str]], argv: list[str]) -> list[str]:
@@ -62,6 +69,8 @@ STAGES = {
     "1": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py", OUT),
     "2": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_grid.py "
                         "--stage 3 (1 thread)", OUT, SELECTION_GRID),
+    "3": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py "
+                        "--stage 3 (1 thread)", OUT, SELECTION_GRID, hyper_layers=("8", "15", "23", "30")),
 }
 
 if __name__ == "__main__":

@@ -291,6 +291,20 @@ def test_goals_and_report(tmp_path):
     assert result["plots"] == ["ppl_vs_speedup_8192.png", "selections_by_article_sparse_hyper_2layers_8192.png"] and (tmp_path / "out" / "ppl_vs_speedup_8192.png").stat().st_size > 1000
 
 
+def test_goals_of_a_method_that_served_nothing_are_not_applicable():
+    """A cell whose every call fell back (outside the method's regime) is the exact model: same perplexity, a speed-up
+    that is timing noise. Its goals must not read as MET."""
+    fell_back = {**_row("feature_sketch", 2, "weight_norm", 10.0, 1.09), "served": 0,
+                 "fallbacks": {"feature_sketch: head dim d=64 < min_dim_ratio*n": 40}}
+    records = [_row("exact", 0, "none", 10.0, 1.0), fell_back, {**_row("feature_sketch", 4, "weight_norm", 10.0, 1.02), "served": 0}]
+    profile = {"kind": "profile", "tokens": 8192, "wall_s": 10.0, "sdpa_s": 4.0, "attention_module_s": 5.0,
+               "sdpa_share": 0.4, "attention_module_share": 0.5, "sdpa_calls": 4, "attention_module_calls": 4}
+    goals = mb.evaluate_goals(mb.summarize(records + [profile], num_layers=4), num_layers=4)
+    assert [g["status"] for g in goals] == ["NOT APPLICABLE", "NOT MEASURED", "NOT APPLICABLE"]
+    assert "served no call" in goals[0]["detail"] and "min_dim_ratio*n (40 calls)" in goals[0]["detail"]
+    assert "no reason recorded" in goals[2]["detail"]
+
+
 def _article_cell(select, nll_per_article, seed=0, layers=2):
     """A finished cell with per-article losses (100 tokens per article)."""
     per_article = [{"title": f"art{i}", "nll_sum": nll, "tokens": 100, "prefill_s": 1.0} for i, nll in enumerate(nll_per_article)]

@@ -598,7 +598,9 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None,
        (the same method and count give about the same speed-up: both are reported);
     3. speed-up with all layers replaced, next to the Amdahl ceiling from the profiled attention share.
     ``comparison`` (:func:`selection_comparison`) adds to goal 2 on how many articles weight_norm's loss was lower.
-    Each entry: {"goal", "method", "status" ("MET" / "NOT MET" / "NOT MEASURED"), "detail"}.
+    Each entry: {"goal", "method", "status" ("MET" / "NOT MET" / "NOT MEASURED" / "REPORTED" / "NOT APPLICABLE"),
+    "detail"}. A cell in which the method served no call (every call fell back to exact attention, e.g. outside its
+    regime) measures the exact model: its goals are NOT APPLICABLE, not met.
     """
     rows = summary["rows"]
     if not rows:
@@ -615,6 +617,8 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None,
         g1 = {"goal": f"{tokens} tokens, {half}/{num_layers} layers by weight_norm: perplexity within +5% of exact", "method": method}
         if wn is None or base is None:
             g1.update(status="NOT MEASURED", detail="cell not run")
+        elif not wn.get("served"):
+            g1.update(status="NOT APPLICABLE", detail=_nothing_served(wn))
         else:
             g1.update(status="MET" if wn["ppl_change_pct"] <= 5.0 else "NOT MET",
                       detail=f"exact {wn['exact_perplexity']:.3f} -> {wn['perplexity']:.3f} ({wn['ppl_change_pct']:+.1f}%), "
@@ -647,6 +651,8 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None,
         g3 = {"goal": f"prefill speed-up at {tokens} tokens with all {num_layers} layers replaced, vs the Amdahl ceiling", "method": method}
         if full is None or prof is None:
             g3.update(status="NOT MEASURED", detail="cell or profile missing")
+        elif not full.get("served"):
+            g3.update(status="NOT APPLICABLE", detail=_nothing_served(full))
         else:
             ceiling = amdahl_ceiling(prof["sdpa_share"], num_layers, num_layers)
             g3.update(status="REPORTED",
@@ -656,6 +662,11 @@ def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None,
                              f"is {ceiling:.2f}x; perplexity {full['perplexity']:.3f} ({full['ppl_change_pct']:+.1f}%)")
         goals.append(g3)
     return goals
+
+
+def _nothing_served(row: dict) -> str:
+    reasons = "; ".join(f"{reason} ({count} calls)" for reason, count in (row.get("fallbacks") or {}).items())
+    return f"the method served no call: every call fell back to exact attention ({reasons or 'no reason recorded'})"
 
 
 def _paired_detail(comparison: Optional[Sequence[dict]], method: str, tokens: int, layers: int) -> str:
