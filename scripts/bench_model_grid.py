@@ -24,7 +24,8 @@ Two stages, the same results file (eval/results/model_bench_grid/results.jsonl):
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 3   # about 95 min
-    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 4   # about 4.5 hours: NOT run yet (see below)
+    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 4a  # last, first, measured at 23 then 8 layers
+    taskset -c 0 .venv/bin/python scripts/bench_model_grid.py --stage 4b  # random x 3 seeds, the same, side by side
     .venv/bin/python scripts/bench_model_grid.py --stage 3 --report-only  # rebuild results.md / json / plots
 """
 
@@ -60,6 +61,14 @@ STAGES = {
           *SELECTIONS[:-4], "--compare-selections-at", "8", "15", "23", "--compare-methods", "sparse_hyper",
           "--machine-note", "1 torch thread pinned to one core", "--out", OUT],
 }
+# stage 4 as it was run (2026-11-30): two processes side by side, one per core, appending to the same results file
+# (each record one O_APPEND write); 23 layers first. Each times the exact baseline in its own run.
+_STAGE4_SPLIT = ["--layers", "0", "23", "8", "--machine-note",
+                 "1 torch thread pinned to one core; the other core ran the other half of stage 4 (1 thread)"]
+STAGES = {**STAGES,
+          "4a": STAGES["4"] + ["--selections", "last", "first", "measured", *_STAGE4_SPLIT],
+          "4b": STAGES["4"] + ["--selections", "random", *_STAGE4_SPLIT]}
+STAGES["4"] = STAGES.pop("4")  # the whole of stage 4 stays the last stage: the default of --report-only
 
 if __name__ == "__main__":
     sys.exit(main(stage_argv(STAGES, sys.argv[1:])))

@@ -432,3 +432,24 @@ def test_cli_kernel_runs_resumes_and_writes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "model", "--help"])
     assert "--compare-selections-at" in capsys.readouterr().out
+
+
+def test_two_processes_appending_large_records_to_one_file_never_interleave(tmp_path):
+    """Stage 4 of bench_model_grid.py runs two bench processes (one per core) on one results file."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "shared.jsonl")
+    writer = ("import sys\nfrom hf_sparse_attn.eval.model_bench import append_jsonl\n"
+              "for i in range(40):\n"
+              "    append_jsonl(sys.argv[1], {'writer': sys.argv[2], 'i': i, 'payload': sys.argv[2] * 100_000})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, path, name]) for name in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    records = [json.loads(line) for line in lines]  # an interleaved line would not parse
+    assert len(records) == 80
+    for writer_name in ("a", "b"):
+        mine = [r for r in records if r["writer"] == writer_name]
+        assert [r["i"] for r in mine] == list(range(40))
+        assert all(r["payload"] == writer_name * 100_000 for r in mine)

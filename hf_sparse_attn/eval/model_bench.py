@@ -256,10 +256,17 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one record as one line, in a single ``write`` to a file opened with ``O_APPEND``, then fsync: two bench
+    processes (one per core, different cells) can share one results file without interleaving their lines."""
+    data = (json.dumps(record) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def finished_keys(records: Iterable[dict], titles_for: Optional[Callable[[int], Sequence[str]]] = None) -> set[str]:
