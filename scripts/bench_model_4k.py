@@ -14,7 +14,9 @@ Two stages, the same results file (eval/results/model_bench_4k/results.jsonl), r
 3. (session 5, 2026-11-30) every selection at 8 and 23 layers too (last, first, measured, random x 3 seeds), so that
    each selection has a curve of perplexity against speed-up at 4k as at 2k; the baseline re-timed in the same run.
    At 30 layers every selection replaces the same layers (only the random seeds change the hashing): not repeated;
-4. (session 5) plain `hyper` forced on the same way, by weight_norm at 15 and 30 layers.
+4. (session 5) plain `hyper` forced on the same way, by weight_norm at 15 and 30 layers. The 15-layer cell finished;
+   the 30-layer one was cut after 1 article when the machine restarted (its article record stays: rerunning the
+   stage resumes it, re-timing the baseline on the 19 articles left).
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
     .venv/bin/python scripts/bench_model_4k.py --stage 1              # writes eval/results/model_bench_4k/
