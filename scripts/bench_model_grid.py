@@ -18,8 +18,11 @@ Two stages, the same results file (eval/results/model_bench_grid/results.jsonl):
    stays). The other cells stay on 8 articles; the report compares each cell with exact on its own articles.
 3. (session 4, same date) every other cell of stage 1 extended to 20 articles the same way: sparse_hyper by weight
    norm on 30, 8 and 23 layers, hyper on 15 and 30 (the exact baseline re-timed on the 12 new articles).
-4. (defined 2026-11-30, not run: about 20 min of one core per cell, 12 cells) every selection at 8 and 23 layers as
-   well (last, first, measured, random x 3 seeds), so that each selection has a curve at 8k as at 2k and 4k.
+4. (session 6, 2026-11-30) every selection at 8 and 23 layers as well (last, first, measured, random x 3 seeds), so
+   that each selection has a curve at 8k as at 2k and 4k: 22-30 min of one core per cell, run as stages 4a and 4b
+   side by side (below). Every 23-layer cell and 8 layers last / random seed 0 finished; the other 8-layer cells
+   (first, measured, random seeds 1 and 2) were stopped at the end of the session: the records of the articles
+   they finished stay, and rerunning 4a and 4b resumes them.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2
@@ -59,7 +62,8 @@ STAGES = {
     "4": ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
           "--methods", "sparse_hyper", "--layers", "0", "15", "8", "23",
           *SELECTIONS[:-4], "--compare-selections-at", "8", "15", "23", "--compare-methods", "sparse_hyper",
-          "--machine-note", "1 torch thread pinned to one core", "--out", OUT],
+          "--machine-note", "1 torch thread pinned to one core; stage 4 ran as 4a and 4b side by side, one per core",
+          "--out", OUT],
 }
 # stage 4 as it was run (2026-11-30): two processes side by side, one per core, appending to the same results file
 # (each record one O_APPEND write); 23 layers first. Each times the exact baseline in its own run.
