@@ -10,8 +10,9 @@ One torch thread pinned to one core (taskset, as scripts/bench_model_grid.py), r
 15 layers by weight_norm and last, and all 30 layers. Stage 2 (session 4): every selection (weight_norm, last, first,
 measured, random x 3 seeds) at every sampled layer count (8, 15, 23, 30), so that each selection has a curve of
 perplexity against speed-up, not one point; the 15-layer cells run first. Stage 3 (session 5, 2026-11-30): plain
-`hyper` (sampled residual keys) forced on the same way, by weight_norm at 8, 15, 23 and 30 layers. 2k is the one length where the whole
-selection x layer-count grid fits in a session (a cell is about 4 min of one core; at 8k it is about 25 min).
+`hyper` (sampled residual keys) forced on the same way, by weight_norm at 8, 15, 23 and 30 layers. 2k is the one
+length where the whole selection x layer-count grid fits in a session (a cell is about 4 min of one core; at 8k it is
+about 25 min).
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 1   # writes eval/results/model_bench_2k/

@@ -6,7 +6,7 @@ slower than SDPA on this CPU: eval/results/kernels_cpu), so a default-patched mo
 run forces the method on: min_seq_len=512 (leaf size of the causal recursion) and causal_min_seq_len=1024, the
 parameters of the offline suite (scripts/offline_suite.py), to show what it would cost and save at 4k.
 
-Two stages, the same results file (eval/results/model_bench_4k/results.jsonl), resumable:
+Four stages, the same results file (eval/results/model_bench_4k/results.jsonl), resumable:
 1. (session 2) 10 articles, 2 torch threads, nothing else running: 15 layers by weight_norm and last, all 30 layers;
 2. (session 3, same date) 20 articles, 1 torch thread pinned to one core (the other core ran the 8k grid): the
    cells of stage 1 extended to 20 articles (the 10 new ones computed and timed, the baseline timed on them in the
@@ -37,14 +37,15 @@ from bench_model_2k import FULL_GRID, SELECTION_GRID, forced_on_argv, stage_argv
 from hf_sparse_attn.cli import main  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_4k")
+SELECTIONS_AT_8_15_23 = {**SELECTION_GRID, "compare_at": ["8", "15", "23"]}
 STAGES = {
     "1": forced_on_argv(4096, 10, 2, "2 torch threads, no other job", OUT),
     "2": forced_on_argv(4096, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_grid.py "
                         "(1 thread)", OUT, FULL_GRID),
     "3": forced_on_argv(4096, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_seed_methods.py "
-                        "(1 thread)", OUT, {**SELECTION_GRID, "compare_at": ["8", "15", "23"]}),
+                        "(1 thread)", OUT, SELECTIONS_AT_8_15_23),
     "4": forced_on_argv(4096, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_2k.py "
-                        "--stage 3, then nothing (1 thread)", OUT, {**SELECTION_GRID, "compare_at": ["8", "15", "23"]},
+                        "--stage 3, then nothing (1 thread)", OUT, SELECTIONS_AT_8_15_23,
                         hyper_layers=("15", "30")),
 }
 

@@ -10,7 +10,7 @@ baseline, as every speed-up needs a baseline of its own run).
 
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
-Two stages, the same results file (eval/results/model_bench_grid/results.jsonl):
+Four stages, the same results file (eval/results/model_bench_grid/results.jsonl):
 1. (session 2) every cell on 8 articles;
 2. (session 3, same date) the question of issue 7 on 20 articles: the exact baseline and the 15-layer sparse_hyper
    cells of every selection are extended from 8 to 20 articles (the 8 articles' losses reused, the 12 new ones
@@ -46,6 +46,13 @@ from hf_sparse_attn.cli import main  # noqa: E402
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_grid")
 SELECTIONS = ["--selections", "weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2",
               "--compare-selections-at", "15", "--compare-methods", "sparse_hyper"]
+STAGE_4 = ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+           "--methods", "sparse_hyper", "--layers", "0", "15", "8", "23",
+           *SELECTIONS[:-4], "--compare-selections-at", "8", "15", "23", "--compare-methods", "sparse_hyper",
+           "--machine-note", "1 torch thread pinned to one core; stage 4 ran as 4a and 4b side by side, one per core",
+           "--out", OUT]
+STAGE_4_SPLIT = ["--layers", "0", "23", "8", "--machine-note",
+                 "1 torch thread pinned to one core; the other core ran the other half of stage 4 (1 thread)"]
 STAGES = {
     "1": ["bench", "model", "--tokens", "8192", "--articles", "8", "--threads", "1",
           "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23", "--method-layers", "hyper=15,30",
@@ -59,20 +66,12 @@ STAGES = {
           "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23", "--method-layers", "hyper=15,30",
           *SELECTIONS, "--machine-note", "1 torch thread pinned to one core; the other core ran "
           "scripts/bench_model_2k.py --stage 2 (1 thread)", "--out", OUT],
-    "4": ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
-          "--methods", "sparse_hyper", "--layers", "0", "15", "8", "23",
-          *SELECTIONS[:-4], "--compare-selections-at", "8", "15", "23", "--compare-methods", "sparse_hyper",
-          "--machine-note", "1 torch thread pinned to one core; stage 4 ran as 4a and 4b side by side, one per core",
-          "--out", OUT],
+    # stage 4 as it was run (2026-11-30): two processes side by side, one per core, appending to the same results
+    # file (each record one O_APPEND write); 23 layers first. Each times the exact baseline in its own run.
+    "4a": STAGE_4 + ["--selections", "last", "first", "measured", *STAGE_4_SPLIT],
+    "4b": STAGE_4 + ["--selections", "random", *STAGE_4_SPLIT],
+    "4": STAGE_4,  # the whole of stage 4, the last stage: the default of --report-only
 }
-# stage 4 as it was run (2026-11-30): two processes side by side, one per core, appending to the same results file
-# (each record one O_APPEND write); 23 layers first. Each times the exact baseline in its own run.
-_STAGE4_SPLIT = ["--layers", "0", "23", "8", "--machine-note",
-                 "1 torch thread pinned to one core; the other core ran the other half of stage 4 (1 thread)"]
-STAGES = {**STAGES,
-          "4a": STAGES["4"] + ["--selections", "last", "first", "measured", *_STAGE4_SPLIT],
-          "4b": STAGES["4"] + ["--selections", "random", *_STAGE4_SPLIT]}
-STAGES["4"] = STAGES.pop("4")  # the whole of stage 4 stays the last stage: the default of --report-only
 
 if __name__ == "__main__":
     sys.exit(main(stage_argv(STAGES, sys.argv[1:])))
