@@ -20,9 +20,9 @@ Four stages, the same results file (eval/results/model_bench_grid/results.jsonl)
    norm on 30, 8 and 23 layers, hyper on 15 and 30 (the exact baseline re-timed on the 12 new articles).
 4. (session 6, 2026-11-30) every selection at 8 and 23 layers as well (last, first, measured, random x 3 seeds), so
    that each selection has a curve at 8k as at 2k and 4k: 22-30 min of one core per cell, run as stages 4a and 4b
-   side by side (below). Every 23-layer cell and 8 layers last / random seed 0 finished; the other 8-layer cells
-   (first, measured, random seeds 1 and 2) were stopped at the end of the session: the records of the articles
-   they finished stay, and rerunning 4a and 4b resumes them.
+   side by side (below). Every 23-layer cell and 8 layers last / random seed 0 finished in session 6; the other
+   8-layer cells (first, measured, random seeds 1 and 2) were stopped at its end and resumed from their article
+   records in session 7 (same date), each run re-timing the exact baseline on all 20 articles.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2

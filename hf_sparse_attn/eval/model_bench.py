@@ -414,7 +414,9 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
         to_time = {t for c in todo if c.tokens == n and not c.is_baseline for t, _ in texts if t not in partial.get(c.key, {})}
         earlier_base = previous_cells.get(base.key)
         base_reuse = {a["title"]: a for a in (earlier_base or {}).get("per_article", []) if a["title"] not in to_time}
-        record = run_cell(model, base, texts, scorer=scorer, done_articles=base_reuse)
+        bar.set_postfix_str(f"{base.key} ({len(texts) - len(base_reuse)} articles to time)")
+        record = run_cell(model, base, texts, scorer=scorer, done_articles=base_reuse,
+                          on_article=lambda a, key=base.key: bar.set_postfix_str(f"{key} article {a['title'][:20]}"))
         record["run_id"] = run_id
         baselines[n] = record
         if base.key not in done:
