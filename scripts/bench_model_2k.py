@@ -10,14 +10,21 @@ One torch thread pinned to one core (taskset, as scripts/bench_model_grid.py), r
 15 layers by weight_norm and last, and all 30 layers. Stage 2 (session 4): every selection (weight_norm, last, first,
 measured, random x 3 seeds) at every sampled layer count (8, 15, 23, 30), so that each selection has a curve of
 perplexity against speed-up, not one point; the 15-layer cells run first. Stage 3 (session 5, 2026-11-30): plain
-`hyper` (sampled residual keys) forced on the same way, by weight_norm at 8, 15, 23 and 30 layers. 2k is the one
-length where the whole selection x layer-count grid fits in a session (a cell is about 4 min of one core; at 8k it is
-about 25 min).
+`hyper` (sampled residual keys) forced on the same way, by weight_norm at 8, 15, 23 and 30 layers. Stage 4 (session
+7, same date): plain `hyper` by every selection too (last, first, measured, random x 3 seeds), 15 layers first, then 8
+and 23, run as 4a and 4b side by side (one per core), so that seed 002's ranking is tested with a second method. 4a
+finished; 4b (random x 3) was stopped at the end of the session after its 15-layer cells (rerunning it resumes the 8-
+and 23-layer ones from their article records). 2k is
+the one length where the whole selection x layer-count grid fits in a session (a cell is about 4 min of one core; at 8k
+it is about 25 min).
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 1   # writes eval/results/model_bench_2k/
     taskset -c 0 .venv/bin/python scripts/bench_model_2k.py --stage 2   # extends it (about 105 min at 1 thread)
     taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 3   # hyper (about 25 min)
+    taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 4a  # hyper: last, first, measured (about 40 min)
+    taskset -c 0 .venv/bin/python scripts/bench_model_2k.py --stage 4b  # hyper: random x 3 seeds, side by side
+    .venv/bin/python scripts/bench_model_2k.py --stage 4 --report-only  # rebuild results.md / json / plots
 """
 
 from __future__ import annotations
@@ -35,17 +42,19 @@ FULL_GRID = {"layers": ["0", "8", "15", "23", "30"],
 
 
 def forced_on_argv(tokens: int, articles: int, threads: int, machine_note: str, out: str, grid: dict = FIRST_GRID,
-                   hyper_layers: tuple[str, ...] = ()) -> list[str]:
+                   hyper_layers: tuple[str, ...] = (), hyper_selections: bool = False) -> list[str]:
     """`hf-sparse-attn bench model` arguments: exact vs sparse_hyper on ``grid`` (layer counts; selections, compared
     at the layer counts ``compare_at``, default 15), the method forced on at short contexts (also used by
-    scripts/bench_model_4k.py). ``hyper_layers``: plain hyper too, forced on the same way, by weight_norm at these
-    layer counts (the other selections stay sparse_hyper's)."""
+    scripts/bench_model_4k.py). ``hyper_layers``: plain hyper too, forced on the same way, at these layer counts, by
+    weight_norm only or, with ``hyper_selections``, by every selection of ``grid`` as sparse_hyper."""
     methods = ["sparse_hyper", "hyper"] if hyper_layers else ["sparse_hyper"]
     argv = ["bench", "model", "--tokens", str(tokens), "--articles", str(articles), "--threads", str(threads),
             "--methods", *methods, "--layers", *grid["layers"], "--selections", *grid["selections"],
             "--compare-selections-at", *grid.get("compare_at", ["15"])]
     if hyper_layers:
-        argv += ["--method-layers", "hyper=" + ",".join(hyper_layers), "--compare-methods", "sparse_hyper"]
+        argv += ["--method-layers", "hyper=" + ",".join(hyper_layers)]
+        if not hyper_selections:
+            argv += ["--compare-methods", "sparse_hyper"]
     for method in methods:
         argv += ["--method-param", f"{method}.min_seq_len=512", "--method-param", f"{method}.causal_min_seq_len=1024"]
     return argv + ["--machine-note", machine_note, "--out", out]
@@ -66,12 +75,28 @@ SELECTION_GRID = {"layers": ["0", "15", "8", "23", "30"],
                   "selections": ["weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2"],
                   "compare_at": ["8", "15", "23", "30"]}
 
+# stage 4: plain hyper by every selection, split in two processes (the selections weight_norm is compared with)
+HYPER_SELECTIONS_A = {"layers": ["0", "15", "8", "23"], "selections": ["weight_norm", "last", "first", "measured"],
+                      "compare_at": ["15", "8", "23"]}
+HYPER_SELECTIONS_B = {"layers": ["0", "15", "8", "23"], "selections": ["weight_norm", "random", "--random-seeds", "0", "1", "2"],
+                      "compare_at": ["15", "8", "23"]}
+
 STAGES = {
     "1": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py", OUT),
     "2": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_grid.py "
                         "--stage 3 (1 thread)", OUT, SELECTION_GRID),
     "3": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py "
                         "--stage 3 (1 thread)", OUT, SELECTION_GRID, hyper_layers=("8", "15", "23", "30")),
+    # stage 4 as run (session 7, 2026-11-30): two processes side by side, one per core, on the same results file;
+    # 15 layers first. The sparse_hyper cells of these grids are all done: only hyper's run.
+    "4a": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py "
+                         "--stage 4, then the other half of this stage (1 thread)", OUT, HYPER_SELECTIONS_A,
+                         hyper_layers=("15", "8", "23"), hyper_selections=True),
+    "4b": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran the other half of this "
+                         "stage (1 thread)", OUT, HYPER_SELECTIONS_B, hyper_layers=("15", "8", "23"), hyper_selections=True),
+    # the whole of stage 4, the last stage: the default of --report-only
+    "4": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; stage 4 ran as 4a and 4b side by side, one per "
+                        "core", OUT, SELECTION_GRID, hyper_layers=("15", "8", "23", "30"), hyper_selections=True),
 }
 
 if __name__ == "__main__":

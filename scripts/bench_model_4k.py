@@ -15,8 +15,8 @@ Four stages, the same results file (eval/results/model_bench_4k/results.jsonl), 
    each selection has a curve of perplexity against speed-up at 4k as at 2k; the baseline re-timed in the same run.
    At 30 layers every selection replaces the same layers (only the random seeds change the hashing): not repeated;
 4. (session 5) plain `hyper` forced on the same way, by weight_norm at 15 and 30 layers. The 15-layer cell finished;
-   the 30-layer one was cut after 1 article when the machine restarted (its article record stays: rerunning the
-   stage resumes it, re-timing the baseline on the 19 articles left).
+   the 30-layer one was cut after 1 article when the machine restarted and resumed in session 7 (same date) from
+   its article record, the baseline re-timed on the 19 articles left (the other core ran bench_model_2k.py stage 4a).
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
     .venv/bin/python scripts/bench_model_4k.py --stage 1              # writes eval/results/model_bench_4k/
@@ -45,7 +45,7 @@ STAGES = {
     "3": forced_on_argv(4096, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_seed_methods.py "
                         "(1 thread)", OUT, SELECTIONS_AT_8_15_23),
     "4": forced_on_argv(4096, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_2k.py "
-                        "--stage 3, then nothing (1 thread)", OUT, SELECTIONS_AT_8_15_23,
+                        "--stage 3, then nothing; when the 30-layer cell was resumed, scripts/bench_model_2k.py --stage 4a (1 thread)", OUT, SELECTIONS_AT_8_15_23,
                         hyper_layers=("15", "30")),
 }
 
