@@ -14,9 +14,8 @@ perplexity against speed-up, not one point; the 15-layer cells run first. Stage 
 7, same date): plain `hyper` by every selection too (last, first, measured, random x 3 seeds), 15 layers first, then 8
 and 23, run as 4a and 4b side by side (one per core), so that seed 002's ranking is tested with a second method. 4a
 finished; 4b (random x 3) was stopped at the end of the session after its 15-layer cells (rerunning it resumes the 8-
-and 23-layer ones from their article records). 2k is
-the one length where the whole selection x layer-count grid fits in a session (a cell is about 4 min of one core; at 8k
-it is about 25 min).
+and 23-layer ones from their article records). 2k is the one length where the whole selection x layer-count grid fits
+in a session (a cell is about 4 min of one core; at 8k it is about 25 min).
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 1   # writes eval/results/model_bench_2k/
@@ -75,11 +74,10 @@ SELECTION_GRID = {"layers": ["0", "15", "8", "23", "30"],
                   "selections": ["weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2"],
                   "compare_at": ["8", "15", "23", "30"]}
 
-# stage 4: plain hyper by every selection, split in two processes (the selections weight_norm is compared with)
-HYPER_SELECTIONS_A = {"layers": ["0", "15", "8", "23"], "selections": ["weight_norm", "last", "first", "measured"],
-                      "compare_at": ["15", "8", "23"]}
-HYPER_SELECTIONS_B = {"layers": ["0", "15", "8", "23"], "selections": ["weight_norm", "random", "--random-seeds", "0", "1", "2"],
-                      "compare_at": ["15", "8", "23"]}
+# stage 4: plain hyper by every selection, split in two processes that differ only in the selections they run
+HYPER_SELECTIONS_AT_15_8_23 = {"layers": ["0", "15", "8", "23"], "compare_at": ["15", "8", "23"]}
+HYPER_SELECTIONS_A = {**HYPER_SELECTIONS_AT_15_8_23, "selections": ["weight_norm", "last", "first", "measured"]}
+HYPER_SELECTIONS_B = {**HYPER_SELECTIONS_AT_15_8_23, "selections": ["weight_norm", "random", "--random-seeds", "0", "1", "2"]}
 
 STAGES = {
     "1": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py", OUT),

@@ -45,8 +45,8 @@ STAGES = {
     "3": forced_on_argv(4096, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_seed_methods.py "
                         "(1 thread)", OUT, SELECTIONS_AT_8_15_23),
     "4": forced_on_argv(4096, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_2k.py "
-                        "--stage 3, then nothing; when the 30-layer cell was resumed, scripts/bench_model_2k.py --stage 4a (1 thread)", OUT, SELECTIONS_AT_8_15_23,
-                        hyper_layers=("15", "30")),
+                        "--stage 3, then nothing; when the 30-layer cell was resumed, scripts/bench_model_2k.py "
+                        "--stage 4a (1 thread)", OUT, SELECTIONS_AT_8_15_23, hyper_layers=("15", "30")),
 }
 
 if __name__ == "__main__":
