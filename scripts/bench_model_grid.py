@@ -53,6 +53,11 @@ STAGE_4 = ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads"
            "--out", OUT]
 STAGE_4_SPLIT = ["--layers", "0", "23", "8", "--machine-note",
                  "1 torch thread pinned to one core; the other core ran the other half of stage 4 (1 thread)"]
+STAGE_5 = ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+           "--methods", "hyper", "--layers", "0", "15", "--selections", "weight_norm", "last", "random", "first",
+           "measured", "--random-seeds", "0", "1", "2", "--compare-selections-at", "15",
+           "--machine-note", "1 torch thread pinned to one core; stage 5 ran as 5a and 5b side by side, one per core",
+           "--out", OUT]
 STAGES = {
     "1": ["bench", "model", "--tokens", "8192", "--articles", "8", "--threads", "1",
           "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23", "--method-layers", "hyper=15,30",
@@ -70,7 +75,15 @@ STAGES = {
     # file (each record one O_APPEND write); 23 layers first. Each times the exact baseline in its own run.
     "4a": STAGE_4 + ["--selections", "last", "first", "measured", *STAGE_4_SPLIT],
     "4b": STAGE_4 + ["--selections", "random", *STAGE_4_SPLIT],
-    "4": STAGE_4,  # the whole of stage 4, the last stage: the default of --report-only
+    "4": STAGE_4,  # the whole of stage 4
+    # stage 5 (session 8, 2026-11-30): plain hyper by the other selections at 15 layers (by weight_norm it ran in
+    # stages 1-3), run as 5a and 5b side by side like stage 4; the question of issue 7 (last, random) first
+    "5a": STAGE_5 + ["--selections", "last", "random", "--random-seeds", "0", "1", "--machine-note",
+                     "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py --stage 5, then "
+                     "the other half of this stage (1 thread)"],
+    "5b": STAGE_5 + ["--selections", "random", "first", "measured", "--random-seeds", "2", "--machine-note",
+                     "1 torch thread pinned to one core; the other core ran the other half of this stage (1 thread)"],
+    "5": STAGE_5,  # the whole of stage 5, the last stage: the default of --report-only
 }
 
 if __name__ == "__main__":
