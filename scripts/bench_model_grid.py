@@ -10,7 +10,7 @@ baseline, as every speed-up needs a baseline of its own run).
 
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
-Four stages, the same results file (eval/results/model_bench_grid/results.jsonl):
+Five stages, the same results file (eval/results/model_bench_grid/results.jsonl):
 1. (session 2) every cell on 8 articles;
 2. (session 3, same date) the question of issue 7 on 20 articles: the exact baseline and the 15-layer sparse_hyper
    cells of every selection are extended from 8 to 20 articles (the 8 articles' losses reused, the 12 new ones
@@ -23,13 +23,19 @@ Four stages, the same results file (eval/results/model_bench_grid/results.jsonl)
    side by side (below). Every 23-layer cell and 8 layers last / random seed 0 finished in session 6; the other
    8-layer cells (first, measured, random seeds 1 and 2) were stopped at its end and resumed from their article
    records in session 7 (same date), each run re-timing the exact baseline on all 20 articles.
+5. (session 8, same date) plain `hyper` by the other selections at 15 layers (by weight_norm it ran in stages 1-3),
+   as 5a (last, random seeds 0 and 1) and 5b (random seed 2, first, measured) side by side, about 30 min of one core
+   per cell. Finished: last, random seeds 0 and 2. Stopped at the end of the session: random seed 1 (its first
+   article records stay and are resumed), first and measured (not started).
 
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 3   # about 95 min
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 4a  # last, first, measured at 23 then 8 layers
     taskset -c 0 .venv/bin/python scripts/bench_model_grid.py --stage 4b  # random x 3 seeds, the same, side by side
-    .venv/bin/python scripts/bench_model_grid.py --stage 3 --report-only  # rebuild results.md / json / plots
+    taskset -c 0 .venv/bin/python scripts/bench_model_grid.py --stage 5a  # hyper: last, random 0-1
+    taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 5b  # hyper: random 2, first, measured
+    .venv/bin/python scripts/bench_model_grid.py --report-only            # rebuild results.md / json / plots
 """
 
 from __future__ import annotations
