@@ -14,8 +14,9 @@ perplexity against speed-up, not one point; the 15-layer cells run first. Stage 
 7, same date): plain `hyper` by every selection too (last, first, measured, random x 3 seeds), 15 layers first, then 8
 and 23, run as 4a and 4b side by side (one per core), so that seed 002's ranking is tested with a second method. 4a
 finished; 4b (random x 3) was stopped at the end of the session after its 15-layer cells and resumed in session 8
-(same date) for its 8- and 23-layer cells (a few article records of 8 layers, seed 0, were kept from session 7). 2k is the one length where the whole selection x layer-count grid fits
-in a session (a cell is about 4 min of one core; at 8k it is about 25 min).
+(same date) for its 8- and 23-layer cells (a few article records of 8 layers, seed 0, were kept from session 7).
+2k is the one length where the whole selection x layer-count grid fits in a session (a cell is about 4 min of one
+core; at 8k it is about 25 min).
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU. Date: 2026-11-22.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_2k.py --stage 1   # writes eval/results/model_bench_2k/
@@ -92,7 +93,8 @@ STAGES = {
                          hyper_layers=("15", "8", "23"), hyper_selections=True),
     "4b": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; the other core ran the other half of this "
                          "stage (1 thread); the 8- and 23-layer cells were resumed in session 8 while the other core "
-                         "ran scripts/bench_model_4k.py --stage 5 (1 thread)", OUT, HYPER_SELECTIONS_B, hyper_layers=("15", "8", "23"), hyper_selections=True),
+                         "ran scripts/bench_model_4k.py --stage 5 (1 thread)", OUT, HYPER_SELECTIONS_B,
+                         hyper_layers=("15", "8", "23"), hyper_selections=True),
     # the whole of stage 4, the last stage: the default of --report-only
     "4": forced_on_argv(2048, 20, 1, "1 torch thread pinned to one core; stage 4 ran as 4a and 4b side by side, one per "
                         "core", OUT, SELECTION_GRID, hyper_layers=("15", "8", "23", "30"), hyper_selections=True),

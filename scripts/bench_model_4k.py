@@ -52,8 +52,8 @@ STAGES = {
                         "--stage 3, then nothing; when the 30-layer cell was resumed, scripts/bench_model_2k.py "
                         "--stage 4a (1 thread)", OUT, SELECTIONS_AT_8_15_23, hyper_layers=("15", "30")),
     "5": forced_on_argv(4096, 20, 1, "1 torch thread pinned to one core; the other core ran scripts/bench_model_2k.py "
-                        "--stage 4b, then scripts/bench_model_grid.py --stage 5a (1 thread each)", OUT, SELECTIONS_AT_8_15_23, hyper_layers=("15", "30"),
-                        hyper_selections=True),
+                        "--stage 4b, then scripts/bench_model_grid.py --stage 5a (1 thread each)", OUT, SELECTIONS_AT_8_15_23,
+                        hyper_layers=("15", "30"), hyper_selections=True),
 }
 
 if __name__ == "__main__":

@@ -52,28 +52,31 @@ from hf_sparse_attn.cli import main  # noqa: E402
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_grid")
 SELECTIONS = ["--selections", "weight_norm", "last", "first", "measured", "random", "--random-seeds", "0", "1", "2",
               "--compare-selections-at", "15", "--compare-methods", "sparse_hyper"]
-STAGE_4 = ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+# every stage from 2 on: 20 articles of 8192 tokens, one thread, no re-profile (the profile of stage 1 stays)
+RUN_20_ARTICLES = ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile"]
+STAGE_4 = [*RUN_20_ARTICLES,
            "--methods", "sparse_hyper", "--layers", "0", "15", "8", "23",
            *SELECTIONS[:-4], "--compare-selections-at", "8", "15", "23", "--compare-methods", "sparse_hyper",
            "--machine-note", "1 torch thread pinned to one core; stage 4 ran as 4a and 4b side by side, one per core",
            "--out", OUT]
 STAGE_4_SPLIT = ["--layers", "0", "23", "8", "--machine-note",
                  "1 torch thread pinned to one core; the other core ran the other half of stage 4 (1 thread)"]
-STAGE_5 = ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+STAGE_5 = [*RUN_20_ARTICLES,
            "--methods", "hyper", "--layers", "0", "15", "--selections", "weight_norm", "last", "random", "first",
            "measured", "--random-seeds", "0", "1", "2", "--compare-selections-at", "15",
-           "--machine-note", "1 torch thread pinned to one core; stage 5 ran as 5a and 5b side by side, one per core",
+           "--machine-note", "1 torch thread pinned to one core; stage 5 ran as 5a and 5b side by side, one per core "
+           "(for about 10 min of 5b's last cell the test suite took 5a's core)",
            "--out", OUT]
 STAGES = {
     "1": ["bench", "model", "--tokens", "8192", "--articles", "8", "--threads", "1",
           "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23", "--method-layers", "hyper=15,30",
           *SELECTIONS, "--machine-note", "1 torch thread pinned to one core; the other core ran scripts/offline_suite.py",
           "--out", OUT],
-    "2": ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+    "2": [*RUN_20_ARTICLES,
           "--methods", "sparse_hyper", "--layers", "0", "15", *SELECTIONS,
           "--machine-note", "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py, then "
           "scripts/bench_kernels_all.py --grid full (1 thread each)", "--out", OUT],
-    "3": ["bench", "model", "--tokens", "8192", "--articles", "20", "--threads", "1", "--no-profile",
+    "3": [*RUN_20_ARTICLES,
           "--methods", "sparse_hyper", "hyper", "--layers", "0", "15", "30", "8", "23", "--method-layers", "hyper=15,30",
           *SELECTIONS, "--machine-note", "1 torch thread pinned to one core; the other core ran "
           "scripts/bench_model_2k.py --stage 2 (1 thread)", "--out", OUT],
@@ -88,7 +91,8 @@ STAGES = {
                      "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py --stage 5, then "
                      "the other half of this stage (1 thread)"],
     "5b": STAGE_5 + ["--selections", "random", "first", "measured", "--random-seeds", "2", "--machine-note",
-                     "1 torch thread pinned to one core; the other core ran the other half of this stage (1 thread)"],
+                     "1 torch thread pinned to one core; the other core ran the other half of this stage, then for "
+                     "about 10 min of its last cell the test suite (bash .ci/run, 1 core)"],
     "5": STAGE_5,  # the whole of stage 5, the last stage: the default of --report-only
 }
 
