@@ -25,8 +25,9 @@ Five stages, the same results file (eval/results/model_bench_grid/results.jsonl)
    records in session 7 (same date), each run re-timing the exact baseline on all 20 articles.
 5. (session 8, same date) plain `hyper` by the other selections at 15 layers (by weight_norm it ran in stages 1-3),
    as 5a (last, random seeds 0 and 1) and 5b (random seed 2, first, measured) side by side, about 30 min of one core
-   per cell. Finished: last, random seeds 0 and 2. Stopped at the end of the session: random seed 1 (its first
-   article records stay and are resumed), first and measured (not started).
+   per cell. Finished in session 8: last, random seeds 0 and 2. Resumed in session 9 (same date), 5a and 5b side by
+   side again: random seed 1 from its first article records (5a), first and measured (5b), each run re-timing the
+   exact baseline on all 20 articles.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2
@@ -64,8 +65,9 @@ STAGE_4_SPLIT = ["--layers", "0", "23", "8", "--machine-note",
 STAGE_5 = [*RUN_20_ARTICLES,
            "--methods", "hyper", "--layers", "0", "15", "--selections", "weight_norm", "last", "random", "first",
            "measured", "--random-seeds", "0", "1", "2", "--compare-selections-at", "15",
-           "--machine-note", "1 torch thread pinned to one core; stage 5 ran as 5a and 5b side by side, one per core "
-           "(for about 10 min of 5b's last cell the test suite took 5a's core)",
+           "--machine-note", "1 torch thread pinned to one core; stage 5 ran as 5a and 5b side by side, one per core, "
+           "in sessions 8 and 9 (for about 10 min of session 8's last 5b cell the test suite took 5a's core; in "
+           "session 9, once 5a had finished, scripts/bench_model_seed_methods.py --stage 2a ran beside 5b, 1 thread)",
            "--out", OUT]
 STAGES = {
     "1": ["bench", "model", "--tokens", "8192", "--articles", "8", "--threads", "1",
@@ -89,10 +91,13 @@ STAGES = {
     # stages 1-3), run as 5a and 5b side by side like stage 4; the question of issue 7 (last, random) first
     "5a": STAGE_5 + ["--selections", "last", "random", "--random-seeds", "0", "1", "--machine-note",
                      "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py --stage 5, then "
+                     "the other half of this stage (1 thread), in session 8; in session 9 (random seed 1 resumed) "
                      "the other half of this stage (1 thread)"],
     "5b": STAGE_5 + ["--selections", "random", "first", "measured", "--random-seeds", "2", "--machine-note",
                      "1 torch thread pinned to one core; the other core ran the other half of this stage, then for "
-                     "about 10 min of its last cell the test suite (bash .ci/run, 1 core)"],
+                     "about 10 min of session 8's last cell the test suite (bash .ci/run, 1 core); in session 9 "
+                     "(first, measured) the other half of this stage, then scripts/bench_model_seed_methods.py --stage 2a "
+                     "(1 thread each)"],
     "5": STAGE_5,  # the whole of stage 5, the last stage: the default of --report-only
 }
 
