@@ -96,8 +96,8 @@ STAGES = {
     "5b": STAGE_5 + ["--selections", "random", "first", "measured", "--random-seeds", "2", "--machine-note",
                      "1 torch thread pinned to one core; the other core ran the other half of this stage, then for "
                      "about 10 min of session 8's last cell the test suite (bash .ci/run, 1 core); in session 9 "
-                     "(first, measured) the other half of this stage, then scripts/bench_model_seed_methods.py --stage 2a "
-                     "(1 thread each)"],
+                     "(first, measured) the other half of this stage, then scripts/bench_model_seed_methods.py "
+                     "--stage 2a (1 thread each)"],
     "5": STAGE_5,  # the whole of stage 5, the last stage: the default of --report-only
 }
 

@@ -16,18 +16,17 @@ Two stages, the same results file (eval/results/model_bench_seed_methods/results
 1. (2026-11-30, an earlier session) the cells above, by weight_norm;
 2. (session 9, same date) issue 7's selection question for kmv, the one seed method that changes a real model's
    output here: kmv on 15 layers by last and by random (seeds 0, 1, 2), against its weight_norm cell of stage 1.
-   Run as 2a (last, random seed 0) and 2b (random seed 1) beside scripts/bench_model_grid.py --stage 5b / 5a, each
-   process re-timing the exact baseline; 2c (random seed 2) is defined for a later run. About 29 min of one core
-   per kmv cell, 11 min per baseline. poly and feature_sketch are left out of it: poly out of its regime ruins the
-   model by any selection, and feature_sketch serves no call at d = 64.
+   Run as 2a (last, random seeds 0 and 1) and 2b (random seed 2) beside scripts/bench_model_grid.py --stage 5b / 5a,
+   each process re-timing the exact baseline. About 29 min of one core per kmv cell, 11 min per baseline. poly and
+   feature_sketch are left out: poly out of its regime ruins the model by any selection, and feature_sketch serves
+   no call at d = 64.
 
 One torch thread pinned to one core (taskset), resumable (finished articles are kept in results.jsonl).
 Machine: 2-core CPU VM (AMD EPYC, AVX2), no GPU.
 
     taskset -c 1 .venv/bin/python scripts/bench_model_seed_methods.py --stage 1   # about 2.5 hours at 1 thread
-    taskset -c 0 .venv/bin/python scripts/bench_model_seed_methods.py --stage 2a  # kmv by last, random 0
-    taskset -c 1 .venv/bin/python scripts/bench_model_seed_methods.py --stage 2b  # kmv by random 1
-    taskset -c 1 .venv/bin/python scripts/bench_model_seed_methods.py --stage 2c  # kmv by random 2
+    taskset -c 0 .venv/bin/python scripts/bench_model_seed_methods.py --stage 2a  # kmv by last, random 0, 1
+    taskset -c 1 .venv/bin/python scripts/bench_model_seed_methods.py --stage 2b  # kmv by random 2
     .venv/bin/python scripts/bench_model_seed_methods.py --report-only            # rebuild results.md / json / plots
 """
 
@@ -52,15 +51,15 @@ KMV_AT_15 = ["--methods", "kmv", "--layers", "0", "15", "--no-profile"]
 STAGES = {
     "1": [*RUN_20_ARTICLES, *STAGE_1_CELLS, "--selections", "weight_norm", "--machine-note",
           "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py --stage 3 (1 thread)"],
-    "2a": [*RUN_20_ARTICLES, *KMV_AT_15, "--selections", "last", "random", "--random-seeds", "0", "--machine-note",
+    "2a": [*RUN_20_ARTICLES, *KMV_AT_15, "--selections", "last", "random", "--random-seeds", "0", "1", "--machine-note",
            "1 torch thread pinned to one core; the other core ran scripts/bench_model_grid.py --stage 5b, then "
            "this stage's 2b (1 thread each)"],
-    "2b": [*RUN_20_ARTICLES, *KMV_AT_15, "--selections", "random", "--random-seeds", "1", "--machine-note",
+    "2b": [*RUN_20_ARTICLES, *KMV_AT_15, "--selections", "random", "--random-seeds", "2", "--machine-note",
            "1 torch thread pinned to one core; the other core ran this stage's 2a (1 thread)"],
-    "2c": [*RUN_20_ARTICLES, *KMV_AT_15, "--selections", "random", "--random-seeds", "2"],
     # the whole of stages 1 and 2, the default of --report-only
     "2": [*RUN_20_ARTICLES, *STAGE_1_CELLS, "--selections", "weight_norm", "last", "random",
-          "--random-seeds", "0", "1", "2", "--compare-selections-at", "15", "--compare-methods", "kmv", "--machine-note",
+          "--random-seeds", "0", "1", "2", "--compare-selections-at", "15", "--compare-methods", "kmv",
+          "--machine-note",
           "1 torch thread pinned to one core; in stage 1 the other core ran scripts/bench_model_4k.py --stage 3, in "
           "stage 2 (kmv by last / random, session 9) scripts/bench_model_grid.py --stage 5a / 5b or the other half "
           "of stage 2 (1 thread each)"],
