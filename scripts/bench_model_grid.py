@@ -25,9 +25,9 @@ Five stages, the same results file (eval/results/model_bench_grid/results.jsonl)
    records in session 7 (same date), each run re-timing the exact baseline on all 20 articles.
 5. (session 8, same date) plain `hyper` by the other selections at 15 layers (by weight_norm it ran in stages 1-3),
    as 5a (last, random seeds 0 and 1) and 5b (random seed 2, first, measured) side by side, about 30 min of one core
-   per cell. Finished in session 8: last, random seeds 0 and 2. Resumed in session 9 (same date), 5a and 5b side by
-   side again: random seed 1 from its first article records (5a), first and measured (5b), each run re-timing the
-   exact baseline on all 20 articles.
+   per cell. Finished in session 8: last, random seeds 0 and 2. Resumed and finished in session 9 (same date), 5a
+   and 5b side by side again: random seed 1 from its first 2 article records (5a; its baseline re-timed on the other
+   18), first and measured (5b; baseline re-timed on all 20 articles).
 
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 1   # writes eval/results/model_bench_grid/
     taskset -c 1 .venv/bin/python scripts/bench_model_grid.py --stage 2
