@@ -53,7 +53,8 @@ STAGES = {
           "1 torch thread pinned to one core; the other core ran scripts/bench_model_4k.py --stage 3 (1 thread)"],
     "2a": [*RUN_20_ARTICLES, *KMV_AT_15, "--selections", "last", "random", "--random-seeds", "0", "1", "--machine-note",
            "1 torch thread pinned to one core; the other core ran scripts/bench_model_grid.py --stage 5b, then "
-           "this stage's 2b (1 thread each)"],
+           "this stage's 2b (1 thread each), then for about 10 min of the last cell (random seed 1) the test suite "
+           "(bash .ci/run pinned to that core)"],
     "2b": [*RUN_20_ARTICLES, *KMV_AT_15, "--selections", "random", "--random-seeds", "2", "--machine-note",
            "1 torch thread pinned to one core; the other core ran this stage's 2a (1 thread)"],
     # the whole of stages 1 and 2, the default of --report-only
@@ -62,7 +63,7 @@ STAGES = {
           "--machine-note",
           "1 torch thread pinned to one core; in stage 1 the other core ran scripts/bench_model_4k.py --stage 3, in "
           "stage 2 (kmv by last / random, session 9) scripts/bench_model_grid.py --stage 5a / 5b or the other half "
-          "of stage 2 (1 thread each)"],
+          "of stage 2 (1 thread each), and for about 10 min of random seed 1's cell the test suite"],
 }
 
 if __name__ == "__main__":
