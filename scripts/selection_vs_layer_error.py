@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from collections import defaultdict
 
 import matplotlib
@@ -40,37 +41,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from hf_sparse_attn.eval.model_bench import latest_cells, read_jsonl  # noqa: E402
+from hf_sparse_attn.eval.sparsity import spearman  # noqa: E402
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RESULTS = os.path.join(ROOT, "eval", "results")
 OUT = os.path.join(RESULTS, "selection_vs_layer_error")
 ERROR_COLUMNS = {"hyper": "hyper +64 sinks", "sparse_hyper": "sparse_hyper (theory) +64 sinks"}
 BENCHES = {2048: "model_bench_2k", 4096: "model_bench_4k", 8192: "model_bench_grid"}
 DENSE_SINK_MASS = 0.2  # layers whose rows put less than this mass on their first 64 keys
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    def ranks(v: list[float]) -> np.ndarray:
-        v = np.asarray(v, dtype=float)
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v), dtype=float)
-        for value in np.unique(v):  # ties share their mean rank
-            tied = v == value
-            r[tied] = r[tied].mean()
-        return r
-    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
-
-
-def finished_cells(path: str) -> list[dict]:
-    """The finished 'cell' records of a model-benchmark results.jsonl, the last record of each key."""
-    cells = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("kind") == "cell" and record["method"] in ERROR_COLUMNS:
-                cells[record["key"]] = record
-    return list(cells.values())
 
 
 def main() -> None:
@@ -88,8 +68,8 @@ def main() -> None:
 
     groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
     for tokens, directory in BENCHES.items():
-        for cell in finished_cells(os.path.join(RESULTS, directory, "results.jsonl")):
-            if cell["layers"] in (0, num_layers):
+        for cell in latest_cells(read_jsonl(os.path.join(RESULTS, directory, "results.jsonl"))).values():
+            if cell["method"] not in ERROR_COLUMNS or cell["layers"] in (0, num_layers):
                 continue
             groups[(cell["method"], tokens, cell["layers"])].append({
                 "select": cell["select"], "seed": cell["seed"], "patched_layers": cell["patched_layers"],
@@ -105,7 +85,7 @@ def main() -> None:
         y = [r["perplexity_change"] for r in rows]
         lowest_cost = min(rows, key=lambda r: r["perplexity_change"])
         compared.append({"method": method, "tokens": tokens, "layers": layers, "cells": rows,
-                         "spearman": spearman(x, y),
+                         "spearman": spearman(x, y)["rho"],
                          "lowest_error_sum": f"{rows[0]['select']} {rows[0]['seed']}",
                          "lowest_perplexity_change": f"{lowest_cost['select']} {lowest_cost['seed']}"})
 
