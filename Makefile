@@ -1,16 +1,29 @@
-# The two commands for a fresh machine (each creates .venv itself):
+# The two commands for a fresh machine (each creates its environments itself):
 #   make demo   the main job: real SmolLM2-135M ranked, patched and measured on real Wikipedia text
-#   make test   the test suite (what CI runs)
+#   make test   the test suite (what CI runs), in two environments:
+#               1. .venv: the newest transformers, the whole suite (real weights included);
+#               2. .ci/.venv: the oldest releases the floors allow (.ci/constraints-oldest.txt: transformers 5.0.0,
+#                  accelerate 1.2.0), the suite without the tests that load real weights (they run in 1.)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+OLDEST_VENV ?= .ci/.venv
+OLDEST_PY := $(OLDEST_VENV)/bin/python
 
-.PHONY: demo test env
+.PHONY: demo test test-newest test-oldest env env-oldest
 
 env:
 	bash scripts/setup_env.sh $(VENV)
 
+env-oldest:
+	bash .ci/setup_oldest.sh $(OLDEST_VENV)
+
 demo: env
 	$(PY) -m hf_sparse_attn.cli demo
 
-test: env
+test: test-newest test-oldest
+
+test-newest: env
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-oldest: env-oldest
+	HF_SPARSE_ATTN_SKIP_REAL_WEIGHTS=1 $(OLDEST_PY) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -20,11 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sparsity": ("hf_sparse_attn.eval.sparsity_cli", "seed 002 k-sparsity of attention rows versus weight norm R"),
     "longbench": ("hf_sparse_attn.eval.longbench.cli", "predict LongBench / LongBench-E / the offline suite with a patched model"),
     "longbench-score": ("hf_sparse_attn.eval.longbench.score_cli", "score a directory of LongBench predictions"),
+    "longbench-grid": ("hf_sparse_attn.eval.longbench.grid", "a LongBench experiment from a TOML config: exact vs methods x layers x selections"),
+    "lm-eval": ("hf_sparse_attn.commands.lm_eval_cli", "lm-evaluation-harness's CLI with model type 'hf-sparse' registered"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-sparse-attn", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (accepted anywhere "
+                                                             "on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -39,13 +43,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command. Bad input (``ValueError``, ``OSError``, ``SystemExit`` with a message) prints one line
+    ``hf-sparse-attn <command>: error: ...`` and returns 2; ``--debug`` (anywhere on the line) shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's own, options included
+        from .commands.lm_eval_cli import run_argv
+
+        return run_argv(argv[1:])
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    if debug:
+        return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except SystemExit as err:
+        if isinstance(err.code, str):  # raise SystemExit("what went wrong and what to do")
+            print(f"hf-sparse-attn {args.command}: error: {_one_line(err.code)}", file=sys.stderr)
+            return 2
+        raise
+    except (ValueError, OSError) as err:
+        print(f"hf-sparse-attn {args.command}: error: {_one_line(err) or type(err).__name__} "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from .kernels.workspace import clear_all_workspaces
 from .methods.registry import get_spec
 from .patches import LayerRuntime, find_adapter
 from .plan import LayerPlan, PatchPlan, check_plan_matches, library_versions, model_fingerprint, now_iso
 from .selection import LayersArg, SelectArg, rank_layers, resolve_layers, selection_order
+from .validation import check_patch_arguments
 
 STATE_ATTR = "_hf_sparse_attn_state"
 
@@ -39,12 +41,19 @@ def _install_runtimes(model, adapter, runtimes) -> PatchState:
     token = adapter.install(model, runtimes)
     state = PatchState(adapter, token, runtimes, None, {})
     model.__dict__[STATE_ATTR] = state
+    if hasattr(model, "save_pretrained"):
+        from .loading import install_save_hook
+
+        install_save_hook(model)
     return state
 
 
 def _uninstall_runtimes(model, state: PatchState) -> None:
     state.adapter.uninstall(model, state.token)
     model.__dict__.pop(STATE_ATTR, None)
+    from .loading import remove_save_hook
+
+    remove_save_hook(model)
 
 
 def _build_plan(model, adapter, method, layers, select, seed, norm, method_params, measured_scores) -> PatchPlan:
@@ -70,7 +79,7 @@ def _build_plan(model, adapter, method, layers, select, seed, norm, method_param
         select_name = "explicit"
     return PatchPlan(
         method=method, select=select_name, layers=layer_plans, seed=seed, norm=norm,
-        model_fingerprint=model_fingerprint(model), model_class=type(model).__name__, adapter=adapter.name,
+        model_fingerprint=model_fingerprint(model, adapter), model_class=type(model).__name__, adapter=adapter.name,
         versions=library_versions(), created=now_iso(),
     )
 
@@ -86,6 +95,7 @@ def patch_model(
     norm: str = "spectral",
     calibration: Optional[torch.Tensor] = None,
     adapter_options: Optional[dict[str, Any]] = None,
+    strict: bool = True,
     **method_params: Any,
 ) -> PatchPlan:
     """Run ``method`` in the chosen attention layers of ``model``; return the :class:`PatchPlan`.
@@ -94,19 +104,26 @@ def patch_model(
     select: the order layers are chosen in — "weight_norm" (largest Q/K weight norm R first; seed 002 §5.1),
         "last", "first", "even", "odd", "random" (with ``seed``), "measured" (most k-sparse first on ``calibration``
         input ids), a list, or a callable taking the :class:`LayerRanking`.
-    plan: a PatchPlan or a path to its JSON: re-apply it (same model only); method/layers/select are then ignored.
+    plan: a PatchPlan or a path to its JSON: re-apply it; method/layers/select are then ignored. It must fit the model:
+        same architecture, layer count, head layout and Q/K weights (whatever the dtype or run-time config fields);
+        layers are matched by ``layer_idx``. A misfit is an error naming what differs; ``strict=False`` applies it
+        with a warning (a layer index the model lacks is an error either way).
     seed: drives the hashing and sampling of every layer (per layer: seed and layer index).
     method_params: the method's parameters (``hf_sparse_attn.list_methods()``; errors name the valid ones).
     adapter_options: e.g. ``{"chatglm_layout": "batch_first"}``.
     """
+    check_patch_arguments(model, method, layers, select, plan=plan, seed=seed, norm=norm, calibration=calibration,
+                          adapter_options=adapter_options, method_params=method_params)
     adapter = find_adapter(model, adapter_options)
     num_layers = len(adapter.attention_layers(model))
     if plan is not None:
         if method_params:
             raise ValueError("pass either plan= or method parameters, not both: the plan holds each layer's parameters")
+        source = "the plan" if isinstance(plan, PatchPlan) else f"plan file {os.fspath(plan)}"
         new_plan = plan if isinstance(plan, PatchPlan) else PatchPlan.load(plan)
-        new_plan = PatchPlan.from_dict(new_plan.to_dict())  # our own copy, counters reset below
-        check_plan_matches(new_plan, model_fingerprint(model), num_layers, type(model).__name__)
+        new_plan = PatchPlan.from_dict(new_plan.to_dict(), source=source)  # our own copy (by layer_idx), counters reset below
+        check_plan_matches(new_plan, model_fingerprint(model, adapter), num_layers, type(model).__name__,
+                           strict=strict, source=source)
         for layer in new_plan.layers:
             if layer.method is not None:
                 layer.params = get_spec(layer.method).resolve_params(layer.params)
@@ -120,7 +137,8 @@ def patch_model(
 
             measured = measured_sparsity_scores(model, calibration)
         new_plan = _build_plan(model, adapter, method, layers, select, seed, norm, method_params, measured)
-    runtimes = [LayerRuntime(layer.layer_idx, layer.method, layer.params, new_plan.seed, layer) for layer in new_plan.layers]
+    by_index = {layer.layer_idx: layer for layer in new_plan.layers}  # adapters install runtimes in layer order
+    runtimes = [LayerRuntime(i, by_index[i].method, by_index[i].params, new_plan.seed, by_index[i]) for i in range(num_layers)]
 
     old_state = _state_of(model)
     if old_state is not None:
@@ -143,6 +161,7 @@ def unpatch_model(model: torch.nn.Module) -> Optional[PatchPlan]:
     if state is None:
         return None
     _uninstall_runtimes(model, state)
+    clear_all_workspaces()  # the reused kernel buffers of every thread (re-created by the next call)
     return state.plan
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -46,7 +47,7 @@ class PatchPlan:
     layers: list[LayerPlan]
     seed: int = 0
     norm: str = "spectral"
-    model_fingerprint: str = ""
+    model_fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)  # see model_fingerprint()
     model_class: str = ""
     adapter: str = ""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -75,17 +76,33 @@ class PatchPlan:
             layer.served = 0
             layer.fallbacks = {}
 
+    def unserved_layers(self) -> list[int]:
+        """Patched layers that were called but never served: every call fell back to exact attention."""
+        return [l.layer_idx for l in self.layers if l.patched and l.served == 0 and sum(l.fallbacks.values()) > 0]
+
     def __str__(self) -> str:
         header = f"PatchPlan: method={self.method!r} select={self.select!r} norm={self.norm} seed={self.seed} " \
                  f"model={self.model_class} ({len(self.patched_layers)}/{len(self.layers)} layers patched)"
-        rows = [f"{'layer':>5} {'R':>10} {'rank':>4}  {'method':<14} {'served':>6}  params / fallbacks"]
+        rows = [f"{'layer':>5} {'R':>10} {'rank':>4}  {'method':<14} {'served':>9}  params / fallbacks"]
+        unserved = set(self.unserved_layers())
         for layer in self.layers:
             method = layer.method or "-"
             params = ", ".join(f"{k}={v}" for k, v in layer.params.items()) if layer.patched else ""
             falls = "; ".join(f"{reason}: {n}" for reason, n in sorted(layer.fallbacks.items()))
             extra = params + (f" | fallback {falls}" if falls else "")
-            rows.append(f"{layer.layer_idx:>5} {layer.weight_norm:>10.4g} {layer.rank:>4}  {method:<14} {layer.served:>6}  {extra}")
-        return "\n".join([header, *rows])
+            served = f"0 (!!)" if layer.layer_idx in unserved else str(layer.served)
+            rows.append(f"{layer.layer_idx:>5} {layer.weight_norm:>10.4g} {layer.rank:>4}  {method:<14} {served:>9}  {extra}")
+        lines = [header, *rows]
+        if unserved:
+            total = sum(l.served for l in self.layers)
+            scope = "in every patched layer" if len(unserved) == len(self.patched_layers) else f"in layers {sorted(unserved)}"
+            reasons = collections.Counter()
+            for l in self.layers:
+                if l.layer_idx in unserved:
+                    reasons.update(l.fallbacks)
+            lines.insert(1, f"!! served 0 {scope}: {self.method!r} computed nothing there, every call ran exact attention "
+                            f"({'; '.join(f'{r}: {n}' for r, n in reasons.most_common())}). Calls served in all: {total}.")
+        return "\n".join(lines)
 
     __repr__ = __str__
 
@@ -94,9 +111,35 @@ class PatchPlan:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PatchPlan":
+    def from_dict(cls, data: Any, source: str = "the plan") -> "PatchPlan":
+        """The plan from its JSON form. Raises :class:`PlanError` naming ``source`` and what is wrong (a missing or
+        unknown key, a layer entry that is no object, a negative or repeated ``layer_idx``). The layer list is
+        sorted by ``layer_idx``: a layer is matched to the model by its index, never by its position in the list."""
+        if not isinstance(data, dict):
+            raise PlanError(f"{source}: a plan is a JSON object with keys {sorted(_PLAN_REQUIRED)}; got {type(data).__name__}")
+        _check_keys(data, _PLAN_REQUIRED, _PLAN_KEYS, source, "the plan")
+        layers = data["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise PlanError(f"{source}: 'layers' must be a non-empty list of layer entries; got {layers!r:.60}")
+        parsed, seen = [], set()
+        for position, layer in enumerate(layers):
+            where = f"layer entry {position}"
+            if not isinstance(layer, dict):
+                raise PlanError(f"{source}: {where} is not an object: {layer!r:.60}")
+            _check_keys(layer, _LAYER_REQUIRED, _LAYER_KEYS, source, where)
+            idx = layer["layer_idx"]
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                raise PlanError(f"{source}: {where} has layer_idx={idx!r}; it must be an int >= 0")
+            if idx in seen:
+                raise PlanError(f"{source}: layer_idx {idx} appears twice; each layer has exactly one entry")
+            seen.add(idx)
+            if layer["method"] is not None and not isinstance(layer["method"], str):
+                raise PlanError(f"{source}: layer {idx} has method={layer['method']!r}; it must be a method name or null")
+            if not isinstance(layer.get("params", {}), dict):
+                raise PlanError(f"{source}: layer {idx} has params={layer['params']!r:.60}; it must be an object")
+            parsed.append(LayerPlan(**layer))
         data = dict(data)
-        data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
+        data["layers"] = sorted(parsed, key=lambda layer: layer.layer_idx)
         return cls(**data)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -108,8 +151,39 @@ class PatchPlan:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "PatchPlan":
+        """Read a plan saved with :meth:`save`. A damaged file raises :class:`PlanError` naming the file and the
+        problem (empty, truncated or not JSON, missing or unknown keys)."""
+        name = os.fspath(path)
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            text = f.read()
+        if not text.strip():
+            raise PlanError(f"plan file {name}: the file is empty. Save a plan with plan.save(path) or rebuild it with "
+                            "patch_model(model, method=..., layers=...)")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"plan file {name}: not valid JSON ({err}); the file may be truncated. Save it again with "
+                            "plan.save(path) or rebuild it with patch_model(model, method=..., layers=...)") from None
+        return cls.from_dict(data, source=f"plan file {name}")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read or does not fit the model; the message names the file and what is wrong."""
+
+
+_PLAN_REQUIRED = {"method", "select", "layers"}
+_PLAN_KEYS = {f.name for f in dataclasses.fields(PatchPlan)}
+_LAYER_REQUIRED = {"layer_idx", "weight_norm", "rank", "method"}
+_LAYER_KEYS = {f.name for f in dataclasses.fields(LayerPlan)}
+
+
+def _check_keys(entry: dict, required: set, known: set, source: str, where: str) -> None:
+    missing = sorted(required - set(entry))
+    if missing:
+        raise PlanError(f"{source}: {where} lacks the key(s) {missing}; a plan entry has {sorted(known)}")
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise PlanError(f"{source}: {where} has unknown key(s) {unknown}; valid keys are {sorted(known)}")
 
 
 def library_versions() -> dict[str, str]:
@@ -125,31 +199,102 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the model's class, config and parameter names/shapes (not values: cheap, stable)."""
-    h = hashlib.sha256()
-    h.update(type(model).__name__.encode())
+FINGERPRINT_DTYPE = torch.bfloat16  # Q/K weights are hashed after a cast to this dtype (see model_fingerprint)
+NORM_RTOL = 1e-3  # per-head Q/K Frobenius norms that agree this closely: the same weights stored at another precision
+
+
+def model_fingerprint(model: torch.nn.Module, adapter: Any = None) -> dict[str, Any]:
+    """What makes a plan valid for a model, and nothing else (dtype, ``use_cache`` and other run-time config fields
+    are left out on purpose).
+
+    - ``architecture``: the model class; ``model_type`` from its config;
+    - ``num_layers`` and ``heads``: per layer [query heads, key/value heads, head dim];
+    - ``qk_sha256``: a hash of every layer's Q/K projection weights (and the norm gain folded into them) after a
+      cast to bfloat16. Casting float32 to bfloat16 rounds to nearest, the way ``from_pretrained(..., dtype=
+      torch.bfloat16)`` does, so a float32 model and its bfloat16 reload hash the same;
+    - ``qk_head_norms``: per layer the Frobenius norm of each head's W_Q then W_K (float64). Where the hash differs
+      but every norm agrees within ``NORM_RTOL`` (relative), the weights are the same up to rounding (a float16
+      reload rounds twice and can differ from a direct bfloat16 cast in the last bit).
+    """
+    from .patches import find_adapter
+
+    adapter = adapter if adapter is not None else find_adapter(model)
+    num_layers = len(adapter.attention_layers(model))
+    digest = hashlib.sha256()
+    heads, norms = [], []
+    for i in range(num_layers):
+        weights = adapter.qk_weights(model, i)
+        heads.append([int(weights.w_q.shape[0]), int(weights.w_k.shape[0]), int(weights.w_q.shape[1])])
+        parts = [weights.w_q, weights.w_k] + ([weights.norm_gain] if weights.norm_gain is not None else [])
+        for part in parts:
+            rounded = part.detach().to(device="cpu", dtype=FINGERPRINT_DTYPE).contiguous()
+            digest.update(str(tuple(rounded.shape)).encode())
+            digest.update(rounded.view(torch.int16).numpy().tobytes())
+        head_norms = torch.cat([weights.w_q.double().flatten(1).norm(dim=1), weights.w_k.double().flatten(1).norm(dim=1)])
+        norms.append([round(float(x), 9) for x in head_norms])
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        try:
-            h.update(config.to_json_string(use_diff=False).encode())
-        except Exception:  # some remote-code configs do not serialize; the parameter layout still identifies them
-            pass
-    for name, param in model.named_parameters():
-        h.update(f"{name}:{tuple(param.shape)}".encode())
-    return h.hexdigest()[:16]
+    return {
+        "architecture": type(model).__name__,
+        "model_type": str(getattr(config, "model_type", "") or ""),
+        "num_layers": num_layers,
+        "heads": heads,
+        "qk_sha256": digest.hexdigest(),
+        "qk_head_norms": norms,
+    }
+
+
+def fingerprint_differences(saved: Any, current: dict[str, Any]) -> list[str]:
+    """What differs between the fingerprint a plan was made for and the model's, in words (empty: it fits)."""
+    if not isinstance(saved, dict) or not saved:
+        return []  # a plan without a fingerprint (written by hand): only the layer indices are checked
+    differences = []
+    for key, what in (("architecture", "architecture"), ("model_type", "model_type"), ("num_layers", "layer count")):
+        if key in saved and saved[key] != current[key]:
+            differences.append(f"{what}: plan {saved[key]!r}, model {current[key]!r}")
+    if "heads" in saved and saved["heads"] != current["heads"]:
+        layer = next((i for i, (a, b) in enumerate(zip(saved["heads"], current["heads"])) if a != b), None)
+        detail = f" (first at layer {layer}: plan {saved['heads'][layer]}, model {current['heads'][layer]})" if layer is not None else ""
+        differences.append(f"head layout [query heads, kv heads, head dim]{detail}")
+    if differences or saved.get("qk_sha256") in (None, current["qk_sha256"]):
+        return differences
+    saved_norms = saved.get("qk_head_norms")
+    for i, (a, b) in enumerate(zip(saved_norms or [], current["qk_head_norms"])):
+        worst = max((abs(x - y) / max(abs(x), abs(y), 1e-30) for x, y in zip(a, b)), default=0.0)
+        if len(a) != len(b) or worst > NORM_RTOL:
+            return [f"Q/K weights (hash {saved['qk_sha256'][:12]} vs {current['qk_sha256'][:12]}; layer {i}: per-head "
+                    f"Q/K norms differ by up to {worst:.2%}, more than rounding to another dtype explains)"]
+    if saved_norms is None:
+        return [f"Q/K weights (hash {saved['qk_sha256'][:12]} vs {current['qk_sha256'][:12]})"]
+    return []  # same weights up to rounding (another storage dtype)
 
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def check_plan_matches(plan: PatchPlan, fingerprint: str, num_layers: int, model_class: str) -> None:
-    """A plan is re-applied only to the model it was made for; say clearly what differs."""
-    if len(plan.layers) != num_layers:
-        raise ValueError(f"the plan has {len(plan.layers)} layers but the model has {num_layers}: it was made for another model")
-    if plan.model_fingerprint and plan.model_fingerprint != fingerprint:
-        raise ValueError(
-            f"the plan was made for a model with fingerprint {plan.model_fingerprint} ({plan.model_class}); this model "
-            f"({model_class}) has {fingerprint}. Rebuild the plan with patch_model(model, method=..., layers=...)."
-        )
+def check_plan_matches(plan: PatchPlan, fingerprint: dict[str, Any], num_layers: int, model_class: str,
+                       strict: bool = True, source: str = "the plan") -> None:
+    """A plan is re-applied only to the model it was made for; the error says what differs.
+
+    Layer indices are always checked (a layer index the model lacks, or a model layer the plan lacks, is an error
+    even with ``strict=False``: the plan cannot be applied). The fingerprint (architecture, layer count, head layout,
+    Q/K weights) is checked too; with ``strict=False`` a difference is a warning and the plan is applied.
+    """
+    indices = [layer.layer_idx for layer in plan.layers]
+    extra = sorted(set(indices) - set(range(num_layers)))
+    if extra:
+        raise PlanError(f"{source}: layer index(es) {extra} do not exist in this {model_class}, which has layers "
+                        f"0..{num_layers - 1}: the plan was made for another model")
+    missing = sorted(set(range(num_layers)) - set(indices))
+    if missing:
+        raise PlanError(f"{source}: the model's layer(s) {missing} have no entry in the plan (every layer needs one, "
+                        "with method null where it is not patched)")
+    differences = fingerprint_differences(plan.model_fingerprint, fingerprint)
+    if not differences:
+        return
+    message = (f"{source} was made for another model ({plan.model_class or 'unknown class'}) than this {model_class}: "
+               + "; ".join(differences))
+    if strict:
+        raise PlanError(message + ". Rebuild the plan with patch_model(model, method=..., layers=...), or pass "
+                        "strict=False to apply it anyway.")
+    warnings.warn(message + ". Applying it anyway (strict=False).", stacklevel=3)

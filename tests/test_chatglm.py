@@ -1,49 +1,68 @@
-"""The ChatGLM2/3 adapter on a stand-in built from the published interface (the remote code cannot be downloaded)."""
+"""The ChatGLM2/3 adapter on the local remote-code checkpoint (tests/fixtures/chatglm, written from the published
+interface; the hub code cannot be downloaded here), called through its own forward with padding and its KV cache."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
 
-from chatglm_standin import ChatGLMStandIn, make_config
-from hf_sparse_attn import capture_attention, patch_model, rank_layers, unpatch_model
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures", "chatglm"))
+from write_checkpoint import write_checkpoint  # noqa: E402
+
+from hf_sparse_attn import capture_attention, patch_model, rank_layers, unpatch_model  # noqa: E402
+
+DECODE = "q_len != kv_len (decode step, cache or cross-attention)"
 
 
-def _model(layout, seed=0):
-    torch.manual_seed(seed)
-    return ChatGLMStandIn(make_config(layout)).eval()
+@pytest.fixture(scope="module")
+def checkpoint_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chatglm_adapter")
+    return {layout: write_checkpoint(str(root / layout), "chatglm2", layout) for layout in ("seq_first", "batch_first")}
+
+
+@pytest.fixture
+def load(checkpoint_dirs):
+    from transformers import AutoModelForCausalLM
+
+    def _load(layout):
+        return AutoModelForCausalLM.from_pretrained(checkpoint_dirs[layout], trust_remote_code=True).eval()
+
+    return _load
 
 
 @pytest.mark.parametrize("layout", ["seq_first", "batch_first"])
-def test_exact_patch_matches_with_padding_and_decode(layout):
-    model = _model(layout)
-    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+def test_exact_patch_matches_with_padding_and_decode(load, layout):
+    model = load(layout)
+    ids = torch.randint(3, 150, (2, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 11, dtype=torch.long)
     mask[1, :3] = 0
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)  # decode keeps the padding mask
     with torch.no_grad():
-        ref, cache = model(ids, mask)
-        ref_nomask, _ = model(ids)
-        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)  # decode keeps the padding mask
-        step_ref, _ = model(ids[:, :1], step_mask, past=cache)
+        ref = model(ids, attention_mask=mask)
+        ref_nomask = model(ids).logits
+        step_ref = model(ids[:, :1], attention_mask=step_mask, kv_cache=ref.kv_cache).logits
         plan = patch_model(model, method="exact", layers="all")
-        out, cache2 = model(ids, mask)
-        out_nomask, _ = model(ids)
-        step, _ = model(ids[:, :1], step_mask, past=cache2)
+        out = model(ids, attention_mask=mask)
+        out_nomask = model(ids).logits
+        step = model(ids[:, :1], attention_mask=step_mask, kv_cache=out.kv_cache).logits
     valid = mask.bool()
-    assert (out - ref)[valid].abs().max() < 1e-5
+    assert (out.logits - ref.logits)[valid].abs().max() < 1e-5
     assert (out_nomask - ref_nomask).abs().max() < 1e-5
     assert torch.allclose(step, step_ref, atol=1e-5)
     assert all(layer.served == 2 for layer in plan.layers)
-    assert plan.fallback_counts() == {"q_len != kv_len (decode step, cache or cross-attention)": 3}
+    assert plan.fallback_counts() == {DECODE: 3}
     unpatch_model(model)
     with torch.no_grad():
-        assert torch.equal(model(ids, mask)[0], ref)
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref.logits)
     assert all("forward" not in layer.self_attention.core_attention.__dict__ for layer in model.transformer.encoder.layers)
 
 
-def test_ranking_reads_fused_qkv_with_multi_query_groups():
-    model = _model("batch_first")
+def test_ranking_reads_fused_qkv_with_multi_query_groups(load):
+    model = load("batch_first")
     ranking = rank_layers(model)
     block = model.transformer.encoder.layers[0]
     w = block.self_attention.query_key_value.weight.detach().double()
@@ -55,7 +74,7 @@ def test_ranking_reads_fused_qkv_with_multi_query_groups():
     assert ranking.norm_sources[0].endswith("input_layernorm")
 
 
-def test_accelerate_hook_on_core_attention_is_kept():
+def test_accelerate_hook_on_core_attention_is_kept(load):
     class Counter(ModelHook):
         calls = 0
 
@@ -63,38 +82,38 @@ def test_accelerate_hook_on_core_attention_is_kept():
             Counter.calls += 1
             return args, kwargs
 
-    model = _model("batch_first")
+    model = load("batch_first")
     for layer in model.transformer.encoder.layers:
         add_hook_to_module(layer.self_attention.core_attention, Counter())
-    ids = torch.randint(0, 97, (1, 9))
+    ids = torch.randint(3, 150, (1, 9))
     with torch.no_grad():
-        ref, _ = model(ids)
+        ref = model(ids).logits
         plan = patch_model(model, method="exact", layers="all")
         before = Counter.calls
-        out, _ = model(ids)
+        out = model(ids).logits
     assert Counter.calls - before == 3 and all(layer.served == 1 for layer in plan.layers)
     assert torch.allclose(out, ref, atol=1e-5)
     unpatch_model(model)
 
 
-def test_ambiguous_layout_asks_for_the_option():
-    model = _model("seq_first")
-    ids = torch.randint(0, 97, (4, 4))  # b == np == sq == 4: both layouts fit
+def test_ambiguous_layout_asks_for_the_option(load):
+    model = load("seq_first")
+    ids = torch.randint(3, 150, (4, 4))  # b == np == sq == 4: both layouts fit
     patch_model(model, method="exact", layers="all")
     with pytest.raises(ValueError, match="chatglm_layout"):
         with torch.no_grad():
             model(ids)
     patch_model(model, method="exact", layers="all", adapter_options={"chatglm_layout": "seq_first"})
     with torch.no_grad():
-        out, _ = model(ids)
+        out = model(ids).logits
     unpatch_model(model)
     with torch.no_grad():
-        assert torch.allclose(model(ids)[0], out, atol=1e-5)
+        assert torch.allclose(model(ids).logits, out, atol=1e-5)
 
 
-def test_capture_sees_rotated_queries():
-    model = _model("batch_first")
-    ids = torch.randint(0, 97, (1, 7))
+def test_capture_sees_rotated_queries(load):
+    model = load("batch_first")
+    ids = torch.randint(3, 150, (1, 7))
     with torch.no_grad(), capture_attention(model, layers=[1]) as captured:
         model(ids)
     (call,) = captured[1]

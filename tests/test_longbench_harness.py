@@ -16,68 +16,25 @@ import time
 import zipfile
 
 import pytest
-import torch
 
 from hf_sparse_attn.eval.longbench.data import load_task
 from hf_sparse_attn.eval.longbench.predict import (
-    PredictionWriter, build_inputs, merge_shards, predict_tasks, read_predictions, task_prediction_files,
-    truncate_middle,
+    DuplicatePredictionError, PredictionWriter, build_inputs, merge_shards, pending_samples, predict_tasks,
+    read_predictions, task_prediction_files, truncate_middle,
 )
 from hf_sparse_attn.eval.longbench.score import score_directory
 from hf_sparse_attn.eval.longbench.tasks import TASKS, build_prompt, offline_task
+from longbench_tiny import cli_env, samples, sentence, tiny_llama, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("river city music history school north station paper light garden winter army village market "
-         "bridge island church mountain river valley summer king queen island road").split()
-
-
-def _sentence(rng: random.Random, n: int = 12) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
-
-
-def _samples(task: str, n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        context = " ".join(_sentence(rng) for _ in range(rng.randint(5, 60)))
-        out.append({"input": f"Which word comes first in sample {i}?", "context": context,
-                    "answers": [context.split()[0]], "length": len(context.split()) * 100,
-                    "all_classes": None, "dataset": task, "language": "en", "_id": f"{task}-{i:03d}"})
-    return out
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+_sentence, _samples, _write_jsonl = sentence, samples, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     """(model_dir, model, tokenizer): tiny random Llama + byte-level BPE tokenizer with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    rng = random.Random(0)
-    texts = [_sentence(rng) for _ in range(300)] + ["Question: Answer: Paragraph Summary:\n\n"] * 20
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = ("{% for m in messages %}<s>[USER] {{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %} [BOT]{% endif %}")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    model = LlamaForCausalLM(config).eval()
     model_dir = str(tmp_path_factory.mktemp("tiny_llama"))
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model, tokenizer = tiny_llama(model_dir)
     return model_dir, model, tokenizer
 
 
@@ -151,9 +108,7 @@ def test_partial_last_line_is_repaired(tmp_path):
 
 
 def _run_cli(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "hf_sparse_attn.cli", "longbench", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "hf_sparse_attn.cli", "longbench", *args], cwd=REPO, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -209,9 +164,12 @@ def test_shards_merge_into_one_file_in_dataset_order(tiny_lm, tmp_path):
     out = str(tmp_path / "out")
     single = str(tmp_path / "single")
     predict_tasks(model, tokenizer, task_samples, single, 300, progress=False)
+    pending = pending_samples(task_samples, out)  # computed once, before any process writes
+    with pytest.raises(ValueError, match="pending"):
+        predict_tasks(model, tokenizer, task_samples, out, 300, process_index=0, num_processes=2, progress=False)
     for rank in (1, 0):
         counts = predict_tasks(model, tokenizer, task_samples, out, 300, process_index=rank, num_processes=2,
-                               progress=False)
+                               progress=False, pending=pending)
         assert counts["predicted"] == (3 if rank == 0 else 2)
     files = task_prediction_files(out)["hotpotqa"]
     assert sorted(os.path.basename(p) for p in files) == ["hotpotqa.part00-of-02.jsonl", "hotpotqa.part01-of-02.jsonl"]
@@ -225,6 +183,41 @@ def test_shards_merge_into_one_file_in_dataset_order(tiny_lm, tmp_path):
     assert score_directory(out, write=False) == before == score_directory(single, write=False)
     # a rerun with all ids done predicts nothing
     assert predict_tasks(model, tokenizer, task_samples, out, 300, progress=False)["predicted"] == 0
+
+
+def test_resume_with_another_process_count_deals_out_only_the_missing_samples(tiny_lm, tmp_path):
+    _, model, tokenizer = tiny_lm
+    samples = _samples("hotpotqa", 7)
+    task_samples = {"hotpotqa": (dataclasses.replace(TASKS["hotpotqa"], max_new_tokens=4), samples)}
+    out = str(tmp_path / "out")
+    pending = pending_samples(task_samples, out)
+    predict_tasks(model, tokenizer, task_samples, out, 300, process_index=1, num_processes=2, pending=pending,
+                  progress=False)  # process 0 of the 2 never ran: samples 0, 2, 4, 6 missing
+    pending = pending_samples(task_samples, out)
+    assert [sample_id for _, sample_id in pending] == [samples[i]["_id"] for i in (0, 2, 4, 6)]
+    counts = [predict_tasks(model, tokenizer, task_samples, out, 300, process_index=r, num_processes=3,
+                            pending=pending, progress=False) for r in range(3)]
+    assert [c["predicted"] for c in counts] == [2, 1, 1]  # the 4 missing ones dealt out over 3 processes, 0 redone
+    merge_shards(out, "hotpotqa", order=[s["_id"] for s in samples])
+    assert [r["_id"] for r in read_predictions(os.path.join(out, "hotpotqa.jsonl"))] == [s["_id"] for s in samples]
+
+
+def test_an_id_predicted_twice_is_refused_naming_it(tmp_path):
+    first = {"pred": "Paris", "answers": ["Paris"], "all_classes": None, "length": 1, "_id": "q-1", "seconds": 0.1}
+    _write_jsonl(str(tmp_path / "hotpotqa.part00-of-02.jsonl"), [first])
+    _write_jsonl(str(tmp_path / "hotpotqa.part01-of-02.jsonl"), [dict(first, pred="b", seconds=0.2)])
+    with pytest.raises(DuplicatePredictionError, match=r"'q-1' in hotpotqa.part00-of-02.jsonl, hotpotqa.part01-of-02.jsonl"):
+        score_directory(str(tmp_path), write=False)
+    with pytest.raises(DuplicatePredictionError, match="q-1"):
+        merge_shards(str(tmp_path), "hotpotqa")
+    # two runs appending to one file (what an unsharded torchrun did) is refused the same way
+    _write_jsonl(str(tmp_path / "dup" / "trec.jsonl"), [dict(first, all_classes=["a"]), dict(first, all_classes=["a"], seconds=0.3)])
+    with pytest.raises(DuplicatePredictionError, match="'q-1' in trec.jsonl"):
+        score_directory(str(tmp_path / "dup"), write=False)
+    # an identical copy (a merge killed after writing <task>.jsonl, before removing the parts) counts once
+    _write_jsonl(str(tmp_path / "copy" / "hotpotqa.jsonl"), [first])
+    _write_jsonl(str(tmp_path / "copy" / "hotpotqa.part00-of-02.jsonl"), [first])
+    assert score_directory(str(tmp_path / "copy"), write=False) == {"hotpotqa": 100.0}
 
 
 def test_score_cli_on_official_layout(tmp_path):

@@ -2,6 +2,8 @@
 difflib path, LongBench-E buckets, averages and the seed 002 Table 1 convention."""
 
 import difflib
+import json
+import os
 import random
 
 import pytest
@@ -10,7 +12,9 @@ from hf_sparse_attn.eval.longbench import metrics as M
 from hf_sparse_attn.eval.longbench.score import (
     comparison_table, length_bucket, sample_score, score_task, score_task_e, summarize, table1_row,
 )
-from hf_sparse_attn.eval.longbench.tasks import LONGBENCH_E_TASKS, TASKS, default_max_length, get_task
+from hf_sparse_attn.eval.longbench.tasks import (
+    LONGBENCH_E_TASKS, MODEL_MAX_LENGTH, TASKS, build_prompt, default_max_length, get_task,
+)
 
 
 def test_task_table_matches_longbench():
@@ -189,3 +193,37 @@ def test_evaluate_metric_loads_from_local_path(monkeypatch):
     out = metric.compute(predictions=["Paris", "the London city"], references=[["Paris", "Paris, France"], ["London"]],
                          lengths=[100, 9000])
     assert out == {"score": 83.33, "0-4k": 100.0, "4-8k": None, "8k+": 66.67}
+
+
+# ------------------------------------------------------------------------------------------------ official tables
+OFFICIAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "longbench_official")
+
+
+def _official(name: str) -> dict:
+    """One of the official release's config files (THUDM/LongBench config/*.json), copied unchanged."""
+    with open(os.path.join(OFFICIAL, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_prompt_templates_equal_the_official_release_byte_for_byte():
+    official = _official("dataset2prompt.json")
+    assert list(official) == list(TASKS)  # the same 21 tasks, in the release's order
+    for task, template in official.items():
+        assert TASKS[task].template.encode("utf-8") == template.encode("utf-8"), task
+    # the release's typo is kept: "asconcisely" (no space) in both sentences of narrativeqa
+    assert TASKS["narrativeqa"].template.count("asconcisely") == 2 and "as concisely" not in TASKS["narrativeqa"].template
+
+
+def test_output_lengths_and_prompt_budgets_equal_the_official_release():
+    assert {t: spec.max_new_tokens for t, spec in TASKS.items()} == _official("dataset2maxlen.json")
+    assert MODEL_MAX_LENGTH == _official("model2maxlen.json")
+    for model, budget in MODEL_MAX_LENGTH.items():
+        assert default_max_length(f"THUDM/{model}", 100_000) == budget
+
+
+def test_prompt_is_the_template_filled_by_str_format():
+    sample = {"context": "C {x}", "input": "Q", "answers": ["a"]}
+    prompt = build_prompt(TASKS["repobench-p"], sample)
+    assert prompt == "Please complete the code given below. \nC {x}QNext line of code:\n"  # braces in data untouched
+    with pytest.raises(ValueError, match="lacks field 'input'"):
+        build_prompt(TASKS["hotpotqa"], {"context": "c"})

@@ -27,14 +27,15 @@ def test_exact_when_one_block_covers(causal, scale_mode):
     assert not torch.isnan(out).any()
 
 
-def test_causality_future_tokens_do_not_change_past_outputs():
+@pytest.mark.parametrize("mode", ["recursive", "single_pass"])
+def test_causality_future_tokens_do_not_change_past_outputs(mode):
     q, k, v = _qkv(B=1, N=1500, seed=1)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     t = 1100
     q2[:, :, t:] = torch.randn_like(q2[:, :, t:])
     k2[:, :, t:] += 1.0
     v2[:, :, t:] -= 3.0
-    f = get_method("sparse_hyper", block_size=64, min_seq_len=128)
+    f = get_method("sparse_hyper", block_size=64, min_seq_len=128, causal_mode=mode, window=128)
     out, lse = f(q, k, v, causal=True, scale=SCALE)
     out2, lse2 = f(q2, k2, v2, causal=True, scale=SCALE)
     torch.testing.assert_close(out[:, :, :t], out2[:, :, :t], atol=1e-6, rtol=0)  # float sums may round differently
@@ -219,3 +220,74 @@ def test_sinks_param():
     assert get_spec("sparse_hyper").params["num_sink_tokens"].default == NUM_SINK_TOKENS
     with pytest.raises(ValueError, match="num_sink_tokens"):
         get_method("sparse_hyper", num_sink_tokens=-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# causal_mode="single_pass" (sinks + exact window + causal LSH block; see test_hyper.py for the shared parts)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale_mode", ["none", "theory"])
+def test_single_pass_exact_when_window_covers(scale_mode):
+    """Window covering the sequence: every key kept, so k_i = n_i, eps = 0, alpha = 1 and the result is exact,
+    with left and right padding (rows with no key: 0 and -inf)."""
+    q, k, v = _qkv(N=300)
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, :40] = False
+    mask[0, 250:] = False
+    ref, ref_lse = get_method("exact")(q, k, v, causal=True, scale=SCALE, key_padding_mask=mask)
+    out, lse = get_method("sparse_hyper", causal_mode="single_pass", window=300, block_size=32, num_sink_tokens=16,
+                          scale_mode=scale_mode)(q, k, v, causal=True, scale=SCALE, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-6, rtol=1e-5)
+    assert torch.all(out[1, :, :40] == 0)
+
+
+def test_single_pass_equals_brute_force_of_its_key_sets_and_theory_scale_from_counts():
+    """scale_mode none: dense attention over exactly sinks + window + block (no key twice). theory: the same
+    output times alpha_i = 1 - eps(k_i, n_i, sigma_i) with k_i = |window_i| + |block_i| and n_i = the non-sink keys
+    j <= i, merged with the sinks through lse (sparse_hyper.py)."""
+    from test_hyper import single_pass_reference
+
+    q, k, v = _qkv(N=700)
+    mask = torch.ones(2, 700, dtype=torch.bool)
+    mask[0, 300:340] = False
+    kw = dict(window=64, block_size=32, num_sink_tokens=16, lsh_num_projs=3)
+    ref, ref_lse, _ = single_pass_reference(q, k, v, scale=SCALE, key_padding_mask=mask, **kw)
+    out, lse = get_method("sparse_hyper", causal_mode="single_pass", scale_mode="none", **kw)(
+        q, k, v, causal=True, scale=SCALE, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+    theory, theory_lse = get_method("sparse_hyper", causal_mode="single_pass", scale_mode="theory", **kw)(
+        q, k, v, causal=True, scale=SCALE, key_padding_mask=mask)
+    # the theory scale only lowers the weight of the non-sink part: lse never falls, and rows that keep every key
+    # (the first chunk + window) are unchanged
+    assert (theory_lse >= lse - 1e-5).all() and (theory_lse > lse + 1e-3).any()
+    torch.testing.assert_close(theory[:, :, :64], out[:, :, :64], atol=2e-6, rtol=1e-5)
+
+
+def test_single_pass_masks_and_fully_masked_rows():
+    q, k, v = _qkv(B=2, N=1024)
+    mask = torch.ones(2, 1024, dtype=torch.bool)
+    mask[0, 600:] = False
+    mask[1, :100] = False
+    v_poison = v.clone()
+    v_poison[0, :, 600:] = 1e6
+    v_poison[1, :, :100] = 1e6
+    out, lse = get_method("sparse_hyper", causal_mode="single_pass", window=64, block_size=64)(
+        q, k, v_poison, causal=True, scale=SCALE, key_padding_mask=mask)
+    assert out.abs().max().item() < 100 and not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.all(out[1, :, :100] == 0) and torch.all(lse[1, :, :100] == float("-inf"))
+
+
+def test_single_pass_gradients_match_exact_when_block_covers():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = [torch.randn(1, 2, 600, 16, generator=g, requires_grad=True) for _ in range(3)]
+    ref, _ = get_method("exact")(q, k, v, causal=True, scale=SCALE)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    out, _ = get_method("sparse_hyper", causal_mode="single_pass", window=64, block_size=1024, num_sink_tokens=16)(
+        q, k, v, causal=True, scale=SCALE)
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

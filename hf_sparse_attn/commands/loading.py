@@ -7,8 +7,9 @@ from typing import Any
 MODEL_HELP = "'smollm2' or 'minilm' (real offline weights), or a local path / hub id"
 
 
-def load_model(name: str, trust_remote_code: bool = False, device_map: Any = None):
-    """(model, tokenizer). Never passes trust_remote_code=True unless asked."""
+def load_model(name: str, trust_remote_code: bool = False, device_map: Any = None, tokenizer: bool = True):
+    """(model, tokenizer). Never passes trust_remote_code=True unless asked. ``tokenizer=False``: the weights
+    only (the tokenizer returned is None), for commands such as ``rank`` that never tokenize."""
     from ..eval.data import load_minilm, load_smollm2
 
     if name == "smollm2":
@@ -24,5 +25,6 @@ def load_model(name: str, trust_remote_code: bool = False, device_map: Any = Non
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = auto.from_pretrained(name, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    if not tokenizer:
+        return model, None
+    return model, AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)

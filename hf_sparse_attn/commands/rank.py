@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, _tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=False)  # weights only
     ranking = rank_layers(model, norm=args.norm, head_reduce=args.head_reduce)
     print(ranking)
     if args.json:

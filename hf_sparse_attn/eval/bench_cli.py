@@ -111,6 +111,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--calibration-tokens", type=int, default=2048,
                        help="tokens of the calibration article for select=measured (an article not among the scored ones)")
     model.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run of the exact prefill")
+    model.add_argument("--model-dir", default=None,
+                       help="a local transformers causal-LM directory (with its tokenizer) instead of SmolLM2-135M, "
+                            "e.g. a tiny random model for tests")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="allow --model-dir's own code (remote-code checkpoints); off by default")
 
 
 def _header(args: argparse.Namespace, what: str) -> list[str]:
@@ -185,8 +190,15 @@ def run_model(args: argparse.Namespace) -> int:
         print(f"unknown method(s) {unknown}; registered: {', '.join(list_methods())}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    model, tokenizer = load_smollm2()
-    num_layers = model.config.num_hidden_layers
+    if args.model_dir:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
+                                                     trust_remote_code=args.trust_remote_code).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
+    else:
+        model, tokenizer = load_smollm2()
+    num_layers = getattr(model.config, "num_hidden_layers", None) or model.config.num_layers  # ChatGLM: num_layers
     method_layers = {}
     for item in args.method_layers or []:
         method, _, counts = item.partition("=")
@@ -196,7 +208,7 @@ def run_model(args: argparse.Namespace) -> int:
         method_layers[method] = [int(x) for x in counts.split(",")]
     bad = [n for counts in [args.layers, *method_layers.values()] for n in counts if not 0 <= n <= num_layers]
     if bad:
-        print(f"layer counts {bad}: SmolLM2 has {num_layers} layers", file=sys.stderr)
+        print(f"layer counts {bad}: the model has {num_layers} layers", file=sys.stderr)
         return 2
     cells = build_grid(args.methods, args.tokens, args.layers, args.selections, args.random_seeds, args.compare_selections_at,
                        method_layers, args.compare_methods)
@@ -222,7 +234,7 @@ def run_model(args: argparse.Namespace) -> int:
                  profile=not args.no_profile, progress=not args.no_progress)
     ranking = rank_layers(model)
     extra = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
-             "model": "SmolLM2-135M-Instruct (real weights, fp32)", "num_layers": num_layers,
+             "model": args.model_dir or "SmolLM2-135M-Instruct (real weights, fp32)", "num_layers": num_layers,
              "weight_norm_order": ranking.order, "calibration_article": calibration_title,
              "grid": {"tokens": args.tokens, "articles": args.articles, "methods": args.methods, "layers": args.layers,
                       "selections": args.selections, "random_seeds": args.random_seeds, "method_layers": method_layers,

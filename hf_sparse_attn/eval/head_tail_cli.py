@@ -4,8 +4,10 @@
     hf-sparse-attn head-tail --model PATH_OR_ID --text FILE --out DIR        (FILE: one sequence per line)
 
 Writes DIR/head_tail.json (max_ratio, median_n_n1, median_n_2n as [layer][head] lists, sequences, the A.1.3
-scaling curve, counts of infinite ratios), DIR/*.png (heatmaps and the scaling plot) and DIR/summary.txt (also
-printed). Every finished sequence is appended to DIR/state/sequences.jsonl, so an interrupted run resumes where
+scaling curve, counts of infinite ratios, and under "input" what was left out: empty lines, texts shorter than
+--min-chars, texts not drawn by --max-sequences, sequences cut to --max-length tokens, sequences shorter than
+--min-tokens), DIR/*.png (heatmaps and the scaling plot) and DIR/summary.txt (also printed). The corpus is read
+and checked before the model loads. Every finished sequence is appended to DIR/state/sequences.jsonl, so an interrupted run resumes where
 it stopped (same arguments; ``--restart`` starts over). The statistics are defined in
 :mod:`hf_sparse_attn.eval.head_tail`. This module also holds the model and corpus loading the ``sparsity``
 command shares.
@@ -94,12 +96,32 @@ def model_max_length(model, tokenizer) -> int:
 
 def load_texts(args: argparse.Namespace) -> tuple[str, list[str]]:
     """(corpus name, texts) from --text / --corpus, filtered by --min-chars and drawn with --max-sequences/--seed."""
+    name, texts, _ = read_corpus(args)
+    return name, texts
+
+
+def _lines(path: str, counts: dict) -> list[str]:
+    """Non-empty lines of a text file (newline stripped); counts["empty_lines_dropped"] += the blank ones."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such text file (one sequence per line)")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    kept = [line for line in lines if line.strip()]
+    counts["empty_lines_dropped"] += len(lines) - len(kept)
+    return kept
+
+
+def read_corpus(args: argparse.Namespace) -> tuple[str, list[str], dict]:
+    """(corpus name, texts, counts) from --text / --corpus, filtered by --min-chars and drawn with
+    --max-sequences/--seed. ``counts``: texts_read, empty_lines_dropped, shorter_than_min_chars_dropped,
+    not_drawn (by --max-sequences), used."""
     from hf_sparse_attn.eval import data
 
+    counts = {"texts_read": 0, "empty_lines_dropped": 0, "shorter_than_min_chars_dropped": 0, "not_drawn": 0,
+              "used": 0}
     if args.text:
         name = args.text
-        with open(args.text, encoding="utf-8") as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
+        texts = _lines(args.text, counts)
     else:
         corpus = args.corpus
         name = corpus
@@ -118,29 +140,55 @@ def load_texts(args: argparse.Namespace) -> tuple[str, list[str]]:
             dataset = datasets.load_dataset(parts[1], split=args.split)
             if parts[2] not in dataset.column_names:
                 raise SystemExit(f"dataset {parts[1]} has no column {parts[2]!r}; columns: {dataset.column_names}")
-            texts = [t for t in dataset[parts[2]] if isinstance(t, str) and t.strip()]
+            column = dataset[parts[2]]
+            texts = [t for t in column if isinstance(t, str) and t.strip()]
+            counts["empty_lines_dropped"] += len(column) - len(texts)
         elif corpus.endswith(".jsonl") and os.path.exists(corpus):
             texts = []
             with open(corpus, encoding="utf-8") as f:
                 for line_no, line in enumerate(f, 1):
                     if not line.strip():
+                        counts["empty_lines_dropped"] += 1
                         continue
-                    row = json.loads(line)
-                    if args.text_field not in row:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise SystemExit(f"{corpus} line {line_no} is not valid JSON ({err})") from None
+                    if not isinstance(row, dict) or args.text_field not in row:
                         raise SystemExit(f"{corpus} line {line_no} has no field {args.text_field!r} (choose one with --text-field)")
                     texts.append(str(row[args.text_field]))
         elif os.path.exists(corpus):
-            with open(corpus, encoding="utf-8") as f:
-                texts = [line.rstrip("\n") for line in f if line.strip()]
+            texts = _lines(corpus, counts)
         else:
             raise SystemExit(f"unknown corpus {corpus!r}: {CORPUS_HELP}")
-    texts = [t for t in texts if len(t) >= args.min_chars]
+    counts["texts_read"] = len(texts) + counts["empty_lines_dropped"]
+    long_enough = [t for t in texts if len(t) >= args.min_chars]
+    counts["shorter_than_min_chars_dropped"] = len(texts) - len(long_enough)
+    texts = long_enough
     if not texts:
         raise SystemExit(f"no text left in {name!r} (after --min-chars {args.min_chars})")
+    if args.max_sequences is not None and args.max_sequences < 1:
+        raise SystemExit(f"--max-sequences must be >= 1, got {args.max_sequences}")
     if args.max_sequences is not None and args.max_sequences < len(texts):
         picks = sorted(random.Random(args.seed).sample(range(len(texts)), args.max_sequences))
+        counts["not_drawn"] = len(texts) - len(picks)
         texts = [texts[i] for i in picks]
-    return name, texts
+    counts["used"] = len(texts)
+    return name, texts, counts
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """Token count of each text before any truncation (special tokens included, as the model sees them)."""
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+
+def input_report(counts: dict, max_length: int) -> str:
+    """One line saying what of the input was left out or cut."""
+    return (f"input: {counts['texts_read']} texts read, {counts['used']} used; left out: "
+            f"{counts['empty_lines_dropped']} empty, {counts['shorter_than_min_chars_dropped']} shorter than "
+            f"--min-chars, {counts['not_drawn']} not drawn (--max-sequences), "
+            f"{counts['skipped_min_tokens']} shorter than --min-tokens; "
+            f"{counts['truncated_to_max_length']} cut to --max-length {max_length} tokens")
 
 
 class ResumableRun:
@@ -288,11 +336,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.min_prefix < 1 or args.prefix_step < 1 or args.scaling_step < 1:
         raise SystemExit("--min-prefix, --prefix-step and --scaling-step must be >= 1")
+    if args.max_length is not None and args.max_length < 1:
+        raise SystemExit(f"--max-length must be >= 1, got {args.max_length}")
+    corpus, texts, input_counts = read_corpus(args)  # bad input fails here, before the model loads
     os.makedirs(args.out, exist_ok=True)
     apply_threads(args)
     model, tokenizer = load_model(args.model, args.trust_remote_code, args.device)
     max_length = args.max_length or model_max_length(model, tokenizer)
-    corpus, texts = load_texts(args)
     scaling = scaling_lengths(max_length, args.scaling_step, args.min_prefix)
     config = {"model": args.model, "corpus": corpus, "max_sequences": args.max_sequences, "seed": args.seed,
               "min_chars": args.min_chars, "max_length": max_length, "min_tokens": args.min_tokens,
@@ -305,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(total=len(texts), desc="head-tail", unit="seq", initial=len(texts) - len(pending))
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
+            full_lengths = token_counts(tokenizer, [texts[i] for i in batch])
             encoded = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             lengths = encoded["attention_mask"].sum(1).tolist()
             keep = [j for j, n in enumerate(lengths) if n >= args.min_tokens]
@@ -325,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
                 record = sequence_record(stats, scaling)
                 record["index"] = batch[j]
                 record["causal"] = stats[0].causal
+                if full_lengths[j] > max_length:
+                    record["truncated_from"] = full_lengths[j]  # tokens before the cut to max_length
                 state.add(record)
                 bar.update(1)
                 bar.set_postfix(tokens=n)
@@ -342,14 +395,16 @@ def run(args: argparse.Namespace) -> int:
     for r in records:
         acc.add(r)
     causal = any(r.get("causal") for r in records)
+    input_counts["skipped_min_tokens"] = sum(1 for r in state.records if "skipped" in r)
+    input_counts["truncated_to_max_length"] = sum(1 for r in records if "truncated_from" in r)
     result = {"model": args.model, "corpus": corpus, **acc.result(), "config": config, **provenance(),
-              "skipped_sequences": sum(1 for r in state.records if "skipped" in r),
+              "skipped_sequences": input_counts["skipped_min_tokens"], "input": input_counts,
               "statistic": ("causal part of K (lower triangle with diagonal): decoder" if causal else "full K: encoder"),
               "definitions": "see hf_sparse_attn/eval/head_tail.py (seed 003 section 4, A.1)"}
     with open(os.path.join(args.out, "head_tail.json"), "w") as f:
         json.dump(result, f, indent=1)
     write_plots(result, args.out, f"{args.model} / {os.path.basename(str(corpus))}")
-    text = summary_text(result)
+    text = summary_text(result) + "\n" + input_report(input_counts, max_length)
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write(text + "\n")
     print(text)

@@ -5,7 +5,8 @@
 
 Writes DIR/sparsity.json (P(row is (k, eps)-sparse) per layer and head, mean top-k mass, the weight norm R of
 :func:`hf_sparse_attn.rank_layers`, Spearman correlations between R and sparsity over layers and over heads),
-DIR/sparsity_vs_R.png, DIR/sparsity_heads.png and DIR/summary.txt. Counts are saved after every sequence in
+DIR/sparsity_vs_R.png, DIR/sparsity_heads.png and DIR/summary.txt; "input" in the JSON and the summary's last
+line count what was left out or cut (empty lines, --min-chars, --max-sequences, --max-length, --min-tokens). Counts are saved after every sequence in
 DIR/state/, so an interrupted run resumes (``--restart`` starts over). Definitions:
 :mod:`hf_sparse_attn.eval.sparsity`.
 """
@@ -23,10 +24,12 @@ from hf_sparse_attn.eval.head_tail_cli import (
     add_corpus_arguments,
     add_model_arguments,
     apply_threads,
+    input_report,
     load_model,
-    load_texts,
     model_max_length,
     provenance,
+    read_corpus,
+    token_counts,
 )
 
 
@@ -54,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
 
     if min(args.k) < 1 or not all(0 <= e < 1 for e in args.eps):
         raise SystemExit("--k must be >= 1 and --eps in [0, 1)")
+    if args.max_length is not None and args.max_length < 1:
+        raise SystemExit(f"--max-length must be >= 1, got {args.max_length}")
+    corpus, texts, input_counts = read_corpus(args)  # bad input fails here, before the model loads
     os.makedirs(args.out, exist_ok=True)
     apply_threads(args)
     model, tokenizer = load_model(args.model, args.trust_remote_code, args.device)
     max_length = args.max_length or model_max_length(model, tokenizer)
-    corpus, texts = load_texts(args)
     ks, epsilons = sorted(set(args.k)), sorted(set(args.eps))
     config = {"model": args.model, "corpus": corpus, "max_sequences": args.max_sequences, "seed": args.seed,
               "min_chars": args.min_chars, "max_length": max_length, "min_tokens": args.min_tokens, "k": ks,
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(total=len(texts), desc="sparsity", unit="seq", initial=len(texts) - len(pending))
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
+            full_lengths = token_counts(tokenizer, [texts[i] for i in batch])
             encoded = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             lengths = encoded["attention_mask"].sum(1)
             keep = (lengths >= args.min_tokens).nonzero().flatten().tolist()
@@ -81,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
                 measure_sparsity(model, [(ids, mask if len(keep) > 1 else None)], ks, epsilons, counts)
             record = _counts_to_record(batch, counts)  # one line per batch: a crash never counts a sequence twice
             record["sequences_counted"] = len(keep)
+            record["skipped_min_tokens"] = len(batch) - len(keep)
+            record["truncated"] = sum(1 for j in keep if full_lengths[j] > max_length)  # cut to max_length
             state.add(record)
             bar.update(len(batch))
         bar.close()
@@ -99,13 +107,16 @@ def run(args: argparse.Namespace) -> int:
     if not totals:
         raise SystemExit("no sequence was long enough (see --min-tokens)")
     ranking = rank_layers(model, norm=args.norm)
+    input_counts["skipped_min_tokens"] = sum(r.get("skipped_min_tokens", 0) for r in state.records)
+    input_counts["truncated_to_max_length"] = sum(r.get("truncated", 0) for r in state.records)
     result = {"model": args.model, "corpus": corpus, "sequences": sum(r["sequences_counted"] for r in state.records), "norm": args.norm,
+              "input": input_counts,
               **sparsity_result(totals, ranking.weight_norms, ranking.head_weight_norms), "config": config, **provenance(),
               "definitions": "see hf_sparse_attn/eval/sparsity.py (seed 002 Definitions 3.4-3.5, Theorem 4.7)"}
     with open(os.path.join(args.out, "sparsity.json"), "w") as f:
         json.dump(result, f, indent=1)
     write_sparsity_plots(result, args.out, args.model)
-    text = sparsity_summary(result)
+    text = sparsity_summary(result) + "\n" + input_report(input_counts, max_length)
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write(text + "\n")
     print(text)

@@ -1,7 +1,11 @@
-"""Device kernels, dispatched lazily: Triton only for CUDA tensors when ``triton`` imports, torch otherwise.
+"""Device kernels, dispatched lazily: Triton only for CUDA tensors when ``triton`` imports and no gradient is
+needed, torch otherwise.
 
-Importing this package never imports Triton; the torch code in ``hf_sparse_attn.methods.sorted_blocks`` is the
-reference and the CPU path.
+The Triton kernel writes its results into preallocated outputs outside autograd and has no backward, so a call
+whose inputs need a gradient (autograd recording and q, k, v or the bias requiring grad) always takes the torch
+path, whose backward is autograd's. Importing this package never imports Triton; the torch code in
+``hf_sparse_attn.methods.sorted_blocks`` is the reference and the CPU path. ``workspace`` holds the per-thread
+reused buffers of the torch path.
 """
 
 from __future__ import annotations
@@ -24,8 +28,14 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernel serves tensors like ``t``: CUDA tensors with Triton importable."""
+    """Whether the Triton kernel can serve tensors like ``t``: CUDA tensors with Triton importable (the gradient
+    condition is checked by :func:`sorted_block_attention`)."""
     return t.is_cuda and triton_available()
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when autograd is recording and one of ``tensors`` requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def sorted_block_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
@@ -38,9 +48,9 @@ def sorted_block_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: t
     k_index [nblk, L] int64, bias [nblk, L] float32 or None; out_flat [Rq + 1, D], lse_flat [Rq + 1].
     See ``hf_sparse_attn.methods.sorted_blocks.sorted_block_attention_torch`` for the full contract;
     ``may_have_empty_blocks`` False lets the torch path skip its check for blocks with no key (the Triton
-    kernel handles them in its online softmax either way).
+    kernel handles them in its online softmax either way). Triton only when no gradient is needed (module docstring).
     """
-    if use_triton(q_flat):
+    if use_triton(q_flat) and not needs_grad(q_flat, k_flat, v_flat, bias):
         from .triton_sorted_blocks import sorted_block_attention_triton
 
         return sorted_block_attention_triton(q_flat, k_flat, v_flat, q_index, k_index, bias, scale, out_flat, lse_flat)

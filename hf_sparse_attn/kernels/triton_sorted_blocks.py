@@ -13,8 +13,8 @@ softmax (running max m, running sum l, rescaled accumulator), so the gather of t
 diagonal, the sampled residual with its weights and the merge through lse all happen in one pass without
 copying q/k/v into sorted order. Rows with no finite score give out 0 and lse -inf.
 
-Imported only when a CUDA tensor meets an importable Triton (kernels/__init__.py); tests run it on CPU tensors
-with TRITON_INTERPRET=1 set before Triton is imported.
+Imported only when a CUDA tensor that needs no gradient meets an importable Triton (kernels/__init__.py); tests
+run it on CPU tensors with TRITON_INTERPRET=1 set before Triton is imported.
 """
 
 from __future__ import annotations
@@ -75,7 +75,13 @@ def _sorted_block_attn_kernel(
 def sorted_block_attention_triton(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
                                   q_index: torch.Tensor, k_index: torch.Tensor, bias: Optional[torch.Tensor],
                                   scale: float, out_flat: torch.Tensor, lse_flat: torch.Tensor) -> None:
-    """Launch the kernel (contract in the module docstring); writes ``out_flat`` / ``lse_flat`` in place."""
+    """Launch the kernel (contract in the module docstring); writes ``out_flat`` / ``lse_flat`` in place.
+
+    No backward: refuses inputs that need a gradient (``kernels.sorted_block_attention`` sends those to the torch
+    path), so that a gradient is never silently lost."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q_flat, k_flat, v_flat, bias)):
+        raise RuntimeError("the Triton sorted-block kernel has no backward; inputs that need a gradient must take the "
+                           "torch path (hf_sparse_attn.kernels.sorted_block_attention does this)")
     nblk, bq = q_index.shape
     L = k_index.shape[1]
     Rq, D = q_flat.shape

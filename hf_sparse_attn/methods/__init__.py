@@ -8,5 +8,6 @@ from .merge import merge_attention
 from . import exact  # noqa: F401  (registers "exact")
 from . import kmv, poly, feature_sketch  # noqa: F401  (seed 003, 004, 000 methods)
 from . import hyper, sparse_hyper  # noqa: F401  (register "hyper", "sparse_hyper")
+from . import local  # noqa: F401  (registers "local": attention sinks + local window)
 
 __all__ = ["MethodSpec", "Param", "get_method", "get_spec", "list_methods", "register_method", "merge_attention"]

@@ -37,7 +37,11 @@ def softmax_to_gaussian_kernel(q: torch.Tensor, k: torch.Tensor, scale: float) -
         raise ValueError(f"scale must be positive for the Gaussian-kernel reduction, got {scale}")
     k_sq = k.pow(2).sum(-1)  # [..., Nk]
     max_sq = k_sq.amax(-1, keepdim=True)  # [..., 1]
-    extra = (max_sq - k_sq).clamp_min(0).sqrt().unsqueeze(-1)  # [..., Nk, 1]
+    extra_sq = (max_sq - k_sq).clamp_min(0)
+    # sqrt with a zero (not NaN) gradient at 0: the longest key has extra 0 and, while it is the longest,
+    # extra^2 = max_sq - k_sq stays 0 around it, so 0 is the true derivative there
+    positive = extra_sq > 0
+    extra = torch.where(positive, torch.where(positive, extra_sq, 1.0).sqrt(), 0.0).unsqueeze(-1)  # [..., Nk, 1]
     half = (scale / 2.0) ** 0.5
     y = torch.cat([k, extra], dim=-1) * half
     x = torch.cat([q, torch.zeros_like(q[..., :1])], dim=-1) * half

@@ -1,4 +1,4 @@
-"""``hyper``: HyperAttention (Han et al. 2023), written from the paper and the facts in shared/REFERENCE.md.
+"""``hyper``: HyperAttention (Han et al. 2023), written from the paper.
 
 Non-causal (HyperAttention Algorithms 1-3 with the sortLSH of lsh.py):
   1. sortLSH: hash queries and keys with ``lsh_num_projs`` random hyperplanes per head, order the bucket codes
@@ -12,7 +12,10 @@ Non-causal (HyperAttention Algorithms 1-3 with the sortLSH of lsh.py):
      (done inside one softmax over the concatenated key set, see sorted_blocks.py).
 Causal: recursive halving - the two diagonal halves causal (recursively), the off-diagonal quadrant with the
 non-causal algorithm above - down to exact causal attention once a piece is <= ``min_seq_len``
-(flattened into one batched call per level, see sorted_blocks.py).
+(flattened into one batched call per level, see sorted_blocks.py). ``causal_mode="single_pass"`` instead attends,
+in one pass, the sinks, an exact window of the previous ``window`` positions, the most recent ``block_size`` keys of
+the query's own LSH bucket before that window, and ``sample_size`` uniform samples of the remaining earlier keys with
+the unbiased weight n_c / s (sorted_blocks.single_pass_causal_attention; docs/methods/hyper.md "Single pass").
 
 Attention sinks (``num_sink_tokens`` = S, our addition; StreamingLLM's observation that LLM heads put much of each
 row's mass on the first tokens): every query also attends keys 0..S-1 exactly (causal: those <= its position),
@@ -41,18 +44,20 @@ from .common import check_inputs
 from .lsh import make_generator
 from .registry import Param, register_method
 from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
-                            sink_attention, sorted_lsh_attention, split_sink_keys)
+                            single_pass_causal_attention, sink_attention, sorted_lsh_attention, split_sink_keys)
 
 # Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
 # bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
 # (1.4-1.6x; 0.7-0.9x at 2048-4096). 2048 is the bidirectional crossover; causal models gain only from 8192.
 MIN_SEQ_LEN = 2048
-# Causal calls pay only from a longer length (the recursion's exact leaves plus one sorted-block level per halving):
-# the adapter runs exact attention for causal calls below ``causal_min_seq_len`` (check_sorted_lsh). Its default 0
-# means "auto" = CAUSAL_CROSSOVER_FACTOR * min_seq_len: measured at the defaults, causal crossover 8192 =
-# 4 x the bidirectional crossover 2048 (the recursion needs leaves of min_seq_len and >= 2 halvings to pay).
-# Tying it to min_seq_len keeps a user's lowered min_seq_len meaningful for causal models too.
-CAUSAL_CROSSOVER_FACTOR = 4
+# Causal calls pay only from a longer length: the adapter runs exact attention for causal calls below
+# ``causal_min_seq_len`` (check_sorted_lsh). Its default 0 means "auto" = CAUSAL_CROSSOVER_FACTOR x min_seq_len.
+# Re-measured on one thread (scripts/bench_causal_kernels.py, eval/results/kernels_causal/results.md, 2026-12-01,
+# B=1 H=8 D=64 fp32, causal, SDPA in the same run): recursive at the defaults 0.82x / 0.73x (sparse_hyper / hyper
+# 0.82x, 0.88x) at 2048, 1.22x / 1.14x at 4096; single pass (window 512, block 256) 0.76x at 2048, 1.26x at 4096.
+# Both modes cross over between 2048 and 4096 = 2 x min_seq_len. (The earlier 2-thread measurement put the causal
+# crossover at 8192 = 4 x.) Tying it to min_seq_len keeps a user's lowered min_seq_len meaningful for causal models.
+CAUSAL_CROSSOVER_FACTOR = 2
 CAUSAL_MIN_SEQ_LEN = 0
 # Attention sinks: every query also attends the first NUM_SINK_TOKENS keys exactly (sorted_blocks.sink_attention).
 # Default 64, measured (scripts/smollm2_layer_error.py, 2026-11-22, real SmolLM2-135M on a 4096-token Wikipedia
@@ -61,11 +66,26 @@ CAUSAL_MIN_SEQ_LEN = 0
 # layers 12-29 put 29-64% of each row's mass on the first tokens. 64 was best for both; the cost is O(N * 64 * d),
 # a quarter of one 256-key block per query. Set 0 for the plain HyperAttention / seed 002 algorithms.
 NUM_SINK_TOKENS = 64
+# Causal algorithm: "recursive" = HyperAttention's recursive halving (above); "single_pass" = sinks + exact local
+# window + causal sorted-LSH block (+ sampled residual), sorted_blocks.single_pass_causal_attention.
+# Default "recursive", chosen from the kernel frontier (eval/results/kernels_causal/results.md, 8k, speed on random
+# inputs, mean relative error on 4 real SmolLM2 layers): sparse_hyper recursive 2.04x at error 0.171, single pass
+# 2.42-3.72x at 0.250-0.353 (window 256-512, block 128-256); hyper recursive 1.71x at 0.144, single pass 1.71-2.77x
+# at 0.214-0.356. The single pass is faster (up to 3.7x at 8k, 11-12x at 32k with block 128) but at about twice the
+# error, and `local` (sinks + window, no LSH) beats it at equal speed there (window 1024: 3.36x at 0.178), so it
+# is not the default; the recursion keeps the lowest error of these methods at its speed and the model-level
+# results measured with it (README) stay valid.
+CAUSAL_MODES = ("recursive", "single_pass")
+CAUSAL_MODE = "recursive"
+# Exact local window of the single pass (keys before the query's window chunk; see sorted_blocks.window_attention).
+# 512: at equal block size (256) the real-layer error fell from 0.335 (window 256, 3.16x) to 0.250 (window 512,
+# 2.42x) at 8k; window 512 + block 128 (3.07x, 0.263) is on the frontier too (results.md above).
+WINDOW = 512
 
 
 def causal_threshold(params: dict) -> int:
-    """The causal fallback length of ``params``: ``causal_min_seq_len``, or CAUSAL_CROSSOVER_FACTOR x min_seq_len
-    when it is 0 (auto)."""
+    """The causal fallback length of ``params``: ``causal_min_seq_len``, or when it is 0 (auto) the measured causal
+    crossover CAUSAL_CROSSOVER_FACTOR x min_seq_len (the same factor for both causal modes)."""
     explicit = int(params.get("causal_min_seq_len", CAUSAL_MIN_SEQ_LEN) or 0)
     if explicit > 0:
         return explicit
@@ -88,24 +108,39 @@ def hyper_attention(
     seed: int = 0,
     causal_min_seq_len: int = CAUSAL_MIN_SEQ_LEN,
     num_sink_tokens: int = NUM_SINK_TOKENS,
+    causal_mode: str = CAUSAL_MODE,
+    window: int = WINDOW,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D] q's dtype, lse [B, H, Nq] float32).
 
     ``causal_min_seq_len`` is read only by the adapter's check (``check_sorted_lsh``): called directly, the method
-    always approximates (and is exact for causal N <= min_seq_len, a single leaf)."""
+    always approximates (recursive: exact for causal N <= min_seq_len, a single leaf; single pass: exact for
+    N <= num_sink_tokens + window + 1, where the window holds every key).
+
+    ``causal_mode`` picks the causal algorithm: "recursive" (HyperAttention's) or "single_pass" (sinks + exact
+    window of ``window`` positions + causal LSH block + ``sample_size`` samples of the rest, one pass;
+    docs/methods/hyper.md "Single pass"). Non-causal calls ignore ``causal_mode`` and ``window``.
+    """
     check_inputs(q, k, v, causal, key_padding_mask)
-    if block_size < 1 or sample_size < 0 or num_sink_tokens < 0:
-        raise ValueError(f"hyper: block_size must be >= 1, sample_size >= 0 and num_sink_tokens >= 0, got "
-                         f"{block_size}, {sample_size}, {num_sink_tokens}")
+    if block_size < 1 or sample_size < 0 or num_sink_tokens < 0 or window < 0:
+        raise ValueError(f"hyper: block_size must be >= 1, sample_size, num_sink_tokens and window >= 0, got "
+                         f"{block_size}, {sample_size}, {num_sink_tokens}, {window}")
+    if causal_mode not in CAUSAL_MODES:
+        raise ValueError(f"hyper: causal_mode must be one of {list(CAUSAL_MODES)}, got {causal_mode!r}")
     gen = make_generator(generator, seed)
     num_sinks = min(num_sink_tokens, k.shape[2])
     shift = leading_padding(key_padding_mask) if num_sinks > 0 else None
     if shift is not None:  # left padding: the sinks must be each row's first real tokens, not its padding
         q, k, v, key_padding_mask = move_leading_padding_to_end(q, k, v, key_padding_mask, shift)
-    k_rest, v_rest, rest_mask = split_sink_keys(k, v, key_padding_mask, num_sinks, causal)
-    out, lse, _ = sorted_lsh_attention(q, k_rest, v_rest, causal=causal, scale=scale, key_padding_mask=rest_mask,
-                                       generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
-                                       sample_size=sample_size, min_seq_len=min_seq_len)
+    if causal and causal_mode == "single_pass":
+        out, lse, _ = single_pass_causal_attention(q, k, v, scale=scale, key_valid=key_padding_mask, generator=gen,
+                                                   lsh_num_projs=lsh_num_projs, block_size=block_size,
+                                                   sample_size=sample_size, window=window, num_sink_tokens=num_sinks)
+    else:
+        k_rest, v_rest, rest_mask = split_sink_keys(k, v, key_padding_mask, num_sinks, causal)
+        out, lse, _ = sorted_lsh_attention(q, k_rest, v_rest, causal=causal, scale=scale, key_padding_mask=rest_mask,
+                                           generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
+                                           sample_size=sample_size, min_seq_len=min_seq_len)
     if num_sinks > 0:
         sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
                                                key_padding_mask=key_padding_mask)
@@ -136,10 +171,16 @@ HYPER_PARAMS = {
     "seed": Param(0, int, low=0, help="seed of hashing and sampling when no generator is passed"),
     "causal_min_seq_len": Param(CAUSAL_MIN_SEQ_LEN, int, low=0,
                                 help="the adapter runs exact attention for causal calls shorter than this; "
-                                     f"0 = auto = {CAUSAL_CROSSOVER_FACTOR} x min_seq_len (the measured causal crossover)"),
+                                     f"0 = auto = {CAUSAL_CROSSOVER_FACTOR} x min_seq_len (the measured causal crossover of both modes)"),
     "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0,
                              help="every query also attends the first num_sink_tokens real keys exactly (attention sinks; left padding skipped), "
                                   "merged via lse; they are excluded from the sorted blocks and the samples"),
+    "causal_mode": Param(CAUSAL_MODE, str, choices=CAUSAL_MODES,
+                         help="causal algorithm: 'single_pass' (sinks + exact window + causal LSH block + samples, one pass) "
+                              "or 'recursive' (HyperAttention's recursive halving with exact leaves of min_seq_len)"),
+    "window": Param(WINDOW, int, low=0,
+                    help="single_pass: every query attends the previous `window` positions (and the earlier ones of its "
+                         "64-query chunk) exactly"),
 }
 
 register_method(

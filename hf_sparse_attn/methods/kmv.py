@@ -79,7 +79,7 @@ from .exact import exact_attention
 from .gaussian_kernel import softmax_to_gaussian_kernel
 from .lsh import make_generator
 from .merge import merge_attention
-from .registry import Param, register_method
+from .registry import Param, needs_grad, register_method
 
 _PAIR_CHUNK = 1 << 20  # candidate pairs verified per chunk
 _BLOCK_ELEMS = 1 << 24  # dense kernel block elements per chunk (64 MB float32)
@@ -112,9 +112,14 @@ def _sq_norms(p: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_block(xq: torch.Tensor, yk: torch.Tensor, xsq: torch.Tensor, ysq: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """exp(-||x_i - y_j||^2 + offset_i) for xq [a, p], yk [b, p] -> [a, b] (dense; float32)."""
-    dist = (xsq[:, None] + ysq[None, :] - 2 * (xq @ yk.T)).clamp_min_(0)
-    return dist.sub_(offset[:, None]).neg_().exp_()
+    """exp(-||x_i - y_j||^2 + offset_i) for xq [a, p], yk [b, p] -> [a, b] (dense; float32).
+
+    In place (no second block allocated) unless autograd needs the inputs' gradient: then out of place, because
+    the block is saved for backward and callers change it (masks, squares) afterwards only on a fresh tensor."""
+    dist = xsq[:, None] + ysq[None, :] - 2 * (xq @ yk.T)
+    if needs_grad(xq, yk, xsq, ysq, offset):
+        return torch.exp(offset[:, None] - dist.clamp_min(0))
+    return dist.clamp_min_(0).sub_(offset[:, None]).neg_().exp_()
 
 
 def find_heavy(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, threshold_sq: float, width: float, num_projs: int,
@@ -240,7 +245,7 @@ def approx_kmv(
     if nk == 0 or nq == 0:
         return torch.zeros(nq, vec.shape[1])
     xsq, ysq = _sq_norms(x), _sq_norms(y)
-    fro = float(vec.norm())
+    fro = float(vec.detach().norm())
     if fro == 0:
         return torch.zeros(nq, vec.shape[1])
     unit = math.sqrt(nk) / fro
@@ -301,7 +306,8 @@ def _pool_block(x, y, xsq, ysq, xn, offset, rows, pool_keys, heavy_ids, nk):
     kb = kernel_block(x[rows], y[pool_keys], xsq[rows], ysq[pool_keys], offset[rows])  # [r, m]
     if heavy_ids.numel():
         ids = rows[:, None] * nk + pool_keys[None, :]
-        kb = kb.masked_fill_(torch.isin(ids, heavy_ids), 0.0)
+        heavy = torch.isin(ids, heavy_ids)
+        kb = kb.masked_fill(heavy, 0.0) if kb.requires_grad else kb.masked_fill_(heavy, 0.0)
     return kb
 
 
@@ -342,7 +348,9 @@ def _approx_light(x, y, xsq, ysq, xn, row_sq, offset, keys_t, heavy_ids, heavy_p
     else:
         raise ValueError(f"kmv budget must be 'variance', 'two_level' or 'kde', got {budget!r}")
 
-    exact_rows = need >= t_size / 2  # sampling that many costs as much as the exact row
+    # sampling that many costs as much as the exact row; and when the pilot alone is as large as T (m0 = |T|),
+    # no sampling is cheaper than the exact sum (a pilot that drew one key twice would report variance 0)
+    exact_rows = (need >= t_size / 2) | (m0 >= t_size)
     stats["exact_rows"] += int(exact_rows.sum()) * t_size
     level = torch.zeros(nq, dtype=torch.long)
     sampled = ~exact_rows & (need > m0)
@@ -376,7 +384,8 @@ def _kde_light_second_moment(x, y, xsq, ysq, row_sq, offset, keys_t, heavy_sq, e
         members = keys_t[rounded_exp == m]
         take = members if members.numel() <= kde_samples else \
             members[torch.randint(0, members.numel(), (kde_samples,), generator=gen)]
-        kb = kernel_block(x, y[take], xsq, ysq[take], offset).pow_(2)  # k^2
+        kb = kernel_block(x, y[take], xsq, ysq[take], offset)
+        kb = kb.pow(2) if kb.requires_grad else kb.pow_(2)  # k^2
         stats["light_samples"] += nq * int(take.numel())
         t_est += (1 + eps) ** m * kb.mean(1) * members.numel()
     return (t_est - heavy_sq).clamp_min(0) + nk ** -beta * t_est
@@ -394,13 +403,13 @@ def _kmv_attention_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     if nk == 0:
         return torch.zeros(nq, dv), torch.full((nq,), float("-inf"))
     xq, yk, log_row_factor = softmax_to_gaussian_kernel(q, k, scale)
-    max_k = float(k.norm(dim=1).max())
+    max_k = float(k.detach().norm(dim=1).max())
     offset = scale * (q.norm(dim=1) - max_k).pow(2) / 2  # <= ||x_i - y_j||^2 for every j: values <= 1
     if params["split_signs"]:
         v_cols = torch.cat([v.clamp_min(0), (-v).clamp_min(0)], dim=1)
     else:
         v_cols = v
-    sigma_v = float(v_cols.pow(2).sum(1).mean().sqrt()) or 1.0
+    sigma_v = float(v_cols.detach().pow(2).sum(1).mean().sqrt()) or 1.0
     block = torch.cat([torch.full((nk, 1), sigma_v), v_cols], dim=1)
     res = approx_kmv(xq, yk, block, eps=params["eps"], alpha=params["alpha"], gamma=params["gamma"],
                      lsh_bucket_width=params["lsh_bucket_width"], lsh_num_projs=params["lsh_num_projs"],

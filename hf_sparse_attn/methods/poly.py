@@ -62,7 +62,7 @@ import torch
 
 from .common import check_inputs
 from .exact import exact_attention
-from .registry import Param, register_method
+from .registry import Param, needs_grad, register_method
 
 MAX_DEGREE = 24
 _GRID_POINTS = 4001
@@ -75,7 +75,7 @@ def num_features(head_dim: int, degree: int) -> int:
 
 def score_bound(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask: Optional[torch.Tensor] = None) -> float:
     """R with |scale * q_i.k_j| <= R for all pairs (step 1 of the module docstring). q [..., Nq, D], k [..., Nk, D]."""
-    qf, kf = q.float(), k.float()
+    qf, kf = q.detach().float(), k.detach().float()
     if key_padding_mask is not None:  # masked keys never enter a score
         kf = kf * key_padding_mask[:, None, :, None].to(kf.dtype)
     if qf.numel() == 0 or kf.numel() == 0:
@@ -187,9 +187,11 @@ def query_weights(head_dim: int, coef: tuple[float, ...]) -> torch.Tensor:
 
 
 def _horner(x: torch.Tensor, coef: tuple[float, ...]) -> torch.Tensor:
+    """P(x) = sum_t coef[t] x^t elementwise (Horner; in place unless autograd needs the gradient of x)."""
     out = torch.full_like(x, coef[-1])
+    grad = needs_grad(x)
     for c in reversed(coef[:-1]):
-        out.mul_(x).add_(c)
+        out = out * x + c if grad else out.mul_(x).add_(c)
     return out
 
 
@@ -307,9 +309,10 @@ def _causal_numerator(u: torch.Tensor, w: torch.Tensor, v1: torch.Tensor, coef: 
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
         c = stop - start
-        inner = _horner(u[start:stop] @ w[start:stop].T, coef).masked_fill_(~tri[:c, :c], 0.0)  # P(s q.k), j <= i
+        inner = _horner(u[start:stop] @ w[start:stop].T, coef).masked_fill(~tri[:c, :c], 0.0)  # P(s q.k), j <= i
         num[start:stop] = polynomial_features(u[start:stop], degree, qw) @ state + inner @ v1[start:stop]
-        state += polynomial_features(w[start:stop], degree).T @ v1[start:stop]
+        # out of place: the matmul above saved this chunk's state for backward
+        state = state + polynomial_features(w[start:stop], degree).T @ v1[start:stop]
     return num
 
 

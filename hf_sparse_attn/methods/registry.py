@@ -13,6 +13,9 @@ The contract (see ``shared/DESIGN.md``)::
     lse               [B, H, Nq]      float32 natural-log sum of exp(scale * q.k) over attended keys;
                                       -inf for a query row with no key to attend (its out row is 0)
 
+A method declares ``supports_grad=False`` when autograd through it does not give its gradient; the adapter then
+runs exact attention for calls that need gradients (``needs_grad``).
+
 A method may also declare ``check(q, k, causal, key_padding_mask, params[, scale]) -> str | None``: a reason why it
 cannot serve this call (the adapter then runs exact attention and counts the reason in the plan). The call's softmax
 scale is passed as the keyword ``scale`` to checks that take it.
@@ -23,11 +26,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from typing import Any, Callable, Optional
 
 import torch
 
+from ..kernels import needs_grad  # noqa: F401  (re-exported for the methods and the adapters)
+
 MethodFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 CheckFn = Callable[..., Optional[str]]
 
 
@@ -50,10 +57,16 @@ class Param:
         if self.kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"method {method!r}: parameter {name!r} must be a {self.kind.__name__}, got {value!r}")
         if self.kind is int:
-            if int(value) != value:
+            if isinstance(value, float) and not math.isfinite(value) or int(value) != value:
                 raise ValueError(f"method {method!r}: parameter {name!r} must be an integer, got {value!r}")
             value = int(value)
+            if not INT_MIN <= value <= INT_MAX:  # every int parameter ends up in an int64 tensor or a generator seed
+                raise ValueError(f"method {method!r}: parameter {name!r}={value} does not fit in 64 bits; it must be "
+                                 f"an int in {self._range_text(INT_MIN, INT_MAX)}")
         elif self.kind is float:
+            if not math.isfinite(value):
+                raise ValueError(f"method {method!r}: parameter {name!r} must be a finite number, got {value!r}"
+                                 f"{'; valid: ' + self._range_text(None, None) if self.low is not None or self.high is not None else ''}")
             value = float(value)
         elif self.kind is str and not isinstance(value, str):
             raise ValueError(f"method {method!r}: parameter {name!r} must be a string, got {value!r}")
@@ -64,6 +77,11 @@ class Param:
         if self.high is not None and value > self.high:
             raise ValueError(f"method {method!r}: parameter {name!r}={value!r} is above its maximum {self.high}")
         return value
+
+    def _range_text(self, default_low: Optional[float], default_high: Optional[float]) -> str:
+        low = self.low if self.low is not None else default_low
+        high = self.high if self.high is not None else default_high
+        return f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +94,9 @@ class MethodSpec:
     check: Optional[CheckFn] = None
     source: str = ""  # seed and algorithm, e.g. "seed 002, Algorithm 1"
     summary: str = ""
+    # Whether autograd through ``fn`` gives the gradient of its output (a tested backward). False: when gradients
+    # are needed the adapter runs exact attention instead and the plan counts NO_GRADIENT_REASON.
+    supports_grad: bool = True
 
     def why_not(self, q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
                 params: dict[str, Any], scale: float) -> Optional[str]:
@@ -109,12 +130,17 @@ def register_method(
     check: Optional[CheckFn] = None,
     source: str = "",
     summary: str = "",
+    supports_grad: bool = True,
     overwrite: bool = False,
 ) -> MethodSpec:
     """Register ``fn`` (the contract in this module's docstring) under ``name``.
 
     ``params`` declares every keyword parameter ``fn`` takes beyond the contract's own, with its default and range.
+    ``supports_grad``: False declares that ``fn`` has no usable backward; the adapter then runs exact attention
+    whenever autograd needs the gradient of the attention inputs (and the plan records why).
     """
+    if not isinstance(supports_grad, bool):
+        raise TypeError(f"method {name!r}: supports_grad must be a bool, got {supports_grad!r}")
     if not name or not isinstance(name, str):
         raise ValueError("a method needs a non-empty string name")
     if name in _REGISTRY and not overwrite:
@@ -128,7 +154,8 @@ def register_method(
     for pname in params:
         if pname not in signature.parameters and not accepts_kwargs:
             raise TypeError(f"method {name!r}: parameter {pname!r} is declared but its function does not take it")
-    spec = MethodSpec(name=name, fn=fn, params=params, check=check, source=source, summary=summary)
+    spec = MethodSpec(name=name, fn=fn, params=params, check=check, source=source, summary=summary,
+                      supports_grad=supports_grad)
     _REGISTRY[name] = spec
     return spec
 
@@ -158,3 +185,6 @@ def get_method(name: str, **params: Any) -> MethodFn:
     bound.method_name = name  # type: ignore[attr-defined]
     bound.method_params = resolved  # type: ignore[attr-defined]
     return bound
+
+
+NO_GRADIENT_REASON = "gradient needed: the method has no backward"

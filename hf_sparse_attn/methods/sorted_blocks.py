@@ -157,37 +157,8 @@ def sorted_block_attention_torch(q_flat: torch.Tensor, k_flat: torch.Tensor, v_f
 # Reused buffers
 # --------------------------------------------------------------------------------------------------------------
 
-_WORKSPACE: dict[tuple, torch.Tensor] = {}
-
-
-def workspace(name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A reused buffer of ``shape`` with the dtype/device of ``like`` (contents undefined).
-
-    One flat buffer per (name, dtype, device), grown when a larger one is asked for and kept between calls:
-    large fresh allocations page-fault on every call on the project's VMs (DESIGN.md), costing more than the
-    gathers. Only for intermediates that do not outlive the call and do not need autograd; not thread-safe
-    (one attention call at a time per process, as in a model's forward). ``clear_workspace()`` frees them.
-    """
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    key = (name, like.dtype, like.device)
-    buf = _WORKSPACE.get(key)
-    if buf is None or buf.numel() < numel:
-        _WORKSPACE.pop(key, None)
-        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-        _WORKSPACE[key] = buf
-    return buf[:numel].view(shape)
-
-
-def workspace_bytes() -> int:
-    """Bytes held by the reused buffers of :func:`workspace`."""
-    return sum(b.numel() * b.element_size() for b in _WORKSPACE.values())
-
-
-def clear_workspace() -> None:
-    """Free the reused buffers (they are re-created on the next call)."""
-    _WORKSPACE.clear()
+# Per-thread buffers, bounded and released on unpatch: see hf_sparse_attn/kernels/workspace.py.
+from ..kernels.workspace import clear_workspace, workspace, workspace_bytes  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -582,4 +553,457 @@ def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
     lse = lse[:, :, :N]
     if counts is not None:
         counts = counts[:, :, :N]
+    return out, lse, counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Single-pass causal attention: sinks + exact local window + causal sorted-LSH block (+ sampled residual), one
+# pass over the sequence instead of the recursion. Derivation and guarantees: docs/methods/hyper.md "Single pass".
+# --------------------------------------------------------------------------------------------------------------
+
+# Queries per chunk of the local window: each chunk reads one overlapping strided view of window + WINDOW_CHUNK keys,
+# so a query computes window + WINDOW_CHUNK key slots for window + its offset in the chunk + 1 attended keys.
+# Measured once while writing it (8k, window 256, one thread, an earlier padded version): chunks of 32 / 64 / 128
+# took 81 / 85 / 101 ms; 64 keeps the window's alignment slack (at most 63 extra keys) and the count of chunks small.
+WINDOW_CHUNK = 64
+# The causal LSH block's tiles advance by block_size / BLOCK_TILE_DIVISOR sorted keys and hold that many queries
+# per chunk (each chunk computes block_size + block_size / BLOCK_TILE_DIVISOR key slots per query). Measured once
+# (8k, block 256, one thread): divisor 1 / 2 / 4 took 200 / 181 / 172 ms.
+BLOCK_TILE_DIVISOR = 4
+# The single pass picks its number of LSH buckets so that a bucket holds BUCKET_FILL x block_size keys on average
+# (single_pass_bucket_bits): a query's past then holds ~block_size keys of its bucket half-way through the sequence.
+BUCKET_FILL = 2
+# Mask buffers are built for groups of chunks of at most this many float32 elements (16 MB), into reused buffers.
+MASK_BUDGET_ELEMENTS = 1 << 22
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def masked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                              mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of 4-D groups with an additive mask: q [G, P, M, D], k/v [G, P, L, D] (any strides),
+    mask float32 broadcastable to [G, P, M, L] (0 = attend, -inf = not) or None. Returns out [G, P, M, Dv] and
+    lse [G, P, M] float32. Rows with no attendable key are *not* fixed here: callers know them from their counts.
+
+    No gradient needed: torch's fused CPU flash op (no [M, L] matrix kept). With autograd: matmuls and a softmax
+    with a detached row max (the fused op gives no gradient through its lse, which the lse merges need).
+    """
+    if _needs_grad(q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + mask
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - row_max)
+        denom = weights.sum(dim=-1)
+        nonempty = denom > 0
+        denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
+        lse = torch.where(nonempty, torch.log(denom_safe) + row_max.squeeze(-1), torch.full_like(denom, NEG_INF))
+        return torch.matmul(weights, v) / denom_safe.unsqueeze(-1), lse
+    op = _flash_cpu_op()
+    if op is not None and q.device.type == "cpu" and q.dtype == torch.float32:
+        return op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores.add_(mask)
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    scores.sub_(safe.unsqueeze(-1)).exp_()
+    return torch.matmul(scores, v), lse
+
+
+def _empty_rows_to_zero(out: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [..., N, Dv], lse [..., N]; rows where ``empty`` (broadcastable to lse) get 0 and -inf."""
+    if not bool(empty.any()):
+        return out, lse
+    return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, NEG_INF)
+
+
+def merge_parts(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge.py's lse rule for two disjoint key sets; in place into ``out`` / ``lse`` when no gradient is needed
+    (both are the caller's own fresh tensors). out* [B, H, N, Dv], lse* [B, H, N]."""
+    return merge_sink_attention(out, lse, out_b, lse_b)
+
+
+def band_mask_rows(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows band masks are gathered from: from_rows [length + 1, length] (row a: 0 at slots >= a, -inf before)
+    and below_rows [length + 1, length] (row b: 0 at slots < b, -inf from b on). The additive mask of the slots
+    [a, b) is from_rows[a] + below_rows[b]: two row gathers and an add instead of comparisons per element."""
+    t = torch.arange(length, device=device)[None, :]
+    a = torch.arange(length + 1, device=device)[:, None]
+    zeros = torch.zeros(length + 1, length, device=device)
+    return zeros.masked_fill(t < a, NEG_INF), zeros.masked_fill(t >= a, NEG_INF)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float,
+                     key_valid: Optional[torch.Tensor], aligned: bool, causal: bool = True,
+                     chunk: int = WINDOW_CHUNK, first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact attention of every query over a local window of keys, through overlapping strided views of k/v.
+
+    q, k, v [B, H, N, D] float32 (self-attention, Nq = Nk = N); key_valid [B, N] bool (True = may be attended) or
+    None; keys at positions < ``first_key`` are never attended (the sinks, attended apart). Query i of chunk
+    c = i // chunk (c0 = c * chunk) attends the valid keys j >= first_key with
+      * causal, ``aligned``:     c0 - window <= j <= i   (the previous ``window`` positions and more: its whole chunk
+                                                       prefix, between window + 1 and window + chunk keys);
+      * causal, not aligned:     i - window < j <= i     (exactly the previous ``window`` positions, itself included);
+      * not causal:              |i - j| <= window       (a symmetric window).
+    Returns out [B, H, N, Dv], lse [B, H, N] (0 and -inf for a row with no key) and counts [B, N] float32 = keys
+    attended per query (the same for every head).
+
+    Chunk c reads the key slots t = 0 .. L-1 at positions c0 - window + t (L = window + chunk, + window when not
+    causal). The chunks whose slots all lie inside [first_key, N) and hold no padded key ("clean") read them as one
+    overlapping strided view of k/v (no copy, no gather) and share one [chunk, L] mask: one fused call for all of
+    them. The few others (the first chunks, which see the sinks or positions < 0, the last, and chunks with padding)
+    gather their slots and get a mask of their own, built in groups into reused buffers. With autograd every chunk
+    takes the gather path (differentiable index_select, no reused buffers).
+    """
+    B, H, N, D = q.shape
+    Dv = v.shape[3]
+    device = q.device
+    W = int(window)
+    C = max(1, min(int(chunk), N))
+    nch = -(-N // C)
+    ahead = 0 if causal else W  # keys after the chunk end a query may see
+    L = W + C + ahead
+    G = B * H
+    qc = q.reshape(G, N, D).contiguous()
+    kc = k.reshape(G, N, D).contiguous()
+    vc = v.reshape(G, N, Dv).contiguous()
+
+    # the mask every chunk shares: slot t of chunk c holds position c0 - W + t; row r is query c0 + r
+    r = torch.arange(C, device=device)[:, None]
+    t = torch.arange(L, device=device)[None, :]
+    if not causal:
+        allowed = (t >= r) & (t <= r + 2 * W)
+    elif aligned:
+        allowed = t <= r + W
+    else:
+        allowed = (t > r) & (t <= r + W)
+    base_mask = torch.zeros(C, L, device=device).masked_fill_(~allowed, NEG_INF)
+
+    # keys per query from prefix sums of the attendable positions
+    attendable = torch.arange(N, device=device)[None, :] >= first_key
+    attendable = attendable.expand(B, N) if key_valid is None else (key_valid & attendable)
+    prefix = torch.nn.functional.pad(attendable.long().cumsum(1), (1, 0))  # [B, N + 1]
+    i = torch.arange(N, device=device)
+    if not causal:
+        lo, hi = (i - W).clamp(min=0), (i + W).clamp(max=N - 1)
+    elif aligned:
+        lo, hi = ((i // C) * C - W).clamp(min=0), i
+    else:
+        lo, hi = (i - W + 1).clamp(min=0), i
+    counts = (prefix[:, hi + 1] - prefix[:, lo]).float()  # [B, N]
+
+    chunk_start = torch.arange(nch, device=device) * C - W  # position of slot 0
+    first_clean = -(-(max(0, first_key) + W) // C)  # first chunk with slot 0 at a position >= first_key
+    last_clean = (N - C - ahead) // C if N >= C + ahead else -1  # last chunk whose slots (and rows) lie inside [0, N)
+    n_clean = max(0, last_clean - first_clean + 1)
+    is_dirty = torch.ones(nch, dtype=torch.bool, device=device)
+    if n_clean:
+        is_dirty[first_clean:first_clean + n_clean] = False
+    slot_pos = chunk_start[:, None] + t  # [nch, L]
+    slot_ok = (slot_pos >= max(0, first_key)) & (slot_pos < N)
+    ok = slot_ok[None].expand(B, nch, L)
+    if key_valid is not None:
+        ok = ok & key_valid[:, slot_pos.clamp(0, N - 1)]
+        is_dirty |= ~ok.all(dim=2).all(dim=0)
+
+    needs_grad = _needs_grad(q, k, v)
+    if needs_grad:
+        n_clean = 0
+        is_dirty[:] = True
+    out = torch.empty(G, nch * C, Dv, device=device)
+    lse = torch.empty(G, nch * C, device=device)
+    if n_clean:
+        offset = (first_clean * C - W)
+        k_view = kc.as_strided((G, n_clean, L, D), (N * D, C * D, D, 1), kc.storage_offset() + offset * D)
+        v_view = vc.as_strided((G, n_clean, L, Dv), (N * Dv, C * Dv, Dv, 1), vc.storage_offset() + offset * Dv)
+        q_view = qc[:, first_clean * C:(first_clean + n_clean) * C].view(G, n_clean, C, D)
+        o, s = masked_attention_with_lse(q_view, k_view, v_view, scale, base_mask[None, None])
+        out[:, first_clean * C:(first_clean + n_clean) * C] = o.reshape(G, n_clean * C, Dv)
+        lse[:, first_clean * C:(first_clean + n_clean) * C] = s.reshape(G, n_clean * C)
+
+    dirty_chunks = is_dirty.nonzero().flatten()
+    if dirty_chunks.numel():
+        k_flat, v_flat, q_flat = kc.view(G * N, D), vc.view(G * N, Dv), qc.view(G * N, D)
+        group_base = (torch.arange(G, device=device) * N)[:, None, None]  # [G, 1, 1]
+        rows_in_chunk = torch.arange(C, device=device)
+        group = dirty_chunks.numel() if needs_grad else max(1, MASK_BUDGET_ELEMENTS // (G * C * L))
+        for start in range(0, dirty_chunks.numel(), group):
+            idx = dirty_chunks[start:start + group]
+            nd = idx.numel()
+            key_rows = (group_base + slot_pos[idx].clamp(0, N - 1)[None]).reshape(-1)  # [G * nd * L]
+            q_pos = (idx[:, None] * C + rows_in_chunk[None, :]).clamp(max=N - 1)  # [nd, C]
+            q_rows = (group_base + q_pos[None]).reshape(-1)
+            key_bias = torch.zeros(B, nd, 1, L, device=device).masked_fill_(~ok[:, idx, None, :], NEG_INF)
+            if needs_grad:
+                qs, ks, vs = q_flat.index_select(0, q_rows), k_flat.index_select(0, key_rows), v_flat.index_select(0, key_rows)
+                mask = (base_mask[None, None] + key_bias)[:, None]  # [B, 1, nd, C, L]
+            else:
+                qs = torch.index_select(q_flat, 0, q_rows, out=workspace("window_q", (G * nd * C, D), q_flat))
+                ks = torch.index_select(k_flat, 0, key_rows, out=workspace("window_k", (G * nd * L, D), k_flat))
+                vs = torch.index_select(v_flat, 0, key_rows, out=workspace("window_v", (G * nd * L, Dv), v_flat))
+                mask = torch.add(base_mask[None, None], key_bias, out=workspace("window_mask", (B, nd, C, L), q_flat))[:, None]
+            if needs_grad:
+                o, s = masked_attention_with_lse(qs.view(B, H, nd, C, D), ks.view(B, H, nd, L, D),
+                                                 vs.view(B, H, nd, L, Dv), scale, mask)
+            else:  # the fused op takes 4-D inputs: one call per batch row, its mask broadcast over the heads
+                q5, k5, v5 = qs.view(B, H, nd, C, D), ks.view(B, H, nd, L, D), vs.view(B, H, nd, L, Dv)
+                parts = [masked_attention_with_lse(q5[b], k5[b], v5[b], scale, mask[b]) for b in range(B)]
+                o = parts[0][0] if B == 1 else torch.stack([p_[0] for p_ in parts])
+                s = parts[0][1] if B == 1 else torch.stack([p_[1] for p_ in parts])
+            cols = (idx[:, None] * C + rows_in_chunk[None, :]).reshape(-1)  # [nd * C] rows of out
+            if needs_grad:
+                out = out.index_copy(1, cols, o.reshape(G, nd * C, Dv))
+                lse = lse.index_copy(1, cols, s.reshape(G, nd * C))
+            else:
+                out.index_copy_(1, cols, o.reshape(G, nd * C, Dv))
+                lse.index_copy_(1, cols, s.reshape(G, nd * C))
+    out = out.view(B, H, nch * C, Dv)[:, :, :N]
+    lse = lse.view(B, H, nch * C)[:, :, :N]
+    out, lse = _empty_rows_to_zero(out, lse, (counts == 0)[:, None, :])
+    return out, lse, counts
+
+
+def causal_bucket_block_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, ranks_q: torch.Tensor,
+                                  ranks_k: torch.Tensor, last_key: torch.Tensor, block_size: int, scale: float,
+                                  stats: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The causal sorted-LSH block: query i attends exactly the (at most ``block_size``) most recent keys of its own
+    LSH bucket at positions <= last_key[i].
+
+    qf, kf, vf [B, H, N, D] float32; ranks_q, ranks_k [B, H, N] int64 Gray bucket ranks (lsh.lsh_ranks; keys that
+    may not be attended have rank 2^P, above every query's); last_key [N] int64 (may be negative: no block key).
+    Returns out [B, H, N, Dv], lse [B, H, N] (0 / -inf for a query with no block key), counts [B, H, N] float32
+    (keys attended), and for the sampled residual: lo, hi [B*H, N] int64 (query i's block is the sorted key
+    positions [lo_i, hi_i)) and key_sorted_pos [B*H, N] int64 (sorted position of each key).
+
+    Causality: the block of query i depends only on q_i's bucket and on keys at positions <= last_key[i] (their
+    buckets and positions), never on another query or a later key - unlike equal-size blocks of the whole sorted
+    order, whose boundaries move with the hash of every future token.
+
+    Batching: keys sorted by (bucket, position) and queries likewise; hi_i (the end of the block in sorted key order)
+    is nondecreasing along the sorted queries. Query i goes to tile hi_i // T (T = block_size / BLOCK_TILE_DIVISOR),
+    whose key slots are the sorted key positions [tile * T - block_size, tile * T + T), which hold [lo_i, hi_i); a
+    tile's queries are cut into chunks of T. One fused call per group of chunks, its band masks gathered from
+    band_mask_rows into reused buffers.
+    """
+    B, H, N, D = qf.shape
+    Dv = vf.shape[3]
+    G = B * H
+    device = qf.device
+    bk = max(1, int(block_size))
+    T = max(1, bk // BLOCK_TILE_DIVISOR)
+    L = T + bk
+    pos = torch.arange(N, device=device)
+    k_comp, k_order = torch.sort((ranks_k * N + pos).view(G, N), dim=1)
+    q_comp, q_order = torch.sort((ranks_q * N + pos).view(G, N), dim=1)
+    q_bucket_start = q_comp - q_comp % N  # rank * N
+    q_pos = q_order
+    threshold = q_bucket_start + last_key[q_pos].clamp(min=-1)
+    hi = torch.searchsorted(k_comp, threshold, right=True)  # [G, N] in sorted query order
+    start = torch.searchsorted(k_comp, q_bucket_start, right=False)
+    hi = torch.maximum(hi, start)
+    lo = torch.maximum(start, hi - bk)
+    count_sorted = hi - lo
+
+    # original-order copies for the caller
+    lo_orig = torch.empty_like(lo).scatter_(1, q_order, lo)
+    hi_orig = torch.empty_like(hi).scatter_(1, q_order, hi)
+    counts = torch.empty(G, N, device=device).scatter_(1, q_order, count_sorted.float()).view(B, H, N)
+    key_sorted_pos = torch.empty_like(k_order).scatter_(1, k_order, pos[None, :].expand(G, N))
+
+    needs_grad = _needs_grad(qf, kf, vf)
+    Rq = G * N
+    out_flat = torch.zeros(Rq + 1, Dv, device=device)
+    lse_flat = torch.full((Rq + 1,), NEG_INF, device=device)
+    active = count_sorted > 0  # [G, N]
+    num_active = int(active.sum())
+    if stats is not None:
+        stats["block_chunks"] = 0
+        stats["block_pairs"] = 0
+    if num_active == 0:
+        return out_flat[:-1].view(B, H, N, Dv), lse_flat[:-1].view(B, H, N), counts, lo_orig, hi_orig, key_sorted_pos
+    ntiles = N // T + 1
+    group_id = torch.arange(G, device=device)[:, None].expand(G, N)
+    tile_key = (group_id * ntiles + hi // T)[active]  # [A] nondecreasing
+    q_row = (group_id * N + q_pos)[active]
+    q_lo = lo[active]
+    q_hi = hi[active]
+    per_tile = torch.bincount(tile_key, minlength=G * ntiles)
+    chunks_per_tile = -(-per_tile // T)
+    chunk_start = chunks_per_tile.cumsum(0) - chunks_per_tile
+    first_of_tile = per_tile.cumsum(0) - per_tile
+    within = torch.arange(num_active, device=device) - first_of_tile[tile_key]
+    chunk_id = chunk_start[tile_key] + within // T
+    num_chunks = int(chunks_per_tile.sum())
+    slot = chunk_id * T + within % T
+    q_index = torch.full((num_chunks * T,), Rq, dtype=torch.int64, device=device).scatter_(0, slot, q_row).view(num_chunks, T)
+    slot_lo = torch.zeros(num_chunks * T, dtype=torch.int64, device=device).scatter_(0, slot, q_lo).view(num_chunks, T)
+    slot_hi = torch.zeros(num_chunks * T, dtype=torch.int64, device=device).scatter_(0, slot, q_hi).view(num_chunks, T)
+    chunk_tile = torch.zeros(num_chunks, dtype=torch.int64, device=device).scatter_(0, chunk_id, tile_key)
+    if stats is not None:
+        stats["block_chunks"] = num_chunks
+        stats["block_pairs"] = num_chunks * T * L
+
+    q_flat = qf.reshape(Rq, D)
+    k_flat = kf.reshape(Rq, D)
+    v_flat = vf.reshape(Rq, Dv)
+    k_order_flat = (k_order + (torch.arange(G, device=device) * N)[:, None]).view(-1)
+    slots = torch.arange(L, device=device)
+    from_rows, below_rows = band_mask_rows(L, device)
+    group = max(1, MASK_BUDGET_ELEMENTS // (T * L))
+    for c0 in range(0, num_chunks, group):
+        c1 = min(num_chunks, c0 + group)
+        n = c1 - c0
+        tiles = chunk_tile[c0:c1]
+        g = tiles // ntiles
+        sorted_slot = (tiles % ntiles)[:, None] * T - bk + slots[None, :]  # [n, L] sorted key positions
+        key_rows = k_order_flat[(g * N)[:, None] + sorted_slot.clamp(0, N - 1)].view(-1)
+        qi = q_index[c0:c1]
+        q_rows = qi.clamp(max=Rq - 1).view(-1)
+        base = (tiles % ntiles) * T - bk  # [n] sorted position of slot 0
+        first = (slot_lo[c0:c1] - base[:, None]).clamp_(0, L).view(-1)  # [n * T] the band [first, last) of each row
+        last = (slot_hi[c0:c1] - base[:, None]).clamp_(0, L).view(-1)
+        if needs_grad:
+            qs, ks, vs = q_flat.index_select(0, q_rows), k_flat.index_select(0, key_rows), v_flat.index_select(0, key_rows)
+            mask = (from_rows.index_select(0, first) + below_rows.index_select(0, last)).view(n, T, L)
+        else:
+            qs = torch.index_select(q_flat, 0, q_rows, out=workspace("sp_block_q", (n * T, D), q_flat))
+            ks = torch.index_select(k_flat, 0, key_rows, out=workspace("sp_block_k", (n * L, D), k_flat))
+            vs = torch.index_select(v_flat, 0, key_rows, out=workspace("sp_block_v", (n * L, Dv), v_flat))
+            mask = torch.index_select(from_rows, 0, first, out=workspace("sp_block_mask", (n * T, L), q_flat))
+            mask.add_(torch.index_select(below_rows, 0, last, out=workspace("sp_block_mask2", (n * T, L), q_flat)))
+            mask = mask.view(n, T, L)
+        o, s = masked_attention_with_lse(qs.view(n, 1, T, D), ks.view(n, 1, L, D), vs.view(n, 1, L, Dv), scale, mask[:, None])
+        if needs_grad:
+            out_flat = out_flat.index_copy(0, qi.view(-1), o.reshape(n * T, Dv))
+            lse_flat = lse_flat.index_copy(0, qi.view(-1), s.reshape(n * T))
+        else:
+            out_flat.index_copy_(0, qi.view(-1), o.reshape(n * T, Dv))
+            lse_flat.index_copy_(0, qi.view(-1), s.reshape(n * T))
+    return out_flat[:-1].view(B, H, N, Dv), lse_flat[:-1].view(B, H, N), counts, lo_orig, hi_orig, key_sorted_pos
+
+
+def sampled_residual_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, key_valid: torch.Tensor,
+                               window: int, sample_size: int, generator: torch.Generator, scale: float,
+                               lo: torch.Tensor, hi: torch.Tensor, key_sorted_pos: torch.Tensor,
+                               chunk: int = WINDOW_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled estimate of the keys a single-pass query attends in no exact part (HyperAttention's residual).
+
+    qf, kf, vf [B, H, N, D] float32; key_valid [B, N] bool: keys that may be attended outside the sinks. For the
+    queries of window chunk c (c0 = c * chunk) the keys outside their exact window (``window_attention``, aligned)
+    are O_c = {valid j < c0 - window}, n_c = |O_c|. ``sample_size`` = s keys are drawn uniformly with replacement
+    from O_c per (batch, head, chunk), each with weight n_c / s (score + log(n_c / s)); a sample inside query i's
+    block (sorted key position in [lo_i, hi_i), see causal_bucket_block_attention) is masked out for that query,
+    since the block counts it exactly. Then for every query, with R_i = O_c minus its block,
+        E[(n_c / s) sum_t e^{s_i j_t} 1[j_t not in block_i]] = sum_{j in R_i} e^{s_ij}:
+    the estimate of the residual mass is unbiased. Returns out [B, H, N, Dv], lse [B, H, N] (0 / -inf where no
+    sample is left).
+    """
+    B, H, N, D = qf.shape
+    Dv = vf.shape[3]
+    G = B * H
+    device = qf.device
+    s = int(sample_size)
+    C = max(1, min(int(chunk), N))
+    nch = -(-N // C)
+    Np = nch * C
+    # valid positions of each batch row in order (first n_b entries), and n_c per chunk
+    valid_positions = torch.sort((~key_valid).to(torch.int8), dim=1, stable=True).indices  # [B, N]
+    prefix = torch.nn.functional.pad(key_valid.long().cumsum(1), (1, 0))  # [B, N + 1]: valid keys before x
+    population_end = (torch.arange(nch, device=device) * C - int(window)).clamp(0, N)
+    n_c = prefix[:, population_end]  # [B, nch]
+    u = torch.rand(B, H, nch, s, generator=generator, device=generator.device).to(device)
+    pick = (u * n_c[:, None, :, None]).long().clamp_(max=N - 1)
+    sample_pos = torch.gather(valid_positions[:, None, :].expand(B, H, N), 2, pick.view(B, H, nch * s)).view(G, nch, s)
+    sample_sorted = torch.gather(key_sorted_pos, 1, sample_pos.view(G, nch * s)).view(G, nch, s)
+    log_weight = torch.log(n_c.float() / s)  # [B, nch]; -inf where the population is empty
+    log_weight = log_weight[:, None, :].expand(B, H, nch).reshape(G, nch)
+    rows = (sample_pos + (torch.arange(G, device=device) * N)[:, None, None]).view(-1)
+    k_flat, v_flat = kf.reshape(G * N, D), vf.reshape(G * N, Dv)
+    needs_grad = _needs_grad(qf, kf, vf)
+    ks = k_flat.index_select(0, rows).view(G, nch, s, D)
+    vs = v_flat.index_select(0, rows).view(G, nch, s, Dv)
+    qp = torch.nn.functional.pad(qf, (0, 0, 0, Np - N)).reshape(G, nch, C, D)
+    lo_p = torch.nn.functional.pad(lo, (0, Np - N)).view(G, nch, C)
+    hi_p = torch.nn.functional.pad(hi, (0, Np - N)).view(G, nch, C)
+    outs, lses, nonempty_parts = [], [], []
+    group = max(1, MASK_BUDGET_ELEMENTS // (G * C * s))
+    for c0 in range(0, nch, group):
+        c1 = min(nch, c0 + group)
+        ss = sample_sorted[:, c0:c1, None, :]  # [G, n, 1, s]
+        in_block = (ss >= lo_p[:, c0:c1, :, None]) & (ss < hi_p[:, c0:c1, :, None])  # [G, n, C, s]
+        weight = log_weight[:, c0:c1, None, None]
+        if needs_grad:
+            mask = weight.expand(G, c1 - c0, C, s).masked_fill(in_block, NEG_INF)
+        else:
+            mask = workspace("sp_sample_mask", (G, c1 - c0, C, s), qf)
+            mask.copy_(weight.expand(G, c1 - c0, C, s)).masked_fill_(in_block, NEG_INF)
+        o, l = masked_attention_with_lse(qp[:, c0:c1], ks[:, c0:c1], vs[:, c0:c1], scale, mask)
+        nonempty_parts.append(((~in_block).any(-1)) & torch.isfinite(weight[..., 0]))
+        outs.append(o)
+        lses.append(l)
+    out = torch.cat(outs, dim=1).reshape(B, H, Np, Dv)[:, :, :N]
+    lse = torch.cat(lses, dim=1).reshape(B, H, Np)[:, :, :N]
+    nonempty = torch.cat(nonempty_parts, dim=1).reshape(B, H, Np)[:, :, :N]
+    return _empty_rows_to_zero(out, lse, ~nonempty)
+
+
+def single_pass_bucket_bits(n: int, block_size: int, lsh_num_projs: int) -> int:
+    """Hash bits the single pass buckets by: the largest P' <= lsh_num_projs with n / 2^P' >= BUCKET_FILL *
+    block_size keys per bucket (0 bits: one bucket, the block is the most recent keys). Query i's block is drawn from the past keys of its bucket; with
+    2^7 buckets at 8k tokens a bucket holds ~64 keys, half of them in a query's future, and the blocks stayed
+    ~13% full. The top P' bits of the Gray rank are the bucket of the first P' hyperplanes (coarser buckets of
+    adjacent Gray codes)."""
+    bits = int(math.floor(math.log2(max(1.0, n / (BUCKET_FILL * max(1, block_size))))))
+    return max(0, min(int(lsh_num_projs), bits))
+
+
+def single_pass_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                                 key_valid: Optional[torch.Tensor], generator: torch.Generator, lsh_num_projs: int,
+                                 block_size: int, sample_size: int, window: int, num_sink_tokens: int,
+                                 stats: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention in one pass over the keys outside the sinks (the sinks are attended apart, sink_attention).
+
+    q, k, v [B, H, N, D] (self-attention); key_valid [B, N] bool or None (True = may be attended; the sinks, keys
+    0 .. num_sink_tokens - 1, are excluded here whatever it says). Query i of window chunk c0 = (i // WINDOW_CHUNK)
+    * WINDOW_CHUNK attends three disjoint key sets, merged through their lse values (merge.py):
+      1. window: every valid key in [max(S, c0 - window), i] exactly (window_attention, aligned);
+      2. block: the <= ``block_size`` most recent valid keys of its LSH bucket before c0 - window, exactly
+         (causal_bucket_block_attention);
+      3. residual (``sample_size`` > 0, hyper): the other valid keys before c0 - window, estimated without bias from
+         uniform samples (sampled_residual_attention).
+    Returns out [B, H, N, Dv] float32, lse [B, H, N] and counts [B, H, N] float32 = keys attended exactly (1 + 2).
+    ``stats`` (a dict of the caller's, or None) receives the key slots each part computed.
+    """
+    B, H, N, D = q.shape
+    device = q.device
+    qf, kf, vf = q.float(), k.float(), v.float()
+    S = int(num_sink_tokens)
+    not_sink = torch.arange(N, device=device) >= S
+    valid = not_sink[None, :].expand(B, N) if key_valid is None else (key_valid & not_sink[None, :])
+    C = min(WINDOW_CHUNK, N)
+    out, lse, window_counts = window_attention(qf, kf, vf, window=window, scale=scale,
+                                               key_valid=None if key_valid is None else key_valid,
+                                               aligned=True, chunk=C, first_key=S)
+    last_key = (torch.arange(N, device=device) // C) * C - int(window) - 1
+    planes = random_hyperplanes(H, D, lsh_num_projs, generator, device)
+    shift = lsh_num_projs - single_pass_bucket_bits(N, block_size, lsh_num_projs)
+    ranks_q = lsh_ranks(qf, planes) >> shift
+    ranks_k = lsh_ranks(kf, planes, valid) >> shift  # invalid keys: 2^P >> shift, above every query's bucket
+    block_out, block_lse, block_counts, lo, hi, key_sorted_pos = causal_bucket_block_attention(
+        qf, kf, vf, ranks_q=ranks_q, ranks_k=ranks_k, last_key=last_key, block_size=block_size, scale=scale, stats=stats)
+    out, lse = merge_parts(out, lse, block_out, block_lse)
+    if sample_size > 0:
+        sample_out, sample_lse = sampled_residual_attention(qf, kf, vf, key_valid=valid.contiguous(), window=window,
+                                                            sample_size=sample_size, generator=generator, scale=scale,
+                                                            lo=lo, hi=hi, key_sorted_pos=key_sorted_pos, chunk=C)
+        out, lse = merge_parts(out, lse, sample_out, sample_lse)
+    if stats is not None:
+        nch = -(-N // C)
+        stats["window_pairs"] = nch * C * (int(window) + C)
+        stats["sample_pairs"] = nch * C * int(sample_size)
+    counts = window_counts[:, None, :] + block_counts
     return out, lse, counts

@@ -51,11 +51,12 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
-from .hyper import CAUSAL_MIN_SEQ_LEN, HYPER_PARAMS, NUM_SINK_TOKENS, check_sorted_lsh
+from .hyper import CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, HYPER_PARAMS, NUM_SINK_TOKENS, WINDOW, check_sorted_lsh
 from .lsh import make_generator
 from .registry import Param, register_method
 from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
-                            sink_attention, sorted_lsh_attention, split_sink_keys, workspace)
+                            single_pass_causal_attention, sink_attention, sorted_lsh_attention, split_sink_keys,
+                            workspace)
 
 # Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
 # bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
@@ -145,13 +146,21 @@ def sparse_hyper_attention(
     scale_mode: str = "theory",
     causal_min_seq_len: int = CAUSAL_MIN_SEQ_LEN,
     num_sink_tokens: int = NUM_SINK_TOKENS,
+    causal_mode: str = CAUSAL_MODE,
+    window: int = WINDOW,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse HyperAttention. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (out [B, H, Nq, D], lse [B, H, Nq] float32).
 
     ``scale_mode`` "theory" multiplies by alpha_i (module docstring), "none" returns the plain block softmax.
     ``causal_min_seq_len`` is read only by the adapter's check (see hyper.check_sorted_lsh).
+    ``causal_mode`` "single_pass": sinks + exact window + causal LSH block in one pass, no samples (hyper.py,
+    docs/methods/hyper.md "Single pass"); the theory scale then takes k_i = window + block keys of query i.
     """
     check_inputs(q, k, v, causal, key_padding_mask)
+    if causal_mode not in CAUSAL_MODES:
+        raise ValueError(f"sparse_hyper: causal_mode must be one of {list(CAUSAL_MODES)}, got {causal_mode!r}")
+    if window < 0:
+        raise ValueError(f"sparse_hyper: window must be >= 0, got {window}")
     if scale_mode not in ("theory", "none"):
         raise ValueError(f"sparse_hyper: scale_mode must be 'theory' or 'none', got {scale_mode!r}")
     if num_sink_tokens < 0:
@@ -163,9 +172,14 @@ def sparse_hyper_attention(
     if shift is not None:  # left padding: the sinks must be each row's first real tokens, not its padding
         q, k, v, key_padding_mask = move_leading_padding_to_end(q, k, v, key_padding_mask, shift)
     k_rest, v_rest, rest_mask = split_sink_keys(k, v, key_padding_mask, num_sinks, causal)
-    out, lse, kept = sorted_lsh_attention(q, k_rest, v_rest, causal=causal, scale=scale, key_padding_mask=rest_mask,
-                                          generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
-                                          sample_size=0, min_seq_len=min_seq_len, want_counts=want)
+    if causal and causal_mode == "single_pass":
+        out, lse, kept = single_pass_causal_attention(q, k, v, scale=scale, key_valid=key_padding_mask, generator=gen,
+                                                      lsh_num_projs=lsh_num_projs, block_size=block_size, sample_size=0,
+                                                      window=window, num_sink_tokens=num_sinks)
+    else:
+        out, lse, kept = sorted_lsh_attention(q, k_rest, v_rest, causal=causal, scale=scale, key_padding_mask=rest_mask,
+                                              generator=gen, lsh_num_projs=lsh_num_projs, block_size=block_size,
+                                              sample_size=0, min_seq_len=min_seq_len, want_counts=want)
     if want and k_rest.shape[2] > 0:  # the theory scale of the sorted-block part (over the non-sink keys)
         B, H, Nq, _ = q.shape
         Nr = k_rest.shape[2]

@@ -3,10 +3,12 @@
 
 One attention function, ``hf_sparse_attn``, is registered with ``AttentionInterface`` and a mask function with
 ``AttentionMaskInterface`` (transformers' ``sdpa_mask``: boolean, True = attend — without it every mask arrives
-as None and padding silently disappears). ``model.set_attn_implementation("hf_sparse_attn")`` routes every layer
-through it; the function looks up the layer's :class:`LayerRuntime` on the module and either runs the method or
-calls the implementation the model used before (``sdpa`` or ``eager``), with the same arguments — so layers not
-chosen compute exactly what they computed before.
+as None and padding silently disappears) when the package is imported, so ``from_pretrained(...,
+attn_implementation="hf_sparse_attn")`` loads. ``model.set_attn_implementation("hf_sparse_attn")`` routes every
+layer through it; the function looks up the layer's :class:`LayerRuntime` on the module and either runs the method
+or calls the implementation the model used before (``sdpa`` or ``eager``), with the same arguments — so layers not
+chosen compute exactly what they computed before. A module with no runtime (a model loaded with
+``attn_implementation="hf_sparse_attn"`` and never patched) runs ``sdpa`` with the same arguments and the same mask.
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ from typing import Any, Callable, Optional
 import torch
 
 from .base import DECODE_REASON, LayerRuntime, QKWeights, split_attend_mask
+from .compiled import attend_masked_op, register_runtime
 
 ATTENTION_NAME = "hf_sparse_attn"
 RUNTIME_ATTR = "_hf_sparse_attn_runtime"
+RUNTIME_KEY_ATTR = "_hf_sparse_attn_runtime_key"  # an int the compiled path finds the runtime by (compiled.py)
 SUPPORTED_PREVIOUS = ("sdpa", "eager")
+UNPATCHED_IMPLEMENTATION = "sdpa"  # what a module with no runtime runs (the mask function registered is sdpa's)
 
 _registered = False
+
+
+def register_attention() -> None:
+    """Register ``hf_sparse_attn`` with transformers' AttentionInterface and AttentionMaskInterface (idempotent)."""
+    _register()
 
 
 def _register() -> None:
@@ -77,18 +87,27 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """The registered attention function. query [B, H, Nq, D], key/value [B, Hkv, Nk, D], attention_mask a
     boolean [B, 1, Nq, Nk] (True = attend) or None. Returns (out [B, Nq, H, D], weights or None)."""
     runtime: Optional[LayerRuntime] = getattr(module, RUNTIME_ATTR, None)
-    if runtime is None:
-        raise RuntimeError(
-            f"{type(module).__name__} runs attention '{ATTENTION_NAME}' but has no patch state (was the config shared "
-            "with a model that was patched?). Call hf_sparse_attn.patch_model on this model, or set its attention back "
-            "with model.set_attn_implementation('sdpa')."
-        )
+    if runtime is None:  # not patched: exactly what sdpa runs, with the same (sdpa_mask) mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS[UNPATCHED_IMPLEMENTATION](
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     previous = runtime.previous_implementation
     output_attentions = bool(kwargs.get("output_attentions", False))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     is_causal = kwargs.get("is_causal")
     is_causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
     n_query, n_key = query.shape[2], key.shape[2]
+
+    if (torch.compiler.is_compiling() and runtime.method is not None and runtime.capture is None
+            and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
+            and attention_mask.dim() == 4 and n_query == n_key and not output_attentions
+            and not (module.training and dropout and dropout > 0)
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("sliding_window")):
+        # reading the mask's values cannot be traced: analysis, method or exact, and counting in one operator
+        out = attend_masked_op(query, key, value, attention_mask, is_causal and n_query > 1, float(scale),
+                               getattr(module, RUNTIME_KEY_ATTR))
+        return out.transpose(1, 2).contiguous(), None
 
     if runtime.method is not None or runtime.capture is not None:
         causal, key_padding_mask, recognized = split_attend_mask(attention_mask, is_causal and n_query > 1, n_query)
@@ -226,35 +245,52 @@ class AttentionInterfaceAdapter:
         return None, ""
 
     # -- install / uninstall --
+    @staticmethod
+    def _attach(module: torch.nn.Module, runtime: LayerRuntime) -> None:
+        setattr(module, RUNTIME_ATTR, runtime)
+        setattr(module, RUNTIME_KEY_ATTR, register_runtime(runtime))
+
+    @staticmethod
+    def _detach(module: torch.nn.Module) -> None:
+        for attr in (RUNTIME_ATTR, RUNTIME_KEY_ATTR):
+            if hasattr(module, attr):
+                delattr(module, attr)
+
     def install(self, model: torch.nn.Module, runtimes: list[LayerRuntime]) -> Any:
         previous = model.config._attn_implementation
+        modules = self.attention_layers(model)
         if previous == ATTENTION_NAME:
-            raise RuntimeError("model is already routed through hf_sparse_attn; unpatch it first")
+            # loaded with attn_implementation="hf_sparse_attn": unpatched modules run sdpa; after uninstall they still do
+            if any(hasattr(module, RUNTIME_ATTR) for module in modules):
+                raise RuntimeError("model is already patched by hf_sparse_attn; unpatch it first")
+            _register()
+            for module, runtime in zip(modules, runtimes):
+                runtime.previous_implementation = UNPATCHED_IMPLEMENTATION
+                self._attach(module, runtime)
+            return previous
         if previous not in SUPPORTED_PREVIOUS:
             raise ValueError(
                 f"the model runs attention {previous!r}; hf_sparse_attn can patch models running {list(SUPPORTED_PREVIOUS)}. "
                 "Call model.set_attn_implementation('sdpa') before patch_model."
             )
         _register()
-        modules = self.attention_layers(model)
         for module, runtime in zip(modules, runtimes):
             runtime.previous_implementation = previous
-            setattr(module, RUNTIME_ATTR, runtime)
+            self._attach(module, runtime)
         try:
             model.set_attn_implementation(ATTENTION_NAME)
         except Exception:
             for module in modules:
-                if hasattr(module, RUNTIME_ATTR):
-                    delattr(module, RUNTIME_ATTR)
+                self._detach(module)
             raise
         if model.config._attn_implementation != ATTENTION_NAME:
             for module in modules:
-                delattr(module, RUNTIME_ATTR)
+                self._detach(module)
             raise RuntimeError(f"{type(model).__name__} does not let its attention implementation be switched at run time")
         return previous
 
     def uninstall(self, model: torch.nn.Module, token: Any) -> None:
-        model.set_attn_implementation(token)
+        if model.config._attn_implementation != token:
+            model.set_attn_implementation(token)
         for module in self.attention_layers(model):
-            if hasattr(module, RUNTIME_ATTR):
-                delattr(module, RUNTIME_ATTR)
+            self._detach(module)

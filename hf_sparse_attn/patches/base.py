@@ -9,13 +9,17 @@ exact attention.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+import json
 from typing import Any, Callable, Optional, Protocol
 
 import torch
 
 from ..methods.common import expand_kv_heads
-from ..methods.registry import get_spec
+from ..methods.registry import NO_GRADIENT_REASON, get_spec, needs_grad
+from .compiled import attend_compiled
 
 
 @dataclasses.dataclass
@@ -69,6 +73,13 @@ class Adapter(Protocol):
     def uninstall(self, model: torch.nn.Module, token: Any) -> None: ...
 
 
+_COUNT_LOCK = threading.Lock()
+
+
+def _count_lock():
+    """The counters' lock; none while torch.compile traces (Dynamo cannot trace a lock, and replays the counter
+    updates of the compiled code as plain Python side effects after each call)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _COUNT_LOCK
 DECODE_REASON = "q_len != kv_len (decode step, cache or cross-attention)"
 
 
@@ -91,20 +102,27 @@ class LayerRuntime:
             self._spec = get_spec(method)
             self._fn = self._spec.fn
             self._min_seq_len = int(self.params.get("min_seq_len", 0) or 0)
+            self._params_json = json.dumps(self.params, sort_keys=True)  # for the compiled path (compiled.py)
 
     # -- the counters live in the layer's plan entry (a runtime with a method always has one) --
+    # (under a lock: one patched model may be called from several threads at once)
     def _count_fallback(self, reason: str) -> None:
         if self.layer_plan is not None:
-            self.layer_plan.fallbacks[reason] = self.layer_plan.fallbacks.get(reason, 0) + 1
+            with _count_lock():
+                self.layer_plan.fallbacks[reason] = self.layer_plan.fallbacks.get(reason, 0) + 1
 
     def _count_served(self) -> None:
         if self.layer_plan is not None:
-            self.layer_plan.served += 1
+            with _count_lock():
+                self.layer_plan.served += 1
+
+    def generator_seed(self) -> int:
+        return self.seed * 1_000_003 + self.layer_idx
 
     def generator(self, device: torch.device) -> torch.Generator:
         """A generator seeded from the plan seed and the layer index alone, so a recompute under gradient
         checkpointing hashes and samples exactly as the first pass did."""
-        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.layer_idx)
+        return torch.Generator(device=device).manual_seed(self.generator_seed())
 
     def record(self, query, key, value, scale, causal, key_padding_mask, attend_mask=None) -> None:
         if self.capture is not None:
@@ -139,6 +157,9 @@ class LayerRuntime:
         if n_key < self._min_seq_len:
             self._count_fallback(f"seq_len < min_seq_len={self._min_seq_len}")
             return None
+        if not self._spec.supports_grad and needs_grad(query, key, value):
+            self._count_fallback(NO_GRADIENT_REASON)  # exact attention: its backward is autograd's own
+            return None
         groups = query.shape[1] // key.shape[1]
         key = expand_kv_heads(key, groups)
         value = expand_kv_heads(value, groups)
@@ -146,10 +167,14 @@ class LayerRuntime:
         if reason:
             self._count_fallback(reason)
             return None
-        out, _lse = self._fn(
-            query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-            generator=self.generator(query.device), **self.params,
-        )
+        if torch.compiler.is_compiling():  # a Generator cannot be traced: one opaque operator, same seed (compiled.py)
+            out = attend_compiled(self.method, self._params_json, self.generator_seed(), query, key, value,
+                                  causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        else:
+            out, _lse = self._fn(
+                query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                generator=self.generator(query.device), **self.params,
+            )
         self._count_served()
         return out
 

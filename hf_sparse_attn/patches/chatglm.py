@@ -18,7 +18,8 @@ chatglm3-6b-32k):
 
 The layout is read off the shapes on each call (``np`` is known); where both layouts fit (``b == np`` and
 ``sq == np``) the adapter option ``chatglm_layout`` decides. The remote code cannot be downloaded here: the tests run
-the adapter on a stand-in module that follows this published interface (tests/chatglm_standin.py).
+the adapter on a local remote-code checkpoint written from this published interface (tests/fixtures/chatglm, loaded
+with ``from_pretrained(dir, trust_remote_code=True)``, both layouts, generate() with its own KV cache).
 
 The core attention's ``forward`` is replaced on the instance (on ``_old_forward`` when an accelerate hook wraps it),
 and put back by ``uninstall``; no module, parameter or state-dict key changes.

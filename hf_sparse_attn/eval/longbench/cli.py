@@ -5,17 +5,22 @@ Examples::
     hf-sparse-attn longbench --model THUDM/chatglm2-6b-32k --data LongBench/data.zip --e --out runs/exact
     hf-sparse-attn longbench --model smollm2 --suite offline --contexts 2,4 --max-samples 4 \\
         --method sparse_hyper --layers 15 --select weight_norm --out runs/sh15
-    accelerate launch --num_processes 8 -m hf_sparse_attn.cli longbench --model ... --data ... --out runs/x
+    torchrun --standalone --nproc_per_node 8 -m hf_sparse_attn.cli longbench --model ... --data ... --out runs/x
 
 Output directory: ``<task>.jsonl`` predictions (resumable: rerun the same command after a crash),
 ``result.json`` (official format), ``summary.json`` (scores + categories + averages + run metadata),
 ``report.md``, ``plan.json`` (the PatchPlan used), and for the offline suite ``data/`` (the generated samples).
+
+Order of work: arguments and data are checked first (unknown tasks, empty files, missing fields: a clear error
+before any model loads), then the processes join (``distributed.py``), then the model loads, the processes agree
+on the samples still to predict and deal them out, and process 0 merges, checks and scores.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -90,12 +95,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="model dtype when loading a path (auto, float32, bfloat16...)")
     parser.add_argument("--no-chat-template", action="store_true", help="never apply the chat template")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the checkpoint's own code (ChatGLM2/3); off by default")
 
 
-def load_model(name: str, dtype: str = "auto", device_map: Any = "auto"):
+def load_model(name: str, dtype: str = "auto", device_map: Any = "auto", trust_remote_code: bool = False):
     """(model, tokenizer, model_name). 'smollm2' is the offline real model; anything else goes through
-    from_pretrained with ``device_map`` ("auto": accelerate spreads it over the visible devices; under
-    ``accelerate launch`` with several processes each process puts its own copy on its own device)."""
+    from_pretrained with ``device_map`` ("auto": accelerate spreads it over the visible devices; a sharded run
+    passes ``{"": device}``, one model copy per process on its own device)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,44 +110,120 @@ def load_model(name: str, dtype: str = "auto", device_map: Any = "auto"):
         from hf_sparse_attn.eval.data import load_smollm2
 
         model, tokenizer = load_smollm2()
+        if isinstance(device_map, dict) and "" in device_map:
+            model = model.to(device_map[""])
         return model.eval(), tokenizer, "SmolLM2-135M-Instruct"
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, device_map=device_map)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, device_map=device_map,
+                                                 trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer, name
 
 
 def _task_list(args) -> list[str]:
+    """The tasks asked for, checked: known LongBench (-E) tasks, or offline kinds."""
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     if args.suite == "offline":
-        return [t.strip() for t in args.tasks.split(",")] if args.tasks else list(OFFLINE_KINDS)
-    if args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        for t in tasks:
-            get_task(t)
-        if args.e:
-            bad = [t for t in tasks if t not in LONGBENCH_E_TASKS]
-            if bad:
-                raise ValueError(f"{bad} are not LongBench-E tasks; LongBench-E has {', '.join(LONGBENCH_E_TASKS)}")
-        return tasks
-    return list(LONGBENCH_E_TASKS if args.e else LONGBENCH_TASKS)
+        bad = [t for t in names if t not in OFFLINE_KINDS]
+        if bad:
+            raise ValueError(f"unknown offline kind(s) {', '.join(bad)}; --suite offline --tasks takes kinds: "
+                             f"{', '.join(OFFLINE_KINDS)}")
+        return names or list(OFFLINE_KINDS)
+    if not names:
+        return list(LONGBENCH_E_TASKS if args.e else LONGBENCH_TASKS)
+    for t in names:
+        get_task(t)
+    if args.e:
+        bad = [t for t in names if t not in LONGBENCH_E_TASKS]
+        if bad:
+            raise ValueError(f"{bad} are not LongBench-E tasks; LongBench-E has {', '.join(LONGBENCH_E_TASKS)}")
+    return names
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Argument errors that argparse cannot see, raised before anything is loaded."""
+    if args.suite == "longbench" and not args.data:
+        raise ValueError("--data is required for LongBench (a directory of <task>.jsonl, data.zip, parquet or a "
+                         "datasets id); use --suite offline for the generated suite")
+    for flag in ("max_length", "max_samples", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.suite == "offline":
+        try:
+            contexts = [int(c) for c in str(args.contexts).split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--contexts takes sizes in K tokens like 2,4,8; got {args.contexts!r}") from None
+        if not contexts or min(contexts) < 1:
+            raise ValueError(f"--contexts takes positive sizes in K tokens like 2,4,8; got {args.contexts!r}")
+    if args.plan and not os.path.isfile(args.plan):
+        raise ValueError(f"--plan {args.plan}: no such file (a PatchPlan JSON written by plan.save / a previous run)")
+
+
+def load_longbench_data(args: argparse.Namespace, tasks: list[str]) -> dict:
+    """task -> (spec, samples) of the released data, every task checked (fields, non-empty) before the model
+    loads."""
+    from .data import check_samples, load_task
+
+    task_samples = {}
+    for task in tasks:
+        samples = load_task(args.data, task, args.e, args.max_samples)
+        check_samples(get_task(task), samples, f"--data {args.data}", longbench_e=args.e)
+        task_samples[task] = (get_task(task), samples)
+    return task_samples
+
+
+def _agree_on_pending(processes, task_samples: dict, out_dir: str) -> list:
+    """The samples still to predict, the same list in every process (checked), and a check that every process
+    sees the output directory (a multi-machine run needs it on a shared filesystem)."""
+    from .predict import pending_samples
+
+    pending = pending_samples(task_samples, out_dir)
+    if not processes.distributed:
+        return pending
+    marker = None
+    if processes.is_main:
+        marker = os.path.join(out_dir, f".processes-{os.getpid()}-{time.time_ns()}")
+        with open(marker, "w") as f:
+            f.write("written by process 0 of a sharded run; removed once every process has seen it\n")
+    marker = processes.broadcast(marker)
+    fingerprint = hashlib.sha1(json.dumps([[t, [s["_id"] for s in samples]] for t, (_, samples) in task_samples.items()]
+                                          + [pending]).encode()).hexdigest()
+    views = processes.all_gather((fingerprint, os.path.exists(marker)))
+    if processes.is_main:
+        os.remove(marker)
+    blind = [rank for rank, (_, sees) in enumerate(views) if not sees]
+    if blind:
+        raise ValueError(f"process(es) {blind} cannot see {out_dir} as process 0 writes it: with several machines "
+                         "--out must be on a filesystem that all of them share")
+    if len({fp for fp, _ in views}) != 1:
+        raise ValueError("the processes disagree about the samples to predict (different --data, or files changing "
+                         "while they started); rerun with the same data visible to every process")
+    return pending
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
+    from .distributed import start_processes
 
-    from .data import load_task
-    from .predict import merge_shards, predict_tasks
-    from .score import environment_info, markdown_report, score_directory, summarize
+    check_arguments(args)
+    tasks = _task_list(args)
+    task_samples = load_longbench_data(args, tasks) if args.suite == "longbench" else {}
+    processes = start_processes()
+    try:
+        return _run(args, tasks, task_samples, processes)
+    finally:
+        processes.close()
+
+
+def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, processes) -> int:
+    from .predict import merge_shards, missing_ids, predict_tasks
+    from .score import count_samples, environment_info, markdown_report, score_directory, summarize
     from .tasks import default_max_length, offline_task
 
-    state = PartialState()
     started = time.perf_counter()
-    if args.suite == "longbench" and not args.data:
-        raise SystemExit("--data is required for LongBench (a directory of <task>.jsonl, data.zip, parquet or a "
-                         "datasets id); use --suite offline for the generated suite")
-    tasks = _task_list(args)
-    device_map = "auto" if state.num_processes == 1 else {"": str(state.device)}
-    model, tokenizer, model_name = load_model(args.model, args.dtype, device_map)
+    device_map = "auto" if not processes.distributed else {"": str(processes.device)}
+    model, tokenizer, model_name = load_model(args.model, args.dtype, device_map, args.trust_remote_code)
+    os.makedirs(args.out, exist_ok=True)
 
     plan_dict, plan = None, None
     if args.plan or args.method != "none":
@@ -153,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
             plan = patch_model(model, method=args.method, layers=args.layers, select=args.select, seed=args.seed,
                                **method_params)
         plan_dict = plan.to_dict()
-        if state.is_main_process:
-            os.makedirs(args.out, exist_ok=True)
+        if processes.is_main:
             plan.save(os.path.join(args.out, "plan.json"))
 
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -165,34 +247,38 @@ def run(args: argparse.Namespace) -> int:
     else:
         max_length = default_max_length(model_name, positions)
 
-    task_samples = {}
     if args.suite == "offline":
         from .offline import build_offline_suite, write_suite
 
         contexts = [int(c) for c in str(args.contexts).split(",") if c.strip()]
         suite = build_offline_suite(tokenizer, contexts, num_samples=args.max_samples or 5, seed=args.seed,
                                     kinds=tasks)
-        if state.is_main_process:
+        if processes.is_main:
             write_suite(suite, os.path.join(args.out, "data"))
-        for name, samples in suite.items():
-            task_samples[name] = (offline_task(name), samples)
-    else:
-        for task in tasks:
-            task_samples[task] = (get_task(task), load_task(args.data, task, args.e, args.max_samples))
+        task_samples = {name: (offline_task(name), samples) for name, samples in suite.items()}
 
     if args.max_new_tokens:
         task_samples = {name: (dataclasses.replace(spec, max_new_tokens=min(spec.max_new_tokens, args.max_new_tokens)),
                                samples) for name, (spec, samples) in task_samples.items()}
+    pending = _agree_on_pending(processes, task_samples, args.out)
     counts = predict_tasks(model, tokenizer, task_samples, args.out, max_length, seed=args.seed,
-                           process_index=state.process_index, num_processes=state.num_processes,
-                           chat_template=not args.no_chat_template,
-                           progress=not args.no_progress and state.is_local_main_process)
-    state.wait_for_everyone()
-    if not state.is_main_process:
+                           process_index=processes.rank, num_processes=processes.world_size,
+                           chat_template=not args.no_chat_template, pending=pending,
+                           progress=not args.no_progress and processes.local_rank == 0)
+    all_counts = processes.all_gather(counts)  # also the barrier: every shard is complete after it
+    if not processes.is_main:
         return 0
     for task, (_, samples) in task_samples.items():
-        merge_shards(args.out, task, order=[s["_id"] for s in samples])
-    result = score_directory(args.out, longbench_e=args.e)
+        order = [s["_id"] for s in samples]
+        merge_shards(args.out, task, order=order)
+        lost = missing_ids(args.out, task, order)
+        if lost:
+            raise ValueError(f"{len(lost)} sample(s) of {task} have no prediction after every process finished "
+                               f"(e.g. {lost[:3]}); with several machines --out must be on a shared filesystem. "
+                               "Rerun the same command to predict them.")
+    asked = list(task_samples)
+    result = score_directory(args.out, longbench_e=args.e, tasks=asked)
+    samples_scored = count_samples(args.out, tasks=asked)
     meta = {
         "model": model_name,
         "suite": "LongBench-E" if args.e else ("offline" if args.suite == "offline" else "LongBench"),
@@ -203,8 +289,9 @@ def run(args: argparse.Namespace) -> int:
         "max_length": max_length,
         "max_new_tokens_cap": args.max_new_tokens,
         "seed": args.seed,
-        "num_processes": state.num_processes,
-        "this_invocation": counts,
+        "num_processes": processes.world_size,
+        "samples": samples_scored,
+        "this_invocation": counts if len(all_counts) == 1 else {"per_process": all_counts},
         "fallbacks_this_invocation": plan.fallback_counts() if plan is not None else {},
         "wall_s_this_invocation": round(time.perf_counter() - started, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -217,9 +304,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = summarize(result)
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"result": result, "summary": summary, "meta": meta, "plan": plan_dict}, f, ensure_ascii=False,
-                  indent=2)
+        json.dump({"result": result, "samples": samples_scored, "summary": summary, "meta": meta, "plan": plan_dict},
+                  f, ensure_ascii=False, indent=2)
     with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(markdown_report(result, meta, title=f"{meta['suite']}: {model_name}, method {meta['method']}"))
+        f.write(markdown_report(result, meta, title=f"{meta['suite']}: {model_name}, method {meta['method']}",
+                                samples=samples_scored))
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0

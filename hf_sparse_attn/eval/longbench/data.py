@@ -12,7 +12,9 @@ Layouts accepted for a task ``T`` (LongBench-E files are ``T_e``):
   conversion ``revision="refs/convert/parquet"``.
 
 Every sample gets an ``_id`` (the released files have one; otherwise a hash of its content) so that predictions
-can be resumed and shards merged.
+can be resumed and shards merged. :func:`check_samples` checks a task's samples before any model is loaded: a task
+with no samples, or samples that lack a field the prompt or the scorer needs, is an error that names the file,
+the samples and the fields.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import hashlib
 import io
 import json
 import os
+import string
 import zipfile
 from glob import glob
 from typing import Iterable, Optional
 
-__all__ = ["load_task", "file_name", "assign_ids", "read_jsonl_lines"]
+__all__ = ["load_task", "file_name", "assign_ids", "read_jsonl_lines", "check_samples", "template_fields"]
 
 
 def file_name(task: str, longbench_e: bool) -> str:
@@ -145,3 +148,48 @@ def load_task(source: str, task: str, longbench_e: bool = False, max_samples: Op
     if max_samples is not None:
         samples = samples[:max_samples]
     return assign_ids(samples, stem)
+
+
+def template_fields(template: str) -> list[str]:
+    """The sample fields a ``str.format`` template reads ({context}, {input}, ...), in order of appearance."""
+    fields = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name not in fields:
+            fields.append(name.split(".")[0].split("[")[0])
+    return fields
+
+
+def _answers_ok(value) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(a, str) for a in value)
+
+
+def check_samples(spec, samples: list[dict], where: str, longbench_e: bool = False) -> None:
+    """Raise ``ValueError`` unless every sample of the task has what prediction and scoring need.
+
+    ``spec`` is the task's ``TaskSpec``; ``where`` names the data (file or source) in the message. Needed: at least
+    one sample; the template's fields; ``answers`` (a string or a non-empty list of strings); ``all_classes`` (a
+    non-empty list) for classification tasks; a numeric ``length`` for LongBench-E buckets."""
+    if not samples:
+        raise ValueError(f"{where}: task {spec.name} has no samples (empty file?); re-extract the data, or leave "
+                         "the task out of --tasks")
+    needed = [(field, None) for field in template_fields(spec.template)]
+    needed.append(("answers", _answers_ok))
+    if spec.metric == "classification":
+        needed.append(("all_classes", lambda v: isinstance(v, (list, tuple)) and len(v) > 0))
+    if longbench_e:
+        needed.append(("length", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)))
+    problems: dict[str, list[int]] = {}
+    for number, sample in enumerate(samples, 1):
+        for field, ok in needed:
+            if field not in sample or sample[field] is None or (ok is not None and not ok(sample[field])):
+                problems.setdefault(field, []).append(number)
+    if problems:
+        parts = []
+        for field, numbers in problems.items():
+            shown = ", ".join(str(n) for n in numbers[:5]) + (", ..." if len(numbers) > 5 else "")
+            parts.append(f"'{field}' missing or invalid in {len(numbers)} of {len(samples)} samples (sample {shown})")
+        raise ValueError(f"{where}: task {spec.name}: " + "; ".join(parts) + ". LongBench samples need "
+                         + ", ".join(f"'{f}'" for f, _ in needed) + "; check that this is the released data of "
+                         "the task")

@@ -15,10 +15,17 @@ Per sample (as the official pred.py does):
 Output: one ``<task>.jsonl`` per task in the output directory, one line per sample
 ``{"pred", "answers", "all_classes", "length", "_id", ...}``, appended, flushed and fsync'ed after each sample. A
 rerun skips every ``_id`` already written; a line cut by a kill (the only possible damage: the sample in flight)
-is cut off before appending again. With N processes (``accelerate launch --num_processes N``), process r takes the
-samples ``r::N`` and writes ``<task>.part<r>-of-<N>.jsonl``; when all are done the main process merges them into
-``<task>.jsonl`` (dataset order, unique ids) and removes the parts. The scorer also merges parts, so a crashed
-sharded run scores as far as it got.
+is cut off before appending again.
+
+Sharding (N processes started by ``torchrun`` / ``accelerate launch``, see ``distributed.py``): before any process
+writes, every process lists the samples not yet predicted in any file of the output directory
+(:func:`pending_samples`, all tasks in order) and the processes check that their lists agree; process r then
+predicts ``pending[r::N]`` and writes ``<task>.partRR-of-NN.jsonl``. So each sample is predicted by exactly one
+process, the work stays balanced after a resume, and a rerun with another N re-uses every finished sample. When
+all are done the main process merges the parts into ``<task>.jsonl`` (dataset order) and removes them. Readers
+merge parts too (a crashed sharded run scores as far as it got) and refuse an id predicted twice with different
+results, naming it and its files; identical copies of one record (a merge killed between writing ``<task>.jsonl``
+and removing the parts) count once.
 """
 
 from __future__ import annotations
@@ -43,7 +50,11 @@ __all__ = [
     "task_prediction_files",
     "done_ids",
     "merge_shards",
+    "missing_ids",
+    "pending_samples",
     "predict_tasks",
+    "shard_file_name",
+    "DuplicatePredictionError",
 ]
 
 _PART_FILE = re.compile(r"^(?P<task>.+)\.part(?P<rank>\d+)-of-(?P<world>\d+)\.jsonl$")
@@ -63,7 +74,12 @@ def truncate_middle(tokenizer, prompt: str, max_length: int) -> str:
 
 
 def build_inputs(tokenizer, spec: TaskSpec, sample: dict, max_length: int, chat_template: bool = True) -> dict:
-    """Token ids [1, L] of the model input for one sample (after truncation and the chat-template rule)."""
+    """Token ids [1, L] of the model input for one sample (after truncation and the chat-template rule).
+    ChatGLM2 / ChatGLM3 tokenizers take the official ChatGLM path (build_prompt / build_chat_input; chatglm.py)."""
+    from .chatglm import build_chatglm_inputs, chatglm_prompt_style
+
+    if (style := chatglm_prompt_style(tokenizer)) is not None:
+        return build_chatglm_inputs(tokenizer, spec, sample, max_length, style, chat_template)
     prompt = truncate_middle(tokenizer, build_prompt(spec, sample), max_length)
     use_chat = chat_template and spec.use_chat_template and getattr(tokenizer, "chat_template", None)
     if use_chat:
@@ -176,24 +192,47 @@ def task_prediction_files(out_dir: str) -> dict[str, list[str]]:
     return files
 
 
+class DuplicatePredictionError(ValueError):
+    """An ``_id`` has two different prediction records (two shards, or two runs appending to one file)."""
+
+
 def merged_records(paths: Iterable[str]) -> list[dict]:
-    """Records of several files of one task, the first record of each ``_id`` kept (records without an id, as in
-    official prediction files, are all kept)."""
-    seen: set = set()
+    """Records of several files of one task, one per ``_id`` (records without an id, as in official prediction
+    files, are all kept). An id with two identical records counts once; with two different records raises
+    :class:`DuplicatePredictionError` naming the ids and their files."""
+    first: dict = {}  # _id -> (record, path)
+    conflicts: dict = {}  # _id -> paths holding it
     records = []
     for path in paths:
         for record in read_predictions(path):
             sample_id = record.get("_id")
             if sample_id is not None:
-                if sample_id in seen:
+                if sample_id in first:
+                    if record != first[sample_id][0]:
+                        conflicts.setdefault(sample_id, [first[sample_id][1]]).append(path)
                     continue
-                seen.add(sample_id)
+                first[sample_id] = (record, path)
             records.append(record)
+    if conflicts:
+        shown = "; ".join(f"{sample_id!r} in {', '.join(sorted(set(os.path.basename(p) for p in where)))}"
+                          for sample_id, where in list(conflicts.items())[:5])
+        more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
+        directory = os.path.dirname(os.path.abspath(first[next(iter(conflicts))][1]))
+        raise DuplicatePredictionError(
+            f"{len(conflicts)} sample id(s) predicted more than once with different results in {directory}: "
+            f"{shown}{more}. Each sample must be predicted once; delete the extra lines (or the files of one of "
+            "the runs) and rerun the same command to redo what is missing.")
     return records
 
 
 def done_ids(out_dir: str, task: str) -> set:
     return {r["_id"] for r in merged_records(task_prediction_files(out_dir).get(task, [])) if "_id" in r}
+
+
+def missing_ids(out_dir: str, task: str, ids: Iterable) -> list:
+    """The ids among ``ids`` that have no prediction in ``out_dir`` (in the order given)."""
+    done = done_ids(out_dir, task)
+    return [sample_id for sample_id in ids if sample_id not in done]
 
 
 def merge_shards(out_dir: str, task: str, order: Optional[list] = None) -> str:
@@ -221,6 +260,23 @@ def merge_shards(out_dir: str, task: str, order: Optional[list] = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+def shard_file_name(task: str, process_index: int, num_processes: int) -> str:
+    """``<task>.jsonl`` for a single process, ``<task>.partRR-of-NN.jsonl`` for process RR of NN."""
+    if num_processes == 1:
+        return f"{task}.jsonl"
+    return f"{task}.part{process_index:02d}-of-{num_processes:02d}.jsonl"
+
+
+def pending_samples(task_samples: dict[str, tuple[TaskSpec, list[dict]]], out_dir: str) -> list[tuple[str, str]]:
+    """(task, _id) of every sample that has no prediction yet in any file of ``out_dir``, tasks in the order of
+    ``task_samples``, samples in dataset order. Sharded runs compute it once, before any process writes."""
+    pending = []
+    for task, (_, samples) in task_samples.items():
+        already = done_ids(out_dir, task)
+        pending += [(task, s["_id"]) for s in samples if s["_id"] not in already]
+    return pending
+
+
 def predict_tasks(
     model,
     tokenizer,
@@ -233,21 +289,34 @@ def predict_tasks(
     chat_template: bool = True,
     progress: bool = True,
     on_sample: Optional[Callable[[str, dict], None]] = None,
+    pending: Optional[list[tuple[str, str]]] = None,
 ) -> dict:
-    """Predict every not-yet-done sample of this process's shard of each task; returns counts and wall time.
+    """Predict this process's share ``pending[process_index::num_processes]`` of the samples not yet done; returns
+    counts and wall time.
 
-    ``task_samples`` maps the output file's task name to (spec, samples with ``_id``)."""
+    ``task_samples`` maps the output file's task name to (spec, samples with ``_id``). ``pending`` is
+    :func:`pending_samples` of the output directory, computed before any process started writing; it is required
+    with ``num_processes > 1`` (each process computing its own while others write would deal the samples out
+    differently) and computed here for a single process."""
     from tqdm.auto import tqdm
 
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} is not in [0, num_processes={num_processes})")
+    if pending is None:
+        if num_processes > 1:
+            raise ValueError("with num_processes > 1 pass pending=pending_samples(task_samples, out_dir), computed "
+                             "once before any process writes, so that every process deals out the same list")
+        pending = pending_samples(task_samples, out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    mine = pending[process_index::num_processes]
+    mine_by_task: dict[str, set] = {}
+    for task, sample_id in mine:
+        mine_by_task.setdefault(task, set()).add(sample_id)
     work = []
-    skipped = 0
     for task, (spec, samples) in task_samples.items():
-        already = done_ids(out_dir, task)
-        mine = samples[process_index::num_processes]
-        todo = [s for s in mine if s["_id"] not in already]
-        skipped += len(mine) - len(todo)
-        work.append((task, spec, todo))
+        ids = mine_by_task.get(task, set())
+        work.append((task, spec, [s for s in samples if s["_id"] in ids]))
+    skipped = sum(len(samples) for _, samples in task_samples.values()) - len(pending)
     total = sum(len(todo) for _, _, todo in work)
     bar = tqdm(total=total, desc=f"longbench[{process_index}/{num_processes}]", disable=not progress,
                unit="sample", dynamic_ncols=True)
@@ -256,7 +325,7 @@ def predict_tasks(
     for task, spec, todo in work:
         if not todo:
             continue
-        name = f"{task}.jsonl" if num_processes == 1 else f"{task}.part{process_index:02d}-of-{num_processes:02d}.jsonl"
+        name = shard_file_name(task, process_index, num_processes)
         with PredictionWriter(os.path.join(out_dir, name)) as writer:
             for sample in todo:
                 bar.set_postfix_str(task)
@@ -273,10 +342,13 @@ def predict_tasks(
                     "prompt_tokens": int(inputs["input_ids"].shape[1]),
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
+                if num_processes > 1:
+                    record["shard"] = f"{process_index:02d}-of-{num_processes:02d}"
                 writer.write(record)
                 if on_sample is not None:
                     on_sample(task, record)
                 done += 1
                 bar.update(1)
     bar.close()
-    return {"predicted": done, "skipped_done": skipped, "wall_s": round(time.perf_counter() - start, 3)}
+    return {"predicted": done, "assigned": len(mine), "skipped_done": skipped,
+            "wall_s": round(time.perf_counter() - start, 3)}

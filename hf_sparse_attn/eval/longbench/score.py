@@ -88,23 +88,39 @@ def score_task_e(task: str, records: Sequence[dict]) -> dict[str, Optional[float
     return {b: (round(100 * float(np.mean(s)), 2) if s else None) for b, s in per_bucket.items()}
 
 
-def score_directory(pred_dir: str, longbench_e: bool = False, write: bool = True) -> dict:
+def _empty_score(longbench_e: bool):
+    return {b: None for b in BUCKETS} if longbench_e else None
+
+
+def score_directory(pred_dir: str, longbench_e: bool = False, write: bool = True,
+                    tasks: Optional[Sequence[str]] = None) -> dict:
     """Score every ``<task>.jsonl`` (and shard parts) of ``pred_dir``; write ``pred_dir/result.json`` (official
-    format: task -> score, or task -> {bucket: score} with ``longbench_e``)."""
+    format: task -> score, or task -> {bucket: score} with ``longbench_e``).
+
+    Every task of ``tasks`` (the tasks asked for) and every task with a file appears; a task without predictions
+    (an empty file, or none) scores ``None`` (``null``), never silently left out. :func:`count_samples` gives the
+    number of predictions behind each score."""
     files = task_prediction_files(pred_dir)
-    if not files:
+    if not files and not tasks:
         raise FileNotFoundError(f"no <task>.jsonl prediction files in {pred_dir}")
     result: dict = {}
-    for task in sorted(files):
+    for task in sorted(set(files) | set(tasks or ())):
         get_task(task)  # clear error for a file that is not a known task
-        records = merged_records(files[task])
+        records = merged_records(files.get(task, []))
         if not records:
+            result[task] = _empty_score(longbench_e)
             continue
         result[task] = score_task_e(task, records) if longbench_e else score_task(task, records)
     if write:
         with open(os.path.join(pred_dir, "result.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, ensure_ascii=False, indent=4)
     return result
+
+
+def count_samples(pred_dir: str, tasks: Optional[Sequence[str]] = None) -> dict[str, int]:
+    """task -> number of predictions in ``pred_dir`` (shard parts merged), 0 for a task of ``tasks`` without any."""
+    files = task_prediction_files(pred_dir)
+    return {task: len(merged_records(files.get(task, []))) for task in sorted(set(files) | set(tasks or ()))}
 
 
 def _mean(values: list[float]) -> Optional[float]:
@@ -146,8 +162,10 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def markdown_report(result: dict, meta: Optional[dict] = None, title: str = "LongBench results") -> str:
-    """Markdown: metadata, a per-task table (buckets as columns for LongBench-E), categories and averages."""
+def markdown_report(result: dict, meta: Optional[dict] = None, title: str = "LongBench results",
+                    samples: Optional[dict[str, int]] = None) -> str:
+    """Markdown: metadata, a per-task table (buckets as columns for LongBench-E, and the number of predictions
+    per task where ``samples`` is given), categories and averages."""
     lines = [f"# {title}", ""]
     if meta:
         for key, value in meta.items():
@@ -156,12 +174,14 @@ def markdown_report(result: dict, meta: Optional[dict] = None, title: str = "Lon
             lines.append(f"- **{key}**: {value}")
         lines.append("")
     is_e = any(isinstance(v, dict) for v in result.values())
-    columns = list(BUCKETS) if is_e else ["score"]
+    columns = (list(BUCKETS) if is_e else ["score"]) + (["samples"] if samples is not None else [])
     lines += ["| task | category | metric | " + " | ".join(columns) + " |",
               "|---|---|---|" + "---|" * len(columns)]
     for task, value in result.items():
         spec = get_task(task)
-        cells = [_fmt(value.get(b)) for b in BUCKETS] if is_e else [_fmt(value)]
+        cells = [_fmt((value or {}).get(b)) for b in BUCKETS] if is_e else [_fmt(value)]
+        if samples is not None:
+            cells.append(str(samples.get(task, 0)))
         lines.append(f"| {task} | {spec.category} | {spec.metric} | " + " | ".join(cells) + " |")
     lines.append("")
     for bucket in (BUCKETS if is_e else [None]):

@@ -17,6 +17,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pred_dir", metavar="PRED_DIR", help="directory of <task>.jsonl prediction files")
     parser.add_argument("--e", action="store_true", help="LongBench-E: score by length bucket")
     parser.add_argument("--no-report", action="store_true", help="write only result.json")
+    parser.add_argument("--tasks", help="comma-separated tasks that must appear in result.json (null where a task "
+                                        "has no predictions); default: the tasks with files")
     parser.add_argument("--compare", nargs="+", metavar="DIR", help="other run directories for a seed 002 Table 1 comparison")
     parser.add_argument("--bucket", default="8k+", choices=("0-4k", "4-8k", "8k+"), help="LongBench-E bucket of the comparison")
 
@@ -33,15 +35,20 @@ def _run_label(pred_dir: str) -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .score import markdown_report, score_directory
+    from .score import count_samples, markdown_report, score_directory
+    from .tasks import get_task
 
     if not os.path.isdir(args.pred_dir):
-        raise SystemExit(f"{args.pred_dir} is not a directory of <task>.jsonl prediction files")
-    result = score_directory(args.pred_dir, longbench_e=args.e)
+        raise ValueError(f"{args.pred_dir} is not a directory of <task>.jsonl prediction files")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    for task in tasks or []:
+        get_task(task)
+    result = score_directory(args.pred_dir, longbench_e=args.e, tasks=tasks)
     if not args.no_report:
         with open(os.path.join(args.pred_dir, "report.md"), "w", encoding="utf-8") as f:
             f.write(markdown_report(result, {"predictions": os.path.abspath(args.pred_dir)},
-                                    title="LongBench-E results" if args.e else "LongBench results"))
+                                    title="LongBench-E results" if args.e else "LongBench results",
+                                    samples=count_samples(args.pred_dir, tasks=tasks)))
     print(json.dumps(result, ensure_ascii=False, indent=2))
     if args.compare:
         from .score import comparison_table

@@ -1,8 +1,10 @@
 """The LongBench (v1) task table: metric, category, language, output length, prompt template, chat-template rule,
 first-line rule and LongBench-E membership of each of the 21 tasks, plus the offline suite's tasks.
 
-Facts from the official LongBench release (config/dataset2prompt.json, dataset2maxlen.json, model2maxlen.json,
-pred.py, eval.py); see shared/REFERENCE.md.
+Facts from the official LongBench (v1) release (config/dataset2prompt.json, dataset2maxlen.json, model2maxlen.json,
+pred.py, eval.py). The templates, output lengths and prompt budgets equal the release's JSON files byte for byte,
+typos included; a copy of those files is kept in tests/data/longbench_official/ and
+tests/test_longbench_metrics.py compares them.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ _QA_PASSAGES = (
 
 _TEMPLATES = {
     "narrativeqa": (
+        # "asconcisely" (no space, twice) is the official text: fixing it would change every model input
         "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
-        "as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: "
-        "{context}\n\nNow, answer the question based on the story as concisely as you can, using a single phrase "
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: "
+        "{context}\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase "
         "if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:"
     ),
     "qasper": (

@@ -1,0 +1,241 @@
+"""`hf-sparse-attn longbench-grid CONFIG --out DIR`: one LongBench / LongBench-E experiment from a TOML file — the
+exact model against methods x numbers of replaced layers x layer selections, one model load, resumable.
+
+The config (see eval/configs/chatglm2_longbench_e_table1.toml, the Table 1 of "Attention is Naturally Sparse with
+Gaussian Distributed Input") has these tables; every key is checked, an unknown one is an error:
+
+- ``[model]``: ``path`` (local path or hub id), ``trust_remote_code`` (default false), ``dtype`` ("auto",
+  "bfloat16", "float32", ...), ``device_map`` (default "auto");
+- ``[data]``: ``path`` (a directory of <task>.jsonl, the released data.zip, parquet), ``longbench_e`` (true: the
+  ``<task>_e`` files), ``tasks`` (list), ``min_length`` (keep samples whose ``length`` field - words, or characters
+  for Chinese - is at least this; 8000 = LongBench-E's "8k+" bucket; 0 = all), ``max_samples_per_task`` (first N
+  kept samples per task; 0 = all);
+- ``[predict]``: ``max_length`` (prompt budget before middle truncation), ``max_new_tokens_cap`` (0 = the official
+  output lengths), ``seed``;
+- ``[grid]``: ``methods``, ``layers`` (numbers of replaced layers), ``selections`` ("weight_norm", "last", ...);
+- ``[params.<method>]``: that method's parameters (``hf_sparse_attn.list_methods()``);
+- ``[paper]`` (optional): published averages to print next to ours: ``exact``, ``layers`` (numbers of replaced
+  layers) and one list per method in that order; ``selection`` names the layer selection they were measured with
+  (shown on those rows only).
+
+``--set SECTION.KEY=VALUE`` (repeatable) overrides a key; VALUE is read as TOML (``--set grid.layers=[1,2]``) or,
+failing that, as a string (``--set model.path=/data/chatglm2-6b-32k``).
+
+Output in ``--out``: ``config.json`` (the resolved config), one directory per arm (``exact``, ``<method>-<n>-<select>``)
+with ``<task>.jsonl`` predictions, ``plan.json``, ``result.json`` and ``summary.json``; ``table.md`` / ``table.json``
+(rewritten after every arm). Arms whose method and replaced layer set equal an earlier arm's (e.g. every
+selection at all layers) reuse its predictions and say so. Rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+import tomllib
+from typing import Any, Optional
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "experiment": {"name": "", "description": ""},
+    "model": {"path": None, "trust_remote_code": False, "dtype": "auto", "device_map": "auto"},
+    "data": {"path": None, "longbench_e": True, "tasks": None, "min_length": 0, "max_samples_per_task": 0},
+    "predict": {"max_length": None, "max_new_tokens_cap": 0, "seed": 0},
+    "grid": {"methods": [], "layers": [], "selections": ["weight_norm"]},
+}
+OPEN_SECTIONS = ("params", "paper")  # keys are method names
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> dict:
+    """The config file with defaults filled in and ``SECTION.KEY=VALUE`` overrides applied; raises on unknown keys
+    and missing required ones."""
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    config = copy.deepcopy(SCHEMA)
+    for section in OPEN_SECTIONS:
+        config[section] = {}
+    for section, values in raw.items():
+        if section not in config:
+            raise ValueError(f"{path}: unknown section [{section}]; sections: {', '.join(config)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: [{section}] must be a table")
+        for key, value in values.items():
+            if section not in OPEN_SECTIONS and key not in SCHEMA[section]:
+                raise ValueError(f"{path}: unknown key {section}.{key}; [{section}] takes {', '.join(SCHEMA[section])}")
+            config[section][key] = value
+    for item in overrides or []:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or section not in config:
+            raise ValueError(f"--set expects SECTION.KEY=VALUE with SECTION in {list(config)}, got {item!r}")
+        value = _parse_value(text.strip())
+        if section in OPEN_SECTIONS and "." in key:  # params.hyper.block_size=64
+            method, _, param = key.partition(".")
+            config[section].setdefault(method, {})[param] = value
+            continue
+        if section not in OPEN_SECTIONS and key not in SCHEMA[section]:
+            raise ValueError(f"--set {item!r}: [{section}] takes {', '.join(SCHEMA[section])}")
+        config[section][key] = value
+    for section, key in (("model", "path"), ("data", "path"), ("data", "tasks")):
+        if not config[section][key]:
+            raise ValueError(f"{path}: {section}.{key} is required")
+    return config
+
+
+def arms(config: dict) -> list[dict]:
+    """The exact baseline, then every method x replaced-layer count x selection, in config order."""
+    out = [{"name": "exact", "method": None, "layers": 0, "select": None}]
+    for method in config["grid"]["methods"]:
+        for count in config["grid"]["layers"]:
+            for select in config["grid"]["selections"]:
+                out.append({"name": f"{method}-{count}-{select}", "method": method, "layers": int(count), "select": select})
+    return out
+
+
+def load_samples(config: dict) -> dict:
+    """task -> (spec, samples): the samples of each task with ``length >= min_length``, the first
+    ``max_samples_per_task`` of them (0 = all)."""
+    from .data import load_task
+    from .tasks import get_task
+
+    data = config["data"]
+    task_samples = {}
+    for task in data["tasks"]:
+        spec = get_task(task)
+        samples = load_task(data["path"], task, bool(data["longbench_e"]))
+        if data["min_length"]:
+            missing = [s["_id"] for s in samples if s.get("length") is None]
+            if missing:
+                raise ValueError(f"task {task}: samples without a 'length' field ({missing[:3]}...): cannot apply "
+                                 "data.min_length")
+            samples = [s for s in samples if s["length"] >= data["min_length"]]
+        if data["max_samples_per_task"]:
+            samples = samples[: data["max_samples_per_task"]]
+        task_samples[task] = (spec, samples)
+    return task_samples
+
+
+def _table(config: dict, rows: list[dict]) -> str:
+    paper = config.get("paper") or {}
+    lines = [f"# {config['experiment'].get('name') or 'LongBench grid'}", "",
+             config["experiment"].get("description", ""), "",
+             f"Model `{config['model']['path']}`, data `{config['data']['path']}` "
+             f"({'LongBench-E' if config['data']['longbench_e'] else 'LongBench'}, samples with length >= "
+             f"{config['data']['min_length']}), prompt budget {config['predict']['max_length']} tokens. Average = mean "
+             "of the six category sums of the task scores (the convention of the paper's Table 1; score.table1_row).",
+             "", "| arm | replaced layers | samples | single-qa | multi-qa | summarization | few-shot | synthetic | code "
+             "| Average | paper | fallbacks (this invocation) |", "|---" * 12 + "|"]
+    for row in rows:
+        t = row["table1"]
+        published = None
+        if row["method"] is None:
+            published = paper.get("exact")
+        elif (row["method"] in paper and row["layers"] in paper.get("layers", [])
+              and paper.get("selection") in (None, row["select"])):
+            values = paper[row["method"]]
+            index = paper["layers"].index(row["layers"])
+            published = values[index] if index < len(values) else None
+        cells = [t.get(c) for c in ("single-qa", "multi-qa", "summarization", "few-shot", "synthetic", "code", "Average")]
+        fmt = ["-" if v is None else f"{v:.2f}" for v in cells]
+        note = f" (= {row['same_as']})" if row.get("same_as") else ""
+        lines.append(f"| {row['name']}{note} | {row['layer_indices'] if row['method'] else '-'} | {row['samples']} | "
+                     + " | ".join(fmt) + f" | {'-' if published is None else published} | "
+                     + (", ".join(f"{k}: {v}" for k, v in row["fallbacks"].items()) or "-") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_grid(config: dict, out_dir: str, progress: bool = True) -> list[dict]:
+    """Run every arm of ``config`` into ``out_dir``; returns the table rows (also written to table.md / table.json)."""
+    from hf_sparse_attn import patch_model, unpatch_model
+
+    from .cli import load_model
+    from .predict import predict_tasks
+    from .score import count_samples, environment_info, score_directory, table1_row
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    model_cfg, predict_cfg = config["model"], config["predict"]
+    model, tokenizer, model_name = load_model(model_cfg["path"], model_cfg["dtype"], model_cfg["device_map"],
+                                              bool(model_cfg["trust_remote_code"]))
+    if not predict_cfg["max_length"]:
+        from .tasks import default_max_length
+
+        predict_cfg["max_length"] = default_max_length(model_name, getattr(model.config, "max_position_embeddings", None))
+    task_samples = load_samples(config)
+    if predict_cfg["max_new_tokens_cap"]:
+        import dataclasses
+
+        cap = int(predict_cfg["max_new_tokens_cap"])
+        task_samples = {t: (dataclasses.replace(spec, max_new_tokens=min(spec.max_new_tokens, cap)), samples)
+                        for t, (spec, samples) in task_samples.items()}
+    tasks = list(task_samples)
+    rows: list[dict] = []
+    seen: dict[tuple, str] = {}
+    for arm in arms(config):
+        arm_dir = os.path.join(out_dir, arm["name"])
+        os.makedirs(arm_dir, exist_ok=True)
+        unpatch_model(model)
+        plan, layer_indices = None, []
+        if arm["method"] is not None:
+            params = dict(config["params"].get(arm["method"], {}))
+            plan = patch_model(model, method=arm["method"], layers=arm["layers"], select=arm["select"],
+                               seed=int(predict_cfg["seed"]), **params)
+            plan.save(os.path.join(arm_dir, "plan.json"))
+            layer_indices = sorted(layer.layer_idx for layer in plan.layers if layer.method)
+        key = (arm["method"], tuple(layer_indices))
+        same_as = seen.get(key)
+        started = time.perf_counter()
+        if same_as is None:
+            seen[key] = arm["name"]
+            counts = predict_tasks(model, tokenizer, task_samples, arm_dir, int(predict_cfg["max_length"]),
+                                   seed=int(predict_cfg["seed"]), progress=progress)
+            source_dir = arm_dir
+        else:
+            counts = {"predicted": 0, "reused_from": same_as}
+            source_dir = os.path.join(out_dir, same_as)
+        # LongBench-E restricted to its "8k+" bucket: scored by bucket; anything else: one score per task
+        bucket = "8k+" if config["data"]["longbench_e"] and config["data"]["min_length"] >= 8000 else None
+        result = score_directory(source_dir, longbench_e=bucket is not None, write=False, tasks=tasks)
+        row = {"name": arm["name"], "method": arm["method"], "layers": arm["layers"], "select": arm["select"],
+               "layer_indices": layer_indices, "same_as": same_as,
+               "samples": sum(count_samples(source_dir, tasks).values()),
+               "table1": table1_row(result, bucket),
+               "fallbacks": plan.fallback_counts() if plan is not None else {},
+               "this_invocation": counts, "wall_s": round(time.perf_counter() - started, 1)}
+        with open(os.path.join(arm_dir, "result.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, ensure_ascii=False, indent=2)
+        with open(os.path.join(arm_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump({"row": row, "plan": plan.to_dict() if plan is not None else None,
+                       "environment": environment_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+                      f, ensure_ascii=False, indent=2)
+        rows.append(row)
+        with open(os.path.join(out_dir, "table.json"), "w", encoding="utf-8") as f:
+            json.dump({"config": config, "rows": rows, "environment": environment_info()}, f, ensure_ascii=False, indent=2)
+        with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
+            f.write(_table(config, rows))
+    unpatch_model(model)
+    return rows
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment TOML (e.g. eval/configs/chatglm2_longbench_e_table1.toml)")
+    parser.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set model.path=/data/chatglm2-6b-32k")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    run_grid(config, args.out, progress=not args.no_progress)
+    print(open(os.path.join(args.out, "table.md"), encoding="utf-8").read())
+    return 0

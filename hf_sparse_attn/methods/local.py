@@ -1,0 +1,104 @@
+"""``local``: attention sinks + an exact local window (StreamingLLM's pattern; MInference's "A-shape" head).
+
+Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks": LLM heads put a large share of every
+row's softmax mass on the first tokens, and most of the rest on the recent ones. Query i attends exactly
+
+    causal:         the sinks {j < S, j <= i}  and the window {i - window < j <= i}      (j >= S)
+    bidirectional:  the sinks {j < S}          and the window {|i - j| <= window}         (j >= S)
+
+over the valid keys, the two disjoint parts merged through their log-sum-exp values (merge.py). Nothing is
+estimated: it is exact attention restricted to that key set, and exact attention whenever the window covers the
+sequence. It is the baseline a sorted-LSH method must beat at equal speed (docs/methods/local.md).
+
+Implementation: sorted_blocks.window_attention (overlapping strided views of k/v, one fused call per group of
+64-query chunks with a mask shared by the chunks) and sorted_blocks.sink_attention. A left-padded row is rolled
+past its padding first, so its sinks are its first real tokens (as in hyper.py).
+
+Tensors: q [B, H, N, D], k/v [B, H, N, D] (self-attention; GQA expanded), key_padding_mask [B, N] bool (True =
+attend); out [B, H, N, D] in q's dtype (float32 accumulation), lse [B, H, N] float32 (-inf and out 0 for a row
+with no key). No [N, N] tensor: the largest tile is [64, window + 64] per chunk (bidirectional: 2 window + 64).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .common import check_inputs
+from .registry import Param, register_method
+from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
+                            sink_attention, window_attention)
+
+# Defaults, from scripts/bench_causal_kernels.py (eval/results/kernels_causal/results.md, 2026-12-01, one thread,
+# B=1 H=8 D=64 fp32, causal, SDPA in the same run; error = mean relative error on 4 real SmolLM2 layers at 8k):
+# window 128 / 256 / 512 / 1024 / 2048 ran 15.9x / 11.5x / 7.1x / 3.4x / 1.5x at 8k with error 0.51 / 0.41 / 0.29 /
+# 0.18 / 0.08. WINDOW = 1024 is the fastest window whose error (0.178) matches sparse_hyper's recursion (0.171 at
+# 2.04x); it ran 11.3x at 32k. 64 sinks: the value measured for hyper/sparse_hyper (hyper.py), not re-swept here.
+# MIN_SEQ_LEN: window 1024 ran 0.79x at 2048 and 1.53x at 4096 (the adapter runs exact attention below it).
+WINDOW = 1024
+NUM_SINK_TOKENS = 64
+MIN_SEQ_LEN = 4096
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    window: int = WINDOW,
+    num_sink_tokens: int = NUM_SINK_TOKENS,
+    min_seq_len: int = MIN_SEQ_LEN,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinks + local window. q [B, H, N, D], k/v [B, H, N, D] -> (out [B, H, N, D] q's dtype, lse [B, H, N] float32).
+
+    ``generator`` is unused (deterministic). ``min_seq_len`` is applied by the adapter (exact attention below it);
+    a direct call always runs the method.
+    """
+    check_inputs(q, k, v, causal, key_padding_mask)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"local: self-attention only (Nq == Nk), got {q.shape[2]} queries and {k.shape[2]} keys; "
+                         "the adapter sends other calls to exact attention")
+    if window < 0 or num_sink_tokens < 0:
+        raise ValueError(f"local: window and num_sink_tokens must be >= 0, got {window}, {num_sink_tokens}")
+    num_sinks = min(int(num_sink_tokens), k.shape[2])
+    shift = leading_padding(key_padding_mask) if num_sinks > 0 else None
+    if shift is not None:  # left padding: the sinks must be each row's first real tokens
+        q, k, v, key_padding_mask = move_leading_padding_to_end(q, k, v, key_padding_mask, shift)
+    out, lse, _ = window_attention(q.float(), k.float(), v.float(), window=window, scale=scale,
+                                   key_valid=key_padding_mask, aligned=False, causal=causal, first_key=num_sinks)
+    if num_sinks > 0:
+        sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
+                                               key_padding_mask=key_padding_mask)
+        out, lse = merge_sink_attention(out, lse, sink_out, sink_lse)
+    if shift is not None:
+        out, lse = restore_leading_padding(out, lse, shift, k.shape[2], causal)
+    return out.to(q.dtype), lse
+
+
+def check_local(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
+                params: dict) -> Optional[str]:
+    """Why ``local`` cannot serve a call: a decode step or cross-attention (q_len != kv_len)."""
+    if q.shape[2] != k.shape[2]:
+        return "decode step or cross-attention (q_len != kv_len)"
+    return None
+
+
+register_method(
+    "local",
+    local_attention,
+    params={
+        "window": Param(WINDOW, int, low=0, help="causal: each query attends the previous `window` positions (itself "
+                                                "included); bidirectional: the positions within `window` on each side"),
+        "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0,
+                                 help="every query also attends the first num_sink_tokens real keys (attention sinks)"),
+        "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, help="the adapter runs exact attention below this length"),
+    },
+    check=check_local,
+    source="StreamingLLM (Xiao et al. 2023, attention sinks + window); MInference's A-shape pattern",
+    summary="attention sinks + exact local window, merged via lse",
+)
