@@ -1,6 +1,6 @@
 # The two commands for a fresh machine (each creates its environments itself):
 #   make demo   the main job: real SmolLM2-135M ranked, patched and measured on real Wikipedia text
-#   make test   the test suite (what CI runs), in two environments:
+#   make test   ruff check (the lint rules in pyproject.toml), then the test suite (what CI runs), in two environments:
 #               1. .venv: the newest transformers, the whole suite (real weights included);
 #               2. .ci/.venv: the oldest releases the floors allow (.ci/constraints-oldest.txt: transformers 5.0.0,
 #                  accelerate 1.2.0), the suite without the tests that load real weights (they run in 1.)
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 OLDEST_VENV ?= .ci/.venv
 OLDEST_PY := $(OLDEST_VENV)/bin/python
 
-.PHONY: demo test test-newest test-oldest env env-oldest
+.PHONY: demo test lint test-newest test-oldest env env-oldest
 
 env:
 	bash scripts/setup_env.sh $(VENV)
@@ -20,7 +20,10 @@ env-oldest:
 demo: env
 	$(PY) -m hf_sparse_attn.cli demo
 
-test: test-newest test-oldest
+test: lint test-newest test-oldest
+
+lint: env
+	$(PY) -m ruff check .
 
 test-newest: env
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -22,10 +22,25 @@ from .selection import LayerRanking, rank_layers
 
 register_attention()
 
+# Exported from the tools layer on first use (PEP 562), so that importing the package loads no evaluation code
+# (docs/architecture.md): ``from hf_sparse_attn import calibrate`` works as any other name.
+_LAZY_EXPORTS = {"calibrate": "hf_sparse_attn.eval.calibrate", "CalibratedPlan": "hf_sparse_attn.eval.calibrate"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_sparse_attn' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "patch_model", "unpatch_model", "patched", "current_plan", "from_pretrained", "PLAN_FILE_NAME", "PlanError",
     "ATTENTION_NAME", "register_attention", "rank_layers", "LayerRanking", "PatchPlan", "LayerPlan",
     "register_method", "get_method", "get_spec", "list_methods", "MethodSpec", "Param", "merge_attention",
     "capture_attention", "CapturedAttention", "register_adapter", "supported_families",
+    "calibrate", "CalibratedPlan",
 ]

@@ -16,17 +16,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rank": ("hf_sparse_attn.commands.rank", "rank a model's layers by Q/K weight norm (no patching)"),
     "demo": ("hf_sparse_attn.commands.demo", "the main job: real SmolLM2, ranked and patched, with a check"),
     "bench": ("hf_sparse_attn.eval.bench_cli", "speed and error of methods (kernel level) and patched models"),
-    "head-tail": ("hf_sparse_attn.eval.head_tail_cli", "seed 003 head-to-tail ratio statistics of a model's attention"),
-    "sparsity": ("hf_sparse_attn.eval.sparsity_cli", "seed 002 k-sparsity of attention rows versus weight norm R"),
+    "head-tail": ("hf_sparse_attn.eval.head_tail_cli", "head-to-tail ratio statistics of a model's attention on a corpus"),
+    "sparsity": ("hf_sparse_attn.eval.sparsity_cli", "k-sparsity of attention rows per layer versus weight norm R, on real text"),
     "longbench": ("hf_sparse_attn.eval.longbench.cli", "predict LongBench / LongBench-E / the offline suite with a patched model"),
     "longbench-score": ("hf_sparse_attn.eval.longbench.score_cli", "score a directory of LongBench predictions"),
     "longbench-grid": ("hf_sparse_attn.eval.longbench.grid", "a LongBench experiment from a TOML config: exact vs methods x layers x selections"),
+    "calibrate": ("hf_sparse_attn.commands.calibrate", "the fastest plan within a perplexity budget, measured on your text"),
     "lm-eval": ("hf_sparse_attn.commands.lm_eval_cli", "lm-evaluation-harness's CLI with model type 'hf-sparse' registered"),
 }
 
 
+DESCRIPTION = (
+    "Swap the attention of chosen layers of a Hugging Face Transformers model for a fast approximate method, and "
+    "measure whether it was worth it: rank a model's layers, patch and check a real model, benchmark speed and error, "
+    "find the fastest plan within a quality budget, measure the attention statistics the methods rely on, and run "
+    "LongBench or lm-evaluation-harness with a patched model."
+)
+EPILOG = ("Run `hf-sparse-attn COMMAND --help` for the options of a command. From Python: "
+          "`from hf_sparse_attn import patch_model` (see README.md).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-sparse-attn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hf-sparse-attn", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (accepted anywhere "
                                                              "on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -8,51 +8,31 @@ patched model is never patched twice: a new patch replaces the old one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
 from .kernels.workspace import clear_all_workspaces
 from .methods.registry import get_spec
+from .loading import install_save_hook, remove_save_hook
 from .patches import LayerRuntime, find_adapter
+from .patches.runtime import PatchState, install_runtimes, state_of as _state_of, uninstall_runtimes
 from .plan import LayerPlan, PatchPlan, check_plan_matches, library_versions, model_fingerprint, now_iso
+from .row_sparsity import measured_sparsity_scores
 from .selection import LayersArg, SelectArg, rank_layers, resolve_layers, selection_order
 from .validation import check_patch_arguments
 
-STATE_ATTR = "_hf_sparse_attn_state"
-
-
-@dataclasses.dataclass
-class PatchState:
-    adapter: Any
-    token: Any  # what adapter.uninstall needs
-    runtimes: list[LayerRuntime]
-    plan: Optional[PatchPlan]
-    adapter_options: dict[str, Any]
-
-
-def _state_of(model: torch.nn.Module) -> Optional[PatchState]:
-    return model.__dict__.get(STATE_ATTR)
-
-
 def _install_runtimes(model, adapter, runtimes) -> PatchState:
-    token = adapter.install(model, runtimes)
-    state = PatchState(adapter, token, runtimes, None, {})
-    model.__dict__[STATE_ATTR] = state
+    """Install the runtimes and the ``save_pretrained`` hook that writes the plan beside the weights."""
+    state = install_runtimes(model, adapter, runtimes)
     if hasattr(model, "save_pretrained"):
-        from .loading import install_save_hook
-
         install_save_hook(model)
     return state
 
 
 def _uninstall_runtimes(model, state: PatchState) -> None:
-    state.adapter.uninstall(model, state.token)
-    model.__dict__.pop(STATE_ATTR, None)
-    from .loading import remove_save_hook
-
+    uninstall_runtimes(model, state)
     remove_save_hook(model)
 
 
@@ -101,7 +81,7 @@ def patch_model(
     """Run ``method`` in the chosen attention layers of ``model``; return the :class:`PatchPlan`.
 
     layers: a count (int), a fraction of the layers (float), "all", or a list of layer indices.
-    select: the order layers are chosen in — "weight_norm" (largest Q/K weight norm R first; seed 002 §5.1),
+    select: the order layers are chosen in — "weight_norm" (largest Q/K weight norm R first; "Attention is Naturally Sparse" §5.1),
         "last", "first", "even", "odd", "random" (with ``seed``), "measured" (most k-sparse first on ``calibration``
         input ids), a list, or a callable taking the :class:`LayerRanking`.
     plan: a PatchPlan or a path to its JSON: re-apply it; method/layers/select are then ignored. It must fit the model:
@@ -133,8 +113,6 @@ def patch_model(
         if select == "measured":
             if calibration is None:
                 raise ValueError("select='measured' needs calibration=input_ids (a batch of real text) to measure sparsity on")
-            from .eval.sparsity import measured_sparsity_scores
-
             measured = measured_sparsity_scores(model, calibration)
         new_plan = _build_plan(model, adapter, method, layers, select, seed, norm, method_params, measured)
     by_index = {layer.layer_idx: layer for layer in new_plan.layers}  # adapters install runtimes in layer order

@@ -52,6 +52,7 @@ class PatchPlan:
     adapter: str = ""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     created: str = ""
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # how a calibrated plan was found (calibrate.py)
 
     # ---- views -----------------------------------------------------------------------------------------
     @property
@@ -90,7 +91,7 @@ class PatchPlan:
             params = ", ".join(f"{k}={v}" for k, v in layer.params.items()) if layer.patched else ""
             falls = "; ".join(f"{reason}: {n}" for reason, n in sorted(layer.fallbacks.items()))
             extra = params + (f" | fallback {falls}" if falls else "")
-            served = f"0 (!!)" if layer.layer_idx in unserved else str(layer.served)
+            served = "0 (!!)" if layer.layer_idx in unserved else str(layer.served)
             rows.append(f"{layer.layer_idx:>5} {layer.weight_norm:>10.4g} {layer.rank:>4}  {method:<14} {served:>9}  {extra}")
         lines = [header, *rows]
         if unserved:

@@ -1,6 +1,6 @@
-"""Layer ranking by Q/K weight norm (seed 002 §5.1, "weight-aware prioritized employment") and layer selection.
+"""Layer ranking by Q/K weight norm ("Attention is Naturally Sparse" §5.1, "weight-aware prioritized employment") and layer selection.
 
-What R is. Seed 002 (Definitions 3.1-3.2, 4.2) takes the attention input X to be the output of layer normalization,
+What R is. "Attention is Naturally Sparse" (Definitions 3.1-3.2, 4.2) takes the attention input X to be the output of layer normalization,
 *including its gain*, and studies the scores X W_Q W_K^T X^T; larger R = ||W_Q W_K^T|| means sparser attention rows
 (Theorem 4.7). For one head h of a real model with normalization gain g (so the input is diag(g) x̂ for the
 normalized x̂), the bilinear form the scores are made of is

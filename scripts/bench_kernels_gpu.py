@@ -1,6 +1,6 @@
 """Kernel level on a GPU (issue 7: "to 128k on a GPU when one is lent"): hyper and sparse_hyper (Triton block
 kernel) against torch SDPA on random inputs (B=1, H=8, D=64), N = 1k .. 128k, causal and bidirectional, fp32 and bf16,
-through `hf-sparse-attn bench kernel --device cuda`. The seed methods run only where they are cheap (kmv samples on
+through `hf-sparse-attn bench kernel --device cuda`. kmv, poly and feature_sketch run only where they are cheap (kmv samples on
 the CPU; poly refuses random inputs, which are outside its bounded regime; feature_sketch and our chunked exact
 reference are dense).
 

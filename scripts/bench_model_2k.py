@@ -12,7 +12,7 @@ measured, random x 3 seeds) at every sampled layer count (8, 15, 23, 30), so tha
 perplexity against speed-up, not one point; the 15-layer cells run first. Stage 3 (session 5, 2026-11-30): plain
 `hyper` (sampled residual keys) forced on the same way, by weight_norm at 8, 15, 23 and 30 layers. Stage 4 (session
 7, same date): plain `hyper` by every selection too (last, first, measured, random x 3 seeds), 15 layers first, then 8
-and 23, run as 4a and 4b side by side (one per core), so that seed 002's ranking is tested with a second method. 4a
+and 23, run as 4a and 4b side by side (one per core), so that the "Attention is Naturally Sparse" paper's ranking is tested with a second method. 4a
 finished; 4b (random x 3) was stopped at the end of the session after its 15-layer cells and resumed in session 8
 (same date) for its 8- and 23-layer cells (a few article records of 8 layers, seed 0, were kept from session 7).
 2k is the one length where the whole selection x layer-count grid fits in a session (a cell is about 4 min of one

@@ -1,4 +1,4 @@
-"""Model level (issue 7) for the seed methods kmv (seed 003), poly (seed 004) and feature_sketch (seed 000): real
+"""Model level (issue 7) for kmv (Indyk et al.), poly (Alman & Song) and feature_sketch (Deng, Mahadevan & Song): real
 SmolLM2-135M-Instruct on the first 20 real Wikipedia articles with at least 4096 tokens, cut to 4096 tokens, layers
 chosen by weight norm; perplexity and prefill time against the exact model measured in the same run.
 

@@ -1,4 +1,4 @@
-"""Speed and error of the seed methods kmv (seed 003), poly (seed 004) and feature_sketch (seed 000) against
+"""Speed and error of kmv (Indyk et al.), poly (Alman & Song) and feature_sketch (Deng, Mahadevan & Song) against
 torch SDPA measured in the same run, on random inputs.
 
     .venv/bin/python scripts/bench_seed_methods.py [--threads 1] [--repeats 2] [--out eval/results/seed_methods]

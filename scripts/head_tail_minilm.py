@@ -1,4 +1,4 @@
-"""Reproduce eval/results/head_tail_minilm/: seed 003 head-to-tail statistics of real all-MiniLM-L6-v2.
+"""Reproduce eval/results/head_tail_minilm/: Indyk et al. head-to-tail statistics of real all-MiniLM-L6-v2.
 
 Run 1 (the main one): 2,000 sentences drawn (seed 0) from the English Wikipedia in gensim's test data, every
 layer x head, every prefix length >= 50 (experiment (i)), experiment (ii) on every sentence.

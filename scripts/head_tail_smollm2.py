@@ -1,4 +1,4 @@
-"""Reproduce eval/results/head_tail_smollm2/: seed 003 head-to-tail statistics of real SmolLM2-135M-Instruct.
+"""Reproduce eval/results/head_tail_smollm2/: Indyk et al. head-to-tail statistics of real SmolLM2-135M-Instruct.
 
 A decoder: the statistics are taken on the causal part of the Gaussian kernel matrix (lower triangle with the
 diagonal, see hf_sparse_attn/eval/head_tail.py). Corpus: 4 English Wikipedia articles of >= 40,000 characters

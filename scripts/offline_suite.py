@@ -1,5 +1,5 @@
 """Offline long-context suite on real SmolLM2-135M-Instruct: unpatched (exact) vs `hyper` vs `sparse_hyper` on a
-growing number of replaced layers, chosen by Q/K weight norm (seed 002 §5.1) and by "last".
+growing number of replaced layers, chosen by Q/K weight norm ("Attention is Naturally Sparse" §5.1) and by "last".
 
 Resumable and parameterized: every (method, select, layers) run writes its predictions sample by sample under
 OUT/runs/<run>/ (rerun the same command to continue after a crash or a --budget-minutes stop); the aggregate

@@ -9,7 +9,7 @@ those tensors (KV heads expanded with ``expand_kv_heads``),
 
     relative Frobenius error = ||out_method - out_exact||_F / ||out_exact||_F     (all heads and positions)
 
-next to the layer's weight norm R (``hf_sparse_attn.rank_layers(model).weight_norms``; seed 002 §5.1 predicts
+next to the layer's weight norm R (``hf_sparse_attn.rank_layers(model).weight_norms``; "Attention is Naturally Sparse" §5.1 predicts
 smaller error for larger R). Every method runs causal, as the model does, with ``min_seq_len`` = --min-seq-len
 (default 512: the causal recursion's exact leaves are 512 positions, so at N=4096 every query outside the first
 leaf is approximated over 3 halving levels; with the default 2048 only one level would approximate).

@@ -1,6 +1,6 @@
-"""Seed 002 §6.1 reproduced: ℓ∞ and Frobenius error of HyperAttention vs Sparse HyperAttention.
+"""Attention is Naturally Sparse with Gaussian Distributed Input, §6.1 reproduced: ℓ∞ and Frobenius error of HyperAttention vs Sparse HyperAttention.
 
-Setting (seed 002 §6.1; its exact grid values were lost in the text extraction, ours are stated here):
+Setting ("Attention is Naturally Sparse" §6.1; its exact grid values were lost in the text extraction, ours are stated here):
 inputs X [n, d] drawn N(0, 1) and LayerNorm'd (Definitions 3.1, 3.3); W_Q, W_K [d, d] with N(0, w^2 / d)
 entries, the weight scale w setting R (Definition 4.2; we report R = ||W_Q W_K^T||_2 / sqrt(d), the norm of the
 bilinear form of the scaled scores); W_V [d, d] N(0, 1 / d). Attention is single-head, bidirectional, scale
@@ -78,7 +78,7 @@ def report(rows: list[dict]) -> None:
             out.setdefault(key_fn(r), []).append(r)
         return out
 
-    lines = ["# Seed 002 §6.1: error of HyperAttention vs Sparse HyperAttention", "",
+    lines = ["# Attention is Naturally Sparse §6.1: error of HyperAttention vs Sparse HyperAttention", "",
              "Machine: 2-core CPU VM, no GPU. Date: 2026-11-22. Script: `scripts/sparse_hyper_error.py` (setting and grid in",
              "its docstring). Errors against exact attention, means over repeats; lower is better.", "",
              "| n | w | R | block | metric | hyper | sparse_hyper (theory) | sparse_hyper (no scale) |", "|---|---|---|---|---|---|---|---|"]
@@ -121,7 +121,7 @@ def report(rows: list[dict]) -> None:
             ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
         axes[1].legend(fontsize=6, ncol=3)
-        fig.suptitle(f"seed 002 §6.1 reproduced ({'n=4096' if key == 'R' else 'w=1.5'}); 2-core CPU VM, 2026-11-22", fontsize=9)
+        fig.suptitle(f"Attention is Naturally Sparse §6.1 reproduced ({'n=4096' if key == 'R' else 'w=1.5'}); 2-core CPU VM, 2026-11-22", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(OUT_DIR, fname), dpi=120)
 

@@ -1,4 +1,4 @@
-"""Reproduce eval/results/sparsity/: seed 002's claim (k-sparsity grows with the weight norm R), measured.
+"""Reproduce eval/results/sparsity/: the "Attention is Naturally Sparse" paper's claim (k-sparsity grows with the weight norm R), measured.
 
 - MiniLM (all-MiniLM-L6-v2, 6 layers x 12 heads): 1,000 Wikipedia sentences (seed 1), k in {1, 4, 16, 64},
   eps in {0.1, 0.25, 0.5}.

@@ -5,6 +5,7 @@ checkpoints are: ``from_pretrained(dir, trust_remote_code=True)``, offline."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -340,3 +341,37 @@ def test_lm_eval_model_type_loads_the_remote_checkpoint(checkpoints):
     plan = current_plan(fast_lm.model)
     assert sorted(l.served for l in plan.layers) == [0, 1, 1] and plan.fallback_counts() == {}
     assert fast != exact and abs(fast - exact) < 0.5 * abs(exact)
+
+
+# ------------------------------------------------------------------------------------------------ bench model
+@pytest.mark.parametrize("flavor,layout", LAYOUTS)
+def test_bench_model_runs_chatglm_only_with_the_opt_in(checkpoints, tmp_path, capsys, flavor, layout):
+    """`bench model` on the remote checkpoint: its LM head sits at transformer.output_layer and (seq_first) its base
+    model returns [s, b, hidden]. Refused without --trust-remote-code; with it, sparse_hyper serves calls, every
+    perplexity is finite and the exact cell's loss is the unpatched model's own loss on the same tokens."""
+    from hf_sparse_attn.eval.data import wikipedia_articles
+    from hf_sparse_attn.eval.model_bench import read_jsonl
+
+    path, out, tokens = checkpoints[flavor], tmp_path / "bench", 96
+    params = [f"sparse_hyper.{name}={value}" for name, value in FORCED["sparse_hyper"].items()]
+    argv = ["bench", "model", "--model", path, "--out", str(out), "--tokens", str(tokens), "--articles", "2",
+            "--methods", "sparse_hyper", "--layers", "0", "2", "--selections", "weight_norm", "--no-profile",
+            "--no-progress", "--calibration-tokens", "32", *sum((["--method-param", p] for p in params), [])]
+    _refused_without_opt_in(argv, capsys)
+    assert not (out / "results.jsonl").exists() or not read_jsonl(str(out / "results.jsonl"))
+    assert cli_main(argv + ["--trust-remote-code"]) == 0
+    cells = {r["key"]: r for r in read_jsonl(str(out / "results.jsonl")) if r.get("kind") == "cell"}
+    exact = cells[f"exact|N={tokens}|layers=0|none|seed=0"]
+    fast = cells[f"sparse_hyper|N={tokens}|layers=2|weight_norm|seed=0"]
+    assert all(math.isfinite(c["perplexity"]) and c["perplexity"] > 1 for c in cells.values())
+    assert fast["served"] == 2 * 2 and fast["fallbacks"] == {}  # served every call: 2 layers x 2 articles
+    assert fast["nll_sum"] != exact["nll_sum"]
+    model, tokenizer = _load(path)
+    texts = dict(wikipedia_articles())
+    with torch.no_grad():
+        for article in exact["per_article"]:
+            ids = tokenizer(texts[article["title"]], return_tensors="pt").input_ids[:, :tokens]
+            loss = model(ids, labels=ids).loss.item()  # mean over the N - 1 predicted tokens
+            assert article["tokens"] == tokens - 1
+            assert article["nll_sum"] / article["tokens"] == pytest.approx(loss, rel=1e-5)
+    assert json.loads((out / "results.json").read_text())["model"] == f"{path} (fp32)"

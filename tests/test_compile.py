@@ -60,7 +60,7 @@ def test_compiled_hyper_backward_matches_eager():
 
 
 def test_padded_batch_compiles_without_graph_breaks_and_matches_eager():
-    """A padded batch hands every layer a 4-D mask: its analysis (causal + key padding?) runs inside one operator."""
+    """A padded batch hands every layer its [B, N] key padding mask (the compact mask path), compiled as in eager."""
     import torch._dynamo as dynamo
 
     model = tiny_llama(101, num_layers=2)

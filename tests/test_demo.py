@@ -26,7 +26,7 @@ def test_demo_ranks_patches_half_checks_and_reports(tmp_path):
     patched = [e for e in layers if e["method"] == "sparse_hyper"]
     norms = sorted((e["weight_norm"] for e in layers), reverse=True)
     assert len(patched) == 15 and sorted(e["weight_norm"] for e in patched) == sorted(norms[:15])  # half, largest R
-    # at 2048 tokens sparse_hyper's defaults run causal calls exact (below causal_min_seq_len 8192), and the plan says
+    # at 2048 tokens sparse_hyper's defaults run causal calls exact (below the causal threshold 2 x min_seq_len = 4096), and the plan says
     # so on every patched layer; so the patched model is the exact model and the table must show the same perplexity
     assert all(e["served"] == 0 and sum(e["fallbacks"].values()) == 1 for e in patched)
     table = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("exact (sdpa)", "sparse_hyper on"))}

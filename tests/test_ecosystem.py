@@ -40,11 +40,13 @@ def _bert_checkpoint(directory):
 # ---- 1. registered at import ------------------------------------------------------------------------------------
 
 def test_import_registers_attention_and_mask_functions():
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from hf_sparse_attn.patches.masks import compact_mask
+
     assert "hf_sparse_attn" in ALL_ATTENTION_FUNCTIONS.valid_keys()
-    assert ALL_MASK_ATTENTION_FUNCTIONS["hf_sparse_attn"] is sdpa_mask  # without it padding would vanish
+    assert ALL_MASK_ATTENTION_FUNCTIONS["hf_sparse_attn"] is compact_mask  # without one padding would vanish
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])

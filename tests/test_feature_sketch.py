@@ -1,4 +1,4 @@
-"""feature_sketch (seed 000): spectral approximation, the O(r) bound with our constant, determinism, exactness."""
+"""feature_sketch (Deng, Mahadevan & Song): spectral approximation, the O(r) bound with our constant, determinism, exactness."""
 
 import math
 

@@ -31,7 +31,7 @@ EXACT_CONFIGS = {
 APPROX_CONFIGS = {
     "hyper": dict(block_size=32, sample_size=16, num_sink_tokens=4, min_seq_len=32),
     "sparse_hyper": dict(block_size=32, num_sink_tokens=4, min_seq_len=32, scale_mode="none"),
-    # the theory scale alpha_i (seed 002 Definition 5.3) is a statistic of q and k held fixed by the backward
+    # the theory scale alpha_i ("Attention is Naturally Sparse" Definition 5.3) is a statistic of q and k held fixed by the backward
     # (computed without gradient): only the v direction is the derivative of the forward pass
     "sparse_hyper/theory": dict(block_size=32, num_sink_tokens=4, min_seq_len=32, scale_mode="theory"),
     "kmv": dict(min_seq_len=0, eps=0.3, causal_block=32, num_samples=8),

@@ -1,4 +1,4 @@
-"""Seed 003 head-to-tail statistics: Lemma 4.1 identity, known ratios, incremental == brute force, end to end."""
+"""Indyk et al. head-to-tail statistics: Lemma 4.1 identity, known ratios, incremental == brute force, end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""kmv (seed 003): the guarantees of Theorem 1.1 / Lemmas 3.2-3.5 and exactness where it must be exact."""
+"""kmv (Indyk et al.): the guarantees of Theorem 1.1 / Lemmas 3.2-3.5 and exactness where it must be exact."""
 
 import math
 

@@ -142,13 +142,13 @@ def test_resume_after_sigkill(tiny_lm, tmp_path):
     from hf_sparse_attn.cli import main  # the rerun, in this process (saves a second interpreter start)
 
     assert main(["longbench", *args]) == 0
-    for task, samples in (("hotpotqa", hotpot), ("samsum", samsum)):
+    for task, task_samples in (("hotpotqa", hotpot), ("samsum", samsum)):
         with open(os.path.join(out, f"{task}.jsonl"), encoding="utf-8") as f:
             raw = f.read()
         assert raw.endswith("\n")
         records = [json.loads(line) for line in raw.splitlines()]  # every line parses
         ids = [r["_id"] for r in records]
-        assert ids == [s["_id"] for s in samples]  # all present, no duplicates, dataset order
+        assert ids == [s["_id"] for s in task_samples]  # all present, no duplicates, dataset order
         assert all(set(r) >= {"pred", "answers", "all_classes", "length"} for r in records)
     result = json.load(open(os.path.join(out, "result.json")))
     assert set(result) == {"hotpotqa", "samsum"} and all(0 <= v <= 100 for v in result.values())
@@ -267,9 +267,9 @@ def test_offline_suite_is_deterministic_fits_its_budget_and_is_answerable(tiny_l
     assert suite != build_offline_suite(tokenizer, (1,), num_samples=2, seed=1, sources=sources)
     assert set(suite) == {f"{k}_1k" for k in ("retrieval_en", "retrieval_zh", "count", "needle_start",
                                              "needle_middle", "needle_end")}
-    for name, samples in suite.items():
+    for name, suite_samples in suite.items():
         spec = offline_task(name)
-        for s in samples:
+        for s in suite_samples:
             prompt_tokens = len(tokenizer(build_prompt(spec, s), add_special_tokens=False)["input_ids"])
             assert 1024 * 0.5 < prompt_tokens <= 1024 - PROMPT_MARGIN, (name, prompt_tokens)
             assert sample_score(name, s["answers"][0], s["answers"]) == 1.0  # the gold answer scores 100

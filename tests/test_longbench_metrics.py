@@ -1,5 +1,5 @@
 """LongBench metrics on hand-checked examples (en and zh), the official quirks that change numbers, the fuzzy ratio's
-difflib path, LongBench-E buckets, averages and the seed 002 Table 1 convention."""
+difflib path, LongBench-E buckets, averages and the "Attention is Naturally Sparse" Table 1 convention."""
 
 import difflib
 import json
@@ -171,7 +171,7 @@ def test_summary_reproduces_published_english_average():
 
 
 def test_table1_convention_reproduces_seed_002_exact_row():
-    # seed 002 Table 1 "0 (exact)": per-category SUMS 80.63 68.14 53.12 186.58 84.00 99.57, Average 95.34
+    # "Attention is Naturally Sparse" Table 1 "0 (exact)": per-category SUMS 80.63 68.14 53.12 186.58 84.00 99.57, Average 95.34
     result = {"qasper": {"8k+": 40.0}, "multifieldqa_en": {"8k+": 40.63}, "hotpotqa": {"8k+": 34.07},
               "2wikimqa": {"8k+": 34.07}, "gov_report": {"8k+": 26.56}, "multi_news": {"8k+": 26.56},
               "trec": {"8k+": 62.19}, "triviaqa": {"8k+": 62.19}, "samsum": {"8k+": 62.2},

@@ -1,4 +1,4 @@
-"""poly (seed 004): Lemma 3.6's bound, exactness at high degree, refusal, regime check, linear work and memory."""
+"""poly (Alman & Song): Lemma 3.6's bound, exactness at high degree, refusal, regime check, linear work and memory."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Weight-norm ranking (seed 002 §5.1) and layer selection presets."""
+"""Weight-norm ranking ("Attention is Naturally Sparse" §5.1) and layer selection presets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``sparse_hyper`` (seed 002 Algorithm 1): exactness, causality, masks, and the theory scale coefficient."""
+"""``sparse_hyper`` ("Attention is Naturally Sparse", Algorithm 1): exactness, causality, masks, and the theory scale coefficient."""
 
 import pytest
 import torch
@@ -90,7 +90,7 @@ def test_score_std_matches_empirical():
 
 
 def test_theory_scale_lowers_error_on_the_papers_gaussian_model():
-    """Seed 002 §5-6: LayerNorm'd Gaussian inputs, Gaussian W_Q, W_K (variance sets R), Gaussian W_V. The block
+    """"Attention is Naturally Sparse" §5-6: LayerNorm'd Gaussian inputs, Gaussian W_Q, W_K (variance sets R), Gaussian W_V. The block
     keeps c <= 1 - eps of the mass and the dropped values average to ~0, so scaling by alpha = 1 - eps lowers the
     error (ℓ∞ and Frobenius) relative to the plain block softmax."""
     g = torch.Generator().manual_seed(0)

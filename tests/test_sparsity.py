@@ -1,4 +1,4 @@
-"""Seed 002 k-sparsity audit: constructed rows, counting conventions, measured scores, patch_model(select="measured")."""
+""""Attention is Naturally Sparse" k-sparsity audit: constructed rows, counting conventions, measured scores, patch_model(select="measured")."""
 
 from __future__ import annotations
 

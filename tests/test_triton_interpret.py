@@ -19,7 +19,7 @@ CHILD = textwrap.dedent(
     import torch
     import triton  # noqa: F401  (imported under TRITON_INTERPRET=1)
     from hf_sparse_attn.kernels.triton_sorted_blocks import sorted_block_attention_triton
-    from hf_sparse_attn.methods.sorted_blocks import sorted_block_attention_torch
+    from hf_sparse_attn.kernels.sorted_blocks_torch import sorted_block_attention_torch
 
     g = torch.Generator().manual_seed(0)
     Rq, Rk, D, nblk, bq, L = 150, 120, 24, 5, 32, 40

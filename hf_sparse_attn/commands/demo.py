@@ -20,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=float, default=0.5, help="fraction of layers to patch (default 0.5)")
     parser.add_argument("--select", default="weight_norm", help="layer selection (default weight_norm)")
     parser.add_argument("--tokens", type=int, default=8192,
-                        help="tokens of the article for step 3 (default 8192: causal calls shorter than 8192 run exact by default)")
+                        help="tokens of the article for step 3 (default 8192; causal calls shorter than 2 x min_seq_len = 4096 run exact by default)")
     parser.add_argument("--check-tokens", type=int, default=1024, help="tokens for the exactness check (default 1024)")
     parser.add_argument("--plan-out", default="demo_plan.json", help="where to save the fast plan (default demo_plan.json)")
     parser.add_argument("--plot-out", default="demo.png",

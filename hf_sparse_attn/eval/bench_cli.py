@@ -20,26 +20,17 @@ from typing import Any, Optional
 
 import torch
 
+from ..commands.arguments import parse_method_params
+from ..commands.loading import SMOLLM2_NAMES, add_model_arguments, load_model
+from .model_bench import SELECTIONS
+
 
 def _parse_method_params(items: Optional[list[str]]) -> dict[str, dict[str, Any]]:
-    """["hyper.block_size=128", ...] -> {"hyper": {"block_size": 128}} (values parsed as int, float, bool or str)."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise SystemExit(f"--method-param {item!r}: write METHOD.NAME=VALUE, e.g. sparse_hyper.block_size=128")
-        lhs, value = item.split("=", 1)
-        method, name = lhs.split(".", 1)
-        parsed: Any = value
-        for conv in (int, float):
-            try:
-                parsed = conv(value)
-                break
-            except ValueError:
-                continue
-        if value in ("True", "true", "False", "false"):
-            parsed = value.lower() == "true"
-        out.setdefault(method, {})[name] = parsed
-    return out
+    """["hyper.block_size=128", ...] -> {"hyper": {"block_size": 128}} (:func:`hf_sparse_attn.commands.arguments.parse_method_params`)."""
+    try:
+        return parse_method_params(items, option="--method-param")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def _parse_max_n(items: Optional[list[str]]) -> dict[str, int]:
@@ -99,8 +90,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--methods", nargs="+", default=["sparse_hyper", "hyper"], help="methods to patch with")
     model.add_argument("--layers", nargs="+", type=int, default=list(range(0, 31, 3)) + [15],
                        help="numbers of replaced layers (0 = the exact baseline, always run)")
-    model.add_argument("--selections", nargs="+", default=["weight_norm", "last", "first", "measured", "random"],
-                       choices=["weight_norm", "last", "first", "measured", "random"], help="layer selections")
+    model.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=list(SELECTIONS), help="layer selections")
     model.add_argument("--random-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the random selection")
     model.add_argument("--compare-selections-at", nargs="+", type=int, default=None,
                        help="run selections other than weight_norm only at these layer counts (default: at every count)")
@@ -111,11 +101,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--calibration-tokens", type=int, default=2048,
                        help="tokens of the calibration article for select=measured (an article not among the scored ones)")
     model.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run of the exact prefill")
-    model.add_argument("--model-dir", default=None,
-                       help="a local transformers causal-LM directory (with its tokenizer) instead of SmolLM2-135M, "
-                            "e.g. a tiny random model for tests")
-    model.add_argument("--trust-remote-code", action="store_true",
-                       help="allow --model-dir's own code (remote-code checkpoints); off by default")
+    add_model_arguments(model, default="smollm2", aliases=("--model-dir",),
+                        help="the causal LM to patch: 'smollm2' (default: real SmolLM2-135M) or a local transformers "
+                             "causal-LM directory with its tokenizer (e.g. a tiny random model for tests; --model-dir "
+                             "is the older spelling)")
 
 
 def _header(args: argparse.Namespace, what: str) -> list[str]:
@@ -182,7 +171,7 @@ def run_kernel(args: argparse.Namespace) -> int:
 
 def run_model(args: argparse.Namespace) -> int:
     from .. import list_methods, rank_layers
-    from .data import load_smollm2, wikipedia_articles
+    from .data import wikipedia_articles
     from .model_bench import article_token_sets, build_grid, run_grid, selection_order_measured, write_model_results
 
     unknown = [m for m in args.methods if m not in list_methods()]
@@ -190,14 +179,9 @@ def run_model(args: argparse.Namespace) -> int:
         print(f"unknown method(s) {unknown}; registered: {', '.join(list_methods())}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    if args.model_dir:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
-                                                     trust_remote_code=args.trust_remote_code).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
-    else:
-        model, tokenizer = load_smollm2()
+    model, tokenizer = load_model(args.model, args.trust_remote_code, dtype=torch.float32, causal_lm=True)
+    model_name = ("SmolLM2-135M-Instruct (real weights, fp32)" if args.model.lower() in SMOLLM2_NAMES
+                  else f"{args.model} (fp32)")
     num_layers = getattr(model.config, "num_hidden_layers", None) or model.config.num_layers  # ChatGLM: num_layers
     method_layers = {}
     for item in args.method_layers or []:
@@ -216,7 +200,7 @@ def run_model(args: argparse.Namespace) -> int:
     # the calibration article for select=measured: the last long-enough article, never one of the scored ones
     calibration_title, calibration_text = next(
         (t, x) for t, x in reversed(articles) if len(tokenizer(x).input_ids) >= args.calibration_tokens)
-    header = _header(args, "Model benchmark: patched SmolLM2-135M on Wikipedia, prefill time and perplexity")
+    header = _header(args, f"Model benchmark: patched {model_name.split(' (')[0]} on Wikipedia, prefill time and perplexity")
     if not args.report_only:
         cache: dict[int, list] = {}
 
@@ -234,7 +218,7 @@ def run_model(args: argparse.Namespace) -> int:
                  profile=not args.no_profile, progress=not args.no_progress)
     ranking = rank_layers(model)
     extra = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
-             "model": args.model_dir or "SmolLM2-135M-Instruct (real weights, fp32)", "num_layers": num_layers,
+             "model": model_name, "num_layers": num_layers,
              "weight_norm_order": ranking.order, "calibration_article": calibration_title,
              "grid": {"tokens": args.tokens, "articles": args.articles, "methods": args.methods, "layers": args.layers,
                       "selections": args.selections, "random_seeds": args.random_seeds, "method_layers": method_layers,

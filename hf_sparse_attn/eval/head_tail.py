@@ -1,6 +1,6 @@
-"""Seed 003 §4 and A.1: head-to-tail ratio statistics of the Gaussian kernel matrices behind attention.
+"""Indyk et al. §4 and A.1: head-to-tail ratio statistics of the Gaussian kernel matrices behind attention.
 
-Setting (seed 003, §4, assumption (A)). For one sequence of n tokens, one layer and one head, take the queries
+Setting (Indyk et al., §4, assumption (A)). For one sequence of n tokens, one layer and one head, take the queries
 q_i and keys k_j exactly as the model attends with them (after RoPE) and apply the Lemma 4.1 reduction
 (:func:`hf_sparse_attn.methods.gaussian_kernel.softmax_to_gaussian_kernel`, the code the ``kmv`` method uses):
 
@@ -15,10 +15,10 @@ principal sub-matrix K[:i, :i] and
     ratio_i = (||K[:i, :i]||_1 - a_i) / a_i            (tail over head)
 
 The statistic of a sequence is max_i ratio_i; the audit reports, per layer x head, the max of that over all
-sequences ("accumulated max ratio", seed 003 Figure 1/3; all <= 4.6 for BERT-base).
+sequences ("accumulated max ratio", Indyk et al. Figure 1/3; all <= 4.6 for BERT-base).
 
 Experiment (ii). For the whole n x n matrix: K_(n) / K_(n+1) and K_(n) / K_(2n), where K_(r) is the r-th largest
-entry; the median over sequences per layer x head (seed 003 Figure 2: ~1 and mostly <= 20). A ratio is infinite
+entry; the median over sequences per layer x head (Indyk et al. Figure 2: ~1 and mostly <= 20). A ratio is infinite
 when its denominator is 0. Here the order statistics are kept as log K (exact in float arithmetic, no underflow),
 so a ratio is infinite only if it exceeds the float64 range; separately we count the sequences where the
 denominator underflows to 0 in float32, which is what makes the paper's blank (infinite) cells.

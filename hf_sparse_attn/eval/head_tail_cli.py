@@ -1,4 +1,4 @@
-"""`hf-sparse-attn head-tail`: seed 003 head-to-tail ratio statistics of a model's attention on a corpus.
+"""`hf-sparse-attn head-tail`: Indyk et al. head-to-tail ratio statistics of a model's attention on a corpus.
 
     hf-sparse-attn head-tail --model minilm --corpus wikipedia --max-sequences 2000 --out runs/ht_minilm
     hf-sparse-attn head-tail --model PATH_OR_ID --text FILE --out DIR        (FILE: one sequence per line)
@@ -22,7 +22,12 @@ import os
 import platform
 import random
 import sys
+
 import torch
+
+from ..commands.loading import add_model_arguments as add_model_name_arguments
+from ..commands.loading import load_model
+from .store import JsonlStore
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared by the audit commands: model and corpus arguments
@@ -35,8 +40,9 @@ CORPUS_HELP = ("wikipedia (sentences of the English Wikipedia in gensim's test d
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="'minilm' or 'smollm2' (the real offline models), or a local path / hub id")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (e.g. ChatGLM); off by default")
+    """--model / --trust-remote-code (the command line's one loader, :mod:`hf_sparse_attn.commands.loading`),
+    --device and --threads."""
+    add_model_name_arguments(parser)
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is much "
                         "faster on a machine whose cores are busy with other jobs)")
@@ -58,30 +64,6 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-
-
-def load_model(name: str, trust_remote_code: bool = False, device: str = "cpu"):
-    """(model, tokenizer). 'minilm' / 'smollm2' are the real offline models of hf_sparse_attn.eval.data; anything
-    else goes to transformers' ``from_pretrained`` (AutoModelForCausalLM for causal-LM checkpoints, else AutoModel)."""
-    from hf_sparse_attn.eval import data
-
-    if name.lower() == "minilm":
-        model, tokenizer = data.load_minilm()
-    elif name.lower() == "smollm2":
-        model, tokenizer = data.load_smollm2()
-    else:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-        except Exception as err:  # noqa: BLE001 - say what to do
-            raise SystemExit(f"cannot load a model config from {name!r}: {err}\nPass a local model directory, a hub id that is in "
-                             "the local cache, or one of: minilm, smollm2. Models with their own code need --trust-remote-code.")
-        architectures = " ".join(getattr(config, "architectures", None) or [])
-        auto = AutoModelForCausalLM if ("CausalLM" in architectures or "LMHead" in architectures) else AutoModel
-        model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
 
 
 def model_max_length(model, tokenizer) -> int:
@@ -192,7 +174,8 @@ def input_report(counts: dict, max_length: int) -> str:
 
 
 class ResumableRun:
-    """DIR/state/config.json + DIR/state/sequences.jsonl: one JSON line per finished sequence (flushed at once)."""
+    """DIR/state/config.json + DIR/state/sequences.jsonl: one JSON line per finished sequence (a crash-safe
+    :class:`hf_sparse_attn.eval.store.JsonlStore`)."""
 
     def __init__(self, out_dir: str, config: dict, restart: bool = False) -> None:
         self.state_dir = os.path.join(out_dir, "state")
@@ -213,24 +196,14 @@ class ResumableRun:
         else:
             with open(self.config_path, "w") as f:
                 json.dump(config, f, indent=1)
-        self.records: list[dict] = []
-        if os.path.exists(self.records_path):
-            with open(self.records_path) as f:
-                for line in f:
-                    if line.strip():
-                        try:
-                            self.records.append(json.loads(line))
-                        except json.JSONDecodeError:
-                            break  # a line cut by a crash: redo that sequence
+        self._store = JsonlStore(self.records_path)  # a line cut by a crash is cut off: that sequence is redone
+        self.records: list[dict] = self._store.read()
         self.done: set[int] = set()
         for r in self.records:
             self.done |= self._indices(r)
-        self._file = open(self.records_path, "a")
 
     def add(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._store.append(record)
         self.records.append(record)
         self.done |= self._indices(record)
 
@@ -241,7 +214,7 @@ class ResumableRun:
         return set(index) if isinstance(index, list) else {index}
 
     def close(self) -> None:
-        self._file.close()
+        self._store.close()
 
 
 def provenance() -> dict:
@@ -257,7 +230,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_corpus_arguments(parser)
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--min-prefix", type=int, default=50, help="smallest prefix length of experiment (i) (default 50, seed 003)")
+    parser.add_argument("--min-prefix", type=int, default=50, help="smallest prefix length of experiment (i) (default 50, Indyk et al.)")
     parser.add_argument("--prefix-step", type=int, default=1, help="evaluate every this many prefix lengths (default 1; "
                         "the scaling lengths and n are always evaluated; use 50 for 8k-token sequences)")
     parser.add_argument("--scaling-step", type=int, default=50, help="context lengths of the A.1.3 curve: min-prefix, +step, ... (default 50)")
@@ -341,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     corpus, texts, input_counts = read_corpus(args)  # bad input fails here, before the model loads
     os.makedirs(args.out, exist_ok=True)
     apply_threads(args)
-    model, tokenizer = load_model(args.model, args.trust_remote_code, args.device)
+    model, tokenizer = load_model(args.model, args.trust_remote_code, device=args.device, dtype=torch.float32)
     max_length = args.max_length or model_max_length(model, tokenizer)
     scaling = scaling_lengths(max_length, args.scaling_step, args.min_prefix)
     config = {"model": args.model, "corpus": corpus, "max_sequences": args.max_sequences, "seed": args.seed,
@@ -400,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"model": args.model, "corpus": corpus, **acc.result(), "config": config, **provenance(),
               "skipped_sequences": input_counts["skipped_min_tokens"], "input": input_counts,
               "statistic": ("causal part of K (lower triangle with diagonal): decoder" if causal else "full K: encoder"),
-              "definitions": "see hf_sparse_attn/eval/head_tail.py (seed 003 section 4, A.1)"}
+              "definitions": "see hf_sparse_attn/eval/head_tail.py (Indyk et al. section 4, A.1)"}
     with open(os.path.join(args.out, "head_tail.json"), "w") as f:
         json.dump(result, f, indent=1)
     write_plots(result, args.out, f"{args.model} / {os.path.basename(str(corpus))}")

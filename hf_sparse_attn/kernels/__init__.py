@@ -4,7 +4,7 @@ needed, torch otherwise.
 The Triton kernel writes its results into preallocated outputs outside autograd and has no backward, so a call
 whose inputs need a gradient (autograd recording and q, k, v or the bias requiring grad) always takes the torch
 path, whose backward is autograd's. Importing this package never imports Triton; the torch code in
-``hf_sparse_attn.methods.sorted_blocks`` is the reference and the CPU path. ``workspace`` holds the per-thread
+``hf_sparse_attn.kernels.sorted_blocks_torch`` is the reference and the CPU path. ``workspace`` holds the per-thread
 reused buffers of the torch path.
 """
 
@@ -46,7 +46,7 @@ def sorted_block_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: t
 
     q_flat [Rq, D], k_flat/v_flat [Rk, D] float32; q_index [nblk, bq] int64 (value Rq = padding slot),
     k_index [nblk, L] int64, bias [nblk, L] float32 or None; out_flat [Rq + 1, D], lse_flat [Rq + 1].
-    See ``hf_sparse_attn.methods.sorted_blocks.sorted_block_attention_torch`` for the full contract;
+    See ``hf_sparse_attn.kernels.sorted_blocks_torch.sorted_block_attention_torch`` for the full contract;
     ``may_have_empty_blocks`` False lets the torch path skip its check for blocks with no key (the Triton
     kernel handles them in its online softmax either way). Triton only when no gradient is needed (module docstring).
     """
@@ -54,7 +54,7 @@ def sorted_block_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: t
         from .triton_sorted_blocks import sorted_block_attention_triton
 
         return sorted_block_attention_triton(q_flat, k_flat, v_flat, q_index, k_index, bias, scale, out_flat, lse_flat)
-    from ..methods.sorted_blocks import sorted_block_attention_torch
+    from .sorted_blocks_torch import sorted_block_attention_torch
 
     return sorted_block_attention_torch(q_flat, k_flat, v_flat, q_index, k_index, bias, scale, out_flat, lse_flat,
                                         may_have_empty_blocks)

@@ -1,6 +1,6 @@
 """Triton kernel: sorted-block attention with log-sum-exp, gathering and scattering through index arrays.
 
-Same contract as ``hf_sparse_attn.methods.sorted_blocks.sorted_block_attention_torch`` (the reference):
+Same contract as ``hf_sparse_attn.kernels.sorted_blocks_torch.sorted_block_attention_torch`` (the reference):
 
     q_flat [Rq, D], k_flat/v_flat [Rk, D] float32 (rows of the flattened [B*H*N, D] tensors)
     q_index [nblk, bq] int64   query rows of each block (value Rq = padding slot, result dropped)

@@ -6,7 +6,7 @@ Importing this package registers every built-in method. A method never imports t
 from .registry import MethodSpec, Param, get_method, get_spec, list_methods, register_method
 from .merge import merge_attention
 from . import exact  # noqa: F401  (registers "exact")
-from . import kmv, poly, feature_sketch  # noqa: F401  (seed 003, 004, 000 methods)
+from . import kmv, poly, feature_sketch  # noqa: F401  (Indyk et al.; Alman & Song; Deng, Mahadevan & Song)
 from . import hyper, sparse_hyper  # noqa: F401  (register "hyper", "sparse_hyper")
 from . import local  # noqa: F401  (registers "local": attention sinks + local window)
 

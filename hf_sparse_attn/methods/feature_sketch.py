@@ -1,4 +1,4 @@
-"""Feature-dimension sparsification of attention (seed 000, Deng, Mahadevan & Song, "Randomized and
+"""Feature-dimension sparsification of attention (Deng, Mahadevan & Song, "Randomized and
 Deterministic Attention Sparsification Algorithms for Over-parameterized Feature Dimension"; summary in 001).
 
 Problem (Definition 1.2, symmetric case X = Q = K in R^{n x d}, d >> n, ||X X^T||_inf <= r < 0.1): find
@@ -46,7 +46,7 @@ of Z Z^T, and the same 2x2 argument on the off-diagonal block gives, for every q
 
     | scale <q'_i, k'_j> - scale <q_i, k_j> | <= eps * scale * ||q_i|| ||k_j||,
 
-so with rho = scale max ||q_i|| max ||k_j|| every logit moves by at most eps rho and (Lemmas 3.3-3.4 and seed 004
+so with rho = scale max ||q_i|| max ||k_j|| every logit moves by at most eps rho and (Lemmas 3.3-3.4 and Alman & Song
 Lemma 3.6) the attention output moves by at most 2 (e^{eps rho} - 1) ||V||_inf. m = O(eps^-2 2n log(2n/delta))
 (randomized) or O(2n / eps^2) (deterministic) columns: this pays only when d >> n.
 
@@ -277,6 +277,6 @@ register_method(
         "min_seq_len": Param(8, int, low=0, help="below this many keys: exact attention"),
     },
     check=feature_sketch_check,
-    source="seed 000 (Deng, Mahadevan, Song), Theorems 3.5/3.6, Algorithms 1-2, Lemma 5.2, Definition 5.3, Theorem 4.2",
+    source="Deng, Mahadevan & Song, Theorems 3.5/3.6, Algorithms 1-2, Lemma 5.2, Definition 5.3, Theorem 4.2",
     summary="sparsify the feature columns of [Q; K] (d >> n) by leverage scores or a deterministic spectral sparsifier",
 )

@@ -1,4 +1,4 @@
-"""Seed 003, Lemma 4.1: softmax attention as a Gaussian kernel matrix with row factors.
+"""Indyk et al., Lemma 4.1: softmax attention as a Gaussian kernel matrix with row factors.
 
 Derivation (the extracted seed text garbles the scaling, so it is written out here). Let s be the attention
 scale and M = max_j ||k_j||^2. Append one coordinate to every key and a zero to every query:
@@ -17,7 +17,7 @@ Gaussian kernel K_ij = exp(-||x_i - y_j||^2) and
 
 The row factor D_i cancels in softmax: softmax(s Q K^T) V = diag(K 1)^-1 K V. Rows of K are the rows of A
 divided by a per-row constant, so every per-row statistic (k-sparsity, ratios of entries within a row) is
-the same for K and A; statistics that mix rows (seed 003's head-to-tail ratio over a whole prefix matrix) are
+the same for K and A; statistics that mix rows (Indyk et al.'s head-to-tail ratio over a whole prefix matrix) are
 computed on K, as the paper does.
 """
 

@@ -64,7 +64,7 @@ CAUSAL_MIN_SEQ_LEN = 0
 # article, causal, min_seq_len=512): mean per-layer relative Frobenius error hyper 0.390 -> 0.123 / 0.122 / 0.120
 # with 4 / 16 / 64 sinks, sparse_hyper (theory) 0.494 -> 0.204 / 0.204 / 0.178 (lower in 30 of 30 layers with 64);
 # layers 12-29 put 29-64% of each row's mass on the first tokens. 64 was best for both; the cost is O(N * 64 * d),
-# a quarter of one 256-key block per query. Set 0 for the plain HyperAttention / seed 002 algorithms.
+# a quarter of one 256-key block per query. Set 0 for the plain HyperAttention / "Attention is Naturally Sparse" algorithms.
 NUM_SINK_TOKENS = 64
 # Causal algorithm: "recursive" = HyperAttention's recursive halving (above); "single_pass" = sinks + exact local
 # window + causal sorted-LSH block (+ sampled residual), sorted_blocks.single_pass_causal_attention.

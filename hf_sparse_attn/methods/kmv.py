@@ -1,4 +1,4 @@
-"""Kernel matrix-vector products under sparsity assumptions (seed 003, Indyk, Kapralov, Sheth & Wagner),
+"""Kernel matrix-vector products under sparsity assumptions (Indyk, Kapralov, Sheth & Wagner),
 Algorithms 1-3 (APPROXKMV = pre-processing + FINDHEAVY + APPROXLIGHT) and the Lemma 4.1 reduction.
 
 Problem. Gaussian kernel K_ij = exp(-||x_i - y_j||^2) (unit bandwidth: the points already carry the 1/(2 sigma^2)),
@@ -70,7 +70,7 @@ Deterministic given ``generator`` (else ``seed``): hashes, pools and KDE samples
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -523,6 +523,6 @@ register_method(
         "seed": Param(0, int, low=0, help="seed when no generator is given"),
         "min_seq_len": Param(4096, int, low=0, help="below this many keys: exact attention"),
     },
-    source="seed 003 (Indyk, Kapralov, Sheth, Wagner), Algorithms 1-3, Definition 3.1, Lemmas 3.2-3.5, 4.1, A.1.4",
+    source="Indyk, Kapralov, Sheth, Wagner, Algorithms 1-3, Definition 3.1, Lemmas 3.2-3.5, 4.1, A.1.4",
     summary="attention as Gaussian-kernel matrix-vector products: exact heavy values, LSH heavy keys, sampled light keys",
 )

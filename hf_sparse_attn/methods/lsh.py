@@ -1,6 +1,6 @@
 """Angular sortLSH shared by ``hyper`` and ``sparse_hyper``: one sort of the queries and one of the keys.
 
-HyperAttention (Han et al. 2023, §3) and seed 002 Definition 5.1 ("Hamming sorted LSH"): hash every vector
+HyperAttention (Han et al. 2023, §3) and "Attention is Naturally Sparse" Definition 5.1 ("Hamming sorted LSH"): hash every vector
 x in R^D with ``lsh_num_projs`` = P random hyperplanes (angular / SimHash LSH),
 
     bits(x)_p = [x . w_p > 0],  w_p ~ N(0, I_D),  p = 0 .. P-1,

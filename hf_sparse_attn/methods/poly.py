@@ -1,4 +1,4 @@
-"""Polynomial-method low-rank attention (seed 004, Alman & Song, "Fast Attention Requires Bounded Entries").
+"""Polynomial-method low-rank attention (Alman & Song, "Fast Attention Requires Bounded Entries").
 
 Algorithm 1 (POLYATTENTION) with Lemmas 3.2-3.6 and Corollary 2.2, written for the method contract.
 
@@ -224,7 +224,7 @@ def poly_attention(
     allow_out_of_regime: bool = False,
     min_seq_len: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed 004 Algorithm 1. q [B, H, Nq, D], k/v [B, H, Nk, D(v)], key_padding_mask [B, Nk] -> (out, lse).
+    """Alman & Song Algorithm 1. q [B, H, Nq, D], k/v [B, H, Nk, D(v)], key_padding_mask [B, Nk] -> (out, lse).
 
     eps: target relative error of P on the measured score range (degree 0 = smallest degree reaching it).
     degree: a fixed degree instead (refused with ValueError if C(D+degree, degree) > max_features).
@@ -350,6 +350,6 @@ register_method(
         "min_seq_len": Param(2048, int, low=0, help="below this many keys: exact attention"),
     },
     check=poly_check,
-    source="seed 004 (Alman & Song), Algorithm 1, Lemmas 3.2-3.6, Corollary 2.2",
+    source="Alman & Song, Algorithm 1, Lemmas 3.2-3.6, Corollary 2.2",
     summary="low-rank attention from a degree-g polynomial of exp with explicit symmetric-tensor features",
 )

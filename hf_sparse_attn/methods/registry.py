@@ -1,6 +1,6 @@
 """The method registry: every attention method is a function of one contract, registered by name.
 
-The contract (see ``shared/DESIGN.md``)::
+The contract (docs/architecture.md)::
 
     method(q, k, v, *, causal: bool, scale: float, key_padding_mask=None, generator=None, **params)
         -> (out, lse)
@@ -92,7 +92,7 @@ class MethodSpec:
     fn: MethodFn
     params: dict[str, Param]
     check: Optional[CheckFn] = None
-    source: str = ""  # seed and algorithm, e.g. "seed 002, Algorithm 1"
+    source: str = ""  # paper and algorithm, e.g. 'Attention is Naturally Sparse, Algorithm 1'
     summary: str = ""
     # Whether autograd through ``fn`` gives the gradient of its output (a tested backward). False: when gradients
     # are needed the adapter runs exact attention instead and the plan counts NO_GRADIENT_REASON.

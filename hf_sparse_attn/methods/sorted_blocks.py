@@ -14,7 +14,7 @@ Notation (tensors float32 unless said otherwise):
                                                 0 = key attended, -inf = padded/masked key,
                                                 log(n / s) = sampled key (HyperAttention's weight n/s)
 
-Non-causal attention of a group (HyperAttention Algorithm 3 without the causal part; seed 002 Algorithm 1):
+Non-causal attention of a group (HyperAttention Algorithm 3 without the causal part; "Attention is Naturally Sparse", Algorithm 1):
 query block b of the sorted order attends key block b exactly; with ``sample_size`` = s > 0 it also attends
 s keys drawn uniformly (with replacement) from the group's n valid keys, each with weight n/s, except the
 samples that fall inside key block b (they are already counted exactly: masking them out makes the estimate
@@ -32,7 +32,7 @@ recursion "diagonal halves causal (recursively), off-diagonal quadrant non-causa
 with all quadrants of one level computed in a single batched call. Positions of the padding sit after every
 real query, so causality keeps them out; they are also masked as invalid keys.
 
-``sparse_hyper`` uses the same recursion with sample_size 0; its theory scale (seed 002 Definition 5.3) is
+``sparse_hyper`` uses the same recursion with sample_size 0; its theory scale ("Attention is Naturally Sparse", Definition 5.3) is
 applied once on the merged result, with k_i = number of keys query i retained over all parts and n_i = number
 of keys it may attend (see sparse_hyper.py and docs/methods/hyper.md).
 """
@@ -54,110 +54,13 @@ CAUSAL_QUERY_CHUNK_DIVISOR = 2
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The block kernel (torch path). kernels.sorted_block_attention dispatches here or to the Triton kernel.
-# --------------------------------------------------------------------------------------------------------------
-
-def _flash_cpu_op():
-    """torch's fused CPU attention that also returns the log-sum-exp (a private aten op; None if absent)."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def dense_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                             bias: Optional[torch.Tensor] = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of small dense groups: q [G, M, D], k/v [G, L, D] float32, bias [G, L] (shared by the
-    group's queries) or None; causal aligns query m with key m (M == L).
-
-    Returns out [G, M, D] and lse [G, M]. Rows with no attendable key are *not* fixed here (callers know them).
-    Uses torch's fused flash kernel on CPU (no [M, L] matrix), batched matmuls with an in-place softmax otherwise.
-    When autograd needs the inputs: batched matmuls without in-place steps (the fused op gives no gradient through
-    its lse, which the lse merges of the causal recursion and of the sinks need).
-    """
-    op = _flash_cpu_op()
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [G, M, L]
-        if bias is not None:
-            scores = scores + bias[:, None, :]
-        if causal:
-            M, L = scores.shape[-2:]
-            scores = scores.masked_fill(torch.ones(M, L, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
-        # lse = log sum_j e^{s_j - m} + m for any constant m (the row max, detached); a row with no key keeps
-        # out 0, lse -inf and a zero (never NaN) gradient
-        row_max = scores.detach().amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        weights = torch.exp(scores - row_max)
-        denom = weights.sum(dim=-1)
-        nonempty = denom > 0
-        denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
-        lse = torch.where(nonempty, torch.log(denom_safe) + row_max.squeeze(-1), torch.full_like(denom, NEG_INF))
-        return torch.matmul(weights, v) / denom_safe.unsqueeze(-1), lse
-    if op is not None and q.device.type == "cpu" and q.dtype == torch.float32:
-        mask = None if bias is None else bias[:, None, None, :]
-        out, lse = op(q[:, None], k[:, None], v[:, None], 0.0, causal, attn_mask=mask, scale=scale)
-        return out[:, 0], lse[:, 0]
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [G, M, L]
-    if bias is not None:
-        scores.add_(bias[:, None, :])
-    if causal:
-        M, L = scores.shape[-2:]
-        scores.masked_fill_(torch.ones(M, L, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
-    lse = torch.logsumexp(scores, dim=-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    scores.sub_(safe.unsqueeze(-1)).exp_()
-    return torch.matmul(scores, v), lse
-
-
-def sorted_block_attention_torch(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
-                                 q_index: torch.Tensor, k_index: torch.Tensor, bias: Optional[torch.Tensor],
-                                 scale: float, out_flat: torch.Tensor, lse_flat: torch.Tensor,
-                                 may_have_empty_blocks: bool = True) -> None:
-    """Attention of each block of gathered queries over its gathered keys, scattered back in place.
-
-    q_flat [Rq, D], k_flat/v_flat [Rk, D] float32; q_index [nblk, bq] int64 rows of q_flat (Rq = a padding
-    query whose result is dropped); k_index [nblk, L] int64 rows of k_flat (any valid row for padding, masked by
-    bias); bias [nblk, L] float32 or None. Writes out_flat [Rq + 1, D] and lse_flat [Rq + 1] at q_index rows
-    (row Rq is the dump of padded queries). A block whose bias is -inf everywhere gives 0 and lse -inf
-    (checked only when ``may_have_empty_blocks``; callers that know no block is empty skip the check).
-
-    The gathered blocks go to reused workspace buffers (see :func:`workspace`) when no gradient is needed:
-    a fresh allocation of that size costs more than the gather itself on the 2-core VMs (page faults).
-    """
-    nblk, bq = q_index.shape
-    L = k_index.shape[1]
-    D = q_flat.shape[1]
-    Dv = v_flat.shape[1]
-    Rq = q_flat.shape[0]
-    reuse = not (torch.is_grad_enabled() and (q_flat.requires_grad or k_flat.requires_grad or v_flat.requires_grad))
-    q_rows = q_index.reshape(-1)
-    if bool((q_rows >= Rq).any()):
-        q_rows = q_rows.clamp(max=Rq - 1)
-    k_rows = k_index.reshape(-1)
-    if reuse:
-        qs = torch.index_select(q_flat, 0, q_rows, out=workspace("block_q", (nblk * bq, D), q_flat))
-        ks = torch.index_select(k_flat, 0, k_rows, out=workspace("block_k", (nblk * L, D), k_flat))
-        vs = torch.index_select(v_flat, 0, k_rows, out=workspace("block_v", (nblk * L, Dv), v_flat))
-    else:
-        qs, ks, vs = q_flat.index_select(0, q_rows), k_flat.index_select(0, k_rows), v_flat.index_select(0, k_rows)
-    out, lse = dense_attention_with_lse(qs.view(nblk, bq, D), ks.view(nblk, L, D), vs.view(nblk, L, Dv), scale, bias)
-    if bias is not None and may_have_empty_blocks:
-        empty = bias.amax(dim=1) == NEG_INF  # [nblk]
-        if bool(empty.any()):
-            if reuse:
-                out[empty] = 0.0
-                lse[empty] = NEG_INF
-            else:  # autograd: no in-place write into tensors saved for backward
-                out = out.masked_fill(empty[:, None, None], 0.0)
-                lse = lse.masked_fill(empty[:, None], NEG_INF)
-    flat_index = q_index.reshape(-1)
-    out_flat.index_copy_(0, flat_index, out.reshape(nblk * bq, -1))
-    lse_flat.index_copy_(0, flat_index, lse.reshape(-1))
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Reused buffers
 # --------------------------------------------------------------------------------------------------------------
 
-# Per-thread buffers, bounded and released on unpatch: see hf_sparse_attn/kernels/workspace.py.
+# Per-thread buffers, bounded and released on unpatch: see hf_sparse_attn/kernels/workspace.py. The block kernel's
+# torch path (the reference of the Triton kernel) lives in hf_sparse_attn/kernels/sorted_blocks_torch.py.
+from ..kernels.sorted_blocks_torch import (dense_attention_with_lse, sorted_block_attention_torch,  # noqa: E402,F401
+                                           flash_cpu_op)
 from ..kernels.workspace import clear_workspace, workspace, workspace_bytes  # noqa: E402,F401
 
 
@@ -602,7 +505,7 @@ def masked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
         lse = torch.where(nonempty, torch.log(denom_safe) + row_max.squeeze(-1), torch.full_like(denom, NEG_INF))
         return torch.matmul(weights, v) / denom_safe.unsqueeze(-1), lse
-    op = _flash_cpu_op()
+    op = flash_cpu_op()
     if op is not None and q.device.type == "cpu" and q.dtype == torch.float32:
         return op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)

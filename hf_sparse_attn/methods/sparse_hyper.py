@@ -1,7 +1,7 @@
-"""``sparse_hyper``: Sparse HyperAttention (seed 002, Algorithm 1 and §5.1), written from the paper.
+"""``sparse_hyper``: Sparse HyperAttention ("Attention is Naturally Sparse with Gaussian Distributed Input", Algorithm 1 and §5.1), written from the paper.
 
 The algorithm keeps HyperAttention's sortLSH and its block diagonal (sorted_blocks.py) and drops the sampled
-residual / sketch: seed 002 proves that attention rows are (eps, k)-sparse with high probability (Theorem 4.7
+residual / sketch: the "Attention is Naturally Sparse" paper proves that attention rows are (eps, k)-sparse with high probability (Theorem 4.7
 / D.1), so the output of query i is taken from its sorted block alone,
 
     y~_i = sum_{j in S_i} e^{s_ij} v_j / D~_i,    D~_i = sum_{j in S_i} e^{s_ij},   s_ij = scale * q_i . k_j,
@@ -29,7 +29,7 @@ reconstructed, full derivation in docs/methods/hyper.md):
 Causal: the HyperAttention recursion (diagonal halves causal, off-diagonal quadrant non-causal, exact leaves of
 <= min_seq_len) with sample_size 0; k_i is the number of keys query i kept over its leaf and its quadrant
 blocks, n_i the number of keys j <= i it may attend; the scale is applied once to the merged result.
-Seed 002's Algorithm 1 is stated non-causal; this is our extension. For causal rows sigma_i comes from the
+The "Attention is Naturally Sparse" paper's Algorithm 1 is stated non-causal; this is our extension. For causal rows sigma_i comes from the
 covariance of the keys in the 256-position chunks before query i's chunk (score_std_causal), so no future key
 influences a past row.
 
@@ -208,7 +208,7 @@ def sparse_hyper_attention(
 
 _PARAMS = {name: p for name, p in HYPER_PARAMS.items() if name != "sample_size"}
 _PARAMS["scale_mode"] = Param("theory", str, choices=("theory", "none"),
-                              help="'theory': multiply by seed 002's scale coefficient alpha = 1 - eps (Def. 5.2-5.3); 'none': plain block softmax")
+                              help="'theory': multiply by the Attention is Naturally Sparse paper's scale coefficient alpha = 1 - eps (Def. 5.2-5.3); 'none': plain block softmax")
 _PARAMS["min_seq_len"] = Param(MIN_SEQ_LEN, int, low=1, help="exact attention below this length; leaf size of the causal recursion")
 
 register_method(
@@ -216,6 +216,6 @@ register_method(
     sparse_hyper_attention,
     params=_PARAMS,
     check=check_sorted_lsh,
-    source="seed 002 (Attention is Naturally Sparse with Gaussian Distributed Input), Algorithm 1, Definitions 5.2-5.3",
+    source="Attention is Naturally Sparse with Gaussian Distributed Input, Algorithm 1, Definitions 5.2-5.3",
     summary="sortLSH block diagonal only, scaled by the estimated k-sparsity error",
 )

@@ -9,8 +9,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .attention_interface import AttentionInterfaceAdapter
-from .base import Adapter, CapturedAttention, LayerRuntime, QKWeights, split_attend_mask
+from .base import Adapter, CapturedAttention, LayerRuntime, QKWeights
 from .chatglm import ChatGLMAdapter
+from .masks import split_attend_mask
+from .runtime import install_runtimes, state_of, uninstall_runtimes
 
 # Tried in order; ChatGLM first, since its remote code does not use the attention interface.
 ADAPTER_CLASSES: list[type] = [ChatGLMAdapter, AttentionInterfaceAdapter]
@@ -56,14 +58,12 @@ def capture_attention(model: torch.nn.Module, layers: Optional[Sequence[int]] = 
     attends). Works on a patched model (capturing what the patched layers receive) and on an unpatched one (it is
     routed through the exact, unchanged path for the duration of the block).
     """
-    from ..patching import _state_of, _install_runtimes, _uninstall_runtimes
-
-    state = _state_of(model)
+    state = state_of(model)
     temporary = None
     if state is None:
         adapter = find_adapter(model)
         runtimes = [LayerRuntime(i, None, {}, 0) for i in range(len(adapter.attention_layers(model)))]
-        temporary = _install_runtimes(model, adapter, runtimes)
+        temporary = install_runtimes(model, adapter, runtimes)
     else:
         runtimes = state.runtimes
     chosen = range(len(runtimes)) if layers is None else list(layers)
@@ -76,7 +76,7 @@ def capture_attention(model: torch.nn.Module, layers: Optional[Sequence[int]] = 
         for runtime in runtimes:
             runtime.capture = None
         if temporary is not None:
-            _uninstall_runtimes(model, temporary)
+            uninstall_runtimes(model, temporary)
 
 
 __all__ = [

@@ -2,13 +2,15 @@
 (BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2, GLM, GLM-4 and the others built the same way).
 
 One attention function, ``hf_sparse_attn``, is registered with ``AttentionInterface`` and a mask function with
-``AttentionMaskInterface`` (transformers' ``sdpa_mask``: boolean, True = attend — without it every mask arrives
-as None and padding silently disappears) when the package is imported, so ``from_pretrained(...,
+``AttentionMaskInterface`` (:func:`~hf_sparse_attn.patches.masks.compact_mask`: the [B, N] key padding mask for
+plain causal or bidirectional attention, the dense mask otherwise — without a mask function every mask arrives as
+None and padding silently disappears) when the package is imported, so ``from_pretrained(...,
 attn_implementation="hf_sparse_attn")`` loads. ``model.set_attn_implementation("hf_sparse_attn")`` routes every
 layer through it; the function looks up the layer's :class:`LayerRuntime` on the module and either runs the method
 or calls the implementation the model used before (``sdpa`` or ``eager``), with the same arguments — so layers not
 chosen compute exactly what they computed before. A module with no runtime (a model loaded with
-``attn_implementation="hf_sparse_attn"`` and never patched) runs ``sdpa`` with the same arguments and the same mask.
+``attn_implementation="hf_sparse_attn"`` and never patched) runs ``sdpa`` with the same arguments and the dense
+mask ``sdpa_mask`` would have built.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import DECODE_REASON, LayerRuntime, QKWeights, split_attend_mask
-from .compiled import attend_masked_op, register_runtime
+from .base import DECODE_REASON, LayerRuntime, QKWeights
+from .masks import FULL_MASK_REASON, compact_mask, dense_mask
 
 ATTENTION_NAME = "hf_sparse_attn"
 RUNTIME_ATTR = "_hf_sparse_attn_runtime"
-RUNTIME_KEY_ATTR = "_hf_sparse_attn_runtime_key"  # an int the compiled path finds the runtime by (compiled.py)
 SUPPORTED_PREVIOUS = ("sdpa", "eager")
-UNPATCHED_IMPLEMENTATION = "sdpa"  # what a module with no runtime runs (the mask function registered is sdpa's)
+UNPATCHED_IMPLEMENTATION = "sdpa"  # what a module with no runtime runs
 
 _registered = False
 
@@ -40,10 +41,10 @@ def _register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, compact_mask)
     _registered = True
 
 
@@ -84,33 +85,28 @@ def _previous_forward(module: torch.nn.Module, previous: str, output_attentions:
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The registered attention function. query [B, H, Nq, D], key/value [B, Hkv, Nk, D], attention_mask a
-    boolean [B, 1, Nq, Nk] (True = attend) or None. Returns (out [B, Nq, H, D], weights or None)."""
+    """The registered attention function. query [B, H, Nq, D], key/value [B, Hkv, Nk, D]; attention_mask as
+    :func:`~hf_sparse_attn.patches.masks.compact_mask` hands it over: None, the key padding mask [B, Nk] bool (plain
+    causal or bidirectional attention), or a dense [B, 1, Nq, Nk] mask (any other form: exact attention).
+    Returns (out [B, Nq, H, D], weights or None)."""
     runtime: Optional[LayerRuntime] = getattr(module, RUNTIME_ATTR, None)
-    if runtime is None:  # not patched: exactly what sdpa runs, with the same (sdpa_mask) mask
+    is_causal = kwargs.get("is_causal")  # the rule of transformers' sdpa_attention_forward, its default included
+    is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    n_query, n_key = query.shape[2], key.shape[2]
+    causal = is_causal and n_query > 1
+    compact = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+    if runtime is None:  # not patched: exactly what sdpa runs, with the mask sdpa_mask would have built
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        mask = dense_mask(attention_mask, causal) if compact else attention_mask
         return ALL_ATTENTION_FUNCTIONS[UNPATCHED_IMPLEMENTATION](
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    previous = runtime.previous_implementation
+            module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     output_attentions = bool(kwargs.get("output_attentions", False))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    is_causal = kwargs.get("is_causal")
-    is_causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
-    n_query, n_key = query.shape[2], key.shape[2]
-
-    if (torch.compiler.is_compiling() and runtime.method is not None and runtime.capture is None
-            and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
-            and attention_mask.dim() == 4 and n_query == n_key and not output_attentions
-            and not (module.training and dropout and dropout > 0)
-            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("sliding_window")):
-        # reading the mask's values cannot be traced: analysis, method or exact, and counting in one operator
-        out = attend_masked_op(query, key, value, attention_mask, is_causal and n_query > 1, float(scale),
-                               getattr(module, RUNTIME_KEY_ATTR))
-        return out.transpose(1, 2).contiguous(), None
 
     if runtime.method is not None or runtime.capture is not None:
-        causal, key_padding_mask, recognized = split_attend_mask(attention_mask, is_causal and n_query > 1, n_query)
+        recognized = attention_mask is None or compact
+        key_padding_mask = attention_mask if compact else None
         if recognized and n_query == n_key:
             runtime.record(query, key, value, scale, causal, key_padding_mask)
         elif runtime.capture is not None:
@@ -123,7 +119,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         elif n_query != n_key:
             unsupported = DECODE_REASON
         elif not recognized:
-            unsupported = "mask is not causal + key padding"
+            unsupported = FULL_MASK_REASON
         elif kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or kwargs.get("sliding_window"):
             unsupported = "position bias / softcap / sliding window"
         if runtime.method is not None:
@@ -132,8 +128,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None
 
-    fn, additive = _previous_forward(module, previous, output_attentions)
-    mask = _to_additive(attention_mask, query.dtype) if additive else attention_mask
+    fn, additive = _previous_forward(module, runtime.previous_implementation, output_attentions)
+    mask = dense_mask(attention_mask, causal) if compact else attention_mask
+    mask = _to_additive(mask, query.dtype) if additive else mask
     return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
@@ -214,7 +211,7 @@ class AttentionInterfaceAdapter:
 
     @staticmethod
     def _norm_gain(model, module, layer_idx, modules) -> tuple[Optional[torch.Tensor], str]:
-        """The gain of the normalization whose output is this attention's input (seed 002, Definitions 3.1-3.2).
+        """The gain of the normalization whose output is this attention's input ("Attention is Naturally Sparse", Definitions 3.1-3.2).
 
         Pre-norm decoders: the block's ``input_layernorm`` (Llama, Mistral, Qwen2, GLM, GLM-4) or ``ln_1`` (GPT-2).
         Post-norm BERT/RoBERTa: the previous block's output LayerNorm, or the embeddings' LayerNorm for layer 0.
@@ -248,13 +245,11 @@ class AttentionInterfaceAdapter:
     @staticmethod
     def _attach(module: torch.nn.Module, runtime: LayerRuntime) -> None:
         setattr(module, RUNTIME_ATTR, runtime)
-        setattr(module, RUNTIME_KEY_ATTR, register_runtime(runtime))
 
     @staticmethod
     def _detach(module: torch.nn.Module) -> None:
-        for attr in (RUNTIME_ATTR, RUNTIME_KEY_ATTR):
-            if hasattr(module, attr):
-                delattr(module, attr)
+        if hasattr(module, RUNTIME_ATTR):
+            delattr(module, RUNTIME_ATTR)
 
     def install(self, model: torch.nn.Module, runtimes: list[LayerRuntime]) -> Any:
         previous = model.config._attn_implementation

@@ -1,5 +1,5 @@
 """What every adapter shares: the per-layer runtime that decides between the method and exact attention,
-mask analysis, capture of attention inputs, and the adapter protocol.
+capture of attention inputs, and the adapter protocol (masks: :mod:`hf_sparse_attn.patches.masks`).
 
 An adapter (one per architecture family) knows where a model's attention layers are, how to read their Q/K
 weights for the ranking, and how to route a layer's attention call through :class:`LayerRuntime`. It never does
@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import threading
 import json
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -177,38 +177,3 @@ class LayerRuntime:
             )
         self._count_served()
         return out
-
-
-def split_attend_mask(attend_mask: Optional[torch.Tensor], causal: bool, n_query: int) -> tuple[bool, Optional[torch.Tensor], bool]:
-    """Recognize a 4-D boolean mask [B, 1|H, Nq, Nk] (True = attend) as causal and/or key padding.
-
-    Returns (causal, key_padding_mask [B, Nk] or None, recognized). ``recognized`` is False when the mask has
-    any other form (sliding window, packed sequences, a custom mask): the caller must then run exact attention
-    with the mask itself, never drop it.
-    """
-    if attend_mask is None:
-        return causal, None, True
-    if attend_mask.dtype != torch.bool or attend_mask.dim() != 4 or attend_mask.shape[2] != n_query:
-        return causal, None, False
-    n_key = attend_mask.shape[-1]
-    if n_query != n_key:
-        return causal, None, False
-    first = attend_mask[:, :1]
-    if attend_mask.shape[1] > 1 and not torch.equal(attend_mask, first.expand_as(attend_mask)):
-        return causal, None, False
-    first = first[:, 0]  # [B, Nq, Nk]
-    if causal:
-        key_padding_mask = first[:, -1, :]  # the last query sees every valid key
-        lower = torch.ones(n_query, n_key, dtype=torch.bool, device=first.device).tril_()
-        expected = lower[None] & key_padding_mask[:, None, :]
-    else:
-        key_padding_mask = first.diagonal(dim1=1, dim2=2)  # a real token attends itself
-        expected = key_padding_mask[:, None, :].expand_as(first)
-    # Rows of padding queries are compared too loosely on purpose: models fill them differently (ChatGLM lets them
-    # attend everything, sdpa_mask masks them), and their outputs never reach a real token.
-    mismatch = (first ^ expected) & key_padding_mask[:, :, None]
-    if bool(mismatch.any()):
-        return causal, None, False
-    if bool(key_padding_mask.all()):
-        key_padding_mask = None
-    return causal, key_padding_mask, True

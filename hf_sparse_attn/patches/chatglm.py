@@ -28,11 +28,12 @@ and put back by ``uninstall``; no module, parameter or state-dict key changes.
 from __future__ import annotations
 
 import types
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from .base import DECODE_REASON, LayerRuntime, QKWeights, split_attend_mask
+from .base import DECODE_REASON, LayerRuntime, QKWeights
+from .masks import split_attend_mask
 
 LAYOUTS = ("auto", "seq_first", "batch_first")
 

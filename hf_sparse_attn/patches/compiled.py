@@ -12,16 +12,13 @@ differentiates that: a method with a backward in eager mode has the same one com
 an operator too (autograd's dispatch keys are switched back on for it with torch's private dispatch-key guard, tested
 with torch 2.13), since the method's data-dependent steps cannot be traced.
 
-A call that arrives with a 4-D mask while compiling (transformers 5.0 materializes the causal mask under Dynamo)
-goes through ``hf_sparse_attn::attend_masked``: the mask analysis, the choice between the method and exact
-attention, and the layer's counters all run inside it.
+Masks need no operator of their own: the registered mask function hands over the [B, N] key padding mask for plain
+causal or bidirectional attention (under compile too), and a dense mask only where the layer runs exact attention.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import weakref
 from typing import Optional
 
 import torch
@@ -107,82 +104,3 @@ def attend_compiled(method: str, params_json: str, seed: int, query, key, value,
     """The method's output [B, H, Nq, D] through the custom operator (used while ``torch.compile`` traces)."""
     out, _lse = attend_op(query, key, value, key_padding_mask, bool(causal), float(scale), method, params_json, int(seed))
     return out
-
-
-# ---- a call with a 4-D mask while compiling -----------------------------------------------------------------------
-# Some transformers versions (5.0) hand every call a materialized causal mask while Dynamo traces. Telling causal +
-# key padding apart from other masks reads the mask's values, which Dynamo cannot trace; the whole decision (mask
-# analysis, method or exact attention, the layer's counters) therefore runs inside one opaque operator.
-
-_RUNTIMES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
-
-
-def register_runtime(runtime) -> int:
-    """A key under which the operator finds the layer's runtime (its method, parameters, seed and counters)."""
-    _RUNTIMES[id(runtime)] = runtime
-    return id(runtime)
-
-
-def _masked_forward(runtime, query, key, value, attend_mask, causal, scale, count: bool = True):
-    from .base import split_attend_mask
-
-    if not count:  # the backward's recompute: the same computation, not counted again
-        runtime = copy.copy(runtime)
-        runtime.layer_plan = None
-    is_causal, key_padding_mask, recognized = split_attend_mask(attend_mask, causal, query.shape[2])
-    out = None
-    if recognized:
-        out = runtime.attend(query, key, value, scale=scale, causal=is_causal, key_padding_mask=key_padding_mask)
-    else:
-        runtime._count_fallback("mask is not causal + key padding")
-    if out is None:
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attend_mask, scale=scale)
-    return out
-
-
-@torch.library.custom_op("hf_sparse_attn::attend_masked", mutates_args=())
-def attend_masked_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend_mask: torch.Tensor,
-                     causal: bool, scale: float, runtime_key: int) -> torch.Tensor:
-    """query [B, H, Nq, D], key/value [B, Hkv, Nk, D], attend_mask [B, 1|H, Nq, Nk] bool (True = attend) ->
-    out [B, H, Nq, Dv]: the layer's method where the mask is causal + key padding (counted as served, or as the
-    method's fallback), else exact attention with the mask itself (counted as a fallback)."""
-    return _masked_forward(_RUNTIMES[runtime_key], query, key, value, attend_mask, causal, scale).contiguous().clone()
-
-
-@attend_masked_op.register_fake
-def _(query, key, value, attend_mask, causal, scale, runtime_key):
-    return query.new_empty((*query.shape[:-1], value.shape[-1]))
-
-
-@torch.library.custom_op("hf_sparse_attn::attend_masked_backward", mutates_args=())
-def attend_masked_backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend_mask: torch.Tensor,
-                              grad_out: torch.Tensor, causal: bool, scale: float, runtime_key: int
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d query, d key, d value) of ``attend_masked_op``: recomputed from the same seed under autograd."""
-    inputs = [t.detach().requires_grad_(True) for t in (query, key, value)]
-    with torch.enable_grad(), _autograd_recording():
-        out = _masked_forward(_RUNTIMES[runtime_key], *inputs, attend_mask, causal, scale, count=False)
-        grads = torch.autograd.grad([out], inputs, [grad_out], allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g.contiguous() for g, x in zip(grads, inputs))
-
-
-@attend_masked_backward_op.register_fake
-def _(query, key, value, attend_mask, grad_out, causal, scale, runtime_key):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-
-
-def _masked_setup_context(ctx, inputs, output):
-    query, key, value, attend_mask, causal, scale, runtime_key = inputs
-    ctx.save_for_backward(query, key, value, attend_mask)
-    ctx.call = (causal, scale, runtime_key)
-
-
-def _masked_backward(ctx, grad_out):
-    query, key, value, attend_mask = ctx.saved_tensors
-    dq, dk, dv = attend_masked_backward_op(query, key, value, attend_mask, grad_out, *ctx.call)
-    return dq, dk, dv, None, None, None, None
-
-
-attend_masked_op.register_autograd(_masked_backward, setup_context=_masked_setup_context)

@@ -26,19 +26,11 @@ import os
 import time
 from typing import Any
 
+from ...commands.arguments import parse_params as _parse_params
+from ...commands.arguments import parse_value
 from .tasks import LONGBENCH_E_TASKS, LONGBENCH_TASKS, OFFLINE_KINDS, get_task
 
-
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+_parse_value = parse_value  # the older private name
 
 
 def parse_layers(text: str) -> Any:
@@ -54,13 +46,8 @@ def parse_layers(text: str) -> Any:
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
-    params = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--param expects NAME=VALUE (e.g. --param block_size=256), got {item!r}")
-        key, value = item.split("=", 1)
-        params[key.strip()] = _parse_value(value.strip())
-    return params
+    """--param NAME=VALUE items -> {name: value} (:func:`hf_sparse_attn.commands.arguments.parse_params`)."""
+    return _parse_params(items, option="--param")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -100,24 +87,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(name: str, dtype: str = "auto", device_map: Any = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer, model_name). 'smollm2' is the offline real model; anything else goes through
-    from_pretrained with ``device_map`` ("auto": accelerate spreads it over the visible devices; a sharded run
-    passes ``{"": device}``, one model copy per process on its own device)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer, model_name) through the command line's one loader (:mod:`hf_sparse_attn.commands.loading`;
+    generation needs a causal LM). 'smollm2' is the offline real model; anything else goes through from_pretrained
+    with ``device_map`` ("auto": accelerate spreads it over the visible devices; a sharded run passes
+    ``{"": device}``, one model copy per process on its own device)."""
+    from ...commands.loading import SMOLLM2_NAMES
+    from ...commands.loading import load_model as load_named_model
 
-    if name.lower() in ("smollm2", "smollm2-135m"):
-        from hf_sparse_attn.eval.data import load_smollm2
-
-        model, tokenizer = load_smollm2()
-        if isinstance(device_map, dict) and "" in device_map:
-            model = model.to(device_map[""])
-        return model.eval(), tokenizer, "SmolLM2-135M-Instruct"
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, device_map=device_map,
-                                                 trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer, name
+    if name.lower() in SMOLLM2_NAMES:
+        device = device_map[""] if isinstance(device_map, dict) and "" in device_map else None
+        model, tokenizer = load_named_model(name, device=device, causal_lm=True)
+        return model, tokenizer, "SmolLM2-135M-Instruct"
+    model, tokenizer = load_named_model(name, trust_remote_code, dtype=dtype, device_map=device_map, causal_lm=True)
+    return model, tokenizer, name
 
 
 def _task_list(args) -> list[str]:

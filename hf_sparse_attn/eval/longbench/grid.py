@@ -34,8 +34,11 @@ import copy
 import json
 import os
 import time
-import tomllib
 from typing import Any, Optional
+
+import tomllib
+
+from ...commands.arguments import parse_method_params, parse_value
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "experiment": {"name": "", "description": ""},
@@ -45,13 +48,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "grid": {"methods": [], "layers": [], "selections": ["weight_norm"]},
 }
 OPEN_SECTIONS = ("params", "paper")  # keys are method names
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> dict:
@@ -76,11 +72,11 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> dict:
         section, dot, key = name.strip().partition(".")
         if not sep or not dot or section not in config:
             raise ValueError(f"--set expects SECTION.KEY=VALUE with SECTION in {list(config)}, got {item!r}")
-        value = _parse_value(text.strip())
         if section in OPEN_SECTIONS and "." in key:  # params.hyper.block_size=64
-            method, _, param = key.partition(".")
-            config[section].setdefault(method, {})[param] = value
+            for method, params in parse_method_params([f"{key}={text}"], option=f"--set {section}.").items():
+                config[section].setdefault(method, {}).update(params)
             continue
+        value = parse_value(text)
         if section not in OPEN_SECTIONS and key not in SCHEMA[section]:
             raise ValueError(f"--set {item!r}: [{section}] takes {', '.join(SCHEMA[section])}")
         config[section][key] = value

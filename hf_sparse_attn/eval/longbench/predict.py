@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from ..store import JsonlStore, read_records, repair_tail
 from .tasks import TaskSpec, build_prompt
 
 __all__ = [
@@ -115,68 +116,24 @@ def generate_one(model, tokenizer, spec: TaskSpec, inputs: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ crash-safe files
-def _repair_tail(path: str) -> None:
-    """Cut a trailing partial line (a write interrupted by a kill) so appending starts on a line boundary."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        keep = len(data)
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-        # also drop a complete but undecodable last line (cannot happen with one write per line, but be safe)
-        while keep > 0:
-            start = data.rfind(b"\n", 0, keep - 1) + 1
-            try:
-                json.loads(data[start:keep])
-                break
-            except ValueError:
-                keep = start
-        if keep != len(data):
-            f.truncate(keep)
+_repair_tail = repair_tail  # the older private name
 
 
-class PredictionWriter:
-    """Appends one JSON line per sample, flushed and fsync'ed, to a file repaired on open."""
+class PredictionWriter(JsonlStore):
+    """Appends one JSON line per sample (one ``O_APPEND`` write, fsync'ed) to a file whose torn last line is cut
+    on open: :class:`hf_sparse_attn.eval.store.JsonlStore`, non-ASCII text kept as is."""
 
     def __init__(self, path: str):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _repair_tail(path)
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        super().__init__(path, ensure_ascii=False)
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> "PredictionWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.append(record)
 
 
 def read_predictions(path: str) -> list[dict]:
     """Records of one prediction file; a trailing partial line (cut by a kill) is ignored, any other bad line
     raises."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # last line without newline: the sample in flight when killed
-                break
-            raise ValueError(f"{path}: line {number} is corrupt ({err}); delete it and rerun to redo that sample")
-    return records
+    return read_records(path, strict=True)
 
 
 def task_prediction_files(out_dir: str) -> dict[str, list[str]]:

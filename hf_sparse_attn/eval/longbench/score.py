@@ -10,7 +10,7 @@ Averages (``summarize``): a category score is the mean of its tasks; the LongBen
 of its category scores (this reproduces the published numbers, e.g. chatglm2-6b-32k English 40.9 = mean of
 32.9, 33.7, 27.6, 59.1, 52.7, 39.2). Code tasks count with English, as LongBench does.
 
-Seed 002's Table 1 (``comparison_table``) uses another convention, reconstructed from its numbers: each category
+The "Attention is Naturally Sparse" paper's Table 1 (``comparison_table``) uses another convention, reconstructed from its numbers: each category
 column is the SUM of its LongBench-E task scores in the "8k+" bucket (few-shot 186.58 = trec + triviaqa + samsum)
 and "Average" is the mean of the six category sums ((80.63 + 68.14 + 53.12 + 186.58 + 84.00 + 99.57) / 6 = 95.34).
 """
@@ -202,7 +202,7 @@ _TABLE1_COLUMNS = (("single-qa", "single-doc QA"), ("multi-qa", "multi-doc QA"),
 
 
 def table1_row(result: dict, bucket: Optional[str] = "8k+") -> dict:
-    """Seed 002 Table 1 numbers of one run: per category the SUM of its task scores, and the mean of the six."""
+    """"Attention is Naturally Sparse" Table 1 numbers of one run: per category the SUM of its task scores, and the mean of the six."""
     sums: dict[str, Optional[float]] = {}
     for column, category in _TABLE1_COLUMNS:
         values = []
@@ -220,7 +220,7 @@ def table1_row(result: dict, bucket: Optional[str] = "8k+") -> dict:
 
 
 def comparison_table(runs: Sequence[tuple[str, int, dict]], bucket: Optional[str] = "8k+") -> str:
-    """Markdown table in the layout of seed 002 Table 1: one row per (method, number of replaced layers, result),
+    """Markdown table in the layout of "Attention is Naturally Sparse" Table 1: one row per (method, number of replaced layers, result),
     columns single-qa, multi-qa, summarization, few-shot, synthetic, code (sums of task scores) and Average."""
     header = ["Algorithm with Number of Replaced Layers"] + [c for c, _ in _TABLE1_COLUMNS] + ["Average"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]

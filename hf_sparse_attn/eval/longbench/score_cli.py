@@ -2,7 +2,7 @@
 ``<task>.jsonl`` per task, lines ``{pred, answers, all_classes, length}``) and write ``PRED_DIR/result.json``
 (task -> score; with ``--e``: task -> {"0-4k", "4-8k", "8k+"}), plus ``PRED_DIR/report.md``.
 
-``--compare DIR ...`` also scores the other run directories and writes ``PRED_DIR/comparison.md``: seed 002 Table 1's
+``--compare DIR ...`` also scores the other run directories and writes ``PRED_DIR/comparison.md``: "Attention is Naturally Sparse" Table 1's
 layout, one row per run (method and number of replaced layers read from each run's summary.json, written by
 ``hf-sparse-attn longbench``), LongBench-E 8k+ bucket with ``--e`` (``--bucket`` to choose another)."""
 
@@ -19,7 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="write only result.json")
     parser.add_argument("--tasks", help="comma-separated tasks that must appear in result.json (null where a task "
                                         "has no predictions); default: the tasks with files")
-    parser.add_argument("--compare", nargs="+", metavar="DIR", help="other run directories for a seed 002 Table 1 comparison")
+    parser.add_argument("--compare", nargs="+", metavar="DIR", help="other run directories for a comparison in the layout of Table 1 of Attention is Naturally Sparse")
     parser.add_argument("--bucket", default="8k+", choices=("0-4k", "4-8k", "8k+"), help="LongBench-E bucket of the comparison")
 
 

@@ -1,0 +1,284 @@
+"""The grid of cells (method x tokens N x replaced layers x selection x seed), the texts they score, and running
+them: each cell patches the model, scores every text and appends its records to the results file."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import uuid
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .measure import perplexity, prefill_and_nll, profile_attention_share
+from .store import append_jsonl, finished_keys, latest_cells, read_jsonl
+
+# the layer selections the benchmark compares (presets of hf_sparse_attn.selection), in report order
+SELECTIONS = ("weight_norm", "last", "first", "measured", "random")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One configuration. ``layers == 0`` is the exact baseline (method "exact", select "none")."""
+
+    method: str
+    tokens: int
+    layers: int
+    select: str
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}|N={self.tokens}|layers={self.layers}|{self.select}|seed={self.seed}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.layers == 0
+
+
+def baseline_cell(tokens: int) -> Cell:
+    return Cell("exact", tokens, 0, "none", 0)
+
+
+def build_grid(methods: Sequence[str], token_lengths: Sequence[int], layer_counts: Sequence[int],
+               selections: Sequence[str] = ("weight_norm",), random_seeds: Sequence[int] = (0, 1, 2),
+               compare_selections_at: Optional[Sequence[int]] = None,
+               method_layers: Optional[dict[str, Sequence[int]]] = None,
+               compare_methods: Optional[Sequence[str]] = None) -> list[Cell]:
+    """All cells, baselines first for each N. ``weight_norm`` runs at every layer count; the other selections at
+    ``compare_selections_at`` (default: every layer count). ``random`` runs once per seed. Layer count 0 is the
+    one shared baseline of each N; "exact" in ``methods`` adds nothing beyond it (patching exact changes nothing).
+    ``method_layers``: method -> the layer counts it runs at (default: ``layer_counts``); ``compare_methods``: the
+    methods that run the other selections (default: all)."""
+    unknown = [s for s in selections if s not in SELECTIONS]
+    if unknown:
+        raise ValueError(f"unknown selection(s) {unknown}; choose from {list(SELECTIONS)}")
+    compare = set(layer_counts if compare_selections_at is None else compare_selections_at)
+    cells: list[Cell] = []
+    for n in token_lengths:
+        cells.append(baseline_cell(n))
+        for method in methods:
+            if method == "exact":
+                continue
+            for layers in (method_layers or {}).get(method, layer_counts):
+                if layers == 0:
+                    continue
+                for select in selections:
+                    if select != "weight_norm" and (layers not in compare or
+                                                    (compare_methods is not None and method not in compare_methods)):
+                        continue
+                    for seed in (random_seeds if select == "random" else (0,)):
+                        cells.append(Cell(method, n, layers, select, seed))
+    seen: set[str] = set()
+    unique = []
+    for cell in cells:
+        if cell.key not in seen:
+            seen.add(cell.key)
+            unique.append(cell)
+    return unique
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Texts
+# ---------------------------------------------------------------------------------------------------------
+
+def article_token_sets(tokenizer: Any, tokens: int, num_articles: int, articles: Optional[Sequence[tuple[str, str]]] = None,
+                       skip_titles: Iterable[str] = ()) -> list[tuple[str, torch.Tensor]]:
+    """The first ``num_articles`` articles (corpus order) with at least ``tokens`` tokens, each cut to its first
+    ``tokens`` tokens: list of (title, input_ids [1, tokens]). Default corpus: :func:`wikipedia_articles`."""
+    if articles is None:
+        from ..data import wikipedia_articles
+
+        articles = wikipedia_articles(min_chars=tokens)  # >= 1 char per token for these texts
+    skip = set(skip_titles)
+    chosen = []
+    for title, text in articles:
+        if title in skip:
+            continue
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] >= tokens:
+            chosen.append((title, ids[:, :tokens].contiguous()))
+            if len(chosen) == num_articles:
+                return chosen
+    raise ValueError(f"only {len(chosen)} articles have >= {tokens} tokens; asked for {num_articles}. Use fewer articles "
+                     "(--articles) or shorter contexts (--tokens).")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running cells
+# ---------------------------------------------------------------------------------------------------------
+
+def selection_order_measured(model: torch.nn.Module, calibration_ids: torch.Tensor) -> list[int]:
+    """Layer order of ``select="measured"``: most (k, eps)-sparse first on ``calibration_ids`` [1, N], from
+    :func:`hf_sparse_attn.eval.sparsity.measured_sparsity_scores` (computed once, reused by every cell)."""
+    from ...selection import rank_layers, selection_order
+    from ..sparsity import measured_sparsity_scores
+
+    scores = measured_sparsity_scores(model, calibration_ids)
+    return selection_order(rank_layers(model), "measured", measured_scores=scores)
+
+
+def _patch_for(model: torch.nn.Module, cell: Cell, method_params: dict, measured_order: Optional[list[int]]):
+    from ... import patch_model
+
+    params = dict(method_params.get(cell.method, {}))
+    if cell.select == "measured":
+        if measured_order is None:
+            raise ValueError("select 'measured' needs the measured sparsity order (calibration text)")
+        return patch_model(model, method=cell.method, layers=cell.layers, select=measured_order, seed=cell.seed, **params)
+    return patch_model(model, method=cell.method, layers=cell.layers, select=cell.select, seed=cell.seed, **params)
+
+
+def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torch.Tensor]], *,
+             method_params: Optional[dict[str, dict]] = None, measured_order: Optional[list[int]] = None,
+             scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll,
+             done_articles: Optional[dict[str, dict]] = None,
+             on_article: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run one cell on every text (the model is patched for the cell and unpatched after). Returns the record
+    (without the run fields: see :func:`run_grid`).
+
+    ``done_articles``: title -> article record (``{"title", "nll_sum", "tokens", "prefill_s", ...}``) finished by an
+    earlier, interrupted run of this cell: reused, not recomputed. ``on_article`` is called with each newly
+    computed article record (``run_grid`` appends it to the results file, so a crash loses at most one article)."""
+    from ... import unpatch_model
+
+    for _, ids in texts:
+        if ids.shape[1] != cell.tokens:
+            raise ValueError(f"a text has {ids.shape[1]} tokens; cell {cell.key} needs {cell.tokens}")
+    plan = None if cell.is_baseline else _patch_for(model, cell, method_params or {}, measured_order)
+    per_article = []
+    load_before = os.getloadavg()[0]
+    try:
+        for title, ids in texts:
+            if done_articles and title in done_articles:
+                per_article.append(dict(done_articles[title], resumed=True))
+                continue
+            nll, scored, seconds = scorer(model, ids)
+            article = {"title": title, "nll_sum": nll, "tokens": scored, "prefill_s": seconds}
+            per_article.append(article)
+            if on_article is not None:
+                on_article(article)
+    finally:
+        if plan is not None:
+            unpatch_model(model)
+    nll_sum = sum(a["nll_sum"] for a in per_article)
+    tokens_scored = sum(a["tokens"] for a in per_article)
+    record = {
+        "kind": "cell", "key": cell.key, **dataclasses.asdict(cell),
+        "perplexity": perplexity(nll_sum, tokens_scored), "nll_sum": nll_sum, "tokens_scored": tokens_scored,
+        "articles": len(per_article), "prefill_s": sum(a["prefill_s"] for a in per_article), "per_article": per_article,
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
+    }
+    if plan is not None:
+        record["patched_layers"] = plan.patched_layers
+        record["params"] = plan.layer(plan.patched_layers[0]).params if plan.patched_layers else {}
+        record["served"] = sum(plan.layer(i).served for i in plan.patched_layers)
+        record["fallbacks"] = plan.fallback_counts()
+    else:
+        record["patched_layers"], record["params"], record["served"], record["fallbacks"] = [], {}, 0, {}
+    return record
+
+
+def new_run_info() -> dict:
+    return {"run_id": uuid.uuid4().hex[:12], "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_count": os.cpu_count()}
+
+
+def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[[int], Sequence[tuple[str, torch.Tensor]]],
+             out_path: str, *, method_params: Optional[dict[str, dict]] = None,
+             measured_order_for: Optional[Callable[[], list[int]]] = None, profile: bool = True,
+             scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll, progress: bool = True,
+             run_info: Optional[dict] = None) -> list[dict]:
+    """Run every cell not yet in ``out_path`` and append its record. Returns all records of the file afterwards.
+
+    For each N with cells left to do, the exact baseline is measured first in this run (again, if an earlier run
+    already has it: a speed-up is only computed against a baseline of the same run) and, with ``profile``, one
+    profiled exact prefill of the first text gives attention's share. Each cell record carries ``run_id``,
+    ``baseline_prefill_s`` (this run's) and ``speedup`` = baseline_prefill_s / prefill_s.
+
+    Every finished article of a patched cell is appended at once (``"kind": "article"``); a rerun after a crash
+    reuses them, so it loses at most the article in flight. The speed-up of a cell finished across two runs is
+    then taken over the articles timed in this run, against this run's baseline times of the same articles.
+    """
+    from tqdm import tqdm
+
+    run_info = dict(run_info or new_run_info())
+    run_id = run_info["run_id"]
+    previous = read_jsonl(out_path)
+    previous_cells = latest_cells(previous)
+    texts_by_n = {n: texts_for(n) for n in sorted({c.tokens for c in cells})}
+    done = finished_keys(previous, lambda n: [t for t, _ in texts_by_n.get(n, ())])
+    # articles already computed for unfinished cells: from an earlier cell record on fewer articles, then from the
+    # article records of an interrupted run (the later one wins)
+    partial: dict[str, dict[str, dict]] = {}
+    fields = ("title", "nll_sum", "tokens", "prefill_s", "run_id")
+    for key, c in previous_cells.items():
+        if key not in done:
+            for a in c.get("per_article", []):
+                partial.setdefault(key, {})[a["title"]] = {k: a.get(k, c.get("run_id")) for k in fields}
+    for r in previous:
+        if r.get("kind") == "article" and r["key"] not in done:
+            partial.setdefault(r["key"], {})[r["title"]] = {k: r[k] for k in fields}
+    todo = [c for c in cells if c.key not in done]
+    if not todo:
+        return read_jsonl(out_path)
+    append_jsonl(out_path, {"kind": "run", **run_info, "cells_todo": [c.key for c in todo]})
+    baselines: dict[int, dict] = {}
+    measured_order: Optional[list[int]] = None
+    bar = tqdm(total=len(todo), desc="model bench", unit="cell", disable=not progress)
+    warmed = False
+    for n in sorted({c.tokens for c in todo}):
+        texts = texts_by_n[n]
+        if not warmed:  # the first forward of a process pays one-time costs: keep them out of the baseline
+            scorer(model, texts[0][1][:, : min(512, n)])
+            warmed = True
+        base = baseline_cell(n)
+        # the baseline is timed in this run on every article a patched cell will time in this run (and on the
+        # articles it lacks); its other articles are reused from the earlier record
+        to_time = {t for c in todo if c.tokens == n and not c.is_baseline for t, _ in texts if t not in partial.get(c.key, {})}
+        earlier_base = previous_cells.get(base.key)
+        base_reuse = {a["title"]: a for a in (earlier_base or {}).get("per_article", []) if a["title"] not in to_time}
+        bar.set_postfix_str(f"{base.key} ({len(texts) - len(base_reuse)} articles to time)")
+        record = run_cell(model, base, texts, scorer=scorer, done_articles=base_reuse,
+                          on_article=lambda a, key=base.key: bar.set_postfix_str(f"{key} article {a['title'][:20]}"))
+        record["run_id"] = run_id
+        baselines[n] = record
+        if base.key not in done:
+            record.update(baseline_prefill_s=record["prefill_s"], speedup=1.0)
+            append_jsonl(out_path, record)
+            bar.update(1)
+        else:  # the baseline was finished earlier: record this run's own timing for this run's speed-ups
+            append_jsonl(out_path, {**record, "kind": "baseline_rerun"})
+        if profile:
+            prof = profile_attention_share(model, texts[0][1])
+            append_jsonl(out_path, {"kind": "profile", "run_id": run_id, "tokens": n, "title": texts[0][0], **prof})
+        for cell in [c for c in todo if c.tokens == n and not c.is_baseline]:
+            bar.set_postfix_str(cell.key)
+            if cell.select == "measured" and measured_order is None:
+                if measured_order_for is None:
+                    raise ValueError("a 'measured' cell needs measured_order_for (calibration)")
+                measured_order = list(measured_order_for())
+            def on_article(article: dict, key: str = cell.key) -> None:
+                append_jsonl(out_path, {"kind": "article", "key": key, "run_id": run_id, **article})
+                bar.set_postfix_str(f"{key} article {article['title'][:20]}")
+
+            record = run_cell(model, cell, texts, method_params=method_params, measured_order=measured_order, scorer=scorer,
+                              done_articles=partial.get(cell.key), on_article=on_article)
+            base_times = {a["title"]: a["prefill_s"] for a in baselines[n]["per_article"] if not a.get("resumed")}
+            timed_here = [a for a in record["per_article"] if not a.get("resumed")]
+            base_s = sum(base_times[a["title"]] for a in timed_here)
+            cell_s = sum(a["prefill_s"] for a in timed_here)
+            record.update(run_id=run_id, baseline_prefill_s=base_s, articles_timed=len(timed_here), prefill_s_timed=cell_s,
+                          speedup=base_s / cell_s if cell_s > 0 else None,
+                          baseline_perplexity=baselines[n]["perplexity"])
+            append_jsonl(out_path, record)
+            bar.update(1)
+    bar.close()
+    return read_jsonl(out_path)

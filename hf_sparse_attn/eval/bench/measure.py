@@ -1,0 +1,133 @@
+"""Measuring one sequence: prefill time and next-token loss of a causal LM, attention's share of the prefill
+(torch.profiler) and the Amdahl ceiling it sets."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring one sequence
+# ---------------------------------------------------------------------------------------------------------
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.nn.Module]:
+    """(decoder, head): ``decoder(input_ids [1, N]) -> hidden [1, N, hidden]`` runs the base model without cache
+    or LM head; ``head`` maps hidden states to logits.
+
+    Transformers causal LMs: ``model.base_model`` and ``model.get_output_embeddings()``. ChatGLM2/3 (remote code)
+    keep the head inside the base model, at ``model.transformer.output_layer``, and their base model returns
+    sequence-first hidden states ``[N, 1, hidden]`` (the 2024 code: ``[1, N, hidden]``); the decoder turns them
+    batch-first. Any other model: TypeError."""
+    transformer = getattr(model, "transformer", None)
+    chatglm_head = getattr(transformer, "output_layer", None)
+    if isinstance(chatglm_head, torch.nn.Module) and hasattr(transformer, "encoder"):
+        def chatglm_decoder(input_ids: torch.Tensor) -> torch.Tensor:
+            hidden = transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+            n = input_ids.shape[1]
+            if hidden.shape[0] == n and hidden.shape[1] == input_ids.shape[0] and n != input_ids.shape[0]:
+                hidden = hidden.transpose(0, 1)  # [N, 1, hidden] -> [1, N, hidden]
+            return hidden
+
+        return chatglm_decoder, chatglm_head
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None:
+        raise TypeError(f"{type(model).__name__} is not a causal LM with a base model and an LM head "
+                        "(e.g. LlamaForCausalLM, or ChatGLM's transformer.output_layer); the model benchmark needs "
+                        "next-token logits")
+    return (lambda input_ids: base(input_ids=input_ids, use_cache=False).last_hidden_state), head
+
+
+@torch.no_grad()
+def prefill_and_nll(model: torch.nn.Module, input_ids: torch.Tensor, loss_chunk: int = 1024) -> tuple[float, int, float]:
+    """(sum of natural-log next-token losses over the N - 1 predicted tokens, N - 1, prefill seconds).
+
+    input_ids [1, N]. The prefill (timed) is the base model's forward (:func:`decoder_and_head`); the losses come
+    from the LM head applied to ``loss_chunk`` rows of hidden states at a time (untimed), in float32. For models
+    whose logits are the plain LM-head projection of the last hidden state (Llama, Mistral, Qwen2, GPT-2, GLM,
+    ChatGLM2/3; not models with logit soft-capping), this equals
+    cross_entropy(model(input_ids).logits[0, :-1], input_ids[0, 1:], reduction="sum").
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [1, N] with N >= 2; got {tuple(input_ids.shape)}")
+    decoder, head = decoder_and_head(model)
+    start = time.perf_counter()
+    hidden = decoder(input_ids)  # [1, N, hidden]
+    seconds = time.perf_counter() - start
+    n = input_ids.shape[1]
+    nll = 0.0
+    for s in range(0, n - 1, loss_chunk):
+        e = min(n - 1, s + loss_chunk)
+        logits = head(hidden[0, s:e]).float()  # [e - s, vocab]
+        nll += torch.nn.functional.cross_entropy(logits, input_ids[0, s + 1 : e + 1], reduction="sum").item()
+    return nll, n - 1, seconds
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """exp(mean natural-log loss). Natural log throughout: not 2**loss (the public HyperAttention script's slip)."""
+    if tokens <= 0:
+        raise ValueError("no tokens were scored")
+    return math.exp(nll_sum / tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention's share of prefill (torch.profiler) and the Amdahl ceiling
+# ---------------------------------------------------------------------------------------------------------
+
+ATTENTION_MODULE_LABEL = "hf_sparse_attn::attention_module"
+SDPA_OP = "aten::scaled_dot_product_attention"
+
+
+@torch.no_grad()
+def profile_attention_share(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, float]:
+    """Profile one prefill of ``model`` (run it unpatched: the attention op is SDPA) with ``torch.profiler``.
+
+    Returns {"wall_s", "sdpa_s", "attention_module_s", "sdpa_share", "attention_module_share", "sdpa_calls",
+    "attention_module_calls"}: time inside ``aten::scaled_dot_product_attention`` and inside the attention
+    modules (each module forward wrapped in a ``record_function`` through hooks) over the forward's wall time.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ...patches import find_adapter
+
+    decoder, _ = decoder_and_head(model)
+    modules = find_adapter(model).attention_layers(model)
+    open_ranges: list[Any] = []
+
+    def pre_hook(_module, _args):
+        ctx = record_function(ATTENTION_MODULE_LABEL)
+        ctx.__enter__()
+        open_ranges.append(ctx)
+
+    def post_hook(_module, _args, _out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in modules] + [m.register_forward_hook(post_hook) for m in modules]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            decoder(input_ids)
+            wall = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    totals = {SDPA_OP: [0.0, 0], ATTENTION_MODULE_LABEL: [0.0, 0]}
+    for event in prof.key_averages():
+        if event.key in totals:
+            totals[event.key][0] += event.cpu_time_total / 1e6  # microseconds -> seconds
+            totals[event.key][1] += event.count
+    sdpa_s, sdpa_calls = totals[SDPA_OP]
+    module_s, module_calls = totals[ATTENTION_MODULE_LABEL]
+    return {"wall_s": wall, "sdpa_s": sdpa_s, "attention_module_s": module_s, "sdpa_share": sdpa_s / wall,
+            "attention_module_share": module_s / wall, "sdpa_calls": int(sdpa_calls), "attention_module_calls": int(module_calls)}
+
+
+def amdahl_ceiling(share: float, replaced_layers: int, num_layers: int) -> float:
+    """Best possible speed-up when ``replaced_layers`` of ``num_layers`` equal layers lose their attention time
+    entirely: 1 / (1 - share * replaced / num_layers), ``share`` = attention's fraction of the whole prefill."""
+    if not 0.0 <= share < 1.0 or not 0 <= replaced_layers <= num_layers:
+        raise ValueError(f"need 0 <= share < 1 and 0 <= replaced_layers <= num_layers; got {share}, {replaced_layers}, {num_layers}")
+    return 1.0 / (1.0 - share * replaced_layers / num_layers)

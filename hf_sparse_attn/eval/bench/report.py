@@ -1,0 +1,264 @@
+"""Summaries of the benchmark's records (perplexity change, speed-up, random-selection groups, selections
+compared article by article) and the report: results.json, results.md and the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Any, Optional, Sequence
+
+from .goals import evaluate_goals
+from .grid import SELECTIONS
+from .measure import amdahl_ceiling, perplexity
+from .store import latest_cells, latest_profiles, read_jsonl
+
+# ---------------------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------------------
+
+def article_change_pct(article: dict, exact_article: dict) -> float:
+    """One article's perplexity change against the exact model on the same tokens, in %:
+    100 * (exp((nll_sum - exact nll_sum) / tokens) - 1)."""
+    return 100.0 * (math.exp((article["nll_sum"] - exact_article["nll_sum"]) / exact_article["tokens"]) - 1.0)
+
+
+def summarize(records: Sequence[dict], num_layers: int) -> dict:
+    """Cells with perplexity change vs the same N's baseline and the Amdahl ceiling of their layer count, plus
+    the random-selection mean/min/max per (method, N, layers)."""
+    cells = latest_cells(records)
+    profiles = latest_profiles(records)
+    baseline_articles = {c["tokens"]: {a["title"]: a for a in c.get("per_article", [])} for c in cells.values() if c["layers"] == 0}
+    rows = []
+    for c in cells.values():
+        row = {k: c.get(k) for k in ("key", "method", "tokens", "layers", "select", "seed", "perplexity", "tokens_scored",
+                                      "articles", "prefill_s", "baseline_prefill_s", "speedup", "run_id", "served", "fallbacks",
+                                      "load_avg_1min", "params")}
+        timed = [a for a in c.get("per_article", []) if not a.get("resumed")]  # timed in the cell's own run
+        row["articles_timed"] = len(timed) if timed else c.get("articles")
+        row["prefill_s_timed"] = sum(a["prefill_s"] for a in timed) if timed else c.get("prefill_s")
+        exact_articles = baseline_articles.get(c["tokens"], {})
+        # the change is taken against the exact model on this cell's own articles (cells may cover different sets
+        # when a grid was extended to more articles part of the way)
+        titles = [a["title"] for a in c.get("per_article", [])]
+        if titles and all(t in exact_articles for t in titles):
+            row["exact_perplexity"] = perplexity(sum(exact_articles[t]["nll_sum"] for t in titles),
+                                                 sum(exact_articles[t]["tokens"] for t in titles))
+            row["ppl_change_pct"] = 100.0 * (c["perplexity"] / row["exact_perplexity"] - 1.0)
+        else:
+            row["exact_perplexity"] = row["ppl_change_pct"] = None
+        changes = sorted(article_change_pct(a, exact_articles[a["title"]])
+                         for a in c.get("per_article", []) if a["title"] in exact_articles)
+        row["median_article_change_pct"] = statistics.median(changes) if changes else None
+        prof = profiles.get(c["tokens"])
+        row["amdahl_ceiling"] = None if prof is None else amdahl_ceiling(prof["sdpa_share"], c["layers"], num_layers)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["tokens"], r["method"] != "exact", r["method"], r["layers"], r["select"], r["seed"]))
+    random_groups: dict[str, dict] = {}
+    for r in rows:
+        if r["select"] == "random":
+            g = random_groups.setdefault(f"{r['method']}|N={r['tokens']}|layers={r['layers']}",
+                                         {"method": r["method"], "tokens": r["tokens"], "layers": r["layers"], "perplexities": [], "speedups": []})
+            g["perplexities"].append(r["perplexity"])
+            if r["speedup"] is not None:
+                g["speedups"].append(r["speedup"])
+    for g in random_groups.values():
+        g["seeds"] = len(g["perplexities"])
+        g["mean_perplexity"] = sum(g["perplexities"]) / g["seeds"]
+        g["mean_speedup"] = sum(g["speedups"]) / len(g["speedups"]) if g["speedups"] else None
+    return {"rows": rows, "profiles": {str(k): v for k, v in profiles.items()}, "random": list(random_groups.values())}
+
+
+def selection_comparison(records: Sequence[dict]) -> list[dict]:
+    """Layer selections compared article by article, at equal work (same method, N and number of layers).
+
+    For every (method, N, layers) with a ``weight_norm`` cell and at least one other selection: each selection's
+    per-article perplexity change against the exact model on the same article, and on how many articles
+    weight_norm's loss is the lower one. A paired comparison: articles differ from each other far more than
+    selections do, so "lower on 7 of 8 articles" says more than two pooled perplexities 1% apart.
+
+    Returns groups ``{"method", "tokens", "layers", "titles": [str], "rows": [{"select", "seed", "perplexity",
+    "ppl_change_pct", "article_change_pct": [float per title], "weight_norm_lower_on": int, "articles": int}]}``."""
+    cells = [c for c in latest_cells(records).values() if c.get("per_article")]
+    exact = {c["tokens"]: {a["title"]: a for a in c["per_article"]} for c in cells if c["layers"] == 0}
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        if c["layers"] > 0:
+            groups.setdefault((c["method"], c["tokens"], c["layers"]), []).append(c)
+    out = []
+    for (method, tokens, layers), members in sorted(groups.items()):
+        wn = next((c for c in members if c["select"] == "weight_norm"), None)
+        base = exact.get(tokens)
+        if wn is None or base is None or len(members) < 2:
+            continue
+        titles = [a["title"] for a in wn["per_article"] if a["title"] in base]
+        wn_nll = {a["title"]: a["nll_sum"] for a in wn["per_article"]}
+        rows = []
+        for c in sorted(members, key=lambda c: (c["select"] != "weight_norm", c["select"], c["seed"])):
+            mine = {a["title"]: a for a in c["per_article"]}
+            shared = [t for t in titles if t in mine]
+            changes = [article_change_pct(mine[t], base[t]) for t in shared]
+            rows.append({"select": c["select"], "seed": c["seed"], "perplexity": c["perplexity"],
+                         "ppl_change_pct": 100.0 * (math.exp(sum(mine[t]["nll_sum"] - base[t]["nll_sum"] for t in shared)
+                                                             / sum(base[t]["tokens"] for t in shared)) - 1.0),
+                         "article_change_pct": changes, "articles": len(shared),
+                         "weight_norm_lower_on": sum(wn_nll[t] < mine[t]["nll_sum"] for t in shared)})
+        out.append({"method": method, "tokens": tokens, "layers": layers, "titles": titles, "rows": rows})
+    return out
+
+
+SELECTION_ORDER = SELECTIONS  # the older name
+
+
+def selections_by_layer_count(comparison: Sequence[dict]) -> list[dict]:
+    """The :func:`selection_comparison` groups of one (method, N) side by side, where selections were compared at
+    two or more layer counts: does a selection's lead hold as more layers are replaced?
+
+    Returns ``[{"method", "tokens", "layers": [int], "cells": {(select, layers): {"ppl_change_pct",
+    "weight_norm_lower_on", "articles", "seeds"}}}]``; random is one entry per layer count: the change is the mean
+    over its seeds, the paired counts are summed over them (article-seed pairs)."""
+    by_method: dict[tuple, list[dict]] = {}
+    for g in comparison:
+        by_method.setdefault((g["method"], g["tokens"]), []).append(g)
+    out = []
+    for (method, tokens), groups in sorted(by_method.items()):
+        if len(groups) < 2:
+            continue
+        cells: dict[tuple, dict] = {}
+        for g in groups:
+            for select in SELECTION_ORDER:
+                rows = [r for r in g["rows"] if r["select"] == select]
+                if rows:
+                    cells[(select, g["layers"])] = {
+                        "ppl_change_pct": sum(r["ppl_change_pct"] for r in rows) / len(rows),
+                        "weight_norm_lower_on": sum(r["weight_norm_lower_on"] for r in rows),
+                        "articles": sum(r["articles"] for r in rows), "seeds": len(rows)}
+        out.append({"method": method, "tokens": tokens, "layers": sorted(g["layers"] for g in groups), "cells": cells})
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines: Sequence[str],
+                          comparison: Sequence[dict] = (), comparison_plots: Optional[dict] = None) -> str:
+    """results.md: header, goals, profile table, the article-by-article selection comparison, every cell,
+    random-selection groups."""
+    lines = list(header_lines) + ["", "## Goals (issue 7)", ""]
+    for g in goals:
+        lines.append(f"- **{g['status']}** — {g['method']}: {g['goal']}. {g['detail']}.")
+    lines += ["", "## Attention's share of the exact prefill (torch.profiler, one article, one run)", "",
+              "| N | profiled prefill s | SDPA share | attention-module share | Amdahl ceiling, all layers |", "|---|---|---|---|---|"]
+    for n, p in sorted(summary["profiles"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {n} | {p['wall_s']:.2f} | {100 * p['sdpa_share']:.1f}% | {100 * p['attention_module_share']:.1f}% | "
+                     f"{1 / (1 - p['sdpa_share']):.2f}x |")
+    for overview in selections_by_layer_count(comparison):
+        selects = [s for s in SELECTION_ORDER if any(k[0] == s for k in overview["cells"])]
+        lines += ["", f"## Layer selections at every layer count compared: {overview['method']}, {overview['tokens']} tokens", "",
+                  "Perplexity change against the exact model on the same articles (random: mean over its seeds) and, in "
+                  "brackets, on how many articles (random: article-seed pairs) weight_norm's loss is the lower one. Equal "
+                  "layer count = equal work: the speed-ups of a row differ only by timing noise (see 'Every cell'). With every "
+                  "layer replaced all selections patch the same layers (ties count as not lower); a random cell differs "
+                  "there only by its seed, which also seeds hashing: that spread is the method's own seed noise.", ""]
+        plot = (comparison_plots or {}).get((overview["method"], overview["tokens"], "layers"))
+        if plot:
+            lines += [f"![{plot}]({plot})", ""]
+        lines += ["| layers | " + " | ".join(selects) + " |", "|---" * (len(selects) + 1) + "|"]
+        for layers in overview["layers"]:
+            entries = []
+            for select in selects:
+                c = overview["cells"].get((select, layers))
+                entries.append("-" if c is None else f"{c['ppl_change_pct']:+.1f}%" + (
+                    "" if select == "weight_norm" else f" ({c['weight_norm_lower_on']}/{c['articles']})"))
+            lines.append(f"| {layers} | " + " | ".join(entries) + " |")
+    for g in comparison:
+        lines += ["", f"## Layer selections article by article: {g['method']}, {g['layers']} layers, {g['tokens']} tokens", "",
+                  f"Change = perplexity against the exact model on the same article; 'weight_norm lower on' = articles where "
+                  f"weight_norm's loss is below this selection's (of {len(g['titles'])}).", ""]
+        plot = (comparison_plots or {}).get((g["method"], g["tokens"], g["layers"]))
+        if plot:
+            lines += [f"![{plot}]({plot})", ""]
+        lines += ["| select | seed | perplexity | change | per-article change, min / median / max | weight_norm lower on |",
+                  "|---|---|---|---|---|---|"]
+        for r in g["rows"]:
+            ch = sorted(r["article_change_pct"])
+            med = statistics.median(ch)
+            lines.append(f"| {r['select']} | {r['seed']} | {r['perplexity']:.3f} | {r['ppl_change_pct']:+.1f}% | "
+                         f"{ch[0]:+.1f}% / {med:+.1f}% / {ch[-1]:+.1f}% | "
+                         + ("-" if r["select"] == "weight_norm" else f"{r['weight_norm_lower_on']}/{r['articles']}") + " |")
+    lines += ["", "## Every cell", "",
+              "Perplexity = exp(mean natural-log loss) over the identical token set of each N; speed-up = this run's exact "
+              "prefill time / the cell's (sums over the articles timed in the cell's run: 'prefill s' is that sum); median article change = the median over the articles of each "
+              "article's own perplexity change; ceiling = Amdahl bound for that many layers; load = 1-minute "
+              "load average of the machine before/after the cell (2 cores: above ~2 other jobs competed). 'articles' = scored "
+              "(timed in the run of the speed-up): a cell extended to more articles in a later run is timed on the new ones; "
+              "its change is against the exact model on its own articles.", "",
+              "| N | method | layers | select | seed | perplexity | change | median article change | articles (timed) | tokens scored | prefill s | speed-up | ceiling | served | fallbacks | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        falls = "; ".join(f"{k}: {v}" for k, v in sorted((r.get("fallbacks") or {}).items())) or "-"
+        lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['perplexity']:.3f} | "
+                     f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {_fmt(r.get('median_article_change_pct'), '+.1f')}% | {r.get('articles')} ({r['articles_timed']}) | {r['tokens_scored']} | {r['prefill_s_timed']:.1f} | {_fmt(r['speedup'], '.2f')}x | "
+                     f"{_fmt(r['amdahl_ceiling'], '.2f')}x | {r.get('served', 0)} | {falls} | "
+                     f"{'-' if not r.get('load_avg_1min') else '/'.join(f'{x:.1f}' for x in r['load_avg_1min'])} |")
+    params_seen: dict[str, set] = {}
+    for r in summary["rows"]:
+        if r.get("params"):
+            params_seen.setdefault(r["method"], set()).add(json.dumps(r["params"], sort_keys=True))
+    if params_seen:
+        lines += ["", "Method parameters as run (from the plan of each cell; the method code is that of the run's date): "
+                  + "; ".join(f"{m}: {' / '.join(sorted(v))}" for m, v in sorted(params_seen.items()))]
+    if summary["random"]:
+        lines += ["", "## Random selection (mean over seeds)", "", "| N | method | layers | seeds | mean perplexity | min | max | mean speed-up |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in summary["random"]:
+            lines.append(f"| {g['tokens']} | {g['method']} | {g['layers']} | {g['seeds']} | {g['mean_perplexity']:.3f} | "
+                         f"{min(g['perplexities']):.3f} | {max(g['perplexities']):.3f} | {_fmt(g['mean_speedup'], '.2f')}x |")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence[str], extra: Optional[dict] = None) -> dict:
+    """From ``out_dir``/results.jsonl write results.json, results.md and the plots: one ppl-vs-speed-up PNG per N,
+    one per-article heatmap per selection comparison, one change-vs-layers curve per (method, N) compared at two or
+    more layer counts."""
+    from ..plots import (
+        plot_perplexity_vs_speedup,
+        plot_selection_articles,
+        plot_selections_vs_layers,
+    )
+
+    records = read_jsonl(os.path.join(out_dir, "results.jsonl"))
+    summary = summarize(records, num_layers)
+    comparison = selection_comparison(records)
+    goals = evaluate_goals(summary, num_layers, comparison=comparison)
+    comparison_plots = {}
+    for g in comparison:
+        name = f"selections_by_article_{g['method']}_{g['layers']}layers_{g['tokens']}.png"
+        plot_selection_articles(g, os.path.join(out_dir, name))
+        comparison_plots[(g["method"], g["tokens"], g["layers"])] = name
+    overviews = selections_by_layer_count(comparison)
+    for overview in overviews:
+        name = f"selections_vs_layers_{overview['method']}_{overview['tokens']}.png"
+        plot_selections_vs_layers(overview, os.path.join(out_dir, name))
+        comparison_plots[(overview["method"], overview["tokens"], "layers")] = name
+    plots = []
+    for n in sorted({r["tokens"] for r in summary["rows"]}):
+        if any(r["tokens"] == n and r["layers"] > 0 for r in summary["rows"]):
+            plots.append(os.path.basename(plot_perplexity_vs_speedup(
+                summary["rows"], n, os.path.join(out_dir, f"ppl_vs_speedup_{n}.png"))))
+    runs = [r for r in records if r.get("kind") == "run"]
+    result = {**(extra or {}), "runs": runs, "goals": goals, "plots": plots + list(comparison_plots.values()),
+              "selection_comparison": comparison,
+              "selections_by_layer_count": [{**o, "cells": [{"select": s, "layers": l, **c} for (s, l), c in o["cells"].items()]}
+                                            for o in overviews], **summary}
+    tmp = os.path.join(out_dir, "results.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "results.json"))
+    md = model_report_markdown(summary, goals, header_lines=list(header_lines) + ([""] + [f"![{p}]({p})" for p in plots] if plots else []),
+                               comparison=comparison, comparison_plots=comparison_plots)
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    return result
