@@ -6,17 +6,14 @@ Configurations (chosen from the kernel benchmark, eval/results/kernels_causal/re
   * local: window 1024 + 64 sinks;
   * sparse_hyper: causal_mode="single_pass", window 512, block 128, 64 sinks, scale_mode theory (at 8k on bare
     tensors 3.07x SDPA at a mean real-layer error of 0.263, against local w1024 at 3.36x and 0.178: near equal speed).
-  * hyper (stage 20 only, after the others): causal_mode="single_pass", window 256, block 128, 128 samples.
-Methods run in the order local 30, local 15, sparse_hyper 30, sparse_hyper 15 (the bench runs methods in turn).
+  * hyper: causal_mode="single_pass", window 256, block 128, 128 samples, on 30 layers only.
+Methods run in turn (local, sparse_hyper, hyper), each cell article by article against the exact model re-timed on
+the same articles. Resumable: finished article records in results.jsonl are kept, so rerunning the command continues
+where it stopped; the report's "articles" column says how many articles each cell holds so far.
 
-Two stages in the same output folder: "4" runs every cell on the first 4 articles, "20" extends every cell to 20
-(the tool reuses the 4 articles of each cell and computes the 16 others; the exact baseline is re-timed on them).
-One torch thread, pinned to core 1; resumable (finished article records in results.jsonl are kept).
-
-    nohup taskset -c 1 .venv/bin/python scripts/bench_model_causal.py --stage 4 && \\
-        taskset -c 1 .venv/bin/python scripts/bench_model_causal.py --stage 20      # writes eval/results/model_bench_causal/
-    .venv/bin/python scripts/bench_model_causal.py --stage 20 --report-only         # rebuild results.md / plots
-    .venv/bin/python scripts/bench_model_causal.py --frontier                       # frontier_8192.png, frontier.md
+    taskset -c 1 .venv/bin/python scripts/bench_model_causal.py                  # writes eval/results/model_bench_causal/
+    .venv/bin/python scripts/bench_model_causal.py --report-only                 # rebuild results.md / plots
+    .venv/bin/python scripts/bench_model_causal.py --frontier                    # frontier_8192.png, frontier.md
 
 Machine: 2-core CPU VM, no GPU; the other core ran tests of the project at the same time. Date: 2026-12-01.
 """
@@ -38,25 +35,12 @@ COMMON = ["bench", "model", "--tokens", "8192", "--threads", "1", "--no-profile"
           "--method-param", "sparse_hyper.window=512", "--method-param", "sparse_hyper.block_size=128",
           "--machine-note", "1 torch thread pinned to core 1; core 0 ran the project's tests meanwhile",
           "--out", OUT]
-# stage 20 also runs hyper's fastest single-pass configuration measured (window 256, block 128, 128 samples: 2.77x
-# SDPA at 8k on bare tensors, real-layer error 0.356) on all 30 layers, after the other cells.
+# hyper's fastest single-pass configuration measured (window 256, block 128, 128 samples: 2.77x SDPA at 8k on bare
+# tensors, real-layer error 0.356), on all 30 layers.
 HYPER = ["--method-layers", "hyper=30",
          "--method-param", "hyper.causal_mode=single_pass", "--method-param", "hyper.window=256",
          "--method-param", "hyper.block_size=128", "--method-param", "hyper.sample_size=128"]
-STAGES = {"4": [*COMMON, "--methods", "local", "sparse_hyper", "--articles", "4"],
-          "20": [*COMMON, "--methods", "local", "sparse_hyper", "hyper", *HYPER, "--articles", "20"]}
-
-
-def stage_argv(argv: list[str]) -> list[str]:
-    """``--stage S`` picks ``STAGES[S]`` (default: the last); the other arguments are passed on."""
-    argv = list(argv)
-    stage = list(STAGES)[-1]
-    if "--stage" in argv:
-        i = argv.index("--stage")
-        stage = argv[i + 1]
-        del argv[i: i + 2]
-    return STAGES[stage] + argv
-
+ARGV = [*COMMON, "--methods", "local", "sparse_hyper", "hyper", *HYPER, "--articles", "20"]
 
 GRID = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_grid", "results.json")
 
@@ -110,4 +94,4 @@ def frontier() -> int:
 if __name__ == "__main__":
     if "--frontier" in sys.argv[1:]:
         sys.exit(frontier())
-    sys.exit(main(stage_argv(sys.argv[1:])))
+    sys.exit(main(ARGV + sys.argv[1:]))

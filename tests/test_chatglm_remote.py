@@ -375,3 +375,26 @@ def test_bench_model_runs_chatglm_only_with_the_opt_in(checkpoints, tmp_path, ca
             assert article["tokens"] == tokens - 1
             assert article["nll_sum"] / article["tokens"] == pytest.approx(loss, rel=1e-5)
     assert json.loads((out / "results.json").read_text())["model"] == f"{path} (fp32)"
+
+
+def test_calibrate_command_runs_on_the_remote_checkpoint_only_with_the_opt_in(checkpoints, tmp_path, capsys):
+    """calibrate measures every layer of the remote model through the ChatGLM adapter (each cell served by the
+    method, with a finite output error) and writes a plan that patch_model applies to the reloaded model."""
+    from hf_sparse_attn import PatchPlan
+
+    text = tmp_path / "cal.txt"
+    text.write_text(" ".join(f"sentence {i} of the calibration text." for i in range(40)))
+    out = tmp_path / "plan.json"
+    candidates = {"local": [{"window": 16, "num_sink_tokens": 4, "min_seq_len": 16}]}
+    argv = ["calibrate", "--model", checkpoints["chatglm2"], "--text", str(text), "--budget", "0.5", "--tokens", "200",
+            "--methods", "local", "--candidates", json.dumps(candidates), "--out", str(out)]
+    _refused_without_opt_in(argv, capsys)
+    assert cli_main(argv + ["--trust-remote-code"]) == 0
+    plan = PatchPlan.load(out)
+    cells = plan.calibration["cells"]
+    assert sorted(c["layer"] for c in cells) == [0, 1, 2]
+    assert all(c["served"] and 0 < c["error"] < float("inf") for c in cells)
+    model, _ = _load(checkpoints["chatglm2"])
+    applied = patch_model(model, plan=out)
+    assert [e.layer_idx for e in applied.layers] == [e.layer_idx for e in plan.layers]
+    unpatch_model(model)
