@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hf_sparse_attn.cli import main  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "model_bench_causal")
-COMMON = ["bench", "model", "--tokens", "8192", "--threads", "1", "--no-profile",
+COMMON = ["bench", "model", "--tokens", "8192", "--threads", "1", "--no-profile", "--no-goals",
           "--layers", "0", "30", "15", "--selections", "weight_norm",
           "--method-param", "local.window=1024",
           "--method-param", "sparse_hyper.causal_mode=single_pass",

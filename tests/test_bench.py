@@ -289,6 +289,10 @@ def test_goals_and_report(tmp_path):
     result, md = _write_report(tmp_path / "out", records)
     assert "**NOT MET**" in md and "| 8192 | sparse_hyper | 4 | weight_norm |" in md
     assert result["plots"] == ["ppl_vs_speedup_8192.png", "selections_by_article_sparse_hyper_2layers_8192.png"] and (tmp_path / "out" / "ppl_vs_speedup_8192.png").stat().st_size > 1000
+    # a grid that does not test issue 7's goals leaves them out (bench model --no-goals)
+    no_goals = mb.write_model_results(str(tmp_path / "out"), 4, header_lines=["# test"], goals=False)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert no_goals["goals"] == [] and "## Goals" not in md and "| 8192 | sparse_hyper | 4 | weight_norm |" in md
 
 
 def test_goals_of_a_method_that_served_nothing_are_not_applicable():

@@ -101,6 +101,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--calibration-tokens", type=int, default=2048,
                        help="tokens of the calibration article for select=measured (an article not among the scored ones)")
     model.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run of the exact prefill")
+    model.add_argument("--no-goals", action="store_true",
+                       help="leave issue 7's goal checks (+5%% at half the layers, selection order, speed-up) out of the report")
     add_model_arguments(model, default="smollm2", aliases=("--model-dir",),
                         help="the causal LM to patch: 'smollm2' (default: real SmolLM2-135M) or a local transformers "
                              "causal-LM directory with its tokenizer (e.g. a tiny random model for tests; --model-dir "
@@ -230,7 +232,7 @@ def run_model(args: argparse.Namespace) -> int:
                f"selections {args.selections} (random seeds {args.random_seeds}; selections other than weight_norm at "
                f"{args.compare_selections_at or 'every layer count'}, for {args.compare_methods or 'every method'}). Weight-norm order of the layers: {ranking.order}. "
                f"Calibration article for select=measured: '{calibration_title}' ({args.calibration_tokens} tokens)."]
-    write_model_results(args.out, num_layers, header_lines=header, extra=extra)
+    write_model_results(args.out, num_layers, header_lines=header, extra=extra, goals=not args.no_goals)
     print(f"wrote {args.out}/results.jsonl, results.json, results.md and plots")
     return 0
 

@@ -146,9 +146,11 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
                           comparison: Sequence[dict] = (), comparison_plots: Optional[dict] = None) -> str:
     """results.md: header, goals, profile table, the article-by-article selection comparison, every cell,
     random-selection groups."""
-    lines = list(header_lines) + ["", "## Goals (issue 7)", ""]
-    for g in goals:
-        lines.append(f"- **{g['status']}** — {g['method']}: {g['goal']}. {g['detail']}.")
+    lines = list(header_lines)
+    if goals:
+        lines += ["", "## Goals (issue 7)", ""]
+        for g in goals:
+            lines.append(f"- **{g['status']}** — {g['method']}: {g['goal']}. {g['detail']}.")
     lines += ["", "## Attention's share of the exact prefill (torch.profiler, one article, one run)", "",
               "| N | profiled prefill s | SDPA share | attention-module share | Amdahl ceiling, all layers |", "|---|---|---|---|---|"]
     for n, p in sorted(summary["profiles"].items(), key=lambda kv: int(kv[0])):
@@ -219,10 +221,11 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
     return "\n".join(lines) + "\n"
 
 
-def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence[str], extra: Optional[dict] = None) -> dict:
+def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence[str], extra: Optional[dict] = None,
+                        goals: bool = True) -> dict:
     """From ``out_dir``/results.jsonl write results.json, results.md and the plots: one ppl-vs-speed-up PNG per N,
     one per-article heatmap per selection comparison, one change-vs-layers curve per (method, N) compared at two or
-    more layer counts."""
+    more layer counts. ``goals`` False leaves out issue 7's goal checks (for grids that do not test them)."""
     from ..plots import (
         plot_perplexity_vs_speedup,
         plot_selection_articles,
@@ -232,7 +235,7 @@ def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence
     records = read_jsonl(os.path.join(out_dir, "results.jsonl"))
     summary = summarize(records, num_layers)
     comparison = selection_comparison(records)
-    goals = evaluate_goals(summary, num_layers, comparison=comparison)
+    goals = evaluate_goals(summary, num_layers, comparison=comparison) if goals else []
     comparison_plots = {}
     for g in comparison:
         name = f"selections_by_article_{g['method']}_{g['layers']}layers_{g['tokens']}.png"
