@@ -41,46 +41,15 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
+from .defaults import (CAUSAL_CROSSOVER_FACTOR, CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN,  # noqa: F401
+                       NUM_SINK_TOKENS, SINGLE_PASS_WINDOW)
 from .lsh import make_generator
 from .registry import Param, register_method
 from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
                             single_pass_causal_attention, sink_attention, sorted_lsh_attention, split_sink_keys)
 
-# Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
-# bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
-# (1.4-1.6x; 0.7-0.9x at 2048-4096). 2048 is the bidirectional crossover; causal models gain only from 8192.
-MIN_SEQ_LEN = 2048
-# Causal calls pay only from a longer length: the adapter runs exact attention for causal calls below
-# ``causal_min_seq_len`` (check_sorted_lsh). Its default 0 means "auto" = CAUSAL_CROSSOVER_FACTOR x min_seq_len.
-# Re-measured on one thread (scripts/bench_causal_kernels.py, eval/results/kernels_causal/results.md, 2026-12-01,
-# B=1 H=8 D=64 fp32, causal, SDPA in the same run): recursive at the defaults 0.82x / 0.73x (sparse_hyper / hyper
-# 0.82x, 0.88x) at 2048, 1.22x / 1.14x at 4096; single pass (window 512, block 256) 0.76x at 2048, 1.26x at 4096.
-# Both modes cross over between 2048 and 4096 = 2 x min_seq_len. (The earlier 2-thread measurement put the causal
-# crossover at 8192 = 4 x.) Tying it to min_seq_len keeps a user's lowered min_seq_len meaningful for causal models.
-CAUSAL_CROSSOVER_FACTOR = 2
-CAUSAL_MIN_SEQ_LEN = 0
-# Attention sinks: every query also attends the first NUM_SINK_TOKENS keys exactly (sorted_blocks.sink_attention).
-# Default 64, measured (scripts/smollm2_layer_error.py, 2026-11-22, real SmolLM2-135M on a 4096-token Wikipedia
-# article, causal, min_seq_len=512): mean per-layer relative Frobenius error hyper 0.390 -> 0.123 / 0.122 / 0.120
-# with 4 / 16 / 64 sinks, sparse_hyper (theory) 0.494 -> 0.204 / 0.204 / 0.178 (lower in 30 of 30 layers with 64);
-# layers 12-29 put 29-64% of each row's mass on the first tokens. 64 was best for both; the cost is O(N * 64 * d),
-# a quarter of one 256-key block per query. Set 0 for the plain HyperAttention / "Attention is Naturally Sparse" algorithms.
-NUM_SINK_TOKENS = 64
-# Causal algorithm: "recursive" = HyperAttention's recursive halving (above); "single_pass" = sinks + exact local
-# window + causal sorted-LSH block (+ sampled residual), sorted_blocks.single_pass_causal_attention.
-# Default "recursive", chosen from the kernel frontier (eval/results/kernels_causal/results.md, 8k, speed on random
-# inputs, mean relative error on 4 real SmolLM2 layers): sparse_hyper recursive 2.04x at error 0.171, single pass
-# 2.42-3.72x at 0.250-0.353 (window 256-512, block 128-256); hyper recursive 1.71x at 0.144, single pass 1.71-2.77x
-# at 0.214-0.356. The single pass is faster (up to 3.7x at 8k, 11-12x at 32k with block 128) but at about twice the
-# error, and `local` (sinks + window, no LSH) beats it at equal speed there (window 1024: 3.36x at 0.178), so it
-# is not the default; the recursion keeps the lowest error of these methods at its speed and the model-level
-# results measured with it (README) stay valid.
-CAUSAL_MODES = ("recursive", "single_pass")
-CAUSAL_MODE = "recursive"
-# Exact local window of the single pass (keys before the query's window chunk; see sorted_blocks.window_attention).
-# 512: at equal block size (256) the real-layer error fell from 0.335 (window 256, 3.16x) to 0.250 (window 512,
-# 2.42x) at 8k; window 512 + block 128 (3.07x, 0.263) is on the frontier too (results.md above).
-WINDOW = 512
+# Measured defaults (each with the result that chose it): defaults.py.
+WINDOW = SINGLE_PASS_WINDOW
 
 
 def causal_threshold(params: dict) -> int:

@@ -26,19 +26,15 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
+from .defaults import LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW
 from .registry import Param, register_method
 from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
                             sink_attention, window_attention)
 
-# Defaults, from scripts/bench_causal_kernels.py (eval/results/kernels_causal/results.md, 2026-12-01, one thread,
-# B=1 H=8 D=64 fp32, causal, SDPA in the same run; error = mean relative error on 4 real SmolLM2 layers at 8k):
-# window 128 / 256 / 512 / 1024 / 2048 ran 15.9x / 11.5x / 7.1x / 3.4x / 1.5x at 8k with error 0.51 / 0.41 / 0.29 /
-# 0.18 / 0.08. WINDOW = 1024 is the fastest window whose error (0.178) matches sparse_hyper's recursion (0.171 at
-# 2.04x); it ran 11.3x at 32k. 64 sinks: the value measured for hyper/sparse_hyper (hyper.py), not re-swept here.
-# MIN_SEQ_LEN: window 1024 ran 0.79x at 2048 and 1.53x at 4096 (the adapter runs exact attention below it).
-WINDOW = 1024
-NUM_SINK_TOKENS = 64
-MIN_SEQ_LEN = 4096
+# Measured defaults (each with the result that chose it): defaults.py.
+WINDOW = LOCAL_WINDOW
+NUM_SINK_TOKENS = LOCAL_NUM_SINK_TOKENS
+MIN_SEQ_LEN = LOCAL_MIN_SEQ_LEN
 
 
 def local_attention(

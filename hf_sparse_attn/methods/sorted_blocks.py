@@ -48,9 +48,7 @@ from .lsh import lsh_ranks, random_hyperplanes
 from .merge import merge_attention
 
 NEG_INF = float("-inf")
-# Causal quadrants cut each key block's queries into chunks of block_size / 2 (at 32k, chunks of
-# block_size were 57-65% full; block_size / 4 chunks were 85% full but gather every key block ~4.6 times).
-CAUSAL_QUERY_CHUNK_DIVISOR = 2
+from .defaults import CAUSAL_QUERY_CHUNK_DIVISOR  # noqa: E402  (causal quadrants: chunks of block_size / 2)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -51,17 +51,14 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
-from .hyper import CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, HYPER_PARAMS, NUM_SINK_TOKENS, WINDOW, check_sorted_lsh
+from .defaults import CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN, NUM_SINK_TOKENS
+from .hyper import HYPER_PARAMS, WINDOW, check_sorted_lsh
 from .lsh import make_generator
 from .registry import Param, register_method
 from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
                             single_pass_causal_attention, sink_attention, sorted_lsh_attention, split_sink_keys,
                             workspace)
 
-# Measured crossover (scripts/bench_cpu_kernels.py, 2026-11-22, 2-core shared CPU VM, B=1 H=8 D=64 fp32):
-# bidirectional, both methods beat SDPA from N=2048 (1.3x; 0.4-0.5x at 1024); causal only from N=8192
-# (1.4-1.6x; 0.7-0.9x at 2048-4096). 2048 is the bidirectional crossover; causal models gain only from 8192.
-MIN_SEQ_LEN = 2048
 
 
 def score_std(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
