@@ -19,6 +19,23 @@ def flash_cpu_op():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def softmax_attention_autograd(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = softmax(scores) v and lse = logsumexp(scores) with no in-place step, for autograd: scores [..., M, L]
+    (masked entries -inf), v [..., L, Dv] -> out [..., M, Dv], lse [..., M].
+
+    lse = log sum_j e^{s_j - m} + m for any constant m (the row max, detached); a row with no key gets out 0, lse
+    -inf and a zero (never NaN) gradient.
+    """
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1)
+    nonempty = denom > 0
+    denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    lse = torch.where(nonempty, torch.log(denom_safe) + row_max.squeeze(-1), torch.full_like(denom, NEG_INF))
+    return torch.matmul(weights, v) / denom_safe.unsqueeze(-1), lse
+
+
 def dense_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                              bias: Optional[torch.Tensor] = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of small dense groups: q [G, M, D], k/v [G, L, D] float32, bias [G, L] (shared by the
@@ -38,16 +55,7 @@ def dense_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if causal:
             M, L = scores.shape[-2:]
             scores = scores.masked_fill(torch.ones(M, L, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
-        # lse = log sum_j e^{s_j - m} + m for any constant m (the row max, detached); a row with no key keeps
-        # out 0, lse -inf and a zero (never NaN) gradient
-        row_max = scores.detach().amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        weights = torch.exp(scores - row_max)
-        denom = weights.sum(dim=-1)
-        nonempty = denom > 0
-        denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
-        lse = torch.where(nonempty, torch.log(denom_safe) + row_max.squeeze(-1), torch.full_like(denom, NEG_INF))
-        return torch.matmul(weights, v) / denom_safe.unsqueeze(-1), lse
+        return softmax_attention_autograd(scores, v)
     if op is not None and q.device.type == "cpu" and q.dtype == torch.float32:
         mask = None if bias is None else bias[:, None, None, :]
         out, lse = op(q[:, None], k[:, None], v[:, None], 0.0, causal, attn_mask=mask, scale=scale)

@@ -57,8 +57,8 @@ from .defaults import CAUSAL_QUERY_CHUNK_DIVISOR  # noqa: E402  (causal quadrant
 
 # Per-thread buffers, bounded and released on unpatch: see hf_sparse_attn/kernels/workspace.py. The block kernel's
 # torch path (the reference of the Triton kernel) lives in hf_sparse_attn/kernels/sorted_blocks_torch.py.
-from ..kernels.sorted_blocks_torch import (dense_attention_with_lse, sorted_block_attention_torch,  # noqa: E402,F401
-                                           flash_cpu_op)
+from ..kernels.sorted_blocks_torch import (dense_attention_with_lse, flash_cpu_op,  # noqa: E402,F401
+                                           softmax_attention_autograd, sorted_block_attention_torch)
 from ..kernels.workspace import clear_workspace, workspace, workspace_bytes  # noqa: E402,F401
 
 
@@ -495,14 +495,7 @@ def masked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
         if mask is not None:
             scores = scores + mask
-        row_max = scores.detach().amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        weights = torch.exp(scores - row_max)
-        denom = weights.sum(dim=-1)
-        nonempty = denom > 0
-        denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
-        lse = torch.where(nonempty, torch.log(denom_safe) + row_max.squeeze(-1), torch.full_like(denom, NEG_INF))
-        return torch.matmul(weights, v) / denom_safe.unsqueeze(-1), lse
+        return softmax_attention_autograd(scores, v)
     op = flash_cpu_op()
     if op is not None and q.device.type == "cpu" and q.dtype == torch.float32:
         return op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
