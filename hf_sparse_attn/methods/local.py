@@ -28,8 +28,8 @@ import torch
 from .common import check_inputs
 from .defaults import LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW
 from .registry import Param, register_method
-from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
-                            sink_attention, window_attention)
+from .sorted_blocks import (add_sinks_and_restore, leading_padding, move_leading_padding_to_end,
+                            window_attention)
 
 # Measured defaults (each with the result that chose it): defaults.py.
 WINDOW = LOCAL_WINDOW
@@ -67,12 +67,8 @@ def local_attention(
         q, k, v, key_padding_mask = move_leading_padding_to_end(q, k, v, key_padding_mask, shift)
     out, lse, _ = window_attention(q.float(), k.float(), v.float(), window=window, scale=scale,
                                    key_valid=key_padding_mask, aligned=False, causal=causal, first_key=num_sinks)
-    if num_sinks > 0:
-        sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
-                                               key_padding_mask=key_padding_mask)
-        out, lse = merge_sink_attention(out, lse, sink_out, sink_lse)
-    if shift is not None:
-        out, lse = restore_leading_padding(out, lse, shift, k.shape[2], causal)
+    out, lse = add_sinks_and_restore(out, lse, q, k, v, num_sinks=num_sinks, causal=causal, scale=scale,
+                                     key_padding_mask=key_padding_mask, shift=shift)
     return out.to(q.dtype), lse
 
 

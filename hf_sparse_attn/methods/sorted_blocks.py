@@ -245,6 +245,22 @@ def merge_sink_attention(out: torch.Tensor, lse: torch.Tensor, sink_out: torch.T
     return out, lse
 
 
+def add_sinks_and_restore(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                          num_sinks: int, causal: bool, scale: float, key_padding_mask: Optional[torch.Tensor],
+                          shift: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The common tail of the sink-aware methods: the sink part (keys 0..num_sinks-1, :func:`sink_attention`) merged
+    into the rest's out [B, H, Nq, Dv] / lse [B, H, Nq] through their lse values, then left padding moved back
+    (:func:`restore_leading_padding`; ``shift`` from :func:`leading_padding`, None when nothing was moved).
+    q, k, v and key_padding_mask are the (rolled) inputs the rest was computed on."""
+    if num_sinks > 0:
+        sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
+                                               key_padding_mask=key_padding_mask)
+        out, lse = merge_sink_attention(out, lse, sink_out, sink_lse)
+    if shift is not None:
+        out, lse = restore_leading_padding(out, lse, shift, k.shape[2], causal)
+    return out, lse
+
+
 def leading_padding(key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """shift [B] int64: the position of each row's first attendable key (0 for a row with none), or None when no
     row starts with padding. key_padding_mask [B, Nk] bool (True = attend) or None."""

@@ -55,8 +55,8 @@ from .defaults import CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN
 from .hyper import HYPER_PARAMS, WINDOW, check_sorted_lsh
 from .lsh import make_generator
 from .registry import Param, register_method
-from .sorted_blocks import (leading_padding, merge_sink_attention, move_leading_padding_to_end, restore_leading_padding,
-                            single_pass_causal_attention, sink_attention, sorted_lsh_attention, split_sink_keys,
+from .sorted_blocks import (add_sinks_and_restore, leading_padding, move_leading_padding_to_end,
+                            single_pass_causal_attention, sorted_lsh_attention, split_sink_keys,
                             workspace)
 
 
@@ -194,12 +194,8 @@ def sparse_hyper_attention(
         else:
             out.mul_(alpha[..., None])  # out is this call's own fresh tensor
         lse = lse - torch.log(alpha)
-    if num_sinks > 0:
-        sink_out, sink_lse, _ = sink_attention(q, k, v, num_sink_tokens=num_sinks, causal=causal, scale=scale,
-                                               key_padding_mask=key_padding_mask)
-        out, lse = merge_sink_attention(out, lse, sink_out, sink_lse)
-    if shift is not None:
-        out, lse = restore_leading_padding(out, lse, shift, k.shape[2], causal)
+    out, lse = add_sinks_and_restore(out, lse, q, k, v, num_sinks=num_sinks, causal=causal, scale=scale,
+                                     key_padding_mask=key_padding_mask, shift=shift)
     return out.to(q.dtype), lse
 
 
