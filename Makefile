@@ -4,12 +4,15 @@
 #               1. .venv: the newest transformers, the whole suite (real weights included);
 #               2. .ci/.venv: the oldest releases the floors allow (.ci/constraints-oldest.txt: transformers 5.0.0,
 #                  accelerate 1.2.0), the suite without the tests that load real weights (they run in 1.)
+# Either half of the suite alone, in .venv (not part of `make test`):
+#   make test-unit          the tests that need no real weights or text (`pytest -m "not integration"`)
+#   make test-integration   the tests that load real offline weights or text: SmolLM2, MiniLM, Wikipedia (`-m integration`)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OLDEST_VENV ?= .ci/.venv
 OLDEST_PY := $(OLDEST_VENV)/bin/python
 
-.PHONY: demo test lint test-newest test-oldest env env-oldest
+.PHONY: demo test lint test-newest test-oldest test-unit test-integration env env-oldest
 
 env:
 	bash scripts/setup_env.sh $(VENV)
@@ -30,3 +33,9 @@ test-newest: env
 
 test-oldest: env-oldest
 	HF_SPARSE_ATTN_SKIP_REAL_WEIGHTS=1 $(OLDEST_PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+test-unit: env
+	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
+
+test-integration: env
+	$(PY) -m pytest -q -p no:cacheprovider -m integration

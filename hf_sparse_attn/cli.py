@@ -1,4 +1,5 @@
-"""`hf-sparse-attn <command>`: one module per command, each with ``configure(parser)`` and ``run(args) -> int``.
+"""`hf-sparse-attn <command>`: the command line. Each command is one module with ``configure(parser)`` and
+``run(args) -> int``, listed in ``COMMANDS``.
 
 Commands are imported only when chosen, so ``--help`` stays fast and a missing optional dependency of one
 command never breaks the others.
@@ -14,7 +15,7 @@ from typing import Optional, Sequence
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "rank": ("hf_sparse_attn.commands.rank", "rank a model's layers by Q/K weight norm (no patching)"),
-    "demo": ("hf_sparse_attn.commands.demo", "the main job: real SmolLM2, ranked and patched, with a check"),
+    "demo": ("hf_sparse_attn.commands.demo", "real SmolLM2-135M end to end: rank, patch half, check, time and score"),
     "bench": ("hf_sparse_attn.eval.bench_cli", "speed and error of methods (kernel level) and patched models"),
     "head-tail": ("hf_sparse_attn.eval.head_tail_cli", "head-to-tail ratio statistics of a model's attention on a corpus"),
     "sparsity": ("hf_sparse_attn.eval.sparsity_cli", "k-sparsity of attention rows per layer versus weight norm R, on real text"),
@@ -26,18 +27,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-DESCRIPTION = (
-    "Swap the attention of chosen layers of a Hugging Face Transformers model for a fast approximate method, and "
-    "measure whether it was worth it: rank a model's layers, patch and check a real model, benchmark speed and error, "
-    "find the fastest plan within a quality budget, measure the attention statistics the methods rely on, and run "
-    "LongBench or lm-evaluation-harness with a patched model."
-)
-EPILOG = ("Run `hf-sparse-attn COMMAND --help` for the options of a command. From Python: "
-          "`from hf_sparse_attn import patch_model` (see README.md).")
+DESCRIPTION = """\
+Swap the attention of chosen layers of a Hugging Face Transformers model for a
+fast approximate method (HyperAttention, Sparse HyperAttention, a local window
+with attention sinks, ...), with the layers ranked by their Q/K weight norm, and
+measure whether it was worth it: prefill time and perplexity against the exact
+model, LongBench and lm-evaluation-harness scores, attention statistics."""
+
+EPILOG = """\
+examples:
+  hf-sparse-attn demo                  # real SmolLM2-135M: rank, patch half, time and score
+  hf-sparse-attn rank smollm2          # its layers by Q/K weight norm, largest first
+  hf-sparse-attn calibrate --model smollm2 --text my_text.txt --budget 0.03 --out plan.json
+  hf-sparse-attn bench run eval/experiments/model_bench_causal.toml   # re-make one result
+
+Run `hf-sparse-attn COMMAND --help` for the options of a command. From Python:
+`from hf_sparse_attn import patch_model` (README.md)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-sparse-attn", description=DESCRIPTION, epilog=EPILOG)
+    parser = argparse.ArgumentParser(prog="hf-sparse-attn", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (accepted anywhere "
                                                              "on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

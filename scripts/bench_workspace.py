@@ -6,7 +6,7 @@ runs the library as it is. Both are timed alternately in the same run (median of
 each), ``hyper`` and ``sparse_hyper`` with their default parameters, B=1, H=8, D=64, fp32, one torch thread.
 Run it pinned to one core:
 
-    taskset -c 0 .venv/bin/python scripts/bench_workspace.py [--ns 8192 16384] [--repeats 5]
+    hf-sparse-attn bench run eval/experiments/workspace_concurrency.toml   # the committed run (--repeats 7)
 
 Writes eval/results/workspace_concurrency/{results.json, results.md}.
 """
@@ -23,13 +23,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from hf_sparse_attn.kernels import workspace as thread_workspace  # noqa: E402
-from hf_sparse_attn.methods import get_method  # noqa: E402
-from hf_sparse_attn.methods import sorted_blocks, sparse_hyper  # noqa: E402
+from hf_sparse_attn.kernels import workspace as thread_workspace
+from hf_sparse_attn.methods import get_method
+from hf_sparse_attn.methods import sorted_blocks, sparse_hyper
 
-OUT_DIR = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "workspace_concurrency")
-MACHINE = "2-core CPU VM (AMD EPYC), no GPU, shared with other jobs; pinned to one core (taskset -c 0)"
+OUT_DIR = os.path.join("eval", "results", "workspace_concurrency")
+MACHINE = "2-core CPU VM (AMD EPYC), no GPU, shared with other jobs; one torch thread pinned to one core"
 DATE = "2026-12-01"
 USERS = (sorted_blocks, sparse_hyper)  # the modules that call workspace()
 
@@ -65,44 +64,53 @@ def time_call(name: str, q, k, v, causal: bool) -> float:
 
 
 def main() -> int:
+    global OUT_DIR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=OUT_DIR, help="results directory")
+    parser.add_argument("--report-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args()
+    OUT_DIR = args.out
     torch.set_num_threads(1)
     os.makedirs(OUT_DIR, exist_ok=True)
-    cells = []
-    for causal in (False, True):
-        for n in args.ns:
-            g = torch.Generator().manual_seed(n)
-            q, k, v = (torch.randn(1, 8, n, 64, generator=g) for _ in range(3))
-            for name in ("hyper", "sparse_hyper"):
-                times = {"global": [], "thread": []}
-                outputs = {}
-                for impl in ("global", "thread"):  # warm-up: buffers allocated once, outputs compared
-                    use(impl)
-                    outputs[impl] = get_method(name)(q, k, v, causal=causal, scale=0.125,
-                                                     generator=torch.Generator().manual_seed(0))[0]
-                for _ in range(args.repeats):
-                    for impl in ("global", "thread"):
+    if args.report_only:  # the table again from the saved cells
+        with open(os.path.join(OUT_DIR, "results.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        cells, args.repeats = saved["cells"], saved["repeats"]
+    else:
+        cells = []
+        for causal in (False, True):
+            for n in args.ns:
+                g = torch.Generator().manual_seed(n)
+                q, k, v = (torch.randn(1, 8, n, 64, generator=g) for _ in range(3))
+                for name in ("hyper", "sparse_hyper"):
+                    times = {"global": [], "thread": []}
+                    outputs = {}
+                    for impl in ("global", "thread"):  # warm-up: buffers allocated once, outputs compared
                         use(impl)
-                        times[impl].append(time_call(name, q, k, v, causal))
-                use("thread")
-                cell = {
-                    "method": name, "n": n, "causal": causal,
-                    "global_s": statistics.median(times["global"]), "thread_s": statistics.median(times["thread"]),
-                    "global_all_s": times["global"], "thread_all_s": times["thread"],
-                    "outputs_equal": bool(torch.equal(outputs["global"], outputs["thread"])),
-                    "thread_workspace_mb": thread_workspace.workspace_bytes() / 2**20,
-                }
-                cell["ratio_thread_over_global"] = cell["thread_s"] / cell["global_s"]
-                cell["ratio_of_minima"] = min(times["thread"]) / min(times["global"])
-                cells.append(cell)
-                print(f"{name:12s} N={n:6d} causal={causal!s:5s} global {cell['global_s']:.3f}s thread "
-                      f"{cell['thread_s']:.3f}s ratio {cell['ratio_thread_over_global']:.3f} "
-                      f"equal={cell['outputs_equal']}", flush=True)
-                _GLOBAL.clear()
-                thread_workspace.clear_workspace()
+                        outputs[impl] = get_method(name)(q, k, v, causal=causal, scale=0.125,
+                                                         generator=torch.Generator().manual_seed(0))[0]
+                    for _ in range(args.repeats):
+                        for impl in ("global", "thread"):
+                            use(impl)
+                            times[impl].append(time_call(name, q, k, v, causal))
+                    use("thread")
+                    cell = {
+                        "method": name, "n": n, "causal": causal,
+                        "global_s": statistics.median(times["global"]), "thread_s": statistics.median(times["thread"]),
+                        "global_all_s": times["global"], "thread_all_s": times["thread"],
+                        "outputs_equal": bool(torch.equal(outputs["global"], outputs["thread"])),
+                        "thread_workspace_mb": thread_workspace.workspace_bytes() / 2**20,
+                    }
+                    cell["ratio_thread_over_global"] = cell["thread_s"] / cell["global_s"]
+                    cell["ratio_of_minima"] = min(times["thread"]) / min(times["global"])
+                    cells.append(cell)
+                    print(f"{name:12s} N={n:6d} causal={causal!s:5s} global {cell['global_s']:.3f}s thread "
+                          f"{cell['thread_s']:.3f}s ratio {cell['ratio_thread_over_global']:.3f} "
+                          f"equal={cell['outputs_equal']}", flush=True)
+                    _GLOBAL.clear()
+                    thread_workspace.clear_workspace()
     results = {"machine": MACHINE, "date": DATE, "torch": torch.__version__, "python": platform.python_version(),
                "threads": torch.get_num_threads(), "repeats": args.repeats, "script": "scripts/bench_workspace.py",
                "cells": cells}

@@ -5,11 +5,12 @@ Resumable and parameterized: every (method, select, layers) run writes its predi
 OUT/runs/<run>/ (rerun the same command to continue after a crash or a --budget-minutes stop); the aggregate
 (results.md, results.json, score_vs_layers.png) is rebuilt from whatever runs exist.
 
-    .venv/bin/python scripts/offline_suite.py --contexts 2,4 --samples 2 --budget-minutes 30   # reduced grid
-    .venv/bin/python scripts/offline_suite.py --contexts 2,4,8 --samples 5                      # full grid
+    hf-sparse-attn bench run eval/experiments/offline_suite.toml                 # the committed grid
+    hf-sparse-attn bench run eval/experiments/offline_suite.toml --report-only   # rebuild the aggregate
+    python scripts/offline_suite.py --contexts 2,4 --samples 2 --budget-minutes 30 --out DIR  # another grid
 
-The committed run (eval/results/offline_suite, its commands.log lists every call) was, one torch thread on core 0:
-the unpatched model on every kind at 2k (2 samples per task), 4k and 8k (1 sample), then the needle kinds for every
+The committed grid (eval/experiments/offline_suite.toml; commands.log lists every call), one torch thread: the
+unpatched model on every kind at 2k (2 samples per task), 4k and 8k (1 sample), then the needle kinds for every
 patched configuration with ``--param causal_min_seq_len=1024``, context by context.
 """
 
@@ -23,12 +24,11 @@ import sys
 import textwrap
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
 MACHINE = ("2-core CPU VM (AMD EPYC, AVX2), no GPU; 1 torch thread pinned to one core while the other core ran "
-           "scripts/bench_model_grid.py")
+           "a model benchmark")
 DATE = "2026-11-22"
 
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this much wall time")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--aggregate-only", action="store_true", help="only rebuild table/plot/JSON from OUT/runs")
+    p.add_argument("--aggregate-only", "--report-only", action="store_true", help="only rebuild table/plot/JSON from OUT/runs")
     return p.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""Why do `hyper` and `sparse_hyper` prefer different layers? (issue 7, the selection test.) No new model run: this
+"""Why do `hyper` and `sparse_hyper` prefer different layers? (The layer-selection test.) No new model run: this
 script joins two committed results.
 
 - Per-layer attention error on real SmolLM2 activations (eval/results/smollm2_layer_error/results.json, made by
@@ -7,7 +7,7 @@ script joins two committed results.
   +64 sinks" (sparse_hyper's default scale) for each of the 30 layers, and each layer's sink mass (the mean softmax
   mass of a row on its first 64 keys).
 - The selection cells of the model benchmarks at 2k / 4k / 8k tokens (eval/results/model_bench_{2k,4k,grid}/
-  results.jsonl, made by scripts/bench_model_{2k,4k,grid}.py): for each finished cell, the layers it patched and its
+  results.jsonl, made by eval/experiments/model_bench_{2k,4k,grid}.toml): for each finished cell, the layers it patched and its
   perplexity change against the exact model of its run.
 
 For each cell the *error sum* is the sum of the per-layer errors of the layers it patched (the method's own error
@@ -24,29 +24,27 @@ see, which a sum ignores.
 
 Machine: 2-core CPU VM, no GPU (this script reads JSON only; seconds). Date: 2026-11-30.
 
-    .venv/bin/python scripts/selection_vs_layer_error.py   # writes eval/results/selection_vs_layer_error/
+    hf-sparse-attn bench run eval/experiments/selection_vs_layer_error.toml   # writes eval/results/selection_vs_layer_error/
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
-import sys
 from collections import defaultdict
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from hf_sparse_attn.eval.model_bench import latest_cells, read_jsonl  # noqa: E402
-from hf_sparse_attn.eval.sparsity import spearman  # noqa: E402
+from hf_sparse_attn.eval.model_bench import latest_cells, read_jsonl
+from hf_sparse_attn.eval.sparsity import spearman
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-RESULTS = os.path.join(ROOT, "eval", "results")
+RESULTS = os.path.join("eval", "results")
 OUT = os.path.join(RESULTS, "selection_vs_layer_error")
 ERROR_COLUMNS = {"hyper": "hyper +64 sinks", "sparse_hyper": "sparse_hyper (theory) +64 sinks"}
 BENCHES = {2048: "model_bench_2k", 4096: "model_bench_4k", 8192: "model_bench_grid"}
@@ -179,4 +177,10 @@ def write_markdown(result: dict) -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=OUT, help="results directory")
+    parser.add_argument("--results", default=RESULTS, help="the results directories it reads (eval/results)")
+    parser.add_argument("--report-only", action="store_true", help="accepted for `bench run`: this script only reads JSON")
+    args = parser.parse_args()
+    OUT, RESULTS = args.out, args.results
     main()

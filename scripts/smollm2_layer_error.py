@@ -1,4 +1,4 @@
-"""Per-layer attention error of the fast methods on real SmolLM2-135M-Instruct activations (issue 3, "Accuracy").
+"""Per-layer attention error of the fast methods on real SmolLM2-135M-Instruct activations.
 
 Real model (hf_sparse_attn.eval.data.load_smollm2(): LlamaForCausalLM, 30 layers, 9 query heads, 3 KV heads,
 d=64, fp32) on one real English Wikipedia article (gensim's test data; the first article of >= 20,000 characters
@@ -42,15 +42,14 @@ import torch
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from hf_sparse_attn import capture_attention, rank_layers  # noqa: E402
-from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles  # noqa: E402
-from hf_sparse_attn.methods import get_method  # noqa: E402
-from hf_sparse_attn.methods.common import expand_kv_heads  # noqa: E402
-from hf_sparse_attn.methods.sorted_blocks import sink_attention  # noqa: E402
+from hf_sparse_attn import capture_attention, rank_layers
+from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles
+from hf_sparse_attn.methods import get_method
+from hf_sparse_attn.methods.common import expand_kv_heads
+from hf_sparse_attn.methods.sorted_blocks import sink_attention
 
-OUT_DIR = os.path.join(ROOT, "eval", "results", "smollm2_layer_error")
+OUT_DIR = os.path.join("eval", "results", "smollm2_layer_error")
 MACHINE = "2-core CPU VM, no GPU (shared with other jobs)"
 DATE = "2026-11-22"
 
@@ -188,6 +187,7 @@ def plot(results: dict) -> None:
 
 
 def main() -> int:
+    global OUT_DIR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--min-seq-len", type=int, default=512)
@@ -196,7 +196,9 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=None, help="labels to run (default: all of method_configs)")
     parser.add_argument("--redo", action="store_true", help="recompute: the --methods labels only, or everything")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--out", default=OUT_DIR, help="results directory")
     args = parser.parse_args()
+    OUT_DIR = args.out
     os.makedirs(OUT_DIR, exist_ok=True)
     path = os.path.join(OUT_DIR, "results.json")
     configs = method_configs(args.min_seq_len, args.sinks)

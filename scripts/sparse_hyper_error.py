@@ -25,10 +25,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from hf_sparse_attn.methods import get_method  # noqa: E402
+from hf_sparse_attn.methods import get_method
 
-OUT_DIR = os.path.join(os.path.dirname(__file__), "..", "eval", "results", "sparse_hyper_error")
+OUT_DIR = os.path.join("eval", "results", "sparse_hyper_error")
 D = 64
 WEIGHT_SCALES = (0.5, 1.0, 1.5, 2.0, 3.0)
 NS = (1024, 2048, 4096, 8192)
@@ -127,9 +126,13 @@ def report(rows: list[dict]) -> None:
 
 
 def main() -> int:
+    global OUT_DIR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=OUT_DIR, help="results directory")
+    parser.add_argument("--report-only", action="store_true", help="rewrite results.md and the plots from results.json")
     args = parser.parse_args()
+    OUT_DIR = args.out
     os.makedirs(OUT_DIR, exist_ok=True)
     path = os.path.join(OUT_DIR, "results.json")
     data = {"machine": "2-core CPU VM, no GPU", "date": "2026-11-22", "script": "scripts/sparse_hyper_error.py", "d": D, "rows": []}
@@ -138,7 +141,7 @@ def main() -> int:
             data["rows"] = json.load(f)["rows"]
     done = {(r["n"], r["w"], r["repeat"]) for r in data["rows"]}
     configs = sorted({(DEFAULT_N, w) for w in WEIGHT_SCALES} | {(n, DEFAULT_W) for n in NS})
-    todo = [(n, w, rep) for n, w in configs for rep in range(args.repeats) if (n, w, rep) not in done]
+    todo = [] if args.report_only else [(n, w, rep) for n, w in configs for rep in range(args.repeats) if (n, w, rep) not in done]
     for n, w, rep in tqdm(todo, desc="configs"):
         data["rows"].extend(one_config(n, w, rep))
         with open(path + ".tmp", "w") as f:

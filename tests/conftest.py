@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,21 +66,52 @@ def tiny_model():
 
 SKIP_REAL_WEIGHTS = os.environ.get("HF_SPARSE_ATTN_SKIP_REAL_WEIGHTS") == "1"  # the second CI env (Makefile)
 
+# Integration tests: those that load real offline weights or text (SmolLM2, MiniLM, Wikipedia, People's Daily through
+# hf_sparse_attn.eval.data). They are marked here, so that `pytest -m "not integration"` runs the unit tests alone:
+# 1. every test that uses one of these fixtures;
+REAL_FIXTURES = {"smollm2", "minilm", "wiki_article_text"}
+# 2. every test in a file named test_*_real.py;
+# 3. the tests below, which reach the loaders through the command line or a subprocess (path under tests/, then the
+#    test's name without its parameters; a name alone marks the whole file). A new such test goes here or carries
+#    @pytest.mark.integration itself.
+REAL_TESTS = {
+    "test_demo.py": {"test_demo_ranks_patches_half_checks_and_reports"},
+    "test_readme.py": {"test_readme_usage_example_runs", "test_readme_load_and_lm_eval_examples_run"},
+    "test_chatglm_remote.py": {"test_bench_model_runs_chatglm_only_with_the_opt_in"},
+    "test_experiments.py": {"test_two_shards_make_the_cells_of_one_whole_run"},  # `bench run`: Wikipedia articles
+    "stress/test_stress_kill_bench.py": None,  # a tokenizer trained on the Wikipedia text, then `bench model` on it
+}
+
 
 def skip_without_real_weights() -> None:
     if SKIP_REAL_WEIGHTS:
         pytest.skip("real weights are tested in the main environment only (HF_SPARSE_ATTN_SKIP_REAL_WEIGHTS=1)")
 
 
+def loads_real_data(item) -> bool:
+    """True for a test that loads real offline weights or text (the rules above)."""
+    if REAL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.stem.endswith("_real"):
+        return True
+    tests_dir = Path(__file__).parent
+    if not item.path.is_relative_to(tests_dir):
+        return False
+    relative = item.path.relative_to(tests_dir).as_posix()
+    if relative not in REAL_TESTS:
+        return False
+    names = REAL_TESTS[relative]
+    return names is None or getattr(item, "originalname", item.name) in names
+
+
 def pytest_collection_modifyitems(config, items):
-    """In the second CI environment, also skip the real-weight test files (named ``test_*_real.py``) that load
-    SmolLM2 / MiniLM through the command line rather than through the fixtures below."""
-    if not SKIP_REAL_WEIGHTS:
-        return
-    marker = pytest.mark.skip(reason="real weights are tested in the main environment only (HF_SPARSE_ATTN_SKIP_REAL_WEIGHTS=1)")
+    """Mark the integration tests (``loads_real_data``). In the second CI environment, also skip the real-weight test
+    files (named ``test_*_real.py``) that load SmolLM2 / MiniLM through the command line rather than through the
+    fixtures below."""
+    skip = pytest.mark.skip(reason="real weights are tested in the main environment only (HF_SPARSE_ATTN_SKIP_REAL_WEIGHTS=1)")
     for item in items:
-        if item.path.stem.endswith("_real"):
-            item.add_marker(marker)
+        if loads_real_data(item):
+            item.add_marker(pytest.mark.integration)
+        if SKIP_REAL_WEIGHTS and item.path.stem.endswith("_real"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

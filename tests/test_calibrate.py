@@ -292,3 +292,197 @@ def test_output_error_metric_measures_only_combined_plans_and_reuses_cached_loss
     again = calibrate(model, calib, budget=0.02, methods=METHODS, candidates=CANDIDATES, metric="output_error",
                       cache=cache, progress=False)
     assert again.calibration["proxy_spearman"]["n"] == 12  # the single-layer losses of the loss run rank the proxy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output-error search (regula falsi on prefix lengths), the proxy check, the fixed-plan comparison, the script
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("curve_seed", range(12))
+def test_output_error_search_finds_the_longest_holding_prefix_in_few_steps(curve_seed):
+    g = torch.Generator().manual_seed(curve_seed)
+    n = 30
+    increments = torch.rand(n, generator=g) ** 2 * 0.004  # a monotone, uneven combined change
+    change = torch.cumsum(increments, 0).tolist()
+    cells = [_cell(i, cost=0.1 + i, saving=1.0) for i in range(n)]  # the order is by layer
+    budget = float(torch.rand(1, generator=g)) * change[-1] * 1.1
+    measured = []
+
+    def measure(chosen):
+        measured.append(len(chosen))
+        return change[len(chosen) - 1]
+
+    chosen, steps = cal.greedy_plan(cells, budget, measure, costs_in_budget_units=False)
+    best = max([0] + [k for k in range(1, n + 1) if change[k - 1] <= budget])
+    assert len(chosen) == best and [c.layer for c in chosen] == list(range(best))
+    assert len(measured) <= 8  # bisection over 30 prefixes needs 1 + 5; the clamped regula falsi at most 1 + 7
+    assert all(s["holds"] == (s["change"] <= budget) for s in steps)
+    # a second budget with the first one's measurements known: nothing measured twice
+    known = {k: change[k - 1] for k in set(measured)}
+    measured.clear()
+    second, _ = cal.greedy_plan(cells, budget * 0.5, measure, costs_in_budget_units=False, known=known)
+    assert not (set(measured) - {len(second)}) & set(known)  # the returned plan's step is recorded (a cache hit)
+
+
+def test_output_error_search_with_everything_known_measures_only_the_plan_it_returns():
+    cells = [_cell(i, cost=0.1 + i) for i in range(4)]
+    calls = []
+    chosen, steps = cal.greedy_plan(cells, 0.025, lambda ch: calls.append(len(ch)) or 0.01 * len(ch),
+                                    costs_in_budget_units=False, known={1: 0.01, 2: 0.02, 3: 0.03, 4: 0.04})
+    assert len(chosen) == 2 and calls == [2] and steps[-1]["holds"]  # the step the plan rests on is recorded
+
+
+def test_proxy_check_ranks_error_against_single_layer_loss_and_resumes(model, texts, tmp_path, monkeypatch):
+    calib, _ = texts
+    cache = tmp_path / "cells.jsonl"
+    cells = [(layer, "local", CANDIDATES["local"][0]) for layer in range(3)] + \
+        [(layer, "sparse_hyper", CANDIDATES["sparse_hyper"][0]) for layer in range(3)]
+    forwards = []
+    real = cal.measure_nll
+    monkeypatch.setattr(cal, "measure_nll", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    stops = iter([False, False, False, True])  # capture allowed, base, one cell, then stop
+    partial = cal.proxy_check(model, calib[0], cells, cache=cache, progress=False,
+                              should_stop=lambda: next(stops, True))
+    assert not partial["complete"] and sum(c["loss_change"] is not None for c in partial["cells"]) == 1
+    result = cal.proxy_check(model, calib[0], cells, cache=cache, progress=False)
+    assert result["complete"] and len(forwards) == 1 + 6  # base + every cell once: the partial run's is reused
+    assert result["spearman"]["n"] == 6 and result["spearman"]["rho"] is not None
+    one = result["cells"][0]  # the loss change of a cell is the perplexity change with that layer alone replaced
+    plan = cal._with_cells(cal._skeleton_plan(model, hf_sparse_attn.patches.find_adapter(model), 0),
+                           [cal.Cell(0, "local", one["params"], True)])
+    assert one["loss_change"] == pytest.approx(ppl_change(model, calib[:1], plan), abs=1e-9)
+    assert 0 < one["error"] < 2
+    again = cal.proxy_check(model, calib[0], cells, cache=cache, progress=False)
+    assert len(forwards) == 7 and again["cells"] == result["cells"]  # all from the cache
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        cal.proxy_check(model, calib[0], [(9, "local", {})], progress=False)
+
+
+def _fixed_records():
+    """Two runs of a model benchmark on articles a, b, c: run r1 times exact on a, b and the plan on a; run r2 times
+    exact on b, c and finishes the plan on b, c (its record marks a as resumed from r1). A second plan lacks c."""
+    exact = {"a": (100.0, 10, 10.0), "b": (200.0, 10, 20.0), "c": (300.0, 10, 30.0)}
+    art = lambda t, nll, s, run, resumed=False: {"title": t, "nll_sum": nll, "tokens": 10, "prefill_s": s,  # noqa: E731
+                                                 "run_id": run, "resumed": resumed}
+    return [
+        {"kind": "cell", "key": "exact", "method": "exact", "run_id": "r1",
+         "per_article": [art(t, n, s, "r1") for t, (n, _, s) in exact.items() if t != "c"]},
+        {"kind": "baseline_rerun", "key": "exact", "method": "exact", "run_id": "r2",
+         "per_article": [art("b", 200.0, 40.0, "r2"), art("c", 300.0, 60.0, "r2")]},
+        {"kind": "cell", "key": "p1", "method": "local", "select": "weight_norm", "layers": 2, "seed": 0,
+         "params": {"window": 4}, "run_id": "r2",
+         "per_article": [art("a", 101.0, 5.0, "r1", True), art("b", 202.0, 20.0, "r2"), art("c", 303.0, 30.0, "r2")]},
+        {"kind": "cell", "key": "p2", "method": "sparse_hyper", "select": "last", "layers": 1, "seed": 0,
+         "params": {}, "run_id": "r1", "per_article": [art("a", 100.5, 8.0, "r1"), art("b", 201.0, 16.0, "r1")]},
+    ]
+
+
+def test_fixed_plans_are_scored_on_the_given_articles_with_same_run_speedups():
+    rows = cal.fixed_plans_on(_fixed_records(), ["b", "c"], source="bench")
+    assert [r["key"] for r in rows] == ["p1"]  # p2 lacks article c
+    p1 = rows[0]
+    assert p1["heldout_change"] == pytest.approx(math.exp((505.0 - 500.0) / 20) - 1)
+    assert p1["heldout_speedup"] == pytest.approx((40.0 + 60.0) / (20.0 + 30.0))  # r2's exact times, not r1's
+    assert p1["articles_timed"] == 2 and p1["label"] == "local, weight_norm, 2 layers"
+    both = {r["key"]: r for r in cal.fixed_plans_on(_fixed_records(), ["a", "b"])}
+    assert both["p1"]["heldout_speedup"] == pytest.approx((10.0 + 40.0) / (5.0 + 20.0))  # a with r1, b with r2
+    assert both["p2"]["label"] == "sparse_hyper recursive, last, 1 layers"
+    assert both["p2"]["heldout_speedup"] == pytest.approx((10.0 + 20.0) / (8.0 + 16.0))
+
+
+def test_best_fixed_plan_and_goals():
+    fixed = [{"label": "slow good", "heldout_change": 0.010, "heldout_speedup": 1.2},
+             {"label": "fast", "heldout_change": 0.030, "heldout_speedup": 1.5},
+             {"label": "fastest bad", "heldout_change": 0.080, "heldout_speedup": 1.9}]
+    assert cal.best_fixed_plan(fixed, 0.035)["label"] == "fast"
+    assert cal.best_fixed_plan(fixed, 0.030)["label"] == "fast"  # equal counts as no worse
+    assert cal.best_fixed_plan(fixed, 0.005) is None
+    plans = [{"budget": 0.03, "heldout_change": 0.035, "heldout_speedup": 1.70},
+             {"budget": 0.01, "heldout_change": 0.025, "heldout_speedup": 1.40},
+             {"budget": 0.05, "heldout_change": None, "heldout_speedup": None}]
+    rows = cal.compare_budgets(plans, fixed)
+    assert [r["budget"] for r in rows] == [0.01, 0.03, 0.05]
+    low, mid, high = rows
+    assert low["goal_quality"] is False and low["goal_speed"] is None  # 2.5% > 1% + 1 point; speed at 3% only
+    assert low["best_fixed"]["label"] == "slow good" and low["vs_fixed"] == pytest.approx(1.40 / 1.2)
+    assert mid["goal_quality"] is True and mid["vs_fixed"] == pytest.approx(1.70 / 1.5) and mid["goal_speed"] is True
+    assert high["goal_quality"] is None and high["best_fixed"] is None  # no held-out check yet
+    slower = cal.compare_budgets([{"budget": 0.03, "heldout_change": 0.002, "heldout_speedup": 1.05}], fixed)[0]
+    assert slower["best_fixed"] is None and slower["best_fixed_speedup"] == 1.0 and slower["goal_speed"] is False
+    md = cal.results_markdown(rows, [dict(f, source="s", articles=16, articles_timed=16, ) for f in fixed], None,
+                              {"command": "x", "articles": {"calibration": ["a"], "heldout": ["b", "c"]}})
+    assert "| 3% |" in md and "NOT met" in md and "fast (+3.00%, 1.50x)" in md and "not decided yet" in md
+    assert "Compare speed-ups, not seconds" in md and "Not measured yet" in md
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "calibrate_smollm2", Path(__file__).parent.parent / "scripts" / "calibrate_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budgets", "3"], "budget must be"),
+    (["--budgets", ","], "--budgets is empty"),
+    (["--proxy", "some"], "invalid choice"),
+    (["--methods", "nope"], "unknown method"),
+    (["--layers", "1,x"], "--layers must be comma-separated"),
+    (["--calib-articles", "0"], ">= 1"),
+])
+def test_script_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _script().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_script_report_only_on_partial_results(model, texts, fake_timing, tmp_path):
+    calib, held = texts
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = calibrate(model, calib, budget=0.03, methods=METHODS, candidates=CANDIDATES, metric="output_error",
+                     heldout_ids=held, progress=False)
+    plan.save(out / "plan_0.03.json")
+    unchecked = calibrate(model, calib, budget=0.01, methods=METHODS, candidates=CANDIDATES, metric="output_error",
+                          progress=False)
+    unchecked.save(out / "plan_0.01.json")  # searched, not yet checked on held-out text
+    (out / "articles.json").write_text(json.dumps({"tokens": 256, "calibration": ["a"], "heldout": ["b", "c"]}))
+    fixed = tmp_path / "fixed.jsonl"
+    fixed.write_text("\n".join(json.dumps(r) for r in _fixed_records()) + "\n")
+    assert _script().main(["--report-only", "--out", str(out), "--fixed", str(fixed), "--tokens", "256"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    by_budget = {r["budget"]: r for r in result["budgets"]}
+    held_info = plan.calibration["heldout"]
+    assert by_budget[0.03]["heldout_change"] == pytest.approx(held_info["change"])
+    assert by_budget[0.03]["same_run"] is True and by_budget[0.01]["heldout_change"] is None
+    assert [f["key"] for f in result["fixed"]] == ["p1"]
+    md = (out / "results.md").read_text()
+    assert "| 1% |" in md and "| 3% |" in md and (out / "frontier.png").stat().st_size > 1000
+
+
+def test_upgrade_plans_let_a_layer_trade_up_to_a_faster_candidate():
+    accurate = cal.Cell(0, "local", {"window": 1024}, True, cost=0.1, method_s=1.0, exact_s=2.0)  # saves 1.0
+    fast = cal.Cell(0, "local", {"window": 512}, True, cost=0.3, method_s=0.0, exact_s=2.0)  # saves 2.0
+    dominated = cal.Cell(0, "hyper", {}, True, cost=0.5, method_s=1.5, exact_s=2.0)  # costs more, saves less
+    other = cal.Cell(1, "local", {"window": 1024}, True, cost=0.05, method_s=1.0, exact_s=2.0)
+    plans = cal.upgrade_plans([fast, dominated, accurate, other])
+    keys = [[(c.layer, c.params.get("window")) for c in p] for p in plans]
+    assert keys == [[], [(1, 1024)], [(0, 1024), (1, 1024)], [(0, 512), (1, 1024)]]  # ratios 20, 10, 5
+    assert [len(p) for p in cal.upgrade_plans([accurate, other])] == [0, 1, 2]  # one candidate each: the prefixes
+    changes = {0: 0.0, 1: 0.01, 2: 0.02, 3: 0.05}
+    chosen, _ = cal.greedy_plan([fast, accurate, other], 0.03, lambda ch: changes[
+        next(k for k, p in enumerate(plans) if [c.key for c in p] == [c.key for c in ch])],
+        costs_in_budget_units=False, plans=plans)
+    assert [(c.layer, c.params["window"]) for c in chosen] == [(0, 1024), (1, 1024)]  # the trade-up costs 5%
+
+
+def test_calibrate_upgrades_search_holds_the_budget(model, texts, fake_timing):
+    calib, _ = texts
+    plan = calibrate(model, calib, budget=0.02, methods=METHODS, candidates=CANDIDATES, metric="output_error",
+                     search="upgrades", progress=False)
+    assert plan.calibration["search"] == "upgrades" and plan.calibration["calibration_change"] <= 0.02
+    assert ppl_change(model, calib, plan) == pytest.approx(plan.calibration["calibration_change"], abs=1e-9)
+    with pytest.raises(ValueError, match="search must be one of"):
+        calibrate(model, calib, budget=0.02, methods=METHODS, candidates=CANDIDATES, metric="loss",
+                  search="upgrades", progress=False)

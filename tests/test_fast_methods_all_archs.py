@@ -1,4 +1,4 @@
-"""hyper and sparse_hyper through patch_model on every supported family (issue 3, "done when"): the method serves the
+"""hyper and sparse_hyper through patch_model on every supported family: the method serves the
 calls (no silent fallback), the outputs stay close to the unpatched model, padding is honoured, unpatch restores."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""kmv (Indyk et al.): the guarantees of Theorem 1.1 / Lemmas 3.2-3.5 and exactness where it must be exact."""
+"""kmv engine="reference" (Indyk et al.): the guarantees of Theorem 1.1 / Lemmas 3.2-3.5 and exactness where it must
+be exact. The default engine="blocks" is tested in test_kmv_blocks.py."""
 
 import math
 
@@ -100,7 +101,7 @@ def test_every_key_heavy_is_exact():
     assert torch.allclose(est, gaussian_kernel_matrix(x, y) @ vec, atol=1e-5, rtol=1e-4)
 
 
-EXACT_PARAMS = dict(min_seq_len=0, alpha=50.0, gamma=1.0, lsh_num_tables=1, lsh_num_projs=1, lsh_bucket_width=1e4,
+EXACT_PARAMS = dict(engine="reference", min_seq_len=0, alpha=50.0, gamma=1.0, lsh_num_tables=1, lsh_num_projs=1, lsh_bucket_width=1e4,
                     causal_block=64)
 
 
@@ -127,7 +128,7 @@ def test_fully_masked_batch_row_gives_zero():
     q, k, v = (torch.randn(2, 1, 64, 8) for _ in range(3))
     mask = torch.ones(2, 64, dtype=torch.bool)
     mask[1] = False
-    out, lse = get_method("kmv", min_seq_len=0)(q, k, v, causal=False, scale=8 ** -0.5, key_padding_mask=mask)
+    out, lse = get_method("kmv", engine="reference", min_seq_len=0)(q, k, v, causal=False, scale=8 ** -0.5, key_padding_mask=mask)
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all() and not torch.isnan(out).any()
 
 
@@ -137,7 +138,7 @@ def test_sampled_attention_is_close_and_deterministic():
     B, H, N, D = 1, 1, 2048, 32
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
-    method = get_method("kmv", min_seq_len=0, eps=0.1, causal_block=256)
+    method = get_method("kmv", engine="reference", min_seq_len=0, eps=0.1, causal_block=256)
     out1, _ = method(q, k, v, causal=False, scale=D ** -0.5, generator=torch.Generator().manual_seed(5))
     out2, _ = method(q, k, v, causal=False, scale=D ** -0.5, generator=torch.Generator().manual_seed(5))
     out3, _ = method(q, k, v, causal=False, scale=D ** -0.5, generator=torch.Generator().manual_seed(6))
@@ -161,7 +162,7 @@ def test_split_signs_option_agrees():
     k = torch.randn(B, H, n, D)
     v = torch.randn(B, H, n, D)
     ref, _ = exact_attention(q, k, v, causal=False, scale=D ** -0.5)
-    out, _ = get_method("kmv", min_seq_len=0, split_signs=True)(q, k, v, causal=False, scale=D ** -0.5)
+    out, _ = get_method("kmv", engine="reference", min_seq_len=0, split_signs=True)(q, k, v, causal=False, scale=D ** -0.5)
     assert float((out - ref).pow(2).mean().sqrt() / v.pow(2).mean().sqrt()) < 0.2
 
 
@@ -170,7 +171,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="budget"):
         kmv.approx_kmv(q[0, 0], q[0, 0], torch.randn(8, 1), budget="nope")
     with pytest.raises(ValueError, match="positive scale"):
-        get_method("kmv", min_seq_len=0)(q, q, q, causal=False, scale=-1.0)
+        get_method("kmv", engine="reference", min_seq_len=0)(q, q, q, causal=False, scale=-1.0)
 
 
 @pytest.mark.parametrize("budget", ["two_level", "kde"])

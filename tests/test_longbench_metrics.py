@@ -170,7 +170,7 @@ def test_summary_reproduces_published_english_average():
     assert summary["categories"]["zh"] == {"multi-doc QA": 50.0}
 
 
-def test_table1_convention_reproduces_seed_002_exact_row():
+def test_table1_convention_reproduces_the_papers_exact_row():
     # "Attention is Naturally Sparse" Table 1 "0 (exact)": per-category SUMS 80.63 68.14 53.12 186.58 84.00 99.57, Average 95.34
     result = {"qasper": {"8k+": 40.0}, "multifieldqa_en": {"8k+": 40.63}, "hotpotqa": {"8k+": 34.07},
               "2wikimqa": {"8k+": 34.07}, "gov_report": {"8k+": 26.56}, "multi_news": {"8k+": 26.56},

@@ -1,4 +1,4 @@
-"""The offline long-context suite end to end on the real SmolLM2-135M (issue 6), kept small for CI: the needle tasks
+"""The offline long-context suite end to end on the real SmolLM2-135M, kept small for CI: the needle tasks
 at 1k tokens, one sample each, through `hf-sparse-attn longbench --suite offline`. The full grid (2k-8k, 0-30 layers)
 is scripts/offline_suite.py."""
 

@@ -1,4 +1,4 @@
-"""Issue 2's acceptance on the real offline weights: SmolLM2-135M (Llama) and all-MiniLM-L6-v2 (BERT)."""
+"""Patching on the real offline weights: SmolLM2-135M (Llama) and all-MiniLM-L6-v2 (BERT)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`hf-sparse-attn demo`: the main job on the real model (SmolLM2-135M, real Wikipedia text).
+"""`hf-sparse-attn demo` (`make demo`): the whole job on a real model (SmolLM2-135M, real Wikipedia text).
 
 1. rank SmolLM2's 30 layers by Q/K weight norm and print the ranking;
 2. patch half of them with `exact` and check that the logits are unchanged (<= 1e-5) and unpatching is bit-identical;
@@ -16,12 +16,12 @@ import torch
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="sparse_hyper", help="fast method for step 3 (default sparse_hyper)")
+    parser.add_argument("--method", default="sparse_hyper", help="fast method of the timed run (default sparse_hyper)")
     parser.add_argument("--layers", type=float, default=0.5, help="fraction of layers to patch (default 0.5)")
     parser.add_argument("--select", default="weight_norm", help="layer selection (default weight_norm)")
     parser.add_argument("--tokens", type=int, default=8192,
-                        help="tokens of the article for step 3 (default 8192; causal calls shorter than 2 x min_seq_len = 4096 run exact by default)")
-    parser.add_argument("--check-tokens", type=int, default=1024, help="tokens for the exactness check (default 1024)")
+                        help="tokens of the article in the timed run (default 8192; causal calls shorter than 2 x min_seq_len = 4096 run exact by default)")
+    parser.add_argument("--check-tokens", type=int, default=1024, help="tokens of the exactness check with method exact (default 1024)")
     parser.add_argument("--plan-out", default="demo_plan.json", help="where to save the fast plan (default demo_plan.json)")
     parser.add_argument("--plot-out", default="demo.png",
                         help="where to write the figure: R per layer, loss along the article exact vs patched (default demo.png)")

@@ -1,11 +1,13 @@
-"""`hf-sparse-attn bench kernel|model`: speed and error of the methods alone, and of a patched real model.
+"""`hf-sparse-attn bench kernel|model|run`: speed and error of the methods alone, and of a patched real model.
 
     hf-sparse-attn bench kernel --inputs random smollm2 minilm --ns 1024 4096 16384 --dtypes fp32 bf16 --out DIR
     hf-sparse-attn bench model --tokens 8192 --articles 20 --methods sparse_hyper hyper --layers 0 8 15 23 30 \\
         --selections weight_norm last first measured random --out DIR
+    hf-sparse-attn bench run eval/experiments/model_bench_grid.toml [--shard I/N] [--report-only] [--dry-run]
 
-Both are resumable (give the same --out again: finished cells are skipped) and write JSON, a markdown table and
-PNG plots into --out. Every speed-up is measured against torch SDPA / the exact model in the same run.
+All are resumable (give the same --out again: finished cells are skipped) and write JSON, a markdown table and
+PNG plots into --out. Every speed-up is measured against torch SDPA / the exact model in the same run. `run` runs
+an experiment config: the commands it declares, into eval/results/<name>/ (hf_sparse_attn.eval.experiments).
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ def _parse_max_n(items: Optional[list[str]]) -> dict[str, int]:
     return out
 
 
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """"I/N" -> (I, N) with 0 <= I < N; None -> None. SystemExit with what to write otherwise."""
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
+        raise SystemExit(f"--shard {text!r}: write I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2")
+    return int(i), int(n)
+
+
 def machine_description(note: str = "") -> str:
     cuda = torch.cuda.is_available()
     desc = f"{os.cpu_count()}-core CPU ({platform.machine()}), {'GPU: ' + torch.cuda.get_device_name(0) if cuda else 'no GPU'}"
@@ -63,6 +75,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--machine-note", default="", help="added to the machine description in the report (e.g. 'shared with other jobs')")
     common.add_argument("--report-only", action="store_true", help="only rewrite results.md / JSON / plots from what is in --out")
     common.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    common.add_argument("--shard", default=None, metavar="I/N",
+                        help="model: run shard I of N (0 <= I < N) of the grid in this process, into its own results "
+                             "file in --out (every shard re-times the exact baseline; the report reads every shard's "
+                             "file); kernel: not supported")
+    common.add_argument("--experiment", default=None, metavar="CONFIG",
+                        help="the experiment config (eval/experiments/<name>.toml) this run belongs to: the report "
+                             "names it and (model) checks its [[goal]] tables; `bench run CONFIG` passes it")
 
     kernel = levels.add_parser("kernel", parents=[common], help="every method vs torch SDPA on the same inputs",
                                description="Time, peak extra memory, useful GFLOP/s and output error (relative Frobenius, vs fp32 SDPA) "
@@ -101,12 +120,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--calibration-tokens", type=int, default=2048,
                        help="tokens of the calibration article for select=measured (an article not among the scored ones)")
     model.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run of the exact prefill")
-    model.add_argument("--no-goals", action="store_true",
-                       help="leave issue 7's goal checks (+5%% at half the layers, selection order, speed-up) out of the report")
+    model.add_argument("--rope-scaling", choices=["yarn", "linear", "dynamic"], default=None,
+                       help="for --tokens beyond the checkpoint's max_position_embeddings: scale its RoPE to each N "
+                            "(factor N / max positions) before that N's cells, baseline included")
+    model.add_argument("--concat-articles", action="store_true",
+                       help="texts made of consecutive articles joined until N tokens (for N longer than any article); "
+                            "default: whole articles with >= N tokens")
     add_model_arguments(model, default="smollm2", aliases=("--model-dir",),
                         help="the causal LM to patch: 'smollm2' (default: real SmolLM2-135M) or a local transformers "
                              "causal-LM directory with its tokenizer (e.g. a tiny random model for tests; --model-dir "
                              "is the older spelling)")
+
+    from .experiments import configure_run
+
+    configure_run(levels)
 
 
 def _header(args: argparse.Namespace, what: str) -> list[str]:
@@ -114,7 +141,7 @@ def _header(args: argparse.Namespace, what: str) -> list[str]:
             f"Machine: {machine_description(args.machine_note)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"Python {platform.python_version()}. Date: {datetime.date.today().isoformat()}.",
             f"Command: `hf-sparse-attn bench {' '.join(shlex.quote(a) for a in getattr(args, '_argv', []))}`"
-            if getattr(args, "_argv", None) else f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`"
+            if getattr(args, "_argv", None) else f"Command: `{' '.join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]])}`"
             + (" (this report was rewritten from the saved results; the same command without --report-only ran the cells)"
                if getattr(args, "report_only", False) else "")]
 
@@ -124,6 +151,10 @@ def run_kernel(args: argparse.Namespace) -> int:
     from .kernel_suite import kernel_report_markdown, run_kernel_suite, suite_cells
     from .plots import plot_kernel_time_vs_n
 
+    if args.shard:
+        print("bench kernel cannot shard: its results.json is one file rewritten after every cell. Run it in one "
+              "process (or split the grid by --inputs / --ns into separate experiments)", file=sys.stderr)
+        return 2
     methods = args.methods or list_methods()
     unknown = [m for m in methods if m not in list_methods()]
     if unknown:
@@ -174,11 +205,17 @@ def run_kernel(args: argparse.Namespace) -> int:
 def run_model(args: argparse.Namespace) -> int:
     from .. import list_methods, rank_layers
     from .data import wikipedia_articles
+    from .bench.grid import shard_cells
+    from .bench.store import RESULTS_FILE, results_files, shard_results_file
     from .model_bench import article_token_sets, build_grid, run_grid, selection_order_measured, write_model_results
 
     unknown = [m for m in args.methods if m not in list_methods()]
     if unknown:
         print(f"unknown method(s) {unknown}; registered: {', '.join(list_methods())}", file=sys.stderr)
+        return 2
+    shard = parse_shard(args.shard)
+    if shard is not None and args.report_only:
+        print("--report-only reads every shard's results file: give it without --shard", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     model, tokenizer = load_model(args.model, args.trust_remote_code, dtype=torch.float32, causal_lm=True)
@@ -198,7 +235,7 @@ def run_model(args: argparse.Namespace) -> int:
         return 2
     cells = build_grid(args.methods, args.tokens, args.layers, args.selections, args.random_seeds, args.compare_selections_at,
                        method_layers, args.compare_methods)
-    articles = wikipedia_articles(min_chars=min(args.tokens + [args.calibration_tokens]))
+    articles = wikipedia_articles(min_chars=0 if args.concat_articles else min(args.tokens + [args.calibration_tokens]))
     # the calibration article for select=measured: the last long-enough article, never one of the scored ones
     calibration_title, calibration_text = next(
         (t, x) for t, x in reversed(articles) if len(tokenizer(x).input_ids) >= args.calibration_tokens)
@@ -208,19 +245,33 @@ def run_model(args: argparse.Namespace) -> int:
 
         def texts_for(n: int):
             if n not in cache:
-                cache[n] = article_token_sets(tokenizer, n, args.articles, articles, skip_titles=[calibration_title])
+                cache[n] = article_token_sets(tokenizer, n, args.articles, articles, skip_titles=[calibration_title],
+                                              concatenate=args.concat_articles)
             return cache[n]
 
         def measured_order():
             ids = tokenizer(calibration_text, return_tensors="pt").input_ids[:, : args.calibration_tokens]
             return selection_order_measured(model, ids)
 
-        run_grid(model, cells, texts_for, os.path.join(args.out, "results.jsonl"),
+        prepare = None
+        if args.rope_scaling:
+            from .bench.measure import scale_rope
+
+            def prepare(n: int) -> None:
+                print(f"RoPE for {n} tokens: {scale_rope(model, n, args.rope_scaling)}", file=sys.stderr)
+
+        results_file = os.path.join(args.out, RESULTS_FILE)
+        if shard is not None:  # its own file; the cells finished in any file of --out count as done
+            cells = shard_cells(cells, *shard)
+            results_file = os.path.join(args.out, shard_results_file(*shard))
+        other_results = results_files(args.out)
+        run_grid(model, cells, texts_for, results_file, other_results=other_results,
                  method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
-                 profile=not args.no_profile, progress=not args.no_progress)
+                 profile=not args.no_profile, progress=not args.no_progress, prepare_tokens=prepare)
     ranking = rank_layers(model)
     extra = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
-             "model": model_name, "num_layers": num_layers,
+             "model": model_name, "num_layers": num_layers, "rope_scaling": args.rope_scaling,
+             "concat_articles": args.concat_articles,
              "weight_norm_order": ranking.order, "calibration_article": calibration_title,
              "grid": {"tokens": args.tokens, "articles": args.articles, "methods": args.methods, "layers": args.layers,
                       "selections": args.selections, "random_seeds": args.random_seeds, "method_layers": method_layers,
@@ -231,18 +282,31 @@ def run_model(args: argparse.Namespace) -> int:
                f"(per method: {method_layers or 'the same'}), "
                f"selections {args.selections} (random seeds {args.random_seeds}; selections other than weight_norm at "
                f"{args.compare_selections_at or 'every layer count'}, for {args.compare_methods or 'every method'}). Weight-norm order of the layers: {ranking.order}. "
-               f"Calibration article for select=measured: '{calibration_title}' ({args.calibration_tokens} tokens)."]
-    write_model_results(args.out, num_layers, header_lines=header, extra=extra, goals=not args.no_goals)
+               f"Calibration article for select=measured: '{calibration_title}' ({args.calibration_tokens} tokens)."
+               + (" Texts: consecutive articles joined until N tokens." if args.concat_articles else "")
+               + (f" RoPE: {args.rope_scaling}-scaled to each N beyond the checkpoint's trained length (factor N / "
+                  "trained positions), baseline included." if args.rope_scaling else "")]
+    goals = []
+    if args.experiment:
+        from .experiments import load_config
+
+        goals = load_config(args.experiment).get("goal", [])
+        header.insert(4, f"Experiment: `{args.experiment}` (`hf-sparse-attn bench run {args.experiment}` re-makes this directory).")
+    write_model_results(args.out, num_layers, header_lines=header, extra=extra, goals=goals)
     print(f"wrote {args.out}/results.jsonl, results.json, results.md and plots")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
+    if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     if args.level == "kernel":
         return run_kernel(args)
     if args.level == "model":
         return run_model(args)
-    print("choose a level: `hf-sparse-attn bench kernel --help` or `hf-sparse-attn bench model --help`", file=sys.stderr)
+    if args.level == "run":
+        from .experiments import run_experiment_command
+
+        return run_experiment_command(args)
+    print("choose a level: `hf-sparse-attn bench kernel|model|run --help`", file=sys.stderr)
     return 2

@@ -19,12 +19,17 @@ The search (docs/calibrate.md has the whole story):
    never chosen.
 2. **Greedy.** Cells with a positive saving, ordered by saving per cost (cost <= 0 first), one cell per layer.
    ``metric="loss"``: the longest prefix of that order whose single-layer costs sum within the budget;
-   ``metric="output_error"`` (costs in other units than the budget): the longest prefix found by bisection on the
-   measured combined loss.
+   ``metric="output_error"`` (costs in other units than the budget): the longest prefix whose measured combined
+   loss holds the budget, found by interpolation on the measured changes (:func:`greedy_plan`); the prefixes
+   measured for one budget serve the next from the cache.
 3. **Back-off.** The combined plan's perplexity change is measured on the calibration text (never summed); while it
    exceeds the budget, the worst-ratio layer (the last of the prefix) is dropped and the plan measured again.
 4. **Held-out.** With ``heldout_ids``, the plan's perplexity change and prefill speed-up on that text are measured
    and reported next to the budget.
+
+Also here: :func:`proxy_check` (output error against single-layer loss on a subset of cells), and the comparison
+with fixed plans from the model benchmark's records (:func:`fixed_plans_on`, :func:`best_fixed_plan`,
+:func:`compare_budgets`, :func:`results_markdown`, :func:`frontier_plot`) used by scripts/calibrate_smollm2.py.
 
 Every measurement is one record of a JSONL cache (``cache=path``; appended crash-safe, one line per record), keyed
 by the model's Q/K hash, the data fingerprint, the layer, the candidate and the seed: a killed calibration resumes
@@ -40,7 +45,8 @@ import math
 import os
 import statistics
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+import uuid
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -54,6 +60,8 @@ from .model_bench import append_jsonl, prefill_and_nll, read_jsonl
 from .sparsity import spearman
 
 METRICS = ("loss", "output_error")
+SEARCHES = ("prefix", "upgrades")  # output error: prefixes of one cell per layer, or multiple-choice upgrades
+RUN_ID = uuid.uuid4().hex[:12]  # this process: every cache record says which run measured (and timed) it
 
 # A few parameter settings per method, from the causal kernel benchmark's frontier at 8k
 # (eval/results/kernels_causal/results.md): the method's defaults (for hyper / sparse_hyper the causal recursion)
@@ -282,15 +290,60 @@ def greedy_order(cells: Sequence[Cell]) -> list[Cell]:
     return sorted(usable, key=lambda c: (-c.ratio, -c.saving, c.layer, c.key))
 
 
+def prefix_order(cells: Sequence[Cell]) -> list[Cell]:
+    """The best-ratio cell of each layer, in :func:`greedy_order`: the order whose prefixes ``metric="output_error"``
+    searches (the same for every budget, so prefixes measured for one budget serve the next)."""
+    order, taken = [], set()
+    for cell in greedy_order(cells):
+        if cell.layer not in taken:
+            order.append(cell)
+            taken.add(cell.layer)
+    return order
+
+
+def upgrade_plans(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """The plans of the multiple-choice greedy: plans[k] after k upgrades (plans[0] = all exact).
+
+    Per layer, the candidates on the upper concave hull of (cost, saving) from exact (0, 0): each upgrade moves a
+    layer to a candidate that saves more, at the best extra saving per extra cost. All layers' upgrades are merged
+    by that ratio (it falls along each layer's hull, so a layer's upgrades stay in order). With one candidate per
+    layer this is :func:`prefix_order`; with several (e.g. local windows 1024 and 512) a layer can first take the
+    accurate one and later trade up to the faster one, which a one-cell-per-layer order cannot."""
+    steps: list[tuple[float, int, int, Cell]] = []
+    for layer in sorted({c.layer for c in cells}):
+        points = [c for c in cells if c.layer == layer and c.served and c.saving > 0 and c.cost is not None]
+        cost, saving, index = 0.0, 0.0, 0
+        while True:
+            better = [c for c in points if c.saving > saving]
+            if not better:
+                break
+            ratio = lambda c: math.inf if c.cost <= cost else (c.saving - saving) / (c.cost - cost)  # noqa: E731
+            pick = max(better, key=lambda c: (ratio(c), c.saving, c.key))
+            steps.append((ratio(pick), index, layer, pick))
+            cost, saving, index = max(cost, pick.cost), pick.saving, index + 1
+    steps.sort(key=lambda t: (-t[0], t[1], t[2]))
+    plans, current = [[]], {}
+    for _, _, layer, cell in steps:
+        current[layer] = cell
+        plans.append(sorted(current.values(), key=lambda c: c.layer))
+    return plans
+
+
 def greedy_plan(cells: Sequence[Cell], budget: float, measure_change: Callable[[list[Cell]], float],
-                costs_in_budget_units: bool = True) -> tuple[list[Cell], list[dict[str, Any]]]:
+                costs_in_budget_units: bool = True, known: Optional[dict[int, float]] = None,
+                plans: Optional[list[list[Cell]]] = None) -> tuple[list[Cell], list[dict[str, Any]]]:
     """The chosen cells (at most one per layer) and the measured steps [{layers, change, holds}].
 
     ``measure_change(cells) -> perplexity change`` of the combined plan on the calibration text (measured, never
     summed). ``costs_in_budget_units`` (metric loss): start from the longest prefix of :func:`greedy_order` (one
     cell per layer, the first of each layer that fits) whose costs sum within the budget, then drop the last
-    (worst-ratio) cell while the measured change exceeds the budget. Otherwise (output error): the best cell of
-    each layer, and bisection on the prefix length for the longest prefix that holds the budget."""
+    (worst-ratio) cell while the measured change exceeds the budget. Otherwise (output error): the prefixes of
+    :func:`prefix_order`, searched for the longest one that holds the budget (the change is taken to grow with the
+    prefix length): the whole order first, then a bracket [holds, fails] shrunk by linear interpolation of the
+    measured changes (regula falsi, the probe kept a quarter of the bracket away from its ends) until it is one
+    layer wide: on 30 layers ~4.4 combined measurements on average, at most 8 (bisection: 6). ``known``: prefix length -> change already measured (e.g. for another budget, from the cache), used to
+    bracket without measuring again. ``plans`` (output error only): search these nested plans (plans[k], k = 0..n,
+    e.g. :func:`upgrade_plans`) instead of the prefixes of :func:`prefix_order`."""
     steps: list[dict[str, Any]] = []
 
     def holds(prefix: list[Cell]) -> bool:
@@ -301,9 +354,8 @@ def greedy_plan(cells: Sequence[Cell], budget: float, measure_change: Callable[[
         steps.append({"layers": [[c.layer, c.key] for c in prefix], "change": change, "holds": ok})
         return ok
 
-    order, taken = [], set()
     if costs_in_budget_units:
-        total = 0.0
+        order, taken, total = [], set(), 0.0
         for cell in greedy_order(cells):
             if cell.layer in taken or total + max(cell.cost, 0.0) > budget:
                 continue
@@ -313,20 +365,33 @@ def greedy_plan(cells: Sequence[Cell], budget: float, measure_change: Callable[[
         while order and not holds(order):
             order = order[:-1]  # back off: drop the worst-ratio layer, measure again
         return order, steps
-    for cell in greedy_order(cells):
-        if cell.layer not in taken:
-            order.append(cell)
-            taken.add(cell.layer)
-    if holds(order):
-        return order, steps
-    low, high = 0, len(order)  # the prefix of length `low` holds; that of length `high` does not
-    while high - low > 1:
-        mid = (low + high) // 2
-        if holds(order[:mid]):
-            low = mid
-        else:
-            high = mid
-    return order[:low], steps
+    order = prefix_order(cells)
+    plans = plans if plans is not None else [order[:k] for k in range(len(order) + 1)]
+    n = len(plans) - 1
+    points = {0: 0.0}
+    points.update({k: c for k, c in (known or {}).items() if 0 < k <= n})
+
+    def probe(k: int) -> None:
+        holds(plans[k])
+        points[k] = steps[-1]["change"]
+
+    if n and n not in points:
+        probe(n)
+    while True:
+        failing = [k for k, c in points.items() if c > budget]
+        if not failing:
+            return plans[n], steps
+        high = min(failing)
+        low = max(k for k, c in points.items() if k < high and c <= budget)
+        if high - low <= 1:
+            key = [[c.layer, c.key] for c in plans[low]]
+            if low and not any(s["holds"] and s["layers"] == key for s in steps):
+                holds(plans[low])  # known from the cache: record the step the plan rests on
+            return plans[low], steps
+        c_low, c_high = points[low], points[high]
+        guess = low + (budget - c_low) * (high - low) / max(c_high - c_low, 1e-12)
+        quarter = (high - low) / 4  # kept a quarter away from both ends: the bracket shrinks by >= 1/4 per probe
+        probe(min(max(round(min(max(guess, low + quarter), high - quarter)), low + 1), high - 1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,7 +479,7 @@ class _Cache:
 
     def put(self, key: str, record: dict) -> dict:
 
-        record = dict(record, key=key)
+        record = dict(record, key=key, run_id=RUN_ID)
         self.records[key] = record
         if self.path is not None:
             append_jsonl(self.path, record)
@@ -459,6 +524,7 @@ def calibrate(
     seed: int = 0,
     repeats: int = 3,
     progress: bool = True,
+    search: str = "prefix",
 ) -> CalibratedPlan:
     """The plan with the most attention time saved whose measured perplexity change on ``calibration_ids`` stays
     within ``budget``.
@@ -469,13 +535,18 @@ def calibrate(
     parameter settings come from ``candidates[method]`` (a list of parameter dicts) or ``DEFAULT_CANDIDATES``.
     metric: "loss" (every cell measured by perplexity change) or "output_error" (cells ranked by the relative error
     of their attention output; only combined plans are measured by loss). layers: the layers eligible (default all).
-    cache: a JSONL file of measured cells; a calibration that was killed resumes from it.
+    cache: a JSONL file of measured cells; a calibration that was killed resumes from it. search (output error):
+    "prefix" (the best cell of each layer, prefixes searched) or "upgrades" (:func:`upgrade_plans`: a layer may
+    trade up from an accurate candidate to a faster one).
     The model must be unpatched; it is unpatched again on return. Returns a :class:`CalibratedPlan`.
     """
 
     budget = check_budget(budget)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    if search not in SEARCHES or (search == "upgrades" and metric != "output_error"):
+        raise ValueError(f"search must be one of {SEARCHES} ('upgrades' with metric='output_error' only); got "
+                         f"{search!r} with metric {metric!r}")
     resolved = resolve_candidates(methods, candidates)
     texts = _as_texts(calibration_ids, "calibration_ids")
     heldout = None if heldout_ids is None else _as_texts(heldout_ids, "heldout_ids")
@@ -512,7 +583,8 @@ def calibrate(
                     unpatch_model(model)
         return record
 
-    info: dict[str, Any] = {"budget": budget, "metric": metric, "data_sha256": data_sha, "texts": len(texts),
+    info: dict[str, Any] = {"budget": budget, "metric": metric, "search": search, "data_sha256": data_sha,
+                            "texts": len(texts),
                             "candidates": [[m, p] for m, p in resolved], "eligible_layers": eligible, "seed": seed}
     base = nll_of([], texts, data_sha, "nll")
     info.update(tokens=base["tokens"], exact_perplexity=math.exp(base["nll"] / base["tokens"]))
@@ -542,8 +614,16 @@ def calibrate(
         record = nll_of(chosen, texts, data_sha, "nll")
         return _change(record["nll"], base["nll"], base["tokens"])
 
-    chosen, steps = greedy_plan(cells, budget, measure_change, costs_in_budget_units=(metric == "loss")) \
-        if budget > 0 else ([], [])
+    known, plans = {}, None  # output error: the plans already measured (by another budget) bracket for free
+    if budget > 0 and metric == "output_error":
+        order = prefix_order(cells)
+        plans = upgrade_plans(cells) if search == "upgrades" else [order[:k] for k in range(len(order) + 1)]
+        for k in range(1, len(plans)):
+            record = store.get(key_of("nll", data_sha, _assignment_key(plans[k])))
+            if record is not None:
+                known[k] = _change(record["nll"], base["nll"], base["tokens"])
+    chosen, steps = greedy_plan(cells, budget, measure_change, costs_in_budget_units=(metric == "loss"),
+                                known=known, plans=plans) if budget > 0 else ([], [])
     bar.close()
     plan = _with_cells(skeleton, chosen)
     plan = CalibratedPlan(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(PatchPlan)})
@@ -581,6 +661,7 @@ def calibrate(
             "change": _change(held_plan["nll"], held_base["nll"], held_base["tokens"]),
             "exact_prefill_s": held_base["prefill_s"], "plan_prefill_s": held_plan["prefill_s"],
             "speedup": held_base["prefill_s"] / max(held_plan["prefill_s"], 1e-12),
+            "exact_run_id": held_base.get("run_id"), "plan_run_id": held_plan.get("run_id"),
         }
     plan.calibration = info
     return plan
@@ -637,3 +718,291 @@ def _measure_cells(model, texts, data_sha, eligible, resolved, seed, repeats, st
                               error=math.sqrt(sum(errs) / max(ref, 1e-30)) if served else None,
                               method_s=timing["method_s"].get(key) if served else None, exact_s=timing["exact_s"]))
     return cells
+
+
+# ---------------------------------------------------------------------------------------------------------
+# How well the proxy predicts the loss (a subset of cells measured both ways)
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def proxy_check(
+    model: torch.nn.Module,
+    text_ids: torch.Tensor,
+    cells: Sequence[tuple[int, str, dict[str, Any]]],
+    *,
+    cache: Optional[Union[str, os.PathLike]] = None,
+    seed: int = 0,
+    progress: bool = True,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> dict[str, Any]:
+    """Output error against single-layer loss change for ``cells`` = [(layer, method, params)] on one text
+    (token ids [1, N] or [N]).
+
+    error: relative Frobenius error of that layer's attention output on the exact model's captured q/k/v (one
+    capture forward for all layers); loss change: the perplexity change of the text with only that layer replaced
+    (one forward per cell, keyed in the cache like :func:`calibrate`'s single-layer losses, so the two share
+    records). ``should_stop()`` is asked before every forward: the cells measured so far are returned (resume by
+    calling again with the same cache). Returns {cells: [{layer, method, params, label, error, loss_change}],
+    spearman: {rho, p_value, n} over the cells with both, complete: bool}."""
+    texts = _as_texts(text_ids, "text_ids")[:1]
+    if current_plan(model) is not None:
+        raise ValueError("the model is patched: call hf_sparse_attn.unpatch_model(model) first")
+    adapter = find_adapter(model)
+    skeleton = _skeleton_plan(model, adapter, seed)
+    wanted = []
+    for layer, method, params in cells:
+        if not 0 <= int(layer) < len(skeleton.layers):
+            raise ValueError(f"layer {layer} does not exist: the model has layers 0..{len(skeleton.layers) - 1}")
+        (resolved,) = resolve_candidates([method], {method: [params]})
+        wanted.append(Cell(layer=int(layer), method=method, params=resolved[1], served=True))
+    sha = data_fingerprint(texts)
+    model_sha = skeleton.model_fingerprint["qk_sha256"][:16]
+    store = _Cache(cache)
+    stop = should_stop or (lambda: False)
+
+    def key_of(*parts: Any) -> str:
+        return "|".join([model_sha, str(seed)] + [str(p) for p in parts])
+
+    by_layer: dict[int, list[Cell]] = {}
+    for cell in wanted:
+        by_layer.setdefault(cell.layer, []).append(cell)
+    err_key = {layer: key_of("proxy_error", sha, layer, sorted(c.key for c in mine)) for layer, mine in by_layer.items()}
+    missing = [layer for layer in by_layer if store.get(err_key[layer]) is None]
+    complete = True
+    if missing and stop():
+        missing, complete = [], False
+    if missing:
+        with capture_attention(model, layers=missing) as captured:
+            prefill_and_nll(model, texts[0].to(model.device))
+        for layer in missing:
+            measured = measure_layer(captured[layer][0], [(c.method, c.params) for c in by_layer[layer]], seed,
+                                     timed=False)
+            store.put(err_key[layer], dict(measured, kind="proxy_error", layer=layer))
+            captured[layer].clear()
+        del captured
+    base_key = key_of("nll", sha, _assignment_key([]))
+    base = store.get(base_key)
+    if base is None and not stop():
+        base = store.put(base_key, measure_nll(model, texts))
+    bar = _progress(progress)
+    bar.reset(total=len(wanted))
+    bar.set_description("proxy: single-layer losses")
+    rows = []
+    for cell in wanted:
+        record = store.get(err_key[cell.layer])
+        err_sq = None if record is None else record["err_sq"].get(cell.key)
+        error = None if err_sq is None else math.sqrt(err_sq / max(record["ref_sq"], 1e-30))
+        loss_record = store.get(key_of("nll", sha, _assignment_key([cell])))
+        if loss_record is None and base is not None and error is not None and not stop():
+            patch_model(model, plan=_with_cells(skeleton, [cell]))
+            try:
+                loss_record = store.put(key_of("nll", sha, _assignment_key([cell])), measure_nll(model, texts))
+            finally:
+                unpatch_model(model)
+        complete = complete and record is not None and (error is None or loss_record is not None)
+        change = None if loss_record is None or base is None else _change(loss_record["nll"], base["nll"], base["tokens"])
+        rows.append({"layer": cell.layer, "method": cell.method, "params": cell.params,
+                     "label": candidate_label(cell.method, cell.params), "error": error, "loss_change": change})
+        bar.update(1)
+    bar.close()
+    both = [r for r in rows if r["error"] is not None and r["loss_change"] is not None]
+    return {"cells": rows, "spearman": spearman([r["error"] for r in both], [r["loss_change"] for r in both]),
+            "complete": complete}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibrated plans against fixed plans (method x selection x layer count), from the model benchmark's records
+# ---------------------------------------------------------------------------------------------------------
+
+def fixed_plans_on(records: Iterable[dict], titles: Sequence[str], source: str = "") -> list[dict[str, Any]]:
+    """Each fixed plan of a model-benchmark record file (eval/results/model_bench*/results.jsonl), scored on the
+    articles ``titles`` only.
+
+    Perplexity change: ``exp((sum nll_plan - sum nll_exact) / tokens) - 1`` over those articles (the exact model's
+    per-article losses from the file's exact records; exact attention is deterministic, so any run's serve).
+    Prefill speed-up: sum of exact seconds / sum of plan seconds over those articles, each article paired with the
+    exact model timed on it in the same run (the benchmark times its exact baseline in every run on the articles
+    that run times). Plans that lack one of the articles are skipped. Returns rows {source, key, label, method,
+    causal_mode, select, layers, seed, params, articles, articles_timed, heldout_change, heldout_speedup}."""
+    records = list(records)
+    wanted = list(titles)
+    exact_nll: dict[str, tuple[float, int]] = {}
+    exact_s: dict[tuple[str, str], float] = {}
+    latest: dict[str, dict] = {}
+    for record in records:
+        if record.get("kind") not in ("cell", "baseline_rerun"):
+            continue
+        if record.get("method") == "exact":
+            for a in record.get("per_article", []):
+                exact_nll.setdefault(a["title"], (a["nll_sum"], a["tokens"]))
+                if not a.get("resumed"):
+                    exact_s[(a.get("run_id", record.get("run_id")), a["title"])] = a["prefill_s"]
+        elif record["kind"] == "cell":
+            latest[record["key"]] = record
+    rows = []
+    for key, record in latest.items():
+        per = {a["title"]: a for a in record.get("per_article", [])}
+        if any(t not in per or t not in exact_nll for t in wanted) or not wanted:
+            continue
+        nll = sum(per[t]["nll_sum"] for t in wanted)
+        base = sum(exact_nll[t][0] for t in wanted)
+        tokens = sum(exact_nll[t][1] for t in wanted)
+        pairs = [(exact_s[(per[t].get("run_id", record.get("run_id")), t)], per[t]["prefill_s"]) for t in wanted
+                 if (per[t].get("run_id", record.get("run_id")), t) in exact_s]
+        params = record.get("params", {})
+        mode = params.get("causal_mode", "recursive") if record["method"] in ("hyper", "sparse_hyper") else ""
+        label = f"{record['method']}{' ' + mode.replace('_', ' ') if mode else ''}, {record['select']}" \
+                f"{'' if record['select'] != 'random' else ' seed ' + str(record.get('seed'))}, {record['layers']} layers"
+        rows.append({"source": source, "key": key, "label": label, "method": record["method"], "causal_mode": mode,
+                     "select": record["select"], "layers": record["layers"], "seed": record.get("seed"),
+                     "params": params, "articles": len(wanted), "articles_timed": len(pairs),
+                     "heldout_change": _change(nll, base, tokens),
+                     "heldout_speedup": sum(e for e, _ in pairs) / sum(p for _, p in pairs) if pairs else None})
+    return sorted(rows, key=lambda r: (r["heldout_change"], r["key"]))
+
+
+def best_fixed_plan(fixed: Sequence[dict], change: float) -> Optional[dict]:
+    """The fastest fixed plan (largest ``heldout_speedup``) whose held-out perplexity change is no worse than
+    ``change``; None when every fixed plan is worse (then only the exact model, 1.00x, is no worse)."""
+    fit = [f for f in fixed if f["heldout_speedup"] is not None and f["heldout_change"] <= change + 1e-12]
+    return max(fit, key=lambda f: (f["heldout_speedup"], -f["heldout_change"])) if fit else None
+
+
+GOAL_MARGIN = 0.01  # held-out change within budget + 1 point
+GOAL_SPEEDUP = 1.10  # at the 3% budget: at least 10% faster than the best fixed plan no worse in held-out perplexity
+
+
+def compare_budgets(plans: Sequence[dict], fixed: Sequence[dict]) -> list[dict[str, Any]]:
+    """One row per calibrated plan ({budget, heldout_change, heldout_speedup, ...}, the plan's calibration record
+    flattened): the best fixed plan no worse in held-out perplexity and the two goals (None: not decidable, e.g.
+    no held-out check yet). The speed-up goal is checked at the 3% budget only."""
+    rows = []
+    for plan in sorted(plans, key=lambda p: p["budget"]):
+        row = dict(plan)
+        change, speedup = plan.get("heldout_change"), plan.get("heldout_speedup")
+        best = None if change is None else best_fixed_plan(fixed, change)
+        row["best_fixed"] = best
+        fixed_speedup = 1.0 if best is None else best["heldout_speedup"]
+        row["best_fixed_speedup"] = None if change is None else fixed_speedup
+        row["vs_fixed"] = None if speedup is None or change is None else speedup / fixed_speedup
+        row["goal_quality"] = None if change is None else change <= plan["budget"] + GOAL_MARGIN
+        row["goal_speed"] = None if abs(plan["budget"] - 0.03) > 1e-9 or row["vs_fixed"] is None \
+            else row["vs_fixed"] >= GOAL_SPEEDUP
+        rows.append(row)
+    return rows
+
+
+def plan_summary(plan: PatchPlan) -> dict[str, Any]:
+    """The numbers of a saved calibrated plan that the comparison needs (held-out ones None before the check)."""
+    info = plan.calibration or {}
+    held = info.get("heldout") or {}
+    choices = {str(r["layer"]): r["choice"] for r in info.get("layers", []) if r.get("choice")}
+    return {"budget": info.get("budget"), "metric": info.get("metric"), "patched_layers": len(plan.patched_layers),
+            "choices": choices, "calibration_change": info.get("calibration_change"),
+            "search_steps": len(info.get("steps", [])), "heldout_change": held.get("change"),
+            "heldout_speedup": held.get("speedup_same_run", held.get("speedup")), "heldout_articles": held.get("texts"),
+            "exact_prefill_s": held.get("exact_prefill_s"), "plan_prefill_s": held.get("plan_prefill_s"),
+            "exact_retimed": held.get("exact_retimed"),
+            "same_run": (held.get("exact_run_id") == held.get("plan_run_id") or "speedup_same_run" in held)
+            if held else None}
+
+
+def frontier_plot(rows: Sequence[dict], fixed: Sequence[dict], path: Union[str, os.PathLike], title: str = "") -> None:
+    """Perplexity change (held-out, %) against prefill speed-up: fixed plans by method, calibrated plans by budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = {"local": "s", "sparse_hyper": "o", "hyper": "^"}
+    for method in sorted({f["method"] for f in fixed}):
+        for mode in sorted({f["causal_mode"] for f in fixed if f["method"] == method}):
+            pts = [f for f in fixed if f["method"] == method and f["causal_mode"] == mode and f["heldout_speedup"]]
+            ax.scatter([f["heldout_speedup"] for f in pts], [100 * f["heldout_change"] for f in pts],
+                       marker=markers.get(method, "x"), alpha=0.6,
+                       label=f"fixed: {method}{' ' + mode.replace('_', ' ') if mode else ''}")
+    done = [r for r in rows if r.get("heldout_speedup") is not None]
+    ax.plot([r["heldout_speedup"] for r in done], [100 * r["heldout_change"] for r in done], "k*-", markersize=14,
+            label="calibrated plans")
+    for r in done:
+        ax.annotate(f"budget {100 * r['budget']:g}%", (r["heldout_speedup"], 100 * r["heldout_change"]),
+                    textcoords="offset points", xytext=(6, -12))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("prefill speed-up over the exact model of the same run")
+    ax.set_ylabel("held-out perplexity change (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results_markdown(rows: Sequence[dict], fixed: Sequence[dict], proxy: Optional[dict], meta: dict,
+                     notes: Sequence[str] = ()) -> str:
+    """results.md of the SmolLM2 calibration: per budget the calibrated plan, its held-out change and speed-up,
+    the best fixed plan no worse in held-out perplexity, the goals; the proxy's rank correlation; the fixed plans."""
+    pct = lambda x: "-" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
+    spd = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+    yes = lambda x: "not decided yet" if x is None else ("met" if x else "NOT met")  # noqa: E731
+    arts = meta.get("articles") or {}
+    lines = [f"# Calibrated plans vs fixed plans, {meta.get('model', 'the model')} at {meta.get('tokens')} tokens", "",
+             f"Command: `{meta.get('command')}`. Machine: {meta.get('machine')}; {meta.get('threads')} torch thread(s); "
+             f"date {meta.get('date')}; 1-min load average when this report was written: "
+             f"{meta.get('load_avg_1min_at_report')}. Metric {meta.get('metric')}; candidates "
+             f"{json.dumps(meta.get('candidates'))}.", "",
+             f"Calibration articles: {', '.join(arts.get('calibration', [])) or '-'}. Held-out articles "
+             f"({len(arts.get('heldout', []))}): {', '.join(arts.get('heldout', [])) or '-'}.", "",
+             "Speed-ups are prefill time of the exact model / prefill time of the plan on the held-out articles, each "
+             "against the exact model timed in its own run: the calibrated plans were timed in this run, the fixed plans "
+             "in the model benchmark's runs (eval/results/model_bench_causal, eval/results/model_bench_grid) on the same "
+             "machine. Compare speed-ups, not seconds. The fixed plans' numbers are recomputed from their per-article "
+             "records on the held-out articles only.", "",
+             "| budget | layers patched | calibration change | held-out change | held-out speed-up | exact + plan timed "
+             "in one run | best fixed plan no worse (held-out change, speed-up) | calibrated / fixed speed-up | "
+             "within budget + 1 point | 3%: >= 1.10x the fixed plan |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = r.get("best_fixed")
+        best_text = "-" if r.get("heldout_change") is None else (
+            "none (only the exact model, 1.00x)" if best is None else
+            f"{best['label']} ({pct(best['heldout_change'])}, {spd(best['heldout_speedup'])})")
+        lines.append(f"| {100 * r['budget']:g}% | {r.get('patched_layers')} | {pct(r.get('calibration_change'))} | "
+                     f"{pct(r.get('heldout_change'))} | {spd(r.get('heldout_speedup'))} | "
+                     f"{'-' if r.get('same_run') is None else ('yes' if r['same_run'] else 'no')} | {best_text} | "
+                     f"{spd(r.get('vs_fixed'))} | {yes(r.get('goal_quality'))} | "
+                     f"{'-' if abs(r['budget'] - 0.03) > 1e-9 else yes(r.get('goal_speed'))} |")
+    if not rows:
+        lines.append("| (no calibrated plan yet) | | | | | | | | | |")
+    lines += ["", "Per budget, the layers and their choice (exact elsewhere):", ""]
+    for r in rows:
+        lines.append(f"- {100 * r['budget']:g}%: " + (", ".join(f"{k}: {v}" for k, v in sorted(
+            r.get("choices", {}).items(), key=lambda kv: int(kv[0]))) or "all exact"))
+    lines += ["", "## How well the proxy predicts the loss", ""]
+    if proxy and proxy.get("cells"):
+        sp = proxy.get("spearman") or {}
+        n_all = len(proxy["cells"])
+        rho, p_value = sp.get("rho"), sp.get("p_value")
+        lines.append(f"Output error of a layer's attention (captured q/k/v) against the perplexity change with only "
+                     f"that layer replaced, on one calibration article ({proxy.get('text', '-')}): Spearman rho "
+                     f"{'-' if rho is None else f'{rho:+.2f}'} over {sp.get('n', 0)} of {n_all} cells"
+                     f"{'' if proxy.get('complete') else ' (incomplete: run the command again to measure the rest)'}"
+                     f"{'' if p_value is None else f', p={p_value:.2g}'}.")
+        by_method: dict[str, list[dict]] = {}
+        for c in proxy["cells"]:
+            if c.get("error") is not None and c.get("loss_change") is not None:
+                by_method.setdefault(c["label"], []).append(c)
+        for label, cs in sorted(by_method.items()):
+            one = spearman([c["error"] for c in cs], [c["loss_change"] for c in cs])
+            one_rho = one.get("rho")
+            lines.append(f"- {label}: rho {'-' if one_rho is None else f'{one_rho:+.2f}'} over {one['n']} layers")
+    else:
+        lines.append("Not measured yet (step 3 of the script).")
+    lines += ["", "## Fixed plans on the held-out articles", "",
+              "| source | plan | held-out change | speed-up | articles (timed) |", "|---|---|---|---|---|"]
+    for f in fixed:
+        lines.append(f"| {f['source']} | {f['label']} | {pct(f['heldout_change'])} | {spd(f['heldout_speedup'])} | "
+                     f"{f['articles']} ({f['articles_timed']}) |")
+    if notes:
+        lines += [""] + [f"Note: {n}" for n in notes]
+    return "\n".join(lines) + "\n"

@@ -1,8 +1,7 @@
 """Kernel level on given inputs: every method against torch SDPA on the same q, k, v, with time, memory and error.
 
-:func:`hf_sparse_attn.eval.kernel_bench.bench_kernels` (the hyper engineer's) times methods on random inputs it
-draws itself and reports no output error. The issue also asks for real queries/keys/values captured from SmolLM2
-and MiniLM and for the output error, so this module wraps the same measurement (its :class:`PeakRSS` and
+:func:`hf_sparse_attn.eval.kernel_bench.bench_kernels` times methods on random inputs it draws itself and reports
+no output error. For real queries/keys/values captured from SmolLM2 and MiniLM, and for the output error, this module wraps the same measurement (its :class:`PeakRSS` and
 :func:`dense_flops`, the same alternation of method and SDPA on every repeat, medians) around inputs the caller
 gives, and adds the error against an fp32 SDPA reference.
 

@@ -1,25 +1,47 @@
 """Measured defaults of the methods, in one place: each with the result that chose it.
 
-All speeds are ratios against torch SDPA timed in the same run on the project's 2-core CPU VM (B=1, H=8, D=64, fp32);
-errors are relative Frobenius errors of one layer's attention output on real SmolLM2-135M q/k/v. Change a value here
-only with a new measurement, and link it.
+All speeds are ratios against torch SDPA timed in the same run on one thread of the project's 2-core CPU VM (B=1, H=8,
+D=64, fp32, causal unless said); errors are mean relative Frobenius errors of one layer's attention output on real
+SmolLM2-135M q/k/v (8192 tokens, layers 3/10/20/28 unless said). Change a value here only with a new measurement, and
+link it (tests/test_defaults.py checks that every value names a result file that exists).
 """
 
 # hyper / sparse_hyper ------------------------------------------------------------------------------------------
-# Exact attention below this length; the leaf size of the causal recursion. Chosen where both methods first beat SDPA
-# bidirectionally (2048). The current run of eval/results/kernels_cpu/results.md (scripts/bench_cpu_kernels.py, two
-# threads) has them faster already at 1024 (1.16x / 1.29x): a lower value is not yet re-derived on the model.
+# Exact attention below this length; the leaf size of the causal recursion. 2048 is on the speed-error Pareto front of
+# both methods at 8k (hyper 1.70x at 0.144, sparse_hyper 1.96x at 0.171); 1024 gains at most 11% speed (1.76x / 2.18x)
+# for +20% / +42% error (0.173 / 0.243), 4096 lowers the error (0.108 / 0.104) for 16-25% less speed (1.43x / 1.47x
+# at 8k, 3.8x / 4.1x at 32k): eval/results/defaults_min_seq_len/results.md. It is also the bidirectional threshold,
+# where both already beat SDPA at 1024 (hyper 1.06-1.19x, sparse_hyper 1.57-1.64x): eval/results/kernels_full/results.md.
 MIN_SEQ_LEN = 2048
 
-# Causal calls run exact below causal_min_seq_len; its default 0 means CAUSAL_CROSSOVER_FACTOR x min_seq_len. Both causal
-# modes cross SDPA between 2048 and 4096 tokens on one thread (recursive 0.73-0.88x at 2048, 1.14-1.22x at 4096):
-# eval/results/kernels_causal/results.md (scripts/bench_causal_kernels.py).
+# Causal calls run exact below causal_min_seq_len; its default 0 means CAUSAL_CROSSOVER_FACTOR x min_seq_len = 4096.
+# At min_seq_len 2048 both recursions first beat SDPA at 3072 by a margin inside the run-to-run noise (hyper 1.06x,
+# sparse_hyper 1.10x; sparse_hyper 1.09x at 2048 here, 0.82x in kernels_causal) and by 1.14x / 1.21x at 4096:
+# eval/results/defaults_causal_threshold/results.md (kernels_causal: 1.14x / 1.22x at 4096). The same factor at
+# min_seq_len 1024 would start at 2048, where that leaf is slower than SDPA (0.84x / 0.93x).
 CAUSAL_CROSSOVER_FACTOR = 2
 CAUSAL_MIN_SEQ_LEN = 0
 
+# Queries per sorted block (both methods, every mode). Recursion, block 64 / 128 / 256: hyper 1.93x / 1.91x / 1.78x at
+# 8k, 4.2x / 4.3x / 3.8x at 32k, error 0.154 / 0.151 / 0.144; sparse_hyper 2.25x / 2.11x / 2.02x, 5.9x / 6.0x / 5.0x,
+# error 0.193 / 0.184 / 0.171 (eval/results/defaults_block_size/results.md). Every size is on the Pareto front: 128
+# trades 5-8% more error for 4-7% speed at 8k and 11-19% at 32k, a trade for the model-level perplexity to decide, so
+# 256 stays. Single pass: 128 vs 256 at window 256, sparse_hyper 3.72x at 0.353 vs 3.16x at 0.335:
+# eval/results/kernels_causal/results.md.
+BLOCK_SIZE = 256
+
+# hyper's uniform samples per query (recursion, bidirectional and single pass): HyperAttention's 256. In the single pass
+# (window 256, block 128) 64 samples raise the real-layer error over none (0.411 vs 0.363: too few samples, too much
+# variance), 128 only match it (0.356) and 256 lower it (0.279), each at a cost (3.33x / 2.58x / 2.38x / 1.81x at 8k):
+# eval/results/defaults_sample_size/results.md. 256 is the only count that buys accuracy, so it stays.
+SAMPLE_SIZE = 256
+
 # Attention sinks: every query also attends the first keys exactly. 64 gave the lowest mean per-layer error of 0/4/16/64
 # for both methods (hyper 0.390 -> 0.120, sparse_hyper 0.494 -> 0.178; lower in 30 of 30 layers) on a 4096-token
-# article: eval/results/smollm2_layer_error/results.md (scripts/smollm2_layer_error.py).
+# article: eval/results/smollm2_layer_error/results.md (scripts/smollm2_layer_error.py). At 8k in sparse_hyper's single
+# pass (window 512, block 256), 0 / 16 / 64 / 128 sinks: error 0.631 / 0.272 / 0.250 / 0.240 at 2.01x / 1.61x / 1.56x /
+# 1.51x (speed within noise from 16 on): 128 buys 0.010 for 64 more keys per query, where 64 more window positions
+# buy about 0.02 (window 256 -> 512: 0.335 -> 0.250, kernels_causal), so 64 stays: eval/results/defaults_sinks/results.md.
 NUM_SINK_TOKENS = 64
 
 # Causal algorithm. "recursive" (HyperAttention's halving) keeps the lowest error at its speed at 8k (sparse_hyper
@@ -40,8 +62,16 @@ CAUSAL_QUERY_CHUNK_DIVISOR = 2
 # local ---------------------------------------------------------------------------------------------------------
 # Window 128 / 256 / 512 / 1024 / 2048 ran 15.9x / 11.5x / 7.1x / 3.4x / 1.5x at 8k causal, at real-layer error
 # 0.51 / 0.41 / 0.29 / 0.18 / 0.08; 1024 is the fastest whose error matches sparse_hyper's recursion (0.171), and it
-# runs 11.3x at 32k: eval/results/kernels_causal/results.md. Sinks: NUM_SINK_TOKENS (not re-swept for local).
+# runs 11.3x at 32k: eval/results/kernels_causal/results.md.
 LOCAL_WINDOW = 1024
+
+# Sinks of local (window 1024) at 8k, 0 / 16 / 64 / 128: error 0.617 / 0.195 / 0.178 / 0.170 at 2.89x / 2.78x / 2.56x /
+# 2.64x (speed within noise from 16 on; layers 20 and 28 need sinks: 1.07 / 0.87 without). 64 stays, as for the
+# sorted-LSH methods (128 buys 0.008, what 64 more window positions buy between 1024 and 2048):
+# eval/results/defaults_sinks/results.md.
 LOCAL_NUM_SINK_TOKENS = NUM_SINK_TOKENS
-# Window 1024 ran 0.79x at 2048 tokens and 1.53x at 4096: eval/results/kernels_causal/results.md.
+
+# Window 1024 ran 0.83x / 1.14x / 1.55x at 2048 / 3072 / 4096 tokens (kernels_causal: 0.79x at 2048, 1.53x at 4096):
+# 4096 is the first length where it pays by more than the run-to-run noise:
+# eval/results/defaults_causal_threshold/results.md.
 LOCAL_MIN_SEQ_LEN = 4096

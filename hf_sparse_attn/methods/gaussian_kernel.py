@@ -1,6 +1,6 @@
 """Indyk et al., Lemma 4.1: softmax attention as a Gaussian kernel matrix with row factors.
 
-Derivation (the extracted seed text garbles the scaling, so it is written out here). Let s be the attention
+Derivation (our copy of the paper's text garbles the scaling, so it is written out here). Let s be the attention
 scale and M = max_j ||k_j||^2. Append one coordinate to every key and a zero to every query:
 
     k'_j = [k_j, sqrt(M - ||k_j||^2)],   q'_i = [q_i, 0]

@@ -31,7 +31,7 @@ and are never sampled. Hashing and sampling come from ``generator`` (or a CPU ge
 No [N, N] tensor is formed: the largest score tile is [block_size, block_size + sample_size] per block.
 
 min_seq_len default: the measured crossover where ``hyper`` becomes faster than torch SDPA on the project's
-2-core CPU VM (B=1, H=8, D=64, fp32; eval/results/kernels_cpu/results.md): see MIN_SEQ_LEN below.
+2-core CPU VM (B=1, H=8, D=64, fp32): ``MIN_SEQ_LEN`` in defaults.py, with the result that chose it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
-from .defaults import (CAUSAL_CROSSOVER_FACTOR, CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN,  # noqa: F401
+from .defaults import (BLOCK_SIZE, SAMPLE_SIZE, CAUSAL_CROSSOVER_FACTOR, CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN,  # noqa: F401
                        NUM_SINK_TOKENS, SINGLE_PASS_WINDOW)
 from .lsh import make_generator
 from .registry import Param, register_method
@@ -71,8 +71,8 @@ def hyper_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     lsh_num_projs: int = 7,
-    block_size: int = 256,
-    sample_size: int = 256,
+    block_size: int = BLOCK_SIZE,
+    sample_size: int = SAMPLE_SIZE,
     min_seq_len: int = MIN_SEQ_LEN,
     seed: int = 0,
     causal_min_seq_len: int = CAUSAL_MIN_SEQ_LEN,

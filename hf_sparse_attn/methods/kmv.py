@@ -1,6 +1,16 @@
 """Kernel matrix-vector products under sparsity assumptions (Indyk, Kapralov, Sheth & Wagner),
 Algorithms 1-3 (APPROXKMV = pre-processing + FINDHEAVY + APPROXLIGHT) and the Lemma 4.1 reduction.
 
+Two engines. ``engine="blocks"`` (default, :func:`kmv_blocks_attention`, docs/methods/kmv.md): the same three parts on
+the sorted-LSH block machinery of ``hyper`` - heavy value rows H1 as exact extra columns, heavy keys = the query's
+sorted LSH key block (found with the LSH's probability, not Lemma 3.4's 0.99), light keys from a shared sample pool
+with per-row variance budgets - every (batch, head) batched, every tensor on the input's device. ``engine="reference"``
+(below, down to :func:`kmv_attention`): the paper's algorithms as written, one (batch, head) at a time on CPU tensors
+(each head is moved with ``.cpu()``, even from a GPU). The regime check :func:`kmv_check` (Assumption A measured on the
+layer's input) serves both.
+
+The reference engine:
+
 Problem. Gaussian kernel K_ij = exp(-||x_i - y_j||^2) (unit bandwidth: the points already carry the 1/(2 sigma^2)),
 a block of vectors X [n, c] (c = 1 is the paper's x). Output Y with ||K X - Y||_F <= eps ||X||_F (Theorem 1.1).
 Assumption A: the sum of all but the n largest entries of K is at most a constant times the sum of the n largest,
@@ -75,6 +85,7 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
+from .defaults import NUM_SINK_TOKENS
 from .exact import exact_attention
 from .gaussian_kernel import softmax_to_gaussian_kernel
 from .lsh import make_generator
@@ -447,6 +458,485 @@ def _kmv_causal_head(q, k, v, valid, scale, params, gen, block):
     return torch.cat([o_top, o_bot[0]]), torch.cat([l_top, l_bot[0]])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# engine="blocks": the same three parts on the sorted-LSH block machinery, every head batched, on q's device.
+#
+#   H1  heavy value rows (Definition 3.1 / Lemma 3.2)  -> exact extra columns, merged by log-sum-exp (like sinks)
+#   S_i heavy keys (Definition 3.3 / Lemma 3.4)         -> the key block of query i in the sorted LSH order, exact,
+#                                                          through the block kernel of ``hyper`` (sorted_blocks)
+#   z_i light keys (Lemma 3.5, A.1.4)                   -> a shared pool of uniform samples per group, with the
+#                                                          per-row variance budget; samples in i's block count 0
+# Docs: docs/methods/kmv.md.
+
+NEG_INF = float("-inf")
+ENGINES = ("blocks", "reference")
+# Regime check default: Indyk et al. measured the accumulated max ratio <= 4.6 on BERT; on SmolLM2 at 8k tokens the
+# per-layer max (over heads and prefixes) is <= 10 on 26 of 30 layers (eval/results/head_tail_smollm2/results.md).
+MAX_HEAD_TAIL = 10.0
+# Rows summed exactly are computed in chunks whose [G, rows, keys] mask has at most this many elements (64 MB).
+EXACT_ROW_MASK_ELEMENTS = 1 << 24
+# The variance budget doubles a row's samples up to this many times (pool = num_samples * 2^SAMPLE_LEVELS).
+SAMPLE_LEVELS = 3
+
+
+def _rows_empty_to_zero(out: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [..., M, Dv], lse [..., M]; rows where ``empty`` [..., M] get out 0 and lse -inf (no in-place step)."""
+    return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, NEG_INF)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with an additive mask: q [G, M, D], k/v [G, L, D], mask [G, M, L] (0 or -inf; a weight
+    log(w) adds log w). Returns out [G, M, Dv], lse [G, M]; a row whose mask is -inf everywhere gets 0 / -inf."""
+    from .sorted_blocks import masked_attention_with_lse
+
+    out, lse = masked_attention_with_lse(q[:, None], k[:, None], v[:, None], scale, mask[:, None])
+    return _rows_empty_to_zero(out[:, 0], lse[:, 0], mask.amax(-1) == NEG_INF)
+
+
+def heavy_value_columns(v: torch.Tensor, key_valid: torch.Tensor, *, gamma: float, max_heavy_values: int,
+                        causal: bool, num_sink_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """H1 of Definition 3.1 for the block X = [sigma 1, V] of every (batch, head): the keys whose value row is large.
+
+    v [B, H, N, Dv] float32, key_valid [B, H, N] bool. With r_j = ||v_j||^2 and sigma^2 the mean of r over the valid
+    keys, X normalised to ||X||_F^2 = n has ||X_j||^2 = (sigma^2 + r_j) / (2 sigma^2), so j is in H1 iff
+    (sigma^2 + r_j) / (2 sigma^2) >= n^gamma. Markov bounds |H1| by n^(1 - gamma) (Lemma 3.2); we keep at most
+    ``max_heavy_values`` per head (non-causal: the largest r_j; causal: the first ones by position).
+    Causal: sigma^2 is the mean over the valid keys at or before j and n = N (the call's length), so whether key j
+    is in H1 depends on keys <= j only. The first ``num_sink_tokens`` positions (if valid) are always included
+    (attention sinks: the same exact-column mechanism).
+    Returns idx [B, H, C] int64 positions and sel [B, H, C] bool (False = an unused slot), C = the cap.
+    """
+    B, H, N, _ = v.shape
+    device = v.device
+    S = min(int(num_sink_tokens), N)
+    C = min(N, int(max_heavy_values) + S)
+    if C == 0:
+        return torch.zeros(B, H, 0, dtype=torch.int64, device=device), torch.zeros(B, H, 0, dtype=torch.bool, device=device)
+    r = v.detach().pow(2).sum(-1).masked_fill(~key_valid, 0.0)  # [B, H, N]
+    validf = key_valid.float()
+    if causal:
+        sigma2 = r.cumsum(-1) / validf.cumsum(-1).clamp_min(1.0)
+        n = float(N)
+    else:
+        sigma2 = (r.sum(-1, keepdim=True) / validf.sum(-1, keepdim=True).clamp_min(1.0)).expand(B, H, N)
+        n = validf.sum(-1, keepdim=True).clamp_min(1.0)
+    heavy = (sigma2 + r >= 2.0 * sigma2 * n ** gamma) & (sigma2 > 0) & key_valid
+    pos = torch.arange(N, device=device)
+    heavy = heavy | ((pos < S)[None, None, :] & key_valid)
+    if causal:  # the first C heavy keys by position: a later key never displaces an earlier one
+        score = torch.where(heavy, (N - pos).float()[None, None, :].expand(B, H, N), torch.full_like(r, -1.0))
+    else:  # the C largest value rows (sinks first)
+        score = torch.where(heavy, r + torch.where(pos < S, float("inf"), 0.0)[None, None, :], torch.full_like(r, -1.0))
+    top, idx = torch.topk(score, C, dim=-1)
+    return idx, top >= 0
+
+
+def heavy_value_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, sel: torch.Tensor, *,
+                          scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_H of Lemma 3.2: every query attends the H1 columns exactly. q [B, H, Nq, D], k/v [B, H, Nk, D] float32,
+    idx/sel [B, H, C] from :func:`heavy_value_columns`. Returns out [B, H, Nq, Dv], lse [B, H, Nq] (0 / -inf where
+    a row has no H1 column). Causal: query i attends column j only if j <= i."""
+    B, H, Nq, D = q.shape
+    G, C = B * H, idx.shape[-1]
+    Dv = v.shape[-1]
+    kh = torch.gather(k, 2, idx[..., None].expand(B, H, C, D)).view(G, C, D)
+    vh = torch.gather(v, 2, idx[..., None].expand(B, H, C, Dv)).view(G, C, Dv)
+    allowed = sel.view(G, 1, C).expand(G, Nq, C)
+    if causal:
+        allowed = allowed & (idx.view(G, 1, C) <= torch.arange(Nq, device=q.device)[None, :, None])
+    mask = torch.zeros(G, Nq, C, device=q.device).masked_fill(~allowed, NEG_INF)
+    out, lse = _attend(q.reshape(G, Nq, D), kh, vh, scale, mask)
+    return out.view(B, H, Nq, Dv), lse.view(B, H, Nq)
+
+
+def query_key_blocks(q_rows: torch.Tensor, k_rows: torch.Tensor, block_size: int,
+                     q_ranks: Optional[torch.Tensor] = None, k_ranks_sorted: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, int]:
+    """The key block each query of :func:`sorted_blocks.grouped_sorted_attention` attends (the same rule, for masking
+    the light samples that fall in it). q_rows [G, Mq], k_rows [G, Mk] (sorted order); q_ranks / k_ranks_sorted as
+    there. Returns (q_block [G, Mq] int64, bk): query m attends the sorted keys [q_block * bk, (q_block + 1) * bk)."""
+    G, Mq = q_rows.shape
+    Mk = k_rows.shape[1]
+    bq = min(block_size, Mq)
+    nb = -(-Mq // bq)
+    bk = -(-Mk // nb)
+    if q_ranks is None:
+        return (torch.arange(Mq, device=q_rows.device) // bq)[None, :].expand(G, Mq), bk
+    M = max(Mq, Mk)
+    k_comp = k_ranks_sorted * M + (k_rows - k_rows.min(dim=1, keepdim=True).values)
+    boundaries = k_comp[:, ::bk][:, :nb].contiguous()
+    q_comp = q_ranks * M + (q_rows - q_rows.min(dim=1, keepdim=True).values)
+    return (torch.searchsorted(boundaries, q_comp.contiguous(), right=True) - 1).clamp_(min=0), bk
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge.py's lse rule for two disjoint key sets: out* [..., M, Dv], lse* [..., M]. In place into ``out`` /
+    ``lse`` (which may be views of a caller's buffer) and ``out_b`` when no gradient is needed: on these CPUs a
+    fresh [B*H, N, Dv] temporary costs more than the arithmetic."""
+    if needs_grad(out, lse, out_b, lse_b):
+        return merge_attention(out, lse, out_b, lse_b)
+    merged = torch.logaddexp(lse, lse_b)
+    safe = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
+    w_a = torch.exp(lse - safe).nan_to_num_(0.0)  # exp(-inf - finite) = 0; both -inf: nan -> 0
+    w_b = torch.exp(lse_b - safe).nan_to_num_(0.0)
+    out.mul_(w_a[..., None]).add_(out_b.mul_(w_b[..., None]))
+    lse.copy_(merged)
+    return out, lse
+
+
+def _merge_rows(out: torch.Tensor, lse: torch.Tensor, order: torch.Tensor, out_b: torch.Tensor,
+                lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge out_b [G, R, Dv] / lse_b [G, R] into the rows ``order`` [G, R] (distinct per group) of out [G, M, Dv] /
+    lse [G, M]; only those rows are read and written (in place without autograd)."""
+    Dv = out.shape[-1]
+    index = order[..., None].expand(*order.shape, Dv)
+    o, l_ = _merge(torch.gather(out, 1, index), torch.gather(lse, 1, order), out_b, lse_b)
+    if needs_grad(out, lse, o, l_):
+        return out.scatter(1, index, o), lse.scatter(1, order, l_)
+    return out.scatter_(1, index, o), lse.scatter_(1, order, l_)
+
+
+def _selected_rows(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows where sel [G, M] is True, padded per group: (order [G, R] selected rows first, row_ok [G, R], R)."""
+    count = sel.sum(1)
+    R = int(count.max()) if sel.numel() else 0
+    order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :R]
+    return order, torch.arange(R, device=sel.device)[None, :] < count[:, None], R
+
+
+def light_key_attention(qg: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, k_rows: torch.Tensor,
+                        n_valid: torch.Tensor, q_block: torch.Tensor, bk: int, out: torch.Tensor, lse: torch.Tensor, *,
+                        scale: float, eps: float, num_samples: int, budget_constant: float,
+                        generator: torch.Generator, stats: Optional[dict] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Algorithm 2 APPROXLIGHT with the variance budget (A.1.4's practical variant), for G groups at once, merged into
+    the heavy-key result (out [G, Mq, Dv], lse [G, Mq]: the block S_i of every query, exact).
+
+    qg [G, Mq, D] the groups' queries (any order; q_block [G, Mq] = the key block of each, bk from
+    :func:`query_key_blocks`: query m's block is the sorted keys [q_block * bk, (q_block + 1) * bk)); k_rows [G, Mk]
+    rows of k_flat / v_flat in sorted order, the n_valid [G] valid keys first (the population T, H1 removed).
+
+    Samples: m0 = num_samples pilot keys and a pool of m0 * 2^SAMPLE_LEVELS keys per group, uniform with replacement
+    over T, shared by the group's queries. A sample inside query i's block counts 0 for i, so that
+    E[(|T| / m) sum_t K_{i j_t} 1[j_t not in S_i]] = sum_{j in T \\\\ S_i} K_ij (Lemma 3.5).
+    Budget: the pilot's empirical single-sample variance Var_i of |T| K_ij X_j, X_j = [sigma, v_j] (sigma^2 = mean
+    ||v||^2 over the pool), gives m_i = budget_constant * Var_i / tol_i^2 with tol_i = eps * sigma * (mass of the
+    row's block + pilot estimate of its light mass), rounded up to m0 * 2^L, L <= SAMPLE_LEVELS. Row i then uses the
+    first m_i keys of the pool; the pilot only sets m_i, so given m_i the estimate is unbiased. One call per level
+    L, for the rows at that level only (rows padded per group; all rows, the others masked, when they are most).
+    A row whose budget reaches |T| / 2 is flagged
+    ``exact_rows`` (Algorithm 2: no sampling is cheaper; the caller sums it exactly).
+    Returns (out, lse, exact_rows [G, Mq] bool); out / lse are the inputs, updated in place without autograd.
+    """
+    G, Mq, D = qg.shape
+    Mk = k_rows.shape[1]
+    Dv = v_flat.shape[1]
+    device = qg.device
+    m0 = int(num_samples)
+    total = m0 + (m0 << SAMPLE_LEVELS)  # pilot, then the pool
+    u = torch.rand(G, total, generator=generator, device=generator.device).to(device)
+    pos = (u * n_valid[:, None].float()).long().clamp_(max=Mk - 1)  # [G, total] sorted positions in T
+    sample_rows = torch.gather(k_rows, 1, pos)
+    sample_block = pos // bk
+    ks = k_flat.index_select(0, sample_rows.view(-1)).view(G, total, D)
+    vs = v_flat.index_select(0, sample_rows.view(-1)).view(G, total, Dv)
+    has_pool = n_valid > 0  # [G]
+
+    def segment_mask(blocks: torch.Tensor, rows_block: torch.Tensor, row_ok: torch.Tensor) -> torch.Tensor:
+        """[G, R, s] additive mask: -inf for a sample in the row's own block, a row not taken, an empty population."""
+        drop = (blocks[:, None, :] == rows_block[:, :, None]).logical_or_(~(row_ok & has_pool[:, None])[:, :, None])
+        return torch.where(drop, NEG_INF, 0.0)
+
+    all_rows = torch.ones(G, Mq, dtype=torch.bool, device=device)
+    with torch.no_grad():  # the budget from the pilot: a discrete choice, no gradient
+        s = torch.matmul(qg.detach(), ks[:, :m0].detach().transpose(1, 2)).mul_(scale)
+        s.add_(segment_mask(sample_block[:, :m0], q_block, all_rows))  # [G, Mq, m0]
+        ref = torch.maximum(s.amax(-1), lse.detach())
+        ref = torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
+        w = s.sub_(ref[..., None]).exp_()  # K_ij up to the row factor e^ref
+        n_t = n_valid.float()[:, None]  # [G, 1]
+        v0 = vs[:, :m0].detach()
+        sigma2 = vs[:, m0:].detach().pow(2).sum(-1).mean(-1).clamp_min(1e-30)[:, None]  # [G, 1]
+        mean_one = n_t / m0 * w.sum(-1)  # pilot estimate of sum_{T \\ S_i} K_ij (up to e^ref)
+        # ||mean of K_ij v_j||^2 through the pilot's Gram matrix: no [G, Mq, Dv] temporary
+        mean_v_sq = (n_t / m0).pow(2) * (torch.matmul(w, torch.matmul(v0, v0.transpose(1, 2))) * w).sum(-1)
+        w_sq = w.pow_(2)
+        second = n_t.pow(2) / m0 * (torch.matmul(w_sq, v0.pow(2).sum(-1)[..., None])[..., 0] + sigma2 * w_sq.sum(-1))
+        var = (second - sigma2 * mean_one.pow(2) - mean_v_sq).clamp_min(0) * (m0 / max(1, m0 - 1))
+        mass = torch.exp(lse.detach() - ref) + mean_one
+        need = budget_constant * var / ((eps * mass).pow(2) * sigma2).clamp_min(1e-30)
+        exact_rows = (need >= n_t / 2) & has_pool[:, None]
+        level = torch.ceil(torch.log2((need / m0).clamp_min(1.0))).clamp_(0, SAMPLE_LEVELS).long()
+        level = level.masked_fill(exact_rows, -1)  # -1: summed exactly by the caller, no samples
+        log_weight = torch.log(n_t / (m0 * torch.pow(2.0, level.clamp(min=0).float())))  # log(|T| / m_i) [G, Mq]
+    ks, vs, sample_block = ks[:, m0:], vs[:, m0:], sample_block[:, m0:]
+    if stats is not None:
+        stats["light_pairs"] = stats.get("light_pairs", 0) + G * Mq * m0
+    # one call per level: the rows at level L attend the first m0 * 2^L pool samples. When most rows of the groups
+    # are at that level, all rows are computed (the others masked out) instead of gathering the selected ones.
+    for lv in range(SAMPLE_LEVELS + 1):
+        sel = level == lv
+        order, row_ok, R = _selected_rows(sel)
+        if R == 0:
+            continue
+        m = m0 << lv
+        if 4 * R >= 3 * Mq:
+            o, l_ = _attend(qg, ks[:, :m], vs[:, :m], scale, segment_mask(sample_block[:, :m], q_block, sel))
+            out, lse = _merge(out, lse, o, l_ + log_weight)
+        else:
+            q_sel = torch.gather(qg, 1, order[..., None].expand(G, R, D))
+            o, l_ = _attend(q_sel, ks[:, :m], vs[:, :m], scale,
+                            segment_mask(sample_block[:, :m], torch.gather(q_block, 1, order), row_ok))
+            out, lse = _merge_rows(out, lse, order, o, l_ + torch.gather(log_weight, 1, order))
+        if stats is not None:
+            stats["light_pairs"] += G * (Mq if 4 * R >= 3 * Mq else R) * m
+    return out, lse, exact_rows
+
+
+def _exact_rows_of_groups(qg: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, k_rows: torch.Tensor,
+                          k_valid: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flagged rows [G, Mq] of qg [G, Mq, D] attend exactly over their group's valid keys (k_rows / k_valid
+    [G, Mk]), padded per group; their out / lse [G, Mq(, Dv)] are replaced (in place without autograd)."""
+    G, Mq, D = qg.shape
+    Mk = k_rows.shape[1]
+    Dv = v_flat.shape[1]
+    order, row_ok, R = _selected_rows(rows)
+    kk = k_flat.index_select(0, k_rows.reshape(-1)).view(G, Mk, D)
+    vv = v_flat.index_select(0, k_rows.reshape(-1)).view(G, Mk, Dv)
+    key_bias = torch.zeros(G, 1, Mk, device=qg.device).masked_fill_(~k_valid[:, None, :], NEG_INF)
+    per = max(1, EXACT_ROW_MASK_ELEMENTS // max(1, G * Mk))  # rows per chunk: the [G, rows, Mk] mask stays bounded
+    parts = []
+    for r0 in range(0, R, per):
+        q_sel = torch.gather(qg, 1, order[:, r0:r0 + per, None].expand(G, min(per, R - r0), D))
+        parts.append(_attend(q_sel, kk, vv, scale, key_bias.expand(G, q_sel.shape[1], Mk)))
+    e_out = torch.cat([p_[0] for p_ in parts], 1)
+    e_lse = torch.cat([p_[1] for p_ in parts], 1)
+    index = order[..., None].expand(G, R, Dv)
+    e_out = torch.where(row_ok[..., None], e_out, torch.gather(out, 1, index))  # padded slots keep their row
+    e_lse = torch.where(row_ok, e_lse, torch.gather(lse, 1, order))
+    if needs_grad(out, lse, e_out, e_lse):
+        return out.scatter(1, index, e_out), lse.scatter(1, order, e_lse)
+    return out.scatter_(1, index, e_out), lse.scatter_(1, order, e_lse)
+
+
+def kmv_group_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, *, q_rows: torch.Tensor,
+                        q_order: torch.Tensor, k_rows: torch.Tensor, k_valid: torch.Tensor, natural,
+                        block_size: int, scale: float, eps: float, num_samples: int, budget_constant: float,
+                        generator: torch.Generator, q_ranks: Optional[torch.Tensor] = None,
+                        k_ranks_sorted: Optional[torch.Tensor] = None,
+                        stats: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-heavy-value part of kmv for G groups: heavy keys S_i (the query's sorted LSH key block, exact, through
+    ``hyper``'s block kernel; Lemma 3.4 with the LSH's probability) plus the light keys (light_key_attention),
+    merged by lse; rows whose variance budget reaches |T| / 2 are summed exactly over T.
+
+    q_flat [Rq, D], k_flat/v_flat [Rk, D] float32; q_rows [G, Mq] rows of q_flat in sorted order, q_order [G, Mq]
+    the natural index of each (q_rows = natural rows gathered by q_order); k_rows [G, Mk] (sorted, valid first),
+    k_valid [G, Mk] bool; q_ranks / k_ranks_sorted as in sorted_blocks.grouped_sorted_attention (the causal block
+    rule). ``natural(t)`` maps a [Rq + 1, ...] tensor indexed by q_flat rows to the view [G, Mq, ...] of the groups'
+    queries in natural order (no copy). Returns out [G, Mq, Dv], lse [G, Mq] in natural order: views of fresh buffers.
+    """
+    from .sorted_blocks import grouped_sorted_attention
+
+    G, Mq = q_rows.shape
+    Dv = v_flat.shape[1]
+    device = q_flat.device
+    Rq = q_flat.shape[0]
+    out_flat = torch.empty(Rq + 1, Dv, device=device)
+    lse_flat = torch.empty(Rq + 1, device=device)
+    grouped_sorted_attention(q_flat, k_flat, v_flat, q_rows=q_rows, k_rows=k_rows, k_valid=k_valid,
+                             block_size=block_size, sample_size=0, generator=generator, scale=scale,
+                             out_flat=out_flat, lse_flat=lse_flat, q_ranks=q_ranks, k_ranks_sorted=k_ranks_sorted)
+    out, lse = natural(out_flat), natural(lse_flat)
+    q_block, bk = query_key_blocks(q_rows, k_rows, block_size, q_ranks, k_ranks_sorted)
+    if stats is not None:  # key slots of the blocks: bk keys per query
+        stats["block_pairs"] = stats.get("block_pairs", 0) + G * Mq * bk
+    if num_samples <= 0:
+        return out, lse
+    qg = natural(q_flat)  # [G, Mq, D] view
+    q_block = torch.empty_like(q_block).scatter_(1, q_order, q_block)  # natural order
+    n_valid = k_valid.sum(1)
+    out, lse, exact_rows = light_key_attention(qg, k_flat, v_flat, k_rows, n_valid, q_block, bk, out, lse,
+                                               scale=scale, eps=eps, num_samples=num_samples,
+                                               budget_constant=budget_constant, generator=generator, stats=stats)
+    if bool(exact_rows.any()):
+        out, lse = _exact_rows_of_groups(qg, k_flat, v_flat, k_rows, k_valid, exact_rows, out, lse, scale)
+        if stats is not None:
+            stats["exact_row_pairs"] = stats.get("exact_row_pairs", 0) + int(exact_rows.sum()) * k_rows.shape[1]
+    return out, lse
+
+
+def _masked_ranks(x: torch.Tensor, planes: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """lsh_ranks with a per-head mask: x [B, H, N, D], valid [B, H, N] bool or None -> [B, H, N] (invalid: 2^P)."""
+    from .lsh import lsh_ranks
+
+    ranks = lsh_ranks(x, planes)
+    return ranks if valid is None else ranks.masked_fill(~valid, 1 << planes.shape[-1])
+
+
+def kmv_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                         key_padding_mask: Optional[torch.Tensor], generator: torch.Generator, eps: float,
+                         gamma: float, lsh_num_projs: int, block_size: int, num_samples: int, budget_constant: float,
+                         max_heavy_values: int, num_sink_tokens: int, causal_block: int,
+                         stats: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kmv on the sorted blocks: q [B, H, Nq, D], k/v [B, H, Nk, D] (GQA expanded), key_padding_mask [B, Nk] bool.
+    Returns out [B, H, Nq, Dv] float32 and lse [B, H, Nq]. Every tensor stays on q's device (random draws come from
+    ``generator`` on its device and are moved there), every (batch, head) in the same calls.
+
+    Non-causal: one group per (batch, head). Causal: HyperAttention's recursion as in sorted_blocks (exact causal
+    leaves of ``causal_block`` positions; at every level the off-diagonal quadrants are non-causal kmv groups, with
+    the causal block rule), merged by lse. The H1 columns are attended apart (causally) and removed from the rest.
+    """
+    from .lsh import random_hyperplanes
+    from .sorted_blocks import causal_levels, dense_attention_with_lse
+
+    from .sorted_blocks import leading_padding, move_leading_padding_to_end, restore_leading_padding
+
+    shift = leading_padding(key_padding_mask) if num_sink_tokens > 0 else None
+    if shift is not None:  # left padding: the sinks must be each row's first real tokens (as in hyper)
+        q, k, v, key_padding_mask = move_leading_padding_to_end(q, k, v, key_padding_mask, shift)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    Dv = v.shape[3]
+    device = q.device
+    qf, kf, vf = q.float().contiguous(), k.float().contiguous(), v.float().contiguous()
+    valid = torch.ones(B, H, Nk, dtype=torch.bool, device=device) if key_padding_mask is None else \
+        key_padding_mask[:, None, :].expand(B, H, Nk)
+    idx, sel = heavy_value_columns(vf, valid, gamma=gamma, max_heavy_values=max_heavy_values, causal=causal,
+                                   num_sink_tokens=num_sink_tokens)
+    h_out = h_lse = None
+    if idx.shape[-1] > 0:
+        h_out, h_lse = heavy_value_attention(qf, kf, vf, idx, sel, scale=scale, causal=causal)
+        removed = torch.zeros(B, H, Nk, dtype=torch.bool, device=device).scatter(2, idx, sel)
+        valid = valid & ~removed
+    planes = random_hyperplanes(H, D, lsh_num_projs, generator, device)
+    params = dict(block_size=block_size, scale=scale, eps=eps, num_samples=num_samples,
+                  budget_constant=budget_constant, generator=generator, stats=stats)
+
+    if not causal:
+        G = B * H
+        q_order = torch.sort(_masked_ranks(qf, planes, None), dim=-1, stable=True).indices.view(G, Nq)
+        k_order = torch.sort(_masked_ranks(kf, planes, valid), dim=-1, stable=True).indices.view(G, Nk)
+        k_valid_sorted = torch.gather(valid.reshape(G, Nk), 1, k_order)
+        base_q = (torch.arange(G, device=device) * Nq)[:, None]
+        base_k = (torch.arange(G, device=device) * Nk)[:, None]
+
+        def natural(t: torch.Tensor) -> torch.Tensor:
+            return t[:G * Nq].view(G, Nq, *t.shape[1:])
+
+        out, lse = kmv_group_attention(qf.view(G * Nq, D), kf.view(G * Nk, D), vf.view(G * Nk, Dv),
+                                       q_rows=q_order + base_q, q_order=q_order, k_rows=k_order + base_k,
+                                       k_valid=k_valid_sorted, natural=natural, **params)
+        out, lse = out.view(B, H, Nq, Dv), lse.view(B, H, Nq)
+    else:
+        N = Nq
+        m, leaf = causal_levels(N, causal_block)
+        Np = leaf << m
+        pad = Np - N
+        if pad:
+            qf, kf, vf = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (qf, kf, vf))
+            valid = torch.nn.functional.pad(valid, (0, pad), value=False)
+        valid = valid.contiguous()
+        nleaf = 1 << m
+        leaf_bias = torch.zeros(B, H, Np, device=device).masked_fill_(~valid, NEG_INF).view(B * H * nleaf, leaf)
+        out, lse = dense_attention_with_lse(qf.view(B * H * nleaf, leaf, D), kf.view(B * H * nleaf, leaf, D),
+                                            vf.view(B * H * nleaf, leaf, Dv), scale, leaf_bias, causal=True)
+        empty = valid.view(B * H * nleaf, leaf).cumsum(-1) == 0  # no valid key at or before the query in its leaf
+        out, lse = _rows_empty_to_zero(out, lse, empty)
+        out, lse = out.reshape(B, H, Np, Dv), lse.reshape(B, H, Np)
+        ranks_q = _masked_ranks(qf, planes, None)
+        ranks_k = _masked_ranks(kf, planes, valid)
+        q_flat, k_flat, v_flat = qf.view(-1, D), kf.view(-1, D), vf.view(-1, Dv)
+        for level in range(m):
+            nseg = 1 << level
+            half = Np // (2 * nseg)
+            G = B * H * nseg
+            seg_base = (torch.arange(B * H, device=device)[:, None] * Np
+                        + torch.arange(nseg, device=device)[None, :] * 2 * half).reshape(G, 1)
+            rq = ranks_q.view(B, H, nseg, 2, half)[:, :, :, 1].reshape(G, half)
+            rk = ranks_k.view(B, H, nseg, 2, half)[:, :, :, 0].reshape(G, half)
+            rq_sorted, q_order = torch.sort(rq, dim=-1, stable=True)
+            rk_sorted, k_order = torch.sort(rk, dim=-1, stable=True)
+            k_valid_sorted = torch.gather(valid.view(B, H, nseg, 2, half)[:, :, :, 0].reshape(G, half), 1, k_order)
+
+            def natural(t: torch.Tensor, nseg=nseg, half=half, G=G) -> torch.Tensor:  # the second half of every segment
+                return t[:B * H * Np].view(B, H, nseg, 2, half, *t.shape[1:])[:, :, :, 1].view(G, half, *t.shape[1:])
+
+            o, l_ = kmv_group_attention(q_flat, k_flat, v_flat, q_rows=q_order + seg_base + half, q_order=q_order,
+                                        k_rows=k_order + seg_base, k_valid=k_valid_sorted, q_ranks=rq_sorted,
+                                        k_ranks_sorted=rk_sorted, natural=natural, **params)
+            o, l_ = o.view(B, H, nseg, half, Dv), l_.view(B, H, nseg, half)
+            out6, lse5 = out.view(B, H, nseg, 2, half, Dv), lse.view(B, H, nseg, 2, half)
+            if needs_grad(out, o):  # rebuild instead of writing into tensors saved for backward
+                merged_out, merged_lse = merge_attention(out6[:, :, :, 1], lse5[:, :, :, 1], o, l_)
+                out = torch.stack([out6[:, :, :, 0], merged_out], dim=3).reshape(B, H, Np, Dv)
+                lse = torch.stack([lse5[:, :, :, 0], merged_lse], dim=3).reshape(B, H, Np)
+            else:
+                _merge(out6[:, :, :, 1], lse5[:, :, :, 1], o, l_)
+        out, lse = out[:, :, :N], lse[:, :, :N]
+    if h_out is not None:
+        out, lse = _merge(out, lse, h_out, h_lse)
+    if shift is not None:
+        out, lse = restore_leading_padding(out, lse, shift, Nk, causal)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The regime check: Assumption A measured on the layer's input.
+
+
+def head_tail_estimate(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask: Optional[torch.Tensor],
+                       causal: bool, rows: int = 64) -> torch.Tensor:
+    """Row-sampled estimate of Assumption A's tail/head ratio of K for every (batch, head) -> [B, H] float64.
+
+    q [B, H, Nq, D], k [B, H, Nk, D]. K_ij = exp(-||x_i - y_j||^2) of Lemma 4.1 (hf_sparse_attn/eval/head_tail.py
+    computes the same ratio exactly, on every prefix). Here: ``rows`` query rows evenly spaced, all their
+    attendable keys (causal: j <= i, valid keys only); head = the sum of the ``rows`` largest entries of that
+    [rows, Nk] block (the n largest of an n-row matrix, scaled to the rows taken), tail = the rest;
+    ratio = tail / head. Computed in the log domain, shifted by the block's max (the ratio is scale free)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    r = max(1, min(int(rows), Nq))
+    pick = torch.linspace(0, Nq - 1, r, device=q.device).round().long()
+    qs = q.detach().float()[:, :, pick]
+    kf = k.detach().float()
+    if key_padding_mask is not None:  # masked keys must not set the max key norm of the reduction
+        kf = kf * key_padding_mask[:, None, :, None].to(kf.dtype)
+    x, y, _ = softmax_to_gaussian_kernel(qs, kf, scale)
+    dist = (x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1)[..., None, :] - 2 * x @ y.transpose(-1, -2)).clamp_min(0)
+    logk = -dist.double()  # [B, H, r, Nk]
+    allowed = torch.ones(r, Nk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.arange(Nk, device=q.device)[None, :] <= pick[:, None]
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    logk = logk.masked_fill(~allowed, NEG_INF).flatten(2)
+    top = logk.amax(-1, keepdim=True)
+    vals = torch.exp(logk - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    head = torch.topk(vals, min(r, vals.shape[-1]), dim=-1).values.sum(-1)
+    return (vals.sum(-1) - head) / head.clamp_min(1e-300)
+
+
+def kmv_check(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
+              params: dict, scale: Optional[float] = None) -> Optional[str]:
+    """Why kmv should not serve this call (None when it can): a causal decode step, or Assumption A violated on this
+    input: the estimated tail/head ratio (head_tail_estimate) of some head above ``max_head_tail`` (0 = no check).
+    ``scale``: the call's softmax scale (1/sqrt(D) when not given)."""
+    if causal and q.shape[2] != k.shape[2]:
+        return "kmv: causal decode step (q_len != kv_len)"
+    bound = float(params.get("max_head_tail", MAX_HEAD_TAIL))
+    if bound <= 0:
+        return None
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ratio = float(head_tail_estimate(q, k, scale, key_padding_mask, causal, int(params.get("check_rows", 64))).max())
+    if not ratio <= bound:
+        return (f"kmv: out of Assumption A's regime (tail/head ratio of K ~ {ratio:.3g} > max_head_tail={bound:g} "
+                f"on this input)")
+    return None
+
+
 def kmv_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -468,21 +958,46 @@ def kmv_attention(
     budget_constant: float = 2.0,
     median_groups: int = 1,
     split_signs: bool = False,
-    causal_block: int = 1024,
+    causal_block: int = 2048,
     seed: int = 0,
     min_seq_len: int = 4096,
+    engine: str = "blocks",
+    block_size: int = 256,
+    max_heavy_values: int = 64,
+    num_sink_tokens: int = NUM_SINK_TOKENS,
+    max_head_tail: float = MAX_HEAD_TAIL,
+    check_rows: int = 64,
+    stats: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention as (K V) / (K 1) through APPROXKMV (module docstring). Shapes as the method contract.
 
+    ``engine="blocks"`` (default): :func:`kmv_blocks_attention`, every head batched on q's device (docs/methods/kmv.md);
+    it reads eps, gamma, lsh_num_projs (0 = 7 hyperplanes), block_size, num_samples, budget_constant,
+    max_heavy_values, num_sink_tokens and causal_block (the exact causal leaf). ``engine="reference"``: the faithful
+    Algorithms 1-3 per (batch, head) on CPU tensors (the rest of the parameters). ``max_head_tail`` / ``check_rows``
+    are read by the adapter's check only (:func:`kmv_check`). ``stats`` (blocks): key slots each part computed.
     Below ``min_seq_len`` keys: exact attention. Deterministic given ``generator`` (else ``seed``).
     """
     check_inputs(q, k, v, causal, key_padding_mask)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    if engine not in ENGINES:
+        raise ValueError(f"kmv: engine must be one of {list(ENGINES)}, got {engine!r}")
     if Nk < min_seq_len:
         return exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     if scale <= 0:
         raise ValueError(f"kmv needs a positive scale (Lemma 4.1), got {scale}")
+    if engine == "blocks":
+        if block_size < 1 or num_samples < 0 or max_heavy_values < 0 or num_sink_tokens < 0:
+            raise ValueError(f"kmv blocks: block_size must be >= 1, num_samples, max_heavy_values and num_sink_tokens "
+                             f">= 0; got {block_size}, {num_samples}, {max_heavy_values}, {num_sink_tokens}")
+        out, lse = kmv_blocks_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                        generator=make_generator(generator, seed), eps=eps, gamma=gamma,
+                                        lsh_num_projs=lsh_num_projs or 7, block_size=block_size,
+                                        num_samples=num_samples, budget_constant=budget_constant,
+                                        max_heavy_values=max_heavy_values, num_sink_tokens=num_sink_tokens,
+                                        causal_block=causal_block, stats=stats)
+        return out.to(q.dtype), lse
     params = dict(eps=eps, alpha=alpha, gamma=gamma, lsh_bucket_width=lsh_bucket_width, lsh_num_projs=lsh_num_projs,
                   lsh_num_tables=lsh_num_tables, lsh_table_factor=lsh_table_factor, budget=budget,
                   num_samples=num_samples, budget_constant=budget_constant, median_groups=median_groups,
@@ -515,14 +1030,52 @@ register_method(
         "lsh_num_tables": Param(0, int, low=0, help="LSH repetitions; 0 = ceil(lsh_table_factor * n^alpha * ln n)"),
         "lsh_table_factor": Param(1.0, float, low=0.0, help="paper: 10 (T = 10 n^alpha log n)"),
         "budget": Param("variance", str, choices=("variance", "two_level", "kde"), help="per-row sample budget rule"),
-        "num_samples": Param(32, int, low=2, help="pilot samples per row (the base budget)"),
+        "num_samples": Param(32, int, low=0, help="pilot samples per row (the base budget); blocks: 0 = no light-key samples"),
         "budget_constant": Param(2.0, float, low=0.01, help="m_i = constant * variance_i / tol_i^2 (paper: 10)"),
         "median_groups": Param(1, int, low=1, high=64, help="median of this many independent estimates (paper: 10 log n)"),
         "split_signs": Param(False, bool, help="run V+ and V- separately instead of the signed estimator"),
-        "causal_block": Param(1024, int, low=16, help="causal recursion: exact attention at or below this many keys"),
+        "causal_block": Param(2048, int, low=16, help="causal recursion: exact attention at or below this many keys (the leaf size)"),
         "seed": Param(0, int, low=0, help="seed when no generator is given"),
         "min_seq_len": Param(4096, int, low=0, help="below this many keys: exact attention"),
+        "engine": Param("blocks", str, choices=ENGINES,
+                        help="'blocks': sorted-LSH blocks + exact heavy value columns + variance-budgeted samples, all heads "
+                             "batched on the input's device; 'reference': the faithful Algorithms 1-3, per head on CPU"),
+        "block_size": Param(256, int, low=1, help="blocks: queries per sorted LSH block (its key block = the heavy-key candidates)"),
+        "max_heavy_values": Param(64, int, low=0, help="blocks: at most this many heavy value rows (H1) per head, exact columns"),
+        "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0,
+                                 help="blocks: the first real keys also attended as exact columns, like H1 (attention sinks; "
+                                      "left padding skipped)"),
+        "max_head_tail": Param(MAX_HEAD_TAIL, float, low=0.0,
+                               help="regime check: exact attention when the estimated tail/head ratio of K (Assumption A) "
+                                    "exceeds this on some head; 0 = no check"),
+        "check_rows": Param(64, int, low=1, help="regime check: query rows sampled to estimate the tail/head ratio"),
     },
+    check=kmv_check,
     source="Indyk, Kapralov, Sheth, Wagner, Algorithms 1-3, Definition 3.1, Lemmas 3.2-3.5, 4.1, A.1.4",
     summary="attention as Gaussian-kernel matrix-vector products: exact heavy values, LSH heavy keys, sampled light keys",
 )
+
+
+def heavy_key_found(q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, *,
+                    lsh_num_projs: int = 7, block_size: int = 256, key_padding_mask: Optional[torch.Tensor] = None,
+                    generator: Optional[torch.Generator] = None, seed: int = 0) -> torch.Tensor:
+    """Whether the non-causal blocks engine attends the pair (query_index[p], key_index[p]) exactly, in its key block:
+    Lemma 3.4's "every heavy key is found" becomes "found with the LSH's probability", measured with this.
+
+    q [B, H, Nq, D], k [B, H, Nk, D]; query_index, key_index [B, H, P] int64. Returns found [B, H, P] bool. The
+    hashes are drawn as ``kmv_blocks_attention`` draws them from the same generator (H1 removal not applied: pass
+    keys that are not heavy value rows, or read found as "before the H1 split")."""
+    from .lsh import random_hyperplanes
+
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    gen = make_generator(generator, seed)
+    planes = random_hyperplanes(H, D, lsh_num_projs, gen, q.device)
+    valid = None if key_padding_mask is None else key_padding_mask[:, None, :].expand(B, H, Nk)
+    q_order = torch.sort(_masked_ranks(q.float(), planes, None), dim=-1, stable=True).indices
+    k_order = torch.sort(_masked_ranks(k.float(), planes, valid), dim=-1, stable=True).indices
+    q_pos = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(Nq, device=q.device).expand_as(q_order))
+    k_pos = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(Nk, device=q.device).expand_as(k_order))
+    bq = min(block_size, Nq)
+    bk = -(-Nk // -(-Nq // bq))
+    return torch.gather(q_pos, -1, query_index) // bq == torch.gather(k_pos, -1, key_index) // bk

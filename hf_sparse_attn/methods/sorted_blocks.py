@@ -480,12 +480,12 @@ def sorted_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
 
 # Queries per chunk of the local window: each chunk reads one overlapping strided view of window + WINDOW_CHUNK keys,
 # so a query computes window + WINDOW_CHUNK key slots for window + its offset in the chunk + 1 attended keys.
-# Measured once while writing it (8k, window 256, one thread, an earlier padded version): chunks of 32 / 64 / 128
+# Timed at 8k, window 256, one thread (no result file: a kernel-tuning constant): chunks of 32 / 64 / 128
 # took 81 / 85 / 101 ms; 64 keeps the window's alignment slack (at most 63 extra keys) and the count of chunks small.
 WINDOW_CHUNK = 64
 # The causal LSH block's tiles advance by block_size / BLOCK_TILE_DIVISOR sorted keys and hold that many queries
-# per chunk (each chunk computes block_size + block_size / BLOCK_TILE_DIVISOR key slots per query). Measured once
-# (8k, block 256, one thread): divisor 1 / 2 / 4 took 200 / 181 / 172 ms.
+# per chunk (each chunk computes block_size + block_size / BLOCK_TILE_DIVISOR key slots per query). Timed at 8k,
+# block 256, one thread (a kernel-tuning constant): divisor 1 / 2 / 4 took 200 / 181 / 172 ms.
 BLOCK_TILE_DIVISOR = 4
 # The single pass picks its number of LSH buckets so that a bucket holds BUCKET_FILL x block_size keys on average
 # (single_pass_bucket_bits): a query's past then holds ~block_size keys of its bucket half-way through the sequence.

@@ -6,10 +6,10 @@ residual / sketch: the "Attention is Naturally Sparse" paper proves that attenti
 
     y~_i = sum_{j in S_i} e^{s_ij} v_j / D~_i,    D~_i = sum_{j in S_i} e^{s_ij},   s_ij = scale * q_i . k_j,
 
-and multiplied by the scale coefficient of Definitions 5.2-5.3 (formulas lost in the seed's extraction;
+and multiplied by the scale coefficient of Definitions 5.2-5.3 (formulas lost in our copy of the paper's text;
 reconstructed, full derivation in docs/methods/hyper.md):
 
-  Definition 5.2 (error estimate). Under the seed's model (LayerNorm'd Gaussian inputs, Gaussian weights) the
+  Definition 5.2 (error estimate). Under the paper's model (LayerNorm'd Gaussian inputs, Gaussian weights) the
   scores of row i are Gaussian, s_ij ~ N(mu_i, sigma_i^2), with sigma_i^2 = scale^2 q_i^T Sigma_K q_i (Sigma_K:
   covariance of the keys; sigma grows with the weight norm R of Definition 4.2). With n_i attendable keys and
   k_i of them kept, the expected softmax mass outside the top k_i entries is (Theorem 4.7's threshold
@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
-from .defaults import CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN, NUM_SINK_TOKENS
+from .defaults import BLOCK_SIZE, CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN, NUM_SINK_TOKENS
 from .hyper import HYPER_PARAMS, WINDOW, check_sorted_lsh
 from .lsh import make_generator
 from .registry import Param, register_method
@@ -137,7 +137,7 @@ def sparse_hyper_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     lsh_num_projs: int = 7,
-    block_size: int = 256,
+    block_size: int = BLOCK_SIZE,
     min_seq_len: int = MIN_SEQ_LEN,
     seed: int = 0,
     scale_mode: str = "theory",

@@ -22,7 +22,7 @@ and only the missing ones computed (resume).
 
 The package, by job: :mod:`.measure` (one sequence: prefill time, loss, profile), :mod:`.grid` (the cells, their
 texts, running them), :mod:`.store` (the results file), :mod:`.report` (summaries, results.json / results.md /
-plots) and :mod:`.goals` (the goals the report states). ``hf_sparse_attn.eval.model_bench`` keeps every name.
+plots) and :mod:`.goals` (the goals of an experiment config, checked in the report). ``hf_sparse_attn.eval.model_bench`` keeps every name.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .grid import (
     run_cell,
     run_grid,
     selection_order_measured,
+    shard_cells,
 )
 from .measure import (
     ATTENTION_MODULE_LABEL,
@@ -63,6 +64,9 @@ from .store import (
     latest_cells,
     latest_profiles,
     read_jsonl,
+    read_results,
+    results_files,
+    shard_results_file,
 )
 
-__all__ = ["decoder_and_head", "prefill_and_nll", "perplexity", "ATTENTION_MODULE_LABEL", "SDPA_OP", "profile_attention_share", "amdahl_ceiling", "SELECTIONS", "Cell", "baseline_cell", "build_grid", "article_token_sets", "selection_order_measured", "run_cell", "new_run_info", "run_grid", "read_jsonl", "append_jsonl", "finished_keys", "latest_cells", "latest_profiles", "SELECTION_ORDER", "article_change_pct", "summarize", "selection_comparison", "selections_by_layer_count", "model_report_markdown", "write_model_results", "evaluate_goals"]
+__all__ = ["decoder_and_head", "prefill_and_nll", "perplexity", "ATTENTION_MODULE_LABEL", "SDPA_OP", "profile_attention_share", "amdahl_ceiling", "SELECTIONS", "Cell", "baseline_cell", "build_grid", "article_token_sets", "selection_order_measured", "run_cell", "new_run_info", "run_grid", "shard_cells", "read_jsonl", "read_results", "results_files", "shard_results_file", "append_jsonl", "finished_keys", "latest_cells", "latest_profiles", "SELECTION_ORDER", "article_change_pct", "summarize", "selection_comparison", "selections_by_layer_count", "model_report_markdown", "write_model_results", "evaluate_goals"]

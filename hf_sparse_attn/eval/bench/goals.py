@@ -1,86 +1,119 @@
-"""The goals issue 7 set for the model benchmark, checked on a summary (:func:`report.summarize`): what the
-report's "Goals" section states."""
+"""Goals an experiment states for its report, checked on a summary (:func:`report.summarize`). The goals are data:
+the ``[[goal]]`` tables of an experiment config (eval/experiments/<name>.toml), one per goal::
+
+    [[goal]]
+    text = "half the layers by weight_norm: perplexity within +5% of exact"
+    method = "sparse_hyper"        # the cell: method, layers, select (default weight_norm), seed (default 0),
+    layers = 15                    # tokens (default: the largest N of the report)
+    metric = "ppl_change_pct"      # with at_most / at_least: MET when the cell's value is within it
+    at_most = 5.0
+
+    [[goal]]
+    text = "weight_norm beats last and random at 15 layers"
+    method = "sparse_hyper"
+    layers = 15
+    beats = ["last", "random"]     # MET when the cell's perplexity is below each (random: the mean over its seeds)
+
+A goal with neither a bound nor ``beats`` is REPORTED: the cell's numbers, with the Amdahl ceiling of its layer
+count. A cell missing from the records is NOT MEASURED; a cell in which the method served no call (every call fell
+back to exact attention) measures the exact model, so its goal is NOT APPLICABLE, not met.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from .measure import amdahl_ceiling
+GOAL_KEYS = ("text", "method", "layers", "select", "seed", "tokens", "metric", "at_most", "at_least", "beats")
+METRICS = ("ppl_change_pct", "perplexity", "speedup", "median_article_change_pct")
 
 
-def evaluate_goals(summary: dict, num_layers: int, tokens: Optional[int] = None,
-                   comparison: Optional[Sequence[dict]] = None) -> list[dict]:
-    """The three goals of issue 7 at ``tokens`` (default: the largest N measured), per patched method.
+def check_goal_spec(goal: dict) -> None:
+    """Raise ValueError naming what is wrong with one ``[[goal]]`` table."""
+    unknown = sorted(set(goal) - set(GOAL_KEYS))
+    if unknown:
+        raise ValueError(f"[[goal]] {goal.get('text', '')!r}: unknown key(s) {unknown}; a goal has {list(GOAL_KEYS)}")
+    missing = [k for k in ("text", "method", "layers") if k not in goal]
+    if missing:
+        raise ValueError(f"[[goal]] {goal.get('text', '')!r}: missing {missing} (a goal names its cell by method and layers)")
+    if goal.get("metric", "ppl_change_pct") not in METRICS:
+        raise ValueError(f"[[goal]] {goal['text']!r}: metric {goal['metric']!r}; choose from {list(METRICS)}")
+    if "beats" in goal and ("at_most" in goal or "at_least" in goal):
+        raise ValueError(f"[[goal]] {goal['text']!r}: give either a bound (at_most / at_least) or beats, not both")
 
-    1. weight_norm with half the layers replaced keeps perplexity within +5% of exact;
-    2. weight_norm beats ``last`` and random (mean over seeds, and each seed) on perplexity at the same layer count
-       (the same method and count give about the same speed-up: both are reported);
-    3. speed-up with all layers replaced, next to the Amdahl ceiling from the profiled attention share.
-    ``comparison`` (:func:`selection_comparison`) adds to goal 2 on how many articles weight_norm's loss was lower.
-    Each entry: {"goal", "method", "status" ("MET" / "NOT MET" / "NOT MEASURED" / "REPORTED" / "NOT APPLICABLE"),
-    "detail"}. A cell in which the method served no call (every call fell back to exact attention, e.g. outside its
-    regime) measures the exact model: its goals are NOT APPLICABLE, not met.
-    """
+
+def evaluate_goals(summary: dict, goals: Sequence[dict], comparison: Optional[Sequence[dict]] = None) -> list[dict]:
+    """Each goal of ``goals`` (the ``[[goal]]`` tables, see the module docstring) checked on ``summary``.
+
+    ``comparison`` (:func:`report.selection_comparison`) adds to a ``beats`` goal on how many articles the cell's
+    loss was the lower one. Returns one entry per goal: {"goal", "method", "status" ("MET" / "NOT MET" /
+    "NOT MEASURED" / "REPORTED" / "NOT APPLICABLE"), "detail"}."""
     rows = summary["rows"]
-    if not rows:
+    if not rows or not goals:
         return []
-    tokens = tokens or max(r["tokens"] for r in rows)
-    half = num_layers // 2
-    at = {(r["method"], r["layers"], r["select"], r["seed"]): r for r in rows if r["tokens"] == tokens}
-    base = next((r for r in rows if r["tokens"] == tokens and r["layers"] == 0), None)
-    prof = summary["profiles"].get(str(tokens))
-    methods = sorted({r["method"] for r in rows if r["tokens"] == tokens and r["layers"] > 0})
-    goals = []
-    for method in methods:
-        wn = at.get((method, half, "weight_norm", 0))
-        g1 = {"goal": f"{tokens} tokens, {half}/{num_layers} layers by weight_norm: perplexity within +5% of exact", "method": method}
-        if wn is None or base is None:
-            g1.update(status="NOT MEASURED", detail="cell not run")
-        elif not wn.get("served"):
-            g1.update(status="NOT APPLICABLE", detail=_nothing_served(wn))
+    largest = max(r["tokens"] for r in rows)
+    out = []
+    for goal in goals:
+        check_goal_spec(goal)
+        tokens = goal.get("tokens", largest)
+        select, seed = goal.get("select", "weight_norm"), goal.get("seed", 0)
+        at = {(r["method"], r["layers"], r["select"], r["seed"]): r for r in rows if r["tokens"] == tokens}
+        cell = at.get((goal["method"], goal["layers"], select, seed))
+        entry = {"goal": goal["text"], "method": goal["method"]}
+        out.append(entry)
+        if cell is None:
+            entry.update(status="NOT MEASURED", detail=f"cell {goal['method']}, {tokens} tokens, {goal['layers']} layers, "
+                                                       f"{select} not run")
+            continue
+        if not cell.get("served"):
+            entry.update(status="NOT APPLICABLE", detail=_nothing_served(cell))
+            continue
+        numbers = (f"exact {_fmt(cell['exact_perplexity'], '.3f')} -> {cell['perplexity']:.3f} "
+                   f"({_fmt(cell['ppl_change_pct'], '+.1f')}%), speed-up {_fmt(cell['speedup'], '.2f')}x, "
+                   f"{cell['articles']} articles, {cell['tokens_scored']} tokens scored")
+        if "beats" in goal:
+            entry.update(_beats(goal, cell, at, tokens, comparison))
+        elif "at_most" in goal or "at_least" in goal:
+            metric = goal.get("metric", "ppl_change_pct")
+            value = cell.get(metric)
+            ok = value is not None and value <= goal.get("at_most", value) and value >= goal.get("at_least", value)
+            spec = "+.1f" if metric.endswith("_pct") else ".3f"
+            unit = "%" if metric.endswith("_pct") else ""
+            bound = " and ".join(f"{name.replace('_', ' ')} {format(goal[name], spec)}{unit}"
+                                 for name in ("at_most", "at_least") if name in goal)
+            entry.update(status="MET" if ok else "NOT MET",
+                         detail=f"{metric} {_fmt(value, spec)}{unit} ({bound}): {numbers}")
         else:
-            g1.update(status="MET" if wn["ppl_change_pct"] <= 5.0 else "NOT MET",
-                      detail=f"exact {wn['exact_perplexity']:.3f} -> {wn['perplexity']:.3f} ({wn['ppl_change_pct']:+.1f}%), "
-                             f"speed-up {_fmt(wn['speedup'], '.2f')}x, {wn['articles']} articles, {wn['tokens_scored']} tokens scored")
-        goals.append(g1)
+            ceiling = cell.get("amdahl_ceiling")
+            entry.update(status="REPORTED",
+                         detail=f"speed-up {_fmt(cell['speedup'], '.2f')}x (prefill {_fmt(cell['baseline_prefill_s'], '.1f')} s -> "
+                                f"{_fmt(cell['prefill_s_timed'], '.1f')} s over the {cell['articles_timed']} articles timed in that run); "
+                                f"Amdahl ceiling at {goal['layers']} layers {_fmt(ceiling, '.2f')}x; perplexity "
+                                f"{cell['perplexity']:.3f} ({_fmt(cell['ppl_change_pct'], '+.1f')}%)")
+    return out
 
-        g2 = {"goal": f"weight_norm beats last and random at {half} layers ({tokens} tokens)", "method": method}
-        last = at.get((method, half, "last", 0))
-        randoms = [r for (m, l, s, _), r in at.items() if m == method and l == half and s == "random"]
-        if wn is None or last is None or not randoms:
-            g2.update(status="NOT MEASURED", detail="weight_norm, last or random cells missing")
-        else:
-            mean_random = sum(r["perplexity"] for r in randoms) / len(randoms)
-            beats_last = wn["perplexity"] < last["perplexity"]
-            beats_mean = wn["perplexity"] < mean_random
-            seeds_beaten = sum(wn["perplexity"] < r["perplexity"] for r in randoms)
-            seed_ppls = ", ".join(f"{r['perplexity']:.3f}" for r in sorted(randoms, key=lambda r: r["seed"]))
-            others = [f"{s} {at[(method, half, s, 0)]['perplexity']:.3f} ({_fmt(at[(method, half, s, 0)]['speedup'], '.2f')}x)"
-                      for s in ("first", "measured") if (method, half, s, 0) in at]
-            g2.update(status="MET" if beats_last and beats_mean else "NOT MET",
-                      detail=f"weight_norm {wn['perplexity']:.3f} ({_fmt(wn['speedup'], '.2f')}x) vs last {last['perplexity']:.3f} "
-                             f"({_fmt(last['speedup'], '.2f')}x) vs random mean {mean_random:.3f} over {len(randoms)} seeds "
-                             f"({seed_ppls}; "
-                             f"weight_norm beats {seeds_beaten}/{len(randoms)} seeds)"
-                             + (f"; also {', '.join(others)}" if others else "")
-                             + _paired_detail(comparison, method, tokens, half))
-        goals.append(g2)
 
-        full = at.get((method, num_layers, "weight_norm", 0))
-        g3 = {"goal": f"prefill speed-up at {tokens} tokens with all {num_layers} layers replaced, vs the Amdahl ceiling", "method": method}
-        if full is None or prof is None:
-            g3.update(status="NOT MEASURED", detail="cell or profile missing")
-        elif not full.get("served"):
-            g3.update(status="NOT APPLICABLE", detail=_nothing_served(full))
+def _beats(goal: dict, cell: dict, at: dict, tokens: int, comparison: Optional[Sequence[dict]]) -> dict:
+    method, layers, select = goal["method"], goal["layers"], goal.get("select", "weight_norm")
+    parts, wins, missing = [], [], []
+    for other in goal["beats"]:
+        others = sorted((r for (m, l, s, _), r in at.items() if m == method and l == layers and s == other),
+                        key=lambda r: r["seed"])
+        if not others:
+            missing.append(other)
+            continue
+        mean = sum(r["perplexity"] for r in others) / len(others)
+        wins.append(cell["perplexity"] < mean)
+        if other == "random":
+            seeds = ", ".join(f"{r['perplexity']:.3f}" for r in others)
+            beaten = sum(cell["perplexity"] < r["perplexity"] for r in others)
+            parts.append(f"random mean {mean:.3f} over {len(others)} seeds ({seeds}; {select} beats {beaten}/{len(others)} seeds)")
         else:
-            ceiling = amdahl_ceiling(prof["sdpa_share"], num_layers, num_layers)
-            g3.update(status="REPORTED",
-                      detail=f"speed-up {_fmt(full['speedup'], '.2f')}x (prefill {full['baseline_prefill_s']:.1f} s -> {full['prefill_s_timed']:.1f} s "
-                             f"over the {full['articles_timed']} articles timed in that run); SDPA is {100 * prof['sdpa_share']:.0f}% of the exact prefill "
-                             f"(attention modules with projections {100 * prof['attention_module_share']:.0f}%), so the ceiling "
-                             f"is {ceiling:.2f}x; perplexity {full['perplexity']:.3f} ({full['ppl_change_pct']:+.1f}%)")
-        goals.append(g3)
-    return goals
+            parts.append(f"{other} {mean:.3f} ({_fmt(others[0]['speedup'], '.2f')}x)")
+    if missing:
+        return {"status": "NOT MEASURED", "detail": f"cells of {missing} at {layers} layers missing"}
+    detail = f"{select} {cell['perplexity']:.3f} ({_fmt(cell['speedup'], '.2f')}x) vs " + " vs ".join(parts)
+    return {"status": "MET" if all(wins) else "NOT MET",
+            "detail": detail + _paired_detail(comparison, method, tokens, layers, select)}
 
 
 def _nothing_served(row: dict) -> str:
@@ -88,19 +121,17 @@ def _nothing_served(row: dict) -> str:
     return f"the method served no call: every call fell back to exact attention ({reasons or 'no reason recorded'})"
 
 
-def _paired_detail(comparison: Optional[Sequence[dict]], method: str, tokens: int, layers: int) -> str:
+def _paired_detail(comparison: Optional[Sequence[dict]], method: str, tokens: int, layers: int, select: str) -> str:
     group = next((g for g in comparison or () if (g["method"], g["tokens"], g["layers"]) == (method, tokens, layers)), None)
-    if group is None:
+    if group is None or select != "weight_norm":  # the comparison pairs every selection with weight_norm
         return ""
     parts = []
-    for select in ("last", "first", "measured", "random"):
-        rows = [r for r in group["rows"] if r["select"] == select]
+    for other in ("last", "first", "measured", "random"):
+        rows = [r for r in group["rows"] if r["select"] == other]
         if rows:
-            parts.append(f"{select} on {sum(r['weight_norm_lower_on'] for r in rows)}/{sum(r['articles'] for r in rows)}"
-                         + (" article-seed pairs" if select == "random" else " articles"))
+            parts.append(f"{other} on {sum(r['weight_norm_lower_on'] for r in rows)}/{sum(r['articles'] for r in rows)}"
+                         + (" article-seed pairs" if other == "random" else " articles"))
     return "; article by article, weight_norm's loss is lower than " + ", ".join(parts) if parts else ""
-
-
 
 
 def _fmt(value: Any, spec: str) -> str:

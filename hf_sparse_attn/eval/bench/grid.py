@@ -84,20 +84,52 @@ def build_grid(methods: Sequence[str], token_lengths: Sequence[int], layer_count
     return unique
 
 
+def shard_cells(cells: Sequence[Cell], index: int, count: int) -> list[Cell]:
+    """Shard ``index`` of ``count`` (0 <= index < count) of a grid: every baseline, and the patched cells at
+    positions index, index + count, index + 2 * count, ... of ``cells`` (baselines not counted). Each shard is its
+    own process with its own results file (:func:`.store.shard_results_file`): a speed-up needs a baseline timed in
+    the same run, so every shard times the exact baseline of its N on its articles again (the first shard to
+    finish it records the cell; the others record a "baseline_rerun"). The report reads every shard's file."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: write --shard i/n with 0 <= i < n (e.g. 0/2 and 1/2)")
+    patched = [c for c in cells if not c.is_baseline]
+    mine = set(c.key for c in patched[index::count])
+    return [c for c in cells if c.is_baseline or c.key in mine]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Texts
 # ---------------------------------------------------------------------------------------------------------
 
 def article_token_sets(tokenizer: Any, tokens: int, num_articles: int, articles: Optional[Sequence[tuple[str, str]]] = None,
-                       skip_titles: Iterable[str] = ()) -> list[tuple[str, torch.Tensor]]:
+                       skip_titles: Iterable[str] = (), concatenate: bool = False) -> list[tuple[str, torch.Tensor]]:
     """The first ``num_articles`` articles (corpus order) with at least ``tokens`` tokens, each cut to its first
-    ``tokens`` tokens: list of (title, input_ids [1, tokens]). Default corpus: :func:`wikipedia_articles`."""
+    ``tokens`` tokens: list of (title, input_ids [1, tokens]). Default corpus: :func:`wikipedia_articles`.
+
+    ``concatenate=True`` (for contexts longer than any article): each text is consecutive articles of the corpus,
+    joined by a blank line until it holds ``tokens`` tokens, titled "A + B + ..."; every article is used once."""
     if articles is None:
         from ..data import wikipedia_articles
 
-        articles = wikipedia_articles(min_chars=tokens)  # >= 1 char per token for these texts
+        articles = wikipedia_articles(min_chars=0 if concatenate else tokens)  # >= 1 char per token for these texts
     skip = set(skip_titles)
     chosen = []
+    if concatenate:
+        titles: list[str] = []
+        parts: list[str] = []
+        for title, text in articles:
+            if title in skip:
+                continue
+            titles.append(title)
+            parts.append(text)
+            ids = tokenizer("\n\n".join(parts), return_tensors="pt").input_ids
+            if ids.shape[1] >= tokens:
+                chosen.append((" + ".join(titles), ids[:, :tokens].contiguous()))
+                titles, parts = [], []
+                if len(chosen) == num_articles:
+                    return chosen
+        raise ValueError(f"the corpus makes only {len(chosen)} texts of {tokens} tokens from consecutive articles; asked "
+                         f"for {num_articles}. Use fewer articles (--articles) or shorter contexts (--tokens).")
     for title, text in articles:
         if title in skip:
             continue
@@ -195,8 +227,12 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
              out_path: str, *, method_params: Optional[dict[str, dict]] = None,
              measured_order_for: Optional[Callable[[], list[int]]] = None, profile: bool = True,
              scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll, progress: bool = True,
-             run_info: Optional[dict] = None) -> list[dict]:
+             run_info: Optional[dict] = None, prepare_tokens: Optional[Callable[[int], None]] = None,
+             other_results: Sequence[str] = ()) -> list[dict]:
     """Run every cell not yet in ``out_path`` and append its record. Returns all records of the file afterwards.
+
+    ``prepare_tokens(n)``, when given, is called before the cells of each context length n run (e.g. to scale the
+    model's RoPE to n: the baseline and every cell of that n then use the same model).
 
     For each N with cells left to do, the exact baseline is measured first in this run (again, if an earlier run
     already has it: a speed-up is only computed against a baseline of the same run) and, with ``profile``, one
@@ -204,14 +240,16 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     ``baseline_prefill_s`` (this run's) and ``speedup`` = baseline_prefill_s / prefill_s.
 
     Every finished article of a patched cell is appended at once (``"kind": "article"``); a rerun after a crash
-    reuses them, so it loses at most the article in flight. The speed-up of a cell finished across two runs is
+    reuses them, so it loses at most the article in flight. ``other_results``: the other results files of the same
+    out dir (other shards', see :func:`shard_cells`): their finished cells and articles count as done here, nothing
+    is written to them. The speed-up of a cell finished across two runs is
     then taken over the articles timed in this run, against this run's baseline times of the same articles.
     """
     from tqdm import tqdm
 
     run_info = dict(run_info or new_run_info())
     run_id = run_info["run_id"]
-    previous = read_jsonl(out_path)
+    previous = [r for path in other_results if path != out_path for r in read_jsonl(path)] + read_jsonl(out_path)
     previous_cells = latest_cells(previous)
     texts_by_n = {n: texts_for(n) for n in sorted({c.tokens for c in cells})}
     done = finished_keys(previous, lambda n: [t for t, _ in texts_by_n.get(n, ())])
@@ -236,6 +274,8 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     warmed = False
     for n in sorted({c.tokens for c in todo}):
         texts = texts_by_n[n]
+        if prepare_tokens is not None:
+            prepare_tokens(n)
         if not warmed:  # the first forward of a process pays one-time costs: keep them out of the baseline
             scorer(model, texts[0][1][:, : min(512, n)])
             warmed = True

@@ -131,3 +131,45 @@ def amdahl_ceiling(share: float, replaced_layers: int, num_layers: int) -> float
     if not 0.0 <= share < 1.0 or not 0 <= replaced_layers <= num_layers:
         raise ValueError(f"need 0 <= share < 1 and 0 <= replaced_layers <= num_layers; got {share}, {replaced_layers}, {num_layers}")
     return 1.0 / (1.0 - share * replaced_layers / num_layers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Contexts longer than the model was trained on
+# ---------------------------------------------------------------------------------------------------------
+
+ROPE_SCALINGS = ("yarn", "linear", "dynamic")
+
+
+def scale_rope(model: torch.nn.Module, tokens: int, rope_type: str = "yarn") -> dict[str, Any]:
+    """Scale the model's rotary position embedding to ``tokens`` positions, in place, and return the RoPE parameters
+    now in use. The factor is ``tokens / max_position_embeddings`` of the loaded checkpoint; at or below the
+    checkpoint's length the original RoPE is restored. ``rope_type``: one of ``ROPE_SCALINGS``, transformers' RoPE
+    types (``yarn``: Peng et al., "YaRN: Efficient Context Window Extension of Large Language Models").
+
+    Works for models whose rotary module is rebuilt from the config (Llama family in transformers 5: a module with
+    ``inv_freq`` and ``rope_type`` built as ``Module(config)``); any other model: TypeError."""
+    if rope_type not in ROPE_SCALINGS:
+        raise ValueError(f"rope scaling {rope_type!r}: choose one of {', '.join(ROPE_SCALINGS)}")
+    config = model.config
+    if not hasattr(model, "_hf_sparse_attn_original_rope"):
+        params = getattr(config, "rope_parameters", None)
+        if not isinstance(params, dict) or not getattr(config, "max_position_embeddings", None):
+            raise TypeError(f"{type(model).__name__} has no config.rope_parameters / max_position_embeddings to scale")
+        model._hf_sparse_attn_original_rope = (dict(params), int(config.max_position_embeddings))
+    original_params, original_max = model._hf_sparse_attn_original_rope
+    if tokens <= original_max:
+        params, max_positions = dict(original_params), original_max
+    else:
+        params = {**original_params, "rope_type": rope_type, "factor": tokens / original_max,
+                  "original_max_position_embeddings": original_max}
+        max_positions = tokens
+    config.rope_parameters = params
+    config.max_position_embeddings = max_positions
+    rotary = [(name, m) for name, m in model.named_modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type")]
+    if not rotary:
+        raise TypeError(f"{type(model).__name__}: no rotary embedding module (inv_freq, rope_type) found to rebuild")
+    for name, module in rotary:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        rebuilt = type(module)(config).to(module.inv_freq.device)
+        setattr(parent, name.rsplit(".", 1)[-1], rebuilt)
+    return dict(params, max_position_embeddings=max_positions)

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 from .goals import evaluate_goals
 from .grid import SELECTIONS
 from .measure import amdahl_ceiling, perplexity
-from .store import latest_cells, latest_profiles, read_jsonl
+from .store import latest_cells, latest_profiles, read_results
 
 # ---------------------------------------------------------------------------------------------------------
 # Summaries
@@ -148,9 +148,9 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
     random-selection groups."""
     lines = list(header_lines)
     if goals:
-        lines += ["", "## Goals (issue 7)", ""]
+        lines += ["", "## Goals (from the experiment config)", ""]
         for g in goals:
-            lines.append(f"- **{g['status']}** — {g['method']}: {g['goal']}. {g['detail']}.")
+            lines.append(f"- **{g['status']}** — {g['goal']}. {g['detail']}.")
     lines += ["", "## Attention's share of the exact prefill (torch.profiler, one article, one run)", "",
               "| N | profiled prefill s | SDPA share | attention-module share | Amdahl ceiling, all layers |", "|---|---|---|---|---|"]
     for n, p in sorted(summary["profiles"].items(), key=lambda kv: int(kv[0])):
@@ -222,20 +222,21 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
 
 
 def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence[str], extra: Optional[dict] = None,
-                        goals: bool = True) -> dict:
-    """From ``out_dir``/results.jsonl write results.json, results.md and the plots: one ppl-vs-speed-up PNG per N,
-    one per-article heatmap per selection comparison, one change-vs-layers curve per (method, N) compared at two or
-    more layer counts. ``goals`` False leaves out issue 7's goal checks (for grids that do not test them)."""
+                        goals: Sequence[dict] = ()) -> dict:
+    """From the results files of ``out_dir`` (results.jsonl and the shards', :func:`.store.read_results`) write
+    results.json, results.md and the plots: one ppl-vs-speed-up PNG per N, one per-article heatmap per selection
+    comparison, one change-vs-layers curve per (method, N) compared at two or more layer counts. ``goals``: the
+    ``[[goal]]`` tables of the experiment config (:mod:`.goals`), checked and stated in the report."""
     from ..plots import (
         plot_perplexity_vs_speedup,
         plot_selection_articles,
         plot_selections_vs_layers,
     )
 
-    records = read_jsonl(os.path.join(out_dir, "results.jsonl"))
+    records = read_results(out_dir)
     summary = summarize(records, num_layers)
     comparison = selection_comparison(records)
-    goals = evaluate_goals(summary, num_layers, comparison=comparison) if goals else []
+    checked = evaluate_goals(summary, goals, comparison=comparison)
     comparison_plots = {}
     for g in comparison:
         name = f"selections_by_article_{g['method']}_{g['layers']}layers_{g['tokens']}.png"
@@ -252,15 +253,15 @@ def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence
             plots.append(os.path.basename(plot_perplexity_vs_speedup(
                 summary["rows"], n, os.path.join(out_dir, f"ppl_vs_speedup_{n}.png"))))
     runs = [r for r in records if r.get("kind") == "run"]
-    result = {**(extra or {}), "runs": runs, "goals": goals, "plots": plots + list(comparison_plots.values()),
+    result = {**(extra or {}), "runs": runs, "goals": checked, "plots": plots + list(comparison_plots.values()),
               "selection_comparison": comparison,
               "selections_by_layer_count": [{**o, "cells": [{"select": s, "layers": l, **c} for (s, l), c in o["cells"].items()]}
                                             for o in overviews], **summary}
-    tmp = os.path.join(out_dir, "results.json.tmp")
+    tmp = os.path.join(out_dir, f"results.json.{os.getpid()}.tmp")  # shards may write at the same time
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "results.json"))
-    md = model_report_markdown(summary, goals, header_lines=list(header_lines) + ([""] + [f"![{p}]({p})" for p in plots] if plots else []),
+    md = model_report_markdown(summary, checked, header_lines=list(header_lines) + ([""] + [f"![{p}]({p})" for p in plots] if plots else []),
                                comparison=comparison, comparison_plots=comparison_plots)
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(md)

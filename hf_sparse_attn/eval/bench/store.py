@@ -3,6 +3,8 @@ crash-safe store :mod:`hf_sparse_attn.eval.store`, and the queries a resume and 
 
 from __future__ import annotations
 
+import glob
+import os
 from typing import Callable, Iterable, Optional, Sequence
 
 from ..store import append_record, read_records
@@ -47,3 +49,22 @@ def latest_profiles(records: Iterable[dict]) -> dict[int, dict]:
     return out
 
 
+
+RESULTS_FILE = "results.jsonl"
+
+
+def shard_results_file(index: int, count: int) -> str:
+    """Name of the results file shard ``index`` of ``count`` appends to (in the out dir, beside results.jsonl)."""
+    return f"results.shard-{index}-of-{count}.jsonl"
+
+
+def results_files(out_dir: str) -> list[str]:
+    """Every results file of ``out_dir``: results.jsonl first (if present), then the shards' files, sorted."""
+    main = os.path.join(out_dir, RESULTS_FILE)
+    shards = sorted(glob.glob(os.path.join(out_dir, "results.shard-*-of-*.jsonl")))
+    return ([main] if os.path.exists(main) else []) + shards
+
+
+def read_results(out_dir: str) -> list[dict]:
+    """The records of every results file of ``out_dir`` (:func:`results_files`), file after file."""
+    return [r for path in results_files(out_dir) for r in read_jsonl(path)]

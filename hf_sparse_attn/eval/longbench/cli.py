@@ -56,7 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "SmolLM2-135M-Instruct shipped offline")
     parser.add_argument("--data", help="LongBench data: a directory of <task>.jsonl, data.zip, parquet files or a "
                                        "datasets id (not needed for --suite offline)")
-    parser.add_argument("--suite", choices=("longbench", "offline"), default="longbench")
+    parser.add_argument("--suite", choices=("longbench", "offline"), default="longbench",
+                        help="longbench: the LongBench tasks from --data (default); offline: needle, retrieval and count "
+                             "tasks built from the offline Wikipedia / People's Daily text (no download)")
     parser.add_argument("--tasks", help="comma-separated tasks (default: all 21, the 13 of LongBench-E with --e, or "
                                         "every offline kind); offline: kinds like needle_middle,retrieval_en")
     parser.add_argument("--e", action="store_true", help="LongBench-E (reads <task>_e files, scores by length bucket)")

@@ -19,7 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="write only result.json")
     parser.add_argument("--tasks", help="comma-separated tasks that must appear in result.json (null where a task "
                                         "has no predictions); default: the tasks with files")
-    parser.add_argument("--compare", nargs="+", metavar="DIR", help="other run directories for a comparison in the layout of Table 1 of Attention is Naturally Sparse")
+    parser.add_argument("--compare", nargs="+", metavar="DIR", help="other run directories for a comparison in the layout of Table 1 of \"Attention is Naturally Sparse\"")
     parser.add_argument("--bucket", default="8k+", choices=("0-4k", "4-8k", "8k+"), help="LongBench-E bucket of the comparison")
 
 
