@@ -26,14 +26,10 @@ report is written on whatever exists.
     taskset -c 0 .venv/bin/python scripts/calibrate_smollm2.py --tokens 4096 --calib-articles 1 \\
         --heldout-articles 1 --layers 3,20 --budgets 0.03 --proxy-layers 3 --max-minutes 0 --out /tmp/calibrate_tiny   # path check
 
-Expected run time on one core of the 2-core VM. An exact 8k forward there takes ~48 s of prefill (the model
-benchmark's records; ~55 s with the loss head), ~35-50 s with a plan. A timed small run of this script at 8k
-(1 calibration + 1 held-out article, layers 3 and 20, on core 0 while it was shared: 1-min load ~7, an exact
-prefill 236 s, i.e. ~4.9x slower than core 1 alone) measured one layer's output error + timing of the four
-candidates on the first article in 21 s and a capture forward as long as a plain one; scaled by that 4.9x, on a
-core of its own:
-- exact model + capture on the 4 calibration articles (8 forwards) + 30 layers x (4.3 s on the first article,
-  ~2.2 s on each other) ~ 13 min;
+Expected run time on one core of the 2-core VM (an exact 8k forward: ~48 s of prefill, ~55 s with the loss head,
+~35-50 s with a plan):
+- exact model + capture on the 4 calibration articles (8 forwards) + 30 layers x 4 candidates' error and timing
+  ~ 13 min;
 - each measured prefix 4 forwards ~ 3 min; ~4.4 prefixes for the first budget, ~3 for each later one ~ 32 min;
 - held-out: the exact model 16 forwards ~ 15 min, each plan ~ 11-13 min ~ 50 min;
 - proxy: one forward per cell, 30 cells ~ 28 min (plus one capture forward).
