@@ -45,6 +45,8 @@ import time
 
 import torch
 
+from hf_sparse_attn.commands.arguments import parse_value
+
 from hf_sparse_attn.eval.kernel_suite import capture_smollm2_qkv, random_qkv, relative_error
 from hf_sparse_attn.methods import get_method, sorted_blocks
 from hf_sparse_attn.methods.common import expand_kv_heads
@@ -68,18 +70,6 @@ DEFAULT_CONFIGS = {"hyper recursive": "the method's default", "sparse_hyper recu
                    "local w1024": "the method's default",
                    "hyper single w512 b256 s256": "the defaults with causal_mode='single_pass'",
                    "sparse_hyper single w512 b256": "the defaults with causal_mode='single_pass'"}
-
-
-def parse_value(text: str):
-    """'512' -> 512, '0.5' -> 0.5, 'true' -> True, anything else stays a string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_configs(items: list[str]) -> dict[str, tuple[str, dict]]:
