@@ -10,7 +10,9 @@ start over), then results.md and the plots. Inputs (B=1, H=8):
                  (Theorem 3.7's bounded-entry regime: scores within +-2.83; D=64 would need r > 4096 features)
   feature_sketch D=4096, q, k ~ N(0, 1) / sqrt(D) * 4, v ~ N(0, 1)              N in 8, 16, 32 (its regime d >> n)
 each causal and bidirectional. Error: ||out - exact||_F / ||exact||_F and rms(out - exact) / rms(v), exact = SDPA's
-output. Time: best of --repeats runs after one warm-up run.
+output. Time: best of --repeats runs after one warm-up run. The report's date is the date of the measurement (UTC):
+a run that measures a configuration stamps today; --report-only, or a run with nothing left to measure, keeps the
+machine, date and settings stored in results.json.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from hf_sparse_attn.methods import get_method
 from hf_sparse_attn.methods import poly as poly_module
 
 MACHINE = "2-core CPU VM, no GPU"
-DATE = "2026-11-22"
 
 # kmv as these rows measured it: the paper's reference engine (exact causal leaf 1024, no regime check); the
 # practical blocks engine is in eval/results/kernels_causal/. Kept out of the cell keys so the committed rows resume.
@@ -102,7 +103,7 @@ def run_one(cfg: dict, repeats: int) -> dict:
 
 def write_markdown(rows: list[dict], meta: dict, path: str) -> None:
     lines = [
-        "# Seed methods vs torch SDPA (same run)", "",
+        "# kmv, poly and feature_sketch vs torch SDPA (same run)", "",
         f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} torch thread(s); date {meta['date']}.",
         f"Produced by `scripts/bench_kmv_poly_sketch.py` (inputs in its docstring). B=1, H=8, fp32, best of {meta['repeats']}.",
         "speedup = SDPA time / method time (above 1: the method is faster).", "",
@@ -133,7 +134,7 @@ def write_markdown(rows: list[dict], meta: dict, path: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], out_dir: str) -> None:
+def plot(rows: list[dict], meta: dict, out_dir: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,7 +155,7 @@ def plot(rows: list[dict], out_dir: str) -> None:
         ax.set_xlabel("sequence length N")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
-    fig.suptitle(f"kmv (D=64) and poly (D=8) vs torch SDPA, B=1 H=8 fp32 — {MACHINE}, {DATE}")
+    fig.suptitle(f"kmv (D=64) and poly (D=8) vs torch SDPA, B=1 H=8 fp32 — {meta['machine']}, {meta['date']}")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "speed_error_kmv_poly.png"), dpi=120)
     plt.close(fig)
@@ -171,7 +172,7 @@ def plot(rows: list[dict], out_dir: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N (D = 4096)")
     ax.set_ylabel("SDPA time / method time")
-    ax.set_title(f"feature_sketch vs SDPA — {MACHINE}, {DATE}", fontsize=9)
+    ax.set_title(f"feature_sketch vs SDPA — {meta['machine']}, {meta['date']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "speed_feature_sketch.png"), dpi=120)
@@ -189,16 +190,20 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
-    meta = dict(machine=MACHINE, date=DATE, torch=torch.__version__, threads=args.threads, repeats=args.repeats,
-                python=platform.python_version(), script="scripts/bench_kmv_poly_sketch.py",
-                run_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = dict(machine=MACHINE, date=now.strftime("%Y-%m-%d"), torch=torch.__version__, threads=args.threads,
+                repeats=args.repeats, python=platform.python_version(), script="scripts/bench_kmv_poly_sketch.py",
+                run_at=now.isoformat(timespec="seconds"))
     rows = []
     if os.path.exists(path):
         with open(path) as f:
-            rows = json.load(f)["rows"]
+            stored = json.load(f)
+        rows = stored["rows"]
     done = {key(r) for r in rows}
     only = set(filter(None, args.only.split(",")))
     todo = [] if args.report_only else [c for c in CONFIGS if key(c) not in done and (not only or c["method"] in only)]
+    if not todo and rows:  # nothing measured now: the report keeps the stored run's machine, date and settings
+        meta = stored["meta"]
     for cfg in tqdm(todo, desc="kmv, poly, feature_sketch"):
         rows.append(run_one(cfg, args.repeats))
         with open(path + ".tmp", "w") as f:
@@ -207,7 +212,7 @@ def main() -> int:
     order = {key(c): i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: order.get(key(r), 1 << 30))
     write_markdown(rows, meta, os.path.join(args.out, "results.md"))
-    plot(rows, args.out)
+    plot(rows, meta, args.out)
     return 0
 
 

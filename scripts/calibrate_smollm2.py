@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--proxy-layers", default=None, help="comma-separated layers of the proxy check (default all)")
     parser.add_argument("--max-minutes", type=float, default=45.0,
                         help="do not start a step whose estimate ends past this many minutes (0: no limit)")
-    parser.add_argument("--fixed", action="append", default=None, metavar="JSONL",
+    parser.add_argument("--fixed", action="extend", nargs="+", default=None, metavar="JSONL",
                         help=f"model-benchmark records of the fixed plans (default: {', '.join(FIXED)})")
     parser.add_argument("--retime-articles", type=int, default=4,
                         help="when the exact model's held-out timing comes from an earlier invocation, time it again on "
@@ -282,7 +282,7 @@ def write_report(args: argparse.Namespace) -> None:
     proxy = json.load(open(proxy_path)) if os.path.exists(proxy_path) else None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     meta = {"model": "SmolLM2-135M-Instruct (fp32)", "tokens": args.tokens, "articles": titles,
-            "metric": args.metric, "methods": args.methods, "candidates": args.candidates, "layers": args.layers,
+            "metric": args.metric, "search": args.search, "proxy": args.proxy, "methods": args.methods, "candidates": args.candidates, "layers": args.layers,
             "threads": args.threads, "command": "scripts/calibrate_smollm2.py " + " ".join(sys.argv[1:]),
             "machine": "2-core CPU VM, no GPU", "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "load_avg_1min_at_report": load, "fixed_sources": args.fixed}

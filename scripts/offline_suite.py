@@ -12,11 +12,15 @@ OUT/runs/<run>/ (rerun the same command to continue after a crash or a --budget-
 The committed grid (eval/experiments/offline_suite.toml; commands.log lists every call), one torch thread: the
 unpatched model on every kind at 2k (2 samples per task), 4k and 8k (1 sample), then the needle kinds for every
 patched configuration with ``--param causal_min_seq_len=1024``, context by context.
+
+The aggregate's date is the date of the measurement (UTC): an invocation that predicts a new sample stamps today;
+--aggregate-only, or a rerun with nothing left to predict, keeps the date stored in OUT/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -29,7 +33,6 @@ import torch
 
 MACHINE = ("2-core CPU VM (AMD EPYC, AVX2), no GPU; 1 torch thread pinned to one core while the other core ran "
            "a model benchmark")
-DATE = "2026-11-22"
 
 
 def parse_args(argv=None):
@@ -101,6 +104,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "commands.log"), "a") as f:  # what produced the runs (aggregate lists it)
         f.write(f"{time.strftime('%Y-%m-%d %H:%M')} .venv/bin/python scripts/offline_suite.py {' '.join(sys.argv[1:])}\n")
     model, tokenizer = load_smollm2()
+    measured = False  # whether this invocation predicted a new sample (the aggregate's date)
     contexts = [int(c) for c in args.contexts.split(",")]
     suite = build_offline_suite(tokenizer, contexts, num_samples=args.samples, seed=args.seed,
                                 kinds=args.kinds.split(","))
@@ -119,6 +123,7 @@ def main(argv=None) -> int:
             plan = patch_model(model, method=method, layers=layers, select=select, seed=args.seed, **params)
         try:
             counts = predict_tasks(model, tokenizer, task_samples, out_dir, max_length, seed=args.seed)
+            measured = measured or counts.get("predicted", 0) > 0
         finally:
             if plan is not None:
                 unpatch_model(model)
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
             json.dump(meta, f, indent=2)
         print(run_name(method, select, layers), json.dumps(result), flush=True)
 
-    aggregate(args, suite, model.config.num_hidden_layers)
+    aggregate(args, suite, model.config.num_hidden_layers, measured=measured)
     return 0
 
 
@@ -169,7 +174,19 @@ def _kind(task: str) -> str:
     return task.rsplit("_", 1)[0]
 
 
-def aggregate(args, suite, num_layers: int) -> None:
+def measurement_date(out: str, measured: bool) -> str:
+    """Today (UTC) when this invocation measured something new, else the date stored in OUT/results.json (today if
+    there is none)."""
+    path = os.path.join(out, "results.json")
+    if not measured and os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f).get("date")
+        if stored:
+            return stored
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def aggregate(args, suite, num_layers: int, measured: bool = False) -> None:
     """Rebuild results.md, results.json and score_vs_layers.png from every run under OUT/runs.
 
     The comparison (table and plot) is over the tasks the patched runs were asked for (the needle tasks in the
@@ -186,6 +203,7 @@ def aggregate(args, suite, num_layers: int) -> None:
     runs = _load_runs(args.out)
     if not runs:
         return
+    date = measurement_date(args.out, measured)
     expected = {name: len(samples) for name, samples in suite.items()}
     baseline = next((r for r in runs.values() if r["meta"]["layers"] == 0), None)
     patched = [r for r in runs.values() if r["meta"]["layers"] > 0]
@@ -271,7 +289,7 @@ def aggregate(args, suite, num_layers: int) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Offline suite (needle QA), SmolLM2-135M-Instruct, exact vs patched, seed {args.seed}\n"
-                 + textwrap.fill(f"{MACHINE}, {DATE}", 60 * len(contexts)), fontsize=8)
+                 + textwrap.fill(f"{MACHINE}, {date}", 60 * len(contexts)), fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "score_vs_layers.png"), dpi=110)
     plt.close(fig)
@@ -279,11 +297,11 @@ def aggregate(args, suite, num_layers: int) -> None:
     params = next((r["params"] for r in table if r["layers"] > 0), None)
     samples = {t: n for t, n in sorted(expected.items())}
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"machine": MACHINE, "date": DATE, "script": "scripts/offline_suite.py", "contexts_k": contexts,
+        json.dump({"machine": MACHINE, "date": date, "script": "scripts/offline_suite.py", "contexts_k": contexts,
                    "compared_tasks": compared, "samples_per_task": samples, "params": params,
                    "seconds_per_sample": timing, "rows": table}, f, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"# Offline suite, SmolLM2-135M-Instruct ({MACHINE}, {DATE})\n\n"
+        f.write(f"# Offline suite, SmolLM2-135M-Instruct ({MACHINE}, {date})\n\n"
                 f"Produced by `scripts/offline_suite.py` (commands below). Method parameters of the patched runs: "
                 f"{params}. Compared tasks: {', '.join(compared)}; samples per task: "
                 + ", ".join(f"{t} {n}" for t, n in samples.items() if t in compared) + f"; seed {args.seed}. "

@@ -23,8 +23,9 @@ exp(lse_sinks_i - lse_exact_i) (lse_sinks from ``sorted_blocks.sink_attention``)
 the sinks carry (the StreamingLLM "attention sink" hypothesis for the error of the sorted blocks).
 
 Resumable: results.json is rewritten after every (layer, method) cell and cells already there are skipped.
-Writes eval/results/smollm2_layer_error/{results.json, results.md, error_by_layer.png}.
-Machine of the committed run: 2-core CPU VM, no GPU (shared with other jobs). Date: 2026-11-22.
+Writes eval/results/smollm2_layer_error/{results.json, results.md, error_by_layer.png}; their date is the date of
+the measurement (UTC): a run that computes a new cell stamps today, --report-only (or a run with nothing left to
+compute) keeps the date stored in results.json.
 
     .venv/bin/python scripts/smollm2_layer_error.py [--tokens 4096] [--min-seq-len 512] [--sinks 0 64]
     (the committed run: --methods of hyper and sparse_hyper only, kmv / poly kept from the earlier run, see results.md)
@@ -33,6 +34,7 @@ Machine of the committed run: 2-core CPU VM, no GPU (shared with other jobs). Da
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -51,7 +53,6 @@ from hf_sparse_attn.methods.sorted_blocks import sink_attention
 
 OUT_DIR = os.path.join("eval", "results", "smollm2_layer_error")
 MACHINE = "2-core CPU VM, no GPU (shared with other jobs)"
-DATE = "2026-11-22"
 
 
 def sink_label(label: str, sinks: int) -> str:
@@ -103,7 +104,7 @@ def write_report(results: dict) -> None:
     lines = [
         "# Per-layer attention error on real SmolLM2-135M-Instruct activations",
         "",
-        f"Machine: {MACHINE}. Date: {DATE}. Script: `scripts/smollm2_layer_error.py`.",
+        f"Machine: {MACHINE}. Date: {results['date']}. Script: `scripts/smollm2_layer_error.py`.",
         f"Input: Wikipedia article \"{results['article']}\", first {results['tokens']} tokens; one exact prefill, each",
         "layer's q/k/v captured after RoPE (`capture_attention`), KV heads expanded; every method run causal on them.",
         f"All methods with min_seq_len={results['min_seq_len']} (the causal recursion's exact leaves; at N={results['tokens']}",
@@ -181,7 +182,7 @@ def plot(results: dict) -> None:
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"SmolLM2-135M, {results['tokens']} tokens of \"{results['article']}\", causal, min_seq_len={results['min_seq_len']}; "
                  "dashed = with sinks", fontsize=9)
-    fig.text(0.01, 0.01, f"{MACHINE}, {DATE}", fontsize=7)
+    fig.text(0.01, 0.01, f"{MACHINE}, {results['date']}", fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(OUT_DIR, "error_by_layer.png"), dpi=120)
 
@@ -202,14 +203,15 @@ def main() -> int:
     os.makedirs(OUT_DIR, exist_ok=True)
     path = os.path.join(OUT_DIR, "results.json")
     configs = method_configs(args.min_seq_len, args.sinks)
-    results = {"machine": MACHINE, "date": DATE, "script": "scripts/smollm2_layer_error.py", "tokens": args.tokens,
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    results = {"machine": MACHINE, "date": None, "script": "scripts/smollm2_layer_error.py", "tokens": args.tokens,
                "min_seq_len": args.min_seq_len, "methods": {l: {"method": m, "params": p} for l, (m, p) in configs.items()},
                "layers": {}, "seconds": {l: 0.0 for l in configs}, "skipped": {}}
     if os.path.exists(path) and not (args.redo and args.methods is None):
         with open(path) as f:
             old = json.load(f)
         if old.get("tokens") == args.tokens and old.get("min_seq_len") == args.min_seq_len:
-            results.update({k: old[k] for k in ("layers", "seconds", "skipped", "article", "notes") if k in old})
+            results.update({k: old[k] for k in ("date", "layers", "seconds", "skipped", "article", "notes") if k in old})
             results["methods"].update({l: c for l, c in old.get("methods", {}).items() if l not in results["methods"]})
             results["seconds"] = {**{l: 0.0 for l in configs}, **results["seconds"]}
             if args.redo:  # forget the cells of the labels to recompute
@@ -242,6 +244,7 @@ def main() -> int:
         for layer, label in tqdm(todo, desc="layer x method"):
             if label in results["skipped"]:
                 continue
+            results["date"] = today  # this cell is measured now (or its refusal recorded)
             call = captured[layer][0]
             groups = call.query.shape[1] // call.key.shape[1]
             q, k, v = call.query, expand_kv_heads(call.key, groups), expand_kv_heads(call.value, groups)
@@ -270,6 +273,8 @@ def main() -> int:
             row["errors"][label] = rel_fro(out, refs[layer][0])
             results["seconds"][label] = results["seconds"].get(label, 0.0) + elapsed
             save()
+    if results["date"] is None:  # nothing stored and nothing measured
+        results["date"] = today
     write_report(results)
     plot(results)
     return 0

@@ -9,8 +9,10 @@ bilinear form of the scaled scores); W_V [d, d] N(0, 1 / d). Attention is single
 Grid: w in {0.5, 1, 1.5, 2, 3} at n = 4096; n in {1024, 2048, 4096, 8192} at w = 1.5; block size in
 {64, 128, 256} (hyper samples as many keys as its block size; sparse_hyper with the theory scale and without).
 
-Machine: 2-core CPU VM, no GPU. Date: 2026-11-22. Writes eval/results/sparse_hyper_error/{results.json,
-results.md, error_vs_R.png, error_vs_n.png}. Resumable (finished configurations are skipped).
+Machine: 2-core CPU VM, no GPU; results.json and results.md carry the date of the measurement (UTC; a run that
+only rebuilds the report, or resumes with nothing left to do, keeps the stored date). Writes
+eval/results/sparse_hyper_error/{results.json, results.md, error_vs_R.png, error_vs_n.png}. Resumable (finished
+configurations are skipped).
 
     .venv/bin/python scripts/sparse_hyper_error.py [--repeats 3]
 """
@@ -18,6 +20,7 @@ results.md, error_vs_R.png, error_vs_n.png}. Resumable (finished configurations 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -65,7 +68,7 @@ def mean_over(rows: list[dict], method: str, metric: str) -> float:
     return sum(r[method][metric] for r in rows) / len(rows)
 
 
-def report(rows: list[dict]) -> None:
+def report(rows: list[dict], date: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +81,7 @@ def report(rows: list[dict]) -> None:
         return out
 
     lines = ["# Attention is Naturally Sparse §6.1: error of HyperAttention vs Sparse HyperAttention", "",
-             "Machine: 2-core CPU VM, no GPU. Date: 2026-11-22. Script: `scripts/sparse_hyper_error.py` (setting and grid in",
+             f"Machine: 2-core CPU VM, no GPU. Date: {date}. Script: `scripts/sparse_hyper_error.py` (setting and grid in",
              "its docstring). Errors against exact attention, means over repeats; lower is better.", "",
              "| n | w | R | block | metric | hyper | sparse_hyper (theory) | sparse_hyper (no scale) |", "|---|---|---|---|---|---|---|---|"]
     wins = {"linf": [0, 0], "fro": [0, 0]}
@@ -120,7 +123,7 @@ def report(rows: list[dict]) -> None:
             ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
         axes[1].legend(fontsize=6, ncol=3)
-        fig.suptitle(f"Attention is Naturally Sparse §6.1 reproduced ({'n=4096' if key == 'R' else 'w=1.5'}); 2-core CPU VM, 2026-11-22", fontsize=9)
+        fig.suptitle(f"Attention is Naturally Sparse §6.1 reproduced ({'n=4096' if key == 'R' else 'w=1.5'}); 2-core CPU VM, {date}", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(OUT_DIR, fname), dpi=120)
 
@@ -135,19 +138,22 @@ def main() -> int:
     OUT_DIR = args.out
     os.makedirs(OUT_DIR, exist_ok=True)
     path = os.path.join(OUT_DIR, "results.json")
-    data = {"machine": "2-core CPU VM, no GPU", "date": "2026-11-22", "script": "scripts/sparse_hyper_error.py", "d": D, "rows": []}
+    data = {"machine": "2-core CPU VM, no GPU", "date": None, "script": "scripts/sparse_hyper_error.py", "d": D, "rows": []}
     if os.path.exists(path):
         with open(path) as f:
-            data["rows"] = json.load(f)["rows"]
+            stored = json.load(f)
+        data["rows"], data["date"] = stored["rows"], stored.get("date")
     done = {(r["n"], r["w"], r["repeat"]) for r in data["rows"]}
     configs = sorted({(DEFAULT_N, w) for w in WEIGHT_SCALES} | {(n, DEFAULT_W) for n in NS})
     todo = [] if args.report_only else [(n, w, rep) for n, w in configs for rep in range(args.repeats) if (n, w, rep) not in done]
+    if todo or data["date"] is None:  # the date of the measurement: today (UTC) when this run measures something
+        data["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     for n, w, rep in tqdm(todo, desc="configs"):
         data["rows"].extend(one_config(n, w, rep))
         with open(path + ".tmp", "w") as f:
             json.dump(data, f, indent=1)
         os.replace(path + ".tmp", path)
-    report(data["rows"])
+    report(data["rows"], data["date"])
     return 0
 
 

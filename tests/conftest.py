@@ -56,6 +56,16 @@ ENCODERS = ["bert", "roberta"]
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it. Many small ops: on a shared 2-core machine one thread is
+    faster and steadier. A test module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_model():
     def make(family: str, seed: int = 0):
         torch.manual_seed(seed)

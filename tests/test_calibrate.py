@@ -383,7 +383,7 @@ def test_fixed_plans_are_scored_on_the_given_articles_with_same_run_speedups():
     p1 = rows[0]
     assert p1["heldout_change"] == pytest.approx(math.exp((505.0 - 500.0) / 20) - 1)
     assert p1["heldout_speedup"] == pytest.approx((40.0 + 60.0) / (20.0 + 30.0))  # r2's exact times, not r1's
-    assert p1["articles_timed"] == 2 and p1["label"] == "local, weight_norm, 2 layers"
+    assert p1["articles_timed"] == 2 and p1["label"] == "local w4, weight_norm, 2 layers"
     both = {r["key"]: r for r in cal.fixed_plans_on(_fixed_records(), ["a", "b"])}
     assert both["p1"]["heldout_speedup"] == pytest.approx((10.0 + 40.0) / (5.0 + 20.0))  # a with r1, b with r2
     assert both["p2"]["label"] == "sparse_hyper recursive, last, 1 layers"
@@ -412,7 +412,15 @@ def test_best_fixed_plan_and_goals():
     md = cal.results_markdown(rows, [dict(f, source="s", articles=16, articles_timed=16, ) for f in fixed], None,
                               {"command": "x", "articles": {"calibration": ["a"], "heldout": ["b", "c"]}})
     assert "| 3% |" in md and "NOT met" in md and "fast (+3.00%, 1.50x)" in md and "not decided yet" in md
-    assert "Compare speed-ups, not seconds" in md and "Not measured yet" in md
+    assert "Compare speed-ups, not seconds" in md and "Not measured yet" in md and "(s) on the same machine" in md
+    windows = cal.results_markdown([{"budget": 0.03, "choices": {"0": "local", "1": "local", "2": "local(window=512)",
+                                                                  "3": "local", "5": "local"}}], [], None, {})
+    assert "- 3%: local: 0-1, 3, 5; local(window=512): 2" in windows
+
+
+def test_layer_ranges():
+    assert cal.layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert cal.layer_ranges([3]) == "3" and cal.layer_ranges([]) == ""
 
 
 def _script():

@@ -192,6 +192,7 @@ def test_two_shards_make_the_cells_of_one_whole_run(tmp_path, tiny_llama_dir, ca
     assert main(["bench", "run", path, "--out", str(sharded), "--report-only"]) == 0
     md = (sharded / "results.md").read_text()
     assert "sparse_hyper on 1 layer within +1000% of exact" in md and f"Experiment: `{path}`" in md
+    assert "\nGrid: tokens" in md  # one [[run]]: the grid line is the whole experiment's
     rows = [line for line in md.splitlines() if line.startswith("| 48 | sparse_hyper |")]
     assert len(rows) == 4
     # a rerun of a finished shard, or an unsharded rerun, has nothing to do: no new records
@@ -223,7 +224,11 @@ def test_readme_results_rows_link_an_existing_config_and_report():
         assert any(l.startswith("eval/experiments/") and l.endswith(".toml") for l in links), row
         assert any(l.startswith("eval/results/") and l.endswith(".md") for l in links), row
         for link in links:
-            assert os.path.exists(os.path.join(REPO, link)), link
+            path, _, anchor = link.partition("#")
+            assert os.path.exists(os.path.join(REPO, path)), link
+            if anchor:  # a heading of that markdown file, as GitHub makes anchors of headings
+                headings = re.findall(r"^#+ (.+)$", open(os.path.join(REPO, path), encoding="utf-8").read(), re.M)
+                assert anchor in {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}, link
 
 
 def test_results_index_has_one_row_per_experiment_with_its_config():

@@ -10,13 +10,7 @@ from hf_sparse_attn.methods.exact import exact_attention
 from hf_sparse_attn.methods import feature_sketch as fs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops: on a shared 2-core machine one thread is faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_gram(n: int, d: int, r: float, seed: int) -> torch.Tensor:

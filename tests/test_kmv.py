@@ -12,13 +12,7 @@ from hf_sparse_attn.methods.gaussian_kernel import gaussian_kernel_matrix
 from hf_sparse_attn.methods import kmv
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops: on a shared 2-core machine one thread is faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clustered_points(n: int, seed: int, dim: int = 4, cluster_size: int = 8, spread: float = 6.0, noise: float = 0.5):

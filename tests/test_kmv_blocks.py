@@ -2,12 +2,11 @@
 the paper's promises as they survive (heavy keys found with the LSH's probability, light keys unbiased), causality,
 padding, GQA, determinism, the device contract, the regime check and the backward."""
 
-import math
-
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from hf_sparse_attn.eval.kernel_suite import planted_heavy_pairs
 from hf_sparse_attn.methods import get_method
 from hf_sparse_attn.methods.common import expand_kv_heads
 from hf_sparse_attn.methods.exact import exact_attention
@@ -15,12 +14,7 @@ from hf_sparse_attn.methods import kmv
 from hf_sparse_attn.methods.registry import get_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(B=2, H=2, N=512, D=16, seed=0, Hkv=None):
@@ -72,26 +66,10 @@ def test_tight_tolerance_sums_rows_exactly():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-def _planted(N, H=4, P=256, D=64, cos=0.9, seed=0):
-    """Random q/k with P planted pairs per head: key kj[p] at cosine ``cos`` to query qi[p], norm 1.5 sqrt(D)
-    (its score dominates the query's row: a heavy key of Definition 3.3)."""
-    g = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g)
-    qi = torch.stack([torch.randperm(N, generator=g)[:P] for _ in range(H)])[None]
-    kj = torch.stack([torch.randperm(N, generator=g)[:P] for _ in range(H)])[None]
-    u = torch.gather(q, 2, qi[..., None].expand(1, H, P, D))
-    u = u / u.norm(dim=-1, keepdim=True)
-    r = torch.randn(1, H, P, D, generator=g)
-    r = r - (r * u).sum(-1, keepdim=True) * u
-    r = r / r.norm(dim=-1, keepdim=True)
-    k.scatter_(2, kj[..., None].expand(1, H, P, D), (cos * u + math.sqrt(1 - cos ** 2) * r) * math.sqrt(D) * 1.5)
-    return q, k, qi, kj
-
-
 def test_planted_heavy_keys_found_with_the_measured_probability():
     """Lemma 3.4 becomes "found with the LSH's probability": 4 heads x 256 planted pairs at cosine 0.9, 4096
     tokens, 7 hyperplanes, blocks of 256 (16 blocks). Measured over seeds 0-4: 0.46 (min 0.44); chance is 1/16."""
-    q, k, qi, kj = _planted(4096)
+    q, k, qi, kj = planted_heavy_pairs(4096)
     rates = [float(kmv.heavy_key_found(q, k, qi, kj, seed=s).float().mean()) for s in range(5)]
     assert sum(rates) / 5 >= 0.40 and min(rates) >= 0.36, rates
     # a found pair really is attended exactly: its weight in the blocks-only output equals the exact one

@@ -290,8 +290,14 @@ def run_model(args: argparse.Namespace) -> int:
     if args.experiment:
         from .experiments import load_config
 
-        goals = load_config(args.experiment).get("goal", [])
+        config = load_config(args.experiment)
+        goals = config.get("goal", [])
         header.insert(4, f"Experiment: `{args.experiment}` (`hf-sparse-attn bench run {args.experiment}` re-makes this directory).")
+        runs = len(config.get("run", []))
+        if runs > 1:  # the grid line describes this command only; the tables hold the cells of every run
+            header[-1] = header[-1].replace("Grid: ", f"Grid of this command (the last of the config's {runs} [[run]] "
+                                            "blocks; the others' options are in the config, their cells in the tables "
+                                            "below): ", 1)
     write_model_results(args.out, num_layers, header_lines=header, extra=extra, goals=goals)
     print(f"wrote {args.out}/results.jsonl, results.json, results.md and plots")
     return 0

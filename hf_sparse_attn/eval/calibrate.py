@@ -851,9 +851,12 @@ def fixed_plans_on(records: Iterable[dict], titles: Sequence[str], source: str =
                  if (per[t].get("run_id", record.get("run_id")), t) in exact_s]
         params = record.get("params", {})
         mode = params.get("causal_mode", "recursive") if record["method"] in ("hyper", "sparse_hyper") else ""
-        label = f"{record['method']}{' ' + mode.replace('_', ' ') if mode else ''}, {record['select']}" \
+        variant = mode.replace("_", " ") if mode else (f"w{params['window']}" if record["method"] == "local"
+                                                       and "window" in params else "")
+        label = f"{record['method']}{' ' + variant if variant else ''}, {record['select']}" \
                 f"{'' if record['select'] != 'random' else ' seed ' + str(record.get('seed'))}, {record['layers']} layers"
         rows.append({"source": source, "key": key, "label": label, "method": record["method"], "causal_mode": mode,
+                     "variant": variant,
                      "select": record["select"], "layers": record["layers"], "seed": record.get("seed"),
                      "params": params, "articles": len(wanted), "articles_timed": len(pairs),
                      "heldout_change": _change(nll, base, tokens),
@@ -916,12 +919,13 @@ def frontier_plot(rows: Sequence[dict], fixed: Sequence[dict], path: Union[str, 
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = {"local": "s", "sparse_hyper": "o", "hyper": "^"}
+    variant_of = lambda f: f.get("variant", f["causal_mode"].replace("_", " "))  # noqa: E731
     for method in sorted({f["method"] for f in fixed}):
-        for mode in sorted({f["causal_mode"] for f in fixed if f["method"] == method}):
-            pts = [f for f in fixed if f["method"] == method and f["causal_mode"] == mode and f["heldout_speedup"]]
+        for variant in sorted({variant_of(f) for f in fixed if f["method"] == method}):
+            pts = [f for f in fixed if f["method"] == method and variant_of(f) == variant and f["heldout_speedup"]]
             ax.scatter([f["heldout_speedup"] for f in pts], [100 * f["heldout_change"] for f in pts],
                        marker=markers.get(method, "x"), alpha=0.6,
-                       label=f"fixed: {method}{' ' + mode.replace('_', ' ') if mode else ''}")
+                       label=f"fixed: {method}{' ' + variant if variant else ''}")
     done = [r for r in rows if r.get("heldout_speedup") is not None]
     ax.plot([r["heldout_speedup"] for r in done], [100 * r["heldout_change"] for r in done], "k*-", markersize=14,
             label="calibrated plans")
@@ -938,6 +942,17 @@ def frontier_plot(rows: Sequence[dict], fixed: Sequence[dict], path: Union[str, 
     plt.close(fig)
 
 
+def layer_ranges(layers: Sequence[int]) -> str:
+    """Sorted layer numbers as ranges: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive layers
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def results_markdown(rows: Sequence[dict], fixed: Sequence[dict], proxy: Optional[dict], meta: dict,
                      notes: Sequence[str] = ()) -> str:
     """results.md of the SmolLM2 calibration: per budget the calibrated plan, its held-out change and speed-up,
@@ -946,17 +961,17 @@ def results_markdown(rows: Sequence[dict], fixed: Sequence[dict], proxy: Optiona
     spd = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
     yes = lambda x: "not decided yet" if x is None else ("met" if x else "NOT met")  # noqa: E731
     arts = meta.get("articles") or {}
+    fixed_dirs = sorted({f["source"] for f in fixed}) or ["none"]
     lines = [f"# Calibrated plans vs fixed plans, {meta.get('model', 'the model')} at {meta.get('tokens')} tokens", "",
              f"Command: `{meta.get('command')}`. Machine: {meta.get('machine')}; {meta.get('threads')} torch thread(s); "
              f"date {meta.get('date')}; 1-min load average when this report was written: "
-             f"{meta.get('load_avg_1min_at_report')}. Metric {meta.get('metric')}; candidates "
+             f"{meta.get('load_avg_1min_at_report')}. Metric {meta.get('metric')}; search {meta.get('search', 'prefix')}; candidates "
              f"{json.dumps(meta.get('candidates'))}.", "",
              f"Calibration articles: {', '.join(arts.get('calibration', [])) or '-'}. Held-out articles "
              f"({len(arts.get('heldout', []))}): {', '.join(arts.get('heldout', [])) or '-'}.", "",
              "Speed-ups are prefill time of the exact model / prefill time of the plan on the held-out articles, each "
              "against the exact model timed in its own run: the calibrated plans were timed in this run, the fixed plans "
-             "in the model benchmark's runs (eval/results/model_bench_causal, eval/results/model_bench_grid) on the same "
-             "machine. Compare speed-ups, not seconds. The fixed plans' numbers are recomputed from their per-article "
+             f"in the model benchmark's runs ({', '.join(fixed_dirs)}) on the same machine. Compare speed-ups, not seconds. The fixed plans' numbers are recomputed from their per-article "
              "records on the held-out articles only.", "",
              "| budget | layers patched | calibration change | held-out change | held-out speed-up | exact + plan timed "
              "in one run | best fixed plan no worse (held-out change, speed-up) | calibrated / fixed speed-up | "
@@ -976,8 +991,12 @@ def results_markdown(rows: Sequence[dict], fixed: Sequence[dict], proxy: Optiona
         lines.append("| (no calibrated plan yet) | | | | | | | | | |")
     lines += ["", "Per budget, the layers and their choice (exact elsewhere):", ""]
     for r in rows:
-        lines.append(f"- {100 * r['budget']:g}%: " + (", ".join(f"{k}: {v}" for k, v in sorted(
-            r.get("choices", {}).items(), key=lambda kv: int(kv[0]))) or "all exact"))
+        by_choice: dict[str, list[int]] = {}
+        for layer, choice in r.get("choices", {}).items():
+            by_choice.setdefault(choice, []).append(int(layer))
+        lines.append(f"- {100 * r['budget']:g}%: " + ("; ".join(
+            f"{choice}: {layer_ranges(sorted(layers))}" for choice, layers in sorted(
+                by_choice.items(), key=lambda kv: min(kv[1]))) or "all exact"))
     lines += ["", "## How well the proxy predicts the loss", ""]
     if proxy and proxy.get("cells"):
         sp = proxy.get("spearman") or {}
@@ -996,6 +1015,8 @@ def results_markdown(rows: Sequence[dict], fixed: Sequence[dict], proxy: Optiona
             one = spearman([c["error"] for c in cs], [c["loss_change"] for c in cs])
             one_rho = one.get("rho")
             lines.append(f"- {label}: rho {'-' if one_rho is None else f'{one_rho:+.2f}'} over {one['n']} layers")
+    elif meta.get("proxy") == "none":
+        lines.append("Not part of this experiment (--proxy none).")
     else:
         lines.append("Not measured yet (step 3 of the script).")
     lines += ["", "## Fixed plans on the held-out articles", "",

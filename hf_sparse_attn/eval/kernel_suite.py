@@ -12,6 +12,7 @@ inputs cast to float32. For bf16 inputs the same reference is used, so the error
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -28,6 +29,26 @@ def random_qkv(n: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64, dt
     """Standard-normal q, k, v [batch, heads, n, head_dim] (the inputs kernel_bench draws), cast to ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(batch, heads, n, head_dim, generator=g).to(dtype) for _ in range(3))  # type: ignore[return-value]
+
+
+def planted_heavy_pairs(n: int, *, heads: int = 4, pairs: int = 256, head_dim: int = 64, cos: float = 0.9,
+                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standard-normal q, k [1, heads, n, head_dim] with ``pairs`` planted pairs per head: key k[kj[p]] at cosine
+    ``cos`` to query q[qi[p]], norm 1.5 sqrt(head_dim), so that its score dominates the query's row (a heavy key of
+    Indyk et al., Definition 3.3). Returns q, k, qi, kj; qi, kj [1, heads, pairs] int64, distinct within a head
+    (the inputs of ``kmv.heavy_key_found``)."""
+    H, P, D = heads, pairs, head_dim
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, H, n, D, generator=g), torch.randn(1, H, n, D, generator=g)
+    qi = torch.stack([torch.randperm(n, generator=g)[:P] for _ in range(H)])[None]
+    kj = torch.stack([torch.randperm(n, generator=g)[:P] for _ in range(H)])[None]
+    u = torch.gather(q, 2, qi[..., None].expand(1, H, P, D))
+    u = u / u.norm(dim=-1, keepdim=True)
+    r = torch.randn(1, H, P, D, generator=g)
+    r = r - (r * u).sum(-1, keepdim=True) * u  # orthogonal to u
+    r = r / r.norm(dim=-1, keepdim=True)
+    k.scatter_(2, kj[..., None].expand(1, H, P, D), (cos * u + math.sqrt(1 - cos ** 2) * r) * math.sqrt(D) * 1.5)
+    return q, k, qi, kj
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

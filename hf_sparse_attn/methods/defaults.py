@@ -54,9 +54,10 @@ CAUSAL_MODE = "recursive"
 # (3.16x) to 0.250 (2.42x): eval/results/kernels_causal/results.md.
 SINGLE_PASS_WINDOW = 512
 
-# Causal quadrants of the recursion cut each key block's queries into chunks of block_size / 2: at 32k, chunks of
-# block_size were 57-65% full, block_size / 4 were 85% full but gathered every key block ~4.6 times (a profile of
-# the recursion when it was written; no result file was kept).
+# Causal quadrants of the recursion cut each key block's queries into chunks of block_size / 2. Divisor 1 / 2 / 4 at
+# 8k and 32k (both methods at their defaults): chunks 58-62% / 74-76% / 85-87% full, each key block gathered 1.6-1.7
+# / 2.6-2.7 / 4.6-4.7 times, speed 0.93-0.95x / 1 / 0.98-1.02x (within the repeats' spread); outputs bit-equal:
+# eval/results/defaults_query_chunk/results.md. 1 is slower by more than the noise, 4 is not faster, so 2 stays.
 CAUSAL_QUERY_CHUNK_DIVISOR = 2
 
 # local ---------------------------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ of keys it may attend (see sparse_hyper.py and docs/methods/hyper.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -49,6 +50,27 @@ from .merge import merge_attention
 
 NEG_INF = float("-inf")
 from .defaults import CAUSAL_QUERY_CHUNK_DIVISOR  # noqa: E402  (causal quadrants: chunks of block_size / 2)
+
+
+@contextlib.contextmanager
+def causal_query_chunk_divisor(divisor: int) -> Iterator[None]:
+    """Process-local override of the query chunks of the causal quadrants, for measurements and tests
+    (scripts/defaults_query_chunk.py): inside the ``with`` block, :func:`grouped_sorted_attention` cuts each key
+    block's queries into chunks of max(1, block_size // ``divisor``); the previous value comes back on exit.
+
+    It rebinds this module's global ``CAUSAL_QUERY_CHUNK_DIVISOR`` (read at every call; rebinding
+    ``defaults.CAUSAL_QUERY_CHUNK_DIVISOR`` would not reach it), so it holds for every thread of the process
+    while the block runs. The output does not depend on it: each query attends the same keys in any chunk.
+    """
+    global CAUSAL_QUERY_CHUNK_DIVISOR
+    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+        raise ValueError(f"causal_query_chunk_divisor: the divisor must be an int >= 1, got {divisor!r}")
+    before = CAUSAL_QUERY_CHUNK_DIVISOR
+    CAUSAL_QUERY_CHUNK_DIVISOR = divisor
+    try:
+        yield
+    finally:
+        CAUSAL_QUERY_CHUNK_DIVISOR = before
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,7 +108,8 @@ def grouped_sorted_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat:
     sorted by rank) and ``k_ranks_sorted`` [G, Mk], each query instead goes to the key block whose range of
     (rank, offset) it falls in: key block b starts at sorted key b*bk with composite c = rank * M + offset, and
     query i (composite rank_i * M + offset_i) goes to the last block starting at or before it. That depends only
-    on q_i and the keys; the queries of one key block are then cut into chunks of ``block_size`` / 2.
+    on q_i and the keys; the queries of one key block are then cut into chunks of ``block_size`` /
+    CAUSAL_QUERY_CHUNK_DIVISOR (:func:`causal_query_chunk_divisor` overrides it).
     """
     G, Mq = q_rows.shape
     Mk = k_rows.shape[1]
