@@ -47,7 +47,8 @@ import torch
 
 from hf_sparse_attn.commands.arguments import parse_value
 
-from hf_sparse_attn.eval.kernel_suite import capture_smollm2_qkv, random_qkv, relative_error
+from hf_sparse_attn.eval.kernel_suite import capture_smollm2_qkv, machine_state, random_qkv, relative_error
+from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import get_method, sorted_blocks
 from hf_sparse_attn.methods.common import expand_kv_heads
 
@@ -97,13 +98,6 @@ def parse_configs(items: list[str]) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def machine_state() -> dict:
-    """CPU count, this process's CPU affinity, 1/5/15-min load average and torch threads, now."""
-    return {"cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
-
-
 def pairs_per_head(method: str, fn, q, k, v, scale: float) -> float | None:
     """Query-key pairs one head computes (the configuration's kernel calls, tile padding included); None when this
     script does not know how to count the method's pairs."""
@@ -145,13 +139,6 @@ def load(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     return {"cells": {}}
-
-
-def save(results: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -450,7 +437,7 @@ def main() -> int:
             else:
                 results["cells"][key] = cell
             run["machine_end"] = machine_state()
-            save(results, path)
+            write_json(path, results)
             write_report(results, args.out)
         if args.real_layers:
             todo_layers = [l for l in args.real_layers if f"smollm2 layer={l}" not in results["cells"]
@@ -471,11 +458,11 @@ def main() -> int:
                     cell["rel_error"] = {**prev, **cell["rel_error"]}
                     results["cells"][key] = cell
                     run["machine_end"] = machine_state()
-                    save(results, path)
+                    write_json(path, results)
                     write_report(results, args.out)
                     print(f"[{time.strftime('%H:%M:%S')}] layer {layer} done", flush=True)
         run["machine_end"] = machine_state()
-        save(results, path)
+        write_json(path, results)
     write_report(results, args.out)
     print(open(os.path.join(args.out, "results.md")).read())
     return 0

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import get_method
 from hf_sparse_attn.methods import poly as poly_module
 
@@ -206,9 +207,7 @@ def main() -> int:
         meta = stored["meta"]
     for cfg in tqdm(todo, desc="kmv, poly, feature_sketch"):
         rows.append(run_one(cfg, args.repeats))
-        with open(path + ".tmp", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, {"meta": meta, "rows": rows})
     order = {key(c): i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: order.get(key(r), 1 << 30))
     write_markdown(rows, meta, os.path.join(args.out, "results.md"))

@@ -51,7 +51,8 @@ import torch
 from tqdm import tqdm
 
 import hf_sparse_attn.kernels as kernels
-from hf_sparse_attn.eval.kernel_suite import random_qkv
+from hf_sparse_attn.eval.kernel_suite import machine_state, random_qkv
+from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import defaults, get_method, sorted_blocks
 
 OUT_DIR = os.path.join("eval", "results", "defaults_query_chunk")
@@ -110,13 +111,6 @@ def chunk_stats(calls: list[dict], n: int, params: dict) -> dict:
     return {"chunk": levels[0]["chunk"] if levels else None, "fill": sum(x["real"] for x in levels) / slots,
             "chunks_per_key_block": sum(x["chunks"] for x in levels) / sum(x["key_blocks"] for x in levels),
             "pairs": sum(x["chunks"] * x["chunk"] * x["key_slots"] for x in levels), "levels": levels}
-
-
-def machine_state() -> dict:
-    """CPU count, this process's CPU affinity, 1/5/15-min load average and torch threads, now."""
-    return {"cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -185,13 +179,6 @@ def load(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     return {"cells": {}, "runs": []}
-
-
-def save(results: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
 
 
 def cell_done(cell: Optional[dict], divisors: list[int], with_sdpa: bool) -> bool:
@@ -340,7 +327,7 @@ def main() -> int:
                     results["runs"].append(run)
                 results["cells"][f"{method} n={n}"] = measure_cell(method, n, divisors, repeats, with_sdpa, bar)
                 run["machine_end"] = machine_state()
-                save(results, path)
+                write_json(path, results)
                 write_report(results, args.out)
     write_report(results, args.out)
     print(open(os.path.join(args.out, "results.md")).read())

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from hf_sparse_attn.eval.kernel_suite import planted_heavy_pairs
+from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import kmv
 
 OUT_DIR = os.path.join("eval", "results", "kmv_planted_keys")
@@ -49,12 +50,6 @@ def measure_cell(n: int, cos: float, setting: dict, seeds: int) -> dict:
                                        block_size=setting["block_size"], seed=s).float().mean()) for s in range(seeds)]
     return {"n": n, "cos": cos, "rates": rates, "mean": sum(rates) / len(rates), "min": min(rates),
             "chance": min(1.0, setting["block_size"] / n)}
-
-
-def save(results: dict, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def write_report(results: dict, out_dir: str) -> None:
@@ -154,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                        loadavg_1min=round(os.getloadavg()[0], 2))
     for n, c in tqdm(todo, desc="cells (N, c)"):
         results["cells"][cell_key(n, c)] = measure_cell(n, c, setting, args.seeds)
-        save(results, path)
+        write_json(path, results)
     write_report(results, args.out)
     print(open(os.path.join(args.out, "results.md")).read())
     return 0

@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from hf_sparse_attn.eval.kernel_suite import random_qkv
+from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import get_spec
 from hf_sparse_attn.methods.common import expand_kv_heads
 from hf_sparse_attn.patches.base import LayerRuntime
@@ -111,12 +112,6 @@ def build_calls(setting: dict) -> tuple[dict[str, Callable[[], torch.Tensor]], d
             calls[f"{label} on {m} heads + exact on {H - m} + concatenation"] = split
     assert list(calls) == call_names(setting["method_heads"], H)
     return calls, resolved
-
-
-def save(results: dict, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def medians(results: dict) -> dict[str, float]:
@@ -257,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     rep["times_s"][name] = time.perf_counter() - start
                     assert out.shape == (1, args.heads, args.tokens, args.head_dim), (name, out.shape)
                 results["repeats"].append(rep)
-                save(results, path)
+                write_json(path, results)
     elif not results["repeats"]:
         raise SystemExit(f"{path} has no repeats yet; run without --report-only")
     write_report(results, args.out)

@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from hf_sparse_attn import capture_attention, rank_layers
 from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles
+from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import get_method
 from hf_sparse_attn.methods.common import expand_kv_heads
 from hf_sparse_attn.methods.sorted_blocks import sink_attention
@@ -222,9 +223,7 @@ def main() -> int:
                         row["errors"].pop(label, None)
 
     def save() -> None:
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, results)
 
     if not args.report_only:
         torch.manual_seed(0)

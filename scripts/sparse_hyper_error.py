@@ -28,6 +28,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import get_method
 
 OUT_DIR = os.path.join("eval", "results", "sparse_hyper_error")
@@ -150,9 +151,7 @@ def main() -> int:
         data["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     for n, w, rep in tqdm(todo, desc="configs"):
         data["rows"].extend(one_config(n, w, rep))
-        with open(path + ".tmp", "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, data)
     report(data["rows"], data["date"])
     return 0
 

@@ -919,10 +919,9 @@ def frontier_plot(rows: Sequence[dict], fixed: Sequence[dict], path: Union[str, 
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = {"local": "s", "sparse_hyper": "o", "hyper": "^"}
-    variant_of = lambda f: f.get("variant", f["causal_mode"].replace("_", " "))  # noqa: E731
     for method in sorted({f["method"] for f in fixed}):
-        for variant in sorted({variant_of(f) for f in fixed if f["method"] == method}):
-            pts = [f for f in fixed if f["method"] == method and variant_of(f) == variant and f["heldout_speedup"]]
+        for variant in sorted({f["variant"] for f in fixed if f["method"] == method}):
+            pts = [f for f in fixed if f["method"] == method and f["variant"] == variant and f["heldout_speedup"]]
             ax.scatter([f["heldout_speedup"] for f in pts], [100 * f["heldout_change"] for f in pts],
                        marker=markers.get(method, "x"), alpha=0.6,
                        label=f"fixed: {method}{' ' + variant if variant else ''}")

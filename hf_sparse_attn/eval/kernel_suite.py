@@ -13,6 +13,8 @@ inputs cast to float32. For bf16 inputs the same reference is used, so the error
 from __future__ import annotations
 
 import math
+import os
+import platform
 import statistics
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -22,6 +24,15 @@ import torch
 from ..methods import get_method
 from ..methods.common import expand_kv_heads
 from .kernel_bench import PeakRSS, dense_flops
+from .store import write_json
+
+
+def machine_state() -> dict:
+    """CPU count, this process's CPU affinity, 1/5/15-min load average, torch threads and platform, now (stored with
+    each run of a kernel benchmark, at its start and end)."""
+    return {"cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
 
 
 def random_qkv(n: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64, dtype: torch.dtype = torch.float32,
@@ -271,7 +282,6 @@ def run_kernel_suite(out_dir: str, cells: Sequence[dict], methods: Sequence[str]
     ``max_n``: method -> largest N it runs at (slow methods); above it the cell lists the method as skipped.
     ``device``: where every call runs ("cpu", "cuda", "cuda:1"); inputs are drawn or captured on the CPU and moved."""
     import json
-    import os
 
     from tqdm import tqdm
 
@@ -299,10 +309,7 @@ def run_kernel_suite(out_dir: str, cells: Sequence[dict], methods: Sequence[str]
         res.update({"inputs": cell["inputs"], "source": info, "skipped": [m for m in methods if m not in chosen],
                     "load_avg_1min": os.getloadavg()[0]})
         results["cells"][cell["key"]] = res
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, results)
     return results
 
 

@@ -21,7 +21,17 @@ try:
 except ImportError:  # not on Windows: one writer per file there
     fcntl = None
 
-__all__ = ["append_record", "read_records", "repair_tail", "JsonlStore"]
+__all__ = ["append_record", "read_records", "repair_tail", "JsonlStore", "write_json"]
+
+
+def write_json(path: str, obj: Any, *, indent: int = 1) -> None:
+    """Replace the JSON file ``path`` with ``obj`` atomically: written to a temporary file of this process next to
+    it, then renamed over it, so a kill leaves the old file or the new one, never half of one (results.json of the
+    resumable benchmarks, rewritten after every cell)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
 
 
 def _line(record: dict, ensure_ascii: bool) -> bytes:

@@ -9,6 +9,7 @@ import os
 import statistics
 from typing import Any, Optional, Sequence
 
+from ..store import write_json
 from .goals import evaluate_goals
 from .grid import SELECTIONS
 from .measure import amdahl_ceiling, perplexity
@@ -257,10 +258,7 @@ def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence
               "selection_comparison": comparison,
               "selections_by_layer_count": [{**o, "cells": [{"select": s, "layers": l, **c} for (s, l), c in o["cells"].items()]}
                                             for o in overviews], **summary}
-    tmp = os.path.join(out_dir, f"results.json.{os.getpid()}.tmp")  # shards may write at the same time
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "results.json"))
+    write_json(os.path.join(out_dir, "results.json"), result)  # per-process temporary file: shards may write at once
     md = model_report_markdown(summary, checked, header_lines=list(header_lines) + ([""] + [f"![{p}]({p})" for p in plots] if plots else []),
                                comparison=comparison, comparison_plots=comparison_plots)
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
