@@ -1,0 +1,165 @@
+"""The output directory of a resumable run: the settings it was made with, and a lock while a process writes it.
+
+Every resumable command (``longbench``, ``longbench-grid``, ``ruler``, ``bench model``, ``head-tail``) writes its
+results into one directory and resumes from what is already there. A rerun that resumes must be the same run: a
+directory records its settings in ``run_settings.json`` when it is first used, and a later run with other settings is
+refused with the names of the settings that differ (``--overwrite`` discards the old results instead). While a run
+writes, it holds an exclusive lock on ``.run.lock``; a second run on the same directory is refused, naming the process
+that holds it. The lock is an ``flock``, released by the kernel when the holder dies, so a killed run never leaves a
+stale lock behind.
+
+    settings = {"model": ..., "model_fingerprint": ..., "method": ..., "params": ..., "seed": 0}
+    with RunDir(args.out, settings, overwrite=args.overwrite, owned_files=["qasper.jsonl"]) as run:
+        ...  # append results; run.path is the directory
+
+Nothing in the directory that the run did not write is removed: ``overwrite`` deletes only the files named in
+``owned_files`` (and the settings file), the ones the command itself writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Optional
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock there
+    fcntl = None
+
+__all__ = ["RunDir", "RunSettingsError", "SETTINGS_FILE", "LOCK_FILE", "settings_diff"]
+
+SETTINGS_FILE = "run_settings.json"
+LOCK_FILE = ".run.lock"
+
+
+class RunSettingsError(ValueError):
+    """The directory holds a run made with other settings, or another process is writing it."""
+
+
+def _normalise(value: Any) -> Any:
+    """JSON round trip, so that tuples and lists, int and float keys compare as they are stored."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """The names of the settings whose values differ, each as ``name (old -> new)``, sorted by name."""
+    old, new = _normalise(old), _normalise(new)
+    missing = object()
+    out = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, missing), new.get(name, missing)
+        if a != b:
+            show = lambda v: "unset" if v is missing else json.dumps(v)[:60]  # noqa: E731
+            out.append(f"{name} ({show(a)} -> {show(b)})")
+    return out
+
+
+class RunDir:
+    """An output directory bound to one set of settings (see the module docstring).
+
+    ``settings``: a JSON-serialisable dict of everything that changes the results (model path and fingerprint,
+    method, plan, parameters, seed, lengths, generation settings). ``overwrite``: delete ``owned_files`` and the
+    settings of an earlier run with other settings, then start afresh. ``forbidden``: paths the directory must not be,
+    or contain (the input data of the run), refused with a clear error.
+    """
+
+    def __init__(self, path: str, settings: dict, *, overwrite: bool = False,
+                 owned_files: Iterable[str] = (), forbidden: Iterable[str] = (), command: str = "this command") -> None:
+        self.path = path
+        self.settings = _normalise(settings)
+        self.overwrite = overwrite
+        self.owned_files = list(owned_files)
+        self.command = command
+        out = os.path.realpath(path)
+        for other in forbidden:
+            if other is None:
+                continue
+            real = os.path.realpath(other)
+            if out == real or real.startswith(out + os.sep) or out.startswith(real + os.sep):
+                raise RunSettingsError(f"--out {path} is, holds or lies inside the input {other}; write results to another "
+                                       "directory so the input is never modified")
+        self._lock_fd: Optional[int] = None
+
+    @property
+    def settings_path(self) -> str:
+        return os.path.join(self.path, SETTINGS_FILE)
+
+    def _lock(self) -> None:
+        if fcntl is None:
+            return
+        lock_path = os.path.join(self.path, LOCK_FILE)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise RunSettingsError(f"{self.path} is being written by process {holder}; wait for it to finish, or use "
+                                   "another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock; the file stays (removing it would race)
+            self._lock_fd = None
+
+    def open(self) -> "RunDir":
+        """Create the directory, take the lock, check (or record) the settings. Raises RunSettingsError."""
+        os.makedirs(self.path, exist_ok=True)
+        self._lock()
+        try:
+            if os.path.exists(self.settings_path):
+                try:
+                    with open(self.settings_path, encoding="utf-8") as f:
+                        old = json.load(f)
+                except (OSError, ValueError) as err:
+                    raise RunSettingsError(f"{self.settings_path} is unreadable ({err}); use another --out, or "
+                                           "--overwrite to start afresh") from None
+                diff = settings_diff(old, self.settings)
+                if diff and not self.overwrite:
+                    raise RunSettingsError(
+                        f"{self.path} holds results of {self.command} made with other settings: {'; '.join(diff)}. "
+                        "Use another --out, or --overwrite to discard those results")
+                if diff:
+                    self.discard()
+            elif not self.overwrite and self._has_owned_results():
+                raise RunSettingsError(
+                    f"{self.path} holds results of {self.command} that record no settings (made by an older "
+                    "version?); use another --out, or --overwrite to discard them")
+            elif self.overwrite:
+                self.discard()
+            self._write_settings()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def _has_owned_results(self) -> bool:
+        return any(os.path.exists(os.path.join(self.path, name)) for name in self.owned_files)
+
+    def _write_settings(self) -> None:
+        tmp = f"{self.settings_path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.settings, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.settings_path)
+
+    def discard(self) -> None:
+        """Delete the files this command writes (``owned_files``) and the recorded settings; nothing else."""
+        for name in self.owned_files + [SETTINGS_FILE]:
+            full = os.path.join(self.path, name)
+            if os.path.isfile(full):
+                os.remove(full)
+
+    def close(self) -> None:
+        self._unlock()
+
+    def __enter__(self) -> "RunDir":
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
