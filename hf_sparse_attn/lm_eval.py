@@ -21,6 +21,7 @@ The plan in force, with how many calls each layer served and why calls fell back
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -30,13 +31,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .loading import find_plan_file
-from .methods.registry import get_spec
+from .methods.registry import get_spec, list_methods
 from .patching import current_plan, patch_model
 from .plan import PatchPlan
 
 logger = logging.getLogger("hf_sparse_attn")
 
 MODEL_TYPE = "hf-sparse"
+_HFLM_ARGUMENTS = set(inspect.signature(HFLM.__init__).parameters)
 
 
 def parse_layers(layers: Any) -> Any:
@@ -67,14 +69,36 @@ class SparseHFLM(HFLM):
         **kwargs: Any,
     ) -> None:
         method_params: dict[str, Any] = {}
+        if method is not None and not isinstance(method, str):
+            raise ValueError(f"hf-sparse: method={method!r} must be a method name, one of {', '.join(list_methods())}")
+        # names of some method's parameter that are not lm-eval's own (lm-eval's hf model has e.g. delta= too)
+        all_params = {name for m in list_methods() for name in get_spec(m).params} - _HFLM_ARGUMENTS
         if method is not None:
             names = set(get_spec(method).params)
             method_params = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        elif plan is None:
-            leftover = sorted(k for k in kwargs if k in ("block_size", "sample_size", "min_seq_len"))
+            foreign = sorted(k for k in kwargs if k in all_params)
+            if foreign:
+                raise ValueError(f"hf-sparse: method {method!r} has no parameter {', '.join(foreign)}; its parameters "
+                                 f"are: {', '.join(sorted(names)) or '(none)'}")
+        else:
+            leftover = sorted(k for k in kwargs if k in all_params)
             if leftover:
-                raise ValueError(f"method parameters {leftover} given without method=NAME")
-        super().__init__(pretrained, **kwargs)
+                if plan is not None:
+                    raise ValueError(f"hf-sparse: method parameter(s) {', '.join(leftover)} given with plan=: the plan "
+                                     "holds each layer's parameters; drop them, or give method=NAME instead of plan=")
+                raise ValueError(f"hf-sparse: method parameter(s) {', '.join(leftover)} given without method=NAME; add "
+                                 f"method=NAME (one of {', '.join(list_methods())}) or drop them")
+        try:
+            super().__init__(pretrained, **kwargs)
+        except TypeError as err:
+            if "unexpected keyword argument" not in str(err):
+                raise
+            valid = sorted(get_spec(method).params) if method is not None else []
+            raise ValueError(f"hf-sparse: a model argument is unknown to lm-eval's hf model, to transformers and to "
+                             f"hf_sparse_attn ({err}). hf-sparse takes lm-eval's hf arguments plus plan=, method=, "
+                             f"layers=, select=, seed=, norm=, strict="
+                             + (f" and the parameters of {method!r}: {', '.join(valid)}" if method is not None else "")
+                             ) from None
         model = self._model
         if plan is not None:
             if method is not None:
@@ -84,7 +108,8 @@ class SparseHFLM(HFLM):
             self.plan = patch_model(model, method=method, layers=parse_layers(layers), select=select, seed=seed,
                                     norm=norm, **method_params)
         else:
-            saved = find_plan_file(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
+            where = {k: v for k, v in kwargs.items() if k in ("subfolder", "revision") and v}
+            saved = find_plan_file(pretrained, **where) if isinstance(pretrained, (str, os.PathLike)) else None
             if saved is not None:
                 self.plan = patch_model(model, plan=saved, strict=strict)
             else:

@@ -8,6 +8,7 @@ patched model is never patched twice: a new patch replaces the old one.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from typing import Any, Iterator, Optional, Union
 
@@ -15,7 +16,7 @@ import torch
 
 from .kernels.workspace import clear_all_workspaces
 from .methods.registry import get_spec
-from .loading import install_save_hook, remove_save_hook
+from .loading import install_save_hook
 from .patches import LayerRuntime, find_adapter
 from .patches.runtime import PatchState, install_runtimes, state_of as _state_of, uninstall_runtimes
 from .plan import LayerPlan, PatchPlan, check_plan_matches, library_versions, model_fingerprint, now_iso
@@ -32,8 +33,20 @@ def _install_runtimes(model, adapter, runtimes) -> PatchState:
 
 
 def _uninstall_runtimes(model, state: PatchState) -> None:
+    """The runtimes only: the ``save_pretrained`` hook stays, so that saving the unpatched model removes a stale plan
+    file of ours from the target folder (loading.py)."""
     uninstall_runtimes(model, state)
-    remove_save_hook(model)
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy (or other numbers.Integral / numbers.Real) scalar as the Python int or float it stands for."""
+    if isinstance(value, bool) or isinstance(value, (int, float, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _build_plan(model, adapter, method, layers, select, seed, norm, method_params, measured_scores) -> PatchPlan:
@@ -94,6 +107,8 @@ def patch_model(
     """
     check_patch_arguments(model, method, layers, select, plan=plan, seed=seed, norm=norm, calibration=calibration,
                           adapter_options=adapter_options, method_params=method_params)
+    layers = _plain_number(layers)  # numpy.int64(1) is the count 1, numpy.float64(0.5) the fraction 0.5
+    seed = int(seed) if plan is None else seed  # validated above; a numpy seed would not survive plan.save
     adapter = find_adapter(model, adapter_options)
     num_layers = len(adapter.attention_layers(model))
     if plan is not None:
@@ -134,7 +149,9 @@ def patch_model(
 
 def unpatch_model(model: torch.nn.Module) -> Optional[PatchPlan]:
     """Put back the model's own attention in every layer (outputs bit-identical to before patching).
-    Returns the plan that was in force (with its run-time counters), or None if the model was not patched."""
+    Returns the plan that was in force (with its run-time counters), or None if the model was not patched.
+    ``model.save_pretrained`` stays hooked: an unpatched save removes a stale ``hf_sparse_attn_plan.json`` of ours
+    from the folder it writes to (so the checkpoint reloads unpatched)."""
     state = _state_of(model)
     if state is None:
         return None
@@ -163,6 +180,9 @@ def patched(model: torch.nn.Module, method: str = "exact", layers: LayersArg = 0
         unpatch_model(model)
         if earlier is not None:
             counts = [(l.served, dict(l.fallbacks)) for l in earlier.layers]
+            earlier = PatchPlan.from_dict(earlier.to_dict())
+            # the plan was in force on this very model: it fits the weights as they are now (trained in the block or not)
+            earlier.model_fingerprint = model_fingerprint(model, find_adapter(model, earlier_options))
             restored = patch_model(model, plan=earlier, adapter_options=earlier_options)
             for layer, (served, fallbacks) in zip(restored.layers, counts):
                 layer.served, layer.fallbacks = served, fallbacks

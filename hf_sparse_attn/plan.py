@@ -114,14 +114,17 @@ class PatchPlan:
     @classmethod
     def from_dict(cls, data: Any, source: str = "the plan") -> "PatchPlan":
         """The plan from its JSON form. Raises :class:`PlanError` naming ``source`` and what is wrong (a missing or
-        unknown key, a layer entry that is no object, a negative or repeated ``layer_idx``). The layer list is
-        sorted by ``layer_idx``: a layer is matched to the model by its index, never by its position in the list."""
+        unknown key, a value of the wrong type such as ``weight_norm: "abc"`` or ``method: 5``, a ``norm`` that is
+        none of the norms, a damaged or partial model fingerprint, a layer entry that is no object, a negative or
+        repeated ``layer_idx``). The layer list is sorted by ``layer_idx``: a layer is matched to the model by its
+        index, never by its position in the list."""
         if not isinstance(data, dict):
             raise PlanError(f"{source}: a plan is a JSON object with keys {sorted(_PLAN_REQUIRED)}; got {type(data).__name__}")
         _check_keys(data, _PLAN_REQUIRED, _PLAN_KEYS, source, "the plan")
         layers = data["layers"]
         if not isinstance(layers, list) or not layers:
             raise PlanError(f"{source}: 'layers' must be a non-empty list of layer entries; got {layers!r:.60}")
+        _check_plan_fields(data, source)
         parsed, seen = [], set()
         for position, layer in enumerate(layers):
             where = f"layer entry {position}"
@@ -129,7 +132,7 @@ class PatchPlan:
                 raise PlanError(f"{source}: {where} is not an object: {layer!r:.60}")
             _check_keys(layer, _LAYER_REQUIRED, _LAYER_KEYS, source, where)
             idx = layer["layer_idx"]
-            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            if not _is_int(idx) or idx < 0:
                 raise PlanError(f"{source}: {where} has layer_idx={idx!r}; it must be an int >= 0")
             if idx in seen:
                 raise PlanError(f"{source}: layer_idx {idx} appears twice; each layer has exactly one entry")
@@ -138,7 +141,11 @@ class PatchPlan:
                 raise PlanError(f"{source}: layer {idx} has method={layer['method']!r}; it must be a method name or null")
             if not isinstance(layer.get("params", {}), dict):
                 raise PlanError(f"{source}: layer {idx} has params={layer['params']!r:.60}; it must be an object")
-            parsed.append(LayerPlan(**layer))
+            _check_layer_fields(layer, idx, source)
+            parsed.append(LayerPlan(**{**layer, "params": dict(layer.get("params", {})),
+                                       "head_weight_norms": list(layer.get("head_weight_norms", [])),
+                                       "fallbacks": dict(layer.get("fallbacks", {}))}))
+        _check_fingerprint(data.get("model_fingerprint") or {}, source)
         data = dict(data)
         data["layers"] = sorted(parsed, key=lambda layer: layer.layer_idx)
         return cls(**data)
@@ -153,18 +160,33 @@ class PatchPlan:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "PatchPlan":
         """Read a plan saved with :meth:`save`. A damaged file raises :class:`PlanError` naming the file and the
-        problem (empty, truncated or not JSON, missing or unknown keys)."""
+        problem (empty, truncated or not JSON, not UTF-8 text, nested too deeply, missing or unknown keys, values of
+        the wrong type)."""
         name = os.fspath(path)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        rebuild = "Save it again with plan.save(path) or rebuild it with patch_model(model, method=..., layers=...)"
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PLAN_BYTES + 1)
+        if len(raw) > MAX_PLAN_BYTES:
+            raise PlanError(f"plan file {name}: larger than {MAX_PLAN_BYTES // 2**20} MiB, far more than any plan; "
+                            f"it is not a plan file. {rebuild}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bom = " (it starts with a UTF-16/32 byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+            raise PlanError(f"plan file {name}: not UTF-8 text{bom} ({err.reason} at byte {err.start}); a plan is JSON "
+                            f"written as UTF-8. {rebuild}") from None
+        if text.startswith("\ufeff"):
+            text = text[1:]  # a UTF-8 byte-order mark (some editors write one) is not part of the JSON
         if not text.strip():
             raise PlanError(f"plan file {name}: the file is empty. Save a plan with plan.save(path) or rebuild it with "
                             "patch_model(model, method=..., layers=...)")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise PlanError(f"plan file {name}: not valid JSON ({err}); the file may be truncated. Save it again with "
-                            "plan.save(path) or rebuild it with patch_model(model, method=..., layers=...)") from None
+            raise PlanError(f"plan file {name}: not valid JSON ({err}); the file may be truncated. {rebuild}") from None
+        except RecursionError:
+            raise PlanError(f"plan file {name}: JSON nested too deeply to be a plan (a plan nests 4 levels). "
+                            f"{rebuild}") from None
         return cls.from_dict(data, source=f"plan file {name}")
 
 
@@ -185,6 +207,91 @@ def _check_keys(entry: dict, required: set, known: set, source: str, where: str)
     unknown = sorted(set(entry) - known)
     if unknown:
         raise PlanError(f"{source}: {where} has unknown key(s) {unknown}; valid keys are {sorted(known)}")
+
+
+MAX_PLAN_BYTES = 64 * 2**20  # a plan of a 1000-layer model with per-head norms is well under 1 MiB
+_FINGERPRINT_KEYS = ("architecture", "model_type", "num_layers", "heads", "qk_sha256", "qk_head_norms")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_plan_fields(data: dict, source: str) -> None:
+    """The types of the plan's own fields (everything but the layer list), so that a plan that loads also prints,
+    saves and applies."""
+    from .selection import NORMS
+    from .validation import check_seed
+
+    for key in ("method", "select"):
+        if not isinstance(data[key], str) or not data[key]:
+            raise PlanError(f"{source}: '{key}' must be a non-empty string; got {data[key]!r:.60}")
+    for key in ("model_class", "adapter", "created"):
+        if key in data and not isinstance(data[key], str):
+            raise PlanError(f"{source}: '{key}' must be a string; got {data[key]!r:.60}")
+    for key in ("versions", "calibration", "model_fingerprint"):
+        if key in data and not isinstance(data[key], dict):
+            raise PlanError(f"{source}: '{key}' must be an object; got {data[key]!r:.60}")
+    if "seed" in data:
+        try:
+            check_seed(data["seed"], "plan seed")
+        except ValueError as err:
+            raise PlanError(f"{source}: {err}") from None
+    if "norm" in data and data["norm"] not in NORMS:
+        raise PlanError(f"{source}: 'norm' must be one of {list(NORMS)}; got {data['norm']!r:.60}")
+
+
+def _check_fingerprint(fingerprint: dict, source: str) -> None:
+    """A plan either has no fingerprint (``{}``: written by hand, only layer indices are checked when it is applied)
+    or the whole fingerprint :func:`model_fingerprint` writes; a partial or damaged one would skip the check."""
+    if not fingerprint:
+        return
+    how = ("it must be the whole fingerprint patch_model writes, or {} for a plan written by hand (then only the "
+           "layer indices are checked)")
+    missing = [k for k in _FINGERPRINT_KEYS if k not in fingerprint]
+    unknown = sorted(set(fingerprint) - set(_FINGERPRINT_KEYS))
+    if missing or unknown:
+        what = f"lacks {missing}" if missing else f"has unknown key(s) {unknown}"
+        raise PlanError(f"{source}: 'model_fingerprint' {what}; {how}")
+    num_layers, heads, sha, norms = (fingerprint[k] for k in ("num_layers", "heads", "qk_sha256", "qk_head_norms"))
+    problem = None
+    if not isinstance(fingerprint["architecture"], str) or not isinstance(fingerprint["model_type"], str):
+        problem = "architecture and model_type must be strings"
+    elif not _is_int(num_layers) or num_layers < 1:
+        problem = f"num_layers must be an int >= 1, got {num_layers!r:.40}"
+    elif not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        problem = f"qk_sha256 must be 64 hex digits, got {sha!r:.80}"
+    elif (not isinstance(heads, list) or len(heads) != num_layers
+          or not all(isinstance(h, list) and len(h) == 3 and all(_is_int(x) and x > 0 for x in h) for h in heads)):
+        problem = f"heads must hold num_layers={num_layers} entries [query heads, kv heads, head dim]"
+    elif (not isinstance(norms, list) or len(norms) != num_layers
+          or not all(isinstance(row, list) and len(row) == h[0] + h[1] and all(_is_number(x) for x in row)
+                     for row, h in zip(norms, heads))):
+        problem = (f"qk_head_norms must hold num_layers={num_layers} lists of per-head norms (query heads + kv heads "
+                   f"numbers each); got {str(norms)[:60]} (empty or truncated)")
+    if problem:
+        raise PlanError(f"{source}: 'model_fingerprint' is damaged: {problem}; {how}")
+
+
+def _check_layer_fields(layer: dict, idx: int, source: str) -> None:
+    where = f"{source}: layer {idx}"
+    if not _is_number(layer["weight_norm"]):
+        raise PlanError(f"{where} has weight_norm={layer['weight_norm']!r:.60}; it must be a number (the layer's R)")
+    if not _is_int(layer["rank"]) or layer["rank"] < 0:
+        raise PlanError(f"{where} has rank={layer['rank']!r:.60}; it must be an int >= 0")
+    norms = layer.get("head_weight_norms", [])
+    if not isinstance(norms, list) or not all(_is_number(x) for x in norms):
+        raise PlanError(f"{where} has head_weight_norms={norms!r:.60}; it must be a list of numbers")
+    served = layer.get("served", 0)
+    if not _is_int(served) or served < 0:
+        raise PlanError(f"{where} has served={served!r:.60}; it must be an int >= 0")
+    fallbacks = layer.get("fallbacks", {})
+    if not isinstance(fallbacks, dict) or not all(_is_int(n) and n >= 0 for n in fallbacks.values()):
+        raise PlanError(f"{where} has fallbacks={fallbacks!r:.60}; it must map reasons to call counts (ints >= 0)")
 
 
 def library_versions() -> dict[str, str]:
@@ -256,16 +363,21 @@ def fingerprint_differences(saved: Any, current: dict[str, Any]) -> list[str]:
         layer = next((i for i, (a, b) in enumerate(zip(saved["heads"], current["heads"])) if a != b), None)
         detail = f" (first at layer {layer}: plan {saved['heads'][layer]}, model {current['heads'][layer]})" if layer is not None else ""
         differences.append(f"head layout [query heads, kv heads, head dim]{detail}")
-    if differences or saved.get("qk_sha256") in (None, current["qk_sha256"]):
+    if differences or saved.get("qk_sha256") == current["qk_sha256"]:
         return differences
     saved_norms = saved.get("qk_head_norms")
-    for i, (a, b) in enumerate(zip(saved_norms or [], current["qk_head_norms"])):
+    current_norms = current["qk_head_norms"]
+    hashes = f"hash {str(saved.get('qk_sha256'))[:12]} vs {current['qk_sha256'][:12]}"
+    if not isinstance(saved_norms, list) or len(saved_norms) != len(current_norms):
+        # no per-head norms, or not one entry per layer (empty, truncated): the hash alone decides
+        return [f"Q/K weights ({hashes})"]
+    for i, (a, b) in enumerate(zip(saved_norms, current_norms)):
+        if not isinstance(a, list) or len(a) != len(b):
+            return [f"Q/K weights ({hashes}; layer {i}: the plan's per-head Q/K norms do not match the head count)"]
         worst = max((abs(x - y) / max(abs(x), abs(y), 1e-30) for x, y in zip(a, b)), default=0.0)
-        if len(a) != len(b) or worst > NORM_RTOL:
-            return [f"Q/K weights (hash {saved['qk_sha256'][:12]} vs {current['qk_sha256'][:12]}; layer {i}: per-head "
-                    f"Q/K norms differ by up to {worst:.2%}, more than rounding to another dtype explains)"]
-    if saved_norms is None:
-        return [f"Q/K weights (hash {saved['qk_sha256'][:12]} vs {current['qk_sha256'][:12]})"]
+        if not worst <= NORM_RTOL:  # also NaN
+            return [f"Q/K weights ({hashes}; layer {i}: per-head Q/K norms differ by up to {worst:.2%}, more than "
+                    "rounding to another dtype explains)"]
     return []  # same weights up to rounding (another storage dtype)
 
 

@@ -55,6 +55,11 @@ def check_layers(layers: Any, num_layers: int) -> None:
         if not (math.isfinite(value) and 0.0 < value <= 1.0):
             raise ValueError(f"layers={layers!r} as a fraction must be in (0, 1] (use layers=0 for no layer); "
                              f"layers must be {valid}")
+        if round(value * num_layers) == 0:  # selection.resolve_layers takes round(fraction * num_layers) layers
+            smallest = 1 / num_layers if num_layers else 1.0
+            raise ValueError(f"layers={layers!r} selects no layer: round({value:g} x {num_layers} layers) = 0. Pass a "
+                             f"fraction of at least {smallest:.4g} (one layer), a count such as layers=1, or layers=0 "
+                             f"to patch no layer on purpose")
         return
     if not isinstance(layers, (list, tuple, range)):
         raise ValueError(f"layers must be {valid}; got {_describe(layers)}")
@@ -165,11 +170,18 @@ def check_patch_arguments(model: Any, method: Any, layers: Any, select: Any, *, 
     if plan is not None:
         from .plan import PatchPlan
 
+        from .plan import PlanError
+
+        source = "the plan" if isinstance(plan, PatchPlan) else f"plan file {os.fspath(plan)}"
         loaded = plan if isinstance(plan, PatchPlan) else PatchPlan.load(plan)
         check_seed(loaded.seed, "plan seed")
         for layer in loaded.layers:
             if layer.method is not None:
-                get_spec(layer.method).resolve_params(layer.params)
+                try:
+                    get_spec(layer.method).resolve_params(layer.params)
+                except ValueError as err:  # unknown method, unknown parameter, value out of range
+                    raise PlanError(f"{source}: layer {layer.layer_idx}: {err}. Fix the plan file or rebuild it with "
+                                    "patch_model(model, method=..., layers=...)") from None
         return
     if not isinstance(method, str):
         raise ValueError(f"method must be a method name (a string); got {_describe(method)}")

@@ -48,6 +48,7 @@ import json
 import os
 import sys
 import time
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -166,7 +167,8 @@ def run(args: argparse.Namespace) -> None:
     def calibrate(budget, held):
         return cal.calibrate(model, calib, budget=budget, methods=args.methods, candidates=args.candidates,
                              metric=args.metric, heldout_ids=held, layers=args.layers, cache=cache,
-                             repeats=args.repeats, search=args.search)
+                             repeats=args.repeats, search=args.search, timed_layers=None, refine=0,
+                             retrieval_budget=None)  # the search as it was when the committed results were measured
 
     cells_cached = any(r.get("kind") == "layer" for r in cal.read_jsonl(cache))
     for budget in args.budgets:  # 1. search
@@ -263,7 +265,7 @@ def write_report(args: argparse.Namespace) -> None:
 
     titles_path = os.path.join(args.out, "articles.json")
     titles = json.load(open(titles_path)) if os.path.exists(titles_path) else None
-    plans = [cal.plan_summary(PatchPlan.load(p)) for p in sorted(glob.glob(os.path.join(args.out, "plan_*.json")))]
+    plans = [plan_summary(PatchPlan.load(p)) for p in sorted(glob.glob(os.path.join(args.out, "plan_*.json")))]
     fixed, notes = [], []
     for path in args.fixed:
         if not os.path.exists(path):
@@ -276,8 +278,8 @@ def write_report(args: argparse.Namespace) -> None:
             if lacking:
                 notes.append(f"{path}: lacks articles {lacking}: its plans are compared on the others only where "
                              "they have all held-out articles")
-            fixed += cal.fixed_plans_on(records, titles["heldout"], source=os.path.dirname(path))
-    rows = cal.compare_budgets([p for p in plans if p["budget"] is not None], fixed)
+            fixed += fixed_plans_on(records, titles["heldout"], source=os.path.dirname(path))
+    rows = compare_budgets([p for p in plans if p["budget"] is not None], fixed)
     proxy_path = os.path.join(args.out, "proxy.json")
     proxy = json.load(open(proxy_path)) if os.path.exists(proxy_path) else None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -288,14 +290,232 @@ def write_report(args: argparse.Namespace) -> None:
             "load_avg_1min_at_report": load, "fixed_sources": args.fixed}
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "budgets": rows, "fixed": fixed, "proxy": proxy, "notes": notes}, f, indent=2)
-    text = cal.results_markdown(rows, fixed, proxy, meta, notes)
+    text = results_markdown(rows, fixed, proxy, meta, notes)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     if fixed or any(r.get("heldout_speedup") for r in rows):
-        cal.frontier_plot(rows, fixed, os.path.join(args.out, "frontier.png"),
+        frontier_plot(rows, fixed, os.path.join(args.out, "frontier.png"),
                           title=f"SmolLM2 at {args.tokens} tokens, {len((titles or {}).get('heldout', []))} held-out "
                                 "articles: fixed plans vs calibrated plans")
     print(text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibrated plans against fixed plans (method x selection x layer count), from the model benchmark's records
+# ---------------------------------------------------------------------------------------------------------
+
+def fixed_plans_on(records: Iterable[dict], titles: Sequence[str], source: str = "") -> list[dict[str, Any]]:
+    """Each fixed plan of a model-benchmark record file (eval/results/model_bench*/results.jsonl), scored on the
+    articles ``titles`` only.
+
+    Perplexity change: ``exp((sum nll_plan - sum nll_exact) / tokens) - 1`` over those articles (the exact model's
+    per-article losses from the file's exact records; exact attention is deterministic, so any run's serve).
+    Prefill speed-up: sum of exact seconds / sum of plan seconds over those articles, each article paired with the
+    exact model timed on it in the same run (the benchmark times its exact baseline in every run on the articles
+    that run times). Plans that lack one of the articles are skipped. Returns rows {source, key, label, method,
+    causal_mode, select, layers, seed, params, articles, articles_timed, heldout_change, heldout_speedup}."""
+    records = list(records)
+    wanted = list(titles)
+    exact_nll: dict[str, tuple[float, int]] = {}
+    exact_s: dict[tuple[str, str], float] = {}
+    latest: dict[str, dict] = {}
+    for record in records:
+        if record.get("kind") not in ("cell", "baseline_rerun"):
+            continue
+        if record.get("method") == "exact":
+            for a in record.get("per_article", []):
+                exact_nll.setdefault(a["title"], (a["nll_sum"], a["tokens"]))
+                if not a.get("resumed"):
+                    exact_s[(a.get("run_id", record.get("run_id")), a["title"])] = a["prefill_s"]
+        elif record["kind"] == "cell":
+            latest[record["key"]] = record
+    rows = []
+    for key, record in latest.items():
+        per = {a["title"]: a for a in record.get("per_article", [])}
+        if any(t not in per or t not in exact_nll for t in wanted) or not wanted:
+            continue
+        nll = sum(per[t]["nll_sum"] for t in wanted)
+        base = sum(exact_nll[t][0] for t in wanted)
+        tokens = sum(exact_nll[t][1] for t in wanted)
+        pairs = [(exact_s[(per[t].get("run_id", record.get("run_id")), t)], per[t]["prefill_s"]) for t in wanted
+                 if (per[t].get("run_id", record.get("run_id")), t) in exact_s]
+        params = record.get("params", {})
+        mode = params.get("causal_mode", "recursive") if record["method"] in ("hyper", "sparse_hyper") else ""
+        variant = mode.replace("_", " ") if mode else (f"w{params['window']}" if record["method"] == "local"
+                                                       and "window" in params else "")
+        label = f"{record['method']}{' ' + variant if variant else ''}, {record['select']}" \
+                f"{'' if record['select'] != 'random' else ' seed ' + str(record.get('seed'))}, {record['layers']} layers"
+        rows.append({"source": source, "key": key, "label": label, "method": record["method"], "causal_mode": mode,
+                     "variant": variant,
+                     "select": record["select"], "layers": record["layers"], "seed": record.get("seed"),
+                     "params": params, "articles": len(wanted), "articles_timed": len(pairs),
+                     "heldout_change": cal._change(nll, base, tokens),
+                     "heldout_speedup": sum(e for e, _ in pairs) / sum(p for _, p in pairs) if pairs else None})
+    return sorted(rows, key=lambda r: (r["heldout_change"], r["key"]))
+
+
+def best_fixed_plan(fixed: Sequence[dict], change: float) -> Optional[dict]:
+    """The fastest fixed plan (largest ``heldout_speedup``) whose held-out perplexity change is no worse than
+    ``change``; None when every fixed plan is worse (then only the exact model, 1.00x, is no worse)."""
+    fit = [f for f in fixed if f["heldout_speedup"] is not None and f["heldout_change"] <= change + 1e-12]
+    return max(fit, key=lambda f: (f["heldout_speedup"], -f["heldout_change"])) if fit else None
+
+
+GOAL_MARGIN = 0.01  # held-out change within budget + 1 point
+GOAL_SPEEDUP = 1.10  # at the 3% budget: at least 10% faster than the best fixed plan no worse in held-out perplexity
+
+
+def compare_budgets(plans: Sequence[dict], fixed: Sequence[dict]) -> list[dict[str, Any]]:
+    """One row per calibrated plan ({budget, heldout_change, heldout_speedup, ...}, the plan's calibration record
+    flattened): the best fixed plan no worse in held-out perplexity and the two goals (None: not decidable, e.g.
+    no held-out check yet). The speed-up goal is checked at the 3% budget only."""
+    rows = []
+    for plan in sorted(plans, key=lambda p: p["budget"]):
+        row = dict(plan)
+        change, speedup = plan.get("heldout_change"), plan.get("heldout_speedup")
+        best = None if change is None else best_fixed_plan(fixed, change)
+        row["best_fixed"] = best
+        fixed_speedup = 1.0 if best is None else best["heldout_speedup"]
+        row["best_fixed_speedup"] = None if change is None else fixed_speedup
+        row["vs_fixed"] = None if speedup is None or change is None else speedup / fixed_speedup
+        row["goal_quality"] = None if change is None else change <= plan["budget"] + GOAL_MARGIN
+        row["goal_speed"] = None if abs(plan["budget"] - 0.03) > 1e-9 or row["vs_fixed"] is None \
+            else row["vs_fixed"] >= GOAL_SPEEDUP
+        rows.append(row)
+    return rows
+
+
+def plan_summary(plan: "cal.PatchPlan") -> dict[str, Any]:
+    """The numbers of a saved calibrated plan that the comparison needs (held-out ones None before the check)."""
+    info = plan.calibration or {}
+    held = info.get("heldout") or {}
+    choices = {str(r["layer"]): r["choice"] for r in info.get("layers", []) if r.get("choice")}
+    return {"budget": info.get("budget"), "metric": info.get("metric"), "patched_layers": len(plan.patched_layers),
+            "choices": choices, "calibration_change": info.get("calibration_change"),
+            "search_steps": len(info.get("steps", [])), "heldout_change": held.get("change"),
+            "heldout_speedup": held.get("speedup_same_run", held.get("speedup")), "heldout_articles": held.get("texts"),
+            "exact_prefill_s": held.get("exact_prefill_s"), "plan_prefill_s": held.get("plan_prefill_s"),
+            "exact_retimed": held.get("exact_retimed"),
+            "same_run": (held.get("exact_run_id") == held.get("plan_run_id") or "speedup_same_run" in held)
+            if held else None}
+
+
+def frontier_plot(rows: Sequence[dict], fixed: Sequence[dict], path: Union[str, os.PathLike], title: str = "") -> None:
+    """Perplexity change (held-out, %) against prefill speed-up: fixed plans by method, calibrated plans by budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = {"local": "s", "sparse_hyper": "o", "hyper": "^"}
+    for method in sorted({f["method"] for f in fixed}):
+        for variant in sorted({f["variant"] for f in fixed if f["method"] == method}):
+            pts = [f for f in fixed if f["method"] == method and f["variant"] == variant and f["heldout_speedup"]]
+            ax.scatter([f["heldout_speedup"] for f in pts], [100 * f["heldout_change"] for f in pts],
+                       marker=markers.get(method, "x"), alpha=0.6,
+                       label=f"fixed: {method}{' ' + variant if variant else ''}")
+    done = [r for r in rows if r.get("heldout_speedup") is not None]
+    ax.plot([r["heldout_speedup"] for r in done], [100 * r["heldout_change"] for r in done], "k*-", markersize=14,
+            label="calibrated plans")
+    for r in done:
+        ax.annotate(f"budget {100 * r['budget']:g}%", (r["heldout_speedup"], 100 * r["heldout_change"]),
+                    textcoords="offset points", xytext=(6, -12))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("prefill speed-up over the exact model of the same run")
+    ax.set_ylabel("held-out perplexity change (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def layer_ranges(layers: Sequence[int]) -> str:
+    """Sorted layer numbers as ranges: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive layers
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def results_markdown(rows: Sequence[dict], fixed: Sequence[dict], proxy: Optional[dict], meta: dict,
+                     notes: Sequence[str] = ()) -> str:
+    """results.md of the SmolLM2 calibration: per budget the calibrated plan, its held-out change and speed-up,
+    the best fixed plan no worse in held-out perplexity, the goals; the proxy's rank correlation; the fixed plans."""
+    pct = lambda x: "-" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
+    spd = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+    yes = lambda x: "not decided yet" if x is None else ("met" if x else "NOT met")  # noqa: E731
+    arts = meta.get("articles") or {}
+    fixed_dirs = sorted({f["source"] for f in fixed}) or ["none"]
+    lines = [f"# Calibrated plans vs fixed plans, {meta.get('model', 'the model')} at {meta.get('tokens')} tokens", "",
+             f"Command: `{meta.get('command')}`. Machine: {meta.get('machine')}; {meta.get('threads')} torch thread(s); "
+             f"date {meta.get('date')}; 1-min load average when this report was written: "
+             f"{meta.get('load_avg_1min_at_report')}. Metric {meta.get('metric')}; search {meta.get('search', 'prefix')}; candidates "
+             f"{json.dumps(meta.get('candidates'))}.", "",
+             f"Calibration articles: {', '.join(arts.get('calibration', [])) or '-'}. Held-out articles "
+             f"({len(arts.get('heldout', []))}): {', '.join(arts.get('heldout', [])) or '-'}.", "",
+             "Speed-ups are prefill time of the exact model / prefill time of the plan on the held-out articles, each "
+             "against the exact model timed in its own run: the calibrated plans were timed in this run, the fixed plans "
+             f"in the model benchmark's runs ({', '.join(fixed_dirs)}) on the same machine. Compare speed-ups, not seconds. The fixed plans' numbers are recomputed from their per-article "
+             "records on the held-out articles only.", "",
+             "| budget | layers patched | calibration change | held-out change | held-out speed-up | exact + plan timed "
+             "in one run | best fixed plan no worse (held-out change, speed-up) | calibrated / fixed speed-up | "
+             "within budget + 1 point | 3%: >= 1.10x the fixed plan |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = r.get("best_fixed")
+        best_text = "-" if r.get("heldout_change") is None else (
+            "none (only the exact model, 1.00x)" if best is None else
+            f"{best['label']} ({pct(best['heldout_change'])}, {spd(best['heldout_speedup'])})")
+        lines.append(f"| {100 * r['budget']:g}% | {r.get('patched_layers')} | {pct(r.get('calibration_change'))} | "
+                     f"{pct(r.get('heldout_change'))} | {spd(r.get('heldout_speedup'))} | "
+                     f"{'-' if r.get('same_run') is None else ('yes' if r['same_run'] else 'no')} | {best_text} | "
+                     f"{spd(r.get('vs_fixed'))} | {yes(r.get('goal_quality'))} | "
+                     f"{'-' if abs(r['budget'] - 0.03) > 1e-9 else yes(r.get('goal_speed'))} |")
+    if not rows:
+        lines.append("| (no calibrated plan yet) | | | | | | | | | |")
+    lines += ["", "Per budget, the layers and their choice (exact elsewhere):", ""]
+    for r in rows:
+        by_choice: dict[str, list[int]] = {}
+        for layer, choice in r.get("choices", {}).items():
+            by_choice.setdefault(choice, []).append(int(layer))
+        lines.append(f"- {100 * r['budget']:g}%: " + ("; ".join(
+            f"{choice}: {layer_ranges(sorted(layers))}" for choice, layers in sorted(
+                by_choice.items(), key=lambda kv: min(kv[1]))) or "all exact"))
+    lines += ["", "## How well the proxy predicts the loss", ""]
+    if proxy and proxy.get("cells"):
+        sp = proxy.get("spearman") or {}
+        n_all = len(proxy["cells"])
+        rho, p_value = sp.get("rho"), sp.get("p_value")
+        lines.append(f"Output error of a layer's attention (captured q/k/v) against the perplexity change with only "
+                     f"that layer replaced, on one calibration article ({proxy.get('text', '-')}): Spearman rho "
+                     f"{'-' if rho is None else f'{rho:+.2f}'} over {sp.get('n', 0)} of {n_all} cells"
+                     f"{'' if proxy.get('complete') else ' (incomplete: run the command again to measure the rest)'}"
+                     f"{'' if p_value is None else f', p={p_value:.2g}'}.")
+        by_method: dict[str, list[dict]] = {}
+        for c in proxy["cells"]:
+            if c.get("error") is not None and c.get("loss_change") is not None:
+                by_method.setdefault(c["label"], []).append(c)
+        for label, cs in sorted(by_method.items()):
+            one = cal.spearman([c["error"] for c in cs], [c["loss_change"] for c in cs])
+            one_rho = one.get("rho")
+            lines.append(f"- {label}: rho {'-' if one_rho is None else f'{one_rho:+.2f}'} over {one['n']} layers")
+    elif meta.get("proxy") == "none":
+        lines.append("Not part of this experiment (--proxy none).")
+    else:
+        lines.append("Not measured yet (step 3 of the script).")
+    lines += ["", "## Fixed plans on the held-out articles", "",
+              "| source | plan | held-out change | speed-up | articles (timed) |", "|---|---|---|---|---|"]
+    for f in fixed:
+        lines.append(f"| {f['source']} | {f['label']} | {pct(f['heldout_change'])} | {spd(f['heldout_speedup'])} | "
+                     f"{f['articles']} ({f['articles_timed']}) |")
+    if notes:
+        lines += [""] + [f"Note: {n}" for n in notes]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

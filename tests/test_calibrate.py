@@ -95,7 +95,7 @@ def test_plan_holds_budget_measured_and_reports_heldout(model, texts, fake_timin
     calib, held = texts
     budget = 0.02
     plan = calibrate(model, calib, budget=budget, methods=METHODS, candidates=CANDIDATES, heldout_ids=held,
-                     progress=False)
+                     progress=False, retrieval_budget=None, metric="loss")
     info = plan.calibration
     assert plan.patched_layers, "with local saving time in every layer, something fits a 2% budget"
     assert info["calibration_change"] <= budget
@@ -165,7 +165,8 @@ def test_resume_from_cache_remeasures_nothing(model, texts, fake_timing, tmp_pat
 
     monkeypatch.setattr(cal, "measure_nll", counting_nll)
     monkeypatch.setattr(cal, "measure_layer", counting_layer)
-    kwargs = dict(budget=0.02, methods=METHODS, candidates=CANDIDATES, heldout_ids=held, cache=cache, progress=False)
+    kwargs = dict(budget=0.02, methods=METHODS, candidates=CANDIDATES, heldout_ids=held, cache=cache, progress=False,
+                  metric="loss", retrieval_budget=None)
     first = calibrate(model, calib, **kwargs)
     full = dict(counts)
     assert full["layer"] == 3 * 2 and full["nll"] >= 1 + 12 + 1 + 2  # base, 12 cells, >=1 combined, held-out x2
@@ -189,7 +190,8 @@ def test_resume_from_cache_remeasures_nothing(model, texts, fake_timing, tmp_pat
 
 def test_budget_zero_is_all_exact_without_measuring_cells(model, texts, monkeypatch):
     monkeypatch.setattr(cal, "measure_layer", lambda *a, **k: pytest.fail("budget 0 measures no cell"))
-    plan = calibrate(model, texts[0], budget=0, methods=METHODS, candidates=CANDIDATES, progress=False)
+    plan = calibrate(model, texts[0], budget=0, methods=METHODS, candidates=CANDIDATES, progress=False,
+                     retrieval_budget=None)
     assert plan.patched_layers == [] and plan.calibration["calibration_change"] == 0.0
     assert "0/3 layers patched" in plan.report()
 
@@ -202,7 +204,7 @@ def test_budget_zero_is_all_exact_without_measuring_cells(model, texts, monkeypa
     ({"candidates": {"kmv": [{}]}}, "not in methods"), ({"layers": [7]}, "do not exist"),
 ])
 def test_bad_arguments_are_clear_errors(model, texts, kwargs, message):
-    args = dict(budget=0.03, methods=METHODS, progress=False)
+    args = dict(budget=0.03, methods=METHODS, progress=False, retrieval_budget=None)
     args.update(kwargs)
     with pytest.raises(ValueError, match=message.replace("+", r"\+").replace("(", r"\(")):
         calibrate(model, texts[0], **args)
@@ -210,11 +212,11 @@ def test_bad_arguments_are_clear_errors(model, texts, kwargs, message):
 
 def test_bad_ids_and_patched_model_are_errors(model, texts):
     with pytest.raises(ValueError, match="token ids"):
-        calibrate(model, torch.randn(1, 16), budget=0.03, progress=False)
+        calibrate(model, torch.randn(1, 16), budget=0.03, progress=False, retrieval_budget=None)
     patch_model(model, method="local", layers=[0])
     try:
         with pytest.raises(ValueError, match="unpatch_model"):
-            calibrate(model, texts[0], budget=0.03, progress=False)
+            calibrate(model, texts[0], budget=0.03, progress=False, retrieval_budget=None)
     finally:
         unpatch_model(model)
 
@@ -224,7 +226,7 @@ def test_plan_round_trip_patch_model_and_from_pretrained(tmp_path, fake_timing):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(4, model.config.vocab_size, (1, 256), generator=g)
     plan = calibrate(model, ids, budget=0.05, methods=["local"], candidates={"local": CANDIDATES["local"]},
-                     progress=False)
+                     progress=False, retrieval_budget=None)
     assert plan.patched_layers
     plan.save(tmp_path / "plan.json")
     loaded = PatchPlan.load(tmp_path / "plan.json")
@@ -260,7 +262,8 @@ def test_cli_calibrate_writes_a_plan_and_resumes(tmp_path, fake_timing, capsys):
     (tmp_path / "held.txt").write_text(" ".join(words[400:]))
     argv = ["calibrate", "--model", str(tmp_path / "ckpt"), "--text", str(tmp_path / "cal.txt"), "--heldout",
             str(tmp_path / "held.txt"), "--budget", "0.05", "--tokens", "128", "--methods", "local",
-            "--candidates", json.dumps({"local": CANDIDATES["local"]}), "--out", str(tmp_path / "plan.json")]
+            "--candidates", json.dumps({"local": CANDIDATES["local"]}), "--retrieval-budget", "none",
+            "--out", str(tmp_path / "plan.json")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Calibrated plan: budget 5.00%" in out and "held-out text (2 text(s)" in out
@@ -281,16 +284,16 @@ def test_output_error_metric_measures_only_combined_plans_and_reuses_cached_loss
     monkeypatch.setattr(cal, "measure_nll", lambda *a, **k: calls.append(1) or real_nll(*a, **k))
     cache = tmp_path / "cells.jsonl"
     plan = calibrate(model, calib, budget=0.02, methods=METHODS, candidates=CANDIDATES, metric="output_error",
-                     cache=cache, progress=False)
+                     cache=cache, progress=False, retrieval_budget=None)
     info = plan.calibration
     assert info["calibration_change"] <= 0.02 and info["steps"]  # combined plans measured by loss
     assert len(calls) == 1 + len(info["steps"])  # the exact loss and each combined plan: no single-layer loss
     assert all(c["cost"] == c["error"] for c in info["cells"]) and info["proxy_spearman"]["rho"] is None
     assert ppl_change(model, calib, plan) == pytest.approx(info["calibration_change"], abs=1e-9)
     calibrate(model, calib, budget=0.02, methods=METHODS, candidates=CANDIDATES, metric="loss", cache=cache,
-              progress=False)
+              progress=False, retrieval_budget=None)
     again = calibrate(model, calib, budget=0.02, methods=METHODS, candidates=CANDIDATES, metric="output_error",
-                      cache=cache, progress=False)
+                      cache=cache, progress=False, retrieval_budget=None)
     assert again.calibration["proxy_spearman"]["n"] == 12  # the single-layer losses of the loss run rank the proxy
 
 
@@ -378,13 +381,13 @@ def _fixed_records():
 
 
 def test_fixed_plans_are_scored_on_the_given_articles_with_same_run_speedups():
-    rows = cal.fixed_plans_on(_fixed_records(), ["b", "c"], source="bench")
+    rows = _script().fixed_plans_on(_fixed_records(), ["b", "c"], source="bench")
     assert [r["key"] for r in rows] == ["p1"]  # p2 lacks article c
     p1 = rows[0]
     assert p1["heldout_change"] == pytest.approx(math.exp((505.0 - 500.0) / 20) - 1)
     assert p1["heldout_speedup"] == pytest.approx((40.0 + 60.0) / (20.0 + 30.0))  # r2's exact times, not r1's
     assert p1["articles_timed"] == 2 and p1["label"] == "local w4, weight_norm, 2 layers"
-    both = {r["key"]: r for r in cal.fixed_plans_on(_fixed_records(), ["a", "b"])}
+    both = {r["key"]: r for r in _script().fixed_plans_on(_fixed_records(), ["a", "b"])}
     assert both["p1"]["heldout_speedup"] == pytest.approx((10.0 + 40.0) / (5.0 + 20.0))  # a with r1, b with r2
     assert both["p2"]["label"] == "sparse_hyper recursive, last, 1 layers"
     assert both["p2"]["heldout_speedup"] == pytest.approx((10.0 + 20.0) / (8.0 + 16.0))
@@ -394,33 +397,33 @@ def test_best_fixed_plan_and_goals():
     fixed = [{"label": "slow good", "heldout_change": 0.010, "heldout_speedup": 1.2},
              {"label": "fast", "heldout_change": 0.030, "heldout_speedup": 1.5},
              {"label": "fastest bad", "heldout_change": 0.080, "heldout_speedup": 1.9}]
-    assert cal.best_fixed_plan(fixed, 0.035)["label"] == "fast"
-    assert cal.best_fixed_plan(fixed, 0.030)["label"] == "fast"  # equal counts as no worse
-    assert cal.best_fixed_plan(fixed, 0.005) is None
+    assert _script().best_fixed_plan(fixed, 0.035)["label"] == "fast"
+    assert _script().best_fixed_plan(fixed, 0.030)["label"] == "fast"  # equal counts as no worse
+    assert _script().best_fixed_plan(fixed, 0.005) is None
     plans = [{"budget": 0.03, "heldout_change": 0.035, "heldout_speedup": 1.70},
              {"budget": 0.01, "heldout_change": 0.025, "heldout_speedup": 1.40},
              {"budget": 0.05, "heldout_change": None, "heldout_speedup": None}]
-    rows = cal.compare_budgets(plans, fixed)
+    rows = _script().compare_budgets(plans, fixed)
     assert [r["budget"] for r in rows] == [0.01, 0.03, 0.05]
     low, mid, high = rows
     assert low["goal_quality"] is False and low["goal_speed"] is None  # 2.5% > 1% + 1 point; speed at 3% only
     assert low["best_fixed"]["label"] == "slow good" and low["vs_fixed"] == pytest.approx(1.40 / 1.2)
     assert mid["goal_quality"] is True and mid["vs_fixed"] == pytest.approx(1.70 / 1.5) and mid["goal_speed"] is True
     assert high["goal_quality"] is None and high["best_fixed"] is None  # no held-out check yet
-    slower = cal.compare_budgets([{"budget": 0.03, "heldout_change": 0.002, "heldout_speedup": 1.05}], fixed)[0]
+    slower = _script().compare_budgets([{"budget": 0.03, "heldout_change": 0.002, "heldout_speedup": 1.05}], fixed)[0]
     assert slower["best_fixed"] is None and slower["best_fixed_speedup"] == 1.0 and slower["goal_speed"] is False
-    md = cal.results_markdown(rows, [dict(f, source="s", articles=16, articles_timed=16, ) for f in fixed], None,
+    md = _script().results_markdown(rows, [dict(f, source="s", articles=16, articles_timed=16, ) for f in fixed], None,
                               {"command": "x", "articles": {"calibration": ["a"], "heldout": ["b", "c"]}})
     assert "| 3% |" in md and "NOT met" in md and "fast (+3.00%, 1.50x)" in md and "not decided yet" in md
     assert "Compare speed-ups, not seconds" in md and "Not measured yet" in md and "(s) on the same machine" in md
-    windows = cal.results_markdown([{"budget": 0.03, "choices": {"0": "local", "1": "local", "2": "local(window=512)",
+    windows = _script().results_markdown([{"budget": 0.03, "choices": {"0": "local", "1": "local", "2": "local(window=512)",
                                                                   "3": "local", "5": "local"}}], [], None, {})
     assert "- 3%: local: 0-1, 3, 5; local(window=512): 2" in windows
 
 
 def test_layer_ranges():
-    assert cal.layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
-    assert cal.layer_ranges([3]) == "3" and cal.layer_ranges([]) == ""
+    assert _script().layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert _script().layer_ranges([3]) == "3" and _script().layer_ranges([]) == ""
 
 
 def _script():
@@ -450,10 +453,10 @@ def test_script_report_only_on_partial_results(model, texts, fake_timing, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     plan = calibrate(model, calib, budget=0.03, methods=METHODS, candidates=CANDIDATES, metric="output_error",
-                     heldout_ids=held, progress=False)
+                     heldout_ids=held, progress=False, retrieval_budget=None)
     plan.save(out / "plan_0.03.json")
     unchecked = calibrate(model, calib, budget=0.01, methods=METHODS, candidates=CANDIDATES, metric="output_error",
-                          progress=False)
+                          progress=False, retrieval_budget=None)
     unchecked.save(out / "plan_0.01.json")  # searched, not yet checked on held-out text
     (out / "articles.json").write_text(json.dumps({"tokens": 256, "calibration": ["a"], "heldout": ["b", "c"]}))
     fixed = tmp_path / "fixed.jsonl"
@@ -488,9 +491,9 @@ def test_upgrade_plans_let_a_layer_trade_up_to_a_faster_candidate():
 def test_calibrate_upgrades_search_holds_the_budget(model, texts, fake_timing):
     calib, _ = texts
     plan = calibrate(model, calib, budget=0.02, methods=METHODS, candidates=CANDIDATES, metric="output_error",
-                     search="upgrades", progress=False)
+                     search="upgrades", progress=False, retrieval_budget=None)
     assert plan.calibration["search"] == "upgrades" and plan.calibration["calibration_change"] <= 0.02
     assert ppl_change(model, calib, plan) == pytest.approx(plan.calibration["calibration_change"], abs=1e-9)
     with pytest.raises(ValueError, match="search must be one of"):
         calibrate(model, calib, budget=0.02, methods=METHODS, candidates=CANDIDATES, metric="loss",
-                  search="upgrades", progress=False)
+                  search="upgrades", progress=False, retrieval_budget=None)

@@ -34,6 +34,9 @@ def test_demo_ranks_patches_half_checks_and_reports(tmp_path):
     assert float(exact_row[-1]) == pytest.approx(float(patched_row[-1]), rel=1e-4)
     assert 5.0 < float(exact_row[-1]) < 60.0  # the real model on real text
     assert "over 2047 scored tokens" in out and "figure to demo.png" in out
+    # the timed prefills show progress (issue 32 item 16): one bar per prefill, counting SmolLM2's 30 decoder layers
+    for name in ("exact prefill, 2048 tokens", "sparse_hyper prefill, 2048 tokens"):
+        assert f"{name}: 100%" in result.stderr and "30/30" in result.stderr, result.stderr[-2000:]
     assert (tmp_path / "demo.png").stat().st_size > 20_000
 
 

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("adapters", ("hf_sparse_attn.patches",)),
     ("selection", ("hf_sparse_attn.selection", "hf_sparse_attn.row_sparsity")),
     ("api", ("hf_sparse_attn", "hf_sparse_attn.patching", "hf_sparse_attn.plan", "hf_sparse_attn.validation",
-             "hf_sparse_attn.loading")),
+             "hf_sparse_attn.loading", "hf_sparse_attn.recommend")),
     ("tools", ("hf_sparse_attn.eval", "hf_sparse_attn.cli", "hf_sparse_attn.commands", "hf_sparse_attn.lm_eval")),
 ]
 LAYER_NAMES = [name for name, _ in LAYERS]

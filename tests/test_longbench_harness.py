@@ -172,7 +172,8 @@ def test_shards_merge_into_one_file_in_dataset_order(tiny_lm, tmp_path):
                                progress=False, pending=pending)
         assert counts["predicted"] == (3 if rank == 0 else 2)
     files = task_prediction_files(out)["hotpotqa"]
-    assert sorted(os.path.basename(p) for p in files) == ["hotpotqa.part00-of-02.jsonl", "hotpotqa.part01-of-02.jsonl"]
+    assert sorted(os.path.basename(p) for p in files) == ["hotpotqa.hfsa-part00-of-02.unset.jsonl",
+                                                          "hotpotqa.hfsa-part01-of-02.unset.jsonl"]
     before = score_directory(out, write=False)  # the scorer merges parts itself
     merge_shards(out, "hotpotqa", order=[s["_id"] for s in samples])
     assert os.listdir(out) == ["hotpotqa.jsonl"]
@@ -204,19 +205,25 @@ def test_resume_with_another_process_count_deals_out_only_the_missing_samples(ti
 
 def test_an_id_predicted_twice_is_refused_naming_it(tmp_path):
     first = {"pred": "Paris", "answers": ["Paris"], "all_classes": None, "length": 1, "_id": "q-1", "seconds": 0.1}
-    _write_jsonl(str(tmp_path / "hotpotqa.part00-of-02.jsonl"), [first])
-    _write_jsonl(str(tmp_path / "hotpotqa.part01-of-02.jsonl"), [dict(first, pred="b", seconds=0.2)])
-    with pytest.raises(DuplicatePredictionError, match=r"'q-1' in hotpotqa.part00-of-02.jsonl, hotpotqa.part01-of-02.jsonl"):
+    part0, part1 = "hotpotqa.hfsa-part00-of-02.abc.jsonl", "hotpotqa.hfsa-part01-of-02.abc.jsonl"
+    _write_jsonl(str(tmp_path / part0), [first])
+    _write_jsonl(str(tmp_path / part1), [dict(first, pred="b", seconds=0.2)])
+    with pytest.raises(DuplicatePredictionError, match=rf"'q-1' in {part0}, {part1}"):
         score_directory(str(tmp_path), write=False)
     with pytest.raises(DuplicatePredictionError, match="q-1"):
         merge_shards(str(tmp_path), "hotpotqa")
-    # two runs appending to one file (what an unsharded torchrun did) is refused the same way
-    _write_jsonl(str(tmp_path / "dup" / "trec.jsonl"), [dict(first, all_classes=["a"]), dict(first, all_classes=["a"], seconds=0.3)])
+    # two runs appending different predictions to one file are refused the same way
+    _write_jsonl(str(tmp_path / "dup" / "trec.jsonl"), [dict(first, all_classes=["a"]),
+                                                         dict(first, pred="Rome", all_classes=["a"], seconds=0.3)])
     with pytest.raises(DuplicatePredictionError, match="'q-1' in trec.jsonl"):
         score_directory(str(tmp_path / "dup"), write=False)
+    # the same prediction twice (only its time differs) is harmless: counted once
+    _write_jsonl(str(tmp_path / "same" / "trec.jsonl"), [dict(first, all_classes=["a"]),
+                                                          dict(first, all_classes=["a"], seconds=0.3)])
+    assert score_directory(str(tmp_path / "same"), write=False) == {"trec": 0.0}
     # an identical copy (a merge killed after writing <task>.jsonl, before removing the parts) counts once
     _write_jsonl(str(tmp_path / "copy" / "hotpotqa.jsonl"), [first])
-    _write_jsonl(str(tmp_path / "copy" / "hotpotqa.part00-of-02.jsonl"), [first])
+    _write_jsonl(str(tmp_path / "copy" / part0), [first])
     assert score_directory(str(tmp_path / "copy"), write=False) == {"hotpotqa": 100.0}
 
 

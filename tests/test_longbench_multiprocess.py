@@ -6,6 +6,7 @@ that was finished."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -68,7 +69,7 @@ def _assert_complete_and_equal(out: str, by_task: dict, reference: str) -> None:
         assert ids == [r["_id"] for r in rows], task  # every sample once, in dataset order
         merged, single = _predictions(out, task), _predictions(reference, task)
         assert {i: r["pred"] for i, r in merged.items()} == {i: r["pred"] for i, r in single.items()}, task
-    assert not [name for name in os.listdir(out) if ".part" in name]  # parts merged and removed
+    assert not [name for name in os.listdir(out) if "hfsa-part" in name]  # parts merged and removed
     with open(os.path.join(out, "result.json")) as f, open(os.path.join(reference, "result.json")) as g:
         assert json.load(f) == json.load(g)
 
@@ -106,11 +107,11 @@ def _worker_of_rank(launcher: subprocess.Popen, rank: int) -> psutil.Process | N
 def test_one_process_killed_then_relaunched_with_three_completes_without_duplicates(setup, tmp_path):
     model_dir, data_dir, by_task, reference = setup
     out = str(tmp_path / "out")
-    part = os.path.join(out, "hotpotqa.part01-of-02.jsonl")
     proc = _torchrun(_args(model_dir, data_dir, out))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(part) and open(part, "rb").read().count(b"\n") >= 2:
+        parts = glob.glob(os.path.join(out, "hotpotqa.hfsa-part01-of-02.*.jsonl"))  # named with the run's id
+        if parts and open(parts[0], "rb").read().count(b"\n") >= 2:
             break
         time.sleep(0.005)
     worker = _worker_of_rank(proc, 1)

@@ -3,9 +3,32 @@ the same way by every command (``bench --method-param``, ``longbench --param``, 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import argparse
+import difflib
+from typing import Any, Callable, Iterable, Optional
 
 import tomllib
+
+# The names a command line can choose from, known without importing torch (the registry imports it), so that a typo
+# is an argument error at once. tests/test_cli_newcomer.py keeps them equal to the registry and the presets.
+BUILTIN_METHODS = ("block_select", "exact", "feature_sketch", "hyper", "kmv", "local", "poly", "sparse_hyper")
+SELECT_PRESETS = ("weight_norm", "last", "first", "even", "odd", "random", "measured")
+
+
+def one_of(names: Iterable[str], what: str) -> Callable[[str], str]:
+    """argparse ``type``: the text if it is one of ``names``, else an error naming the closest ("did you mean
+    sparse_hyper?") and every choice."""
+    names = tuple(names)
+
+    def check(text: str) -> str:
+        if text in names:
+            return text
+        close = difflib.get_close_matches(text.replace("-", "_"), names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise argparse.ArgumentTypeError(f"unknown {what} {text!r}: {hint}choose from {', '.join(names)}")
+
+    check.__name__ = what  # argparse names the type in some messages
+    return check
 
 
 def parse_value(text: str) -> Any:

@@ -20,11 +20,12 @@ import shlex
 import sys
 from typing import Any, Optional
 
-import torch
-
 from ..commands.arguments import parse_method_params
 from ..commands.loading import SMOLLM2_NAMES, add_model_arguments, load_model
-from .model_bench import SELECTIONS
+
+# = hf_sparse_attn.eval.bench.grid.SELECTIONS (tests/test_run_trust.py checks it), spelled out here so that building
+# the parser imports no torch
+SELECTIONS = ("weight_norm", "last", "first", "measured", "random")
 
 
 def _parse_method_params(items: Optional[list[str]]) -> dict[str, dict[str, Any]]:
@@ -56,6 +57,8 @@ def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
 
 
 def machine_description(note: str = "") -> str:
+    import torch
+
     cuda = torch.cuda.is_available()
     desc = f"{os.cpu_count()}-core CPU ({platform.machine()}), {'GPU: ' + torch.cuda.get_device_name(0) if cuda else 'no GPU'}"
     return desc + (f"; {note}" if note else "")
@@ -75,10 +78,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--machine-note", default="", help="added to the machine description in the report (e.g. 'shared with other jobs')")
     common.add_argument("--report-only", action="store_true", help="only rewrite results.md / JSON / plots from what is in --out")
     common.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    common.add_argument("--shard", default=None, metavar="I/N",
-                        help="model: run shard I of N (0 <= I < N) of the grid in this process, into its own results "
-                             "file in --out (every shard re-times the exact baseline; the report reads every shard's "
-                             "file); kernel: not supported")
     common.add_argument("--experiment", default=None, metavar="CONFIG",
                         help="the experiment config (eval/experiments/<name>.toml) this run belongs to: the report "
                              "names it and (model) checks its [[goal]] tables; `bench run CONFIG` passes it")
@@ -96,6 +95,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     kernel.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median and spread reported)")
     kernel.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
     kernel.add_argument("--max-n", action="append", metavar="METHOD=N", help="largest N a slow method runs at, repeatable (e.g. exact=8192)")
+    kernel.add_argument("--overwrite", action="store_true",
+                        help="--out holds results made with other settings (--method-param, --device, --repeats, "
+                             "--warmup): delete them (only the files this command writes) and start afresh; without "
+                             "it such a rerun is refused")
     kernel.add_argument("--device", default="cpu",
                         help="where the calls run: cpu (default) or cuda[:i] (inputs moved there; hyper / sparse_hyper use "
                              "their Triton kernel when triton imports; time waits for the GPU, memory is the allocator's peak)")
@@ -104,6 +107,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                               description="Prefill time and perplexity of real SmolLM2-135M on real Wikipedia articles for each method x "
                                           "replaced layers x selection; speed-ups against the exact model measured in the same run; "
                                           "attention's share of the exact prefill from torch.profiler (the Amdahl ceiling).")
+    model.add_argument("--shard", default=None, metavar="I/N",
+                       help="run shard I of N (0 <= I < N) of the grid in this process, into its own results file in "
+                            "--out (every shard re-times the exact baseline; the report reads every shard's file)")
+    model.add_argument("--overwrite", action="store_true",
+                       help="--out holds results made with other settings (model, --method-param, ...): delete them "
+                            "(only the files this command writes) and start afresh; without it such a rerun is refused")
     model.add_argument("--tokens", nargs="+", type=int, default=[2048, 4096, 8192], help="context lengths N (each article cut to N tokens)")
     model.add_argument("--articles", type=int, default=20, help="articles per N (the first ones with >= N tokens; identical for every cell). Raising it on an existing --out extends finished cells: their articles are reused, only the new ones computed")
     model.add_argument("--methods", nargs="+", default=["sparse_hyper", "hyper"], help="methods to patch with")
@@ -137,6 +146,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _header(args: argparse.Namespace, what: str) -> list[str]:
+    import torch
+
     return [f"# {what}", "",
             f"Machine: {machine_description(args.machine_note)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"Python {platform.python_version()}. Date: {datetime.date.today().isoformat()}.",
@@ -146,21 +157,29 @@ def _header(args: argparse.Namespace, what: str) -> list[str]:
                if getattr(args, "report_only", False) else "")]
 
 
-def run_kernel(args: argparse.Namespace) -> int:
-    from ..methods import list_methods
-    from .kernel_suite import kernel_report_markdown, run_kernel_suite, suite_cells
-    from .plots import plot_kernel_time_vs_n
+def kernel_settings(args: argparse.Namespace) -> dict:
+    """What the cells of a ``bench kernel`` results directory depend on (recorded in run_settings.json; a rerun
+    with other values is refused): method parameters, device and timing protocol. Methods, inputs, lengths, dtypes
+    and per-method limits are left out: more of them extend the directory, each cell keyed by its own."""
+    return {"command": "bench kernel", "method_params": _parse_method_params(args.method_param),
+            "device": args.device, "repeats": args.repeats, "warmup": args.warmup}
 
-    if args.shard:
-        print("bench kernel cannot shard: its results.json is one file rewritten after every cell. Run it in one "
-              "process (or split the grid by --inputs / --ns into separate experiments)", file=sys.stderr)
-        return 2
+
+KERNEL_FILES = ["results.json", "results.md"]
+KERNEL_PATTERNS = [r"time_vs_n_(random|smollm2|minilm)\.png"]
+
+
+def run_kernel(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..methods import list_methods
+    from .run_dir import RunDir
+
     methods = args.methods or list_methods()
     unknown = [m for m in methods if m not in list_methods()]
     if unknown:
         print(f"unknown method(s) {unknown}; registered: {', '.join(list_methods())}", file=sys.stderr)
         return 2
-    params = _parse_method_params(args.method_param)
     if not args.report_only and args.device != "cpu":
         if not args.device.startswith("cuda"):
             print(f"--device {args.device!r}: choose cpu or cuda[:index]", file=sys.stderr)
@@ -169,6 +188,23 @@ def run_kernel(args: argparse.Namespace) -> int:
             print(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; run on a GPU machine with a "
                   f"CUDA build of torch, or use --device cpu", file=sys.stderr)
             return 2
+    if args.overwrite and args.report_only:
+        print("--overwrite starts the directory afresh: give it without --report-only", file=sys.stderr)
+        return 2
+    with RunDir(args.out, kernel_settings(args), overwrite=args.overwrite, owned_files=KERNEL_FILES,
+                owned_patterns=KERNEL_PATTERNS, record=not args.report_only, command="bench kernel"):
+        return _run_kernel(args)
+
+
+def _run_kernel(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..methods import list_methods
+    from .kernel_suite import kernel_report_markdown, run_kernel_suite, suite_cells
+    from .plots import plot_kernel_time_vs_n
+
+    methods = args.methods or list_methods()
+    params = _parse_method_params(args.method_param)
     causal_modes = {"both": [False, True], "causal": [True], "bidirectional": [False]}[args.causal]
     cells = suite_cells(args.inputs, args.ns, causal_modes, args.dtypes)
     header = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
@@ -202,7 +238,40 @@ def run_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_settings(args: argparse.Namespace) -> dict:
+    """What the cells of a ``bench model`` results directory depend on (recorded in run_settings.json; a rerun
+    with other values is refused). The grid (tokens, articles, methods, layers, selections) is left out: a rerun
+    with a larger grid extends the directory, each cell keyed by its own settings."""
+    from .run_dir import path_fingerprint
+
+    return {"command": "bench model", "model": args.model, "model_fingerprint": path_fingerprint(args.model),
+            "method_params": _parse_method_params(args.method_param), "rope_scaling": args.rope_scaling,
+            "concat_articles": bool(args.concat_articles), "calibration_tokens": args.calibration_tokens}
+
+
+MODEL_FILES = ["results.jsonl", "results.json", "results.md"]
+MODEL_PATTERNS = [r"results\.shard-\d+-of-\d+\.jsonl", r"ppl_vs_speedup_\d+\.png",
+                  r"selections_by_article_.+layers_\d+\.png", r"selections_vs_layers_.+_\d+\.png"]
+
+
 def run_model(args: argparse.Namespace) -> int:
+    from .run_dir import RunDir
+
+    shard = parse_shard(args.shard)
+    if args.overwrite and (shard is not None or args.report_only):
+        print("--overwrite starts the directory afresh: give it to one process without --shard or --report-only",
+              file=sys.stderr)
+        return 2
+    # the lock of a shard covers its own results file: shards of one grid run side by side in one --out
+    lock = f".run.shard-{shard[0]}-of-{shard[1]}.lock" if shard is not None else ".run.lock"
+    with RunDir(args.out, model_settings(args), overwrite=args.overwrite, owned_files=MODEL_FILES,
+                owned_patterns=MODEL_PATTERNS, record=not args.report_only, lock_name=lock, command="bench model"):
+        return _run_model(args, shard)
+
+
+def _run_model(args: argparse.Namespace, shard) -> int:
+    import torch
+
     from .. import list_methods, rank_layers
     from .data import wikipedia_articles
     from .bench.grid import shard_cells
@@ -213,7 +282,6 @@ def run_model(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown method(s) {unknown}; registered: {', '.join(list_methods())}", file=sys.stderr)
         return 2
-    shard = parse_shard(args.shard)
     if shard is not None and args.report_only:
         print("--report-only reads every shard's results file: give it without --shard", file=sys.stderr)
         return 2
@@ -305,6 +373,8 @@ def run_model(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", 0):
+        import torch
+
         torch.set_num_threads(args.threads)
     if args.level == "kernel":
         return run_kernel(args)

@@ -1,35 +1,35 @@
 """calibrate: the fastest plan that stays within a quality budget, found on the user's own model and text.
 
     from hf_sparse_attn import calibrate
-    plan = calibrate(model, calibration_ids, budget=0.03, methods=["hyper", "sparse_hyper", "local"], metric="loss")
+    plan = calibrate(model, calibration_ids, budget=0.03, tokenizer=tokenizer, max_minutes=10)
     print(plan.report()); plan.save("plan.json")     # re-apply: patch_model(model, plan="plan.json")
 
-The search (docs/calibrate.md has the whole story):
+The search (docs/calibrate.md has the whole story); an estimate of its run time is printed first (:func:`estimate_run`;
+``max_minutes`` is a budget):
 
 1. **Cells.** For every eligible layer and every candidate (a method with one parameter setting, see
-   ``DEFAULT_CANDIDATES``), measure what replacing that layer alone costs and what it saves:
-   - cost, ``metric="loss"``: the perplexity change of the calibration text with only that layer replaced,
-     ``exp((nll_patched - nll_exact) / tokens) - 1`` (a fraction: 0.03 = +3%);
-   - cost, ``metric="output_error"`` (the cheap proxy, measured for every cell in both modes): the relative
-     Frobenius error ``||out - exact|| / ||exact||`` of the layer's attention output, computed by running the method
-     on the q/k/v the exact model gave that layer (``capture_attention``), over all calibration texts;
+   ``DEFAULT_CANDIDATES``; ``candidates=`` alone limits the methods to those it names):
+   - the output error (the cheap proxy): the relative Frobenius error ``||out - exact|| / ||exact||`` of the layer's
+     attention output, the method run on the q/k/v the exact model gave that layer (``capture_attention``);
    - saving: seconds of that layer's attention call, exact SDPA minus the method, measured on this machine on the
-     captured q/k/v of the first calibration text (median of ``repeats``, the two alternated).
+     captured q/k/v of the first calibration text, on ``timed_layers`` layers (the others take their medians);
+   - ``metric="loss"`` only (slow, opt in): the single-layer perplexity change, one forward per cell.
    A candidate that would not serve the call (its ``min_seq_len``, its own check) is recorded as not served and
    never chosen.
-2. **Greedy.** Cells with a positive saving, ordered by saving per cost (cost <= 0 first), one cell per layer.
-   ``metric="loss"``: the longest prefix of that order whose single-layer costs sum within the budget;
-   ``metric="output_error"`` (costs in other units than the budget): the longest prefix whose measured combined
-   loss holds the budget, found by interpolation on the measured changes (:func:`greedy_plan`); the prefixes
-   measured for one budget serve the next from the cache.
-3. **Back-off.** The combined plan's perplexity change is measured on the calibration text (never summed); while it
-   exceeds the budget, the worst-ratio layer (the last of the prefix) is dropped and the plan measured again.
+2. **Search** (default ``metric="output_error"``): cells by saving per error, the best cell of each layer; the
+   longest prefix whose *measured* combined loss holds the budget (:func:`greedy_plan`), then ``refine`` rounds
+   where the choice is close: a cell that broke the budget on its own is skipped and the rest searched
+   (:func:`prefix_search`). ``metric="loss"``: the prefix whose single-layer losses sum within the budget, backed off
+   on the measured combined loss.
+3. **Retrieval** (``retrieval_budget`` points, default 5; ``tokenizer`` required): the exact model and the plan on a
+   small RULER pass-key / needle probe set (:class:`RulerProbe`); a plan that loses more falls back along its own
+   order to the longest plan that passes (:func:`retrieval_fallback`).
 4. **Held-out.** With ``heldout_ids``, the plan's perplexity change and prefill speed-up on that text are measured
-   and reported next to the budget.
+   and reported next to the budget. A plan with no layer says why (:func:`why_no_layer`).
 
-Also here: :func:`proxy_check` (output error against single-layer loss on a subset of cells), and the comparison
-with fixed plans from the model benchmark's records (:func:`fixed_plans_on`, :func:`best_fixed_plan`,
-:func:`compare_budgets`, :func:`results_markdown`, :func:`frontier_plot`) used by scripts/calibrate_smollm2.py.
+Also here: :func:`proxy_check` (output error against single-layer loss on a subset of cells). The SmolLM2
+experiment's comparison with fixed plans, its goals, report and plot live with the experiment
+(scripts/calibrate_smollm2.py).
 
 Every measurement is one record of a JSONL cache (``cache=path``; appended crash-safe, one line per record), keyed
 by the model's Q/K hash, the data fingerprint, the layer, the candidate and the seed: a killed calibration resumes
@@ -44,9 +44,10 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 import uuid
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -369,7 +370,7 @@ def greedy_plan(cells: Sequence[Cell], budget: float, measure_change: Callable[[
     plans = plans if plans is not None else [order[:k] for k in range(len(order) + 1)]
     n = len(plans) - 1
     points = {0: 0.0}
-    points.update({k: c for k, c in (known or {}).items() if 0 < k <= n})
+    points.update({k: c for k, c in (known or {}).items() if 0 <= k <= n})  # known[0]: a non-empty base plan
 
     def probe(k: int) -> None:
         holds(plans[k])
@@ -422,6 +423,17 @@ def calibration_report(plan: PatchPlan) -> str:
              f"{info['data_sha256'][:16]}; exact perplexity {info['exact_perplexity']:.4g}",
              f"combined change on the calibration text (measured): {pct(info.get('calibration_change'))} "
              f"(budget {pct(info['budget'])})"]
+    if info.get("why_exact"):
+        lines.append(f"no layer patched: {info['why_exact']}")
+    if info.get("stopped"):
+        lines.append(f"time budget: {info['stopped']}; the plan is the best one measured before that")
+    if info.get("estimate_s") is not None and "elapsed_s" in info:
+        lines.append(f"run time: estimated ~{_duration(info['estimate_s'])}, took {_duration(info['elapsed_s'])}"
+                     + (f" (max_minutes {info['max_minutes']:g})" if info.get("max_minutes") else ""))
+    if info.get("skipped_cells"):
+        lines.append("refinement: skipped (broke the budget on its own when added): "
+                     + ", ".join(f"layer {layer} {key}" for layer, key in info["skipped_cells"]))
+    lines += retrieval_lines(info.get("retrieval"), info.get("retrieval_budget"))
     held = info.get("heldout")
     if held:
         lines.append(f"held-out text ({held['texts']} text(s), {held['tokens']} tokens, sha256 {held['data_sha256'][:16]}): "
@@ -460,6 +472,26 @@ def calibration_report(plan: PatchPlan) -> str:
         lines.append(f"  step: {len(step['layers'])} layer(s) {sorted(l for l, _ in step['layers'])} -> "
                      f"{pct(step['change'])} {'holds' if step['holds'] else 'over budget: back off'}")
     return "\n".join(lines)
+
+
+def retrieval_lines(retrieval: Optional[dict], budget: Optional[float]) -> list[str]:
+    """The retrieval check in words: the exact model's probe score per sample, then every plan probed."""
+    if not retrieval:
+        return ["retrieval probe: off" + (" (retrieval_budget=None)" if budget is None else "")]
+    if retrieval.get("skipped"):
+        return [f"retrieval probe: SKIPPED: {retrieval['skipped']}"]
+    if retrieval.get("exact_score") is None:
+        return [f"retrieval probe: {retrieval.get('note', 'not run')}"]
+    note = [f"  note: {retrieval['note']}"] if retrieval.get("note") else []
+    samples = ", ".join(f"{s['sample']} {s['score']:.0f}" for s in retrieval.get("exact_samples", []))
+    lines = [f"retrieval probe ({retrieval['samples']} samples, budget {retrieval['budget']:g} points): exact model "
+             f"{retrieval['exact_score']:.1f} ({samples}); samples the exact model misses are not probed"]
+    for p in retrieval.get("plans", []):
+        lines.append(f"  probe: plan of {p['layers']} layer(s) -> score {p['score']:.1f}, lost {p['lost']:.1f} "
+                     f"points ({p['samples_probed']} sample(s) probed) "
+                     f"{'passes' if p['passes'] else 'fails: fall back to a smaller plan'}"
+                     + (f" (perplexity change {100 * p['change']:+.2f}%)" if p.get("change") is not None else ""))
+    return lines + note
 
 
 class _Cache:
@@ -509,49 +541,307 @@ def _assignment_key(cells: Sequence[Cell]) -> str:
     return json.dumps(sorted([c.layer, c.key] for c in cells))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Run-time estimate, the time budget, the retrieval probe
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Estimate:
+    """What a calibration will measure and about how long each part takes: steps [(what, seconds)]."""
+
+    steps: list[tuple[str, float]]
+
+    @property
+    def total_s(self) -> float:
+        return sum(s for _, s in self.steps)
+
+    def text(self) -> str:
+        parts = "; ".join(f"{what} ~{_duration(s)}" for what, s in self.steps if s > 0)
+        return f"calibrate: estimated run time ~{_duration(self.total_s)} ({parts}; cache hits make it shorter)"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def typical_search_forwards(plans: int) -> float:
+    """Combined measurements of the output-error prefix search over ``plans`` nested plans: the whole order, then
+    the interpolated bracket (on 30 layers ~4.4 on average, measured on random monotone curves)."""
+    return 0.0 if plans <= 0 else 1.0 + 0.7 * math.log2(plans + 1)
+
+
+def estimate_run(*, forward_s: float, attention_s: float, texts: int, layers: int, candidates: int, timed_layers: int,
+                 repeats: int, metric: str, refine: int = 0, heldout_texts: int = 0, probe_samples: int = 0,
+                 generate_s: float = 0.0) -> Estimate:
+    """The run-time estimate printed before a calibration starts (pure: the numbers are given).
+
+    forward_s: one exact forward (with the loss) of one calibration text; attention_s: one layer's attention call
+    on it; generate_s: one probe sample's ``generate``. Counts: the capture forwards (one per text); per layer and
+    text one call per candidate plus the exact one for the errors, and ``repeats`` timed rounds on the timed layers;
+    metric "loss": one forward per cell; the combined plans of the search (:func:`typical_search_forwards`), each
+    refinement round about as many again on the rest; the retrieval probe: the exact model once and about one plan
+    (a plan that fails stops at its first lost sample; a fallback adds a few); the held-out check: exact + plan."""
+    calls = candidates + 1
+    steps = [("capture forwards", texts * forward_s),
+             (f"output error of {layers} layers x {candidates} candidates, timed on {timed_layers} layers",
+              (texts * layers * calls + timed_layers * repeats * calls) * attention_s)]
+    if metric == "loss":
+        steps.append((f"single-layer losses (up to {layers * candidates} forwards)", layers * candidates * texts * forward_s))
+    searched = layers if metric == "loss" else typical_search_forwards(layers)
+    steps.append(("combined plans", (1.0 if metric == "loss" else searched) * texts * forward_s))
+    if refine:
+        steps.append((f"{refine} refinement round(s)", refine * typical_search_forwards(max(layers // 2, 1)) * texts
+                      * forward_s))
+    if probe_samples:
+        steps.append((f"retrieval probe ({probe_samples} samples: exact model + plan)", 2 * probe_samples * generate_s))
+    if heldout_texts:
+        steps.append(("held-out check", 2 * heldout_texts * forward_s))
+    return Estimate(steps)
+
+
+class OutOfTime(Exception):
+    """The next measurement would end past ``max_minutes``."""
+
+
+class _Clock:
+    def __init__(self, max_minutes: Optional[float]):
+        self.start = time.perf_counter()
+        self.limit = None if max_minutes is None else 60.0 * max_minutes
+        self.stopped: Optional[str] = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def check(self, seconds: float, what: str) -> None:
+        """Raise :class:`OutOfTime` when ``what`` (about ``seconds``) would end past the budget."""
+        if self.limit is not None and self.elapsed() + seconds > self.limit:
+            self.stopped = (f"max_minutes={self.limit / 60:g} reached after {_duration(self.elapsed())}: {what} "
+                            f"(~{_duration(seconds)}) was not started")
+            raise OutOfTime(self.stopped)
+
+
+def check_max_minutes(max_minutes: Any) -> Optional[float]:
+    if max_minutes is None:
+        return None
+    if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0 \
+            or not math.isfinite(max_minutes):
+        raise ValueError(f"max_minutes must be a positive number of minutes (or None: no limit); got {max_minutes!r}")
+    return float(max_minutes)
+
+
+# The probe set: pass key at three depths and one needle-in-a-haystack task, interleaved so that a small
+# probe_samples still mixes the tasks (RULER's generators: hf_sparse_attn.eval.ruler; depths in percent).
+PROBE_SPECS: tuple[tuple[str, float], ...] = (("passkey", 50.0), ("niah_single_1", 50.0), ("passkey", 10.0),
+                                              ("passkey", 90.0), ("niah_single_1", 10.0), ("niah_single_1", 90.0))
+DEFAULT_PROBE_SAMPLES = 4
+DEFAULT_RETRIEVAL_BUDGET = 5.0
+
+
+class ProbeTooShort(ValueError):
+    """The probe length cannot hold a probe sample."""
+
+
+class RulerProbe:
+    """The retrieval probe: ``probe(model, i) -> score`` (0-100) of sample ``i``, a greedy ``generate`` on a RULER
+    pass-key / needle sample of ``length`` tokens (``hf_sparse_attn.eval.ruler``, imported on first use).
+
+    The prompt is plain text by default (``chat_template=False``): the probe must find samples the exact model
+    answers, and SmolLM2-135M-Instruct at 4k misses the pass key inside its chat template ("a special type of pass
+    that is used in the Passkey game") while the plain prompt gives it (76006).
+
+    Any object with ``__len__``, ``__call__(model, index) -> float`` (points, 0-100), optionally ``fingerprint``
+    (str: which samples; cache records are keyed by it), ``describe(index) -> str`` and ``max_new_tokens`` can
+    stand in (``calibrate(..., probe=...)``)."""
+
+    def __init__(self, tokenizer: Any, length: int, samples: int = DEFAULT_PROBE_SAMPLES, seed: int = 0,
+                 chat_template: bool = False):
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= len(PROBE_SPECS):
+            raise ValueError(f"probe_samples must be an int between 1 and {len(PROBE_SPECS)}; got {samples!r}")
+        try:
+            from . import ruler
+        except ImportError as err:
+            raise ImportError(f"the retrieval probe needs hf_sparse_attn.eval.ruler ({err}); install the ruler extra "
+                              "(pip install 'hf-sparse-attn[ruler]') or pass retrieval_budget=None") from err
+        self.ruler, self.tokenizer, self.chat_template = ruler, tokenizer, chat_template
+        self.samples = []
+        for i, (task, depth) in enumerate(PROBE_SPECS[:samples]):
+            try:
+                self.samples.append(ruler.generate_sample(task, tokenizer, length, seed=seed, index=i, depth=depth,
+                                                          chat_template=chat_template))
+            except ruler.LengthTooShortError as err:
+                raise ProbeTooShort(f"the retrieval probe cannot be built at {length} tokens: {task} needs at least "
+                                    f"{err.minimum}") from err
+        digest = hashlib.sha256()
+        for s in self.samples:
+            digest.update(json.dumps([s.task, s.prompt, list(s.answers), s.max_new_tokens]).encode())
+        self.fingerprint = f"ruler:{length}:{seed}:{int(chat_template)}:{digest.hexdigest()[:16]}"
+        self.max_new_tokens = max(s.max_new_tokens for s in self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        s = self.samples[index]
+        return f"{s.task} at {s.depth:g}%" if s.depth is not None else s.task
+
+    def __call__(self, model: torch.nn.Module, index: int) -> float:
+        s = self.samples[index]
+        prediction = self.ruler.predict(model, self.tokenizer, s, chat_template=self.chat_template)
+        return float(self.ruler.score(s.task, [prediction], [list(s.answers)]))
+
+
+def retrieval_fallback(ladder: Sequence[list[Cell]], passes: Callable[[list[Cell]], bool]) -> tuple[int, bool]:
+    """The longest plan of ``ladder`` (nested plans, ladder[0] = all exact) that ``passes`` (the retrieval probe
+    and the measured loss), searched as: the last plan first, then bisection (retrieval is taken to fall with the
+    plan's size); the plan returned was checked by ``passes`` (or is all exact). Returns (index, whether the last
+    plan passed)."""
+    last = len(ladder) - 1
+    if last <= 0 or passes(ladder[last]):
+        return last, True
+    low, high = 0, last  # ladder[low] passes (all exact), ladder[high] fails
+    while high - low > 1:
+        mid = (low + high) // 2
+        if passes(ladder[mid]):
+            low = mid
+        else:
+            high = mid
+    return low, False
+
+
+def why_no_layer(cells: Sequence[Cell], budget: float, steps: Sequence[dict], tokens_per_text: Sequence[int],
+                 retrieval: Optional[dict], stopped: Optional[str]) -> str:
+    """Why a calibration returned the all-exact plan, and what to change."""
+    if budget == 0:
+        return "budget 0: no approximation is free of cost, so no layer is measured or patched; give a budget > 0"
+    if stopped:
+        return f"stopped by the time budget before an approximate plan was measured ({stopped}): raise max_minutes " \
+               "(--max-minutes) or cut the work (fewer candidates, layers or probe samples)"
+    shortest = min(tokens_per_text) if tokens_per_text else 0
+    if cells and not any(c.served for c in cells):
+        limits = []
+        for key in dict.fromkeys(c.key for c in cells):
+            cell = next(c for c in cells if c.key == key)
+            thresholds = {k: v for k, v in cell.params.items() if "min_seq_len" in k and v}
+            limits.append(f"{candidate_label(cell.method, cell.params)}"
+                          + (f" ({', '.join(f'{k} {v}' for k, v in thresholds.items())})" if thresholds else ""))
+        return (f"no candidate served a call of {shortest} tokens: each would fall back to exact attention at this "
+                f"length. Candidates: {'; '.join(limits)}. Calibrate on texts as long as those you will run (--tokens; "
+                "the methods pay from a few thousand tokens), or pass --candidates / candidates= with smaller "
+                "min_seq_len / causal_min_seq_len")
+    served = [c for c in cells if c.served]
+    if served and not any(c.saving > 0 for c in served):
+        best = max(served, key=lambda c: (c.exact_s or 0) / max(c.method_s or math.inf, 1e-12))
+        speed = (best.exact_s or 0) / max(best.method_s or math.inf, 1e-12)
+        return (f"no served candidate was faster than exact attention at {shortest} tokens on this machine (best: "
+                f"{candidate_label(best.method, best.params)}, {speed:.2f}x): calibrate at the length you will run "
+                "(the methods pay at longer texts), or try faster candidates (--candidates)")
+    if retrieval and retrieval.get("plans") and not any(p["lost"] <= retrieval["budget"] + 1e-9
+                                                        for p in retrieval["plans"]):
+        worst = retrieval["plans"][0]
+        return (f"every plan probed lost more than retrieval_budget={retrieval['budget']:g} points on the retrieval "
+                f"probe (the plan of {worst['layers']} layers scored {worst['score']:.1f} against the exact model's "
+                f"{retrieval['exact_score']:.1f}): raise --retrieval-budget, or pass retrieval_budget=None "
+                "(--retrieval-budget none) to skip the check")
+    failed = [s for s in steps if not s["holds"]]
+    if failed:
+        smallest = min(failed, key=lambda s: len(s["layers"]))
+        return (f"the smallest plan measured ({len(smallest['layers'])} layer(s)) changed perplexity by "
+                f"{100 * smallest['change']:+.2f}%, over the budget {100 * budget:+.2f}%: raise the budget, or try "
+                "more accurate candidates (e.g. local with a wider window)")
+    return "no cell both served and saved time within the budget"
+
+
+def _attention_call_s(model: torch.nn.Module, tokens: int, fallback: float) -> float:
+    """Seconds of one exact attention call of the model's shape at ``tokens`` (timed once on random q/k/v; for
+    the estimate only)."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads and hidden else None)
+    if not heads or not head_dim or tokens < 2:
+        return fallback
+    q = torch.randn(1, heads, tokens, head_dim)
+    start = time.perf_counter()
+    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
     calibration_ids: Any,
     budget: float = 0.03,
-    methods: Sequence[str] = ("hyper", "sparse_hyper", "local"),
-    metric: str = "loss",
+    methods: Optional[Sequence[str]] = None,
+    metric: str = "output_error",
     *,
     heldout_ids: Any = None,
     candidates: CandidatesArg = None,
     layers: Optional[Sequence[int]] = None,
     cache: Optional[Union[str, os.PathLike]] = None,
     seed: int = 0,
-    repeats: int = 3,
+    repeats: int = 1,
     progress: bool = True,
     search: str = "prefix",
+    timed_layers: Optional[int] = 4,
+    refine: int = 1,
+    max_minutes: Optional[float] = None,
+    tokenizer: Any = None,
+    retrieval_budget: Optional[float] = DEFAULT_RETRIEVAL_BUDGET,
+    probe_length: Optional[int] = None,
+    probe_samples: int = DEFAULT_PROBE_SAMPLES,
+    probe: Any = None,
 ) -> CalibratedPlan:
     """The plan with the most attention time saved whose measured perplexity change on ``calibration_ids`` stays
-    within ``budget``.
+    within ``budget`` and that loses at most ``retrieval_budget`` points on a pass-key / needle probe set.
 
     calibration_ids / heldout_ids: token ids [B, N] or [N], or a list of them (texts of any length; each row is one
     text, scored at batch 1). budget: the allowed perplexity increase as a fraction (0.03 = +3%); 0 gives an
-    all-exact plan without measuring (no approximation is free of cost). methods: candidate method names; their
-    parameter settings come from ``candidates[method]`` (a list of parameter dicts) or ``DEFAULT_CANDIDATES``.
-    metric: "loss" (every cell measured by perplexity change) or "output_error" (cells ranked by the relative error
-    of their attention output; only combined plans are measured by loss). layers: the layers eligible (default all).
-    cache: a JSONL file of measured cells; a calibration that was killed resumes from it. search (output error):
-    "prefix" (the best cell of each layer, prefixes searched) or "upgrades" (:func:`upgrade_plans`: a layer may
-    trade up from an accurate candidate to a faster one).
+    all-exact plan without measuring (no approximation is free of cost). methods: candidate method names (default:
+    the methods named in ``candidates``, else hyper, sparse_hyper, local); their parameter settings come from
+    ``candidates[method]`` (a list of parameter dicts) or ``DEFAULT_CANDIDATES``.
+    metric: "output_error" (default: cells ranked by the relative error of their attention output, the cheap proxy;
+    the loss is measured only on combined plans, where the choice is close) or "loss" (every cell measured by its
+    single-layer perplexity change: one forward per cell, slow). search (output error): "prefix" (the best cell of
+    each layer, prefixes searched; ``refine`` rounds then skip a cell whose addition broke the budget alone and
+    search the rest) or "upgrades" (:func:`upgrade_plans`). layers: the layers eligible (default all).
+    timed_layers: time each candidate on this many layers spread over the eligible ones (every layer has the same
+    shapes) and use the medians for the others (None: time every layer). repeats: timing rounds per timed layer.
+    cache: a JSONL file of measured cells; a calibration that was killed resumes from it. max_minutes: a time
+    budget: the estimate is printed first (``progress``); a calibration that cannot fit its mandatory steps is an
+    error, and a search that runs out of time returns the best plan measured so far (the report says so).
+    Retrieval: ``retrieval_budget`` (points of score, 0-100; None turns the check off) on ``probe_samples``
+    RULER samples of ``probe_length`` tokens (default: the calibration length) generated with ``tokenizer``
+    (required while the check is on); ``probe`` replaces the RULER probe (see :class:`RulerProbe`).
     The model must be unpatched; it is unpatched again on return. Returns a :class:`CalibratedPlan`.
     """
 
     budget = check_budget(budget)
+    max_minutes = check_max_minutes(max_minutes)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
     if search not in SEARCHES or (search == "upgrades" and metric != "output_error"):
         raise ValueError(f"search must be one of {SEARCHES} ('upgrades' with metric='output_error' only); got "
                          f"{search!r} with metric {metric!r}")
+    if methods is None:
+        methods = list(candidates) if isinstance(candidates, dict) and candidates else list(DEFAULT_METHODS)
     resolved = resolve_candidates(methods, candidates)
     texts = _as_texts(calibration_ids, "calibration_ids")
     heldout = None if heldout_ids is None else _as_texts(heldout_ids, "heldout_ids")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1; got {repeats!r}")
+    for name, value, low in (("repeats", repeats, 1), ("refine", refine, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+    if timed_layers is not None and (isinstance(timed_layers, bool) or not isinstance(timed_layers, int)
+                                     or timed_layers < 1):
+        raise ValueError(f"timed_layers must be an int >= 1 or None (time every layer); got {timed_layers!r}")
+    if retrieval_budget is not None:
+        if isinstance(retrieval_budget, bool) or not isinstance(retrieval_budget, (int, float)) \
+                or not 0 <= retrieval_budget <= 100:
+            raise ValueError(f"retrieval_budget must be points of score in [0, 100] (e.g. 5.0), or None to turn the "
+                             f"retrieval check off; got {retrieval_budget!r}")
+        if probe is None and tokenizer is None:
+            raise ValueError("calibrate checks retrieval (retrieval_budget=%g points on a pass-key / needle probe "
+                             "set) and needs the tokenizer to build the probe: pass tokenizer=..., or "
+                             "retrieval_budget=None to skip the check" % retrieval_budget)
     if current_plan(model) is not None:
         raise ValueError("the model is patched: calibrate measures against the exact model. Call "
                          "hf_sparse_attn.unpatch_model(model) first")
@@ -565,7 +855,9 @@ def calibrate(
     data_sha = data_fingerprint(texts)
     model_sha = skeleton.model_fingerprint["qk_sha256"][:16]
     store = _Cache(cache)
+    clock = _Clock(max_minutes)
     bar = _progress(progress)
+    say = (lambda text: bar.write(text, file=sys.stderr)) if progress else (lambda text: None)  # under the bar
 
     def key_of(*parts: Any) -> str:
         return "|".join([model_sha, str(seed)] + [str(p) for p in parts])
@@ -584,23 +876,71 @@ def calibrate(
         return record
 
     info: dict[str, Any] = {"budget": budget, "metric": metric, "search": search, "data_sha256": data_sha,
-                            "texts": len(texts),
-                            "candidates": [[m, p] for m, p in resolved], "eligible_layers": eligible, "seed": seed}
+                            "texts": len(texts), "text_tokens": [int(t.shape[1]) for t in texts],
+                            "candidates": [[m, p] for m, p in resolved], "eligible_layers": eligible, "seed": seed,
+                            "max_minutes": max_minutes, "retrieval_budget": None if budget == 0 else retrieval_budget}
     base = nll_of([], texts, data_sha, "nll")
     info.update(tokens=base["tokens"], exact_perplexity=math.exp(base["nll"] / base["tokens"]))
+    forward_s = 1.15 * base["prefill_s"] / len(texts)  # + the loss head, not in the prefill timing
+
+    probe_set, probe_fp, generate_s = None, None, 0.0
+    if budget > 0 and retrieval_budget is not None:
+        length = probe_length or max(int(t.shape[1]) for t in texts)
+        try:
+            probe_set = probe if probe is not None else RulerProbe(tokenizer, length, probe_samples, seed=seed)
+        except ProbeTooShort as err:
+            if probe_length is not None:
+                raise ValueError(f"{err}: give a longer probe_length (--probe-length), or retrieval_budget=None") \
+                    from None
+            info["retrieval_skipped"] = (f"{err} (the calibration length): the retrieval check is skipped; give "
+                                         "probe_length= (--probe-length) to probe at another length")
+            say(f"calibrate: {info['retrieval_skipped']}")
+    if probe_set is not None:
+        probe_fp = getattr(probe_set, "fingerprint", "custom")
+        per_token = forward_s / max(int(texts[0].shape[1]), 1)
+        # a prefill of the probe's length (attention grows faster than linearly) + decode steps (~8 tokens' worth)
+        generate_s = forward_s * (length / texts[0].shape[1]) ** 1.2 \
+            + getattr(probe_set, "max_new_tokens", 16) * 8 * per_token
+    estimate = Estimate([])
+    if budget > 0:
+        n_timed = len(spread(eligible, timed_layers))
+        estimate = estimate_run(
+            forward_s=forward_s, attention_s=_attention_call_s(model, int(texts[0].shape[1]),
+                                                               forward_s / num_layers / 4),
+            texts=len(texts), layers=len(eligible), candidates=len(resolved), timed_layers=n_timed, repeats=repeats,
+            metric=metric, refine=refine if metric == "output_error" and search == "prefix" else 0,
+            heldout_texts=0 if heldout is None else len(heldout),
+            probe_samples=0 if probe_set is None else len(probe_set), generate_s=generate_s)
+    info["estimate_s"] = round(estimate.total_s, 1)
+    info["estimate"] = [[what, round(s, 1)] for what, s in estimate.steps]
+    if budget > 0:
+        say(estimate.text() + (f"; max_minutes {max_minutes:g}" if max_minutes else ""))
+        mandatory = sum(s for what, s in estimate.steps if not what.startswith(("single-layer", "combined",
+                                                                                "held-out", "refinement")))
+        if max_minutes is not None and clock.elapsed() + mandatory + len(texts) * forward_s > 60 * max_minutes:
+            raise ValueError(f"calibrate needs about {_duration(mandatory + len(texts) * forward_s)} before it can "
+                             f"return an approximate plan ({estimate.text()}), more than max_minutes={max_minutes:g}: "
+                             "raise max_minutes, or cut the work: fewer candidates (candidates= / --candidates), "
+                             "fewer layers (layers=), fewer or shorter texts, fewer probe samples (probe_samples=)")
 
     cells: list[Cell] = []
+    measured: list[tuple[list[Cell], float]] = []  # every combined plan measured: (cells, change)
     if budget > 0:
         cells = _measure_cells(model, texts, data_sha, eligible, resolved, seed, repeats, store, key_of, bar,
-                               capture_attention)
+                               capture_attention, timed_layers)
         if metric == "loss":
             todo = [c for c in cells if c.served and c.saving > 0]
             bar.reset(total=len(todo))
             bar.set_description("calibrate: loss of single layers")
-            for cell in todo:
-                c_nll = nll_of([cell], texts, data_sha, "nll")
-                cell.loss_change = _change(c_nll["nll"], base["nll"], base["tokens"])
-                bar.update(1)
+            try:
+                for cell in todo:
+                    if store.get(key_of("nll", data_sha, _assignment_key([cell]))) is None:
+                        clock.check(len(texts) * forward_s, "a single-layer loss")
+                    c_nll = nll_of([cell], texts, data_sha, "nll")
+                    cell.loss_change = _change(c_nll["nll"], base["nll"], base["tokens"])
+                    bar.update(1)
+            except OutOfTime:
+                pass
         else:  # reuse any single-layer losses of an earlier metric="loss" run on the same data (for the proxy rank)
             for cell in cells:
                 record = store.get(key_of("nll", data_sha, _assignment_key([cell])))
@@ -609,27 +949,116 @@ def calibrate(
         for cell in cells:
             cell.cost = cell.loss_change if metric == "loss" else cell.error
 
-    def measure_change(chosen: list[Cell]) -> float:
+    def change_of(chosen: list[Cell]) -> float:
         bar.set_description(f"calibrate: combined plan of {len(chosen)} layers")
+        if chosen and store.get(key_of("nll", data_sha, _assignment_key(chosen))) is None:
+            clock.check(len(texts) * forward_s, f"the combined plan of {len(chosen)} layers")
         record = nll_of(chosen, texts, data_sha, "nll")
-        return _change(record["nll"], base["nll"], base["tokens"])
+        change = _change(record["nll"], base["nll"], base["tokens"])
+        measured.append((list(chosen), change))
+        return change
 
-    known, plans = {}, None  # output error: the plans already measured (by another budget) bracket for free
-    if budget > 0 and metric == "output_error":
-        order = prefix_order(cells)
-        plans = upgrade_plans(cells) if search == "upgrades" else [order[:k] for k in range(len(order) + 1)]
+    def lookup(plan_cells: Sequence[Cell]) -> Optional[float]:
+        """The measured change of a combined plan (cache), None when not measured."""
+        if not plan_cells:
+            return 0.0
+        record = store.get(key_of("nll", data_sha, _assignment_key(plan_cells)))
+        return None if record is None else _change(record["nll"], base["nll"], base["tokens"])
+
+    def known_of(plans: Sequence[list[Cell]]) -> dict[int, float]:
+        known = {}
         for k in range(1, len(plans)):
             record = store.get(key_of("nll", data_sha, _assignment_key(plans[k])))
             if record is not None:
                 known[k] = _change(record["nll"], base["nll"], base["tokens"])
-    chosen, steps = greedy_plan(cells, budget, measure_change, costs_in_budget_units=(metric == "loss"),
-                                known=known, plans=plans) if budget > 0 else ([], [])
+        return known
+
+    chosen: list[Cell] = []
+    steps: list[dict[str, Any]] = []
+    ladder: list[list[Cell]] = [[]]  # nested plans ending with the chosen one: the retrieval check's fallbacks
+    skipped: list[Cell] = []
+    if budget > 0:
+        try:
+            if metric == "loss":
+                chosen, steps = greedy_plan(cells, budget, change_of)
+                ladder = [chosen[:k] for k in range(len(chosen) + 1)]
+            elif search == "upgrades":
+                plans = upgrade_plans(cells)
+                chosen, steps = greedy_plan(cells, budget, change_of, costs_in_budget_units=False,
+                                            known=known_of(plans), plans=plans)
+                ladder = plans[:next(k for k, p in enumerate(plans) if p == chosen) + 1]
+            else:
+                chosen, steps, skipped = prefix_search(cells, budget, change_of, lookup, refine)
+                ladder = [chosen[:k] for k in range(len(chosen) + 1)]
+        except OutOfTime:
+            holding = [(cs, ch) for cs, ch in measured if ch <= budget and cs]
+            chosen = max(holding, key=lambda t: (sum(c.saving for c in t[0]), -t[1]))[0] if holding else []
+            ladder = [chosen[:k] for k in range(len(chosen) + 1)]
+            steps = steps or [{"layers": [[c.layer, c.key] for c in cs], "change": ch, "holds": ch <= budget}
+                              for cs, ch in measured if cs]
+            say(f"calibrate: {clock.stopped}; returning the best plan measured so far")
+    info["skipped_cells"] = [[c.layer, c.key] for c in skipped]
+
+    retrieval = None
+    if probe_set is not None:
+        retrieval = {"budget": float(retrieval_budget), "fingerprint": probe_fp, "samples": len(probe_set),
+                     "plans": []}
+    if probe_set is None and info.get("retrieval_skipped"):
+        retrieval = {"budget": float(retrieval_budget), "skipped": info.pop("retrieval_skipped"), "plans": []}
+    elif retrieval is not None and not chosen:
+        retrieval["note"] = "not run: no approximate plan to check"
+    elif retrieval is not None:
+        try:
+            exact_scores = _probe_scores(model, skeleton, [], probe_set, probe_fp, store, key_of, clock,
+                                         forward_s=generate_s)
+        except OutOfTime:
+            exact_scores = None
+        if exact_scores is None:
+            chosen = []
+            retrieval["note"] = "the exact model was not probed before max_minutes: the plan is all exact"
+        else:
+            retrieval["exact_score"] = sum(exact_scores) / len(exact_scores)
+            retrieval["exact_samples"] = [{"sample": _probe_label(probe_set, i), "score": s}
+                                          for i, s in enumerate(exact_scores)]
+            if not any(exact_scores):
+                retrieval["note"] = ("the exact model scores 0 on every probe sample: the probe cannot tell plans "
+                                     "apart at this length (a weak retriever); the plan is not held back by it")
+
+            def passes(plan_cells: list[Cell]) -> bool:
+                scores = _probe_scores(model, skeleton, plan_cells, probe_set, probe_fp, store, key_of, clock,
+                                       forward_s=generate_s, exact=exact_scores,
+                                       allowed=float(retrieval_budget))
+                lost = sum(max(e - s, 0.0) if s is not None else e for e, s in zip(exact_scores, scores)) / len(scores)
+                ok = lost <= retrieval_budget + 1e-9
+                known_scores = [s if s is not None else 0.0 for s in scores]
+                retrieval["plans"].append({"layers": len(plan_cells), "cells": [[c.layer, c.key] for c in plan_cells],
+                                           "score": sum(min(s, e) for s, e in zip(known_scores, exact_scores))
+                                           / len(scores), "lost": lost, "passes": ok,
+                                           "samples_probed": sum(s is not None for s in scores)})
+                if ok and plan_cells:  # a smaller fallback plan is measured too (a cache hit for the plans searched)
+                    retrieval["plans"][-1]["change"] = change = change_of(plan_cells)
+                    ok = retrieval["plans"][-1]["passes"] = change <= budget
+                return ok
+
+            try:
+                index, _ = retrieval_fallback(ladder, passes)
+                chosen = ladder[index]
+            except OutOfTime:
+                good = [p for p in retrieval["plans"] if p["passes"]]
+                best = max(good, key=lambda p: p["layers"]) if good else None
+                chosen = [] if best is None else next(pl for pl in ladder if len(pl) == best["layers"])
+                say(f"calibrate: {clock.stopped}; returning the best plan that passed the retrieval probe")
+    info["retrieval"] = retrieval
     bar.close()
     plan = _with_cells(skeleton, chosen)
     plan = CalibratedPlan(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(PatchPlan)})
     combined = nll_of(chosen, texts, data_sha, "nll")
     info["calibration_change"] = _change(combined["nll"], base["nll"], base["tokens"])
     info["steps"] = steps
+    info["stopped"] = clock.stopped
+    info["elapsed_s"] = round(clock.elapsed(), 1)
+    info["why_exact"] = None if chosen else why_no_layer(cells, budget, steps, info["text_tokens"], retrieval,
+                                                         clock.stopped)
 
     both = [c for c in cells if c.loss_change is not None and c.error is not None]
     info["proxy_spearman"] = spearman([c.error for c in both], [c.loss_change for c in both])
@@ -663,8 +1092,102 @@ def calibrate(
             "speedup": held_base["prefill_s"] / max(held_plan["prefill_s"], 1e-12),
             "exact_run_id": held_base.get("run_id"), "plan_run_id": held_plan.get("run_id"),
         }
+    info["elapsed_s"] = round(clock.elapsed(), 1)
     plan.calibration = info
     return plan
+
+
+DEFAULT_METHODS = ("hyper", "sparse_hyper", "local")
+
+
+def prefix_search(cells: Sequence[Cell], budget: float, measure_change: Callable[[list[Cell]], float],
+                  lookup: Callable[[list[Cell]], Optional[float]], refine: int = 1
+                  ) -> tuple[list[Cell], list[dict[str, Any]], list[Cell]]:
+    """The output-error search: the longest holding prefix of :func:`prefix_order` (:func:`greedy_plan`), then up
+    to ``refine`` rounds where the choice was close: when the cell after the plan broke the budget on its own
+    (:func:`_culprit`), it is skipped and the rest of the order is searched the same way on top of the plan.
+    ``lookup(cells)``: a combined plan's change already measured (cache), None otherwise. Returns (chosen cells in
+    the order they were added, the measured steps, the skipped cells)."""
+    order = prefix_order(cells)
+
+    def known_of(plans: Sequence[list[Cell]]) -> dict[int, float]:
+        return {k: c for k in range(len(plans)) if (c := lookup(plans[k])) is not None}
+
+    chosen, steps = greedy_plan(cells, budget, measure_change, costs_in_budget_units=False,
+                                known=known_of([order[:k] for k in range(len(order) + 1)]))
+    skipped: list[Cell] = []
+    for _ in range(refine):
+        rest = [c for c in order if c.layer not in {x.layer for x in chosen} and c not in skipped]
+        culprit = _culprit(chosen, rest, lookup, budget)
+        if culprit is None:
+            break
+        skipped.append(culprit)
+        rest = [c for c in rest if c is not culprit]
+        plans = [chosen + rest[:k] for k in range(len(rest) + 1)]
+        chosen, more = greedy_plan(cells, budget, measure_change, costs_in_budget_units=False, known=known_of(plans),
+                                   plans=plans)
+        steps += more
+    return chosen, steps, skipped
+
+
+def _culprit(chosen: list[Cell], rest: list[Cell], lookup: Callable[[list[Cell]], Optional[float]],
+             budget: float) -> Optional[Cell]:
+    """The cell whose addition to the holding plan ``chosen`` broke the budget, when it looks like that cell's
+    own fault rather than a budget used up: alone (an empty plan), or a jump in the measured change more than
+    twice the plan's average per layer while the plan leaves room for another such layer. None: stop refining.
+    ``lookup(cells)``: the measured change of a combined plan, None when not measured."""
+    if not rest:
+        return None
+    failed, held = lookup(chosen + rest[:1]), lookup(chosen)
+    if failed is None or held is None or failed <= budget:
+        return None
+    if not chosen:
+        return rest[0]
+    typical = max(held, 0.0) / len(chosen)
+    room = budget - held
+    return rest[0] if failed - held > 2 * typical and room >= 0.5 * typical else None
+
+
+def _probe_label(probe: Any, index: int) -> str:
+    describe = getattr(probe, "describe", None)
+    return describe(index) if callable(describe) else f"sample {index}"
+
+
+def _probe_scores(model, skeleton, cells, probe, probe_fp, store, key_of, clock, *, forward_s: float,
+                  exact: Optional[Sequence[float]] = None, allowed: float = 0.0) -> list[Optional[float]]:
+    """Per-sample probe scores of ``cells`` (cached per sample). With ``exact`` (the exact model's scores), only the
+    samples the exact model scores on are probed (a plan's gain where the exact model misses is not counted) and
+    probing stops once the points lost exceed ``allowed`` (the rest are None)."""
+    n = len(probe)
+    scores: list[Optional[float]] = [None] * n
+    lost = 0.0
+    patched = False
+    try:
+        for i in range(n):
+            if exact is not None and exact[i] <= 0:
+                scores[i] = 0.0
+                continue
+            key = key_of("probe", probe_fp, i, _assignment_key(cells))
+            record = store.get(key)
+            if record is None:
+                clock.check(forward_s, f"probe sample {i} of a plan of {len(cells)} layers")
+                if cells and not patched:
+                    patch_model(model, plan=_with_cells(skeleton, cells))
+                    patched = True
+                start = time.perf_counter()
+                score = float(probe(model, i))
+                record = store.put(key, {"kind": "probe", "score": score, "seconds": time.perf_counter() - start})
+            scores[i] = record["score"]
+            if exact is not None:
+                lost += max(exact[i] - scores[i], 0.0)
+                if lost / n > allowed + 1e-9:
+                    break
+    finally:
+        if patched:
+            unpatch_model(model)
+    if exact is None and any(s is None for s in scores):
+        return None
+    return scores
 
 
 def _progress(enabled: bool):
@@ -673,20 +1196,39 @@ def _progress(enabled: bool):
     return tqdm(total=0, disable=not enabled, desc="calibrate", leave=False)
 
 
+def spread(items: Sequence[int], count: Optional[int]) -> list[int]:
+    """``count`` items spread evenly over ``items`` (first and last included); all of them for None."""
+    items = list(items)
+    if count is None or count >= len(items):
+        return items
+    if count == 1:
+        return [items[len(items) // 2]]
+    return sorted({items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)})
+
+
 def _measure_cells(model, texts, data_sha, eligible, resolved, seed, repeats, store, key_of, bar,
-                   capture_attention) -> list[Cell]:
-    """Output error (every text) and timing (first text) of every eligible layer x candidate, from one capture
-    forward per text that lacks records."""
+                   capture_attention, timed_layers: Optional[int] = None) -> list[Cell]:
+    """Output error (every text) and timing (first text, on ``timed_layers`` layers spread over the eligible ones;
+    the others take the medians of the timed layers) of every eligible layer x candidate, from one capture forward
+    per text that lacks records."""
 
     keys = [candidate_key(m, p) for m, p in resolved]
+    timed = set(spread(eligible, timed_layers))
     bar.reset(total=len(texts) * len(eligible))
     bar.set_description("calibrate: output error and time per layer")
     per_text: list[dict[int, dict]] = []
+
+    def layer_key(text_sha: str, layer: int, is_timed: bool) -> str:
+        return key_of("layer", text_sha, layer, is_timed, repeats if is_timed else 0)
+
     for t, ids in enumerate(texts):
         text_sha = data_fingerprint([ids])
         records, missing = {}, []
         for layer in eligible:
-            record = store.get(key_of("layer", text_sha, layer, t == 0, repeats if t == 0 else 0))
+            is_timed = t == 0 and layer in timed
+            record = store.get(layer_key(text_sha, layer, is_timed))
+            if record is None and t == 0 and not is_timed:  # a record timed by an earlier run serves as well
+                record = store.get(layer_key(text_sha, layer, True))
             if record is not None and set(keys) <= set(record["err_sq"]):
                 records[layer] = record
                 bar.update(1)
@@ -700,23 +1242,30 @@ def _measure_cells(model, texts, data_sha, eligible, resolved, seed, repeats, st
                 if len(calls) != 1:
                     raise ValueError(f"layer {layer} was called {len(calls)} times in one forward; calibrate needs "
                                      "one attention call per layer and text")
-                measured = measure_layer(calls[0], resolved, seed, timed=(t == 0), repeats=repeats)
-                records[layer] = store.put(key_of("layer", text_sha, layer, t == 0, repeats if t == 0 else 0),
+                is_timed = t == 0 and layer in timed
+                measured = measure_layer(calls[0], resolved, seed, timed=is_timed, repeats=repeats)
+                records[layer] = store.put(layer_key(text_sha, layer, is_timed),
                                            dict(measured, kind="layer", layer=layer, text=t))
                 calls.clear()
                 bar.update(1)
             del captured
         per_text.append(records)
+    timings = [per_text[0][layer] for layer in eligible if "exact_s" in per_text[0][layer]]
+    median_exact = statistics.median(r["exact_s"] for r in timings) if timings else None
+    median_method = {key: statistics.median(vals) for key in keys
+                     if (vals := [r["method_s"][key] for r in timings if key in r.get("method_s", {})])}
     cells = []
     for layer in eligible:
         timing = per_text[0][layer]
+        exact_s = timing.get("exact_s", median_exact)
         for (method, params), key in zip(resolved, keys):
             errs = [per_text[t][layer]["err_sq"][key] for t in range(len(texts))]
             served = all(e is not None for e in errs)
             ref = sum(per_text[t][layer]["ref_sq"] for t in range(len(texts)))
+            method_s = timing["method_s"].get(key) if "method_s" in timing else median_method.get(key)
             cells.append(Cell(layer=layer, method=method, params=params, served=served,
                               error=math.sqrt(sum(errs) / max(ref, 1e-30)) if served else None,
-                              method_s=timing["method_s"].get(key) if served else None, exact_s=timing["exact_s"]))
+                              method_s=method_s if served else None, exact_s=exact_s))
     return cells
 
 
@@ -808,221 +1357,3 @@ def proxy_check(
     both = [r for r in rows if r["error"] is not None and r["loss_change"] is not None]
     return {"cells": rows, "spearman": spearman([r["error"] for r in both], [r["loss_change"] for r in both]),
             "complete": complete}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Calibrated plans against fixed plans (method x selection x layer count), from the model benchmark's records
-# ---------------------------------------------------------------------------------------------------------
-
-def fixed_plans_on(records: Iterable[dict], titles: Sequence[str], source: str = "") -> list[dict[str, Any]]:
-    """Each fixed plan of a model-benchmark record file (eval/results/model_bench*/results.jsonl), scored on the
-    articles ``titles`` only.
-
-    Perplexity change: ``exp((sum nll_plan - sum nll_exact) / tokens) - 1`` over those articles (the exact model's
-    per-article losses from the file's exact records; exact attention is deterministic, so any run's serve).
-    Prefill speed-up: sum of exact seconds / sum of plan seconds over those articles, each article paired with the
-    exact model timed on it in the same run (the benchmark times its exact baseline in every run on the articles
-    that run times). Plans that lack one of the articles are skipped. Returns rows {source, key, label, method,
-    causal_mode, select, layers, seed, params, articles, articles_timed, heldout_change, heldout_speedup}."""
-    records = list(records)
-    wanted = list(titles)
-    exact_nll: dict[str, tuple[float, int]] = {}
-    exact_s: dict[tuple[str, str], float] = {}
-    latest: dict[str, dict] = {}
-    for record in records:
-        if record.get("kind") not in ("cell", "baseline_rerun"):
-            continue
-        if record.get("method") == "exact":
-            for a in record.get("per_article", []):
-                exact_nll.setdefault(a["title"], (a["nll_sum"], a["tokens"]))
-                if not a.get("resumed"):
-                    exact_s[(a.get("run_id", record.get("run_id")), a["title"])] = a["prefill_s"]
-        elif record["kind"] == "cell":
-            latest[record["key"]] = record
-    rows = []
-    for key, record in latest.items():
-        per = {a["title"]: a for a in record.get("per_article", [])}
-        if any(t not in per or t not in exact_nll for t in wanted) or not wanted:
-            continue
-        nll = sum(per[t]["nll_sum"] for t in wanted)
-        base = sum(exact_nll[t][0] for t in wanted)
-        tokens = sum(exact_nll[t][1] for t in wanted)
-        pairs = [(exact_s[(per[t].get("run_id", record.get("run_id")), t)], per[t]["prefill_s"]) for t in wanted
-                 if (per[t].get("run_id", record.get("run_id")), t) in exact_s]
-        params = record.get("params", {})
-        mode = params.get("causal_mode", "recursive") if record["method"] in ("hyper", "sparse_hyper") else ""
-        variant = mode.replace("_", " ") if mode else (f"w{params['window']}" if record["method"] == "local"
-                                                       and "window" in params else "")
-        label = f"{record['method']}{' ' + variant if variant else ''}, {record['select']}" \
-                f"{'' if record['select'] != 'random' else ' seed ' + str(record.get('seed'))}, {record['layers']} layers"
-        rows.append({"source": source, "key": key, "label": label, "method": record["method"], "causal_mode": mode,
-                     "variant": variant,
-                     "select": record["select"], "layers": record["layers"], "seed": record.get("seed"),
-                     "params": params, "articles": len(wanted), "articles_timed": len(pairs),
-                     "heldout_change": _change(nll, base, tokens),
-                     "heldout_speedup": sum(e for e, _ in pairs) / sum(p for _, p in pairs) if pairs else None})
-    return sorted(rows, key=lambda r: (r["heldout_change"], r["key"]))
-
-
-def best_fixed_plan(fixed: Sequence[dict], change: float) -> Optional[dict]:
-    """The fastest fixed plan (largest ``heldout_speedup``) whose held-out perplexity change is no worse than
-    ``change``; None when every fixed plan is worse (then only the exact model, 1.00x, is no worse)."""
-    fit = [f for f in fixed if f["heldout_speedup"] is not None and f["heldout_change"] <= change + 1e-12]
-    return max(fit, key=lambda f: (f["heldout_speedup"], -f["heldout_change"])) if fit else None
-
-
-GOAL_MARGIN = 0.01  # held-out change within budget + 1 point
-GOAL_SPEEDUP = 1.10  # at the 3% budget: at least 10% faster than the best fixed plan no worse in held-out perplexity
-
-
-def compare_budgets(plans: Sequence[dict], fixed: Sequence[dict]) -> list[dict[str, Any]]:
-    """One row per calibrated plan ({budget, heldout_change, heldout_speedup, ...}, the plan's calibration record
-    flattened): the best fixed plan no worse in held-out perplexity and the two goals (None: not decidable, e.g.
-    no held-out check yet). The speed-up goal is checked at the 3% budget only."""
-    rows = []
-    for plan in sorted(plans, key=lambda p: p["budget"]):
-        row = dict(plan)
-        change, speedup = plan.get("heldout_change"), plan.get("heldout_speedup")
-        best = None if change is None else best_fixed_plan(fixed, change)
-        row["best_fixed"] = best
-        fixed_speedup = 1.0 if best is None else best["heldout_speedup"]
-        row["best_fixed_speedup"] = None if change is None else fixed_speedup
-        row["vs_fixed"] = None if speedup is None or change is None else speedup / fixed_speedup
-        row["goal_quality"] = None if change is None else change <= plan["budget"] + GOAL_MARGIN
-        row["goal_speed"] = None if abs(plan["budget"] - 0.03) > 1e-9 or row["vs_fixed"] is None \
-            else row["vs_fixed"] >= GOAL_SPEEDUP
-        rows.append(row)
-    return rows
-
-
-def plan_summary(plan: PatchPlan) -> dict[str, Any]:
-    """The numbers of a saved calibrated plan that the comparison needs (held-out ones None before the check)."""
-    info = plan.calibration or {}
-    held = info.get("heldout") or {}
-    choices = {str(r["layer"]): r["choice"] for r in info.get("layers", []) if r.get("choice")}
-    return {"budget": info.get("budget"), "metric": info.get("metric"), "patched_layers": len(plan.patched_layers),
-            "choices": choices, "calibration_change": info.get("calibration_change"),
-            "search_steps": len(info.get("steps", [])), "heldout_change": held.get("change"),
-            "heldout_speedup": held.get("speedup_same_run", held.get("speedup")), "heldout_articles": held.get("texts"),
-            "exact_prefill_s": held.get("exact_prefill_s"), "plan_prefill_s": held.get("plan_prefill_s"),
-            "exact_retimed": held.get("exact_retimed"),
-            "same_run": (held.get("exact_run_id") == held.get("plan_run_id") or "speedup_same_run" in held)
-            if held else None}
-
-
-def frontier_plot(rows: Sequence[dict], fixed: Sequence[dict], path: Union[str, os.PathLike], title: str = "") -> None:
-    """Perplexity change (held-out, %) against prefill speed-up: fixed plans by method, calibrated plans by budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    markers = {"local": "s", "sparse_hyper": "o", "hyper": "^"}
-    for method in sorted({f["method"] for f in fixed}):
-        for variant in sorted({f["variant"] for f in fixed if f["method"] == method}):
-            pts = [f for f in fixed if f["method"] == method and f["variant"] == variant and f["heldout_speedup"]]
-            ax.scatter([f["heldout_speedup"] for f in pts], [100 * f["heldout_change"] for f in pts],
-                       marker=markers.get(method, "x"), alpha=0.6,
-                       label=f"fixed: {method}{' ' + variant if variant else ''}")
-    done = [r for r in rows if r.get("heldout_speedup") is not None]
-    ax.plot([r["heldout_speedup"] for r in done], [100 * r["heldout_change"] for r in done], "k*-", markersize=14,
-            label="calibrated plans")
-    for r in done:
-        ax.annotate(f"budget {100 * r['budget']:g}%", (r["heldout_speedup"], 100 * r["heldout_change"]),
-                    textcoords="offset points", xytext=(6, -12))
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("prefill speed-up over the exact model of the same run")
-    ax.set_ylabel("held-out perplexity change (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def layer_ranges(layers: Sequence[int]) -> str:
-    """Sorted layer numbers as ranges: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
-    runs: list[list[int]] = []  # [first, last] of each run of consecutive layers
-    for layer in layers:
-        if runs and layer == runs[-1][1] + 1:
-            runs[-1][1] = layer
-        else:
-            runs.append([layer, layer])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def results_markdown(rows: Sequence[dict], fixed: Sequence[dict], proxy: Optional[dict], meta: dict,
-                     notes: Sequence[str] = ()) -> str:
-    """results.md of the SmolLM2 calibration: per budget the calibrated plan, its held-out change and speed-up,
-    the best fixed plan no worse in held-out perplexity, the goals; the proxy's rank correlation; the fixed plans."""
-    pct = lambda x: "-" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
-    spd = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
-    yes = lambda x: "not decided yet" if x is None else ("met" if x else "NOT met")  # noqa: E731
-    arts = meta.get("articles") or {}
-    fixed_dirs = sorted({f["source"] for f in fixed}) or ["none"]
-    lines = [f"# Calibrated plans vs fixed plans, {meta.get('model', 'the model')} at {meta.get('tokens')} tokens", "",
-             f"Command: `{meta.get('command')}`. Machine: {meta.get('machine')}; {meta.get('threads')} torch thread(s); "
-             f"date {meta.get('date')}; 1-min load average when this report was written: "
-             f"{meta.get('load_avg_1min_at_report')}. Metric {meta.get('metric')}; search {meta.get('search', 'prefix')}; candidates "
-             f"{json.dumps(meta.get('candidates'))}.", "",
-             f"Calibration articles: {', '.join(arts.get('calibration', [])) or '-'}. Held-out articles "
-             f"({len(arts.get('heldout', []))}): {', '.join(arts.get('heldout', [])) or '-'}.", "",
-             "Speed-ups are prefill time of the exact model / prefill time of the plan on the held-out articles, each "
-             "against the exact model timed in its own run: the calibrated plans were timed in this run, the fixed plans "
-             f"in the model benchmark's runs ({', '.join(fixed_dirs)}) on the same machine. Compare speed-ups, not seconds. The fixed plans' numbers are recomputed from their per-article "
-             "records on the held-out articles only.", "",
-             "| budget | layers patched | calibration change | held-out change | held-out speed-up | exact + plan timed "
-             "in one run | best fixed plan no worse (held-out change, speed-up) | calibrated / fixed speed-up | "
-             "within budget + 1 point | 3%: >= 1.10x the fixed plan |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        best = r.get("best_fixed")
-        best_text = "-" if r.get("heldout_change") is None else (
-            "none (only the exact model, 1.00x)" if best is None else
-            f"{best['label']} ({pct(best['heldout_change'])}, {spd(best['heldout_speedup'])})")
-        lines.append(f"| {100 * r['budget']:g}% | {r.get('patched_layers')} | {pct(r.get('calibration_change'))} | "
-                     f"{pct(r.get('heldout_change'))} | {spd(r.get('heldout_speedup'))} | "
-                     f"{'-' if r.get('same_run') is None else ('yes' if r['same_run'] else 'no')} | {best_text} | "
-                     f"{spd(r.get('vs_fixed'))} | {yes(r.get('goal_quality'))} | "
-                     f"{'-' if abs(r['budget'] - 0.03) > 1e-9 else yes(r.get('goal_speed'))} |")
-    if not rows:
-        lines.append("| (no calibrated plan yet) | | | | | | | | | |")
-    lines += ["", "Per budget, the layers and their choice (exact elsewhere):", ""]
-    for r in rows:
-        by_choice: dict[str, list[int]] = {}
-        for layer, choice in r.get("choices", {}).items():
-            by_choice.setdefault(choice, []).append(int(layer))
-        lines.append(f"- {100 * r['budget']:g}%: " + ("; ".join(
-            f"{choice}: {layer_ranges(sorted(layers))}" for choice, layers in sorted(
-                by_choice.items(), key=lambda kv: min(kv[1]))) or "all exact"))
-    lines += ["", "## How well the proxy predicts the loss", ""]
-    if proxy and proxy.get("cells"):
-        sp = proxy.get("spearman") or {}
-        n_all = len(proxy["cells"])
-        rho, p_value = sp.get("rho"), sp.get("p_value")
-        lines.append(f"Output error of a layer's attention (captured q/k/v) against the perplexity change with only "
-                     f"that layer replaced, on one calibration article ({proxy.get('text', '-')}): Spearman rho "
-                     f"{'-' if rho is None else f'{rho:+.2f}'} over {sp.get('n', 0)} of {n_all} cells"
-                     f"{'' if proxy.get('complete') else ' (incomplete: run the command again to measure the rest)'}"
-                     f"{'' if p_value is None else f', p={p_value:.2g}'}.")
-        by_method: dict[str, list[dict]] = {}
-        for c in proxy["cells"]:
-            if c.get("error") is not None and c.get("loss_change") is not None:
-                by_method.setdefault(c["label"], []).append(c)
-        for label, cs in sorted(by_method.items()):
-            one = spearman([c["error"] for c in cs], [c["loss_change"] for c in cs])
-            one_rho = one.get("rho")
-            lines.append(f"- {label}: rho {'-' if one_rho is None else f'{one_rho:+.2f}'} over {one['n']} layers")
-    elif meta.get("proxy") == "none":
-        lines.append("Not part of this experiment (--proxy none).")
-    else:
-        lines.append("Not measured yet (step 3 of the script).")
-    lines += ["", "## Fixed plans on the held-out articles", "",
-              "| source | plan | held-out change | speed-up | articles (timed) |", "|---|---|---|---|---|"]
-    for f in fixed:
-        lines.append(f"| {f['source']} | {f['label']} | {pct(f['heldout_change'])} | {spd(f['heldout_speedup'])} | "
-                     f"{f['articles']} ({f['articles_timed']}) |")
-    if notes:
-        lines += [""] + [f"Note: {n}" for n in notes]
-    return "\n".join(lines) + "\n"

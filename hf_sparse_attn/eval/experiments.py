@@ -31,8 +31,9 @@ one after the other into the same directory; the last one is the final grid, whi
 report from (kinds model / kernel: the records of every run are read). ``--shard I/N`` is passed on to every command:
 ``bench model`` runs every N-th patched cell in its own results file (each shard re-times the exact baseline on its
 articles, as a speed-up needs a baseline of its own run); ``bench kernel`` cannot shard (refused); a script gets it
-only if the config says ``shardable = true``. Paths in a config are relative to the directory the command runs in
-(the repository root).
+only if the config says ``shardable = true``. Paths in a config are relative to the repository root: run from
+there, the commands keep them as written; run from elsewhere (a config under ``<root>/eval/experiments/``), the
+results directory, the scripts and the config are given as absolute paths under that root.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing import Any, Optional
 KINDS = ("model", "kernel", "script")
 TABLES = ("experiment", "run", "goal")
 EXPERIMENT_KEYS = ("name", "question", "kind", "script", "shardable", "report_script")
-RUNNER_OPTIONS = ("out", "shard", "report_only", "experiment", "help")  # the runner sets these, a [[run]] may not
+RUNNER_OPTIONS = ("out", "shard", "report_only", "experiment", "help", "overwrite")  # the runner sets these, a [[run]] may not
 RESULTS_ROOT = os.path.join("eval", "results")
 
 
@@ -185,15 +186,38 @@ def run_argv(kind: str, run: dict, where: str = "[[run]]") -> list[str]:
 # Commands
 # ---------------------------------------------------------------------------------------------------------
 
+def repository_root(config_path: str) -> Optional[str]:
+    """The repository root of a config at ``<root>/eval/experiments/<name>.toml`` when the command runs somewhere
+    else (None when it runs in the root, or the config lies elsewhere: paths stay as written)."""
+    here = os.path.dirname(os.path.abspath(config_path))
+    if os.path.basename(here) != "experiments" or os.path.basename(os.path.dirname(here)) != "eval":
+        return None
+    root = os.path.dirname(os.path.dirname(here))
+    return None if os.path.realpath(root) == os.path.realpath(os.getcwd()) else root
+
+
 def experiment_commands(config_path: str, *, out: Optional[str] = None, shard: Optional[str] = None,
-                        report_only: bool = False) -> list[list[str]]:
+                        report_only: bool = False, overwrite: bool = False) -> list[list[str]]:
     """The commands the experiment runs, in order, as argv lists: ``["hf-sparse-attn", "bench", kind, ...]`` for
     kinds model / kernel, ``[python, script, ...]`` for scripts (and the report script last, if any). Raises
-    ConfigError for a shard the command cannot take."""
+    ConfigError for a shard the command cannot take. Run from outside the repository root, the paths are absolute
+    (:func:`repository_root`)."""
     config = load_config(config_path)
     exp = config["experiment"]
     kind = exp["kind"]
+    root = repository_root(config_path)
     out = out or os.path.join(RESULTS_ROOT, exp["name"])
+    if root is not None:
+        if not os.path.isabs(out) and out == os.path.join(RESULTS_ROOT, exp["name"]):
+            out = os.path.join(root, out)
+        config_path = os.path.abspath(config_path)
+        exp = dict(exp)
+        for key in ("script", "report_script"):
+            if exp.get(key) and not os.path.isabs(exp[key]):
+                exp[key] = os.path.join(root, exp[key])
+    if overwrite and (report_only or shard is not None or kind == "script"):
+        raise ConfigError("--overwrite is for a whole run of a kind 'model' or 'kernel' experiment (not with --shard "
+                          "or --report-only)")
     if shard is not None:
         from .bench_cli import parse_shard
 
@@ -222,6 +246,8 @@ def experiment_commands(config_path: str, *, out: Optional[str] = None, shard: O
             command += ["--shard", shard]
         if report_only:
             command.append("--report-only")
+        if overwrite and not commands:  # the first command clears the directory; the later ones add to it
+            command.append("--overwrite")
         commands.append(command)
     if exp.get("report_script") and shard is None:
         commands.append([sys.executable, exp["report_script"], "--out", out])
@@ -229,10 +255,10 @@ def experiment_commands(config_path: str, *, out: Optional[str] = None, shard: O
 
 
 def run_experiment(config_path: str, *, out: Optional[str] = None, shard: Optional[str] = None,
-                   report_only: bool = False, dry_run: bool = False) -> int:
+                   report_only: bool = False, dry_run: bool = False, overwrite: bool = False) -> int:
     """Run (or with ``dry_run`` print) the experiment's commands; stops at the first that fails. Returns its exit
     status (0 when every command succeeded)."""
-    commands = experiment_commands(config_path, out=out, shard=shard, report_only=report_only)
+    commands = experiment_commands(config_path, out=out, shard=shard, report_only=report_only, overwrite=overwrite)
     missing = [c[1] for c in commands if c[0] == sys.executable and not os.path.exists(c[1])]
     if missing and not dry_run:
         raise ConfigError(f"{config_path}: script(s) {missing} not found (paths are relative to the repository root: "
@@ -265,12 +291,15 @@ def configure_run(levels: Any) -> None:
     run.add_argument("--report-only", action="store_true", help="only rebuild the report from the records in the out dir")
     run.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     run.add_argument("--out", default=None, help="results directory (default: eval/results/<name>)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="kinds model / kernel: the results directory holds results of other settings; discard "
+                          "them (passed to the first command)")
 
 
 def run_experiment_command(args: argparse.Namespace) -> int:
     try:
         return run_experiment(args.config, out=args.out, shard=args.shard, report_only=args.report_only,
-                              dry_run=args.dry_run)
+                              dry_run=args.dry_run, overwrite=args.overwrite)
     except ConfigError as err:
         print(f"hf-sparse-attn bench run: error: {err}", file=sys.stderr)
         return 2

@@ -23,8 +23,6 @@ import platform
 import random
 import sys
 
-import torch
-
 from ..commands.loading import add_model_arguments as add_model_name_arguments
 from ..commands.loading import load_model
 from .store import JsonlStore
@@ -63,6 +61,8 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
+        import torch
+
         torch.set_num_threads(args.threads)
 
 
@@ -97,8 +97,6 @@ def read_corpus(args: argparse.Namespace) -> tuple[str, list[str], dict]:
     """(corpus name, texts, counts) from --text / --corpus, filtered by --min-chars and drawn with
     --max-sequences/--seed. ``counts``: texts_read, empty_lines_dropped, shorter_than_min_chars_dropped,
     not_drawn (by --max-sequences), used."""
-    from hf_sparse_attn.eval import data
-
     counts = {"texts_read": 0, "empty_lines_dropped": 0, "shorter_than_min_chars_dropped": 0, "not_drawn": 0,
               "used": 0}
     if args.text:
@@ -107,6 +105,8 @@ def read_corpus(args: argparse.Namespace) -> tuple[str, list[str], dict]:
     else:
         corpus = args.corpus
         name = corpus
+        if corpus in ("wikipedia", "wikipedia-articles", "peoples_daily", "peoples-daily"):
+            from hf_sparse_attn.eval import data  # the offline corpora (imports torch): only when one is asked for
         if corpus == "wikipedia":
             texts = data.wikipedia_sentences()
         elif corpus == "wikipedia-articles":
@@ -142,7 +142,11 @@ def read_corpus(args: argparse.Namespace) -> tuple[str, list[str], dict]:
         elif os.path.exists(corpus):
             texts = _lines(corpus, counts)
         else:
-            raise SystemExit(f"unknown corpus {corpus!r}: {CORPUS_HELP}")
+            import difflib
+
+            close = difflib.get_close_matches(corpus, ("wikipedia", "wikipedia-articles", "peoples_daily"), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise SystemExit(f"unknown corpus {corpus!r} (no such file): {hint}--corpus takes {CORPUS_HELP}")
     counts["texts_read"] = len(texts) + counts["empty_lines_dropped"]
     long_enough = [t for t in texts if len(t) >= args.min_chars]
     counts["shorter_than_min_chars_dropped"] = len(texts) - len(long_enough)
@@ -218,6 +222,8 @@ class ResumableRun:
 
 
 def provenance() -> dict:
+    import torch
+
     return {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPU threads, "
             f"torch {torch.__version__}, {torch.get_num_threads()} torch threads", "command": " ".join(sys.argv)}
 
@@ -260,6 +266,8 @@ def sequence_length(captured: dict, batch_index: int = 0) -> int:
 
 def sequence_statistics(captured: dict, prefix_lengths: list[int], max_block_entries: int, batch_index: int = 0) -> list:
     """Per layer (index order) SequenceHeadTail of sequence ``batch_index`` of ``captured`` (from capture_attention)."""
+    import torch
+
     from hf_sparse_attn.eval.head_tail import SequenceHeadTail, head_tail_statistics, sequence_points
 
     layers = sorted(captured)
@@ -301,20 +309,20 @@ def sequence_statistics(captured: dict, prefix_lengths: list[int], max_block_ent
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from hf_sparse_attn.eval.head_tail import HeadTailAccumulator, prefix_grid, scaling_lengths, sequence_record, summary_text, write_plots
-    from hf_sparse_attn.eval.sparsity import model_forward
-    from hf_sparse_attn.patches import capture_attention
-
     if args.min_prefix < 1 or args.prefix_step < 1 or args.scaling_step < 1:
         raise SystemExit("--min-prefix, --prefix-step and --scaling-step must be >= 1")
     if args.max_length is not None and args.max_length < 1:
         raise SystemExit(f"--max-length must be >= 1, got {args.max_length}")
     corpus, texts, input_counts = read_corpus(args)  # bad input fails here, before the model loads
     os.makedirs(args.out, exist_ok=True)
+    from tqdm import tqdm
+
+    from hf_sparse_attn.eval.head_tail import HeadTailAccumulator, prefix_grid, scaling_lengths, sequence_record, summary_text, write_plots
+    from hf_sparse_attn.eval.sparsity import model_forward
+    from hf_sparse_attn.patches import capture_attention
+
     apply_threads(args)
-    model, tokenizer = load_model(args.model, args.trust_remote_code, device=args.device, dtype=torch.float32)
+    model, tokenizer = load_model(args.model, args.trust_remote_code, device=args.device, dtype="float32")
     max_length = args.max_length or model_max_length(model, tokenizer)
     scaling = scaling_lengths(max_length, args.scaling_step, args.min_prefix)
     config = {"model": args.model, "corpus": corpus, "max_sequences": args.max_sequences, "seed": args.seed,

@@ -13,13 +13,22 @@ stale lock behind.
         ...  # append results; run.path is the directory
 
 Nothing in the directory that the run did not write is removed: ``overwrite`` deletes only the files named in
-``owned_files`` (and the settings file), the ones the command itself writes.
+``owned_files`` or matching ``owned_patterns`` (regular expressions of file names, for files with variable names such
+as shard parts) and the settings file, the ones the command itself writes.
+
+``record=False`` only checks: no lock, nothing written, a directory without settings accepted (``--report-only``
+rebuilding the report of results made by an older version). ``lock_name`` gives concurrent writers of disjoint files
+their own lock (the shards of ``bench model``). ``run_id`` is a short hash of the settings: it names the files one run
+writes (shard parts), so that files of another run are never taken for its own.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import re
 from typing import Any, Iterable, Optional
 
 try:
@@ -27,7 +36,7 @@ try:
 except ImportError:  # not on Windows: no lock there
     fcntl = None
 
-__all__ = ["RunDir", "RunSettingsError", "SETTINGS_FILE", "LOCK_FILE", "settings_diff"]
+__all__ = ["RunDir", "RunSettingsError", "SETTINGS_FILE", "LOCK_FILE", "settings_diff", "settings_id", "path_fingerprint"]
 
 SETTINGS_FILE = "run_settings.json"
 LOCK_FILE = ".run.lock"
@@ -55,6 +64,33 @@ def settings_diff(old: dict, new: dict) -> list[str]:
     return out
 
 
+def settings_id(settings: dict) -> str:
+    """A short stable hash of a settings dict (its JSON with sorted keys)."""
+    return hashlib.sha1(json.dumps(_normalise(settings), sort_keys=True).encode()).hexdigest()[:10]
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".model", ".json", ".txt")
+
+
+def path_fingerprint(name: str) -> dict:
+    """What identifies a model given by path before it is loaded (cheap: no weights read): for a local directory the
+    SHA-1 of its config.json and the names and sizes of its weight / tokenizer files; for anything else (a hub id,
+    an alias such as ``smollm2``) the name alone."""
+    if not name or not os.path.isdir(name):
+        return {"name": name}
+    digest = hashlib.sha1()
+    config = os.path.join(name, "config.json")
+    if os.path.isfile(config):
+        with open(config, "rb") as f:
+            digest.update(f.read())
+    files = []
+    for path in sorted(glob.glob(os.path.join(name, "*"))):
+        if os.path.isfile(path) and path.endswith(_WEIGHT_SUFFIXES):
+            files.append([os.path.basename(path), os.path.getsize(path)])
+    digest.update(json.dumps(files).encode())
+    return {"path": os.path.abspath(name), "files_sha1": digest.hexdigest()[:16]}
+
+
 class RunDir:
     """An output directory bound to one set of settings (see the module docstring).
 
@@ -65,12 +101,16 @@ class RunDir:
     """
 
     def __init__(self, path: str, settings: dict, *, overwrite: bool = False,
-                 owned_files: Iterable[str] = (), forbidden: Iterable[str] = (), command: str = "this command") -> None:
+                 owned_files: Iterable[str] = (), forbidden: Iterable[str] = (), command: str = "this command",
+                 owned_patterns: Iterable[str] = (), record: bool = True, lock_name: str = LOCK_FILE) -> None:
         self.path = path
         self.settings = _normalise(settings)
         self.overwrite = overwrite
         self.owned_files = list(owned_files)
+        self.owned_patterns = [re.compile(p) for p in owned_patterns]
         self.command = command
+        self.record = record
+        self.lock_name = lock_name
         out = os.path.realpath(path)
         for other in forbidden:
             if other is None:
@@ -82,13 +122,18 @@ class RunDir:
         self._lock_fd: Optional[int] = None
 
     @property
+    def run_id(self) -> str:
+        """A short hash of the settings (the same for every rerun that resumes this run)."""
+        return settings_id(self.settings)
+
+    @property
     def settings_path(self) -> str:
         return os.path.join(self.path, SETTINGS_FILE)
 
     def _lock(self) -> None:
         if fcntl is None:
             return
-        lock_path = os.path.join(self.path, LOCK_FILE)
+        lock_path = os.path.join(self.path, self.lock_name)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,6 +155,10 @@ class RunDir:
 
     def open(self) -> "RunDir":
         """Create the directory, take the lock, check (or record) the settings. Raises RunSettingsError."""
+        if not self.record:
+            return self._check_only()
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise RunSettingsError(f"--out {self.path} is a file, not a directory; give a directory for the results")
         os.makedirs(self.path, exist_ok=True)
         self._lock()
         try:
@@ -139,8 +188,33 @@ class RunDir:
             raise
         return self
 
+    def _check_only(self) -> "RunDir":
+        if not os.path.exists(self.settings_path):
+            return self
+        try:
+            with open(self.settings_path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError) as err:
+            raise RunSettingsError(f"{self.settings_path} is unreadable ({err})") from None
+        diff = settings_diff(old, self.settings)
+        if diff:
+            raise RunSettingsError(f"{self.path} holds results of {self.command} made with other settings: "
+                                   f"{'; '.join(diff)}. Give the settings of that run")
+        return self
+
+    def owned_paths(self) -> list[str]:
+        """The files of the directory this command writes (``owned_files`` that exist, then names matching
+        ``owned_patterns``)."""
+        paths = [os.path.join(self.path, n) for n in self.owned_files if os.path.isfile(os.path.join(self.path, n))]
+        if self.owned_patterns and os.path.isdir(self.path):
+            for name in sorted(os.listdir(self.path)):
+                full = os.path.join(self.path, name)
+                if full not in paths and os.path.isfile(full) and any(p.fullmatch(name) for p in self.owned_patterns):
+                    paths.append(full)
+        return paths
+
     def _has_owned_results(self) -> bool:
-        return any(os.path.exists(os.path.join(self.path, name)) for name in self.owned_files)
+        return bool(self.owned_paths())
 
     def _write_settings(self) -> None:
         tmp = f"{self.settings_path}.{os.getpid()}.tmp"
@@ -149,9 +223,9 @@ class RunDir:
         os.replace(tmp, self.settings_path)
 
     def discard(self) -> None:
-        """Delete the files this command writes (``owned_files``) and the recorded settings; nothing else."""
-        for name in self.owned_files + [SETTINGS_FILE]:
-            full = os.path.join(self.path, name)
+        """Delete the files this command writes (``owned_files``, ``owned_patterns``) and the recorded settings;
+        nothing else."""
+        for full in self.owned_paths() + [self.settings_path]:
             if os.path.isfile(full):
                 os.remove(full)
 

@@ -17,9 +17,6 @@ import argparse
 import json
 import os
 
-import numpy as np
-import torch
-
 from hf_sparse_attn.eval.head_tail_cli import (
     ResumableRun,
     add_corpus_arguments,
@@ -51,19 +48,20 @@ def _counts_to_record(index: list[int], counts: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from hf_sparse_attn.eval.sparsity import SparsityCounts, measure_sparsity, sparsity_result, sparsity_summary, write_sparsity_plots
-    from hf_sparse_attn.selection import rank_layers
-
     if min(args.k) < 1 or not all(0 <= e < 1 for e in args.eps):
         raise SystemExit("--k must be >= 1 and --eps in [0, 1)")
     if args.max_length is not None and args.max_length < 1:
         raise SystemExit(f"--max-length must be >= 1, got {args.max_length}")
     corpus, texts, input_counts = read_corpus(args)  # bad input fails here, before the model loads
     os.makedirs(args.out, exist_ok=True)
+    import numpy as np
+    from tqdm import tqdm
+
+    from hf_sparse_attn.eval.sparsity import SparsityCounts, measure_sparsity, sparsity_result, sparsity_summary, write_sparsity_plots
+    from hf_sparse_attn.selection import rank_layers
+
     apply_threads(args)
-    model, tokenizer = load_model(args.model, args.trust_remote_code, device=args.device, dtype=torch.float32)
+    model, tokenizer = load_model(args.model, args.trust_remote_code, device=args.device, dtype="float32")
     max_length = args.max_length or model_max_length(model, tokenizer)
     ks, epsilons = sorted(set(args.k)), sorted(set(args.eps))
     config = {"model": args.model, "corpus": corpus, "max_sequences": args.max_sequences, "seed": args.seed,

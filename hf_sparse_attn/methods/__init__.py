@@ -9,5 +9,6 @@ from . import exact  # noqa: F401  (registers "exact")
 from . import kmv, poly, feature_sketch  # noqa: F401  (Indyk et al.; Alman & Song; Deng, Mahadevan & Song)
 from . import hyper, sparse_hyper  # noqa: F401  (register "hyper", "sparse_hyper")
 from . import local  # noqa: F401  (registers "local": attention sinks + local window)
+from . import block_select  # noqa: F401  (registers "block_select": sinks + window + selected key blocks)
 
 __all__ = ["MethodSpec", "Param", "get_method", "get_spec", "list_methods", "register_method", "merge_attention"]

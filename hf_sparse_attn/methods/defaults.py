@@ -76,3 +76,23 @@ LOCAL_NUM_SINK_TOKENS = NUM_SINK_TOKENS
 # 4096 is the first length where it pays by more than the run-to-run noise:
 # eval/results/defaults_causal_threshold/results.md.
 LOCAL_MIN_SEQ_LEN = 4096
+
+# block_select ----------------------------------------------------------------------------------------------------
+# Sinks + window + selected keys (block_select.py), the key budget of local w1024 per row: 64 sinks + window 512 + 512
+# selected keys, chosen by the vertical estimate of the last 64 rows (MInference's "last q" of 64). Single key columns
+# (block_size 1) against 8 blocks of 64 and MoBA's 8 blocks of 64 per 256-query block, in one run with local w1024:
+# real-layer error 0.106 / 0.265 / 0.192 (local w1024 0.178) at 2.89x / 2.72x / 2.31x SDPA at 8k (local 3.08x) and
+# 10.4x / 10.9x / 8.2x at 32k (local 12.6x): eval/results/kernels_block_select/results.md. Columns are the only
+# selection on the error-speed Pareto front next to local; the pass key at 8k is kept by all three (3/3 each, local
+# 0/3): docs/methods/block_select.md.
+BLOCK_SELECT_SELECTIONS = ("vertical", "moba")
+BLOCK_SELECT_SELECTION = "vertical"
+BLOCK_SELECT_WINDOW = 512
+BLOCK_SELECT_NUM_SINK_TOKENS = NUM_SINK_TOKENS
+BLOCK_SELECT_NUM_SELECTED = 512
+BLOCK_SELECT_BLOCK_SIZE = 1
+BLOCK_SELECT_PROBE_QUERIES = 64
+BLOCK_SELECT_QUERY_BLOCK = 256
+# Not measured for block_select itself: local's crossover (its window and sink parts run local's code, and it measured
+# 0.94x local w1024's speed at 8k): eval/results/defaults_causal_threshold/results.md.
+BLOCK_SELECT_MIN_SEQ_LEN = LOCAL_MIN_SEQ_LEN

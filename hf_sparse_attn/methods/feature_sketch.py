@@ -66,7 +66,7 @@ import torch
 from .common import check_inputs
 from .exact import exact_attention
 from .lsh import make_generator
-from .registry import Param, register_method
+from .registry import MAX_TOKENS, Param, register_method
 
 
 def sample_size(n: int, eps: float, delta: float, oversample: float) -> int:
@@ -271,10 +271,10 @@ register_method(
                       help="leverage: randomized leverage-score sampling (Thm 3.5); deterministic: BSS sparsifier (Thm 3.6)"),
         "eps": Param(0.5, float, low=1e-3, high=0.99, help="spectral approximation (1 +- eps) of [Q;K][Q;K]^T"),
         "delta": Param(0.1, float, low=1e-9, high=0.5, help="failure probability of the randomized sampler"),
-        "oversample": Param(2.0, float, low=1e-3, help="constant in T = c eps^-2 n ln(n/delta) draws"),
+        "oversample": Param(2.0, float, low=1e-3, high=1e6, help="constant in T = c eps^-2 n ln(n/delta) draws"),
         "min_dim_ratio": Param(2.0, float, low=0.0, help="apply only when head dim d >= ratio * seq_len"),
         "seed": Param(0, int, low=0, help="seed of the sampler when no generator is given"),
-        "min_seq_len": Param(8, int, low=0, help="below this many keys: exact attention"),
+        "min_seq_len": Param(8, int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
     },
     check=feature_sketch_check,
     source="Deng, Mahadevan & Song, Theorems 3.5/3.6, Algorithms 1-2, Lemma 5.2, Definition 5.3, Theorem 4.2",

@@ -44,7 +44,7 @@ from .common import check_inputs
 from .defaults import (BLOCK_SIZE, SAMPLE_SIZE, CAUSAL_CROSSOVER_FACTOR, CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN,  # noqa: F401
                        NUM_SINK_TOKENS, SINGLE_PASS_WINDOW)
 from .lsh import make_generator
-from .registry import Param, register_method
+from .registry import MAX_SAMPLES_PER_KEY, MAX_TOKENS, Param, register_method
 from .sorted_blocks import (add_sinks_and_restore, leading_padding, move_leading_padding_to_end,
                             single_pass_causal_attention, sorted_lsh_attention, split_sink_keys)
 
@@ -97,6 +97,10 @@ def hyper_attention(
     if causal_mode not in CAUSAL_MODES:
         raise ValueError(f"hyper: causal_mode must be one of {list(CAUSAL_MODES)}, got {causal_mode!r}")
     gen = make_generator(generator, seed)
+    # sizes past the sequence length are capped at it (same output as the capped value; memory follows the input)
+    n_keys, n_max = max(1, k.shape[2]), max(1, q.shape[2], k.shape[2])
+    block_size, window = min(block_size, n_max), min(window, n_keys)
+    sample_size = min(sample_size, MAX_SAMPLES_PER_KEY * n_keys)
     num_sinks = min(num_sink_tokens, k.shape[2])
     shift = leading_padding(key_padding_mask) if num_sinks > 0 else None
     if shift is not None:  # left padding: the sinks must be each row's first real tokens, not its padding
@@ -130,20 +134,20 @@ def check_sorted_lsh(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding
 
 HYPER_PARAMS = {
     "lsh_num_projs": Param(7, int, low=1, high=16, help="random hyperplanes of the angular sortLSH (2^P Gray-ordered buckets)"),
-    "block_size": Param(256, int, low=1, help="queries per sorted block; each attends one key block exactly"),
-    "sample_size": Param(256, int, low=0, help="keys sampled uniformly per head, weight n/s, own block masked"),
-    "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, help="exact attention below this length; leaf size of the causal recursion"),
+    "block_size": Param(256, int, low=1, high=MAX_TOKENS, help="queries per sorted block; each attends one key block exactly"),
+    "sample_size": Param(256, int, low=0, high=MAX_TOKENS, help="keys sampled uniformly per head, weight n/s, own block masked"),
+    "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, high=MAX_TOKENS, help="exact attention below this length; leaf size of the causal recursion"),
     "seed": Param(0, int, low=0, help="seed of hashing and sampling when no generator is passed"),
-    "causal_min_seq_len": Param(CAUSAL_MIN_SEQ_LEN, int, low=0,
+    "causal_min_seq_len": Param(CAUSAL_MIN_SEQ_LEN, int, low=0, high=MAX_TOKENS,
                                 help="the adapter runs exact attention for causal calls shorter than this; "
                                      f"0 = auto = {CAUSAL_CROSSOVER_FACTOR} x min_seq_len (the measured causal crossover of both modes)"),
-    "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0,
+    "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0, high=MAX_TOKENS,
                              help="every query also attends the first num_sink_tokens real keys exactly (attention sinks; left padding skipped), "
                                   "merged via lse; they are excluded from the sorted blocks and the samples"),
     "causal_mode": Param(CAUSAL_MODE, str, choices=CAUSAL_MODES,
                          help="causal algorithm: 'single_pass' (sinks + exact window + causal LSH block + samples, one pass) "
                               "or 'recursive' (HyperAttention's recursive halving with exact leaves of min_seq_len)"),
-    "window": Param(WINDOW, int, low=0,
+    "window": Param(WINDOW, int, low=0, high=MAX_TOKENS,
                     help="single_pass: every query attends the previous `window` positions (and the earlier ones of its "
                          "64-query chunk) exactly"),
 }

@@ -90,7 +90,7 @@ from .exact import exact_attention
 from .gaussian_kernel import softmax_to_gaussian_kernel
 from .lsh import make_generator
 from .merge import merge_attention
-from .registry import Param, needs_grad, register_method
+from .registry import MAX_TOKENS, Param, needs_grad, register_method
 
 _PAIR_CHUNK = 1 << 20  # candidate pairs verified per chunk
 _BLOCK_ELEMS = 1 << 24  # dense kernel block elements per chunk (64 MB float32)
@@ -991,6 +991,9 @@ def kmv_attention(
         if block_size < 1 or num_samples < 0 or max_heavy_values < 0 or num_sink_tokens < 0:
             raise ValueError(f"kmv blocks: block_size must be >= 1, num_samples, max_heavy_values and num_sink_tokens "
                              f">= 0; got {block_size}, {num_samples}, {max_heavy_values}, {num_sink_tokens}")
+        # sizes past the number of keys run as that number (same output; memory and time follow the input)
+        block_size, num_samples = min(block_size, max(Nq, Nk)), min(num_samples, Nk)
+        max_heavy_values, num_sink_tokens = min(max_heavy_values, Nk), min(num_sink_tokens, Nk)
         out, lse = kmv_blocks_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                         generator=make_generator(generator, seed), eps=eps, gamma=gamma,
                                         lsh_num_projs=lsh_num_projs or 7, block_size=block_size,
@@ -1027,28 +1030,28 @@ register_method(
         "gamma": Param(0.109, float, low=0.0, high=1.0, help="value rows with ||x_j||^2 >= n^gamma computed exactly (paper 0.109)"),
         "lsh_bucket_width": Param(2.0, float, low=0.1, help="E2LSH bucket width in units of r_near = sqrt(alpha ln n)"),
         "lsh_num_projs": Param(0, int, low=0, high=64, help="hashes per table; 0 = collision prob ~ n^-alpha at r_near (Lemma 2.1)"),
-        "lsh_num_tables": Param(0, int, low=0, help="LSH repetitions; 0 = ceil(lsh_table_factor * n^alpha * ln n)"),
-        "lsh_table_factor": Param(1.0, float, low=0.0, help="paper: 10 (T = 10 n^alpha log n)"),
+        "lsh_num_tables": Param(0, int, low=0, high=2**16, help="LSH repetitions; 0 = ceil(lsh_table_factor * n^alpha * ln n)"),
+        "lsh_table_factor": Param(1.0, float, low=0.0, high=1000.0, help="paper: 10 (T = 10 n^alpha log n)"),
         "budget": Param("variance", str, choices=("variance", "two_level", "kde"), help="per-row sample budget rule"),
-        "num_samples": Param(32, int, low=0, help="pilot samples per row (the base budget); blocks: 0 = no light-key samples"),
+        "num_samples": Param(32, int, low=0, high=MAX_TOKENS, help="pilot samples per row (the base budget); blocks: 0 = no light-key samples"),
         "budget_constant": Param(2.0, float, low=0.01, help="m_i = constant * variance_i / tol_i^2 (paper: 10)"),
         "median_groups": Param(1, int, low=1, high=64, help="median of this many independent estimates (paper: 10 log n)"),
         "split_signs": Param(False, bool, help="run V+ and V- separately instead of the signed estimator"),
-        "causal_block": Param(2048, int, low=16, help="causal recursion: exact attention at or below this many keys (the leaf size)"),
+        "causal_block": Param(2048, int, low=16, high=MAX_TOKENS, help="causal recursion: exact attention at or below this many keys (the leaf size)"),
         "seed": Param(0, int, low=0, help="seed when no generator is given"),
-        "min_seq_len": Param(4096, int, low=0, help="below this many keys: exact attention"),
+        "min_seq_len": Param(4096, int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
         "engine": Param("blocks", str, choices=ENGINES,
                         help="'blocks': sorted-LSH blocks + exact heavy value columns + variance-budgeted samples, all heads "
                              "batched on the input's device; 'reference': the faithful Algorithms 1-3, per head on CPU"),
-        "block_size": Param(256, int, low=1, help="blocks: queries per sorted LSH block (its key block = the heavy-key candidates)"),
-        "max_heavy_values": Param(64, int, low=0, help="blocks: at most this many heavy value rows (H1) per head, exact columns"),
-        "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0,
+        "block_size": Param(256, int, low=1, high=MAX_TOKENS, help="blocks: queries per sorted LSH block (its key block = the heavy-key candidates)"),
+        "max_heavy_values": Param(64, int, low=0, high=MAX_TOKENS, help="blocks: at most this many heavy value rows (H1) per head, exact columns"),
+        "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0, high=MAX_TOKENS,
                                  help="blocks: the first real keys also attended as exact columns, like H1 (attention sinks; "
                                       "left padding skipped)"),
         "max_head_tail": Param(MAX_HEAD_TAIL, float, low=0.0,
                                help="regime check: exact attention when the estimated tail/head ratio of K (Assumption A) "
                                     "exceeds this on some head; 0 = no check"),
-        "check_rows": Param(64, int, low=1, help="regime check: query rows sampled to estimate the tail/head ratio"),
+        "check_rows": Param(64, int, low=1, high=MAX_TOKENS, help="regime check: query rows sampled to estimate the tail/head ratio"),
     },
     check=kmv_check,
     source="Indyk, Kapralov, Sheth, Wagner, Algorithms 1-3, Definition 3.1, Lemmas 3.2-3.5, 4.1, A.1.4",

@@ -27,7 +27,7 @@ import torch
 
 from .common import check_inputs
 from .defaults import LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW
-from .registry import Param, register_method
+from .registry import MAX_TOKENS, Param, register_method
 from .sorted_blocks import (add_sinks_and_restore, leading_padding, move_leading_padding_to_end,
                             window_attention)
 
@@ -61,6 +61,7 @@ def local_attention(
                          "the adapter sends other calls to exact attention")
     if window < 0 or num_sink_tokens < 0:
         raise ValueError(f"local: window and num_sink_tokens must be >= 0, got {window}, {num_sink_tokens}")
+    window = min(int(window), k.shape[2])  # a window of N or more holds every key: it runs as window N
     num_sinks = min(int(num_sink_tokens), k.shape[2])
     shift = leading_padding(key_padding_mask) if num_sinks > 0 else None
     if shift is not None:  # left padding: the sinks must be each row's first real tokens
@@ -84,11 +85,11 @@ register_method(
     "local",
     local_attention,
     params={
-        "window": Param(WINDOW, int, low=0, help="causal: each query attends the previous `window` positions (itself "
+        "window": Param(WINDOW, int, low=0, high=MAX_TOKENS, help="causal: each query attends the previous `window` positions (itself "
                                                 "included); bidirectional: the positions within `window` on each side"),
-        "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0,
+        "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0, high=MAX_TOKENS,
                                  help="every query also attends the first num_sink_tokens real keys (attention sinks)"),
-        "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, help="the adapter runs exact attention below this length"),
+        "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, high=MAX_TOKENS, help="the adapter runs exact attention below this length"),
     },
     check=check_local,
     source="StreamingLLM (Xiao et al. 2023, attention sinks + window); MInference's A-shape pattern",

@@ -62,9 +62,13 @@ import torch
 
 from .common import check_inputs
 from .exact import exact_attention
-from .registry import Param, needs_grad, register_method
+from .registry import MAX_TOKENS, Param, needs_grad, register_method
 
 MAX_DEGREE = 24
+# Upper bound of max_features: r features hold a [r, Dv + 1] state per head (~270 MB at r = 2^20, Dv = 64). The
+# features are the exact expansion of the polynomial, so r is not capped at the input size (an accuracy test may
+# need r > N on a short input); through a model the adapter already runs exact attention whenever r >= N.
+MAX_FEATURES = 2**20
 _GRID_POINTS = 4001
 
 
@@ -235,6 +239,7 @@ def poly_attention(
     Nk = k.shape[2]
     if Nk < min_seq_len:
         return exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+    chunk_size = max(1, min(int(chunk_size), Nk))  # one chunk of N or more keys is the whole prefix: as chunk N
     if degree:
         r = num_features(D, degree)
         if r > max_features:
@@ -344,10 +349,11 @@ register_method(
     params={
         "eps": Param(0.01, float, low=1e-8, high=0.5, help="relative error of the exp polynomial on the measured score range"),
         "degree": Param(0, int, low=0, high=MAX_DEGREE, help="fixed polynomial degree; 0 = smallest reaching eps"),
-        "max_features": Param(4096, int, low=1, help="largest r = C(D+g, g) allowed (memory N*r floats per head)"),
-        "chunk_size": Param(256, int, low=1, help="causal: keys per prefix-sum chunk"),
+        "max_features": Param(4096, int, low=1, high=MAX_FEATURES,
+                              help="largest r = C(D+g, g) allowed (memory ~ r (Dv + 1) floats per head)"),
+        "chunk_size": Param(256, int, low=1, high=MAX_TOKENS, help="causal: keys per prefix-sum chunk"),
         "allow_out_of_regime": Param(False, bool, help="run with the largest degree that fits even when eps cannot be met"),
-        "min_seq_len": Param(2048, int, low=0, help="below this many keys: exact attention"),
+        "min_seq_len": Param(2048, int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
     },
     check=poly_check,
     source="Alman & Song, Algorithm 1, Lemmas 3.2-3.6, Corollary 2.2",

@@ -35,6 +35,15 @@ from ..kernels import needs_grad  # noqa: F401  (re-exported for the methods and
 
 MethodFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+# Upper bound of every parameter counted in tokens (window, block_size, sample_size, num_samples, min_seq_len, ...):
+# 16M tokens, beyond any context length. Methods also cap each such parameter at the call's sequence length (a
+# window of 10**7 on 256 tokens runs as a window of 256, with the same output), so that memory and time follow the
+# input, never the parameter; this bound only turns a typo (10**12) into an error at patch time.
+MAX_TOKENS = 2**24
+# Uniform samples drawn with replacement (hyper's sample_size) are capped at this many per key of the call: past N
+# they cost more than exact attention over the same keys, but a Monte-Carlo estimate still converges with more of
+# them (tests/test_hyper.py runs 21 N); 32 N bounds the memory by the input (same output as sample_size = 32 N).
+MAX_SAMPLES_PER_KEY = 32
 CheckFn = Callable[..., Optional[str]]
 
 

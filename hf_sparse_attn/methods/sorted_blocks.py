@@ -50,6 +50,7 @@ from .merge import merge_attention
 
 NEG_INF = float("-inf")
 from .defaults import CAUSAL_QUERY_CHUNK_DIVISOR  # noqa: E402  (causal quadrants: chunks of block_size / 2)
+from .registry import MAX_SAMPLES_PER_KEY  # noqa: E402  (sample sizes capped per key of the call)
 
 
 @contextlib.contextmanager
@@ -595,7 +596,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     B, H, N, D = q.shape
     Dv = v.shape[3]
     device = q.device
-    W = int(window)
+    W = min(int(window), N)  # a window of N or more holds every key: the same as window N (memory follows N)
     C = max(1, min(int(chunk), N))
     nch = -(-N // C)
     ahead = 0 if causal else W  # keys after the chunk end a query may see
@@ -726,7 +727,7 @@ def causal_bucket_block_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.
     Dv = vf.shape[3]
     G = B * H
     device = qf.device
-    bk = max(1, int(block_size))
+    bk = max(1, min(int(block_size), N))  # a block of N or more keys holds every key: the same as N
     T = max(1, bk // BLOCK_TILE_DIVISOR)
     L = T + bk
     pos = torch.arange(N, device=device)
@@ -839,7 +840,7 @@ def sampled_residual_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Ten
     Dv = vf.shape[3]
     G = B * H
     device = qf.device
-    s = int(sample_size)
+    s = min(int(sample_size), MAX_SAMPLES_PER_KEY * N)  # memory follows the input (registry.MAX_SAMPLES_PER_KEY)
     C = max(1, min(int(chunk), N))
     nch = -(-N // C)
     Np = nch * C
@@ -913,6 +914,9 @@ def single_pass_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """
     B, H, N, D = q.shape
     device = q.device
+    # sizes past the sequence length run as the length itself (same output; memory and time follow N)
+    window, block_size = min(int(window), N), min(int(block_size), N)
+    sample_size = min(int(sample_size), MAX_SAMPLES_PER_KEY * N)
     qf, kf, vf = q.float(), k.float(), v.float()
     S = int(num_sink_tokens)
     not_sink = torch.arange(N, device=device) >= S

@@ -54,7 +54,7 @@ from .common import check_inputs
 from .defaults import BLOCK_SIZE, CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN, NUM_SINK_TOKENS
 from .hyper import HYPER_PARAMS, WINDOW, check_sorted_lsh
 from .lsh import make_generator
-from .registry import Param, register_method
+from .registry import MAX_TOKENS, Param, register_method
 from .sorted_blocks import (add_sinks_and_restore, leading_padding, move_leading_padding_to_end,
                             single_pass_causal_attention, sorted_lsh_attention, split_sink_keys,
                             workspace)
@@ -164,6 +164,8 @@ def sparse_hyper_attention(
         raise ValueError(f"sparse_hyper: num_sink_tokens must be >= 0, got {num_sink_tokens}")
     gen = make_generator(generator, seed)
     want = scale_mode == "theory"
+    # sizes past the sequence length run as the length itself (same output; memory and time follow the input)
+    block_size, window = min(block_size, max(1, q.shape[2], k.shape[2])), min(window, max(1, k.shape[2]))
     num_sinks = min(num_sink_tokens, k.shape[2])
     shift = leading_padding(key_padding_mask) if num_sinks > 0 else None
     if shift is not None:  # left padding: the sinks must be each row's first real tokens, not its padding
@@ -202,7 +204,7 @@ def sparse_hyper_attention(
 _PARAMS = {name: p for name, p in HYPER_PARAMS.items() if name != "sample_size"}
 _PARAMS["scale_mode"] = Param("theory", str, choices=("theory", "none"),
                               help="'theory': multiply by the Attention is Naturally Sparse paper's scale coefficient alpha = 1 - eps (Def. 5.2-5.3); 'none': plain block softmax")
-_PARAMS["min_seq_len"] = Param(MIN_SEQ_LEN, int, low=1, help="exact attention below this length; leaf size of the causal recursion")
+_PARAMS["min_seq_len"] = Param(MIN_SEQ_LEN, int, low=1, high=MAX_TOKENS, help="exact attention below this length; leaf size of the causal recursion")
 
 register_method(
     "sparse_hyper",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import Callable, Iterable, Optional, Sequence
 
 from ..store import append_record, read_records
@@ -51,6 +52,7 @@ def latest_profiles(records: Iterable[dict]) -> dict[int, dict]:
 
 
 RESULTS_FILE = "results.jsonl"
+_SHARD_FILE = re.compile(r"results\.shard-\d+-of-\d+\.jsonl")
 
 
 def shard_results_file(index: int, count: int) -> str:
@@ -61,7 +63,8 @@ def shard_results_file(index: int, count: int) -> str:
 def results_files(out_dir: str) -> list[str]:
     """Every results file of ``out_dir``: results.jsonl first (if present), then the shards' files, sorted."""
     main = os.path.join(out_dir, RESULTS_FILE)
-    shards = sorted(glob.glob(os.path.join(out_dir, "results.shard-*-of-*.jsonl")))
+    shards = sorted(p for p in glob.glob(os.path.join(out_dir, "results.shard-*-of-*.jsonl"))
+                    if _SHARD_FILE.fullmatch(os.path.basename(p)))  # a user's results.shard-x-of-y.jsonl is not ours
     return ([main] if os.path.exists(main) else []) + shards
 
 

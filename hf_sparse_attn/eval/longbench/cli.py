@@ -9,7 +9,10 @@ Examples::
 
 Output directory: ``<task>.jsonl`` predictions (resumable: rerun the same command after a crash),
 ``result.json`` (official format), ``summary.json`` (scores + categories + averages + run metadata),
-``report.md``, ``plan.json`` (the PatchPlan used), and for the offline suite ``data/`` (the generated samples).
+``report.md``, ``plan.json`` (the PatchPlan used, with its served / fallback counts of the last invocation),
+``run_settings.json`` (the settings the predictions were made with: a rerun with other settings is refused unless
+``--overwrite``; ``run_dir.py``), and for the offline suite ``data/`` (the generated samples). While a run writes
+it holds a lock on the directory: a second run on the same ``--out`` is refused, naming the process.
 
 Order of work: arguments and data are checked first (unknown tasks, empty files, missing fields: a clear error
 before any model loads), then the processes join (``distributed.py``), then the model loads, the processes agree
@@ -23,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -86,6 +90,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own code (ChatGLM2/3); off by default")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out holds predictions made with other settings: delete them (only the files this "
+                             "command writes) and start afresh; without it such a rerun is refused")
 
 
 def load_model(name: str, dtype: str = "auto", device_map: Any = "auto", trust_remote_code: bool = False):
@@ -129,10 +136,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.suite == "longbench" and not args.data:
         raise ValueError("--data is required for LongBench (a directory of <task>.jsonl, data.zip, parquet or a "
                          "datasets id); use --suite offline for the generated suite")
-    for flag in ("max_length", "max_samples", "max_new_tokens"):
+    for flag, least in (("max_length", 2), ("max_samples", 1), ("max_new_tokens", 1)):
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and value < least:
+            why = " (middle truncation keeps max_length // 2 tokens at each end)" if flag == "max_length" else ""
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}{why}, got {value}")
     if args.suite == "offline":
         try:
             contexts = [int(c) for c in str(args.contexts).split(",") if c.strip()]
@@ -149,20 +157,90 @@ def load_longbench_data(args: argparse.Namespace, tasks: list[str]) -> dict:
     loads."""
     from .data import check_samples, load_task
 
-    task_samples = {}
+    task_samples, missing = {}, []
     for task in tasks:
-        samples = load_task(args.data, task, args.e, args.max_samples)
+        try:
+            samples = load_task(args.data, task, args.e, args.max_samples)
+        except FileNotFoundError:
+            missing.append(task)
+            continue
         check_samples(get_task(task), samples, f"--data {args.data}", longbench_e=args.e)
         task_samples[task] = (get_task(task), samples)
+    if missing:
+        from .data import file_name
+
+        names = ", ".join(f"{file_name(t, args.e)}.jsonl" for t in missing)
+        present = [t for t in tasks if t not in missing]
+        hint = (f"; to run the tasks it has, pass --tasks {','.join(present)}" if present
+                else "; check --data (and --e: LongBench-E files are <task>_e.jsonl)")
+        raise FileNotFoundError(f"--data {args.data} has no file for {len(missing)} of {len(tasks)} task(s): "
+                                f"{names}{hint}")
     return task_samples
 
 
-def _agree_on_pending(processes, task_samples: dict, out_dir: str) -> list:
+def run_settings(args: argparse.Namespace) -> dict:
+    """What the predictions of ``--out`` depend on: recorded in run_settings.json, a rerun with other values is
+    refused. Tasks and --max-samples are left out for LongBench (more tasks or samples extend a run); the plan
+    arguments are left out of an unpatched run."""
+    from ..run_dir import path_fingerprint
+
+    patched = bool(args.plan) or args.method != "none"
+    plan_sha = None
+    if args.plan:
+        with open(args.plan, "rb") as f:
+            plan_sha = hashlib.sha1(f.read()).hexdigest()[:16]
+    offline = args.suite == "offline"
+    return {
+        "command": "longbench", "model": args.model, "model_fingerprint": path_fingerprint(args.model),
+        "dtype": args.dtype, "suite": args.suite, "longbench_e": bool(args.e),
+        "contexts": str(args.contexts) if offline else None, "offline_samples": args.max_samples if offline else None,
+        "method": (None if args.plan else args.method), "plan_sha1": plan_sha,
+        "layers": args.layers if patched and not args.plan else None,
+        "select": args.select if patched and not args.plan else None,
+        "params": parse_params(args.param) if patched else {},
+        "seed": args.seed, "max_length": args.max_length, "max_new_tokens_cap": args.max_new_tokens,
+        "chat_template": not args.no_chat_template,
+    }
+
+
+OWNED_FILES = ("result.json", "summary.json", "report.md", "plan.json")
+
+
+def owned_names(args: argparse.Namespace, tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(files, name patterns) this command writes into --out: what --overwrite may delete, nothing else."""
+    from .files import PART_FILE
+    from .tasks import LONGBENCH_TASKS
+
+    files = list(OWNED_FILES) + [f"{t}.jsonl" for t in LONGBENCH_TASKS]
+    patterns = [PART_FILE.pattern, r"\.processes-\d+-\d+"]
+    if args.suite == "offline":
+        patterns.append(r"(%s)_\d+k\.jsonl" % "|".join(OFFLINE_KINDS))
+    return files, patterns
+
+
+def _served_note(plan) -> str:
+    """A warning when the plan served nothing or fewer than half of the prefill calls (decode steps, which every
+    method leaves to exact attention, are not counted), with the top reasons; '' otherwise."""
+    from ...patches.base import DECODE_REASON
+
+    served = sum(layer.served for layer in plan.layers)
+    reasons = {r: n for r, n in plan.fallback_counts().items() if r != DECODE_REASON}
+    calls = served + sum(reasons.values())
+    if calls == 0 or served * 2 >= calls:
+        return ""
+    top = "; ".join(f"{r}: {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    what = "served none" if served == 0 else f"served only {served}"
+    return (f"{plan.method!r} {what} of the {calls} prefill attention calls of its patched layers in this invocation: "
+            f"the rest ran exact attention ({top}). These scores are mostly the unpatched model's; lower the "
+            "threshold named (e.g. --param min_seq_len=...) or use longer inputs")
+
+
+def _agree_on_pending(processes, task_samples: dict, out_dir: str, run_id: str | None = None) -> list:
     """The samples still to predict, the same list in every process (checked), and a check that every process
     sees the output directory (a multi-machine run needs it on a shared filesystem)."""
     from .predict import pending_samples
 
-    pending = pending_samples(task_samples, out_dir)
+    pending = pending_samples(task_samples, out_dir, run_id)
     if not processes.distributed:
         return pending
     marker = None
@@ -187,19 +265,31 @@ def _agree_on_pending(processes, task_samples: dict, out_dir: str) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .distributed import start_processes
+    from ..run_dir import RunDir
 
     check_arguments(args)
     tasks = _task_list(args)
+    data = args.data if args.suite == "longbench" and args.data and os.path.exists(args.data) else None
+    files, patterns = owned_names(args, tasks)
+    run_dir = RunDir(args.out, run_settings(args), overwrite=args.overwrite, owned_files=files,
+                     owned_patterns=patterns, forbidden=[data], command="longbench")  # --out holding --data: refused
     task_samples = load_longbench_data(args, tasks) if args.suite == "longbench" else {}
+    from .distributed import start_processes
+
     processes = start_processes()
     try:
-        return _run(args, tasks, task_samples, processes)
+        if processes.is_main:  # one writer per directory: process 0 holds the lock for the whole run
+            run_dir.open()
+        processes.barrier()  # nobody reads --out before process 0 checked (or, with --overwrite, cleared) it
+        try:
+            return _run(args, tasks, task_samples, processes, run_dir.run_id)
+        finally:
+            run_dir.close()
     finally:
         processes.close()
 
 
-def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, processes) -> int:
+def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, processes, run_id: str = "unset") -> int:
     from .predict import merge_shards, missing_ids, predict_tasks
     from .score import count_samples, environment_info, markdown_report, score_directory, summarize
     from .tasks import default_max_length, offline_task
@@ -208,6 +298,10 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
     device_map = "auto" if not processes.distributed else {"": str(processes.device)}
     model, tokenizer, model_name = load_model(args.model, args.dtype, device_map, args.trust_remote_code)
     os.makedirs(args.out, exist_ok=True)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if args.max_length and positions and args.max_length > positions:
+        raise ValueError(f"--max-length {args.max_length} is more than the model's {positions} positions: prompts "
+                         f"would not be truncated to fit; give at most {positions} (minus the output length)")
 
     plan_dict, plan = None, None
     if args.plan or args.method != "none":
@@ -220,10 +314,9 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
             plan = patch_model(model, method=args.method, layers=args.layers, select=args.select, seed=args.seed,
                                **method_params)
         plan_dict = plan.to_dict()
-        if processes.is_main:
-            plan.save(os.path.join(args.out, "plan.json"))
+        if processes.is_main and not os.path.exists(os.path.join(args.out, "plan.json")):
+            plan.save(os.path.join(args.out, "plan.json"))  # rewritten with its counts once samples are predicted
 
-    positions = getattr(model.config, "max_position_embeddings", None)
     if args.max_length:
         max_length = args.max_length
     elif args.suite == "offline":
@@ -244,18 +337,18 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
     if args.max_new_tokens:
         task_samples = {name: (dataclasses.replace(spec, max_new_tokens=min(spec.max_new_tokens, args.max_new_tokens)),
                                samples) for name, (spec, samples) in task_samples.items()}
-    pending = _agree_on_pending(processes, task_samples, args.out)
+    pending = _agree_on_pending(processes, task_samples, args.out, run_id)
     counts = predict_tasks(model, tokenizer, task_samples, args.out, max_length, seed=args.seed,
                            process_index=processes.rank, num_processes=processes.world_size,
                            chat_template=not args.no_chat_template, pending=pending,
-                           progress=not args.no_progress and processes.local_rank == 0)
+                           progress=not args.no_progress and processes.local_rank == 0, run_id=run_id)
     all_counts = processes.all_gather(counts)  # also the barrier: every shard is complete after it
     if not processes.is_main:
         return 0
     for task, (_, samples) in task_samples.items():
         order = [s["_id"] for s in samples]
-        merge_shards(args.out, task, order=order)
-        lost = missing_ids(args.out, task, order)
+        merge_shards(args.out, task, order=order, run_id=run_id)
+        lost = missing_ids(args.out, task, order, run_id=run_id)
         if lost:
             raise ValueError(f"{len(lost)} sample(s) of {task} have no prediction after every process finished "
                                f"(e.g. {lost[:3]}); with several machines --out must be on a shared filesystem. "
@@ -281,8 +374,14 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "environment": environment_info(),
     }
+    note = ""
     if plan is not None:
         plan_dict = plan.to_dict()  # with this invocation's per-layer call / fallback counts
+        if counts.get("predicted"):  # the final plan: served / fallback counts of this invocation (if it predicted)
+            plan.save(os.path.join(args.out, "plan.json"))
+        note = _served_note(plan)
+        if note:
+            meta = {"warning": note, **meta}
     if args.e:
         summary = {b: summarize(result, b) for b in ("0-4k", "4-8k", "8k+")}
     else:
@@ -294,4 +393,6 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
         f.write(markdown_report(result, meta, title=f"{meta['suite']}: {model_name}, method {meta['method']}",
                                 samples=samples_scored))
     print(json.dumps(result, ensure_ascii=False, indent=2))
+    if note:
+        print(f"hf-sparse-attn longbench: warning: {note}", file=sys.stderr)
     return 0

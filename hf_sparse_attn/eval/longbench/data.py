@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import string
 import zipfile
@@ -43,26 +44,55 @@ def read_jsonl_lines(lines: Iterable[str], where: str) -> list[dict]:
         if not line:
             continue
         try:
-            samples.append(json.loads(line))
+            sample = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: line {number} is not valid JSON ({err})") from None
+        if not isinstance(sample, dict):
+            raise ValueError(f"{where}: line {number} is a JSON {type(sample).__name__}, not an object; a LongBench "
+                             "sample is one JSON object per line ({\"context\": ..., \"input\": ..., ...})")
+        try:
+            json.dumps(sample, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{where}: line {number} holds text that is not valid Unicode ({err.reason}: a lone "
+                             "surrogate escape such as \\ud800); fix or drop that line") from None
+        samples.append(sample)
     return samples
 
 
-def assign_ids(samples: list[dict], task: str) -> list[dict]:
-    """Give each sample a stable ``_id``: its own if present, else a hash of its content (repeated content gets
-    a ``-k`` suffix so ids stay unique)."""
-    seen: dict[str, int] = {}
+def assign_ids(samples: list[dict], task: str, where: Optional[str] = None) -> list[dict]:
+    """Give each sample a stable ``_id``: its own if present (a string or an integer, unique in the task: a
+    repeated or malformed id is an error naming it, since predictions are resumed and merged by id), else a hash of
+    its content (repeated content gets a ``-k`` suffix, chosen so that it never collides with another id)."""
+    where = where or task
+    bad = [n for n, s in enumerate(samples, 1) if s.get("_id") not in (None, "")
+           and (isinstance(s["_id"], bool) or not isinstance(s["_id"], (str, int)))]
+    if bad:
+        shown = ", ".join(str(n) for n in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(f"{where}: task {task}: '_id' must be a string or an integer; sample {shown} has "
+                         f"{json.dumps(samples[bad[0] - 1]['_id'])[:40]}")
+    given: dict[str, int] = {}
+    repeated: list[str] = []
     for sample in samples:
-        if not sample.get("_id"):
-            digest = hashlib.sha1(json.dumps(sample, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
-            sample["_id"] = f"{task}-{digest}"
-        base = str(sample["_id"])
-        if base in seen:
-            seen[base] += 1
-            sample["_id"] = f"{base}-{seen[base]}"
-        else:
-            seen[base] = 0
+        if sample.get("_id") not in (None, ""):
+            key = str(sample["_id"])
+            given[key] = given.get(key, 0) + 1
+            if given[key] == 2:
+                repeated.append(key)
+    if repeated:
+        raise ValueError(f"{where}: task {task}: {len(repeated)} '_id' value(s) repeated ({', '.join(repeated[:5])}); "
+                         "predictions are resumed and merged by id, so each sample needs its own. Remove the repeated "
+                         "samples (or their '_id' fields, to get content-hash ids)")
+    taken = set(given)
+    for sample in samples:
+        if sample.get("_id") not in (None, ""):
+            continue
+        digest = hashlib.sha1(json.dumps(sample, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+        candidate, k = f"{task}-{digest}", 0
+        while candidate in taken:
+            k += 1
+            candidate = f"{task}-{digest}-{k}"
+        sample["_id"] = candidate
+        taken.add(candidate)
     return samples
 
 
@@ -147,7 +177,7 @@ def load_task(source: str, task: str, longbench_e: bool = False, max_samples: Op
         samples = _from_hub(source, stem)
     if max_samples is not None:
         samples = samples[:max_samples]
-    return assign_ids(samples, stem)
+    return assign_ids(samples, stem, where=source)
 
 
 def template_fields(template: str) -> list[str]:
@@ -177,14 +207,20 @@ def check_samples(spec, samples: list[dict], where: str, longbench_e: bool = Fal
     needed = [(field, None) for field in template_fields(spec.template)]
     needed.append(("answers", _answers_ok))
     if spec.metric == "classification":
-        needed.append(("all_classes", lambda v: isinstance(v, (list, tuple)) and len(v) > 0))
+        needed.append(("all_classes", lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                       and all(isinstance(c, str) for c in v)))
     if longbench_e:
-        needed.append(("length", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)))
+        needed.append(("length", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v)))
     problems: dict[str, list[int]] = {}
     for number, sample in enumerate(samples, 1):
         for field, ok in needed:
             if field not in sample or sample[field] is None or (ok is not None and not ok(sample[field])):
                 problems.setdefault(field, []).append(number)
+        classes = sample.get("all_classes")
+        if spec.metric != "classification" and classes is not None and not (
+                isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            problems.setdefault("all_classes", []).append(number)  # optional here, but a list of strings if given
     if problems:
         parts = []
         for field, numbers in problems.items():

@@ -25,6 +25,11 @@ Output in ``--out``: ``config.json`` (the resolved config), one directory per ar
 with ``<task>.jsonl`` predictions, ``plan.json``, ``result.json`` and ``summary.json``; ``table.md`` / ``table.json``
 (rewritten after every arm). Arms whose method and replaced layer set equal an earlier arm's (e.g. every
 selection at all layers) reuse its predictions and say so. Rerunning the same command resumes.
+
+``--out`` and each arm directory record their settings (``run_settings.json``, ``hf_sparse_attn/eval/run_dir.py``):
+a rerun with another model, data selection, prompt budget, seed or method parameter is refused, naming what
+differs, unless ``--overwrite`` (which deletes only the files this command writes). Adding tasks, samples or arms
+extends a run. While it writes, the run holds a lock on ``--out``: a second run there is refused, naming the process.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -148,11 +154,61 @@ def _table(config: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_grid(config: dict, out_dir: str, progress: bool = True) -> list[dict]:
-    """Run every arm of ``config`` into ``out_dir``; returns the table rows (also written to table.md / table.json)."""
+GRID_FILES = ["config.json", "table.md", "table.json"]
+ARM_FILES = ["plan.json", "result.json", "summary.json"]
+
+
+def grid_settings(config: dict) -> dict:
+    """What every arm's predictions depend on (recorded in ``--out``): the model, the data selection but its task
+    list and sample count (more extend a run), the prediction settings."""
+    from ..run_dir import path_fingerprint
+
+    data = config["data"]
+    return {"command": "longbench-grid", "model": config["model"],
+            "model_fingerprint": path_fingerprint(config["model"]["path"]),
+            "data": {"path": os.path.abspath(str(data["path"])), "longbench_e": data["longbench_e"],
+                     "min_length": data["min_length"]},
+            "predict": config["predict"]}
+
+
+def arm_settings(config: dict, arm: dict) -> dict:
+    """What one arm's predictions depend on (recorded in its directory): the grid's settings, its method, layer
+    count, selection and that method's parameters."""
+    return {**grid_settings(config), "method": arm["method"], "layers": arm["layers"], "select": arm["select"],
+            "params": dict(config["params"].get(arm["method"], {})) if arm["method"] else {}}
+
+
+def run_grid(config: dict, out_dir: str, progress: bool = True, overwrite: bool = False) -> list[dict]:
+    """Run every arm of ``config`` into ``out_dir``; returns the table rows (also written to table.md / table.json).
+    Raises RunSettingsError (a ValueError) where ``out_dir`` or an arm directory holds results of other settings
+    (unless ``overwrite``), another process writes it, or it holds the data."""
+    from ..run_dir import RunDir
+
+    data_path = str(config["data"]["path"])
+    with RunDir(out_dir, grid_settings(config), overwrite=overwrite, owned_files=GRID_FILES,
+                forbidden=[data_path if os.path.exists(data_path) else None], command="longbench-grid") as top:
+        arm_dirs = []
+        try:
+            for arm in arms(config):  # every arm checked before the model loads: a refusal comes at once
+                arm_dir = RunDir(os.path.join(out_dir, arm["name"]), arm_settings(config, arm), overwrite=overwrite,
+                                 owned_files=ARM_FILES + _task_files(), command=f"longbench-grid (arm {arm['name']})")
+                arm_dirs.append(arm_dir.open())
+            return _run_grid(config, top.path, progress)
+        finally:
+            for arm_dir in arm_dirs:
+                arm_dir.close()
+
+
+def _task_files() -> list[str]:
+    from .tasks import LONGBENCH_TASKS
+
+    return [f"{t}.jsonl" for t in LONGBENCH_TASKS]
+
+
+def _run_grid(config: dict, out_dir: str, progress: bool = True) -> list[dict]:
     from hf_sparse_attn import patch_model, unpatch_model
 
-    from .cli import load_model
+    from .cli import _served_note, load_model
     from .predict import predict_tasks
     from .score import count_samples, environment_info, score_directory, table1_row
 
@@ -185,7 +241,8 @@ def run_grid(config: dict, out_dir: str, progress: bool = True) -> list[dict]:
             params = dict(config["params"].get(arm["method"], {}))
             plan = patch_model(model, method=arm["method"], layers=arm["layers"], select=arm["select"],
                                seed=int(predict_cfg["seed"]), **params)
-            plan.save(os.path.join(arm_dir, "plan.json"))
+            if not os.path.exists(os.path.join(arm_dir, "plan.json")):  # rewritten with its counts after predicting
+                plan.save(os.path.join(arm_dir, "plan.json"))
             layer_indices = sorted(layer.layer_idx for layer in plan.layers if layer.method)
         key = (arm["method"], tuple(layer_indices))
         same_as = seen.get(key)
@@ -207,6 +264,12 @@ def run_grid(config: dict, out_dir: str, progress: bool = True) -> list[dict]:
                "table1": table1_row(result, bucket),
                "fallbacks": plan.fallback_counts() if plan is not None else {},
                "this_invocation": counts, "wall_s": round(time.perf_counter() - started, 1)}
+        if plan is not None and counts.get("predicted"):
+            plan.save(os.path.join(arm_dir, "plan.json"))  # the final plan: this invocation's served / fallback counts
+            note = _served_note(plan)
+            if note:
+                row["warning"] = note
+                print(f"hf-sparse-attn longbench-grid: warning: arm {arm['name']}: {note}", file=sys.stderr)
         with open(os.path.join(arm_dir, "result.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, ensure_ascii=False, indent=2)
         with open(os.path.join(arm_dir, "summary.json"), "w", encoding="utf-8") as f:
@@ -228,10 +291,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set model.path=/data/chatglm2-6b-32k")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out (or an arm) holds results made with other settings: delete them (only the files "
+                             "this command writes) and start afresh; without it such a rerun is refused")
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
-    run_grid(config, args.out, progress=not args.no_progress)
+    run_grid(config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     print(open(os.path.join(args.out, "table.md"), encoding="utf-8").read())
     return 0

@@ -20,7 +20,8 @@ is cut off before appending again.
 Sharding (N processes started by ``torchrun`` / ``accelerate launch``, see ``distributed.py``): before any process
 writes, every process lists the samples not yet predicted in any file of the output directory
 (:func:`pending_samples`, all tasks in order) and the processes check that their lists agree; process r then
-predicts ``pending[r::N]`` and writes ``<task>.partRR-of-NN.jsonl``. So each sample is predicted by exactly one
+predicts ``pending[r::N]`` and writes ``<task>.hfsa-partRR-of-NN.<run id>.jsonl`` (a name no user picks, with the
+run that wrote it: ``files.py``). So each sample is predicted by exactly one
 process, the work stays balanced after a resume, and a rerun with another N re-uses every finished sample. When
 all are done the main process merges the parts into ``<task>.jsonl`` (dataset order) and removes them. Readers
 merge parts too (a crashed sharded run scores as far as it got) and refuse an id predicted twice with different
@@ -30,16 +31,17 @@ and removing the parts) count once.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
-from glob import glob
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from ..store import JsonlStore, read_records, repair_tail
+from ..store import JsonlStore, repair_tail
+from .files import (  # noqa: F401  (the file functions lived here; their names stay importable from predict)
+    PART_FILE, DuplicatePredictionError, done_ids, merge_shards, merged_records, missing_ids, part_file_name,
+    read_predictions, task_prediction_files,
+)
 from .tasks import TaskSpec, build_prompt
 
 __all__ = [
@@ -58,19 +60,22 @@ __all__ = [
     "DuplicatePredictionError",
 ]
 
-_PART_FILE = re.compile(r"^(?P<task>.+)\.part(?P<rank>\d+)-of-(?P<world>\d+)\.jsonl$")
+_PART_FILE = PART_FILE
 
 
 # ------------------------------------------------------------------------------------------------ prompt building
 def truncate_middle(tokenizer, prompt: str, max_length: int) -> str:
     """The prompt itself if it has at most ``max_length`` tokens, else the decoded first and last
     ``max_length // 2`` tokens joined (official LongBench middle truncation)."""
+    if max_length < 2:
+        raise ValueError(f"max_length {max_length}: middle truncation keeps max_length // 2 tokens at each end; "
+                         "give at least 2")
     token_ids = tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
     if len(token_ids) <= max_length:
         return prompt
     half = max_length // 2
     head = tokenizer.decode(token_ids[:half], skip_special_tokens=True)
-    tail = tokenizer.decode(token_ids[-half:], skip_special_tokens=True)
+    tail = tokenizer.decode(token_ids[len(token_ids) - half:], skip_special_tokens=True)
     return head + tail
 
 
@@ -130,106 +135,23 @@ class PredictionWriter(JsonlStore):
         self.append(record)
 
 
-def read_predictions(path: str) -> list[dict]:
-    """Records of one prediction file; a trailing partial line (cut by a kill) is ignored, any other bad line
-    raises."""
-    return read_records(path, strict=True)
-
-
-def task_prediction_files(out_dir: str) -> dict[str, list[str]]:
-    """task -> its prediction files in ``out_dir`` (``<task>.jsonl`` first, then shard parts)."""
-    files: dict[str, list[str]] = {}
-    for path in sorted(glob(os.path.join(out_dir, "*.jsonl"))):
-        name = os.path.basename(path)
-        match = _PART_FILE.match(name)
-        task = match.group("task") if match else name.split(".")[0]
-        files.setdefault(task, []).append(path)
-    for task, paths in files.items():
-        paths.sort(key=lambda p: (bool(_PART_FILE.match(os.path.basename(p))), p))
-    return files
-
-
-class DuplicatePredictionError(ValueError):
-    """An ``_id`` has two different prediction records (two shards, or two runs appending to one file)."""
-
-
-def merged_records(paths: Iterable[str]) -> list[dict]:
-    """Records of several files of one task, one per ``_id`` (records without an id, as in official prediction
-    files, are all kept). An id with two identical records counts once; with two different records raises
-    :class:`DuplicatePredictionError` naming the ids and their files."""
-    first: dict = {}  # _id -> (record, path)
-    conflicts: dict = {}  # _id -> paths holding it
-    records = []
-    for path in paths:
-        for record in read_predictions(path):
-            sample_id = record.get("_id")
-            if sample_id is not None:
-                if sample_id in first:
-                    if record != first[sample_id][0]:
-                        conflicts.setdefault(sample_id, [first[sample_id][1]]).append(path)
-                    continue
-                first[sample_id] = (record, path)
-            records.append(record)
-    if conflicts:
-        shown = "; ".join(f"{sample_id!r} in {', '.join(sorted(set(os.path.basename(p) for p in where)))}"
-                          for sample_id, where in list(conflicts.items())[:5])
-        more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
-        directory = os.path.dirname(os.path.abspath(first[next(iter(conflicts))][1]))
-        raise DuplicatePredictionError(
-            f"{len(conflicts)} sample id(s) predicted more than once with different results in {directory}: "
-            f"{shown}{more}. Each sample must be predicted once; delete the extra lines (or the files of one of "
-            "the runs) and rerun the same command to redo what is missing.")
-    return records
-
-
-def done_ids(out_dir: str, task: str) -> set:
-    return {r["_id"] for r in merged_records(task_prediction_files(out_dir).get(task, [])) if "_id" in r}
-
-
-def missing_ids(out_dir: str, task: str, ids: Iterable) -> list:
-    """The ids among ``ids`` that have no prediction in ``out_dir`` (in the order given)."""
-    done = done_ids(out_dir, task)
-    return [sample_id for sample_id in ids if sample_id not in done]
-
-
-def merge_shards(out_dir: str, task: str, order: Optional[list] = None) -> str:
-    """Merge ``<task>.jsonl`` and its shard parts into ``<task>.jsonl`` (atomic replace), ordered as ``order``
-    (a list of ids) where given, then delete the parts. Returns the merged path."""
-    paths = task_prediction_files(out_dir).get(task, [])
-    target = os.path.join(out_dir, f"{task}.jsonl")
-    parts = [p for p in paths if p != target]
-    if not parts:
-        return target
-    records = merged_records(paths)
-    if order is not None:
-        rank = {sample_id: i for i, sample_id in enumerate(order)}
-        records.sort(key=lambda r: rank.get(r.get("_id"), len(rank)))
-    tmp = target + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    for part in parts:
-        os.remove(part)
-    return target
-
-
 # ------------------------------------------------------------------------------------------------ the loop
-def shard_file_name(task: str, process_index: int, num_processes: int) -> str:
-    """``<task>.jsonl`` for a single process, ``<task>.partRR-of-NN.jsonl`` for process RR of NN."""
+def shard_file_name(task: str, process_index: int, num_processes: int, run_id: str = "unset") -> str:
+    """``<task>.jsonl`` for a single process, ``<task>.hfsa-partRR-of-NN.<run_id>.jsonl`` for process RR of NN
+    (:func:`files.part_file_name`)."""
     if num_processes == 1:
         return f"{task}.jsonl"
-    return f"{task}.part{process_index:02d}-of-{num_processes:02d}.jsonl"
+    return part_file_name(task, process_index, num_processes, run_id)
 
 
-def pending_samples(task_samples: dict[str, tuple[TaskSpec, list[dict]]], out_dir: str) -> list[tuple[str, str]]:
-    """(task, _id) of every sample that has no prediction yet in any file of ``out_dir``, tasks in the order of
-    ``task_samples``, samples in dataset order. Sharded runs compute it once, before any process writes."""
+def pending_samples(task_samples: dict[str, tuple[TaskSpec, list[dict]]], out_dir: str,
+                    run_id: Optional[str] = None) -> list[tuple[str, str]]:
+    """(task, _id) of every sample that has no prediction yet in ``<task>.jsonl`` or a shard part (of the run
+    ``run_id``, where given) of ``out_dir``, tasks in the order of ``task_samples``, samples in dataset order.
+    Sharded runs compute it once, before any process writes."""
     pending = []
     for task, (_, samples) in task_samples.items():
-        already = done_ids(out_dir, task)
+        already = done_ids(out_dir, task, run_id)
         pending += [(task, s["_id"]) for s in samples if s["_id"] not in already]
     return pending
 
@@ -247,6 +169,7 @@ def predict_tasks(
     progress: bool = True,
     on_sample: Optional[Callable[[str, dict], None]] = None,
     pending: Optional[list[tuple[str, str]]] = None,
+    run_id: str = "unset",
 ) -> dict:
     """Predict this process's share ``pending[process_index::num_processes]`` of the samples not yet done; returns
     counts and wall time.
@@ -263,7 +186,7 @@ def predict_tasks(
         if num_processes > 1:
             raise ValueError("with num_processes > 1 pass pending=pending_samples(task_samples, out_dir), computed "
                              "once before any process writes, so that every process deals out the same list")
-        pending = pending_samples(task_samples, out_dir)
+        pending = pending_samples(task_samples, out_dir, run_id if num_processes > 1 else None)
     os.makedirs(out_dir, exist_ok=True)
     mine = pending[process_index::num_processes]
     mine_by_task: dict[str, set] = {}
@@ -282,7 +205,7 @@ def predict_tasks(
     for task, spec, todo in work:
         if not todo:
             continue
-        name = shard_file_name(task, process_index, num_processes)
+        name = shard_file_name(task, process_index, num_processes, run_id)
         with PredictionWriter(os.path.join(out_dir, name)) as writer:
             for sample in todo:
                 bar.set_postfix_str(task)

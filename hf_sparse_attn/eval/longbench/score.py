@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .metrics import get_metric
-from .predict import merged_records, task_prediction_files
+from .files import merged_records, task_prediction_files
 from .tasks import CATEGORIES, get_task
 
 __all__ = [
@@ -88,6 +88,34 @@ def score_task_e(task: str, records: Sequence[dict]) -> dict[str, Optional[float
     return {b: (round(100 * float(np.mean(s)), 2) if s else None) for b, s in per_bucket.items()}
 
 
+def _is_text_list(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
+
+
+def check_records(task: str, records: Sequence[dict], where: str, longbench_e: bool = False) -> None:
+    """Raise ValueError naming the file and the records unless every record has a text ``pred``, ``answers`` (a
+    string or a list of strings), ``all_classes`` absent, null or a list of strings, and with ``longbench_e`` a
+    finite numeric ``length``."""
+    def bad_length(v) -> bool:
+        return isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+
+    checks = [("pred", lambda r: not isinstance(r.get("pred"), str)),
+              ("answers", lambda r: not (isinstance(r.get("answers"), str) or _is_text_list(r.get("answers")))),
+              ("all_classes", lambda r: r.get("all_classes") is not None and not _is_text_list(r.get("all_classes")))]
+    if longbench_e:
+        checks.append(("length", lambda r: bad_length(r.get("length"))))
+    problems = []
+    for field, bad in checks:
+        numbers = [i for i, r in enumerate(records, 1) if bad(r)]
+        if numbers:
+            shown = ", ".join(str(n) for n in numbers[:5]) + (", ..." if len(numbers) > 5 else "")
+            problems.append(f"'{field}' missing or invalid in {len(numbers)} of {len(records)} records (record {shown})")
+    if problems:
+        raise ValueError(f"{where}: task {task}: " + "; ".join(problems) + ". A prediction line is {\"pred\": text, "
+                         "\"answers\": [text, ...], \"all_classes\": [text, ...] or null"
+                         + (", \"length\": number" if longbench_e else "") + "}")
+
+
 def _empty_score(longbench_e: bool):
     return {b: None for b in BUCKETS} if longbench_e else None
 
@@ -105,8 +133,9 @@ def score_directory(pred_dir: str, longbench_e: bool = False, write: bool = True
         raise FileNotFoundError(f"no <task>.jsonl prediction files in {pred_dir}")
     result: dict = {}
     for task in sorted(set(files) | set(tasks or ())):
-        get_task(task)  # clear error for a file that is not a known task
+        get_task(task)  # a task asked for that is not a known task: a clear error
         records = merged_records(files.get(task, []))
+        check_records(task, records, ", ".join(files.get(task, [])) or pred_dir, longbench_e)
         if not records:
             result[task] = _empty_score(longbench_e)
             continue

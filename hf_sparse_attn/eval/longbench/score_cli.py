@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     for task in tasks or []:
         get_task(task)
+    from .files import stray_files
+
+    stray = stray_files(args.pred_dir)
+    if stray:
+        print(f"longbench-score: skipped {', '.join(stray)} in {args.pred_dir}: not a <task>.jsonl prediction file "
+              "of a known task", file=sys.stderr)
     result = score_directory(args.pred_dir, longbench_e=args.e, tasks=tasks)
     if not args.no_report:
         with open(os.path.join(args.pred_dir, "report.md"), "w", encoding="utf-8") as f:

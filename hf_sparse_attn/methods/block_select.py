@@ -1,0 +1,415 @@
+"""``block_select``: attention sinks + an exact local window + key blocks selected by a cheap estimate (causal prefill).
+
+``local`` (sinks + window) loses facts that lie far behind a row's window: on real SmolLM2-135M at 8k a pass key the
+unpatched model retrieves is lost on every layer count tried (docs/methods/block_select.md). This method adds to every
+row a budget of selected keys from outside its window, chosen by one of two published estimates:
+
+* ``selection="vertical"`` (MInference, Jiang et al. 2024, "MInference 1.0: Accelerating Pre-filling for Long-Context
+  LLMs via Dynamic Sparse Attention", the vertical part of its vertical-slash index, estimated from the last 64
+  queries): the last ``probe_queries`` = P query rows attend every key exactly; per head, their attention mass per key
+  block of ``block_size`` keys, m_b = sum_{p in probes} sum_{j in b} softmax(scale q_p K^T)_j, ranks the blocks, and
+  the ceil(``num_selected`` / ``block_size``) blocks of highest mass are the "vertical" keys every row attends
+  (causally); ``block_size=1`` selects single key columns, MInference's vertical lines. The prompt's
+  question sits at its end, so the estimate is query-aware where retrieval needs it. The probe rows' own exact
+  output replaces theirs (they were computed exactly anyway).
+* ``selection="moba"`` (MoBA, Lu et al. 2025, "MoBA: Mixture of Block Attention for Long-Context LLMs", its gate
+  s(q-block, k-block) = mean-pooled q . mean-pooled k, top-k blocks): per block of ``query_block`` query rows, the
+  ceil(``num_selected`` / ``block_size``) key blocks with the highest score among those behind the rows' window. Its own block and the recent
+  blocks are covered by the exact window (MoBA always includes the own block).
+
+Key sets of query i (rolled coordinates: a left-padded row is moved past its padding first, so its sinks are its
+first real tokens, as in local.py), with S sinks and window W, all restricted to valid keys:
+
+    sinks     {j < S, j <= i}
+    window    {i - W < j <= i, j >= S}                         (local's exact window, sorted_blocks.window_attention)
+    selected  {j in selected blocks, S <= j <= i - W}            (no key twice: disjoint from the two above)
+
+merged through their log-sum-exp values (merge.py). Each part is exact attention over its keys, so the method is
+exact attention when the window covers the sequence or when the selected blocks cover every key behind the window.
+
+Cost per row: S + (W + 64) + num_selected key slots (the default 64 + 576 + 512), independent of N, plus
+the probe rows' P x N scores per head. No [N, N] tensor: the selected part is computed in row tiles of at most
+SELECT_MASK_BUDGET elements of mask, its keys gathered once per head (vertical) or once per query block (moba) into
+reused buffers (kernels/workspace.py).
+
+Causal only: a bidirectional call has no "last queries" to probe; ``check`` sends it to exact attention (and a direct
+call computes exact attention).
+
+Tensors: q [B, H, N, D], k/v [B, H, N, D] (self-attention; GQA expanded), key_padding_mask [B, N] bool (True =
+attend); out [B, H, N, D] in q's dtype (float32 accumulation), lse [B, H, N] float32 (-inf and out 0 for a row with
+no key).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.workspace import workspace
+from .common import check_inputs
+from .defaults import (BLOCK_SELECT_BLOCK_SIZE, BLOCK_SELECT_MIN_SEQ_LEN, BLOCK_SELECT_NUM_SELECTED,
+                       BLOCK_SELECT_NUM_SINK_TOKENS, BLOCK_SELECT_PROBE_QUERIES, BLOCK_SELECT_QUERY_BLOCK,
+                       BLOCK_SELECT_SELECTION, BLOCK_SELECT_SELECTIONS, BLOCK_SELECT_WINDOW)
+from .exact import exact_attention
+from .registry import Param, register_method
+from .sorted_blocks import (_empty_rows_to_zero, _needs_grad, add_sinks_and_restore, leading_padding,
+                            masked_attention_with_lse, merge_parts, move_leading_padding_to_end, window_attention)
+
+NEG_INF = float("-inf")
+# Elements of one tile's [G, T, R, M] mask of the selected part (16 MB of float32).
+SELECT_MASK_BUDGET = 1 << 22
+# Rows per tile of the vertical selection: smaller tiles attend shorter key prefixes (rows see only keys behind them).
+SELECT_ROWS = 512
+
+
+def block_select_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    window: int = BLOCK_SELECT_WINDOW,
+    num_sink_tokens: int = BLOCK_SELECT_NUM_SINK_TOKENS,
+    selection: str = BLOCK_SELECT_SELECTION,
+    num_selected: int = BLOCK_SELECT_NUM_SELECTED,
+    block_size: int = BLOCK_SELECT_BLOCK_SIZE,
+    probe_queries: int = BLOCK_SELECT_PROBE_QUERIES,
+    query_block: int = BLOCK_SELECT_QUERY_BLOCK,
+    min_seq_len: int = BLOCK_SELECT_MIN_SEQ_LEN,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinks + window + selected key blocks. q [B, H, N, D], k/v [B, H, N, D] -> (out [B, H, N, D] in q's dtype,
+    lse [B, H, N] float32).
+
+    ``generator`` is unused (deterministic: the selection is a top-k of computed scores). ``min_seq_len`` is applied
+    by the adapter (exact attention below it); a direct call always runs the method. ``causal=False`` computes exact
+    attention (the adapter never sends such a call: :func:`check_block_select`).
+    """
+    check_inputs(q, k, v, causal, key_padding_mask)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"block_select: self-attention only (Nq == Nk), got {q.shape[2]} queries and {k.shape[2]} "
+                         "keys; the adapter sends other calls to exact attention")
+    for name, value in (("window", window), ("num_sink_tokens", num_sink_tokens), ("num_selected", num_selected),
+                        ("probe_queries", probe_queries)):
+        if int(value) < 0:
+            raise ValueError(f"block_select: {name} must be >= 0, got {value}")
+    if int(block_size) < 1 or int(query_block) < 1:
+        raise ValueError(f"block_select: block_size and query_block must be >= 1, got {block_size}, {query_block}")
+    if selection not in BLOCK_SELECT_SELECTIONS:
+        raise ValueError(f"block_select: selection must be one of {list(BLOCK_SELECT_SELECTIONS)}, got {selection!r}")
+    if not causal:
+        return exact_attention(q, k, v, causal=False, scale=scale, key_padding_mask=key_padding_mask)
+    B, H, N, D = q.shape
+    W, bs = int(window), int(block_size)
+    num_blocks = -(-int(num_selected) // bs)  # selected blocks per head (vertical) or per query block (moba)
+    num_sinks = min(int(num_sink_tokens), N)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    mask = key_padding_mask
+    shift = leading_padding(mask) if num_sinks > 0 else None
+    if shift is not None:  # left padding: the sinks must be each row's first real tokens
+        qf, kf, vf, mask = move_leading_padding_to_end(qf, kf, vf, mask, shift)
+
+    probe = probe_rows(qf, kf, vf, scale=scale, key_valid=mask, num_probes=int(probe_queries),
+                       want_mass=selection == "vertical")
+    if selection == "vertical":
+        pos, ok = vertical_blocks(probe[4], key_valid=mask, num_sinks=num_sinks, window=W, block_size=bs,
+                                  num_blocks=num_blocks)
+        rows_per_set = N
+    else:
+        rows_per_set = min(int(query_block), N)
+        pos, ok = moba_blocks(qf, kf, key_valid=mask, num_sinks=num_sinks, window=W, block_size=bs,
+                              num_blocks=num_blocks, query_block=rows_per_set)
+
+    out, lse, _ = window_attention(qf, kf, vf, window=W, scale=scale, key_valid=mask, aligned=False, causal=True,
+                                   first_key=num_sinks)
+    if pos.shape[-1] > 0:
+        sel_out, sel_lse = selected_attention(qf, kf, vf, pos, ok, rows_per_set=rows_per_set, window=W, scale=scale)
+        out, lse = merge_parts(out, lse, sel_out, sel_lse)
+    out, lse = add_sinks_and_restore(out, lse, qf, kf, vf, num_sinks=num_sinks, causal=True, scale=scale,
+                                     key_padding_mask=mask, shift=shift)
+    if probe[0] is not None:
+        probe_pos, probe_valid, probe_out, probe_lse = probe[:4]
+        if shift is not None:
+            probe_pos = (probe_pos + shift[:, None]) % N
+        out, lse = _overwrite_rows(out, lse, probe_pos, probe_valid, probe_out, probe_lse)
+    return out.to(q.dtype), lse
+
+
+def probe_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, scale: float,
+               key_valid: Optional[torch.Tensor], num_probes: int,
+               want_mass: bool) -> tuple[Optional[torch.Tensor], ...]:
+    """Exact causal attention of the last ``num_probes`` = P valid query rows over every key (MInference's "last q").
+
+    qf, kf, vf [B, H, N, D] float32; key_valid [B, N] bool or None. Returns (pos [B, P] int64: the probe rows, the
+    last P valid positions (then padded positions if a row has fewer), valid [B, P] bool, out [B, H, P, D], lse
+    [B, H, P], mass [B, H, N] float32 = sum over the valid probe rows of their softmax weights on each key, or None
+    when not ``want_mass``). With P = 0 every entry is None.
+    """
+    B, H, N, D = qf.shape
+    P = min(num_probes, N)
+    if P == 0:
+        return None, None, None, None, None
+    device = qf.device
+    positions = torch.arange(N, device=device)
+    if key_valid is None:
+        pos = (positions[N - P:])[None, :].expand(B, P)
+        valid = torch.ones(B, P, dtype=torch.bool, device=device)
+    else:  # rank valid rows first, then by position: the last P valid rows (distinct positions)
+        rank = key_valid.long() * N + positions[None, :]
+        pos = rank.topk(P, dim=1).indices.sort(dim=1).values
+        valid = key_valid.gather(1, pos)
+    qp = qf.gather(2, pos[:, None, :, None].expand(B, H, P, D))  # [B, H, P, D]
+    attend = positions[None, None, :] <= pos[:, :, None]  # [B, P, N] causal
+    if key_valid is not None:
+        attend = attend & key_valid[:, None, :]
+    bias = torch.zeros(B, 1, P, N, device=device).masked_fill_(~attend[:, None], NEG_INF)
+    counts = attend.sum(-1)[:, None, :]  # [B, 1, P]
+    mass = None
+    if _needs_grad(qf, kf, vf):
+        out, lse = masked_attention_with_lse(qp, kf, vf, scale, bias)
+        if want_mass:
+            with torch.no_grad():
+                scores = torch.matmul(qp, kf.transpose(-1, -2)).mul_(scale).add_(bias)
+                safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).detach()
+                mass = scores.sub_(safe[..., None]).exp_().mul_(valid[:, None, :, None]).sum(2)
+    else:
+        scores = torch.matmul(qp, kf.transpose(-1, -2), out=workspace("bsel_probe", (B, H, P, N), qf))
+        scores.mul_(scale).add_(bias)
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, P]
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        probs = scores.sub_(safe[..., None]).exp_()
+        out = torch.matmul(probs, vf)
+        if want_mass:
+            mass = probs.mul_(valid[:, None, :, None]).sum(2)
+    out, lse = _empty_rows_to_zero(out, lse, counts == 0)
+    return pos, valid, out, lse, mass
+
+
+def vertical_blocks(mass: Optional[torch.Tensor], *, key_valid: Optional[torch.Tensor], num_sinks: int, window: int,
+                    block_size: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's vertical estimate, per head: the ``num_blocks`` key blocks of ``block_size`` keys with the most
+    probe mass among the keys some row may attend outside its sinks and window (S <= j <= last valid row - W).
+
+    mass [B, H, N] float32 from :func:`probe_rows` (None: no probes, nothing selected). Returns pos [B, H, 1, M]
+    int64 (M = num_blocks' keys, ascending positions, clamped into [0, N)) and ok [B, H, 1, M] bool (the key exists,
+    is valid and is no sink); blocks are taken by mass, then (ties) by index.
+    """
+    if mass is None or num_blocks == 0:
+        B, H = (0, 0) if mass is None else mass.shape[:2]
+        empty = torch.zeros(B, H, 1, 0, dtype=torch.long)
+        return empty, empty.bool()
+    B, H, N = mass.shape
+    device = mass.device
+    positions = torch.arange(N, device=device)
+    valid = torch.ones(B, N, dtype=torch.bool, device=device) if key_valid is None else key_valid
+    last = torch.where(valid, positions[None, :], torch.full_like(positions[None, :], -1)).amax(dim=1)  # [B]
+    candidate = valid & (positions[None, :] >= num_sinks) & (positions[None, :] <= (last - window)[:, None])
+    nblk = -(-N // block_size)
+    pad = nblk * block_size - N
+    block_mass = torch.nn.functional.pad(mass * candidate[:, None, :], (0, pad)).view(B, H, nblk, block_size).sum(-1)
+    has_candidate = torch.nn.functional.pad(candidate, (0, pad)).view(B, nblk, block_size).any(-1)  # [B, nblk]
+    block_mass = block_mass.masked_fill(~has_candidate[:, None, :], -1.0)
+    chosen = block_mass.topk(min(num_blocks, nblk), dim=-1).indices.sort(dim=-1).values  # [B, H, K]
+    return _block_keys(chosen[:, :, None, :], None, valid, num_sinks, block_size, N)
+
+
+def moba_blocks(qf: torch.Tensor, kf: torch.Tensor, *, key_valid: Optional[torch.Tensor], num_sinks: int, window: int,
+                block_size: int, num_blocks: int, query_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA's gate, per head and block of ``query_block`` = R query rows: score(b_q, b_k) = mean(q over b_q) .
+    mean(valid k over b_k); the ``num_blocks`` highest-scoring key blocks among those holding a key some row of b_q
+    may attend outside its sinks and window (S <= j <= last row of b_q - W).
+
+    qf, kf [B, H, N, D] float32. Returns pos [B, H, nq, M] int64 and ok [B, H, nq, M] bool (nq = ceil(N / R)), as
+    :func:`vertical_blocks` does per query block.
+    """
+    B, H, N, D = qf.shape
+    device = qf.device
+    nblk = -(-N // block_size)
+    nq = -(-N // query_block)
+    if num_blocks == 0:
+        empty = torch.zeros(B, H, nq, 0, dtype=torch.long, device=device)
+        return empty, empty.bool()
+    valid = torch.ones(B, N, dtype=torch.bool, device=device) if key_valid is None else key_valid
+    kpad = nblk * block_size - N
+    weights = torch.nn.functional.pad(valid.float(), (0, kpad)).view(B, 1, nblk, block_size, 1)
+    k_sum = (torch.nn.functional.pad(kf, (0, 0, 0, kpad)).view(B, H, nblk, block_size, D) * weights).sum(3)
+    k_pool = k_sum / weights.sum(3).clamp(min=1.0)  # [B, 1 -> H, nblk, D]
+    qpad = nq * query_block - N
+    q_sum = torch.nn.functional.pad(qf, (0, 0, 0, qpad)).view(B, H, nq, query_block, D).sum(3)
+    q_rows = (N - torch.arange(nq, device=device) * query_block).clamp(max=query_block)
+    q_pool = q_sum / q_rows[None, None, :, None]
+    score = torch.matmul(q_pool, k_pool.transpose(-1, -2))  # [B, H, nq, nblk]
+    positions = torch.arange(N, device=device)
+    usable = valid & (positions[None, :] >= num_sinks)
+    last_row = ((torch.arange(nq, device=device) + 1) * query_block).clamp(max=N) - 1  # [nq]
+    # first usable key of each key block; the block is a candidate for b_q if that key <= last row of b_q - W
+    first_usable = torch.where(usable, positions[None, :], torch.full_like(positions[None, :], N))
+    first_usable = torch.nn.functional.pad(first_usable, (0, kpad), value=N).view(B, nblk, block_size).amin(-1)
+    candidate = first_usable[:, None, :] <= (last_row - window)[None, :, None]  # [B, nq, nblk]
+    score = score.masked_fill(~candidate[:, None], NEG_INF)
+    top = score.topk(min(num_blocks, nblk), dim=-1)
+    chosen, finite = top.indices, torch.isfinite(top.values)
+    order = chosen.argsort(dim=-1)
+    chosen, finite = chosen.gather(-1, order), finite.gather(-1, order)
+    return _block_keys(chosen, finite, valid, num_sinks, block_size, N)
+
+
+def _block_keys(chosen: torch.Tensor, chosen_ok: Optional[torch.Tensor], valid: torch.Tensor, num_sinks: int,
+                block_size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """chosen [B, H, T, K] ascending block indices (chosen_ok [B, H, T, K] bool or None = all) -> the keys of those
+    blocks: pos [B, H, T, K * block_size] int64 clamped into [0, n) and ok (inside the sequence, valid, no sink)."""
+    B, H, T, K = chosen.shape
+    pos = (chosen[..., None] * block_size + torch.arange(block_size, device=chosen.device)).view(B, H, T, K * block_size)
+    inside = pos < n
+    pos = pos.clamp(max=n - 1)
+    ok = inside & (pos >= num_sinks) & valid.gather(1, pos.view(B, -1)).view(B, H, T, -1)
+    if chosen_ok is not None:
+        ok = ok & chosen_ok[..., None].expand(B, H, T, K, block_size).reshape(B, H, T, K * block_size)
+    return pos, ok
+
+
+def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos: torch.Tensor, ok: torch.Tensor, *,
+                       rows_per_set: int, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of every row over its selected keys behind its window.
+
+    qf, kf, vf [B, H, N, D] float32; pos / ok [B, H, T, M]: key set t serves rows t R .. (t + 1) R - 1 (R =
+    ``rows_per_set``; T = 1, R = N for the vertical selection). Row i attends key pos[t, m] iff ok[t, m] and
+    pos[t, m] <= i - window. Returns out [B, H, N, D] and lse [B, H, N] float32 (0 and -inf for a row with none).
+
+    Keys are gathered once per key set (index_select into a reused buffer) and the rows go to torch's fused attention
+    op in tiles of at most SELECT_MASK_BUDGET mask elements: [G, T', R', M] tiles of whole key sets (moba) or of
+    R' rows of the one key set (vertical). Rows i < window + min(pos) have no key and are skipped.
+    """
+    B, H, N, D = qf.shape
+    Dv = vf.shape[3]
+    _, _, T, M = pos.shape
+    G = B * H
+    device = qf.device
+    grad = _needs_grad(qf, kf, vf)
+    pos_g, ok_g = pos.reshape(G, T, M), ok.reshape(G, T, M)
+    # the attendable keys' positions ascending, the others pushed past every row: row i attends the first
+    # count_i = #{pos <= i - window} keys of its set, so a tile of rows needs only a prefix of the gathered keys
+    pos_sorted = pos_g.masked_fill(~ok_g, N + window).sort(dim=-1).values  # [G, T, M]
+    rows_base = (torch.arange(G, device=device) * N)[:, None, None]
+    key_rows = (rows_base + pos_sorted.clamp(max=N - 1)).reshape(-1)  # [G * T * M] rows of the flattened k / v
+    k_flat, v_flat = kf.reshape(G * N, D), vf.reshape(G * N, Dv)
+    if grad:
+        ks, vs = k_flat.index_select(0, key_rows), v_flat.index_select(0, key_rows)
+    else:
+        ks = torch.index_select(k_flat, 0, key_rows, out=workspace("bsel_k", (G * T * M, D), k_flat))
+        vs = torch.index_select(v_flat, 0, key_rows, out=workspace("bsel_v", (G * T * M, Dv), v_flat))
+    ks, vs = ks.view(G, T, M, D), vs.view(G, T, M, Dv)
+    qg = qf.reshape(G, N, D)
+    first = min(N, int(pos_sorted[..., 0].amin().item()) + window)  # first row that can attend a selected key
+    zero, neg_inf = torch.zeros((), device=device), torch.full((), NEG_INF, device=device)
+
+    # tiles: (row start, row stop, set start, set stop); each tile is [T', R'] rows of T' whole sets or one set
+    tiles = []
+    if T == 1:
+        step = max(1, min(SELECT_ROWS, SELECT_MASK_BUDGET // max(1, G * M)))
+        tiles = [(r, min(N, r + step), 0, 1) for r in range(first, N, step)]
+    else:
+        R = rows_per_set
+        full = N // R
+        per = max(1, SELECT_MASK_BUDGET // max(1, G * R * M))
+        first_set = first // R
+        tiles = [(s * R, min(full, s + per) * R, s, min(full, s + per)) for s in range(first_set, full, per)]
+        if full < T:
+            tiles.append((full * R, N, full, T))
+    if grad:
+        start = tiles[0][0] if tiles else N  # rows before the first tile attend no selected key
+        parts_out = [torch.zeros(G, start, Dv, device=device)]
+        parts_lse = [torch.full((G, start), NEG_INF, device=device)]
+    else:
+        out = torch.zeros(G, N, Dv, device=device)
+        lse = torch.full((G, N), NEG_INF, device=device)
+    for r0, r1, s0, s1 in tiles:
+        nt = s1 - s0
+        rows = r1 - r0 if nt == 1 else (r1 - r0) // nt
+        q_tile = qg[:, r0:r1].reshape(G, nt, rows, D)
+        row_pos = torch.arange(r0, r1, device=device).view(nt, rows)
+        limit = (row_pos - window)[None, :, :, None]  # [1, T', R', 1]
+        counts = torch.searchsorted(pos_sorted[:, s0:s1].contiguous(), limit[..., 0].expand(G, nt, rows).contiguous(),
+                                    right=True)  # [G, T', R'] keys each row attends
+        m = int(counts.amax().item())  # the tile's key prefix
+        if m == 0:
+            o = torch.zeros(G, nt, rows, Dv, device=device)
+            s = torch.full((G, nt, rows), NEG_INF, device=device)
+        else:
+            bias = None
+            if int(counts.amin().item()) < m:  # some row stops before the prefix's end
+                blocked = pos_sorted[:, s0:s1, None, :m] > limit  # [G, T', R', m]
+                if grad:
+                    bias = torch.where(blocked, neg_inf, zero)
+                else:
+                    bias = torch.where(blocked, neg_inf, zero, out=workspace("bsel_mask", (G, nt, rows, m), qf))
+            o, s = masked_attention_with_lse(q_tile, ks[:, s0:s1, :m], vs[:, s0:s1, :m], scale, bias)
+        o, s = _empty_rows_to_zero(o, s, counts == 0)
+        if grad:
+            parts_out.append(o.reshape(G, r1 - r0, Dv))
+            parts_lse.append(s.reshape(G, r1 - r0))
+        else:
+            out[:, r0:r1] = o.reshape(G, r1 - r0, Dv)
+            lse[:, r0:r1] = s.reshape(G, r1 - r0)
+    if grad:
+        out, lse = torch.cat(parts_out, dim=1), torch.cat(parts_lse, dim=1)
+    return out.view(B, H, N, Dv), lse.view(B, H, N)
+
+
+def _overwrite_rows(out: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+                    rows_out: torch.Tensor, rows_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, H, N, D], lse [B, H, N] with rows pos [B, P] replaced by rows_out [B, H, P, D] / rows_lse [B, H, P]
+    where valid [B, P] (positions distinct)."""
+    B, H, N, D = out.shape
+    P = pos.shape[1]
+    index = pos[:, None, :].expand(B, H, P)
+    keep = valid[:, None, :]
+    new_lse = torch.where(keep, rows_lse, lse.gather(2, index))
+    new_out = torch.where(keep[..., None], rows_out, out.gather(2, index[..., None].expand(B, H, P, D)))
+    if _needs_grad(out, rows_out):
+        return out.scatter(2, index[..., None].expand(B, H, P, D), new_out), lse.scatter(2, index, new_lse)
+    out = out.contiguous() if not out.is_contiguous() else out
+    lse = lse.contiguous() if not lse.is_contiguous() else lse
+    return out.scatter_(2, index[..., None].expand(B, H, P, D), new_out), lse.scatter_(2, index, new_lse)
+
+
+def check_block_select(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
+                       params: dict) -> Optional[str]:
+    """Why ``block_select`` cannot serve a call: a decode step or cross-attention, or bidirectional attention."""
+    if q.shape[2] != k.shape[2]:
+        return "decode step or cross-attention (q_len != kv_len)"
+    if not causal:
+        return "bidirectional attention: block_select is a causal prefill method (its probes are the last queries)"
+    return None
+
+
+register_method(
+    "block_select",
+    block_select_attention,
+    params={
+        "window": Param(BLOCK_SELECT_WINDOW, int, low=0,
+                        help="each query attends the previous `window` positions exactly (itself included)"),
+        "num_sink_tokens": Param(BLOCK_SELECT_NUM_SINK_TOKENS, int, low=0,
+                                 help="every query also attends the first num_sink_tokens real keys (attention sinks)"),
+        "selection": Param(BLOCK_SELECT_SELECTION, str, choices=BLOCK_SELECT_SELECTIONS,
+                           help="'vertical': key blocks with the most attention mass of the last probe_queries rows, "
+                                "per head (MInference); 'moba': per query block, top key blocks by mean-pooled q . k "
+                                "(MoBA)"),
+        "num_selected": Param(BLOCK_SELECT_NUM_SELECTED, int, low=0,
+                              help="selected keys per row beyond sinks and window: ceil(num_selected / block_size) "
+                                   "blocks per head (vertical) or per query block (moba)"),
+        "block_size": Param(BLOCK_SELECT_BLOCK_SIZE, int, low=1, help="keys per selected block (1: single key columns)"),
+        "probe_queries": Param(BLOCK_SELECT_PROBE_QUERIES, int, low=0,
+                               help="the last probe_queries rows attend every key exactly; their mass picks the "
+                                    "vertical blocks"),
+        "query_block": Param(BLOCK_SELECT_QUERY_BLOCK, int, low=1, help="moba: query rows sharing one selection"),
+        "min_seq_len": Param(BLOCK_SELECT_MIN_SEQ_LEN, int, low=1, help="the adapter runs exact attention below this length"),
+    },
+    check=check_block_select,
+    source="MInference (Jiang et al. 2024, vertical index from the last queries); MoBA (Lu et al. 2025, top-k blocks "
+           "by pooled keys); StreamingLLM (Xiao et al. 2023, sinks + window)",
+    summary="attention sinks + exact local window + selected key blocks (causal prefill), merged via lse",
+)

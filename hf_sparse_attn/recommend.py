@@ -1,0 +1,75 @@
+"""The recommended ``patch_model`` arguments for a kind of model, from the project's measurements.
+
+    from hf_sparse_attn import patch_model, recommended
+    plan = patch_model(model, **recommended(model))
+
+Causal LMs: ``block_select`` on all layers with its defaults: 64 attention sinks + an exact window of 512 + 512 keys
+per row chosen by MInference's vertical estimate (Jiang et al. 2024; the last 64 rows' attention mass, single key
+columns), the same key budget per row as ``local`` w1024. Why it replaced ``local`` (StreamingLLM, Xiao et al. 2023):
+``local`` loses facts far behind its window. On real SmolLM2-135M at ~8k tokens a pass key at depths 10/30/50% is kept
+by ``block_select`` (3/3) and lost by ``local`` (0/3) (docs/methods/block_select.md#measured, scripts/passkey_quick.py),
+at 0.94x ``local``'s kernel speed at 8k (2.89x SDPA; 10.4x at 32k) with a lower per-layer error on real q/k/v (0.106
+against 0.178): eval/results/kernels_block_select/results.md. Its cost: perplexity on one 8k article +3.2% against
+``local``'s +2.0% (quick check; ``local`` on 20 articles: +3.5% at 1.62x prefill,
+eval/results/model_bench_causal/frontier.md). :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever
+prefers its perplexity.
+
+Encoders (bidirectional attention): ``sparse_hyper`` ("Attention is Naturally Sparse", Algorithm 1) on all layers with
+its defaults: 11x SDPA at 8k and 41x at 32k bidirectional (eval/results/kernels_full/results.md). Its defaults run
+exact attention below 2048 tokens (eval/results/defaults_min_seq_len/results.md), so a 512-position encoder runs
+exactly what it ran before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .methods.defaults import (BLOCK_SELECT_BLOCK_SIZE, BLOCK_SELECT_MIN_SEQ_LEN, BLOCK_SELECT_NUM_SELECTED,
+                               BLOCK_SELECT_NUM_SINK_TOKENS, BLOCK_SELECT_PROBE_QUERIES, BLOCK_SELECT_SELECTION,
+                               BLOCK_SELECT_WINDOW, LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW)
+
+# The previous causal recommendation (eval/results/model_bench_causal/frontier.md): better perplexity, loses far facts.
+LOCAL_RECOMMENDATION = {"method": "local", "layers": "all", "window": LOCAL_WINDOW,
+                        "num_sink_tokens": LOCAL_NUM_SINK_TOKENS, "min_seq_len": LOCAL_MIN_SEQ_LEN}
+CAUSAL_RECOMMENDATION = {"method": "block_select", "layers": "all", "selection": BLOCK_SELECT_SELECTION,
+                         "window": BLOCK_SELECT_WINDOW, "num_sink_tokens": BLOCK_SELECT_NUM_SINK_TOKENS,
+                         "num_selected": BLOCK_SELECT_NUM_SELECTED, "block_size": BLOCK_SELECT_BLOCK_SIZE,
+                         "probe_queries": BLOCK_SELECT_PROBE_QUERIES, "min_seq_len": BLOCK_SELECT_MIN_SEQ_LEN}
+ENCODER_RECOMMENDATION = {"method": "sparse_hyper", "layers": "all"}
+
+# Causal LM families whose attention modules may not say so (remote code: ChatGLM's core_attention).
+_CAUSAL_MODEL_TYPES = ("chatglm", "glm")
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` runs causal self-attention (a decoder LM) rather than bidirectional (an encoder).
+
+    Read from, in order: ``config.is_causal`` False (a decoder run bidirectionally), ``config.is_decoder``, the
+    ``is_causal`` flag transformers puts on every attention module, the model type (remote-code GLMs), and the class
+    name (``...ForCausalLM``).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_causal", None) is False:
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if flags:
+        return any(flags)
+    model_type = str(getattr(config, "model_type", "") or "").lower()
+    if model_type.startswith(_CAUSAL_MODEL_TYPES):
+        return True
+    return type(model).__name__.endswith("ForCausalLM")
+
+
+def recommended(model: torch.nn.Module) -> dict[str, Any]:
+    """Keyword arguments of :func:`hf_sparse_attn.patch_model` recommended for this kind of model (a new dict).
+
+    Causal LM: :data:`CAUSAL_RECOMMENDATION`, ``block_select`` on all layers with its defaults
+    (eval/results/kernels_block_select/results.md, docs/methods/block_select.md#measured). Encoder:
+    :data:`ENCODER_RECOMMENDATION`, ``sparse_hyper`` on all layers with its defaults
+    (eval/results/kernels_full/results.md).
+    """
+    return dict(CAUSAL_RECOMMENDATION if is_causal_lm(model) else ENCODER_RECOMMENDATION)
