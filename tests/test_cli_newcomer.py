@@ -63,7 +63,6 @@ def cli(*argv: str, cwd: str = REPO, timeout: int = 600) -> subprocess.Completed
 
 # hf_sparse_attn/eval/longbench/cli.py belongs to another change: its --model needs type=commands.loading.model_name
 # and its check_arguments a call of commands.loading.check_local_or_hub(args.data, "--data", ...).
-LONGBENCH_OWNS = "longbench's own --model / --data checks (hf_sparse_attn/eval/longbench/cli.py) are not wired yet"
 
 CHOSEN = [name for name in COMMANDS if name != "lm-eval"]  # lm-eval's arguments are lm-eval's own
 
@@ -172,8 +171,7 @@ def test_demo_with_a_typod_method_fails_at_once(tmp_path):
     (["sparsity", "--model", "minilm", "--corpus", "wikipeda", "--out", "{tmp}/o"], "did you mean wikipedia?"),
     (["calibrate", "--model", "smolm2", "--text", "t.txt", "--out", "p.json"], "did you mean smollm2?"),
     (["bench", "model", "--model", "/no/such/model", "--out", "{tmp}/o"], "no such model directory"),
-    pytest.param(["longbench", "--model", "minlm", "--suite", "offline", "--out", "{tmp}/o"], "did you mean minilm?",
-                 marks=pytest.mark.xfail(strict=True, reason=LONGBENCH_OWNS)),  # refused, but after importing torch
+    (["longbench", "--model", "minlm", "--suite", "offline", "--out", "{tmp}/o"], "did you mean minilm?"),
     (["plan", "show", "{tmp}/missing.json"], "no such plan file"),
     (["plan", "diff", "{tmp}/a.json", "{tmp}/b.json"], "no such plan file"),
 ])
@@ -210,7 +208,6 @@ def test_model_names_that_may_be_hub_ids_or_paths_pass(tmp_path):
             check_local_or_hub(bad, "--data", "a directory")
 
 
-@pytest.mark.xfail(strict=True, reason=LONGBENCH_OWNS)
 def test_longbench_data_that_does_not_exist_is_an_immediate_error(tmp_path):
     rc, _, _, err = probe("longbench", "--model", "smollm2", "--data", "nosuchdir", "--tasks", "hotpotqa",
                           "--out", str(tmp_path / "o"), cwd=str(tmp_path))

@@ -2,7 +2,6 @@
 nothing the run did not write ever deleted."""
 
 import json
-import os
 import subprocess
 import sys
 

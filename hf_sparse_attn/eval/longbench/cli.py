@@ -32,6 +32,7 @@ from typing import Any
 
 from ...commands.arguments import parse_params as _parse_params
 from ...commands.arguments import parse_value
+from ...commands.loading import check_local_or_hub, model_name
 from .tasks import LONGBENCH_E_TASKS, LONGBENCH_TASKS, OFFLINE_KINDS, get_task
 
 _parse_value = parse_value  # the older private name
@@ -55,7 +56,7 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", required=True, type=model_name,
                         help="model path or hub id (loaded with device_map='auto'), or 'smollm2' for the real "
                              "SmolLM2-135M-Instruct shipped offline")
     parser.add_argument("--data", help="LongBench data: a directory of <task>.jsonl, data.zip, parquet files or a "
@@ -136,6 +137,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.suite == "longbench" and not args.data:
         raise ValueError("--data is required for LongBench (a directory of <task>.jsonl, data.zip, parquet or a "
                          "datasets id); use --suite offline for the generated suite")
+    if args.suite == "longbench":
+        check_local_or_hub(args.data, "--data", "a directory of <task>.jsonl, data.zip, parquet files or a datasets "
+                                                "id (org/name)")
     for flag, least in (("max_length", 2), ("max_samples", 1), ("max_new_tokens", 1)):
         value = getattr(args, flag)
         if value is not None and value < least:

@@ -1,0 +1,214 @@
+"""Retrieval on the speed-quality frontier: RULER / pass-key scores of patched SmolLM2 plans, with intervals.
+
+    python scripts/ruler_frontier.py --out eval/results/ruler_frontier_smollm2 [--configs exact,local_w1024_30]
+        [--tasks passkey:8192,niah_single_1:4096] [--samples 11] [--report-only]
+
+Each configuration is one `hf-sparse-attn ruler` run into OUT/<configuration>/ (resumable: rerun the same command to
+finish it; one torch thread, OMP_NUM_THREADS=1). The report reads every configuration's per-sample records and gives,
+per task and length, the score with a 95% interval (Clopper-Pearson from scipy's binomial test where every sample
+scores 0 or 1, a percentile bootstrap otherwise), beside the perplexity change and prefill speed-up that the
+configuration measured on 20 articles in its own experiment (read from that experiment's results.json, named in the
+table). A configuration differs from the unpatched model on a task only where the two intervals do not overlap.
+Writes OUT/frontier.json, OUT/frontier.md and OUT/frontier.png (speed against perplexity, colour = RULER score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Any, Optional
+
+# name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params))
+CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
+    "exact": ([], None),
+    "local_w1024_30": (["--method", "local", "--layers", "all", "--param", "window=1024"],
+                       ("eval/results/model_bench_causal", "local", 30, {"window": 1024})),
+    "local_w1024_15": (["--method", "local", "--layers", "15", "--param", "window=1024"],
+                       ("eval/results/model_bench_causal", "local", 15, {"window": 1024})),
+    "block_select_30": (["--method", "block_select", "--layers", "all"],
+                        ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    "sparse_hyper_recursive_15": (["--method", "sparse_hyper", "--layers", "15"],
+                                  ("eval/results/model_bench_grid", "sparse_hyper", 15, {})),
+}
+DEFAULT_CONFIGS = ("exact", "local_w1024_30", "block_select_30")
+
+
+def parse_tasks(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        task, _, length = item.partition(":")
+        if not length.isdigit():
+            raise SystemExit(f"--tasks takes TASK:LENGTH items, e.g. passkey:8192; got {item!r}")
+        out.append((task.strip(), int(length)))
+    return out
+
+
+def run_config(name: str, out: str, tasks: list[tuple[str, int]], samples: int) -> None:
+    """One `ruler` run per length of the configuration (its tasks at that length) into OUT/<name>/<length>."""
+    args, _ = CONFIGS[name]
+    by_length: dict[int, list[str]] = {}
+    for task, length in tasks:
+        by_length.setdefault(length, []).append(task)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    for length, names in sorted(by_length.items()):
+        command = [sys.executable, "-m", "hf_sparse_attn.cli", "ruler", "--model", "smollm2", "--tasks",
+                   ",".join(names), "--lengths", str(length), "--samples", str(samples),
+                   "--out", os.path.join(out, name, str(length)), *args]
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True, env=env)
+
+
+def sample_scores(run_dir: str, task: str) -> list[float]:
+    """Per-sample score in [0, 1] (RULER's string_match_all: the fraction of references found)."""
+    from hf_sparse_attn.eval.store import read_records
+
+    records = read_records(os.path.join(run_dir, f"{task}.jsonl"))
+    return [sum(r["hits"]) / len(r["hits"]) for r in records if r.get("hits")]
+
+
+def interval(scores: list[float]) -> tuple[float, float]:
+    """95% interval of the mean score, in points (0-100)."""
+    import numpy as np
+    from scipy import stats
+
+    n = len(scores)
+    if all(s in (0.0, 1.0) for s in scores):
+        ci = stats.binomtest(int(sum(scores)), n).proportion_ci(confidence_level=0.95, method="exact")
+        return 100 * ci.low, 100 * ci.high
+    rng = np.random.default_rng(0)
+    means = rng.choice(np.asarray(scores), size=(10000, n), replace=True).mean(axis=1)
+    return 100 * float(np.percentile(means, 2.5)), 100 * float(np.percentile(means, 97.5))
+
+
+def model_cell(source: Optional[tuple[str, str, int, dict]]) -> Optional[dict]:
+    """Perplexity change and prefill speed-up of the configuration at 8k from its own experiment's results.json."""
+    if source is None:
+        return {"ppl_change_pct": 0.0, "speedup": 1.0, "source": "reference"}
+    results_dir, method, layers, params = source
+    path = os.path.join(results_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for cell in data.get("rows", []):
+        if cell.get("method") == method and cell.get("layers") == layers and cell.get("tokens", 8192) == 8192 \
+                and all(cell.get("params", {}).get(k) == v for k, v in params.items()):
+            if cell.get("ppl_change_pct") is not None and cell.get("speedup") is not None:
+                return {"ppl_change_pct": cell["ppl_change_pct"], "speedup": cell["speedup"],
+                        "articles": cell.get("articles"), "source": results_dir}
+    return None
+
+
+def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for name in configs:
+        cells = {}
+        for task, length in tasks:
+            scores = sample_scores(os.path.join(out, name, str(length)), task)
+            if scores:
+                low, high = interval(scores)
+                cells[f"{task}@{length}"] = {"score": 100 * sum(scores) / len(scores), "low": low, "high": high,
+                                             "samples": len(scores)}
+        rows[name] = {"cells": cells, "model": model_cell(CONFIGS[name][1])}
+    reference = rows.get("exact", {}).get("cells", {})
+    for name, row in rows.items():
+        for key, cell in row["cells"].items():
+            ref = reference.get(key)
+            cell["differs_from_exact"] = bool(ref and name != "exact" and
+                                              (cell["high"] < ref["low"] or cell["low"] > ref["high"]))
+        scores = [c["score"] for c in row["cells"].values()]
+        row["mean_score"] = sum(scores) / len(scores) if scores else None
+    result = {"date": datetime.date.today().isoformat(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; one torch thread per run",
+              "command": "python scripts/ruler_frontier.py --out " + out,
+              "tasks": [f"{t}@{n}" for t, n in tasks], "rows": rows}
+    from hf_sparse_attn.eval.store import write_json
+
+    write_json(os.path.join(out, "frontier.json"), result)
+    write_markdown(out, result)
+    plot(out, result)
+    return result
+
+
+def write_markdown(out: str, result: dict) -> None:
+    keys = result["tasks"]
+    lines = ["# RULER / pass key on the 8k frontier (SmolLM2-135M-Instruct)", "",
+             f"Written by `scripts/ruler_frontier.py` (eval/experiments/ruler_frontier_smollm2.toml) on "
+             f"{result['date']}; machine: {result['machine']}.",
+             "Scores 0-100 with 95% intervals; `*` marks a score whose interval does not overlap the unpatched "
+             "model's. Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
+             "in the last column (each against its own exact run). RULER's essay haystack is replaced by offline "
+             "Wikipedia articles (niah tasks).", "",
+             "| configuration | " + " | ".join(keys) + " | mean | perplexity change | prefill speed-up | source |",
+             "|---|" + "---|" * (len(keys) + 4)]
+    for name, row in result["rows"].items():
+        cells = []
+        for key in keys:
+            c = row["cells"].get(key)
+            cells.append("—" if c is None else f"{c['score']:.0f} [{c['low']:.0f}, {c['high']:.0f}] "
+                         f"(n={c['samples']}){' *' if c['differs_from_exact'] else ''}")
+        m = row["model"]
+        mean = "—" if row["mean_score"] is None else f"{row['mean_score']:.0f}"
+        ppl = "not measured" if m is None else f"{m['ppl_change_pct']:+.1f}%"
+        speed = "not measured" if m is None else f"{m['speedup']:.2f}x"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {ppl} | {speed} | "
+                     f"{'—' if m is None else m['source'] + (f' ({m[\'articles\']} articles)' if m.get('articles') else '')} |")
+    lines += ["", "![frontier](frontier.png)", ""]
+    with open(os.path.join(out, "frontier.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def plot(out: str, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = [(n, r) for n, r in result["rows"].items() if r["model"] and r["mean_score"] is not None]
+    if points:
+        sc = ax.scatter([r["model"]["speedup"] for _, r in points], [r["model"]["ppl_change_pct"] for _, r in points],
+                        c=[r["mean_score"] for _, r in points], cmap="viridis", vmin=0, vmax=100, s=80)
+        for name, r in points:
+            ax.annotate(name, (r["model"]["speedup"], r["model"]["ppl_change_pct"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        fig.colorbar(sc, ax=ax, label="mean RULER / pass-key score")
+    ax.set_xlabel("prefill speed-up at 8k (x)")
+    ax.set_ylabel("perplexity change (%)")
+    ax.set_title("SmolLM2-135M: speed, perplexity and retrieval", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--tasks", default="passkey:8192,niah_single_1:4096", help="TASK:LENGTH items")
+    parser.add_argument("--samples", type=int, default=11, help="samples per task and length (passkey: 11 = one "
+                                                                "per depth 0, 10, ..., 100%%)")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    tasks = parse_tasks(args.tasks)
+    if not args.report_only:
+        for name in configs:
+            run_config(name, args.out, tasks, args.samples)
+    done = [c for c in configs if os.path.isdir(os.path.join(args.out, c))]
+    report(args.out, done, tasks)
+    print(open(os.path.join(args.out, "frontier.md"), encoding="utf-8").read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
