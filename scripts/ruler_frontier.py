@@ -63,12 +63,24 @@ def run_config(name: str, out: str, tasks: list[tuple[str, int]], samples: int) 
         subprocess.run(command, check=True, env=env)
 
 
-def sample_scores(run_dir: str, task: str) -> list[float]:
-    """Per-sample score in [0, 1] (RULER's string_match_all: the fraction of references found)."""
+def sample_scores(run_dir: str, task: str) -> dict[str, float]:
+    """Sample id -> score in [0, 1] (RULER's string_match_all: the fraction of references found)."""
     from hf_sparse_attn.eval.store import read_records
 
     records = read_records(os.path.join(run_dir, f"{task}.jsonl"))
-    return [sum(r["hits"]) / len(r["hits"]) for r in records if r.get("hits")]
+    return {r["id"]: sum(r["hits"]) / len(r["hits"]) for r in records if r.get("hits")}
+
+
+def served_share(run_dir: str) -> Optional[list[int]]:
+    """[prefill calls the plan's method served, prefill calls of its patched layers] of the run, or None unpatched."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        counts = json.load(f).get("plan_counts_this_invocation") or {}
+    if not counts.get("prefill_calls"):
+        return None
+    return [counts["served"], counts["prefill_calls"]]
 
 
 def interval(scores: list[float]) -> tuple[float, float]:
@@ -109,11 +121,17 @@ def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[s
     for name in configs:
         cells = {}
         for task, length in tasks:
-            scores = sample_scores(os.path.join(out, name, str(length)), task)
-            if scores:
+            by_id = sample_scores(os.path.join(out, name, str(length)), task)
+            if by_id:
+                scores = list(by_id.values())
                 low, high = interval(scores)
                 cells[f"{task}@{length}"] = {"score": 100 * sum(scores) / len(scores), "low": low, "high": high,
                                              "samples": len(scores)}
+                # the facts the unpatched model finds (samples it scores 1 on), and how many of them this one keeps
+                exact = sample_scores(os.path.join(out, "exact", str(length)), task) if "exact" in configs else {}
+                found = [i for i, v in exact.items() if v == 1.0 and i in by_id]
+                cells[f"{task}@{length}"]["kept"] = [sum(by_id[i] == 1.0 for i in found), len(found)]
+                cells[f"{task}@{length}"]["served"] = served_share(os.path.join(out, name, str(length)))
         rows[name] = {"cells": cells, "model": model_cell(CONFIGS[name][1])}
     reference = rows.get("exact", {}).get("cells", {})
     for name, row in rows.items():
@@ -141,7 +159,9 @@ def write_markdown(out: str, result: dict) -> None:
              f"Written by `scripts/ruler_frontier.py` (eval/experiments/ruler_frontier_smollm2.toml) on "
              f"{result['date']}; machine: {result['machine']}.",
              "Scores 0-100 with 95% intervals; `*` marks a score whose interval does not overlap the unpatched "
-             "model's. Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
+             "model's. \"kept a/b\": of the b samples the unpatched model answers fully (the same prompts, "
+             "the same seed), the configuration answers a: the facts a plan loses. \"served s/c\": prefill attention calls "
+             "of the patched layers its method ran (the rest ran exact attention, e.g. prompts under `min_seq_len`). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
              "in the last column (each against its own exact run). RULER's essay haystack is replaced by offline "
              "Wikipedia articles (niah tasks).", "",
              "| configuration | " + " | ".join(keys) + " | mean | perplexity change | prefill speed-up | source |",
@@ -151,13 +171,16 @@ def write_markdown(out: str, result: dict) -> None:
         for key in keys:
             c = row["cells"].get(key)
             cells.append("—" if c is None else f"{c['score']:.0f} [{c['low']:.0f}, {c['high']:.0f}] "
-                         f"(n={c['samples']}){' *' if c['differs_from_exact'] else ''}")
+                         f"(n={c['samples']}){' *' if c['differs_from_exact'] else ''}; kept "
+                         f"{c['kept'][0]}/{c['kept'][1]}"
+                         + ("" if not c.get("served") else f"; served {c['served'][0]}/{c['served'][1]}"))
         m = row["model"]
         mean = "—" if row["mean_score"] is None else f"{row['mean_score']:.0f}"
         ppl = "not measured" if m is None else f"{m['ppl_change_pct']:+.1f}%"
         speed = "not measured" if m is None else f"{m['speedup']:.2f}x"
+        source = "—" if m is None else m["source"] + (f" ({m['articles']} articles)" if m.get("articles") else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {ppl} | {speed} | "
-                     f"{'—' if m is None else m['source'] + (f' ({m[\'articles\']} articles)' if m.get('articles') else '')} |")
+                     f"{source} |")
     lines += ["", "![frontier](frontier.png)", ""]
     with open(os.path.join(out, "frontier.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

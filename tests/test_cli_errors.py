@@ -88,7 +88,11 @@ def test_bad_numbers_and_missing_data_are_clear_errors(tmp_path, capsys, no_mode
     assert "--max-samples must be >= 1" in _error_line(capsys)
     assert main(["longbench", "--model", "x", "--suite", "offline", "--tasks", "needle", "--out", str(tmp_path)]) == 2
     assert "unknown offline kind(s) needle" in _error_line(capsys)
-    assert main(["longbench", "--model", "x", "--data", str(tmp_path / "nowhere.zip"), "--out", str(tmp_path),
+    assert main(["longbench", "--model", "x", "--data", str(tmp_path / "nowhere.zip"), "--out", str(tmp_path / "o"),
+                 "--tasks", "trec"]) == 2
+    assert "nowhere.zip: no such file or directory" in _error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["longbench", "--model", "x", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
                  "--tasks", "trec", "--plan", str(tmp_path / "nope.json")]) == 2
     assert "--plan" in _error_line(capsys)
 
