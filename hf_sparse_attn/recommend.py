@@ -11,7 +11,11 @@ by ``block_select`` (3/3) and lost by ``local`` (0/3) (docs/methods/block_select
 at 0.94x ``local``'s kernel speed at 8k (2.89x SDPA; 10.4x at 32k) with a lower per-layer error on real q/k/v (0.106
 against 0.178): eval/results/kernels_block_select/results.md. Its cost: perplexity on one 8k article +3.2% against
 ``local``'s +2.0% (quick check; ``local`` on 20 articles: +3.5% at 1.62x prefill,
-eval/results/model_bench_causal/frontier.md). :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever
+eval/results/model_bench_causal/frontier.md). Measured on all three axes at 8k
+(eval/results/ruler_frontier_smollm2/frontier.md, eval/results/model_bench_block_select/results.md): of the 4 pass keys
+(of 11, depths 0-100%) the unpatched model finds, ``block_select`` keeps 4 and ``local`` 1; prefill 1.77x (95% interval
+1.76-1.79x, 10 articles) against ``local``'s 1.62x; perplexity +6.3% (+2.7..+13.0%) against ``local``'s +3.5%.
+:data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever
 prefers its perplexity.
 
 Encoders (bidirectional attention): ``sparse_hyper`` ("Attention is Naturally Sparse", Algorithm 1) on all layers with

@@ -112,8 +112,37 @@ def model_cell(source: Optional[tuple[str, str, int, dict]]) -> Optional[dict]:
                 and all(cell.get("params", {}).get(k) == v for k, v in params.items()):
             if cell.get("ppl_change_pct") is not None and cell.get("speedup") is not None:
                 return {"ppl_change_pct": cell["ppl_change_pct"], "speedup": cell["speedup"],
-                        "articles": cell.get("articles"), "source": results_dir}
+                        "articles": cell.get("articles"), "source": results_dir,
+                        **article_intervals(results_dir, cell["key"])}
     return None
+
+
+def article_intervals(results_dir: str, key: str) -> dict:
+    """95% percentile-bootstrap intervals (articles resampled, 10,000 draws) of the perplexity change and the prefill
+    speed-up of cell ``key`` against the exact cell of the same results.jsonl (the articles both measured)."""
+    import numpy as np
+
+    from hf_sparse_attn.eval.store import read_records
+
+    articles: dict[str, dict[str, dict]] = {}
+    for record in read_records(os.path.join(results_dir, "results.jsonl")):
+        if record.get("kind") == "cell" and record.get("tokens", 8192) == 8192:
+            cell = "exact" if record["key"].startswith("exact|") else record["key"]
+            for a in record.get("per_article", []):
+                articles.setdefault(cell, {})[a["title"]] = a
+    exact, mine = articles.get("exact", {}), articles.get(key, {})
+    titles = sorted(set(exact) & set(mine))
+    if len(titles) < 2 or not all("prefill_s" in exact[t] and "prefill_s" in mine[t] for t in titles):
+        return {}
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(titles), size=(10000, len(titles)))
+    arr = lambda src, field: np.array([src[t][field] for t in titles], dtype=float)  # noqa: E731
+    nll_e, nll_m, tok = arr(exact, "nll_sum"), arr(mine, "nll_sum"), arr(exact, "tokens")
+    time_e, time_m = arr(exact, "prefill_s"), arr(mine, "prefill_s")
+    change = 100 * (np.exp((nll_m[draws].sum(1) - nll_e[draws].sum(1)) / tok[draws].sum(1)) - 1)
+    speed = time_e[draws].sum(1) / time_m[draws].sum(1)
+    q = lambda x: [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]  # noqa: E731
+    return {"ppl_change_ci": q(change), "speedup_ci": q(speed), "articles_paired": len(titles)}
 
 
 def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[str, Any]:
@@ -162,7 +191,7 @@ def write_markdown(out: str, result: dict) -> None:
              "model's. \"kept a/b\": of the b samples the unpatched model answers fully (the same prompts, "
              "the same seed), the configuration answers a: the facts a plan loses. \"served s/c\": prefill attention calls "
              "of the patched layers its method ran (the rest ran exact attention, e.g. prompts under `min_seq_len`). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
-             "in the last column (each against its own exact run). RULER's essay haystack is replaced by offline "
+             "in the last column (each against its own exact run), with 95% bootstrap intervals over articles. RULER's essay haystack is replaced by offline "
              "Wikipedia articles (niah tasks).", "",
              "| configuration | " + " | ".join(keys) + " | mean | perplexity change | prefill speed-up | source |",
              "|---|" + "---|" * (len(keys) + 4)]
@@ -176,8 +205,10 @@ def write_markdown(out: str, result: dict) -> None:
                          + ("" if not c.get("served") else f"; served {c['served'][0]}/{c['served'][1]}"))
         m = row["model"]
         mean = "—" if row["mean_score"] is None else f"{row['mean_score']:.0f}"
-        ppl = "not measured" if m is None else f"{m['ppl_change_pct']:+.1f}%"
-        speed = "not measured" if m is None else f"{m['speedup']:.2f}x"
+        ppl = "not measured" if m is None else f"{m['ppl_change_pct']:+.1f}%" + (
+            f" [{m['ppl_change_ci'][0]:+.1f}, {m['ppl_change_ci'][1]:+.1f}]" if "ppl_change_ci" in m else "")
+        speed = "not measured" if m is None else f"{m['speedup']:.2f}x" + (
+            f" [{m['speedup_ci'][0]:.2f}, {m['speedup_ci'][1]:.2f}]" if "speedup_ci" in m else "")
         source = "—" if m is None else m["source"] + (f" ({m['articles']} articles)" if m.get("articles") else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {ppl} | {speed} | "
                      f"{source} |")
