@@ -318,3 +318,17 @@ def test_run_dir_patterns_check_only_mode_and_shard_locks(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunSettingsError, match="is a file"):
         RunDir(str(tmp_path / "file"), {}).open()
+
+
+def test_max_length_beyond_the_models_positions_is_refused(model_dir, tmp_path):
+    """A --max-length the model has no positions for would let prompts through untruncated: one-line error."""
+    from transformers import AutoConfig
+
+    positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    data = str(tmp_path / "data")
+    write_jsonl(os.path.join(data, "hotpotqa.jsonl"), samples("hotpotqa", 2))
+    (refused,) = _cli(_longbench(model_dir, data, str(tmp_path / "out"), "--max-length", str(positions + 1)))
+    last = refused["stderr"].strip().splitlines()[-1]  # after the weights' loading bar: the one-line error
+    assert refused["rc"] == 2 and "Traceback" not in refused["stderr"], refused
+    assert f"--max-length {positions + 1} is more than the model's {positions} positions" in last
+    assert not (tmp_path / "out" / "hotpotqa.jsonl").exists()
