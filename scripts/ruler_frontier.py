@@ -32,6 +32,8 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
                        ("eval/results/model_bench_causal", "local", 15, {"window": 1024})),
     "block_select_30": (["--method", "block_select", "--layers", "all"],
                         ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    "block_select_w1024_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024"],
+                              ("eval/results/model_bench_block_select_w1024", "block_select", 30, {"window": 1024})),
     "sparse_hyper_recursive_15": (["--method", "sparse_hyper", "--layers", "15"],
                                   ("eval/results/model_bench_grid", "sparse_hyper", 15, {})),
 }
