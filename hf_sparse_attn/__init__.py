@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 # transformers nor any evaluation code (docs/architecture.md): ``from hf_sparse_attn import patch_model`` works as
 # if the name were defined here.
 _LAZY_EXPORTS = {
-    **dict.fromkeys(("PLAN_FILE_NAME", "from_pretrained"), "hf_sparse_attn.loading"),
+    "PLAN_FILE_NAME": "hf_sparse_attn.plan_file",
+    "from_pretrained": "hf_sparse_attn.loading",
     **dict.fromkeys(("MethodSpec", "Param", "get_method", "get_spec", "list_methods", "merge_attention",
                      "register_method"), "hf_sparse_attn.methods"),
     **dict.fromkeys(("CapturedAttention", "capture_attention", "register_adapter", "supported_families"),

@@ -20,16 +20,16 @@ from typing import Optional, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "rank": ("hf_sparse_attn.commands.rank", "rank a model's layers by Q/K weight norm (no patching)"),
     "demo": ("hf_sparse_attn.commands.demo", "real SmolLM2-135M end to end: rank, patch half, check, time and score"),
-    "bench": ("hf_sparse_attn.eval.bench_cli", "speed and error of methods (kernel level) and patched models"),
-    "head-tail": ("hf_sparse_attn.eval.head_tail_cli", "head-to-tail ratio statistics of a model's attention on a corpus"),
-    "sparsity": ("hf_sparse_attn.eval.sparsity_cli", "k-sparsity of attention rows per layer versus weight norm R, on real text"),
-    "longbench": ("hf_sparse_attn.eval.longbench.cli", "predict LongBench / LongBench-E / the offline suite with a patched model"),
-    "longbench-score": ("hf_sparse_attn.eval.longbench.score_cli", "score a directory of LongBench predictions"),
-    "longbench-grid": ("hf_sparse_attn.eval.longbench.grid", "a LongBench experiment from a TOML config: exact vs methods x layers x selections"),
+    "bench": ("hf_sparse_attn.commands.bench", "speed and error of methods (kernel level) and patched models"),
+    "head-tail": ("hf_sparse_attn.commands.head_tail", "head-to-tail ratio statistics of a model's attention on a corpus"),
+    "sparsity": ("hf_sparse_attn.commands.sparsity", "k-sparsity of attention rows per layer versus weight norm R, on real text"),
+    "longbench": ("hf_sparse_attn.commands.longbench", "predict LongBench / LongBench-E / the offline suite with a patched model"),
+    "longbench-score": ("hf_sparse_attn.commands.longbench_score", "score a directory of LongBench predictions"),
+    "longbench-grid": ("hf_sparse_attn.commands.longbench_grid", "a LongBench experiment from a TOML config: exact vs methods x layers x selections"),
     "calibrate": ("hf_sparse_attn.commands.calibrate", "the fastest plan within a perplexity budget, measured on your text"),
     "lm-eval": ("hf_sparse_attn.commands.lm_eval_cli", "lm-evaluation-harness's CLI with model type 'hf-sparse' registered"),
     "plan": ("hf_sparse_attn.commands.plan", "show a saved plan (plan show FILE) or compare two (plan diff A B)"),
-    "ruler": ("hf_sparse_attn.eval.ruler.cli", "RULER's synthetic long-context tasks and a pass key at every depth, offline"),
+    "ruler": ("hf_sparse_attn.commands.ruler", "RULER's synthetic long-context tasks and a pass key at every depth, offline"),
 }
 
 

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence, Union
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .loading import find_plan_file
+from .plan_file import find_plan_file
 from .methods.registry import get_spec, list_methods
 from .patching import current_plan, patch_model
 from .plan import PatchPlan

@@ -8,21 +8,19 @@ patched model is never patched twice: a new patch replaces the old one.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 from typing import Any, Iterator, Optional, Union
 
 import torch
 
 from .kernels.workspace import clear_all_workspaces
-from .methods.registry import get_spec
-from .loading import install_save_hook
+from .plan_file import install_save_hook
 from .patches import LayerRuntime, find_adapter
 from .patches.runtime import PatchState, install_runtimes, state_of as _state_of, uninstall_runtimes
 from .plan import LayerPlan, PatchPlan, check_plan_matches, library_versions, model_fingerprint, now_iso
 from .row_sparsity import measured_sparsity_scores
 from .selection import LayersArg, SelectArg, rank_layers, resolve_layers, selection_order
-from .validation import check_patch_arguments
+from .validation import PatchRequest, build_patch_request
 
 def _install_runtimes(model, adapter, runtimes) -> PatchState:
     """Install the runtimes and the ``save_pretrained`` hook that writes the plan beside the weights."""
@@ -38,24 +36,17 @@ def _uninstall_runtimes(model, state: PatchState) -> None:
     uninstall_runtimes(model, state)
 
 
-def _plain_number(value: Any) -> Any:
-    """A numpy (or other numbers.Integral / numbers.Real) scalar as the Python int or float it stands for."""
-    if isinstance(value, bool) or isinstance(value, (int, float, str)) or value is None:
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return value
-
-
-def _build_plan(model, adapter, method, layers, select, seed, norm, method_params, measured_scores) -> PatchPlan:
-    spec = get_spec(method)
-    params = spec.resolve_params(method_params)
-    ranking = rank_layers(model, norm=norm, adapter=adapter)
-    order = selection_order(ranking, select, seed=seed, measured_scores=measured_scores)
-    chosen = set(resolve_layers(layers, order, len(ranking)))
+def _build_plan(model, request: PatchRequest) -> PatchPlan:
+    """The plan of a new patch: rank the layers, order them by ``request.select``, take ``request.layers`` of them."""
+    adapter = request.adapter
+    measured = None
+    if request.select == "measured":  # calibration checked by the request
+        measured = measured_sparsity_scores(model, request.calibration)
+    ranking = rank_layers(model, norm=request.norm, adapter=adapter)
+    order = selection_order(ranking, request.select, seed=request.seed, measured_scores=measured)
+    chosen = set(resolve_layers(request.layers, order, len(ranking)))
     rank_of = {layer: r for r, layer in enumerate(order)}
+    method, params, select = request.method, request.params, request.select
     layer_plans = [
         LayerPlan(
             layer_idx=i,
@@ -68,13 +59,22 @@ def _build_plan(model, adapter, method, layers, select, seed, norm, method_param
         for i in range(len(ranking))
     ]
     select_name = select if isinstance(select, str) else ("callable" if callable(select) else "explicit")
-    if not isinstance(layers, (int, float, str)):
+    if not isinstance(request.layers, (int, float, str)):
         select_name = "explicit"
     return PatchPlan(
-        method=method, select=select_name, layers=layer_plans, seed=seed, norm=norm,
+        method=method, select=select_name, layers=layer_plans, seed=request.seed, norm=request.norm,
         model_fingerprint=model_fingerprint(model, adapter), model_class=type(model).__name__, adapter=adapter.name,
         versions=library_versions(), created=now_iso(),
     )
+
+
+def _applied_plan(model, request: PatchRequest) -> PatchPlan:
+    """The request's plan to re-apply, checked against the model, its counters reset."""
+    new_plan = request.plan
+    check_plan_matches(new_plan, model_fingerprint(model, request.adapter), request.num_layers, type(model).__name__,
+                       strict=request.strict, source=request.plan_source)
+    new_plan.reset_counts()
+    return new_plan
 
 
 def patch_model(
@@ -105,31 +105,11 @@ def patch_model(
     method_params: the method's parameters (``hf_sparse_attn.list_methods()``; errors name the valid ones).
     adapter_options: e.g. ``{"chatglm_layout": "batch_first"}``.
     """
-    check_patch_arguments(model, method, layers, select, plan=plan, seed=seed, norm=norm, calibration=calibration,
-                          adapter_options=adapter_options, method_params=method_params)
-    layers = _plain_number(layers)  # numpy.int64(1) is the count 1, numpy.float64(0.5) the fraction 0.5
-    seed = int(seed) if plan is None else seed  # validated above; a numpy seed would not survive plan.save
-    adapter = find_adapter(model, adapter_options)
-    num_layers = len(adapter.attention_layers(model))
-    if plan is not None:
-        if method_params:
-            raise ValueError("pass either plan= or method parameters, not both: the plan holds each layer's parameters")
-        source = "the plan" if isinstance(plan, PatchPlan) else f"plan file {os.fspath(plan)}"
-        new_plan = plan if isinstance(plan, PatchPlan) else PatchPlan.load(plan)
-        new_plan = PatchPlan.from_dict(new_plan.to_dict(), source=source)  # our own copy (by layer_idx), counters reset below
-        check_plan_matches(new_plan, model_fingerprint(model, adapter), num_layers, type(model).__name__,
-                           strict=strict, source=source)
-        for layer in new_plan.layers:
-            if layer.method is not None:
-                layer.params = get_spec(layer.method).resolve_params(layer.params)
-        new_plan.reset_counts()
-    else:
-        measured = None
-        if select == "measured":
-            if calibration is None:
-                raise ValueError("select='measured' needs calibration=input_ids (a batch of real text) to measure sparsity on")
-            measured = measured_sparsity_scores(model, calibration)
-        new_plan = _build_plan(model, adapter, method, layers, select, seed, norm, method_params, measured)
+    request = build_patch_request(model, method, layers, select, plan=plan, seed=seed, norm=norm,
+                                  calibration=calibration, adapter_options=adapter_options, strict=strict,
+                                  method_params=method_params)
+    new_plan = _applied_plan(model, request) if request.plan is not None else _build_plan(model, request)
+    adapter, num_layers = request.adapter, request.num_layers
     by_index = {layer.layer_idx: layer for layer in new_plan.layers}  # adapters install runtimes in layer order
     runtimes = [LayerRuntime(i, by_index[i].method, by_index[i].params, new_plan.seed, by_index[i]) for i in range(num_layers)]
 
@@ -143,7 +123,7 @@ def patch_model(
             _install_runtimes(model, old_state.adapter, old_state.runtimes).plan = old_state.plan
         raise
     state.plan = new_plan
-    state.adapter_options = dict(adapter_options or {})
+    state.adapter_options = request.adapter_options
     return new_plan
 
 

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -225,7 +226,7 @@ def _check_plan_fields(data: dict, source: str) -> None:
     """The types of the plan's own fields (everything but the layer list), so that a plan that loads also prints,
     saves and applies."""
     from .selection import NORMS
-    from .validation import check_seed
+    from .selection import check_seed
 
     for key in ("method", "select"):
         if not isinstance(data[key], str) or not data[key]:
@@ -294,13 +295,19 @@ def _check_layer_fields(layer: dict, idx: int, source: str) -> None:
         raise PlanError(f"{where} has fallbacks={fallbacks!r:.60}; it must map reasons to call counts (ints >= 0)")
 
 
+def _package_version() -> str:
+    """The version of the installed ``hf_sparse_attn`` distribution (read without importing the package face)."""
+    try:
+        return importlib.metadata.version("hf_sparse_attn")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def library_versions() -> dict[str, str]:
     import transformers
 
-    from . import __version__
-
     return {
-        "hf_sparse_attn": __version__,
+        "hf_sparse_attn": _package_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

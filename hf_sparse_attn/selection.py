@@ -23,6 +23,8 @@ that of the previous block's output LayerNorm (the embeddings' LayerNorm for lay
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import random
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -143,24 +145,79 @@ def selection_order(ranking: LayerRanking, select: SelectArg, seed: int = 0,
     return order
 
 
-def resolve_layers(layers: LayersArg, order: list[int], num_layers: int) -> list[int]:
-    """The chosen layer indices: ``layers`` is a count (int), a fraction in (0, 1] (float), "all", or a list."""
+def describe_value(value: Any) -> str:
+    """``value`` for an error message: its repr (cut at 80 characters) and its type."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def check_layers(layers: Any, num_layers: int) -> None:
+    """``layers``: "all", an int count in 0..num_layers, a float fraction in (0, 1] that selects at least one layer
+    (round(fraction x num_layers) >= 1), or a list/tuple/range of distinct int layer indices in 0..num_layers - 1.
+    The one rule for ``layers``: :func:`resolve_layers` applies it too. Raises ValueError naming the valid values."""
+    valid = (f"'all', an int count in 0..{num_layers}, a float fraction in (0, 1], or a list of distinct layer "
+             f"indices in 0..{num_layers - 1}")
     if isinstance(layers, str):
         if layers != "all":
-            raise ValueError(f"layers must be an int count, a float fraction, a list of indices or 'all'; got {layers!r}")
+            raise ValueError(f"layers must be {valid}; got {describe_value(layers)}")
+        return
+    if isinstance(layers, bool) or layers is None:
+        raise ValueError(f"layers must be {valid}; got {describe_value(layers)}")
+    if isinstance(layers, numbers.Integral):
+        if not 0 <= int(layers) <= num_layers:
+            raise ValueError(f"layers={int(layers)} is not a layer count: the model has {num_layers} attention layers; "
+                             f"layers must be {valid}")
+        return
+    if isinstance(layers, numbers.Real):
+        value = float(layers)
+        if not (math.isfinite(value) and 0.0 < value <= 1.0):
+            raise ValueError(f"layers={layers!r} as a fraction must be in (0, 1] (use layers=0 for no layer); "
+                             f"layers must be {valid}")
+        if round(value * num_layers) == 0:  # resolve_layers takes round(fraction * num_layers) layers
+            smallest = 1 / num_layers if num_layers else 1.0
+            raise ValueError(f"layers={layers!r} selects no layer: round({value:g} x {num_layers} layers) = 0. Pass a "
+                             f"fraction of at least {smallest:.4g} (one layer), a count such as layers=1, or layers=0 "
+                             f"to patch no layer on purpose")
+        return
+    if not isinstance(layers, (list, tuple, range)):
+        raise ValueError(f"layers must be {valid}; got {describe_value(layers)}")
+    bad_type = [x for x in layers if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
+    if bad_type:
+        raise ValueError(f"layer indices must be ints; got {bad_type[:5]!r} in layers. layers must be {valid}")
+    indices = [int(x) for x in layers]
+    outside = [i for i in indices if not 0 <= i < num_layers]
+    if outside:
+        raise ValueError(f"layer indices {outside[:10]} are outside 0..{num_layers - 1} (the model has {num_layers} "
+                         f"attention layers)")
+    duplicates = sorted({i for i in indices if indices.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"layer indices {duplicates} appear more than once in layers; list each layer once")
+
+
+def resolve_layers(layers: LayersArg, order: list[int], num_layers: int) -> list[int]:
+    """The chosen layer indices, sorted: the first ``layers`` of ``order`` for a count (int), the first
+    round(fraction x num_layers) for a fraction in (0, 1] (float), every layer for "all", the indices of a list.
+    ``layers`` must pass :func:`check_layers` (checked here again: a ValueError names the valid values)."""
+    check_layers(layers, num_layers)
+    if isinstance(layers, str):
         return sorted(order)
-    if isinstance(layers, bool):
-        raise ValueError("layers must be an int count, a float fraction, a list of indices or 'all'; got a bool")
-    if isinstance(layers, int):
-        if not 0 <= layers <= num_layers:
-            raise ValueError(f"layers={layers} is not a count in 0..{num_layers}")
-        return sorted(order[:layers])
-    if isinstance(layers, float):
-        if not 0.0 <= layers <= 1.0:
-            raise ValueError(f"layers={layers} as a fraction must be in [0, 1]")
-        return sorted(order[: int(round(layers * num_layers))])
-    chosen = [int(i) for i in layers]
-    bad = [i for i in chosen if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"layer indices {bad} are outside 0..{num_layers - 1}")
-    return sorted(set(chosen))
+    if isinstance(layers, numbers.Integral):
+        return sorted(order[: int(layers)])
+    if isinstance(layers, numbers.Real):
+        return sorted(order[: int(round(float(layers) * num_layers))])
+    return sorted(int(i) for i in layers)
+
+
+SEED_MAX = 2**32 - 1  # per-layer generator seeds are seed * 1_000_003 + layer_idx: must stay within int64
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed``: an int in 0..2**32 - 1 (bools, floats, strings and None are refused). Returns it as an int."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"{name} must be an int in 0..{SEED_MAX}, got {describe_value(seed)}")
+    seed = int(seed)
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{name}={seed} is out of range: it must be an int in 0..{SEED_MAX}")
+    return seed

@@ -1,4 +1,6 @@
-"""Checks of every ``patch_model`` argument, run before the model is read or touched.
+"""Checks of every ``patch_model`` argument, run before the model is touched, and the :class:`PatchRequest` they
+resolve the arguments into, once: the adapter that recognizes the model, the plan file read, the method's
+parameters filled in and validated. ``patch_model`` builds its plan from the request alone.
 
 Each bad value raises a ``ValueError`` (``TypeError`` for a model that is no ``torch.nn.Module``) whose message
 names the argument, the value given and the values that are valid, so that a mistake is found at the call and
@@ -7,74 +9,14 @@ never as an unrelated error in the middle of a forward pass.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import numbers
 import os
 from typing import Any, Optional
 
 import torch
 
-SEED_MAX = 2**32 - 1  # per-layer generator seeds are seed * 1_000_003 + layer_idx: must stay within int64
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def check_seed(seed: Any, name: str = "seed") -> int:
-    """``seed``: an int in 0..2**32 - 1 (bools, floats, strings and None are refused). Returns it as an int."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"{name} must be an int in 0..{SEED_MAX}, got {_describe(seed)}")
-    seed = int(seed)
-    if not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"{name}={seed} is out of range: it must be an int in 0..{SEED_MAX}")
-    return seed
-
-
-def check_layers(layers: Any, num_layers: int) -> None:
-    """``layers``: "all", an int count in 0..num_layers, a float fraction in (0, 1], or a list/tuple/range of
-    distinct int layer indices in 0..num_layers - 1."""
-    valid = (f"'all', an int count in 0..{num_layers}, a float fraction in (0, 1], or a list of distinct layer "
-             f"indices in 0..{num_layers - 1}")
-    if isinstance(layers, str):
-        if layers != "all":
-            raise ValueError(f"layers must be {valid}; got {_describe(layers)}")
-        return
-    if isinstance(layers, bool) or layers is None:
-        raise ValueError(f"layers must be {valid}; got {_describe(layers)}")
-    if isinstance(layers, numbers.Integral):
-        if not 0 <= int(layers) <= num_layers:
-            raise ValueError(f"layers={int(layers)} is not a layer count: the model has {num_layers} attention layers; "
-                             f"layers must be {valid}")
-        return
-    if isinstance(layers, numbers.Real):
-        value = float(layers)
-        if not (math.isfinite(value) and 0.0 < value <= 1.0):
-            raise ValueError(f"layers={layers!r} as a fraction must be in (0, 1] (use layers=0 for no layer); "
-                             f"layers must be {valid}")
-        if round(value * num_layers) == 0:  # selection.resolve_layers takes round(fraction * num_layers) layers
-            smallest = 1 / num_layers if num_layers else 1.0
-            raise ValueError(f"layers={layers!r} selects no layer: round({value:g} x {num_layers} layers) = 0. Pass a "
-                             f"fraction of at least {smallest:.4g} (one layer), a count such as layers=1, or layers=0 "
-                             f"to patch no layer on purpose")
-        return
-    if not isinstance(layers, (list, tuple, range)):
-        raise ValueError(f"layers must be {valid}; got {_describe(layers)}")
-    bad_type = [x for x in layers if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
-    if bad_type:
-        raise ValueError(f"layer indices must be ints; got {bad_type[:5]!r} in layers. layers must be {valid}")
-    indices = [int(x) for x in layers]
-    outside = [i for i in indices if not 0 <= i < num_layers]
-    if outside:
-        raise ValueError(f"layer indices {outside[:10]} are outside 0..{num_layers - 1} (the model has {num_layers} "
-                         f"attention layers)")
-    duplicates = sorted({i for i in indices if indices.count(i) > 1})
-    if duplicates:
-        raise ValueError(f"layer indices {duplicates} appear more than once in layers; list each layer once")
-
+from .selection import SEED_MAX, LayersArg, SelectArg, check_layers, check_seed, describe_value as _describe  # noqa: F401
 
 def check_select(select: Any, num_layers: int, calibration: Any, vocab_size: Optional[int] = None) -> None:
     """``select``: a preset name, a list holding every layer index once (the order layers are chosen in), or a
@@ -151,13 +93,83 @@ def check_plan(plan: Any) -> None:
         raise ValueError(f"plan file {os.fspath(plan)!r} does not exist (save one with plan.save(path))")
 
 
-def check_patch_arguments(model: Any, method: Any, layers: Any, select: Any, *, plan: Any, seed: Any, norm: Any,
-                          calibration: Any, adapter_options: Any, method_params: dict[str, Any]) -> None:
-    """Every argument of ``patch_model`` (see its docstring), checked before the model is read or changed.
+@dataclasses.dataclass
+class PatchRequest:
+    """``patch_model``'s arguments, checked and resolved once (:func:`build_patch_request`); the plan is built from
+    it and from nothing else.
+
+    Either a plan to re-apply (``plan`` set: a private copy of the given plan or of the file, every layer's
+    parameters resolved, ``plan_source`` naming it in errors) or a new one (``method`` and its resolved ``params``,
+    ``layers`` as a plain int / float / "all" / list, ``select``, ``norm``, ``calibration`` for select="measured").
+    """
+
+    adapter: Any  # the patches.base.Adapter that recognized the model
+    num_layers: int
+    seed: int
+    strict: bool = True
+    adapter_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    plan: Any = None  # a plan.PatchPlan to re-apply, or None
+    plan_source: str = ""
+    method: Optional[str] = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layers: LayersArg = 0.5
+    select: SelectArg = "weight_norm"
+    norm: str = "spectral"
+    calibration: Optional[torch.Tensor] = None
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy (or other numbers.Integral / numbers.Real) scalar as the Python int or float it stands for."""
+    if isinstance(value, bool) or isinstance(value, (int, float, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _plan_to_apply(plan: Any) -> tuple[Any, str]:
+    """A private copy of ``plan`` (a PatchPlan or the path of its JSON, read once) with every layer's parameters
+    resolved, and the words that name it in errors. Raises PlanError for a plan whose values are not valid."""
+    from .methods.registry import get_spec
+    from .plan import PatchPlan, PlanError
+
+    source = "the plan" if isinstance(plan, PatchPlan) else f"plan file {os.fspath(plan)}"
+    loaded = plan if isinstance(plan, PatchPlan) else PatchPlan.load(plan)
+    copy = PatchPlan.from_dict(loaded.to_dict(), source=source)  # our own copy (by layer_idx)
+    check_seed(copy.seed, "plan seed")
+    for layer in copy.layers:
+        if layer.method is not None:
+            try:
+                layer.params = get_spec(layer.method).resolve_params(layer.params)
+            except ValueError as err:  # unknown method, unknown parameter, value out of range
+                raise PlanError(f"{source}: layer {layer.layer_idx}: {err}. Fix the plan file or rebuild it with "
+                                "patch_model(model, method=..., layers=...)") from None
+    return copy, source
+
+
+def build_patch_request(
+    model: Any,
+    method: Any = "exact",
+    layers: Any = 0.5,
+    select: Any = "weight_norm",
+    *,
+    plan: Any = None,
+    seed: Any = 0,
+    norm: Any = "spectral",
+    calibration: Any = None,
+    adapter_options: Any = None,
+    strict: bool = True,
+    method_params: Optional[dict[str, Any]] = None,
+) -> PatchRequest:
+    """Every argument of ``patch_model`` (see its docstring), checked before the model is changed, and resolved once:
+    the adapter found, a plan file read, the method's parameters filled in and validated.
 
     Raises ValueError naming the argument and its valid values (TypeError when ``model`` is not a module or no
-    adapter recognizes it).
+    adapter recognizes it; PlanError for a plan whose values are not valid).
     """
+    method_params = dict(method_params or {})
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch_model needs a torch.nn.Module (a loaded transformers model); got {_describe(model)}")
     check_adapter_options(adapter_options)
@@ -167,27 +179,21 @@ def check_patch_arguments(model: Any, method: Any, layers: Any, select: Any, *, 
 
     adapter = find_adapter(model, adapter_options)  # reads the module tree only
     num_layers = len(adapter.attention_layers(model))
+    options = dict(adapter_options or {})
     if plan is not None:
-        from .plan import PatchPlan
-
-        from .plan import PlanError
-
-        source = "the plan" if isinstance(plan, PatchPlan) else f"plan file {os.fspath(plan)}"
-        loaded = plan if isinstance(plan, PatchPlan) else PatchPlan.load(plan)
-        check_seed(loaded.seed, "plan seed")
-        for layer in loaded.layers:
-            if layer.method is not None:
-                try:
-                    get_spec(layer.method).resolve_params(layer.params)
-                except ValueError as err:  # unknown method, unknown parameter, value out of range
-                    raise PlanError(f"{source}: layer {layer.layer_idx}: {err}. Fix the plan file or rebuild it with "
-                                    "patch_model(model, method=..., layers=...)") from None
-        return
+        if method_params:
+            raise ValueError("pass either plan= or method parameters, not both: the plan holds each layer's parameters")
+        copy, source = _plan_to_apply(plan)
+        return PatchRequest(adapter=adapter, num_layers=num_layers, seed=copy.seed, strict=strict,
+                            adapter_options=options, plan=copy, plan_source=source)
     if not isinstance(method, str):
         raise ValueError(f"method must be a method name (a string); got {_describe(method)}")
-    get_spec(method).resolve_params(method_params)  # unknown names, types and ranges (registry.Param)
-    check_seed(seed)
+    params = get_spec(method).resolve_params(method_params)  # unknown names, types and ranges (registry.Param)
+    seed = check_seed(seed)
     check_norm(norm)
+    layers = _plain_number(layers)  # numpy.int64(1) is the count 1, numpy.float64(0.5) the fraction 0.5
     check_layers(layers, num_layers)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     check_select(select, num_layers, calibration, vocab_size if isinstance(vocab_size, int) else None)
+    return PatchRequest(adapter=adapter, num_layers=num_layers, seed=seed, strict=strict, adapter_options=options,
+                        method=method, params=params, layers=layers, select=select, norm=norm, calibration=calibration)

@@ -27,7 +27,7 @@ import sys
 import time
 
 from hf_sparse_attn.cli import main as cli_main
-from hf_sparse_attn.eval.bench_cli import machine_description
+from hf_sparse_attn.commands.bench import machine_description
 
 HEAD_TAIL_FILES = "head_tail.json (all numbers), max_ratio.png, median_n_n1.png, median_n_2n.png, scaling.png, summary.txt"
 SPARSITY_FILES = "sparsity.json (all numbers), sparsity_vs_R.png, sparsity_heads.png, summary.txt"

@@ -10,10 +10,10 @@ see the same machine load); the table reports medians. Columns:
 * flop-limit ratio = SDPA's causal pairs / the configuration's pairs: the ratio it would reach at SDPA's GFLOP/s;
 * relative Frobenius error ||out - out_SDPA||_F / ||out_SDPA||_F on the random inputs, and at --real-tokens on real
   SmolLM2-135M-Instruct q/k/v (one Wikipedia article, layers --real-layers, captured after RoPE by
-  ``hf_sparse_attn.eval.kernel_suite.capture_smollm2_qkv``; KV heads expanded, 9 heads).
+  ``hf_sparse_attn.eval.bench.kernel_suite.capture_smollm2_qkv``; KV heads expanded, 9 heads).
 
 Counting pairs: single pass = sinks S + window chunks x 64 x (window + 64) + the block tiles actually built
-(``sorted_blocks.single_pass_causal_attention(stats=...)``) + N x sample_size; recursive = exact leaves
+(``single_pass.single_pass_causal_attention(stats=...)``) + N x sample_size; recursive = exact leaves
 leaf (leaf + 1) / 2 per leaf + every level's queries x (block + samples) + sinks; local = sinks + window chunks
 x 64 x (window + 64).
 
@@ -47,9 +47,11 @@ import torch
 
 from hf_sparse_attn.commands.arguments import parse_value
 
-from hf_sparse_attn.eval.kernel_suite import capture_smollm2_qkv, machine_state, random_qkv, relative_error
+from hf_sparse_attn.eval.bench.kernel_suite import random_qkv, relative_error, smollm2_article_qkv
+from hf_sparse_attn.eval.bench.kernel_timing import machine_state
 from hf_sparse_attn.eval.store import write_json
-from hf_sparse_attn.methods import get_method, sorted_blocks
+from hf_sparse_attn.methods import causal_recursion, get_method, single_pass
+from hf_sparse_attn.methods.window import WINDOW_CHUNK
 from hf_sparse_attn.methods.common import expand_kv_heads
 
 OUT_DIR = os.path.join("eval", "results", "kernels_causal")
@@ -107,7 +109,7 @@ def pairs_per_head(method: str, fn, q, k, v, scale: float) -> float | None:
     N = q.shape[2]
     H = q.shape[1]
     S = min(p.get("num_sink_tokens", 0), N)
-    C = min(sorted_blocks.WINDOW_CHUNK, N)
+    C = min(WINDOW_CHUNK, N)
     nch = -(-N // C)
     sinks = N * S
     if method == "local":
@@ -116,13 +118,13 @@ def pairs_per_head(method: str, fn, q, k, v, scale: float) -> float | None:
         stats: dict = {}
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            sorted_blocks.single_pass_causal_attention(
+            single_pass.single_pass_causal_attention(
                 q, k, v, scale=scale, key_valid=None, generator=gen, lsh_num_projs=p["lsh_num_projs"],
                 block_size=p["block_size"], sample_size=p.get("sample_size", 0), window=p["window"],
                 num_sink_tokens=S, stats=stats)
         # window and sample pairs are per head; the block tiles are counted over all B * H heads (B = 1)
         return sinks + stats["window_pairs"] + stats["block_pairs"] / H + stats["sample_pairs"]
-    m, leaf = sorted_blocks.causal_levels(N, p["min_seq_len"])
+    m, leaf = causal_recursion.causal_levels(N, p["min_seq_len"])
     leaves = (1 << m) * leaf * (leaf + 1) / 2
     per_level = (leaf << m) / 2 * (p["block_size"] + p.get("sample_size", 0))
     return sinks + leaves + m * per_level
@@ -172,29 +174,6 @@ def random_cell(n: int, specs: dict[str, tuple[str, dict]], repeats: int) -> dic
     return cell
 
 
-@torch.no_grad()
-def real_inputs(tokens: int, layers: list[int], cache: str) -> dict:
-    """layer -> (q, k, v, scale) of SmolLM2 on one Wikipedia article (cached as a .pt file: the prefill is slow)."""
-    if os.path.exists(cache):
-        return torch.load(cache)
-    from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles
-
-    model, tokenizer = load_smollm2()
-    model.eval()
-    for title, text in wikipedia_articles(min_chars=20000):
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        if ids.shape[1] >= tokens:
-            break
-    else:
-        raise RuntimeError(f"no Wikipedia article with >= {tokens} tokens")
-    captured = capture_smollm2_qkv(model, ids[:, :tokens], layers)
-    captured["title"] = title
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    torch.save(captured, cache)
-    return captured
-
-
-@torch.no_grad()
 def real_cell(layer: int, qkv: tuple, specs: dict[str, tuple[str, dict]]) -> dict:
     q, k, v, scale = qkv
     groups = q.shape[1] // k.shape[1]
@@ -443,13 +422,10 @@ def main() -> int:
             todo_layers = [l for l in args.real_layers if f"smollm2 layer={l}" not in results["cells"]
                            or set(specs) - set(results["cells"][f"smollm2 layer={l}"]["rel_error"])]
             if todo_layers:
-                from hf_sparse_attn.eval.data import cache_dir
-
                 print(f"[{time.strftime('%H:%M:%S')}] real SmolLM2 q/k/v, layers {todo_layers}", flush=True)
                 record_run()
                 layers = sorted(set(args.real_layers))
-                qkv = real_inputs(args.real_tokens, layers, os.path.join(
-                    str(cache_dir()), f"smollm2_qkv_{args.real_tokens}_{'_'.join(map(str, layers))}.pt"))
+                qkv = smollm2_article_qkv(args.real_tokens, layers)
                 results["real_title"] = qkv.get("title")
                 for layer in todo_layers:
                     key = f"smollm2 layer={layer}"

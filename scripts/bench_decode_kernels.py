@@ -40,7 +40,8 @@ import time
 
 import torch
 
-from hf_sparse_attn.eval.kernel_suite import machine_state, relative_error
+from hf_sparse_attn.eval.bench.kernel_suite import relative_error, smollm2_article_qkv
+from hf_sparse_attn.eval.bench.kernel_timing import machine_state
 from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods.common import expand_kv_heads
 from hf_sparse_attn.methods.decode import get_decode_method, get_decode_spec
@@ -223,29 +224,6 @@ def real_cell(layer: int, qkv: tuple, names: list[str], steps: int) -> dict:
             "exact_mass": {name: statistics.mean(m) for name, m in masses.items() if m}}
 
 
-def load_real(tokens: int, layers: list[int]) -> dict:
-    from hf_sparse_attn.eval.data import cache_dir
-
-    path = os.path.join(str(cache_dir()), f"smollm2_qkv_{tokens}_{'_'.join(map(str, layers))}.pt")
-    if os.path.exists(path):
-        return torch.load(path)
-    from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles
-    from hf_sparse_attn.eval.kernel_suite import capture_smollm2_qkv
-
-    model, tokenizer = load_smollm2()
-    model.eval()
-    for title, text in wikipedia_articles(min_chars=20000):
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        if ids.shape[1] >= tokens:
-            break
-    else:
-        raise RuntimeError(f"no Wikipedia article with >= {tokens} tokens")
-    captured = capture_smollm2_qkv(model, ids[:, :tokens], layers)
-    captured["title"] = title
-    torch.save(captured, path)
-    return captured
-
-
 def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -365,7 +343,7 @@ def main() -> int:
         results["cells"].append(random_cell(n, args.repeats, args.configs, args.append_steps))
         write_json(os.path.join(args.out, "results.json"), results)
     if args.real_layers:
-        captured = load_real(args.real_tokens, args.real_layers)
+        captured = smollm2_article_qkv(args.real_tokens, args.real_layers)
         results["real_title"] = captured.get("title")
         results["real"] = []
         for layer in args.real_layers:

@@ -25,12 +25,12 @@ import torch
 
 from hf_sparse_attn.kernels import workspace as thread_workspace
 from hf_sparse_attn.methods import get_method
-from hf_sparse_attn.methods import sorted_blocks, sparse_hyper
+from hf_sparse_attn.methods import causal_recursion, single_pass, sparse_hyper, window
 
 OUT_DIR = os.path.join("eval", "results", "workspace_concurrency")
 MACHINE = "2-core CPU VM (AMD EPYC), no GPU, shared with other jobs; one torch thread pinned to one core"
 DATE = "2026-12-01"
-USERS = (sorted_blocks, sparse_hyper)  # the modules that call workspace()
+USERS = (causal_recursion, single_pass, window, sparse_hyper)  # the modules of hyper / sparse_hyper that call workspace()
 
 _GLOBAL: dict[tuple, torch.Tensor] = {}
 

@@ -3,7 +3,7 @@
 the best fixed plan of the model benchmark on the same 16 articles.
 
 The 20 articles are those of the model grid: the first 20 articles of the offline Wikipedia corpus with at least
-8192 tokens, each cut to its first 8192 tokens (hf_sparse_attn.eval.model_bench.article_token_sets); the first 4
+8192 tokens, each cut to its first 8192 tokens (hf_sparse_attn.eval.bench.article_token_sets); the first 4
 calibrate, the other 16 are held out (the script checks the titles against the fixed plans' records). One torch
 thread. Candidates: four settings from the measured 8k frontier (eval/results/model_bench_causal/frontier.md,
 eval/results/kernels_causal/results.md): local w1024, sparse_hyper single pass w512 b128, hyper single pass w256
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> None:
     from hf_sparse_attn import PatchPlan
     from hf_sparse_attn.eval.data import load_smollm2
-    from hf_sparse_attn.eval.model_bench import article_token_sets, prefill_and_nll
+    from hf_sparse_attn.eval.bench import article_token_sets, prefill_and_nll
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -51,9 +51,10 @@ import torch
 from tqdm import tqdm
 
 import hf_sparse_attn.kernels as kernels
-from hf_sparse_attn.eval.kernel_suite import machine_state, random_qkv
+from hf_sparse_attn.eval.bench.kernel_suite import random_qkv
+from hf_sparse_attn.eval.bench.kernel_timing import machine_state
 from hf_sparse_attn.eval.store import write_json
-from hf_sparse_attn.methods import defaults, get_method, sorted_blocks
+from hf_sparse_attn.methods import causal_recursion, defaults, get_method, sorted_blocks
 
 OUT_DIR = os.path.join("eval", "results", "defaults_query_chunk")
 BASELINE = defaults.CAUSAL_QUERY_CHUNK_DIVISOR  # the default every divisor is compared with (2)
@@ -93,9 +94,9 @@ class ChunkCounter:
 def chunk_stats(calls: list[dict], n: int, params: dict) -> dict:
     """Fill, chunks per key block and computed pairs of one causal recursion call from its ChunkCounter records.
 
-    Level l of the recursion (sorted_blocks.sorted_lsh_attention) has G = B H 2^l groups of half = N' / 2^(l+1)
+    Level l of the recursion (causal_recursion.sorted_lsh_attention) has G = B H 2^l groups of half = N' / 2^(l+1)
     queries and keys, nb = ceil(half / min(block_size, half)) key blocks per group; N' = leaf 2^m."""
-    m, leaf = sorted_blocks.causal_levels(n, params["min_seq_len"])
+    m, leaf = causal_recursion.causal_levels(n, params["min_seq_len"])
     if len(calls) != m:
         raise RuntimeError(f"expected {m} sorted-block calls (one per level) at N={n}, counted {len(calls)}")
     levels = []

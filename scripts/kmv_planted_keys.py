@@ -3,7 +3,7 @@
 Lemma 3.4 ("every heavy key is found") becomes "found with the LSH's probability" in the blocks engine
 (docs/methods/kmv.md, "Which guarantee survives"). Setting: q, k [1, H, N, D] standard normal (H = --heads 4,
 D = --head-dim 64) with --pairs 256 planted pairs per head, key k[kj] at cosine c to its query q[qi] with norm
-1.5 sqrt(D) (``hf_sparse_attn.eval.kernel_suite.planted_heavy_pairs``, one problem per (N, c), --problem-seed 0).
+1.5 sqrt(D) (``hf_sparse_attn.eval.bench.kernel_suite.planted_heavy_pairs``, one problem per (N, c), --problem-seed 0).
 ``kmv.heavy_key_found`` (7 hyperplanes, blocks of 256: the engine's defaults) says for each pair whether the
 engine attends it exactly in its key block; the probability is the fraction of the H x P pairs found, for hash
 seeds 0 .. --seeds - 1, and the table gives its mean (and min) over those seeds. Chance = block_size / N: the
@@ -29,7 +29,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from hf_sparse_attn.eval.kernel_suite import planted_heavy_pairs
+from hf_sparse_attn.eval.bench.kernel_suite import planted_heavy_pairs
 from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import kmv
 

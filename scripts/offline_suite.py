@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from hf_sparse_attn import patch_model, unpatch_model
     from hf_sparse_attn.eval.data import load_smollm2
-    from hf_sparse_attn.eval.longbench.cli import parse_params
+    from hf_sparse_attn.commands.longbench import parse_params
     from hf_sparse_attn.eval.longbench.offline import build_offline_suite, write_suite
     from hf_sparse_attn.eval.longbench.predict import predict_tasks
     from hf_sparse_attn.eval.longbench.score import score_directory
@@ -317,7 +317,7 @@ def aggregate(args, suite, num_layers: int, measured: bool = False) -> None:
 
 
 def parse_params_safe(items):
-    from hf_sparse_attn.eval.longbench.cli import parse_params
+    from hf_sparse_attn.commands.longbench import parse_params
 
     return parse_params(items)
 

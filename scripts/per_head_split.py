@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from hf_sparse_attn.eval.kernel_suite import random_qkv
+from hf_sparse_attn.eval.bench.kernel_suite import random_qkv
 from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import get_spec
 from hf_sparse_attn.methods.common import expand_kv_heads

@@ -41,7 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from hf_sparse_attn.eval.model_bench import latest_cells, read_jsonl
+from hf_sparse_attn.eval.bench import latest_cells, read_jsonl
 from hf_sparse_attn.eval.sparsity import spearman
 
 RESULTS = os.path.join("eval", "results")

@@ -19,7 +19,7 @@ those keys removed from the sorted blocks and samples), and kmv / poly with thei
 likewise) when one layer of them runs within --slow-limit seconds.
 
 Per layer we also record the *sink mass*: the mean over query rows i >= S of the exact softmax mass on keys 0..S-1,
-exp(lse_sinks_i - lse_exact_i) (lse_sinks from ``sorted_blocks.sink_attention``), which says how much of each row
+exp(lse_sinks_i - lse_exact_i) (lse_sinks from ``sinks.sink_attention``), which says how much of each row
 the sinks carry (the StreamingLLM "attention sink" hypothesis for the error of the sorted blocks).
 
 Resumable: results.json is rewritten after every (layer, method) cell and cells already there are skipped.
@@ -50,7 +50,7 @@ from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles
 from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import get_method
 from hf_sparse_attn.methods.common import expand_kv_heads
-from hf_sparse_attn.methods.sorted_blocks import sink_attention
+from hf_sparse_attn.methods.sinks import sink_attention
 
 OUT_DIR = os.path.join("eval", "results", "smollm2_layer_error")
 MACHINE = "2-core CPU VM, no GPU (shared with other jobs)"

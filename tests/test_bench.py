@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hf_sparse_attn import current_plan
-from hf_sparse_attn.eval import model_bench as mb
-from hf_sparse_attn.eval.kernel_suite import bench_on_inputs, random_qkv, relative_error, suite_cells
+from hf_sparse_attn.eval import bench as mb
+from hf_sparse_attn.eval.bench.kernel_suite import bench_on_inputs, random_qkv, relative_error, suite_cells
 
 
 @pytest.fixture
@@ -468,7 +468,7 @@ def test_two_processes_appending_large_records_to_one_file_never_interleave(tmp_
     import sys
 
     path = str(tmp_path / "shared.jsonl")
-    writer = ("import sys\nfrom hf_sparse_attn.eval.model_bench import append_jsonl\n"
+    writer = ("import sys\nfrom hf_sparse_attn.eval.bench import append_jsonl\n"
               "for i in range(40):\n"
               "    append_jsonl(sys.argv[1], {'writer': sys.argv[2], 'i': i, 'payload': sys.argv[2] * 100_000})\n")
     procs = [subprocess.Popen([sys.executable, "-c", writer, path, name]) for name in ("a", "b")]

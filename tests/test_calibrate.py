@@ -18,7 +18,7 @@ import torch
 
 import hf_sparse_attn
 from hf_sparse_attn import PatchPlan, calibrate, patch_model, unpatch_model
-from hf_sparse_attn.eval.model_bench import prefill_and_nll
+from hf_sparse_attn.eval.bench import prefill_and_nll
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_checkpoint import build_tokenizer, save_tiny_checkpoint, tiny_llama  # noqa: E402

@@ -276,7 +276,7 @@ def test_longbench_command_runs_chatglm_with_sparse_hyper(checkpoints, tmp_path,
 def test_table1_config_runs_end_to_end_on_the_fixture(checkpoints, tmp_path):
     """The shipped Table 1 config, pointed at the fixture and shrunk: same arms, same selections, same method
     settings except the sizes that let the methods serve a 3-layer toy."""
-    from hf_sparse_attn.eval.longbench.grid import load_config
+    from hf_sparse_attn.commands.longbench_grid import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config_path = os.path.join(root, "eval", "configs", "chatglm2_longbench_e_table1.toml")
@@ -350,7 +350,7 @@ def test_bench_model_runs_chatglm_only_with_the_opt_in(checkpoints, tmp_path, ca
     model returns [s, b, hidden]. Refused without --trust-remote-code; with it, sparse_hyper serves calls, every
     perplexity is finite and the exact cell's loss is the unpatched model's own loss on the same tokens."""
     from hf_sparse_attn.eval.data import wikipedia_articles
-    from hf_sparse_attn.eval.model_bench import read_jsonl
+    from hf_sparse_attn.eval.bench import read_jsonl
 
     path, out, tokens = checkpoints[flavor], tmp_path / "bench", 96
     params = [f"sparse_hyper.{name}={value}" for name, value in FORCED["sparse_hyper"].items()]

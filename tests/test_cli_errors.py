@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from hf_sparse_attn.cli import main
-from hf_sparse_attn.eval.longbench import cli as longbench_cli
+from hf_sparse_attn.commands import longbench as longbench_cli
 from longbench_tiny import cli_env, samples, tiny_bert, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +171,7 @@ def test_audit_input_left_out_is_counted_in_json_and_summary(tmp_path, capsys, b
 
 @pytest.mark.parametrize("command", ["head-tail", "sparsity"])
 def test_audit_bad_input_is_one_line_before_the_model_loads(tmp_path, capsys, command, monkeypatch):
-    from hf_sparse_attn.eval import head_tail_cli, sparsity_cli
+    from hf_sparse_attn.commands import head_tail as head_tail_cli, sparsity as sparsity_cli
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")

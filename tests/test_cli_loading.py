@@ -11,7 +11,7 @@ from hf_sparse_attn.commands.arguments import (
     parse_params,
     parse_value,
 )
-from hf_sparse_attn.commands.loading import is_causal_lm, load_model
+from hf_sparse_attn.commands.models import is_causal_lm, load_model
 
 
 def test_causal_lm_rule():
@@ -86,8 +86,8 @@ def test_one_value_parser_for_every_command():
 
 
 def test_bench_and_grid_read_method_parameters_alike(tmp_path):
-    from hf_sparse_attn.eval.bench_cli import _parse_method_params
-    from hf_sparse_attn.eval.longbench.grid import load_config
+    from hf_sparse_attn.commands.bench import _parse_method_params
+    from hf_sparse_attn.commands.longbench_grid import load_config
 
     config = tmp_path / "c.toml"
     config.write_text('[model]\npath = "m"\n[data]\npath = "d"\ntasks = ["hotpotqa"]\n')

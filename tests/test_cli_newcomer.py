@@ -61,8 +61,8 @@ def cli(*argv: str, cwd: str = REPO, timeout: int = 600) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout)
 
 
-# hf_sparse_attn/eval/longbench/cli.py belongs to another change: its --model needs type=commands.loading.model_name
-# and its check_arguments a call of commands.loading.check_local_or_hub(args.data, "--data", ...).
+# hf_sparse_attn/commands/longbench.py belongs to another change: its --model needs type=commands.models.model_name
+# and its check_arguments a call of commands.models.check_local_or_hub(args.data, "--data", ...).
 
 CHOSEN = [name for name in COMMANDS if name != "lm-eval"]  # lm-eval's arguments are lm-eval's own
 
@@ -197,7 +197,7 @@ def test_rank_a_missing_path_or_a_near_miss_is_an_immediate_error(name, expected
 
 
 def test_model_names_that_may_be_hub_ids_or_paths_pass(tmp_path):
-    from hf_sparse_attn.commands.loading import check_local_or_hub, check_model_name
+    from hf_sparse_attn.commands.models import check_local_or_hub, check_model_name
 
     for name in ("smollm2", "SmolLM2-135M", "minilm", "gpt2", "Qwen/Qwen2-0.5B", str(tmp_path)):
         assert check_model_name(name) == name

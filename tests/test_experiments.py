@@ -10,8 +10,8 @@ import pytest
 
 from hf_sparse_attn.cli import main
 from hf_sparse_attn.eval.bench.grid import Cell, build_grid, shard_cells
-from hf_sparse_attn.eval.bench.store import latest_cells, read_results
-from hf_sparse_attn.eval.experiments import ConfigError, experiment_commands, load_config, run_argv
+from hf_sparse_attn.eval.bench.results import latest_cells, read_results
+from hf_sparse_attn.commands.experiments import ConfigError, experiment_commands, load_config, run_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -164,7 +164,7 @@ def test_prefix_grid():
 def test_end_to_end_minilm(tmp_path, minilm, monkeypatch):
     """Real MiniLM, a handful of sentences (two long enough for experiment (i)): JSON, plots, resume, and one head
     checked against a brute-force computation on the captured q/k."""
-    from hf_sparse_attn.eval import head_tail_cli
+    from hf_sparse_attn.commands import head_tail as head_tail_cli
     from hf_sparse_attn.eval.data import wikipedia_sentences
     from hf_sparse_attn.eval.sparsity import model_forward
     from hf_sparse_attn.patches import capture_attention

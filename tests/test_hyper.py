@@ -220,7 +220,7 @@ def test_adapter_counts_causal_threshold_fallback(tiny_model):
 def test_workspace_reuse_does_not_change_results_and_grad_path_works():
     """The reused gather buffers (sorted_blocks.workspace) must not leak state between calls of other sizes, and
     a call that needs gradients must not use them (autograd through fresh tensors)."""
-    from hf_sparse_attn.methods.sorted_blocks import clear_workspace, workspace_bytes
+    from hf_sparse_attn.kernels.workspace import clear_workspace, workspace_bytes
 
     f = get_method("hyper", block_size=64, sample_size=32, min_seq_len=128)
     q, k, v = _qkv(B=1, N=700)
@@ -457,7 +457,8 @@ def single_pass_reference(q, k, v, *, scale, window, block_size, num_sink_tokens
     i's bucket with S <= j < c0 - window}, all valid keys, as one [N, N] mask and one softmax (a key counted twice
     would need two softmax entries: the reference cannot double count). q, k, v [B, H, N, D]."""
     from hf_sparse_attn.methods.lsh import lsh_ranks, make_generator, random_hyperplanes
-    from hf_sparse_attn.methods.sorted_blocks import WINDOW_CHUNK, single_pass_bucket_bits
+    from hf_sparse_attn.methods.single_pass import single_pass_bucket_bits
+    from hf_sparse_attn.methods.window import WINDOW_CHUNK
 
     B, H, N, D = q.shape
     C = min(chunk or WINDOW_CHUNK, N)
@@ -612,7 +613,7 @@ def test_single_pass_gqa_through_a_model(tiny_model):
 
 
 def test_single_pass_grad_path_uses_no_workspace_and_matches_no_grad_path():
-    from hf_sparse_attn.methods.sorted_blocks import clear_workspace, workspace_bytes
+    from hf_sparse_attn.kernels.workspace import clear_workspace, workspace_bytes
 
     q, k, v = _qkv(B=1, N=400)
     mask = torch.ones(1, 400, dtype=torch.bool)

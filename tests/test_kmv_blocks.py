@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from hf_sparse_attn.eval.kernel_suite import planted_heavy_pairs
+from hf_sparse_attn.eval.bench.kernel_suite import planted_heavy_pairs
 from hf_sparse_attn.methods import get_method
 from hf_sparse_attn.methods.common import expand_kv_heads
 from hf_sparse_attn.methods.exact import exact_attention

@@ -1,9 +1,12 @@
-"""The package's layers import only downward (docs/architecture.md):
+"""The package's layers import only downward (docs/architecture.md). The allowed direction, top to bottom:
 
-    tools (eval, cli, commands, lm_eval) -> api -> selection -> adapters (patches) -> methods -> kernels
+    commands (cli, commands/) -> eval (eval/, lm_eval) -> api -> selection -> adapters (patches) -> methods -> kernels
 
-Two checks: every import statement in the package's files, including those inside functions (where a cycle hides),
-points to the same layer or one below; and importing each layer in a fresh interpreter loads nothing above it.
+so ``eval/`` never imports ``commands/``, and nothing imports a layer above its own. Checks: every import statement in
+the package's files, including those inside functions (where a cycle hides), points to the same layer or one below;
+no module imports itself back through others (no import circle, within a layer too); the api modules never import
+the package face (``hf_sparse_attn/__init__.py``, which re-exports them); and importing each layer in a fresh
+interpreter loads nothing above it.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("hf_sparse_attn.methods",)),
     ("adapters", ("hf_sparse_attn.patches",)),
     ("selection", ("hf_sparse_attn.selection", "hf_sparse_attn.row_sparsity")),
-    ("api", ("hf_sparse_attn", "hf_sparse_attn.patching", "hf_sparse_attn.plan", "hf_sparse_attn.validation",
-             "hf_sparse_attn.loading", "hf_sparse_attn.recommend")),
-    ("tools", ("hf_sparse_attn.eval", "hf_sparse_attn.cli", "hf_sparse_attn.commands", "hf_sparse_attn.lm_eval")),
+    ("api", ("hf_sparse_attn", "hf_sparse_attn.patching", "hf_sparse_attn.plan", "hf_sparse_attn.plan_file",
+             "hf_sparse_attn.validation", "hf_sparse_attn.loading", "hf_sparse_attn.recommend",
+             "hf_sparse_attn.decode_cache")),
+    ("eval", ("hf_sparse_attn.eval", "hf_sparse_attn.lm_eval")),
+    ("commands", ("hf_sparse_attn.cli", "hf_sparse_attn.commands")),
 ]
 LAYER_NAMES = [name for name, _ in LAYERS]
-
-
 
 def layer_of(module: str) -> int:
     best, best_len = None, -1
@@ -97,6 +100,76 @@ def test_no_import_points_upward():
         f"{m} ({LAYER_NAMES[layer_of(m)]}) imports {t} ({LAYER_NAMES[layer_of(t)]}) at line {line}" for m, t, line in bad)
 
 
+@functools.lru_cache(maxsize=1)
+def import_graph() -> dict[str, list[str]]:
+    """module -> the modules of this package it imports (every import statement, wherever it stands)."""
+    modules = package_modules()
+    return {module: sorted({target for target, _ in imports_of(module, path, set(modules)) if target in modules})
+            for module, path in modules.items()}
+
+
+def import_circles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or through others (strongly connected components of
+    more than one module, Tarjan's algorithm), and the modules that import themselves."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in graph[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1 or module in graph[module]:
+                circles.append(sorted(group))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_no_import_circle():
+    circles = import_circles(import_graph())
+    assert not circles, "modules that import each other (put what both need in a module below them): " + "; ".join(
+        " <-> ".join(group) for group in circles)
+
+
+def test_import_circles_are_found():
+    graph = {"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"], "e": ["e"]}
+    assert import_circles(graph) == [["a", "b", "c"], ["e"]]
+
+
+def test_eval_never_imports_commands():
+    eval_layer, commands_layer = LAYER_NAMES.index("eval"), LAYER_NAMES.index("commands")
+    bad = [(m, t) for m, targets in import_graph().items() for t in targets
+           if layer_of(m) == eval_layer and layer_of(t) == commands_layer]
+    assert not bad, f"eval/ imports the command line: {bad}"
+
+
+def test_api_modules_never_import_the_package_face():
+    """``plan.py``, ``patching.py``, ... are what ``__init__.py`` exports: importing the face from them would be a
+    circle through the lazy exports (``plan.py`` reads the version from the installed distribution instead)."""
+    api = LAYER_NAMES.index("api")
+    bad = [m for m, targets in import_graph().items() if m != PACKAGE and layer_of(m) <= api and PACKAGE in targets]
+    assert not bad, f"modules of the api layer or below import the package face {PACKAGE}/__init__.py: {bad}"
+
+
 _FRESH_IMPORTS = r"""
 import importlib, importlib.util, json, sys
 root, layers = sys.argv[1], json.loads(sys.argv[2])
@@ -117,8 +190,8 @@ print(json.dumps(loaded))
 
 
 def test_importing_each_layer_loads_nothing_above_it():
-    below_tools = [(name, list(prefixes)) for name, prefixes in LAYERS if name != "tools"]
-    done = subprocess.run([sys.executable, "-c", _FRESH_IMPORTS, str(ROOT), json.dumps(below_tools)],
+    below_top = [(name, list(prefixes)) for name, prefixes in LAYERS[:-1]]
+    done = subprocess.run([sys.executable, "-c", _FRESH_IMPORTS, str(ROOT), json.dumps(below_top)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for index, (name, loaded) in enumerate(json.loads(done.stdout.strip().splitlines()[-1])):

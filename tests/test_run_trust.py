@@ -264,7 +264,7 @@ def test_bench_model_refuses_other_settings_and_report_only_reads_old_results(mo
 
 def test_bench_kernel_refuses_other_params_has_no_shard_and_dry_run_elsewhere_prints_absolute_paths(tmp_path):
     from hf_sparse_attn.eval.bench.grid import SELECTIONS
-    from hf_sparse_attn.eval.bench_cli import SELECTIONS as CLI_SELECTIONS
+    from hf_sparse_attn.commands.bench import SELECTIONS as CLI_SELECTIONS
 
     assert CLI_SELECTIONS == SELECTIONS
     config = os.path.join(REPO, "eval", "experiments", "model_bench_grid.toml")

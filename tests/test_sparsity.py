@@ -124,7 +124,7 @@ def test_calibration_forms(tiny_model):
 
 @pytest.mark.slow
 def test_sparsity_cli_end_to_end_minilm(tmp_path, minilm, monkeypatch):
-    from hf_sparse_attn.eval import sparsity_cli
+    from hf_sparse_attn.commands import sparsity as sparsity_cli
     from hf_sparse_attn.eval.data import wikipedia_sentences
 
     model, tokenizer = minilm

@@ -69,3 +69,43 @@ def parse_method_params(items: Optional[Iterable[str]], option: str = "--method-
             raise ValueError(f"{option} {item!r}: write METHOD.NAME=VALUE, e.g. sparse_hyper.block_size=128")
         out.setdefault(method, {})[name] = parse_value(value)
     return out
+
+
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """"I/N" -> (I, N) with 0 <= I < N; None -> None. SystemExit with what to write otherwise."""
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
+        raise SystemExit(f"--shard {text!r}: write I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2")
+    return int(i), int(n)
+
+
+def parse_layers(text: str) -> Any:
+    """``--layers``: '8' -> 8 (count), '0.5' -> 0.5 (fraction), 'all', '0,3,5' -> [0, 3, 5] (indices)."""
+    if text == "all":
+        return text
+    if "," in text:
+        try:
+            return [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--layers: indices like 0,3,5; got {text!r}") from None
+    value = parse_value(text)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"--layers: a count, a fraction, 'all' or indices like 0,3,5; got {text!r}")
+    return value
+
+
+def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say how a command patches its model, the same for every command that evaluates a patched
+    model (``longbench``, ``ruler``): --method, --layers, --select, --plan and --param."""
+    parser.add_argument("--method", default="none",
+                        help="attention method for the chosen layers ('none' = the unpatched model; see "
+                             "hf_sparse_attn.list_methods())")
+    parser.add_argument("--layers", type=parse_layers, default=0.5,
+                        help="layers to replace: a count (8), a fraction (0.5), 'all' or indices (0,3,5)")
+    parser.add_argument("--select", default="weight_norm",
+                        help="layer order: weight_norm (largest Q/K norm first), last, first, even, odd, random")
+    parser.add_argument("--plan", help="PatchPlan JSON to re-apply (overrides --method / --layers / --select)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="method parameter passed to patch_model (repeatable), e.g. --param block_size=256")

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from .loading import add_model_arguments, load_model
+from .models import add_model_arguments, load_model
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

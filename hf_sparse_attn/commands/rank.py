@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from .loading import MODEL_HELP, add_model_arguments, load_model, model_name
+from .models import MODEL_HELP, add_model_arguments, load_model, model_name
 
 NORMS = ("spectral", "frobenius")  # hf_sparse_attn.selection.NORMS (tests/test_cli_newcomer.py keeps them equal)
 EPILOG = "The table is in layer order; 'rank' is the layer's place by R, largest first (rank 0 = largest R)."

@@ -57,7 +57,7 @@ from ..patches import LayerRuntime, capture_attention, find_adapter
 from ..patching import current_plan, patch_model, unpatch_model
 from ..plan import LayerPlan, PatchPlan, library_versions, model_fingerprint, now_iso
 from ..selection import rank_layers
-from .model_bench import append_jsonl, prefill_and_nll, read_jsonl
+from .bench import append_jsonl, prefill_and_nll, read_jsonl
 from .sparsity import spearman
 
 METRICS = ("loss", "output_error")
@@ -206,9 +206,11 @@ def measure_nll(model: torch.nn.Module, texts: Sequence[torch.Tensor]) -> dict[s
     return {"nll": nll, "tokens": tokens, "prefill_s": seconds}
 
 
-def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                    key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """SDPA on q [B, H, N, D], k/v [B, H, N, D] (expanded); key_padding_mask [B, N] bool or None -> [B, H, N, D]."""
+def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                   key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference output calibrate measures every candidate against (and times as the exact cost): torch SDPA,
+    output only, no lse (the ``exact`` method is ``hf_sparse_attn.methods.exact``). q [B, H, N, D], k/v [B, H, N, D]
+    (expanded); key_padding_mask [B, N] bool or None -> [B, H, N, D]."""
     if key_padding_mask is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     mask = key_padding_mask[:, None, None, :]
@@ -240,7 +242,7 @@ def measure_layer(captured: Any, candidates: Sequence[tuple[str, dict[str, Any]]
         return lambda: (fn(), torch.cuda.synchronize(q.device))
 
     def run_exact() -> torch.Tensor:
-        return exact_attention(q, k_full, v_full, captured.causal, captured.scale, captured.key_padding_mask)
+        return sdpa_reference(q, k_full, v_full, captured.causal, captured.scale, captured.key_padding_mask)
 
     ref = run_exact().float()
     record: dict[str, Any] = {"ref_sq": float(ref.double().pow(2).sum()), "err_sq": {}}
@@ -495,7 +497,7 @@ def retrieval_lines(retrieval: Optional[dict], budget: Optional[float]) -> list[
 
 
 class _Cache:
-    """The JSONL cache: key -> latest record, appended crash-safe (eval.model_bench.append_jsonl)."""
+    """The JSONL cache: key -> latest record, appended crash-safe (eval.bench.append_jsonl)."""
 
     def __init__(self, path: Optional[Union[str, os.PathLike]]):
 

@@ -63,7 +63,7 @@ def plot_perplexity_vs_speedup(rows: Sequence[dict], tokens: int, path: str, tit
     """One panel per method: perplexity (y) against prefill speed-up over exact (x) at ``tokens`` tokens, one curve
     per selection (random seeds: one marker each, joined by their mean), the exact baseline as a star at (1, ppl).
 
-    rows: :func:`hf_sparse_attn.eval.model_bench.summarize` rows (keys method, tokens, layers, select, seed,
+    rows: :func:`hf_sparse_attn.eval.bench.summarize` rows (keys method, tokens, layers, select, seed,
     perplexity, speedup)."""
     plt = _pyplot()
     rows = [r for r in rows if r["tokens"] == tokens and r.get("speedup") is not None]
@@ -106,7 +106,7 @@ def plot_perplexity_vs_speedup(rows: Sequence[dict], tokens: int, path: str, tit
 
 
 def plot_selection_articles(group: dict, path: str) -> str:
-    """Heatmap of one :func:`hf_sparse_attn.eval.model_bench.selection_comparison` group: rows = layer selections
+    """Heatmap of one :func:`hf_sparse_attn.eval.bench.selection_comparison` group: rows = layer selections
     (random: one row per seed), columns = articles, colour and label = perplexity change against the exact model
     on that article (%)."""
     plt = _pyplot()
@@ -129,7 +129,7 @@ def plot_selection_articles(group: dict, path: str) -> str:
 
 def plot_selections_vs_layers(overview: dict, path: str) -> str:
     """Perplexity change against exact (y, %) by number of layers replaced (x), one curve per layer selection: one
-    :func:`hf_sparse_attn.eval.model_bench.selections_by_layer_count` entry (random: the mean over its seeds).
+    :func:`hf_sparse_attn.eval.bench.selections_by_layer_count` entry (random: the mean over its seeds).
     At equal layer count the work is equal, so the curves compare selections at equal speed-up."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
@@ -156,7 +156,7 @@ def plot_selections_vs_layers(overview: dict, path: str) -> str:
 def plot_kernel_time_vs_n(cells: Sequence[dict], path: str, title: str = "") -> str:
     """Log-log time against N, one panel per (causal, dtype), one line per method plus SDPA.
 
-    cells: :func:`hf_sparse_attn.eval.kernel_suite.bench_on_inputs` results (all of one input kind)."""
+    cells: :func:`hf_sparse_attn.eval.bench.kernel_suite.bench_on_inputs` results (all of one input kind)."""
     plt = _pyplot()
     panels = sorted({(c["causal"], c["dtype"]) for c in cells})
     if not panels:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Iterable
 
 try:
     import fcntl
@@ -32,6 +32,21 @@ def write_json(path: str, obj: Any, *, indent: int = 1) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent)
     os.replace(tmp, path)
+
+
+def replace_records(path: str, records: Iterable[dict], *, merged_parts: Iterable[str] = ()) -> None:
+    """Replace the JSONL file ``path`` with ``records`` atomically (written to a temporary file of this process next
+    to it, synced, renamed over it), then delete ``merged_parts``, the files whose records it now holds. A kill in
+    between leaves identical copies of records in the parts and in ``path``, which readers count once."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for part in merged_parts:
+        os.remove(part)
 
 
 def _line(record: dict, ensure_ascii: bool) -> bytes:

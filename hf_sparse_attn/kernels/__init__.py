@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .grad import needs_grad  # noqa: F401  (one definition: grad.py)
+
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
@@ -31,11 +33,6 @@ def use_triton(t: torch.Tensor) -> bool:
     """Whether the Triton kernel can serve tensors like ``t``: CUDA tensors with Triton importable (the gradient
     condition is checked by :func:`sorted_block_attention`)."""
     return t.is_cuda and triton_available()
-
-
-def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    """True when autograd is recording and one of ``tensors`` requires a gradient."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def sorted_block_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,

@@ -1,6 +1,9 @@
-"""The sorted-block kernel's torch path: exact attention of index-gathered blocks with a per-block key bias and its
-log-sum-exp. It is the CPU path and the reference of the Triton kernel (triton_sorted_blocks.py); the methods reach it
-through :func:`hf_sparse_attn.kernels.sorted_block_attention`, which dispatches between the two.
+"""Exact attention with its log-sum-exp in torch: the one home of the helpers every method builds on
+(``dense_attention_with_lse`` for [G, M, D] groups with a key bias, ``masked_attention_with_lse`` for 4-D groups with
+an additive mask, ``softmax_attention_autograd`` for the autograd path) and the sorted-block kernel's torch path
+(exact attention of index-gathered blocks with a per-block key bias). That kernel is the CPU path and the reference
+of the Triton kernel (triton_sorted_blocks.py); the methods reach it through
+:func:`hf_sparse_attn.kernels.sorted_block_attention`, which dispatches between the two.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .grad import needs_grad
 from .workspace import workspace
 
 NEG_INF = float("-inf")
@@ -47,8 +51,7 @@ def dense_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     its lse, which the lse merges of the causal recursion and of the sinks need).
     """
     op = flash_cpu_op()
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad:
+    if needs_grad(q, k, v):
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [G, M, L]
         if bias is not None:
             scores = scores + bias[:, None, :]
@@ -70,6 +73,33 @@ def dense_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     scores.sub_(safe.unsqueeze(-1)).exp_()
     return torch.matmul(scores, v), lse
+
+
+def masked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                              mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of 4-D groups with an additive mask: q [G, P, M, D], k/v [G, P, L, D] (any strides),
+    mask float32 broadcastable to [G, P, M, L] (0 = attend, -inf = not) or None. Returns out [G, P, M, Dv] and
+    lse [G, P, M] float32. Rows with no attendable key are *not* fixed here: callers know them from their counts.
+
+    No gradient needed: torch's fused CPU flash op (no [M, L] matrix kept). With autograd: matmuls and a softmax
+    with a detached row max (the fused op gives no gradient through its lse, which the lse merges need).
+    """
+    if needs_grad(q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + mask
+        return softmax_attention_autograd(scores, v)
+    op = flash_cpu_op()
+    if op is not None and q.device.type == "cpu" and q.dtype == torch.float32:
+        return op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores.add_(mask)
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    scores.sub_(safe.unsqueeze(-1)).exp_()
+    return torch.matmul(scores, v), lse
+
 
 
 def sorted_block_attention_torch(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,

@@ -21,7 +21,7 @@ Key sets of query i (rolled coordinates: a left-padded row is moved past its pad
 first real tokens, as in local.py), with S sinks and window W, all restricted to valid keys:
 
     sinks     {j < S, j <= i}
-    window    {i - W < j <= i, j >= S}                         (local's exact window, sorted_blocks.window_attention)
+    window    {i - W < j <= i, j >= S}                         (local's exact window, window.window_attention)
     selected  {j in selected blocks, S <= j <= i - W}            (no key twice: disjoint from the two above)
 
 merged through their log-sum-exp values (merge.py). Each part is exact attention over its keys, so the method is
@@ -52,9 +52,12 @@ from .defaults import (BLOCK_SELECT_BLOCK_SIZE, BLOCK_SELECT_MIN_SEQ_LEN, BLOCK_
                        BLOCK_SELECT_NUM_SINK_TOKENS, BLOCK_SELECT_PROBE_QUERIES, BLOCK_SELECT_QUERY_BLOCK,
                        BLOCK_SELECT_SELECTION, BLOCK_SELECT_SELECTIONS, BLOCK_SELECT_WINDOW)
 from .exact import exact_attention
-from .registry import Param, register_method
-from .sorted_blocks import (_empty_rows_to_zero, _needs_grad, add_sinks_and_restore, leading_padding,
-                            masked_attention_with_lse, merge_parts, move_leading_padding_to_end, window_attention)
+from .registry import Param, register_method, self_attention_only
+from ..kernels.sorted_blocks_torch import masked_attention_with_lse
+from .merge import empty_rows_to_zero, merge_attention_into, needs_grad
+from .padding import leading_padding, move_leading_padding_to_end
+from .sinks import add_sinks_and_restore
+from .window import window_attention
 
 NEG_INF = float("-inf")
 # Elements of one tile's [G, T, R, M] mask of the selected part (16 MB of float32).
@@ -127,7 +130,7 @@ def block_select_attention(
                                    first_key=num_sinks)
     if pos.shape[-1] > 0:
         sel_out, sel_lse = selected_attention(qf, kf, vf, pos, ok, rows_per_set=rows_per_set, window=W, scale=scale)
-        out, lse = merge_parts(out, lse, sel_out, sel_lse)
+        out, lse = merge_attention_into(out, lse, sel_out, sel_lse)
     out, lse = add_sinks_and_restore(out, lse, qf, kf, vf, num_sinks=num_sinks, causal=True, scale=scale,
                                      key_padding_mask=mask, shift=shift)
     if probe[0] is not None:
@@ -168,7 +171,7 @@ def probe_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, scale: f
     bias = torch.zeros(B, 1, P, N, device=device).masked_fill_(~attend[:, None], NEG_INF)
     counts = attend.sum(-1)[:, None, :]  # [B, 1, P]
     mass = None
-    if _needs_grad(qf, kf, vf):
+    if needs_grad(qf, kf, vf):
         out, lse = masked_attention_with_lse(qp, kf, vf, scale, bias)
         if want_mass:
             with torch.no_grad():
@@ -184,7 +187,7 @@ def probe_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, scale: f
         out = torch.matmul(probs, vf)
         if want_mass:
             mass = probs.mul_(valid[:, None, :, None]).sum(2)
-    out, lse = _empty_rows_to_zero(out, lse, counts == 0)
+    out, lse = empty_rows_to_zero(out, lse, counts == 0)
     return pos, valid, out, lse, mass
 
 
@@ -288,7 +291,7 @@ def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos
     _, _, T, M = pos.shape
     G = B * H
     device = qf.device
-    grad = _needs_grad(qf, kf, vf)
+    grad = needs_grad(qf, kf, vf)
     pos_g, ok_g = pos.reshape(G, T, M), ok.reshape(G, T, M)
     # the attendable keys' positions ascending, the others pushed past every row: row i attends the first
     # count_i = #{pos <= i - window} keys of its set, so a tile of rows needs only a prefix of the gathered keys
@@ -347,7 +350,7 @@ def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos
                 else:
                     bias = torch.where(blocked, neg_inf, zero, out=workspace("bsel_mask", (G, nt, rows, m), qf))
             o, s = masked_attention_with_lse(q_tile, ks[:, s0:s1, :m], vs[:, s0:s1, :m], scale, bias)
-        o, s = _empty_rows_to_zero(o, s, counts == 0)
+        o, s = empty_rows_to_zero(o, s, counts == 0)
         if grad:
             parts_out.append(o.reshape(G, r1 - r0, Dv))
             parts_lse.append(s.reshape(G, r1 - r0))
@@ -369,7 +372,7 @@ def _overwrite_rows(out: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor, val
     keep = valid[:, None, :]
     new_lse = torch.where(keep, rows_lse, lse.gather(2, index))
     new_out = torch.where(keep[..., None], rows_out, out.gather(2, index[..., None].expand(B, H, P, D)))
-    if _needs_grad(out, rows_out):
+    if needs_grad(out, rows_out):
         return out.scatter(2, index[..., None].expand(B, H, P, D), new_out), lse.scatter(2, index, new_lse)
     out = out.contiguous() if not out.is_contiguous() else out
     lse = lse.contiguous() if not lse.is_contiguous() else lse
@@ -378,9 +381,12 @@ def _overwrite_rows(out: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor, val
 
 def check_block_select(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
                        params: dict) -> Optional[str]:
-    """Why ``block_select`` cannot serve a call: a decode step or cross-attention, or bidirectional attention."""
-    if q.shape[2] != k.shape[2]:
-        return "decode step or cross-attention (q_len != kv_len)"
+    """Why ``block_select`` cannot serve a call: a call that is not self-attention (q_len != kv_len: the adapter's
+    decision sends those to exact attention before it asks this check; a direct call gets the same words), or
+    bidirectional attention."""
+    reason = self_attention_only(q, k)
+    if reason:
+        return reason
     if not causal:
         return "bidirectional attention: block_select is a causal prefill method (its probes are the last queries)"
     return None
@@ -390,23 +396,23 @@ register_method(
     "block_select",
     block_select_attention,
     params={
-        "window": Param(BLOCK_SELECT_WINDOW, int, low=0,
+        "window": Param(kind=int, low=0,
                         help="each query attends the previous `window` positions exactly (itself included)"),
-        "num_sink_tokens": Param(BLOCK_SELECT_NUM_SINK_TOKENS, int, low=0,
+        "num_sink_tokens": Param(kind=int, low=0,
                                  help="every query also attends the first num_sink_tokens real keys (attention sinks)"),
-        "selection": Param(BLOCK_SELECT_SELECTION, str, choices=BLOCK_SELECT_SELECTIONS,
+        "selection": Param(kind=str, choices=BLOCK_SELECT_SELECTIONS,
                            help="'vertical': key blocks with the most attention mass of the last probe_queries rows, "
                                 "per head (MInference); 'moba': per query block, top key blocks by mean-pooled q . k "
                                 "(MoBA)"),
-        "num_selected": Param(BLOCK_SELECT_NUM_SELECTED, int, low=0,
+        "num_selected": Param(kind=int, low=0,
                               help="selected keys per row beyond sinks and window: ceil(num_selected / block_size) "
                                    "blocks per head (vertical) or per query block (moba)"),
-        "block_size": Param(BLOCK_SELECT_BLOCK_SIZE, int, low=1, help="keys per selected block (1: single key columns)"),
-        "probe_queries": Param(BLOCK_SELECT_PROBE_QUERIES, int, low=0,
+        "block_size": Param(kind=int, low=1, help="keys per selected block (1: single key columns)"),
+        "probe_queries": Param(kind=int, low=0,
                                help="the last probe_queries rows attend every key exactly; their mass picks the "
                                     "vertical blocks"),
-        "query_block": Param(BLOCK_SELECT_QUERY_BLOCK, int, low=1, help="moba: query rows sharing one selection"),
-        "min_seq_len": Param(BLOCK_SELECT_MIN_SEQ_LEN, int, low=1, help="the adapter runs exact attention below this length"),
+        "query_block": Param(kind=int, low=1, help="moba: query rows sharing one selection"),
+        "min_seq_len": Param(kind=int, low=1, help="the adapter runs exact attention below this length"),
     },
     check=check_block_select,
     source="MInference (Jiang et al. 2024, vertical index from the last queries); MoBA (Lu et al. 2025, top-k blocks "

@@ -1,4 +1,5 @@
-"""Pieces every method shares: argument checks and the fully-masked-row rule."""
+"""Pieces every method shares: the argument checks of the method contract and the GQA head expansion (the
+numeric helpers, the fully-masked-row rule among them, are in merge.py)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,6 @@ without one). This module never imports transformers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -51,8 +50,8 @@ from ..kernels.sorted_blocks_torch import flash_cpu_op
 from ..kernels.workspace import workspace
 from .decode_index import MAX_DECODE_LSH_PROJS, DecodeIndex
 from .defaults import LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW
-from .merge import merge_attention
-from .registry import Param
+from .merge import empty_rows_to_zero, merge_attention, merge_many
+from .registry import Param, bind_params, params_with_defaults, resolve_param_values
 
 NEG_INF = float("-inf")
 DecodeFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
@@ -74,13 +73,8 @@ class DecodeSpec:
     summary: str = ""
 
     def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Defaults filled in and every given value validated; unknown names are an error."""
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            known = ", ".join(sorted(self.params)) or "(none)"
-            raise ValueError(f"decode method {self.name!r} has no parameter {', '.join(map(repr, unknown))}; its "
-                             f"parameters are: {known}")
-        return {n: (p.validate(self.name, n, params[n]) if n in params else p.default) for n, p in self.params.items()}
+        """Defaults filled in and every given value validated; unknown names are an error (registry.py's rules)."""
+        return resolve_param_values("decode method", self.name, self.params, params)
 
     @property
     def uses_index(self) -> bool:
@@ -101,13 +95,15 @@ _DECODE_REGISTRY: dict[str, DecodeSpec] = {}
 def register_decode_method(name: str, fn: DecodeFn, *, params: Optional[dict[str, Param]] = None,
                            index_builder: Optional[Callable[..., Any]] = None, source: str = "", summary: str = "",
                            overwrite: bool = False) -> DecodeSpec:
-    """Register ``fn`` (the decode contract of this module's docstring) under ``name``."""
+    """Register ``fn`` (the decode contract of this module's docstring) under ``name``. ``params`` declares its
+    parameters as the prefill registry does (registry.Param: type, range, help); each default is the one of ``fn``'s
+    signature."""
     if not name or not isinstance(name, str):
         raise ValueError("a decode method needs a non-empty string name")
     if name in _DECODE_REGISTRY and not overwrite:
         raise ValueError(f"decode method {name!r} is already registered; pass overwrite=True to replace it")
-    spec = DecodeSpec(name=name, fn=fn, params=dict(params or {}), index_builder=index_builder, source=source,
-                      summary=summary)
+    spec = DecodeSpec(name=name, fn=fn, params=params_with_defaults(f"decode method {name!r}", fn, dict(params or {})),
+                      index_builder=index_builder, source=source, summary=summary)
     _DECODE_REGISTRY[name] = spec
     return spec
 
@@ -130,12 +126,7 @@ def get_decode_method(name: str, **params: Any) -> DecodeFn:
     """The decode method ``name`` with ``params`` validated and bound:
     ``out, lse = get_decode_method("local", window=512)(q, k_cache, v_cache, scale=D ** -0.5, kv_len=n)``."""
     spec = get_decode_spec(name)
-    resolved = spec.resolve_params(params)
-    bound = functools.partial(spec.fn, **resolved)
-    functools.update_wrapper(bound, spec.fn)
-    bound.method_name = name  # type: ignore[attr-defined]
-    bound.method_params = resolved  # type: ignore[attr-defined]
-    return bound
+    return bind_params(spec.fn, name, spec.resolve_params(params))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,11 +198,8 @@ def attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         lse = torch.logsumexp(scores, dim=-1)
         safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         out = torch.matmul(torch.exp(scores - safe[..., None]), v.float())
-    if bias is not None:
-        empty = torch.isneginf(bias).all(dim=-1).expand(lse.shape)  # the fused op gives lse 0 there
-        if bool(empty.any()):
-            out = out.masked_fill(empty[..., None], 0.0)
-            lse = lse.masked_fill(empty, NEG_INF)
+    if bias is not None:  # rows with no key: the fused op gives lse 0 there
+        out, lse = empty_rows_to_zero(out, lse, torch.isneginf(bias).all(dim=-1).expand(lse.shape))
     return out, lse
 
 
@@ -339,21 +327,6 @@ def _sinks(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pad: 
     ks, vs = gather_rows(k_cache, spx), gather_rows(v_cache, spx)
     bias = torch.zeros(B, 1, M, num_sinks, device=device).masked_fill_(~allowed[:, None], NEG_INF)
     return attend(qg, ks, vs, scale, bias)
-
-
-def merge_many(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """merge.py's lse rule for several disjoint key sets at once: parts of (out [..., M, Dv] float32, lse [..., M])
-    -> (out, lse); a row empty in every part keeps lse -inf and out 0."""
-    if len(parts) == 1:
-        return parts[0]
-    lses = torch.stack([p[1] for p in parts])  # [P, ..., M]
-    lse = torch.logsumexp(lses, dim=0)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    w = torch.exp(lses - safe)  # 0 for an empty part (exp(-inf)); 0 everywhere for an empty row
-    out = parts[0][0] * w[0][..., None]
-    for i in range(1, len(parts)):
-        out = out.add_(parts[i][0] * w[i][..., None])
-    return out, lse
 
 
 def _finish(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -549,26 +522,26 @@ register_decode_method(
 
 register_decode_method(
     "local", local_decode,
-    params={"window": Param(LOCAL_WINDOW, int, low=0, help="each query attends the previous `window` positions"),
-            "num_sink_tokens": Param(LOCAL_NUM_SINK_TOKENS, int, low=0, help="and the first num_sink_tokens real keys")},
+    params={"window": Param(kind=int, low=0, help="each query attends the previous `window` positions"),
+            "num_sink_tokens": Param(kind=int, low=0, help="and the first num_sink_tokens real keys")},
     source="StreamingLLM (Xiao et al. 2023): attention sinks + window",
     summary="sinks + window over the cache (views, no copy)")
 
 register_decode_method(
     "lsh", lsh_decode,
-    params={"window": Param(LSH_WINDOW, int, low=0, help="exact window of recent positions"),
-            "num_sink_tokens": Param(LSH_NUM_SINK_TOKENS, int, low=0, help="exact first real keys (attention sinks)"),
-            "block_size": Param(LSH_BLOCK_SIZE, int, low=1, help="keys around the query's code in each table's sorted "
+    params={"window": Param(kind=int, low=0, help="exact window of recent positions"),
+            "num_sink_tokens": Param(kind=int, low=0, help="exact first real keys (attention sinks)"),
+            "block_size": Param(kind=int, low=1, help="keys around the query's code in each table's sorted "
                                                                   "order, attended exactly"),
-            "sample_size": Param(LSH_SAMPLE_SIZE, int, low=0, help="uniform samples of the other middle keys per "
+            "sample_size": Param(kind=int, low=0, help="uniform samples of the other middle keys per "
                                                                     "(batch, KV head), weight |middle| / sample_size"),
-            "lsh_num_projs": Param(LSH_NUM_PROJS, int, low=1, high=MAX_DECODE_LSH_PROJS,
+            "lsh_num_projs": Param(kind=int, low=1, high=MAX_DECODE_LSH_PROJS,
                                    help="SimHash bits per table (index build)"),
-            "lsh_num_tables": Param(LSH_NUM_TABLES, int, low=1, high=8, help="hash tables (index build); memory 8 "
+            "lsh_num_tables": Param(kind=int, low=1, high=8, help="hash tables (index build); memory 8 "
                                                                                "bytes per key, KV head and table"),
-            "resort_every": Param(LSH_RESORT_EVERY, int, low=1, help="re-sort the index when this many appended "
+            "resort_every": Param(kind=int, low=1, help="re-sort the index when this many appended "
                                                                       "positions are unsorted (index build)"),
-            "seed": Param(0, int, low=0, help="hyperplanes and samples")},
+            "seed": Param(kind=int, low=0, help="hyperplanes and samples")},
     index_builder=build_lsh_index,
     source="MagicPIG (Chen et al. 2024) SimHash retrieval; Indyk, Kapralov, Sheth, Wagner, 'Improved Algorithms for "
            "Kernel Matrix-Vector Multiplication Under Sparsity Assumptions' (FINDHEAVY + APPROXLIGHT); HyperAttention "

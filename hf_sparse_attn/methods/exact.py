@@ -66,7 +66,7 @@ def exact_attention(
 register_method(
     "exact",
     exact_attention,
-    params={"query_chunk_size": Param(0, int, low=0, help="queries per chunk; 0 = from a 256 MB score budget")},
+    params={"query_chunk_size": Param(kind=int, low=0, help="queries per chunk; 0 = from a 256 MB score budget")},
     source="softmax attention (Vaswani et al. 2017)",
     summary="exact attention with lse; the reference and the fallback",
 )

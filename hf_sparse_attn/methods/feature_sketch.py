@@ -52,7 +52,7 @@ Lemma 3.6) the attention output moves by at most 2 (e^{eps rho} - 1) ||V||_inf. 
 
 As an attention method: per head, when d >= ``min_dim_ratio`` * n and the selection is smaller than d,
 attention runs exactly on the m-dimensional (Q', K') with the original V (causal, padding and lse as in exact
-attention); otherwise exact attention. The ``check`` hook reports why (the plan records it). Time per head:
+attention); otherwise the adapter runs exact attention, and the ``check`` hook reports why (the plan records it). Time per head:
 O(nnz(Q, K) + n^omega + n^2 m) against O(n^2 d) for exact attention.
 """
 
@@ -225,15 +225,13 @@ def feature_sketch_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention on jointly sparsified feature columns of [Q; K] (module docstring). Shapes as the contract.
 
-    Per head: exact attention when d < min_dim_ratio * n, when n < min_seq_len, or when the selection would
-    keep all d columns; otherwise Q', K' = sqrt(scale) [Q; K] restricted to the m selected, re-weighted columns
-    and exact attention with scale 1 on them.
+    Per head: Q', K' = sqrt(scale) [Q; K] restricted to the m selected, re-weighted columns and exact attention with
+    scale 1 on them (exact attention itself where the selection keeps all d columns with weight 1).
+    ``min_seq_len`` and ``min_dim_ratio`` are read by the adapter's decision only (exact attention for calls with
+    fewer keys, or with d < min_dim_ratio * n: :func:`feature_sketch_check`); a direct call always runs the method.
     """
     check_inputs(q, k, v, causal, key_padding_mask)
     B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    if Nk < min_seq_len or D < min_dim_ratio * max(Nq, Nk):
-        return exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     if scale <= 0:
         raise ValueError(f"feature_sketch needs a positive scale, got {scale}")
     gen = make_generator(generator, seed)
@@ -267,14 +265,14 @@ register_method(
     "feature_sketch",
     feature_sketch_attention,
     params={
-        "mode": Param("leverage", str, choices=("leverage", "deterministic"),
+        "mode": Param(kind=str, choices=("leverage", "deterministic"),
                       help="leverage: randomized leverage-score sampling (Thm 3.5); deterministic: BSS sparsifier (Thm 3.6)"),
-        "eps": Param(0.5, float, low=1e-3, high=0.99, help="spectral approximation (1 +- eps) of [Q;K][Q;K]^T"),
-        "delta": Param(0.1, float, low=1e-9, high=0.5, help="failure probability of the randomized sampler"),
-        "oversample": Param(2.0, float, low=1e-3, high=1e6, help="constant in T = c eps^-2 n ln(n/delta) draws"),
-        "min_dim_ratio": Param(2.0, float, low=0.0, help="apply only when head dim d >= ratio * seq_len"),
-        "seed": Param(0, int, low=0, help="seed of the sampler when no generator is given"),
-        "min_seq_len": Param(8, int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
+        "eps": Param(kind=float, low=1e-3, high=0.99, help="spectral approximation (1 +- eps) of [Q;K][Q;K]^T"),
+        "delta": Param(kind=float, low=1e-9, high=0.5, help="failure probability of the randomized sampler"),
+        "oversample": Param(kind=float, low=1e-3, high=1e6, help="constant in T = c eps^-2 n ln(n/delta) draws"),
+        "min_dim_ratio": Param(kind=float, low=0.0, help="apply only when head dim d >= ratio * seq_len"),
+        "seed": Param(kind=int, low=0, help="seed of the sampler when no generator is given"),
+        "min_seq_len": Param(kind=int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
     },
     check=feature_sketch_check,
     source="Deng, Mahadevan & Song, Theorems 3.5/3.6, Algorithms 1-2, Lemma 5.2, Definition 5.3, Theorem 4.2",

@@ -12,16 +12,16 @@ Non-causal (HyperAttention Algorithms 1-3 with the sortLSH of lsh.py):
      (done inside one softmax over the concatenated key set, see sorted_blocks.py).
 Causal: recursive halving - the two diagonal halves causal (recursively), the off-diagonal quadrant with the
 non-causal algorithm above - down to exact causal attention once a piece is <= ``min_seq_len``
-(flattened into one batched call per level, see sorted_blocks.py). ``causal_mode="single_pass"`` instead attends,
+(flattened into one batched call per level, see causal_recursion.py). ``causal_mode="single_pass"`` instead attends,
 in one pass, the sinks, an exact window of the previous ``window`` positions, the most recent ``block_size`` keys of
 the query's own LSH bucket before that window, and ``sample_size`` uniform samples of the remaining earlier keys with
-the unbiased weight n_c / s (sorted_blocks.single_pass_causal_attention; docs/methods/hyper.md "Single pass").
+the unbiased weight n_c / s (single_pass.single_pass_causal_attention; docs/methods/hyper.md "Single pass").
 
 Attention sinks (``num_sink_tokens`` = S, our addition; StreamingLLM's observation that LLM heads put much of each
 row's mass on the first tokens): every query also attends keys 0..S-1 exactly (causal: those <= its position),
 merged with the result above through lse; those keys are removed from the sorted blocks and from the samples
-(sorted_blocks.split_sink_keys / sink_attention; docs/methods/hyper.md "Attention sinks"). A left-padded row is
-first rolled past its padding (sorted_blocks.move_leading_padding_to_end), so its sinks are its first real tokens.
+(sinks.split_sink_keys / sink_attention; docs/methods/hyper.md "Attention sinks"). A left-padded row is
+first rolled past its padding (padding.move_leading_padding_to_end), so its sinks are its first real tokens.
 Default: NUM_SINK_TOKENS below, chosen from the SmolLM2 measurement.
 
 Tensors: q [B, H, Nq, D], k/v [B, H, Nk, D] (GQA expanded), key_padding_mask [B, Nk] bool (True = attend);
@@ -44,9 +44,11 @@ from .common import check_inputs
 from .defaults import (BLOCK_SIZE, SAMPLE_SIZE, CAUSAL_CROSSOVER_FACTOR, CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN,  # noqa: F401
                        NUM_SINK_TOKENS, SINGLE_PASS_WINDOW)
 from .lsh import make_generator
-from .registry import MAX_SAMPLES_PER_KEY, MAX_TOKENS, Param, register_method
-from .sorted_blocks import (add_sinks_and_restore, leading_padding, move_leading_padding_to_end,
-                            single_pass_causal_attention, sorted_lsh_attention, split_sink_keys)
+from .registry import MAX_SAMPLES_PER_KEY, MAX_TOKENS, Param, register_method, self_attention_only
+from .causal_recursion import sorted_lsh_attention
+from .padding import leading_padding, move_leading_padding_to_end
+from .single_pass import single_pass_causal_attention
+from .sinks import add_sinks_and_restore, split_sink_keys
 
 # Measured defaults (each with the result that chose it): defaults.py.
 WINDOW = SINGLE_PASS_WINDOW
@@ -121,11 +123,14 @@ def hyper_attention(
 
 def check_sorted_lsh(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
                      params: dict) -> Optional[str]:
-    """Why ``hyper`` / ``sparse_hyper`` cannot serve a call (None when it can): a causal decode step, or a causal
-    call shorter than ``causal_min_seq_len`` (where the causal recursion is slower than exact attention; the
-    bidirectional threshold is ``min_seq_len``, applied by the adapter to every call)."""
-    if causal and q.shape[2] != k.shape[2]:
-        return "causal decode step (q_len != kv_len)"
+    """Why ``hyper`` / ``sparse_hyper`` cannot serve a call (None when it can): a call that is not self-attention
+    (q_len != kv_len: the adapter's decision sends those to exact attention before it asks this check; a direct call
+    gets the same words), or a causal call shorter than ``causal_min_seq_len`` (where the causal recursion is slower
+    than exact attention; the bidirectional threshold is ``min_seq_len``, applied by the adapter's decision to every
+    call)."""
+    reason = self_attention_only(q, k)
+    if reason:
+        return reason
     causal_min = causal_threshold(params)
     if causal and k.shape[2] < causal_min:
         return f"causal seq_len < causal_min_seq_len={causal_min}"
@@ -133,21 +138,21 @@ def check_sorted_lsh(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding
 
 
 HYPER_PARAMS = {
-    "lsh_num_projs": Param(7, int, low=1, high=16, help="random hyperplanes of the angular sortLSH (2^P Gray-ordered buckets)"),
-    "block_size": Param(256, int, low=1, high=MAX_TOKENS, help="queries per sorted block; each attends one key block exactly"),
-    "sample_size": Param(256, int, low=0, high=MAX_TOKENS, help="keys sampled uniformly per head, weight n/s, own block masked"),
-    "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, high=MAX_TOKENS, help="exact attention below this length; leaf size of the causal recursion"),
-    "seed": Param(0, int, low=0, help="seed of hashing and sampling when no generator is passed"),
-    "causal_min_seq_len": Param(CAUSAL_MIN_SEQ_LEN, int, low=0, high=MAX_TOKENS,
+    "lsh_num_projs": Param(kind=int, low=1, high=16, help="random hyperplanes of the angular sortLSH (2^P Gray-ordered buckets)"),
+    "block_size": Param(kind=int, low=1, high=MAX_TOKENS, help="queries per sorted block; each attends one key block exactly"),
+    "sample_size": Param(kind=int, low=0, high=MAX_TOKENS, help="keys sampled uniformly per head, weight n/s, own block masked"),
+    "min_seq_len": Param(kind=int, low=1, high=MAX_TOKENS, help="exact attention below this length; leaf size of the causal recursion"),
+    "seed": Param(kind=int, low=0, help="seed of hashing and sampling when no generator is passed"),
+    "causal_min_seq_len": Param(kind=int, low=0, high=MAX_TOKENS,
                                 help="the adapter runs exact attention for causal calls shorter than this; "
                                      f"0 = auto = {CAUSAL_CROSSOVER_FACTOR} x min_seq_len (the measured causal crossover of both modes)"),
-    "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0, high=MAX_TOKENS,
+    "num_sink_tokens": Param(kind=int, low=0, high=MAX_TOKENS,
                              help="every query also attends the first num_sink_tokens real keys exactly (attention sinks; left padding skipped), "
                                   "merged via lse; they are excluded from the sorted blocks and the samples"),
-    "causal_mode": Param(CAUSAL_MODE, str, choices=CAUSAL_MODES,
+    "causal_mode": Param(kind=str, choices=CAUSAL_MODES,
                          help="causal algorithm: 'single_pass' (sinks + exact window + causal LSH block + samples, one pass) "
                               "or 'recursive' (HyperAttention's recursive halving with exact leaves of min_seq_len)"),
-    "window": Param(WINDOW, int, low=0, high=MAX_TOKENS,
+    "window": Param(kind=int, low=0, high=MAX_TOKENS,
                     help="single_pass: every query attends the previous `window` positions (and the earlier ones of its "
                          "64-query chunk) exactly"),
 }

@@ -89,8 +89,12 @@ from .defaults import NUM_SINK_TOKENS
 from .exact import exact_attention
 from .gaussian_kernel import softmax_to_gaussian_kernel
 from .lsh import make_generator
-from .merge import merge_attention
-from .registry import MAX_TOKENS, Param, needs_grad, register_method
+from ..kernels.sorted_blocks_torch import dense_attention_with_lse, masked_attention_with_lse
+from .causal_recursion import causal_levels
+from .merge import empty_rows_to_zero, merge_attention, merge_attention_into, needs_grad
+from .padding import leading_padding, move_leading_padding_to_end, restore_leading_padding
+from .sorted_blocks import grouped_sorted_attention
+from .registry import MAX_TOKENS, Param, register_method, self_attention_only
 
 _PAIR_CHUNK = 1 << 20  # candidate pairs verified per chunk
 _BLOCK_ELEMS = 1 << 24  # dense kernel block elements per chunk (64 MB float32)
@@ -479,19 +483,12 @@ EXACT_ROW_MASK_ELEMENTS = 1 << 24
 SAMPLE_LEVELS = 3
 
 
-def _rows_empty_to_zero(out: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [..., M, Dv], lse [..., M]; rows where ``empty`` [..., M] get out 0 and lse -inf (no in-place step)."""
-    return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, NEG_INF)
-
-
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with an additive mask: q [G, M, D], k/v [G, L, D], mask [G, M, L] (0 or -inf; a weight
     log(w) adds log w). Returns out [G, M, Dv], lse [G, M]; a row whose mask is -inf everywhere gets 0 / -inf."""
-    from .sorted_blocks import masked_attention_with_lse
-
     out, lse = masked_attention_with_lse(q[:, None], k[:, None], v[:, None], scale, mask[:, None])
-    return _rows_empty_to_zero(out[:, 0], lse[:, 0], mask.amax(-1) == NEG_INF)
+    return empty_rows_to_zero(out[:, 0], lse[:, 0], mask.amax(-1) == NEG_INF)
 
 
 def heavy_value_columns(v: torch.Tensor, key_valid: torch.Tensor, *, gamma: float, max_heavy_values: int,
@@ -570,28 +567,13 @@ def query_key_blocks(q_rows: torch.Tensor, k_rows: torch.Tensor, block_size: int
     return (torch.searchsorted(boundaries, q_comp.contiguous(), right=True) - 1).clamp_(min=0), bk
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """merge.py's lse rule for two disjoint key sets: out* [..., M, Dv], lse* [..., M]. In place into ``out`` /
-    ``lse`` (which may be views of a caller's buffer) and ``out_b`` when no gradient is needed: on these CPUs a
-    fresh [B*H, N, Dv] temporary costs more than the arithmetic."""
-    if needs_grad(out, lse, out_b, lse_b):
-        return merge_attention(out, lse, out_b, lse_b)
-    merged = torch.logaddexp(lse, lse_b)
-    safe = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
-    w_a = torch.exp(lse - safe).nan_to_num_(0.0)  # exp(-inf - finite) = 0; both -inf: nan -> 0
-    w_b = torch.exp(lse_b - safe).nan_to_num_(0.0)
-    out.mul_(w_a[..., None]).add_(out_b.mul_(w_b[..., None]))
-    lse.copy_(merged)
-    return out, lse
-
-
 def _merge_rows(out: torch.Tensor, lse: torch.Tensor, order: torch.Tensor, out_b: torch.Tensor,
                 lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge out_b [G, R, Dv] / lse_b [G, R] into the rows ``order`` [G, R] (distinct per group) of out [G, M, Dv] /
     lse [G, M]; only those rows are read and written (in place without autograd)."""
     Dv = out.shape[-1]
     index = order[..., None].expand(*order.shape, Dv)
-    o, l_ = _merge(torch.gather(out, 1, index), torch.gather(lse, 1, order), out_b, lse_b)
+    o, l_ = merge_attention_into(torch.gather(out, 1, index), torch.gather(lse, 1, order), out_b, lse_b)
     if needs_grad(out, lse, o, l_):
         return out.scatter(1, index, o), lse.scatter(1, order, l_)
     return out.scatter_(1, index, o), lse.scatter_(1, order, l_)
@@ -683,7 +665,7 @@ def light_key_attention(qg: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Te
         m = m0 << lv
         if 4 * R >= 3 * Mq:
             o, l_ = _attend(qg, ks[:, :m], vs[:, :m], scale, segment_mask(sample_block[:, :m], q_block, sel))
-            out, lse = _merge(out, lse, o, l_ + log_weight)
+            out, lse = merge_attention_into(out, lse, o, l_ + log_weight)
         else:
             q_sel = torch.gather(qg, 1, order[..., None].expand(G, R, D))
             o, l_ = _attend(q_sel, ks[:, :m], vs[:, :m], scale,
@@ -737,8 +719,6 @@ def kmv_group_attention(q_flat: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
     rule). ``natural(t)`` maps a [Rq + 1, ...] tensor indexed by q_flat rows to the view [G, Mq, ...] of the groups'
     queries in natural order (no copy). Returns out [G, Mq, Dv], lse [G, Mq] in natural order: views of fresh buffers.
     """
-    from .sorted_blocks import grouped_sorted_attention
-
     G, Mq = q_rows.shape
     Dv = v_flat.shape[1]
     device = q_flat.device
@@ -789,9 +769,7 @@ def kmv_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
     the causal block rule), merged by lse. The H1 columns are attended apart (causally) and removed from the rest.
     """
     from .lsh import random_hyperplanes
-    from .sorted_blocks import causal_levels, dense_attention_with_lse
 
-    from .sorted_blocks import leading_padding, move_leading_padding_to_end, restore_leading_padding
 
     shift = leading_padding(key_padding_mask) if num_sink_tokens > 0 else None
     if shift is not None:  # left padding: the sinks must be each row's first real tokens (as in hyper)
@@ -843,7 +821,7 @@ def kmv_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
         out, lse = dense_attention_with_lse(qf.view(B * H * nleaf, leaf, D), kf.view(B * H * nleaf, leaf, D),
                                             vf.view(B * H * nleaf, leaf, Dv), scale, leaf_bias, causal=True)
         empty = valid.view(B * H * nleaf, leaf).cumsum(-1) == 0  # no valid key at or before the query in its leaf
-        out, lse = _rows_empty_to_zero(out, lse, empty)
+        out, lse = empty_rows_to_zero(out, lse, empty)
         out, lse = out.reshape(B, H, Np, Dv), lse.reshape(B, H, Np)
         ranks_q = _masked_ranks(qf, planes, None)
         ranks_k = _masked_ranks(kf, planes, valid)
@@ -873,10 +851,10 @@ def kmv_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, c
                 out = torch.stack([out6[:, :, :, 0], merged_out], dim=3).reshape(B, H, Np, Dv)
                 lse = torch.stack([lse5[:, :, :, 0], merged_lse], dim=3).reshape(B, H, Np)
             else:
-                _merge(out6[:, :, :, 1], lse5[:, :, :, 1], o, l_)
+                merge_attention_into(out6[:, :, :, 1], lse5[:, :, :, 1], o, l_)
         out, lse = out[:, :, :N], lse[:, :, :N]
     if h_out is not None:
-        out, lse = _merge(out, lse, h_out, h_lse)
+        out, lse = merge_attention_into(out, lse, h_out, h_lse)
     if shift is not None:
         out, lse = restore_leading_padding(out, lse, shift, Nk, causal)
     return out, lse
@@ -921,11 +899,13 @@ def head_tail_estimate(q: torch.Tensor, k: torch.Tensor, scale: float, key_paddi
 
 def kmv_check(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
               params: dict, scale: Optional[float] = None) -> Optional[str]:
-    """Why kmv should not serve this call (None when it can): a causal decode step, or Assumption A violated on this
-    input: the estimated tail/head ratio (head_tail_estimate) of some head above ``max_head_tail`` (0 = no check).
-    ``scale``: the call's softmax scale (1/sqrt(D) when not given)."""
-    if causal and q.shape[2] != k.shape[2]:
-        return "kmv: causal decode step (q_len != kv_len)"
+    """Why kmv should not serve this call (None when it can): a call that is not self-attention (q_len != kv_len: the
+    adapter's decision sends those to exact attention before it asks this check; a direct call gets the same words),
+    or Assumption A violated on this input: the estimated tail/head ratio (head_tail_estimate) of some head above
+    ``max_head_tail`` (0 = no check). ``scale``: the call's softmax scale (1/sqrt(D) when not given)."""
+    reason = self_attention_only(q, k)
+    if reason:
+        return reason
     bound = float(params.get("max_head_tail", MAX_HEAD_TAIL))
     if bound <= 0:
         return None
@@ -976,15 +956,14 @@ def kmv_attention(
     max_heavy_values, num_sink_tokens and causal_block (the exact causal leaf). ``engine="reference"``: the faithful
     Algorithms 1-3 per (batch, head) on CPU tensors (the rest of the parameters). ``max_head_tail`` / ``check_rows``
     are read by the adapter's check only (:func:`kmv_check`). ``stats`` (blocks): key slots each part computed.
-    Below ``min_seq_len`` keys: exact attention. Deterministic given ``generator`` (else ``seed``).
+    ``min_seq_len`` is read by the adapter's decision only (exact attention for calls with fewer keys); a direct call
+    always runs the method. Deterministic given ``generator`` (else ``seed``).
     """
     check_inputs(q, k, v, causal, key_padding_mask)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if engine not in ENGINES:
         raise ValueError(f"kmv: engine must be one of {list(ENGINES)}, got {engine!r}")
-    if Nk < min_seq_len:
-        return exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     if scale <= 0:
         raise ValueError(f"kmv needs a positive scale (Lemma 4.1), got {scale}")
     if engine == "blocks":
@@ -1025,33 +1004,33 @@ register_method(
     "kmv",
     kmv_attention,
     params={
-        "eps": Param(0.1, float, low=1e-4, high=1.0, help="per-row error target relative to the row (A.1.4: error/||v||)"),
-        "alpha": Param(1.0 / 3.0, float, low=0.0, high=100.0, help="heavy threshold K_ij >= n^-alpha (paper 1/3)"),
-        "gamma": Param(0.109, float, low=0.0, high=1.0, help="value rows with ||x_j||^2 >= n^gamma computed exactly (paper 0.109)"),
-        "lsh_bucket_width": Param(2.0, float, low=0.1, help="E2LSH bucket width in units of r_near = sqrt(alpha ln n)"),
-        "lsh_num_projs": Param(0, int, low=0, high=64, help="hashes per table; 0 = collision prob ~ n^-alpha at r_near (Lemma 2.1)"),
-        "lsh_num_tables": Param(0, int, low=0, high=2**16, help="LSH repetitions; 0 = ceil(lsh_table_factor * n^alpha * ln n)"),
-        "lsh_table_factor": Param(1.0, float, low=0.0, high=1000.0, help="paper: 10 (T = 10 n^alpha log n)"),
-        "budget": Param("variance", str, choices=("variance", "two_level", "kde"), help="per-row sample budget rule"),
-        "num_samples": Param(32, int, low=0, high=MAX_TOKENS, help="pilot samples per row (the base budget); blocks: 0 = no light-key samples"),
-        "budget_constant": Param(2.0, float, low=0.01, help="m_i = constant * variance_i / tol_i^2 (paper: 10)"),
-        "median_groups": Param(1, int, low=1, high=64, help="median of this many independent estimates (paper: 10 log n)"),
-        "split_signs": Param(False, bool, help="run V+ and V- separately instead of the signed estimator"),
-        "causal_block": Param(2048, int, low=16, high=MAX_TOKENS, help="causal recursion: exact attention at or below this many keys (the leaf size)"),
-        "seed": Param(0, int, low=0, help="seed when no generator is given"),
-        "min_seq_len": Param(4096, int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
-        "engine": Param("blocks", str, choices=ENGINES,
+        "eps": Param(kind=float, low=1e-4, high=1.0, help="per-row error target relative to the row (A.1.4: error/||v||)"),
+        "alpha": Param(kind=float, low=0.0, high=100.0, help="heavy threshold K_ij >= n^-alpha (paper 1/3)"),
+        "gamma": Param(kind=float, low=0.0, high=1.0, help="value rows with ||x_j||^2 >= n^gamma computed exactly (paper 0.109)"),
+        "lsh_bucket_width": Param(kind=float, low=0.1, help="E2LSH bucket width in units of r_near = sqrt(alpha ln n)"),
+        "lsh_num_projs": Param(kind=int, low=0, high=64, help="hashes per table; 0 = collision prob ~ n^-alpha at r_near (Lemma 2.1)"),
+        "lsh_num_tables": Param(kind=int, low=0, high=2**16, help="LSH repetitions; 0 = ceil(lsh_table_factor * n^alpha * ln n)"),
+        "lsh_table_factor": Param(kind=float, low=0.0, high=1000.0, help="paper: 10 (T = 10 n^alpha log n)"),
+        "budget": Param(kind=str, choices=("variance", "two_level", "kde"), help="per-row sample budget rule"),
+        "num_samples": Param(kind=int, low=0, high=MAX_TOKENS, help="pilot samples per row (the base budget); blocks: 0 = no light-key samples"),
+        "budget_constant": Param(kind=float, low=0.01, help="m_i = constant * variance_i / tol_i^2 (paper: 10)"),
+        "median_groups": Param(kind=int, low=1, high=64, help="median of this many independent estimates (paper: 10 log n)"),
+        "split_signs": Param(kind=bool, help="run V+ and V- separately instead of the signed estimator"),
+        "causal_block": Param(kind=int, low=16, high=MAX_TOKENS, help="causal recursion: exact attention at or below this many keys (the leaf size)"),
+        "seed": Param(kind=int, low=0, help="seed when no generator is given"),
+        "min_seq_len": Param(kind=int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
+        "engine": Param(kind=str, choices=ENGINES,
                         help="'blocks': sorted-LSH blocks + exact heavy value columns + variance-budgeted samples, all heads "
                              "batched on the input's device; 'reference': the faithful Algorithms 1-3, per head on CPU"),
-        "block_size": Param(256, int, low=1, high=MAX_TOKENS, help="blocks: queries per sorted LSH block (its key block = the heavy-key candidates)"),
-        "max_heavy_values": Param(64, int, low=0, high=MAX_TOKENS, help="blocks: at most this many heavy value rows (H1) per head, exact columns"),
-        "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0, high=MAX_TOKENS,
+        "block_size": Param(kind=int, low=1, high=MAX_TOKENS, help="blocks: queries per sorted LSH block (its key block = the heavy-key candidates)"),
+        "max_heavy_values": Param(kind=int, low=0, high=MAX_TOKENS, help="blocks: at most this many heavy value rows (H1) per head, exact columns"),
+        "num_sink_tokens": Param(kind=int, low=0, high=MAX_TOKENS,
                                  help="blocks: the first real keys also attended as exact columns, like H1 (attention sinks; "
                                       "left padding skipped)"),
-        "max_head_tail": Param(MAX_HEAD_TAIL, float, low=0.0,
+        "max_head_tail": Param(kind=float, low=0.0,
                                help="regime check: exact attention when the estimated tail/head ratio of K (Assumption A) "
                                     "exceeds this on some head; 0 = no check"),
-        "check_rows": Param(64, int, low=1, high=MAX_TOKENS, help="regime check: query rows sampled to estimate the tail/head ratio"),
+        "check_rows": Param(kind=int, low=1, high=MAX_TOKENS, help="regime check: query rows sampled to estimate the tail/head ratio"),
     },
     check=kmv_check,
     source="Indyk, Kapralov, Sheth, Wagner, Algorithms 1-3, Definition 3.1, Lemmas 3.2-3.5, 4.1, A.1.4",

@@ -10,8 +10,8 @@ over the valid keys, the two disjoint parts merged through their log-sum-exp val
 estimated: it is exact attention restricted to that key set, and exact attention whenever the window covers the
 sequence. It is the baseline a sorted-LSH method must beat at equal speed (docs/methods/local.md).
 
-Implementation: sorted_blocks.window_attention (overlapping strided views of k/v, one fused call per group of
-64-query chunks with a mask shared by the chunks) and sorted_blocks.sink_attention. A left-padded row is rolled
+Implementation: window.window_attention (overlapping strided views of k/v, one fused call per group of
+64-query chunks with a mask shared by the chunks) and sinks.sink_attention. A left-padded row is rolled
 past its padding first, so its sinks are its first real tokens (as in hyper.py).
 
 Tensors: q [B, H, N, D], k/v [B, H, N, D] (self-attention; GQA expanded), key_padding_mask [B, N] bool (True =
@@ -27,9 +27,10 @@ import torch
 
 from .common import check_inputs
 from .defaults import LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW
-from .registry import MAX_TOKENS, Param, register_method
-from .sorted_blocks import (add_sinks_and_restore, leading_padding, move_leading_padding_to_end,
-                            window_attention)
+from .registry import MAX_TOKENS, Param, register_method, self_attention_only
+from .padding import leading_padding, move_leading_padding_to_end
+from .sinks import add_sinks_and_restore
+from .window import window_attention
 
 # Measured defaults (each with the result that chose it): defaults.py.
 WINDOW = LOCAL_WINDOW
@@ -75,21 +76,21 @@ def local_attention(
 
 def check_local(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
                 params: dict) -> Optional[str]:
-    """Why ``local`` cannot serve a call: a decode step or cross-attention (q_len != kv_len)."""
-    if q.shape[2] != k.shape[2]:
-        return "decode step or cross-attention (q_len != kv_len)"
-    return None
+    """Why ``local`` cannot serve a call: it serves self-attention only (q_len == kv_len). The adapter's decision
+    sends every other call to exact attention before it asks this check; a direct ``spec.check`` gets the same
+    words (registry.NOT_SELF_ATTENTION_REASON)."""
+    return self_attention_only(q, k)
 
 
 register_method(
     "local",
     local_attention,
     params={
-        "window": Param(WINDOW, int, low=0, high=MAX_TOKENS, help="causal: each query attends the previous `window` positions (itself "
+        "window": Param(kind=int, low=0, high=MAX_TOKENS, help="causal: each query attends the previous `window` positions (itself "
                                                 "included); bidirectional: the positions within `window` on each side"),
-        "num_sink_tokens": Param(NUM_SINK_TOKENS, int, low=0, high=MAX_TOKENS,
+        "num_sink_tokens": Param(kind=int, low=0, high=MAX_TOKENS,
                                  help="every query also attends the first num_sink_tokens real keys (attention sinks)"),
-        "min_seq_len": Param(MIN_SEQ_LEN, int, low=1, high=MAX_TOKENS, help="the adapter runs exact attention below this length"),
+        "min_seq_len": Param(kind=int, low=1, high=MAX_TOKENS, help="the adapter runs exact attention below this length"),
     },
     check=check_local,
     source="StreamingLLM (Xiao et al. 2023, attention sinks + window); MInference's A-shape pattern",

@@ -61,8 +61,8 @@ import numpy as np
 import torch
 
 from .common import check_inputs
-from .exact import exact_attention
-from .registry import MAX_TOKENS, Param, needs_grad, register_method
+from .merge import needs_grad
+from .registry import MAX_TOKENS, Param, register_method
 
 MAX_DEGREE = 24
 # Upper bound of max_features: r features hold a [r, Dv + 1] state per head (~270 MB at r = 2^20, Dv = 64). The
@@ -232,13 +232,12 @@ def poly_attention(
 
     eps: target relative error of P on the measured score range (degree 0 = smallest degree reaching it).
     degree: a fixed degree instead (refused with ValueError if C(D+degree, degree) > max_features).
-    Deterministic: ``generator`` is unused (no randomness). Below ``min_seq_len`` keys: exact attention.
+    Deterministic: ``generator`` is unused (no randomness). ``min_seq_len`` is read by the adapter's decision only
+    (exact attention for calls with fewer keys); a direct call always runs the method.
     """
     check_inputs(q, k, v, causal, key_padding_mask)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    if Nk < min_seq_len:
-        return exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     chunk_size = max(1, min(int(chunk_size), Nk))  # one chunk of N or more keys is the whole prefix: as chunk N
     if degree:
         r = num_features(D, degree)
@@ -347,13 +346,13 @@ register_method(
     "poly",
     poly_attention,
     params={
-        "eps": Param(0.01, float, low=1e-8, high=0.5, help="relative error of the exp polynomial on the measured score range"),
-        "degree": Param(0, int, low=0, high=MAX_DEGREE, help="fixed polynomial degree; 0 = smallest reaching eps"),
-        "max_features": Param(4096, int, low=1, high=MAX_FEATURES,
+        "eps": Param(kind=float, low=1e-8, high=0.5, help="relative error of the exp polynomial on the measured score range"),
+        "degree": Param(kind=int, low=0, high=MAX_DEGREE, help="fixed polynomial degree; 0 = smallest reaching eps"),
+        "max_features": Param(kind=int, low=1, high=MAX_FEATURES,
                               help="largest r = C(D+g, g) allowed (memory ~ r (Dv + 1) floats per head)"),
-        "chunk_size": Param(256, int, low=1, high=MAX_TOKENS, help="causal: keys per prefix-sum chunk"),
-        "allow_out_of_regime": Param(False, bool, help="run with the largest degree that fits even when eps cannot be met"),
-        "min_seq_len": Param(2048, int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
+        "chunk_size": Param(kind=int, low=1, high=MAX_TOKENS, help="causal: keys per prefix-sum chunk"),
+        "allow_out_of_regime": Param(kind=bool, help="run with the largest degree that fits even when eps cannot be met"),
+        "min_seq_len": Param(kind=int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
     },
     check=poly_check,
     source="Alman & Song, Algorithm 1, Lemmas 3.2-3.6, Corollary 2.2",

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..kernels import needs_grad  # noqa: F401  (re-exported for the methods and the adapters)
+from ..kernels import needs_grad  # noqa: F401  (re-exported for the adapters; the methods import it from merge.py)
 
 MethodFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -47,11 +47,27 @@ MAX_SAMPLES_PER_KEY = 32
 CheckFn = Callable[..., Optional[str]]
 
 
+class _FromSignature:
+    """The default of a :class:`Param` declared without one: the method function's signature supplies it."""
+
+    def __repr__(self) -> str:
+        return "<default from the function's signature>"
+
+
+FROM_SIGNATURE: Any = _FromSignature()
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
-    """One tunable parameter of a method: its default, type and allowed range."""
+    """One tunable parameter of a method: its type, allowed range and help.
 
-    default: Any
+    Its default is stated once, in the method function's signature: declare ``Param(kind=int, low=1, ...)`` and
+    :func:`register_method` (or ``decode.register_decode_method``) fills ``default`` from the signature. A default
+    given here as well must equal the signature's (registering refuses a disagreement); it is needed only for a
+    parameter the function takes through ``**kwargs``.
+    """
+
+    default: Any = FROM_SIGNATURE
     kind: type = int
     low: Optional[float] = None  # inclusive
     high: Optional[float] = None  # inclusive
@@ -93,6 +109,54 @@ class Param:
         return f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
 
 
+def params_with_defaults(owner: str, fn: Callable[..., Any], params: dict[str, Param]) -> dict[str, Param]:
+    """``params`` with every default taken from ``fn``'s signature (the one place a default is stated).
+
+    ``owner`` names the method in errors (e.g. "method 'hyper'"). A parameter ``fn`` does not take is an error unless
+    ``fn`` accepts ``**kwargs`` and the Param states its own default; a Param default that differs from the
+    signature's, or a parameter with neither, is an error.
+    """
+    signature = inspect.signature(fn)
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    resolved = {}
+    for pname, param in params.items():
+        declared = signature.parameters.get(pname)
+        if declared is None and not accepts_kwargs:
+            raise TypeError(f"{owner}: parameter {pname!r} is declared but its function does not take it")
+        default = inspect.Parameter.empty if declared is None else declared.default
+        if default is inspect.Parameter.empty:
+            if param.default is FROM_SIGNATURE:
+                raise TypeError(f"{owner}: parameter {pname!r} has no default (give it one in the function's signature)")
+            resolved[pname] = param
+            continue
+        if param.default is not FROM_SIGNATURE and (type(param.default) is not type(default) or param.default != default):
+            raise ValueError(f"{owner}: parameter {pname!r} declares the default {param.default!r} but its function's "
+                             f"signature says {default!r}; state it once, in the signature")
+        resolved[pname] = dataclasses.replace(param, default=default)
+    return resolved
+
+
+def resolve_param_values(kind: str, name: str, params: dict[str, Param], given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults filled in and every given value validated (``Param.validate``); an unknown name is an error naming
+    the ``kind`` ("method", "decode method"), the method ``name`` and its parameters. The one resolve path of both
+    registries."""
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        known = ", ".join(sorted(params)) or "(none)"
+        raise ValueError(f"{kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are: {known}")
+    return {pname: (param.validate(name, pname, given[pname]) if pname in given else param.default)
+            for pname, param in params.items()}
+
+
+def bind_params(fn: Callable[..., Any], name: str, resolved: dict[str, Any]) -> Callable[..., Any]:
+    """``fn`` with the resolved parameters bound, carrying ``method_name`` and ``method_params``."""
+    bound = functools.partial(fn, **resolved)
+    functools.update_wrapper(bound, fn)
+    bound.method_name = name  # type: ignore[attr-defined]
+    bound.method_params = resolved  # type: ignore[attr-defined]
+    return bound
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A registered method: the function of the contract, its parameters, and what it comes from."""
@@ -106,10 +170,23 @@ class MethodSpec:
     # Whether autograd through ``fn`` gives the gradient of its output (a tested backward). False: when gradients
     # are needed the adapter runs exact attention instead and the plan counts NO_GRADIENT_REASON.
     supports_grad: bool = True
+    # The parameter that holds the length below which the adapter's decision runs exact attention instead (None: the
+    # method has no such threshold). The decision reads it through :meth:`min_seq_len`, never by a name of its own.
+    min_seq_len_param: Optional[str] = "min_seq_len"
+
+    def min_seq_len(self, params: dict[str, Any]) -> int:
+        """The threshold of ``params`` (resolved or partial: a missing value is the declared default); 0 for none."""
+        name = self.min_seq_len_param
+        if name is None or name not in self.params:
+            return 0
+        value = params[name] if name in params else self.resolve_params({})[name]
+        return int(value or 0)
 
     def why_not(self, q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
                 params: dict[str, Any], scale: float) -> Optional[str]:
-        """The method's own reason not to serve this call (its ``check``), or None."""
+        """The method's own reason not to serve this call (its ``check``), or None. The adapter's decision
+        (``patches/base.py: LayerRuntime.decide``) asks it last, after the rules every method shares.
+        q [B, H, Nq, D], k [B, H, Nk, D] (KV heads expanded), key_padding_mask [B, Nk] bool or None."""
         if self.check is None:
             return None
         if "scale" in inspect.signature(self.check).parameters:
@@ -118,14 +195,7 @@ class MethodSpec:
 
     def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Defaults filled in and every given value validated; unknown names are an error."""
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            known = ", ".join(sorted(self.params)) or "(none)"
-            raise ValueError(f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are: {known}")
-        resolved = {}
-        for name, spec in self.params.items():
-            resolved[name] = spec.validate(self.name, name, params[name]) if name in params else spec.default
-        return resolved
+        return resolve_param_values("method", self.name, self.params, params)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -144,7 +214,8 @@ def register_method(
 ) -> MethodSpec:
     """Register ``fn`` (the contract in this module's docstring) under ``name``.
 
-    ``params`` declares every keyword parameter ``fn`` takes beyond the contract's own, with its default and range.
+    ``params`` declares every keyword parameter ``fn`` takes beyond the contract's own, with its type and range; its
+    default is the one of ``fn``'s signature (:func:`params_with_defaults`).
     ``supports_grad``: False declares that ``fn`` has no usable backward; the adapter then runs exact attention
     whenever autograd needs the gradient of the attention inputs (and the plan records why).
     """
@@ -160,9 +231,7 @@ def register_method(
     for required in ("causal", "scale", "key_padding_mask", "generator"):
         if required not in signature.parameters and not accepts_kwargs:
             raise TypeError(f"method {name!r}: its function must take the keyword {required!r} (see the method contract)")
-    for pname in params:
-        if pname not in signature.parameters and not accepts_kwargs:
-            raise TypeError(f"method {name!r}: parameter {pname!r} is declared but its function does not take it")
+    params = params_with_defaults(f"method {name!r}", fn, params)
     spec = MethodSpec(name=name, fn=fn, params=params, check=check, source=source, summary=summary,
                       supports_grad=supports_grad)
     _REGISTRY[name] = spec
@@ -188,12 +257,16 @@ def get_method(name: str, **params: Any) -> MethodFn:
     ``out, lse = get_method("exact")(q, k, v, causal=True, scale=D ** -0.5)``
     """
     spec = get_spec(name)
-    resolved = spec.resolve_params(params)
-    bound = functools.partial(spec.fn, **resolved)
-    functools.update_wrapper(bound, spec.fn)
-    bound.method_name = name  # type: ignore[attr-defined]
-    bound.method_params = resolved  # type: ignore[attr-defined]
-    return bound
+    return bind_params(spec.fn, name, spec.resolve_params(params))
 
 
 NO_GRADIENT_REASON = "gradient needed: the method has no backward"
+# The one wording of a call that is not self-attention over a whole sequence (a decode step or a chunked prefill
+# against a KV cache, or cross-attention). The adapter's decision counts it (patches/reasons.py: DECODE_REASON); the
+# checks of the methods that serve self-attention only give the same words for a direct ``spec.check`` of that shape.
+NOT_SELF_ATTENTION_REASON = "q_len != kv_len (decode step, cache or cross-attention)"
+
+
+def self_attention_only(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+    """NOT_SELF_ATTENTION_REASON when q [B, H, Nq, D] and k [B, H, Nk, D] have Nq != Nk, else None."""
+    return NOT_SELF_ATTENTION_REASON if q.shape[-2] != k.shape[-2] else None

@@ -54,10 +54,12 @@ from .common import check_inputs
 from .defaults import BLOCK_SIZE, CAUSAL_MIN_SEQ_LEN, CAUSAL_MODE, CAUSAL_MODES, MIN_SEQ_LEN, NUM_SINK_TOKENS
 from .hyper import HYPER_PARAMS, WINDOW, check_sorted_lsh
 from .lsh import make_generator
-from .registry import MAX_TOKENS, Param, register_method
-from .sorted_blocks import (add_sinks_and_restore, leading_padding, move_leading_padding_to_end,
-                            single_pass_causal_attention, sorted_lsh_attention, split_sink_keys,
-                            workspace)
+from .registry import Param, register_method
+from ..kernels.workspace import workspace
+from .causal_recursion import sorted_lsh_attention
+from .padding import leading_padding, move_leading_padding_to_end
+from .single_pass import single_pass_causal_attention
+from .sinks import add_sinks_and_restore, split_sink_keys
 
 
 
@@ -202,9 +204,8 @@ def sparse_hyper_attention(
 
 
 _PARAMS = {name: p for name, p in HYPER_PARAMS.items() if name != "sample_size"}
-_PARAMS["scale_mode"] = Param("theory", str, choices=("theory", "none"),
+_PARAMS["scale_mode"] = Param(kind=str, choices=("theory", "none"),
                               help="'theory': multiply by the Attention is Naturally Sparse paper's scale coefficient alpha = 1 - eps (Def. 5.2-5.3); 'none': plain block softmax")
-_PARAMS["min_seq_len"] = Param(MIN_SEQ_LEN, int, low=1, high=MAX_TOKENS, help="exact attention below this length; leaf size of the causal recursion")
 
 register_method(
     "sparse_hyper",

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .attention_interface import AttentionInterfaceAdapter
-from .base import Adapter, CapturedAttention, LayerRuntime, QKWeights
+from .base import Adapter, AttentionCall, CapturedAttention, Decision, LayerRuntime, QKWeights, describe_call
 from .chatglm import ChatGLMAdapter
 from .masks import split_attend_mask
 from .runtime import install_runtimes, state_of, uninstall_runtimes
@@ -80,6 +80,7 @@ def capture_attention(model: torch.nn.Module, layers: Optional[Sequence[int]] = 
 
 
 __all__ = [
-    "Adapter", "AttentionInterfaceAdapter", "CapturedAttention", "ChatGLMAdapter", "LayerRuntime", "QKWeights",
-    "capture_attention", "find_adapter", "register_adapter", "split_attend_mask", "supported_families",
+    "Adapter", "AttentionCall", "AttentionInterfaceAdapter", "CapturedAttention", "ChatGLMAdapter", "Decision",
+    "LayerRuntime", "QKWeights", "capture_attention", "describe_call", "find_adapter", "register_adapter",
+    "split_attend_mask", "supported_families",
 ]

@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .base import DECODE_REASON, LayerRuntime, QKWeights
-from .masks import FULL_MASK_REASON, compact_mask, dense_mask
+from .base import LayerRuntime, QKWeights, describe_call
+from .masks import compact_mask, dense_mask
 
 ATTENTION_NAME = "hf_sparse_attn"
 RUNTIME_ATTR = "_hf_sparse_attn_runtime"
@@ -84,6 +84,19 @@ def _previous_forward(module: torch.nn.Module, previous: str, output_attentions:
     return ALL_ATTENTION_FUNCTIONS[previous], False
 
 
+def _unsupported_inputs(kwargs: dict[str, Any]) -> tuple[str, ...]:
+    """The names of the call's keyword inputs that no method honours (a position bias, logit softcapping, a sliding
+    window)."""
+    names = []
+    if kwargs.get("position_bias") is not None:
+        names.append("position_bias")
+    if kwargs.get("softcap") is not None:
+        names.append("softcap")
+    if kwargs.get("sliding_window"):
+        names.append("sliding_window")
+    return tuple(names)
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered attention function. query [B, H, Nq, D], key/value [B, Hkv, Nk, D]; attention_mask as
     :func:`~hf_sparse_attn.patches.masks.compact_mask` hands it over: None, the key padding mask [B, Nk] bool (plain
@@ -111,20 +124,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             runtime.record(query, key, value, scale, causal, key_padding_mask)
         elif runtime.capture is not None:
             runtime.record(query, key, value, scale, causal, None, attend_mask=attention_mask)
-        unsupported = None
-        if output_attentions:
-            unsupported = "output_attentions=True"
-        elif module.training and dropout and dropout > 0:
-            unsupported = "attention dropout in training"
-        elif n_query != n_key:
-            unsupported = DECODE_REASON
-        elif not recognized:
-            unsupported = FULL_MASK_REASON
-        elif kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or kwargs.get("sliding_window"):
-            unsupported = "position bias / softcap / sliding window"
         if runtime.method is not None:
+            call = describe_call(
+                query, key, value, scale=scale, causal=causal, mask_recognized=recognized,
+                output_attentions=output_attentions, dropout_in_training=bool(module.training and dropout and dropout > 0),
+                cross_attention=bool(getattr(module, "is_cross_attention", False)),
+                unsupported_inputs=_unsupported_inputs(kwargs),
+            )
             out = runtime.attend(query, key, value, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                                 unsupported=unsupported)
+                                 call=call)
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None
 

@@ -2,9 +2,11 @@
 capture of attention inputs, and the adapter protocol (masks: :mod:`hf_sparse_attn.patches.masks`).
 
 An adapter (one per architecture family) knows where a model's attention layers are, how to read their Q/K
-weights for the ranking, and how to route a layer's attention call through :class:`LayerRuntime`. It never does
-attention math itself; the runtime calls the method (tensors in, tensors out) or hands back to the model's own
-exact attention.
+weights for the ranking, and how to describe each attention call (:class:`AttentionCall`: shapes, mask form,
+flags) and route it through :class:`LayerRuntime`. It decides nothing and never does attention math itself:
+``LayerRuntime.decide`` is the one place where a call is given to the method or to exact attention (the order of its
+rules: :mod:`hf_sparse_attn.patches.reasons`); the runtime then calls the method (tensors in, tensors out) or hands
+back to the model's own exact attention.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from typing import Any, Optional, Protocol
 import torch
 
 from ..methods.common import expand_kv_heads
-from ..methods.registry import NO_GRADIENT_REASON, get_spec, needs_grad
+from ..kernels import needs_grad
+from ..methods.registry import get_spec
 from .compiled import attend_compiled
+from .reasons import (DECODE_REASON, DROPOUT_REASON, FULL_MASK_REASON, NO_GRADIENT_REASON, OUTPUT_ATTENTIONS_REASON,
+                      UNSUPPORTED_INPUT_REASON, min_seq_len_reason)
 
 
 @dataclasses.dataclass
@@ -80,14 +85,121 @@ def _count_lock():
     """The counters' lock; none while torch.compile traces (Dynamo cannot trace a lock, and replays the counter
     updates of the compiled code as plain Python side effects after each call)."""
     return contextlib.nullcontext() if torch.compiler.is_compiling() else _COUNT_LOCK
-DECODE_REASON = "q_len != kv_len (decode step, cache or cross-attention)"
+
+
+# What kind of call an attention call is (AttentionCall.kind).
+PREFILL = "prefill"  # self-attention over a whole sequence (q_len == kv_len): the calls a method serves
+DECODE = "decode"  # a few queries (q_len <= DECODE_MAX_QUERIES) against a longer KV cache
+CHUNKED_PREFILL = "chunked_prefill"  # more queries than a decode step against a cache (a prompt fed in chunks)
+CROSS_ATTENTION = "cross_attention"  # queries of one sequence, keys of another
+# A decode step feeds one token; speculative decoding verifies a handful of drafted ones. More queries than this
+# against a cache are a prompt fed in chunks.
+DECODE_MAX_QUERIES = 16
+
+# Which path serves a call (Decision.path).
+SERVE_METHOD = "method"
+SERVE_EXACT = "exact"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """What an adapter knows about one attention call, before anything is decided: shapes and flags, no tensors.
+
+    The tensors it describes: query [batch, num_heads, q_len, head_dim], key / value [batch, num_kv_heads, kv_len,
+    head_dim]. ``mask_recognized``: the mask is None or causal + key padding (the only forms a method honours).
+    ``unsupported_inputs``: names of inputs of the call no method honours (``"position_bias"``, ``"softcap"``,
+    ``"sliding_window"``). Build one with :func:`describe_call`.
+    """
+
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    scale: float
+    causal: bool
+    mask_recognized: bool = True
+    output_attentions: bool = False
+    dropout_in_training: bool = False
+    needs_grad: bool = False
+    cross_attention: bool = False
+    unsupported_inputs: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """PREFILL, DECODE, CHUNKED_PREFILL or CROSS_ATTENTION. A self-attention call with q_len != kv_len reads a
+        KV cache (the keys of earlier steps, or the empty slots of a preallocated cache)."""
+        if self.cross_attention:
+            return CROSS_ATTENTION
+        if self.q_len == self.kv_len:
+            return PREFILL
+        if self.q_len < self.kv_len and self.q_len <= DECODE_MAX_QUERIES:
+            return DECODE
+        return CHUNKED_PREFILL
+
+
+def describe_call(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: Optional[torch.Tensor] = None,
+    *,
+    scale: float,
+    causal: bool,
+    mask_recognized: bool = True,
+    output_attentions: bool = False,
+    dropout_in_training: bool = False,
+    cross_attention: bool = False,
+    unsupported_inputs: tuple[str, ...] = (),
+) -> AttentionCall:
+    """The :class:`AttentionCall` of query [B, H, Nq, D], key / value [B, Hkv, Nk, D] (KV heads not expanded);
+    ``needs_grad`` is read off the tensors (autograd recording and one of them requiring a gradient)."""
+    batch, num_heads, q_len, head_dim = query.shape
+    return AttentionCall(
+        batch=batch, num_heads=num_heads, num_kv_heads=key.shape[1], q_len=q_len, kv_len=key.shape[2],
+        head_dim=head_dim, scale=float(scale), causal=bool(causal), mask_recognized=bool(mask_recognized),
+        output_attentions=bool(output_attentions), dropout_in_training=bool(dropout_in_training),
+        needs_grad=needs_grad(query, key, value), cross_attention=bool(cross_attention),
+        unsupported_inputs=tuple(unsupported_inputs),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Which path serves one call: ``path`` SERVE_METHOD or SERVE_EXACT, and for SERVE_EXACT the ``reason`` the plan
+    counts (None where the layer has no method: nothing to count)."""
+
+    path: str
+    reason: Optional[str] = None
+
+
+def exact_reason(call: AttentionCall, *, min_seq_len: int = 0, supports_grad: bool = True) -> Optional[str]:
+    """The rules every method shares, in their one fixed order (patches/reasons.py lists them): the reason ``call``
+    must run exact attention, or None when the method's own check decides. ``min_seq_len``: the method's declared
+    threshold (``MethodSpec.min_seq_len``); ``supports_grad``: whether the method has a backward."""
+    if call.output_attentions:
+        return OUTPUT_ATTENTIONS_REASON
+    if call.dropout_in_training:
+        return DROPOUT_REASON
+    if call.kind != PREFILL:
+        return DECODE_REASON
+    if not call.mask_recognized:
+        return FULL_MASK_REASON
+    if call.unsupported_inputs:
+        return UNSUPPORTED_INPUT_REASON
+    if call.kv_len < min_seq_len:
+        return min_seq_len_reason(min_seq_len)
+    if call.needs_grad and not supports_grad:
+        return NO_GRADIENT_REASON  # exact attention: its backward is autograd's own
+    return None
 
 
 class LayerRuntime:
     """One attention layer at run time: its method (or None: not chosen), its counters, an optional capture list.
 
-    ``attend(...)`` returns the method's output [B, H, Nq, D], or None when the call must run exact attention —
-    then the reason is counted in the layer's plan entry.
+    ``decide(call, ...)`` is the one place where a call is given to the method or to exact attention; ``attend(...)``
+    applies it: the method's output [B, H, Nq, D], or None when the call must run exact attention — then the reason
+    is counted in the layer's plan entry.
     """
 
     def __init__(self, layer_idx: int, method: Optional[str], params: dict[str, Any], seed: int, layer_plan: Any = None):
@@ -101,7 +213,7 @@ class LayerRuntime:
         if method is not None:
             self._spec = get_spec(method)
             self._fn = self._spec.fn
-            self._min_seq_len = int(self.params.get("min_seq_len", 0) or 0)
+            self._min_seq_len = self._spec.min_seq_len(self.params)
             self._params_json = json.dumps(self.params, sort_keys=True)  # for the compiled path (compiled.py)
 
     # -- the counters live in the layer's plan entry (a runtime with a method always has one) --
@@ -132,6 +244,23 @@ class LayerRuntime:
                 None if attend_mask is None else attend_mask.detach(),
             ))
 
+    def decide(
+        self,
+        call: AttentionCall,
+        query: Optional[torch.Tensor] = None,
+        key: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> Decision:
+        """Which path serves ``call``: the rules every method shares in their fixed order (:func:`exact_reason`),
+        then the method's own check — the check only when ``query`` [B, H, Nq, D] and ``key`` [B, H, Nk, D] (KV heads
+        expanded) are given, since it may read them. Counts nothing."""
+        if self.method is None:
+            return Decision(SERVE_EXACT)
+        reason = exact_reason(call, min_seq_len=self._min_seq_len, supports_grad=self._spec.supports_grad)
+        if reason is None and query is not None and key is not None:
+            reason = self._spec.why_not(query, key, call.causal, key_padding_mask, self.params, call.scale)
+        return Decision(SERVE_EXACT, reason) if reason else Decision(SERVE_METHOD)
+
     def attend(
         self,
         query: torch.Tensor,
@@ -141,31 +270,23 @@ class LayerRuntime:
         scale: float,
         causal: bool,
         key_padding_mask: Optional[torch.Tensor],
-        unsupported: Optional[str] = None,
+        call: Optional[AttentionCall] = None,
     ) -> Optional[torch.Tensor]:
-        """query [B, H, Nq, D], key/value [B, Hkv, Nk, D]. ``unsupported``: a reason the adapter already found
-        (decode step, output_attentions, a mask of another form, dropout) -> exact attention."""
+        """query [B, H, Nq, D], key/value [B, Hkv, Nk, D], key_padding_mask [B, Nk] bool or None. ``call``: the
+        adapter's description of the call (:func:`describe_call`); None describes plain self-attention with this
+        mask. Returns the method's output [B, H, Nq, D], or None (exact attention; the reason is counted)."""
         if self.method is None:
             return None
-        if unsupported is not None:
-            self._count_fallback(unsupported)
-            return None
-        n_query, n_key = query.shape[2], key.shape[2]
-        if n_query != n_key:
-            self._count_fallback(DECODE_REASON)
-            return None
-        if n_key < self._min_seq_len:
-            self._count_fallback(f"seq_len < min_seq_len={self._min_seq_len}")
-            return None
-        if not self._spec.supports_grad and needs_grad(query, key, value):
-            self._count_fallback(NO_GRADIENT_REASON)  # exact attention: its backward is autograd's own
-            return None
-        groups = query.shape[1] // key.shape[1]
-        key = expand_kv_heads(key, groups)
-        value = expand_kv_heads(value, groups)
-        reason = self._spec.why_not(query, key, causal, key_padding_mask, self.params, scale)
-        if reason:
-            self._count_fallback(reason)
+        if call is None:
+            call = describe_call(query, key, value, scale=scale, causal=causal)
+        decision = self.decide(call)  # the shared rules first: no KV-head expansion for a call that runs exact
+        if decision.path == SERVE_METHOD:
+            groups = query.shape[1] // key.shape[1]
+            key = expand_kv_heads(key, groups)
+            value = expand_kv_heads(value, groups)
+            decision = self.decide(call, query, key, key_padding_mask)
+        if decision.path != SERVE_METHOD:
+            self._count_fallback(decision.reason)
             return None
         if torch.compiler.is_compiling():  # a Generator cannot be traced: one opaque operator, same seed (compiled.py)
             out = attend_compiled(self.method, self._params_json, self.generator_seed(), query, key, value,

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .base import DECODE_REASON, LayerRuntime, QKWeights
+from .base import LayerRuntime, QKWeights, describe_call
 from .masks import split_attend_mask
 
 LAYOUTS = ("auto", "seq_first", "batch_first")
@@ -131,14 +131,9 @@ def _make_forward(adapter: ChatGLMAdapter, runtime: LayerRuntime, original):
             causal, key_padding_mask, recognized = split_attend_mask(~attention_mask, n_query > 1, n_query)
         if recognized and n_query == n_key:
             runtime.record(q, k, v, scale, causal, key_padding_mask)
-        unsupported = None
-        if n_query != n_key:
-            unsupported = DECODE_REASON
-        elif not recognized:
-            unsupported = "mask is not causal + key padding"
-        elif core.training and getattr(core.attention_dropout, "p", 0.0) > 0:
-            unsupported = "attention dropout in training"
-        out = runtime.attend(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, unsupported=unsupported)
+        call = describe_call(q, k, v, scale=scale, causal=causal, mask_recognized=recognized,
+                             dropout_in_training=bool(core.training and getattr(core.attention_dropout, "p", 0.0) > 0))
+        out = runtime.attend(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, call=call)
         if out is None:
             return original(query_layer, key_layer, value_layer, attention_mask)
         b, h, s, d = out.shape

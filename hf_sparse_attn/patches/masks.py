@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-FULL_MASK_REASON = "mask is not causal + key padding (sliding window, packed sequences or a custom mask)"
+from .reasons import FULL_MASK_REASON  # noqa: F401  (the reason an unrecognised mask is counted under)
 
 
 def _plain_kind(mask_function: Callable, config: Any) -> Optional[str]:

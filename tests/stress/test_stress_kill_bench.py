@@ -61,7 +61,7 @@ def _env():
 
 
 def _records(out: str) -> list[dict]:
-    from hf_sparse_attn.eval.model_bench import read_jsonl
+    from hf_sparse_attn.eval.bench import read_jsonl
 
     return read_jsonl(os.path.join(out, "results.jsonl"))
 

@@ -21,8 +21,10 @@ requested article; a cell run on fewer articles (say 8 before ``--articles 20``)
 and only the missing ones computed (resume).
 
 The package, by job: :mod:`.measure` (one sequence: prefill time, loss, profile), :mod:`.grid` (the cells, their
-texts, running them), :mod:`.store` (the results file), :mod:`.report` (summaries, results.json / results.md /
-plots) and :mod:`.goals` (the goals of an experiment config, checked in the report). ``hf_sparse_attn.eval.model_bench`` keeps every name.
+texts, running them), :mod:`.results` (the results file), :mod:`.report` (summaries, results.json / results.md /
+plots) and :mod:`.goals` (the goals of an experiment config, checked in the report). The kernel level:
+:mod:`.kernel_timing` (one method against SDPA on random inputs) and :mod:`.kernel_suite` (the suite of
+``bench kernel``). The command is ``hf_sparse_attn/commands/bench.py``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from .report import (
     summarize,
     write_model_results,
 )
-from .store import (
+from .results import (
     append_jsonl,
     finished_keys,
     latest_cells,

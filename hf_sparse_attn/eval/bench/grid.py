@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .measure import perplexity, prefill_and_nll, profile_attention_share
-from .store import append_jsonl, finished_keys, latest_cells, read_jsonl
+from .measure import DECODE_CACHE_NAMES, compare_decode, perplexity, prefill_and_nll, profile_attention_share, ratio_interval
+from .results import append_jsonl, finished_keys, latest_cells, read_jsonl
 
 # the layer selections the benchmark compares (presets of hf_sparse_attn.selection), in report order
 SELECTIONS = ("weight_norm", "last", "first", "measured", "random")
@@ -322,3 +322,70 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
             bar.update(1)
     bar.close()
     return read_jsonl(out_path)
+
+
+def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Callable[[int], Sequence[tuple[str, torch.Tensor]]],
+                     out_path: str, *, steps: int, cell_cache: str = "dynamic", baseline_cache: Optional[str] = None,
+                     method_params: Optional[dict] = None, measured_order_for: Optional[Callable[[], list[int]]] = None,
+                     other_results: Sequence[str] = (), progress: bool = True,
+                     prepare_tokens: Optional[Callable[[int], None]] = None) -> list[dict]:
+    """``bench model --decode-tokens``: for every cell (:class:`hf_sparse_attn.eval.bench.grid.Cell`; the baseline
+    cell too) and every text of its N, :func:`compare_decode` of the exact model with ``baseline_cache`` (default:
+    ``cell_cache``) against the cell's model (patched as the cell says) with ``cell_cache``, the order alternating
+    from text to text. Appends one ``"kind": "decode"`` record per cell to ``out_path`` and returns the new records;
+    a cell with such a record for the same steps and caches (in ``out_path`` or ``other_results``) is skipped.
+    ``prepare_tokens(n)`` is called before the cells of each N (as in ``run_grid``, e.g. RoPE scaling).
+
+    Record: {"kind": "decode", "key", "method", "tokens", "layers", "select", "seed", "decode_tokens",
+    "cache", "baseline_cache" (class names), "per_article": [{"title", "baseline_ms", "cell_ms" (medians),
+    "baseline_step_ms", "cell_step_ms", "same_tokens", "cell_tokens"}], "baseline_median_ms", "cell_median_ms" (the
+    means of the per-text medians), "speedup" (sum of baseline medians / sum of cell medians), "speedup_ci" (95%
+    bootstrap over texts), "baseline_tokens_per_s", "cell_tokens_per_s", "load_avg_1min"}."""
+    import os
+
+    from tqdm import tqdm
+
+    from ... import unpatch_model
+    from .results import append_jsonl, read_jsonl
+
+    baseline_cache = baseline_cache or cell_cache
+    names = (DECODE_CACHE_NAMES[cell_cache], DECODE_CACHE_NAMES[baseline_cache])
+    done = {r["key"] for path in {*other_results, out_path} for r in read_jsonl(path)
+            if r.get("kind") == "decode" and r.get("decode_tokens") == steps and (r.get("cache"), r.get("baseline_cache")) == names}
+    todo = sorted((c for c in cells if c.key not in done), key=lambda c: c.tokens)  # stable: baselines stay first
+    prepared = None
+    measured_order: Optional[list[int]] = None
+    new = []
+    for cell in tqdm(todo, desc="decode", unit="cell", disable=not progress):
+        if prepare_tokens is not None and prepared != cell.tokens:
+            prepare_tokens(cell.tokens)
+            prepared = cell.tokens
+        if cell.select == "measured" and measured_order is None and measured_order_for is not None:
+            measured_order = list(measured_order_for())
+        enter = exit_ = None
+        if not cell.is_baseline:
+            def enter(cell=cell) -> None:
+                _patch_for(model, cell, method_params or {}, measured_order)
+
+            def exit_() -> None:
+                unpatch_model(model)
+        load_before = os.getloadavg()[0]
+        per_article = []
+        for i, (title, ids) in enumerate(texts_for(cell.tokens)):
+            r = compare_decode(model, ids, steps, baseline_cache=baseline_cache, cell_cache=cell_cache,
+                               enter_cell=enter, exit_cell=exit_, cell_first=i % 2 == 1)
+            per_article.append({"title": title, "baseline_ms": r["baseline"]["median_ms"], "cell_ms": r["cell"]["median_ms"],
+                                "baseline_step_ms": r["baseline"]["step_ms"], "cell_step_ms": r["cell"]["step_ms"],
+                                "same_tokens": r["same_tokens"], "cell_tokens": r["cell"]["tokens"]})
+        base = [a["baseline_ms"] for a in per_article]
+        mine = [a["cell_ms"] for a in per_article]
+        record = {"kind": "decode", "key": cell.key, "method": cell.method, "tokens": cell.tokens, "layers": cell.layers,
+                  "select": cell.select, "seed": cell.seed, "decode_tokens": steps, "cache": names[0],
+                  "baseline_cache": names[1], "per_article": per_article,
+                  "baseline_median_ms": sum(base) / len(base), "cell_median_ms": sum(mine) / len(mine),
+                  "speedup": sum(base) / sum(mine), "speedup_ci": list(ratio_interval(base, mine)),
+                  "baseline_tokens_per_s": 1e3 * len(base) / sum(base), "cell_tokens_per_s": 1e3 * len(mine) / sum(mine),
+                  "load_avg_1min": [load_before, os.getloadavg()[0]]}
+        append_jsonl(out_path, record)
+        new.append(record)
+    return new

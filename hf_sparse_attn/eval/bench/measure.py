@@ -1,11 +1,13 @@
 """Measuring one sequence: prefill time and next-token loss of a causal LM, attention's share of the prefill
-(torch.profiler) and the Amdahl ceiling it sets."""
+(torch.profiler) and the Amdahl ceiling it sets; decode: time per generated token against a KV cache after a prefill,
+the exact model against a patched one (or one cache kind against another)."""
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -173,3 +175,149 @@ def scale_rope(model: torch.nn.Module, tokens: int, rope_type: str = "yarn") -> 
         rebuilt = type(module)(config).to(module.inv_freq.device)
         setattr(parent, name.rsplit(".", 1)[-1], rebuilt)
     return dict(params, max_position_embeddings=max_positions)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode: single-token greedy steps against a KV cache after a prefill
+# ---------------------------------------------------------------------------------------------------------
+
+DECODE_CACHES = ("dynamic", "growing")
+DECODE_CACHE_NAMES = {"dynamic": "DynamicCache", "growing": "GrowingCache"}
+
+
+def new_decode_cache(kind: str, model: torch.nn.Module) -> Any:
+    """An empty cache of ``kind``: "dynamic" (transformers' ``DynamicCache``, appends with ``torch.cat``) or "growing"
+    (:class:`hf_sparse_attn.decode_cache.GrowingCache`, appends into buffers that grow by doubling)."""
+    from transformers import DynamicCache
+
+    from ...decode_cache import GrowingCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    if kind == "growing":
+        return GrowingCache(model.config)
+    raise ValueError(f"decode cache {kind!r}: choose one of {', '.join(DECODE_CACHES)}")
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward's keyword for the cache: ``cache`` (later transformers 5.x releases) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def copy_decode_cache(source: Any, kind: str, model: torch.nn.Module) -> Any:
+    """A fresh cache of ``kind`` holding copies of ``source``'s keys and values (one prefill serving two caches)."""
+    cache = new_decode_cache(kind, model)
+    for i, layer in enumerate(source.layers):
+        cache.update(layer.keys.clone(), layer.values.clone(), i)
+    return cache
+
+
+class _DecodeRun:
+    """One greedy decode of one prompt: the cache, the next input token [1, 1] and the 2-D mask of ones, grown per
+    step as ``generate()`` grows it."""
+
+    def __init__(self, model: torch.nn.Module, cache: Any, first_token: torch.Tensor, prompt_tokens: int):
+        self.model, self.cache, self.token = model, cache, first_token
+        self.mask = torch.ones(1, prompt_tokens, dtype=torch.long)
+        self.tokens = [int(first_token)]
+        self.step_ms: list[float] = []
+        self._arg = cache_argument(model)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One timed single-token forward (its mask update included); appends the argmax token."""
+        start = time.perf_counter()
+        self.mask = torch.cat([self.mask, self.mask.new_ones(1, 1)], dim=1)
+        logits = self.model(input_ids=self.token, attention_mask=self.mask, use_cache=True,
+                            **{self._arg: self.cache}).logits
+        self.token = logits[:, -1:].argmax(-1)
+        self.step_ms.append(1e3 * (time.perf_counter() - start))
+        self.tokens.append(int(self.token))
+
+
+@torch.no_grad()
+def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Fill ``cache`` with the prompt (untimed); returns the first generated token [1, 1] (greedy)."""
+    logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
+                   **{cache_argument(model): cache}).logits
+    return logits[:, -1:].argmax(-1)
+
+
+def _summary(run: _DecodeRun, kind: str) -> dict:
+    median = statistics.median(run.step_ms)
+    return {"cache": DECODE_CACHE_NAMES[kind], "step_ms": run.step_ms, "median_ms": median,
+            "tokens_per_s": 1e3 / median, "tokens": run.tokens}
+
+
+def time_decode(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, cache: str = "dynamic") -> dict:
+    """Prefill ``input_ids`` [1, N] into a fresh cache of kind ``cache`` (untimed), then time ``steps`` greedy
+    single-token decode steps against it.
+
+    Returns {"cache": class name, "step_ms": [steps floats], "median_ms", "tokens_per_s" (1000 / median_ms),
+    "tokens": [steps + 1 ints]}: the first generated token (from the prefill's logits) and one per step, i.e. what
+    ``model.generate(input_ids, max_new_tokens=steps + 1, do_sample=False)`` generates."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or steps < 1:
+        raise ValueError(f"input_ids must be [1, N] and steps >= 1; got {tuple(input_ids.shape)}, {steps}")
+    kv = new_decode_cache(cache, model)
+    run = _DecodeRun(model, kv, _prefill(model, input_ids, kv), input_ids.shape[1])
+    for _ in range(steps):
+        run.step()
+    return _summary(run, cache)
+
+
+def compare_decode(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, *, baseline_cache: str = "dynamic",
+                   cell_cache: str = "dynamic", enter_cell: Optional[Callable[[], None]] = None,
+                   exit_cell: Optional[Callable[[], None]] = None, cell_first: bool = False) -> dict:
+    """Greedy decode of one prompt [1, N] by the baseline (``model`` as it is, ``baseline_cache``) and by the cell
+    (the model between ``enter_cell()`` and ``exit_cell()``, e.g. patched, with ``cell_cache``), ``steps`` timed
+    single-token steps each (:func:`time_decode`).
+
+    Without ``enter_cell`` both sides are the same model: the prompt is prefilled once and copied into both caches,
+    and the two decodes alternate step by step. Otherwise the whole decodes alternate (``cell_first`` picks the order).
+    Returns {"baseline": time_decode's dict, "cell": ..., "speedup": baseline median_ms / cell median_ms,
+    "same_tokens": how many leading generated tokens agree}."""
+    if enter_cell is None:
+        shared = new_decode_cache("dynamic", model)
+        first = _prefill(model, input_ids, shared)
+        runs = {side: _DecodeRun(model, copy_decode_cache(shared, kind, model), first, input_ids.shape[1])
+                for side, kind in (("baseline", baseline_cache), ("cell", cell_cache))}
+        del shared
+        order = ("cell", "baseline") if cell_first else ("baseline", "cell")
+        for _ in range(steps):
+            for side in order:
+                runs[side].step()
+        out = {"baseline": _summary(runs["baseline"], baseline_cache), "cell": _summary(runs["cell"], cell_cache)}
+    else:
+        def cell() -> dict:
+            enter_cell()
+            try:
+                return time_decode(model, input_ids, steps, cell_cache)
+            finally:
+                if exit_cell is not None:
+                    exit_cell()
+
+        if cell_first:
+            out = {"cell": cell(), "baseline": time_decode(model, input_ids, steps, baseline_cache)}
+        else:
+            out = {"baseline": time_decode(model, input_ids, steps, baseline_cache), "cell": cell()}
+    same = 0
+    for a, b in zip(out["baseline"]["tokens"], out["cell"]["tokens"]):
+        if a != b:
+            break
+        same += 1
+    return {**out, "speedup": out["baseline"]["median_ms"] / out["cell"]["median_ms"], "same_tokens": same}
+
+
+def ratio_interval(baseline: Sequence[float], cell: Sequence[float], draws: int = 10000,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of sum(baseline) / sum(cell) over prompts (prompts resampled with
+    replacement, ``draws`` times, a fixed generator): the interval of a speed-up measured on these prompts."""
+    if len(baseline) != len(cell) or not baseline:
+        raise ValueError("need one baseline and one cell value per prompt")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(baseline), (draws, len(baseline)), generator=g)
+    ratios = torch.tensor(baseline, dtype=torch.float64)[idx].sum(1) / torch.tensor(cell, dtype=torch.float64)[idx].sum(1)
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi

@@ -13,7 +13,7 @@ from ..store import write_json
 from .goals import evaluate_goals
 from .grid import SELECTIONS
 from .measure import amdahl_ceiling, perplexity
-from .store import latest_cells, latest_profiles, read_results
+from .results import latest_cells, latest_profiles, read_results
 
 # ---------------------------------------------------------------------------------------------------------
 # Summaries
@@ -139,6 +139,36 @@ def selections_by_layer_count(comparison: Sequence[dict]) -> list[dict]:
     return out
 
 
+def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
+    """The ``"kind": "decode"`` records (``bench model --decode-tokens``, the latest per cell and setting) and the
+    report section on them: ms per generated token and tokens/s of the exact model and of each cell, the speed-up
+    with its bootstrap interval over articles, and the cache kinds."""
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("kind") == "decode":
+            latest[(r["key"], r["decode_tokens"], r["cache"], r["baseline_cache"])] = r
+    rows = sorted(latest.values(), key=lambda r: (r["tokens"], r["layers"] > 0, r["method"], r["layers"], r["select"], r["seed"]))
+    if not rows:
+        return [], []
+    lines = ["", "## Decode: time per generated token after the prompt", "",
+             "Each article is prefilled (untimed) and then decoded greedily one token per step; ms/token = median over "
+             "the steps, averaged over the articles; speed-up = sum of the exact model's medians / sum of the cell's, "
+             "with a 95% bootstrap interval over articles. The exact model and the cell alternate article by article "
+             "(step by step when both are the unpatched model, from one shared prefill). 'same tokens' = leading generated "
+             "tokens equal to the exact model's, summed over articles.", "",
+             "| N | method | layers | select | seed | steps | exact: cache | exact ms/token | cell: cache | cell ms/token | "
+             "tokens/s exact / cell | speed-up | same tokens | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["speedup_ci"]
+        same = sum(a["same_tokens"] for a in r["per_article"])
+        total = sum(len(a["cell_tokens"]) for a in r["per_article"])
+        lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['decode_tokens']} | "
+                     f"{r['baseline_cache']} | {r['baseline_median_ms']:.1f} | {r['cache']} | {r['cell_median_ms']:.1f} | "
+                     f"{r['baseline_tokens_per_s']:.2f} / {r['cell_tokens_per_s']:.2f} | {r['speedup']:.3f}x [{lo:.3f}, {hi:.3f}] | "
+                     f"{same}/{total} | {'/'.join(f'{x:.1f}' for x in r['load_avg_1min'])} |")
+    return rows, lines
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -258,9 +288,10 @@ def write_model_results(out_dir: str, num_layers: int, *, header_lines: Sequence
               "selection_comparison": comparison,
               "selections_by_layer_count": [{**o, "cells": [{"select": s, "layers": l, **c} for (s, l), c in o["cells"].items()]}
                                             for o in overviews], **summary}
+    result["decode"], decode_md = decode_lines(records)
     write_json(os.path.join(out_dir, "results.json"), result)  # per-process temporary file: shards may write at once
     md = model_report_markdown(summary, checked, header_lines=list(header_lines) + ([""] + [f"![{p}]({p})" for p in plots] if plots else []),
                                comparison=comparison, comparison_plots=comparison_plots)
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(md)
+        f.write(md + ("\n".join(decode_md) + "\n" if decode_md else ""))
     return result

@@ -5,7 +5,8 @@
 - ``data``: reading the released JSONL / data.zip / parquet / a datasets id.
 - ``predict``: prompt building, middle truncation, greedy decoding, crash-safe resumable sharded output.
 - ``offline``: LongBench-format tasks built from real text shipped in packages.
-- ``cli`` / ``score_cli``: the ``longbench`` and ``longbench-score`` commands.
+The ``longbench``, ``longbench-score`` and ``longbench-grid`` commands are ``hf_sparse_attn/commands/longbench.py``,
+``longbench_score.py`` and ``longbench_grid.py``.
 """
 
 from .metrics import METRICS, get_metric

@@ -18,7 +18,7 @@ import os
 import re
 from typing import Iterable, Optional
 
-from ..store import read_records
+from ..store import read_records, replace_records
 
 __all__ = ["PART_FILE", "part_file_name", "is_task_name", "task_prediction_files", "stray_files", "read_predictions",
            "merged_records", "done_ids", "missing_ids", "merge_shards", "DuplicatePredictionError"]
@@ -151,13 +151,5 @@ def merge_shards(out_dir: str, task: str, order: Optional[list] = None, run_id: 
     if order is not None:
         rank = {sample_id: i for i, sample_id in enumerate(order)}
         records.sort(key=lambda r: rank.get(r.get("_id"), len(rank)))
-    tmp = f"{target}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    for part in parts:
-        os.remove(part)
+    replace_records(target, records, merged_parts=parts)
     return target

@@ -111,7 +111,7 @@ def check_config(config: dict, path: str = "<config>") -> None:
     goals = config.get("goal", [])
     if goals and kind != "model":
         raise ConfigError(f"{path}: [[goal]] tables are checked by the model report only (kind {kind!r})")
-    from .bench.goals import check_goal_spec
+    from ..eval.bench.goals import check_goal_spec
 
     for goal in goals:
         try:
@@ -123,11 +123,10 @@ def check_config(config: dict, path: str = "<config>") -> None:
 def command_options(kind: str) -> dict[str, argparse.Action]:
     """Option name as a config key (long option, dashes as underscores) -> its argparse action, for
     ``hf-sparse-attn bench <kind>`` (kind "model" or "kernel")."""
-    from .bench_cli import configure
+    from .bench_options import add_kernel_and_model_levels
 
-    parser = argparse.ArgumentParser()
-    configure(parser)
-    levels = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    levels = argparse.ArgumentParser().add_subparsers()
+    add_kernel_and_model_levels(levels)
     out = {}
     for action in levels.choices[kind]._actions:
         for option in action.option_strings:
@@ -219,7 +218,7 @@ def experiment_commands(config_path: str, *, out: Optional[str] = None, shard: O
         raise ConfigError("--overwrite is for a whole run of a kind 'model' or 'kernel' experiment (not with --shard "
                           "or --report-only)")
     if shard is not None:
-        from .bench_cli import parse_shard
+        from .arguments import parse_shard
 
         try:
             parse_shard(shard)
@@ -284,7 +283,7 @@ def configure_run(levels: Any) -> None:
     """The ``run`` level of ``hf-sparse-attn bench``."""
     run = levels.add_parser("run", help="run an experiment config (eval/experiments/<name>.toml)",
                             description=__doc__.split("\n\n")[0] + " The config format: "
-                                        "hf_sparse_attn/eval/experiments.py (module docstring).")
+                                        "hf_sparse_attn/commands/experiments.py (module docstring).")
     run.add_argument("config", help="the experiment config, eval/experiments/<name>.toml")
     run.add_argument("--shard", default=None, metavar="I/N",
                      help="run shard I of N (0 <= I < N) of each command (kind model; scripts that declare it)")

@@ -30,24 +30,10 @@ import sys
 import time
 from typing import Any
 
-from ...commands.arguments import parse_params as _parse_params
-from ...commands.arguments import parse_value
-from ...commands.loading import check_local_or_hub, model_name
-from .tasks import LONGBENCH_E_TASKS, LONGBENCH_TASKS, OFFLINE_KINDS, get_task
-
-_parse_value = parse_value  # the older private name
-
-
-def parse_layers(text: str) -> Any:
-    """'8' -> 8 (count), '0.5' -> 0.5 (fraction), 'all', '0,3,5' -> [0, 3, 5] (indices)."""
-    if text == "all":
-        return text
-    if "," in text:
-        return [int(t) for t in text.split(",") if t.strip()]
-    value = _parse_value(text)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"--layers: expected a count, a fraction, 'all' or indices like 0,3,5; got {text!r}")
-    return value
+from ..eval.longbench.tasks import LONGBENCH_E_TASKS, LONGBENCH_TASKS, OFFLINE_KINDS, get_task
+from .arguments import add_patch_arguments
+from .arguments import parse_params as _parse_params
+from .models import check_local_or_hub, model_name
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -68,16 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                         "every offline kind); offline: kinds like needle_middle,retrieval_en")
     parser.add_argument("--e", action="store_true", help="LongBench-E (reads <task>_e files, scores by length bucket)")
     parser.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
-    parser.add_argument("--method", default="none",
-                        help="attention method for the chosen layers ('none' = unpatched model; see "
-                             "hf_sparse_attn.list_methods())")
-    parser.add_argument("--layers", type=parse_layers, default=0.5,
-                        help="layers to replace: a count (8), a fraction (0.5), 'all' or indices (0,3,5)")
-    parser.add_argument("--select", default="weight_norm",
-                        help="layer order: weight_norm (largest Q/K norm first), last, first, even, odd, random")
-    parser.add_argument("--plan", help="PatchPlan JSON to re-apply (overrides --method/--layers/--select)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="method parameter passed to patch_model (repeatable), e.g. --param block_size=256")
+    add_patch_arguments(parser)
     parser.add_argument("--max-length", type=int,
                         help="prompt budget in tokens before middle truncation (default: the official table, "
                              "else positions - 512; offline suite: positions - 32)")
@@ -97,12 +74,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(name: str, dtype: str = "auto", device_map: Any = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer, model_name) through the command line's one loader (:mod:`hf_sparse_attn.commands.loading`;
+    """(model, tokenizer, model_name) through the command line's one loader (:mod:`hf_sparse_attn.commands.models`;
     generation needs a causal LM). 'smollm2' is the offline real model; anything else goes through from_pretrained
     with ``device_map`` ("auto": accelerate spreads it over the visible devices; a sharded run passes
     ``{"": device}``, one model copy per process on its own device)."""
-    from ...commands.loading import SMOLLM2_NAMES
-    from ...commands.loading import load_model as load_named_model
+    from .models import SMOLLM2_NAMES
+    from .models import load_model as load_named_model
 
     if name.lower() in SMOLLM2_NAMES:
         device = device_map[""] if isinstance(device_map, dict) and "" in device_map else None
@@ -159,7 +136,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def load_longbench_data(args: argparse.Namespace, tasks: list[str]) -> dict:
     """task -> (spec, samples) of the released data, every task checked (fields, non-empty) before the model
     loads."""
-    from .data import check_samples, load_task
+    from ..eval.longbench.data import check_samples, load_task
 
     task_samples, missing = {}, []
     for task in tasks:
@@ -171,7 +148,7 @@ def load_longbench_data(args: argparse.Namespace, tasks: list[str]) -> dict:
         check_samples(get_task(task), samples, f"--data {args.data}", longbench_e=args.e)
         task_samples[task] = (get_task(task), samples)
     if missing:
-        from .data import file_name
+        from ..eval.longbench.data import file_name
 
         names = ", ".join(f"{file_name(t, args.e)}.jsonl" for t in missing)
         present = [t for t in tasks if t not in missing]
@@ -186,7 +163,7 @@ def run_settings(args: argparse.Namespace) -> dict:
     """What the predictions of ``--out`` depend on: recorded in run_settings.json, a rerun with other values is
     refused. Tasks and --max-samples are left out for LongBench (more tasks or samples extend a run); the plan
     arguments are left out of an unpatched run."""
-    from ..run_dir import path_fingerprint
+    from ..eval.run_dir import path_fingerprint
 
     patched = bool(args.plan) or args.method != "none"
     plan_sha = None
@@ -212,8 +189,8 @@ OWNED_FILES = ("result.json", "summary.json", "report.md", "plan.json")
 
 def owned_names(args: argparse.Namespace, tasks: list[str]) -> tuple[list[str], list[str]]:
     """(files, name patterns) this command writes into --out: what --overwrite may delete, nothing else."""
-    from .files import PART_FILE
-    from .tasks import LONGBENCH_TASKS
+    from ..eval.longbench.files import PART_FILE
+    from ..eval.longbench.tasks import LONGBENCH_TASKS
 
     files = list(OWNED_FILES) + [f"{t}.jsonl" for t in LONGBENCH_TASKS]
     patterns = [PART_FILE.pattern, r"\.processes-\d+-\d+"]
@@ -225,7 +202,7 @@ def owned_names(args: argparse.Namespace, tasks: list[str]) -> tuple[list[str], 
 def _served_note(plan) -> str:
     """A warning when the plan served nothing or fewer than half of the prefill calls (decode steps, which every
     method leaves to exact attention, are not counted), with the top reasons; '' otherwise."""
-    from ...patches.base import DECODE_REASON
+    from ..patches.base import DECODE_REASON
 
     served = sum(layer.served for layer in plan.layers)
     reasons = {r: n for r, n in plan.fallback_counts().items() if r != DECODE_REASON}
@@ -242,7 +219,7 @@ def _served_note(plan) -> str:
 def _agree_on_pending(processes, task_samples: dict, out_dir: str, run_id: str | None = None) -> list:
     """The samples still to predict, the same list in every process (checked), and a check that every process
     sees the output directory (a multi-machine run needs it on a shared filesystem)."""
-    from .predict import pending_samples
+    from ..eval.longbench.predict import pending_samples
 
     pending = pending_samples(task_samples, out_dir, run_id)
     if not processes.distributed:
@@ -269,7 +246,7 @@ def _agree_on_pending(processes, task_samples: dict, out_dir: str, run_id: str |
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..run_dir import RunDir
+    from ..eval.run_dir import RunDir
 
     check_arguments(args)
     tasks = _task_list(args)
@@ -278,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.out, run_settings(args), overwrite=args.overwrite, owned_files=files,
                      owned_patterns=patterns, forbidden=[data], command="longbench")  # --out holding --data: refused
     task_samples = load_longbench_data(args, tasks) if args.suite == "longbench" else {}
-    from .distributed import start_processes
+    from ..eval.longbench.distributed import start_processes
 
     processes = start_processes()
     try:
@@ -294,9 +271,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, processes, run_id: str = "unset") -> int:
-    from .predict import merge_shards, missing_ids, predict_tasks
-    from .score import count_samples, environment_info, markdown_report, score_directory, summarize
-    from .tasks import default_max_length, offline_task
+    from ..eval.longbench.predict import merge_shards, missing_ids, predict_tasks
+    from ..eval.longbench.score import count_samples, environment_info, markdown_report, score_directory, summarize
+    from ..eval.longbench.tasks import default_max_length, offline_task
 
     started = time.perf_counter()
     device_map = "auto" if not processes.distributed else {"": str(processes.device)}
@@ -329,7 +306,7 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
         max_length = default_max_length(model_name, positions)
 
     if args.suite == "offline":
-        from .offline import build_offline_suite, write_suite
+        from ..eval.longbench.offline import build_offline_suite, write_suite
 
         contexts = [int(c) for c in str(args.contexts).split(",") if c.strip()]
         suite = build_offline_suite(tokenizer, contexts, num_samples=args.max_samples or 5, seed=args.seed,

@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 import tomllib
 
-from ...commands.arguments import parse_method_params, parse_value
+from .arguments import parse_method_params, parse_value
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "experiment": {"name": "", "description": ""},
@@ -105,8 +105,8 @@ def arms(config: dict) -> list[dict]:
 def load_samples(config: dict) -> dict:
     """task -> (spec, samples): the samples of each task with ``length >= min_length``, the first
     ``max_samples_per_task`` of them (0 = all)."""
-    from .data import load_task
-    from .tasks import get_task
+    from ..eval.longbench.data import load_task
+    from ..eval.longbench.tasks import get_task
 
     data = config["data"]
     task_samples = {}
@@ -161,7 +161,7 @@ ARM_FILES = ["plan.json", "result.json", "summary.json"]
 def grid_settings(config: dict) -> dict:
     """What every arm's predictions depend on (recorded in ``--out``): the model, the data selection but its task
     list and sample count (more extend a run), the prediction settings."""
-    from ..run_dir import path_fingerprint
+    from ..eval.run_dir import path_fingerprint
 
     data = config["data"]
     return {"command": "longbench-grid", "model": config["model"],
@@ -182,7 +182,7 @@ def run_grid(config: dict, out_dir: str, progress: bool = True, overwrite: bool 
     """Run every arm of ``config`` into ``out_dir``; returns the table rows (also written to table.md / table.json).
     Raises RunSettingsError (a ValueError) where ``out_dir`` or an arm directory holds results of other settings
     (unless ``overwrite``), another process writes it, or it holds the data."""
-    from ..run_dir import RunDir
+    from ..eval.run_dir import RunDir
 
     data_path = str(config["data"]["path"])
     with RunDir(out_dir, grid_settings(config), overwrite=overwrite, owned_files=GRID_FILES,
@@ -200,7 +200,7 @@ def run_grid(config: dict, out_dir: str, progress: bool = True, overwrite: bool 
 
 
 def _task_files() -> list[str]:
-    from .tasks import LONGBENCH_TASKS
+    from ..eval.longbench.tasks import LONGBENCH_TASKS
 
     return [f"{t}.jsonl" for t in LONGBENCH_TASKS]
 
@@ -208,9 +208,9 @@ def _task_files() -> list[str]:
 def _run_grid(config: dict, out_dir: str, progress: bool = True) -> list[dict]:
     from hf_sparse_attn import patch_model, unpatch_model
 
-    from .cli import _served_note, load_model
-    from .predict import predict_tasks
-    from .score import count_samples, environment_info, score_directory, table1_row
+    from .longbench import _served_note, load_model
+    from ..eval.longbench.predict import predict_tasks
+    from ..eval.longbench.score import count_samples, environment_info, score_directory, table1_row
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
@@ -219,7 +219,7 @@ def _run_grid(config: dict, out_dir: str, progress: bool = True) -> list[dict]:
     model, tokenizer, model_name = load_model(model_cfg["path"], model_cfg["dtype"], model_cfg["device_map"],
                                               bool(model_cfg["trust_remote_code"]))
     if not predict_cfg["max_length"]:
-        from .tasks import default_max_length
+        from ..eval.longbench.tasks import default_max_length
 
         predict_cfg["max_length"] = default_max_length(model_name, getattr(model.config, "max_position_embeddings", None))
     task_samples = load_samples(config)

@@ -14,26 +14,14 @@ DIR/state/, so an interrupted run resumes (``--restart`` starts over). Definitio
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
-from hf_sparse_attn.eval.head_tail_cli import (
-    ResumableRun,
-    add_corpus_arguments,
-    add_model_arguments,
-    apply_threads,
-    input_report,
-    load_model,
-    model_max_length,
-    provenance,
-    read_corpus,
-    token_counts,
-)
+from . import corpus_audit as audit
+from .models import load_model
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    add_corpus_arguments(parser)
+    audit.add_model_arguments(parser)
+    audit.add_corpus_arguments(parser)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16, 64], help="sparsity levels k (default 1 4 16 64)")
     parser.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="errors eps (default 0.1 0.25 0.5)")
@@ -50,33 +38,27 @@ def _counts_to_record(index: list[int], counts: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     if min(args.k) < 1 or not all(0 <= e < 1 for e in args.eps):
         raise SystemExit("--k must be >= 1 and --eps in [0, 1)")
-    if args.max_length is not None and args.max_length < 1:
-        raise SystemExit(f"--max-length must be >= 1, got {args.max_length}")
-    corpus, texts, input_counts = read_corpus(args)  # bad input fails here, before the model loads
-    os.makedirs(args.out, exist_ok=True)
+    corpus, texts, input_counts = audit.read_inputs(args)  # bad input fails here, before the model loads
     import numpy as np
     from tqdm import tqdm
 
     from hf_sparse_attn.eval.sparsity import SparsityCounts, measure_sparsity, sparsity_result, sparsity_summary, write_sparsity_plots
     from hf_sparse_attn.selection import rank_layers
 
-    apply_threads(args)
+    audit.apply_threads(args)
     model, tokenizer = load_model(args.model, args.trust_remote_code, device=args.device, dtype="float32")
-    max_length = args.max_length or model_max_length(model, tokenizer)
+    max_length = args.max_length or audit.model_max_length(model, tokenizer)
     ks, epsilons = sorted(set(args.k)), sorted(set(args.eps))
     config = {"model": args.model, "corpus": corpus, "max_sequences": args.max_sequences, "seed": args.seed,
               "min_chars": args.min_chars, "max_length": max_length, "min_tokens": args.min_tokens, "k": ks,
               "eps": epsilons, "sequences_in_corpus_draw": len(texts)}
-    state = ResumableRun(args.out, config, restart=args.restart)
+    state = audit.ResumableRun(args.out, config, restart=args.restart)
     # each record holds the counts of one batch; the totals are their sums
-    batch_size = max(1, args.batch_size if max_length <= 1024 else 1)
-    pending = [i for i in range(len(texts)) if i not in state.done]
+    batches = audit.pending_batches(texts, state.done, args.batch_size, max_length)
     try:
-        bar = tqdm(total=len(texts), desc="sparsity", unit="seq", initial=len(texts) - len(pending))
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
-            full_lengths = token_counts(tokenizer, [texts[i] for i in batch])
-            encoded = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        bar = tqdm(total=len(texts), desc="sparsity", unit="seq", initial=len(texts) - sum(map(len, batches)))
+        for batch in batches:
+            full_lengths, encoded = audit.encode_batch(tokenizer, [texts[i] for i in batch], max_length)
             lengths = encoded["attention_mask"].sum(1)
             keep = (lengths >= args.min_tokens).nonzero().flatten().tolist()
             counts: dict = {}
@@ -110,13 +92,8 @@ def run(args: argparse.Namespace) -> int:
     input_counts["truncated_to_max_length"] = sum(r.get("truncated", 0) for r in state.records)
     result = {"model": args.model, "corpus": corpus, "sequences": sum(r["sequences_counted"] for r in state.records), "norm": args.norm,
               "input": input_counts,
-              **sparsity_result(totals, ranking.weight_norms, ranking.head_weight_norms), "config": config, **provenance(),
+              **sparsity_result(totals, ranking.weight_norms, ranking.head_weight_norms), "config": config, **audit.provenance(),
               "definitions": "see hf_sparse_attn/eval/sparsity.py (Attention is Naturally Sparse, Definitions 3.4-3.5, Theorem 4.7)"}
-    with open(os.path.join(args.out, "sparsity.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    audit.write_outputs(args.out, "sparsity.json", result, sparsity_summary, input_counts, max_length)
     write_sparsity_plots(result, args.out, args.model)
-    text = sparsity_summary(result) + "\n" + input_report(input_counts, max_length)
-    with open(os.path.join(args.out, "summary.txt"), "w") as f:
-        f.write(text + "\n")
-    print(text)
     return 0

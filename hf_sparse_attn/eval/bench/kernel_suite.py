@@ -1,9 +1,8 @@
 """Kernel level on given inputs: every method against torch SDPA on the same q, k, v, with time, memory and error.
 
-:func:`hf_sparse_attn.eval.kernel_bench.bench_kernels` times methods on random inputs it draws itself and reports
-no output error. For real queries/keys/values captured from SmolLM2 and MiniLM, and for the output error, this module wraps the same measurement (its :class:`PeakRSS` and
-:func:`dense_flops`, the same alternation of method and SDPA on every repeat, medians) around inputs the caller
-gives, and adds the error against an fp32 SDPA reference.
+The inputs: random (:func:`random_qkv`) or real queries/keys/values captured from SmolLM2 and MiniLM. The measurement
+(:mod:`.kernel_timing`: wall time, peak extra memory, dense-equivalent FLOPs) alternates method and SDPA on every
+repeat and reports medians, with the error against an fp32 SDPA reference.
 
 Error: relative Frobenius error ||out - ref||_F / ||ref||_F over all heads and rows, where ref = SDPA on the
 inputs cast to float32. For bf16 inputs the same reference is used, so the error includes bf16 rounding;
@@ -14,30 +13,20 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..methods import get_method
-from ..methods.common import expand_kv_heads
-from .kernel_bench import PeakRSS, dense_flops
-from .store import write_json
-
-
-def machine_state() -> dict:
-    """CPU count, this process's CPU affinity, 1/5/15-min load average, torch threads and platform, now (stored with
-    each run of a kernel benchmark, at its start and end)."""
-    return {"cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+from ...methods import get_method
+from ...methods.common import expand_kv_heads
+from .kernel_timing import dense_flops, timed_call
+from ..store import write_json
 
 
 def random_qkv(n: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64, dtype: torch.dtype = torch.float32,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Standard-normal q, k, v [batch, heads, n, head_dim] (the inputs kernel_bench draws), cast to ``dtype``."""
+    """Standard-normal q, k, v [batch, heads, n, head_dim] (the inputs kernel_timing draws), cast to ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(batch, heads, n, head_dim, generator=g).to(dtype) for _ in range(3))  # type: ignore[return-value]
 
@@ -66,25 +55,6 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref||_F / ||ref||_F in float64."""
     out64, ref64 = out.double(), ref.double()
     return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, int, Any]:
-    """(seconds, peak extra bytes, fn's result). CUDA: the queue is drained before and after (kernels run
-    asynchronously) and the peak is torch's allocator peak above the memory held at entry; CPU: the peak RSS."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        result = fn()
-        torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-        return elapsed, torch.cuda.max_memory_allocated(device) - base, result
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-    return elapsed, mem.peak_extra, result
 
 
 def bench_on_inputs(methods: Sequence[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -137,7 +107,7 @@ def bench_on_inputs(methods: Sequence[str], q: torch.Tensor, k: torch.Tensor, v:
         mems: dict[str, list[int]] = {name: [] for name in calls}
         for r in range(repeats):
             for name, call in calls.items():
-                t, m, out = _timed(call, device)
+                t, m, out = timed_call(call, device)
                 times[name].append(t)
                 mems[name].append(m)
                 if r == 0:
@@ -169,7 +139,7 @@ def capture_smollm2_qkv(model: torch.nn.Module, input_ids: torch.Tensor, layers:
     """layer -> (q [1, H, N, D], k [1, Hkv, N, D], v, scale) of a causal LM's prefill over input_ids [1, N], as the
     model attends (after RoPE). Queries and keys of a prefix of a causal model's input do not depend on what follows,
     so slicing [..., :n, :] gives exactly the inputs of an n-token prefill."""
-    from ..patches import capture_attention
+    from ...patches import capture_attention
 
     base = getattr(model, "base_model", model)
     with capture_attention(model, layers=list(layers)) as captured:
@@ -182,9 +152,35 @@ def capture_smollm2_qkv(model: torch.nn.Module, input_ids: torch.Tensor, layers:
 
 
 @torch.no_grad()
+def smollm2_article_qkv(tokens: int, layers: Sequence[int]) -> dict:
+    """layer -> (q, k, v, scale) of real SmolLM2 (:func:`capture_smollm2_qkv`) on the first Wikipedia article of at
+    least 20,000 characters and ``tokens`` tokens, cut to ``tokens``, plus "title": that article. The prefill is slow:
+    the result is kept in the package's cache directory (``smollm2_qkv_<tokens>_<layers>.pt``) and read from there
+    the next time."""
+    from ..data import cache_dir, load_smollm2, wikipedia_articles
+
+    path = os.path.join(str(cache_dir()), f"smollm2_qkv_{tokens}_{'_'.join(map(str, layers))}.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    model, tokenizer = load_smollm2()
+    model.eval()
+    for title, text in wikipedia_articles(min_chars=20000):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] >= tokens:
+            break
+    else:
+        raise RuntimeError(f"no Wikipedia article with >= {tokens} tokens")
+    captured = capture_smollm2_qkv(model, ids[:, :tokens], layers)
+    captured["title"] = title
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(captured, path)
+    return captured
+
+
+@torch.no_grad()
 def capture_encoder_qkv(model: torch.nn.Module, input_ids: torch.Tensor, layers: Sequence[int]) -> dict[int, tuple]:
     """layer -> (q, k, v, scale) of a bidirectional encoder (e.g. BERT/MiniLM) over input_ids [1, N] (no padding)."""
-    from ..patches import capture_attention
+    from ...patches import capture_attention
 
     with capture_attention(model, layers=list(layers)) as captured:
         model(input_ids=input_ids)
@@ -222,8 +218,8 @@ class RealInputs:
             raise ValueError(f"SmolLM2 inputs were captured at {self.smollm2_tokens} tokens (its limit: {SMOLLM2_MAX_TOKENS}); "
                              f"no real inputs at N={n}")
         if self._smollm2 is None:
-            from .. import rank_layers
-            from .data import load_smollm2, wikipedia_articles
+            from ... import rank_layers
+            from ..data import load_smollm2, wikipedia_articles
 
             model, tokenizer = load_smollm2()
             layer = rank_layers(model).order[0]
@@ -240,8 +236,8 @@ class RealInputs:
         if n != MINILM_TOKENS:
             raise ValueError(f"MiniLM inputs exist only at N={MINILM_TOKENS} (its position limit)")
         if self._minilm is None:
-            from .. import rank_layers
-            from .data import load_minilm, wikipedia_articles
+            from ... import rank_layers
+            from ..data import load_minilm, wikipedia_articles
 
             model, tokenizer = load_minilm()
             layer = rank_layers(model).order[0]

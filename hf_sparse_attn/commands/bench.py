@@ -7,7 +7,7 @@
 
 All are resumable (give the same --out again: finished cells are skipped) and write JSON, a markdown table and
 PNG plots into --out. Every speed-up is measured against torch SDPA / the exact model in the same run. `run` runs
-an experiment config: the commands it declares, into eval/results/<name>/ (hf_sparse_attn.eval.experiments).
+an experiment config: the commands it declares, into eval/results/<name>/ (hf_sparse_attn.commands.experiments).
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import shlex
 import sys
 from typing import Any, Optional
 
-from ..commands.arguments import parse_method_params
-from ..commands.loading import SMOLLM2_NAMES, add_model_arguments, load_model
-
-# = hf_sparse_attn.eval.bench.grid.SELECTIONS (tests/test_run_trust.py checks it), spelled out here so that building
-# the parser imports no torch
-SELECTIONS = ("weight_norm", "last", "first", "measured", "random")
+from .arguments import parse_method_params, parse_shard
+from .bench_options import SELECTIONS, add_kernel_and_model_levels  # noqa: F401  (SELECTIONS: tests/test_run_trust.py)
+from .experiments import configure_run, load_config, run_experiment_command
+from .models import SMOLLM2_NAMES, load_model
 
 
 def _parse_method_params(items: Optional[list[str]]) -> dict[str, dict[str, Any]]:
@@ -46,16 +44,6 @@ def _parse_max_n(items: Optional[list[str]]) -> dict[str, int]:
     return out
 
 
-def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
-    """"I/N" -> (I, N) with 0 <= I < N; None -> None. SystemExit with what to write otherwise."""
-    if text is None:
-        return None
-    i, sep, n = text.partition("/")
-    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
-        raise SystemExit(f"--shard {text!r}: write I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2")
-    return int(i), int(n)
-
-
 def machine_description(note: str = "") -> str:
     import torch
 
@@ -68,80 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
     levels = parser.add_subparsers(dest="level", metavar="LEVEL")
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", required=True, help="output directory (results.json / results.jsonl, results.md, *.png); "
-                                                     "giving it again resumes")
-    common.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default, all cores)")
-    common.add_argument("--method-param", action="append", metavar="METHOD.NAME=VALUE",
-                        help="a method parameter, repeatable (e.g. sparse_hyper.block_size=128)")
-    common.add_argument("--machine-note", default="", help="added to the machine description in the report (e.g. 'shared with other jobs')")
-    common.add_argument("--report-only", action="store_true", help="only rewrite results.md / JSON / plots from what is in --out")
-    common.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    common.add_argument("--experiment", default=None, metavar="CONFIG",
-                        help="the experiment config (eval/experiments/<name>.toml) this run belongs to: the report "
-                             "names it and (model) checks its [[goal]] tables; `bench run CONFIG` passes it")
-
-    kernel = levels.add_parser("kernel", parents=[common], help="every method vs torch SDPA on the same inputs",
-                               description="Time, peak extra memory, useful GFLOP/s and output error (relative Frobenius, vs fp32 SDPA) "
-                                           "of each method against torch SDPA on the same q, k, v, alternating them on every repeat.")
-    kernel.add_argument("--methods", nargs="+", default=None, help="registered methods (default: all of them)")
-    kernel.add_argument("--inputs", nargs="+", default=["random"], choices=["random", "smollm2", "minilm"],
-                        help="random: standard normal B=1 H=8 D=64; smollm2: q/k/v captured from the largest-R layer on a Wikipedia "
-                             "article (N <= 8192); minilm: same for MiniLM at N=512 only (its position limit)")
-    kernel.add_argument("--ns", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768], help="sequence lengths N")
-    kernel.add_argument("--causal", choices=["both", "causal", "bidirectional"], default="both", help="attention kind (MiniLM: always bidirectional)")
-    kernel.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="input dtypes")
-    kernel.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median and spread reported)")
-    kernel.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
-    kernel.add_argument("--max-n", action="append", metavar="METHOD=N", help="largest N a slow method runs at, repeatable (e.g. exact=8192)")
-    kernel.add_argument("--overwrite", action="store_true",
-                        help="--out holds results made with other settings (--method-param, --device, --repeats, "
-                             "--warmup): delete them (only the files this command writes) and start afresh; without "
-                             "it such a rerun is refused")
-    kernel.add_argument("--device", default="cpu",
-                        help="where the calls run: cpu (default) or cuda[:i] (inputs moved there; hyper / sparse_hyper use "
-                             "their Triton kernel when triton imports; time waits for the GPU, memory is the allocator's peak)")
-
-    model = levels.add_parser("model", parents=[common], help="prefill time and perplexity of patched SmolLM2 on Wikipedia",
-                              description="Prefill time and perplexity of real SmolLM2-135M on real Wikipedia articles for each method x "
-                                          "replaced layers x selection; speed-ups against the exact model measured in the same run; "
-                                          "attention's share of the exact prefill from torch.profiler (the Amdahl ceiling).")
-    model.add_argument("--shard", default=None, metavar="I/N",
-                       help="run shard I of N (0 <= I < N) of the grid in this process, into its own results file in "
-                            "--out (every shard re-times the exact baseline; the report reads every shard's file)")
-    model.add_argument("--overwrite", action="store_true",
-                       help="--out holds results made with other settings (model, --method-param, ...): delete them "
-                            "(only the files this command writes) and start afresh; without it such a rerun is refused")
-    model.add_argument("--tokens", nargs="+", type=int, default=[2048, 4096, 8192], help="context lengths N (each article cut to N tokens)")
-    model.add_argument("--articles", type=int, default=20, help="articles per N (the first ones with >= N tokens; identical for every cell). Raising it on an existing --out extends finished cells: their articles are reused, only the new ones computed")
-    model.add_argument("--methods", nargs="+", default=["sparse_hyper", "hyper"], help="methods to patch with")
-    model.add_argument("--layers", nargs="+", type=int, default=list(range(0, 31, 3)) + [15],
-                       help="numbers of replaced layers (0 = the exact baseline, always run)")
-    model.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=list(SELECTIONS), help="layer selections")
-    model.add_argument("--random-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the random selection")
-    model.add_argument("--compare-selections-at", nargs="+", type=int, default=None,
-                       help="run selections other than weight_norm only at these layer counts (default: at every count)")
-    model.add_argument("--compare-methods", nargs="+", default=None,
-                       help="methods that run the selections other than weight_norm (default: every method)")
-    model.add_argument("--method-layers", action="append", metavar="METHOD=L1,L2",
-                       help="layer counts for one method only (repeatable; default: --layers for every method)")
-    model.add_argument("--calibration-tokens", type=int, default=2048,
-                       help="tokens of the calibration article for select=measured (an article not among the scored ones)")
-    model.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run of the exact prefill")
-    model.add_argument("--rope-scaling", choices=["yarn", "linear", "dynamic"], default=None,
-                       help="for --tokens beyond the checkpoint's max_position_embeddings: scale its RoPE to each N "
-                            "(factor N / max positions) before that N's cells, baseline included")
-    model.add_argument("--concat-articles", action="store_true",
-                       help="texts made of consecutive articles joined until N tokens (for N longer than any article); "
-                            "default: whole articles with >= N tokens")
-    add_model_arguments(model, default="smollm2", aliases=("--model-dir",),
-                        help="the causal LM to patch: 'smollm2' (default: real SmolLM2-135M) or a local transformers "
-                             "causal-LM directory with its tokenizer (e.g. a tiny random model for tests; --model-dir "
-                             "is the older spelling)")
-
-    from .experiments import configure_run
-
+    add_kernel_and_model_levels(levels)
     configure_run(levels)
 
 
@@ -173,7 +88,7 @@ def run_kernel(args: argparse.Namespace) -> int:
     import torch
 
     from ..methods import list_methods
-    from .run_dir import RunDir
+    from ..eval.run_dir import RunDir
 
     methods = args.methods or list_methods()
     unknown = [m for m in methods if m not in list_methods()]
@@ -200,8 +115,8 @@ def _run_kernel(args: argparse.Namespace) -> int:
     import torch
 
     from ..methods import list_methods
-    from .kernel_suite import kernel_report_markdown, run_kernel_suite, suite_cells
-    from .plots import plot_kernel_time_vs_n
+    from ..eval.bench.kernel_suite import kernel_report_markdown, run_kernel_suite, suite_cells
+    from ..eval.plots import plot_kernel_time_vs_n
 
     methods = args.methods or list_methods()
     params = _parse_method_params(args.method_param)
@@ -242,7 +157,7 @@ def model_settings(args: argparse.Namespace) -> dict:
     """What the cells of a ``bench model`` results directory depend on (recorded in run_settings.json; a rerun
     with other values is refused). The grid (tokens, articles, methods, layers, selections) is left out: a rerun
     with a larger grid extends the directory, each cell keyed by its own settings."""
-    from .run_dir import path_fingerprint
+    from ..eval.run_dir import path_fingerprint
 
     return {"command": "bench model", "model": args.model, "model_fingerprint": path_fingerprint(args.model),
             "method_params": _parse_method_params(args.method_param), "rope_scaling": args.rope_scaling,
@@ -255,7 +170,7 @@ MODEL_PATTERNS = [r"results\.shard-\d+-of-\d+\.jsonl", r"ppl_vs_speedup_\d+\.png
 
 
 def run_model(args: argparse.Namespace) -> int:
-    from .run_dir import RunDir
+    from ..eval.run_dir import RunDir
 
     shard = parse_shard(args.shard)
     if args.overwrite and (shard is not None or args.report_only):
@@ -273,10 +188,10 @@ def _run_model(args: argparse.Namespace, shard) -> int:
     import torch
 
     from .. import list_methods, rank_layers
-    from .data import wikipedia_articles
-    from .bench.grid import shard_cells
-    from .bench.store import RESULTS_FILE, results_files, shard_results_file
-    from .model_bench import article_token_sets, build_grid, run_grid, selection_order_measured, write_model_results
+    from ..eval.data import wikipedia_articles
+    from ..eval.bench.grid import shard_cells
+    from ..eval.bench.results import RESULTS_FILE, results_files, shard_results_file
+    from ..eval.bench import article_token_sets, build_grid, run_grid, selection_order_measured, write_model_results
 
     unknown = [m for m in args.methods if m not in list_methods()]
     if unknown:
@@ -323,7 +238,7 @@ def _run_model(args: argparse.Namespace, shard) -> int:
 
         prepare = None
         if args.rope_scaling:
-            from .bench.measure import scale_rope
+            from ..eval.bench.measure import scale_rope
 
             def prepare(n: int) -> None:
                 print(f"RoPE for {n} tokens: {scale_rope(model, n, args.rope_scaling)}", file=sys.stderr)
@@ -336,6 +251,13 @@ def _run_model(args: argparse.Namespace, shard) -> int:
         run_grid(model, cells, texts_for, results_file, other_results=other_results,
                  method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
                  profile=not args.no_profile, progress=not args.no_progress, prepare_tokens=prepare)
+        if args.decode_tokens > 0:
+            from ..eval.bench.grid import run_decode_cells
+
+            run_decode_cells(model, cells, texts_for, results_file, steps=args.decode_tokens,
+                             cell_cache=args.decode_cache, baseline_cache=args.decode_baseline_cache,
+                             method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
+                             other_results=other_results, progress=not args.no_progress, prepare_tokens=prepare)
     ranking = rank_layers(model)
     extra = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
              "model": model_name, "num_layers": num_layers, "rope_scaling": args.rope_scaling,
@@ -356,8 +278,6 @@ def _run_model(args: argparse.Namespace, shard) -> int:
                   "trained positions), baseline included." if args.rope_scaling else "")]
     goals = []
     if args.experiment:
-        from .experiments import load_config
-
         config = load_config(args.experiment)
         goals = config.get("goal", [])
         header.insert(4, f"Experiment: `{args.experiment}` (`hf-sparse-attn bench run {args.experiment}` re-makes this directory).")
@@ -381,8 +301,6 @@ def run(args: argparse.Namespace) -> int:
     if args.level == "model":
         return run_model(args)
     if args.level == "run":
-        from .experiments import run_experiment_command
-
         return run_experiment_command(args)
     print("choose a level: `hf-sparse-attn bench kernel|model|run --help`", file=sys.stderr)
     return 2

@@ -36,15 +36,15 @@ def _run_label(pred_dir: str) -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .score import count_samples, markdown_report, score_directory
-    from .tasks import get_task
+    from ..eval.longbench.score import count_samples, markdown_report, score_directory
+    from ..eval.longbench.tasks import get_task
 
     if not os.path.isdir(args.pred_dir):
         raise ValueError(f"{args.pred_dir} is not a directory of <task>.jsonl prediction files")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     for task in tasks or []:
         get_task(task)
-    from .files import stray_files
+    from ..eval.longbench.files import stray_files
 
     stray = stray_files(args.pred_dir)
     if stray:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                                     samples=count_samples(args.pred_dir, tasks=tasks)))
     print(json.dumps(result, ensure_ascii=False, indent=2))
     if args.compare:
-        from .score import comparison_table
+        from ..eval.longbench.score import comparison_table
 
         runs = []
         for run_dir in [args.pred_dir, *args.compare]:

@@ -38,27 +38,12 @@ import sys
 import time
 from typing import Any, Optional
 
-from ...commands.arguments import parse_params, parse_value
-from ...commands.loading import SMOLLM2_NAMES, add_model_arguments
+from .arguments import add_patch_arguments, parse_params
+from .models import SMOLLM2_NAMES, add_model_arguments
 
 PART_FILE = re.compile(r"^\.ruler-shard-(?P<rank>\d{2,})-of-(?P<world>\d{2,})\.(?P<task>[a-z0-9_]+)\.jsonl$")
 OUTPUT_FILES = ("result.json", "summary.json", "report.md", "scores.png", "depth_heatmap.png", "plan.json")
 ROPE_SCALINGS = ("yarn", "linear", "dynamic")
-
-
-def parse_layers(text: str) -> Any:
-    """'8' -> 8 (count), '0.5' -> 0.5 (fraction), 'all', '0,3,5' -> [0, 3, 5] (indices)."""
-    if text == "all":
-        return text
-    if "," in text:
-        try:
-            return [int(t) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--layers: indices like 0,3,5; got {text!r}") from None
-    value = parse_value(text)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"--layers: a count, a fraction, 'all' or indices like 0,3,5; got {text!r}")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -76,15 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="discard the results of an earlier run with other settings in --out (only the files "
                              "this command writes)")
-    parser.add_argument("--method", default="none",
-                        help="attention method for the chosen layers ('none' = the unpatched model)")
-    parser.add_argument("--layers", type=parse_layers, default=0.5,
-                        help="layers to replace: a count (8), a fraction (0.5), 'all' or indices (0,3,5)")
-    parser.add_argument("--select", default="weight_norm",
-                        help="layer order: weight_norm (largest Q/K norm first), last, first, even, odd, random")
-    parser.add_argument("--plan", help="PatchPlan JSON to re-apply (overrides --method / --layers / --select)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="method parameter passed to patch_model (repeatable), e.g. --param block_size=256")
+    add_patch_arguments(parser)
     parser.add_argument("--rope-scaling", choices=ROPE_SCALINGS, default=None,
                         help="needed for lengths beyond the model's max_position_embeddings: scale its RoPE to each "
                              "such length (factor length / positions)")
@@ -97,7 +74,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------ checks (no model)
 def parse_tasks(text: Optional[str]) -> list[str]:
-    from .tasks import RULER_TASKS, TASKS
+    from ..eval.ruler.tasks import RULER_TASKS, TASKS
 
     if not text:
         return list(RULER_TASKS)
@@ -122,7 +99,7 @@ def parse_lengths(text: str) -> list[int]:
 def resolve_model(name: str) -> tuple[str, str]:
     """(path or hub id to load from, display name). 'smollm2' -> the converted offline checkpoint."""
     if name.lower() in SMOLLM2_NAMES:
-        from ..data import smollm2_path
+        from ..eval.data import smollm2_path
 
         return str(smollm2_path()), "SmolLM2-135M-Instruct"
     return name, name
@@ -170,7 +147,7 @@ def _file_sha(path: str) -> str:
 
 def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that can be checked before the model loads; returns the parsed values."""
-    from .tasks import needs_wonderwords, require_wonderwords
+    from ..eval.ruler.tasks import needs_wonderwords, require_wonderwords
 
     tasks = parse_tasks(args.tasks)
     lengths = parse_lengths(args.lengths)
@@ -184,7 +161,7 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if args.method == "none" and not args.plan and args.param:
         raise ValueError("--param is a method parameter: give --method too (or --plan)")
     if args.method != "none" and not args.plan:
-        from ... import list_methods
+        from .. import list_methods
 
         if args.method not in list_methods():
             raise ValueError(f"unknown method {args.method!r}; registered: {', '.join(list_methods())}")
@@ -202,7 +179,7 @@ def check_lengths(lengths: list[int], positions: Optional[int], rope_scaling: Op
 def check_samples(tasks: list[str], lengths: list[int], tokenizer, seed: int, chat_template: bool) -> None:
     """Generate the first sample of every (task, length): a length too short for a task fails here, naming the
     minimum, before the model loads."""
-    from .tasks import LengthTooShortError, generate_sample
+    from ..eval.ruler.tasks import LengthTooShortError, generate_sample
 
     short: dict[str, tuple[list[int], int]] = {}
     for task in tasks:
@@ -236,7 +213,7 @@ def task_files(out_dir: str, task: str) -> list[str]:
 
 def owned_files(out_dir: str) -> list[str]:
     """What this command writes in ``out_dir`` (and may discard with --overwrite): never anything else."""
-    from .tasks import TASKS
+    from ..eval.ruler.tasks import TASKS
 
     names = [f"{t}.jsonl" for t in TASKS] + list(OUTPUT_FILES)
     if os.path.isdir(out_dir):
@@ -246,7 +223,7 @@ def owned_files(out_dir: str) -> list[str]:
 
 def read_task_records(out_dir: str, task: str) -> dict[str, dict]:
     """id -> record over the task's files; the same id twice with different predictions raises ValueError."""
-    from ..store import read_records
+    from ..eval.store import read_records
 
     records: dict[str, dict] = {}
     for path in task_files(out_dir, task):
@@ -272,15 +249,9 @@ def merge_parts(out_dir: str, task: str, order: list[str]) -> None:
     records = read_task_records(out_dir, task)
     rank = {rid: i for i, rid in enumerate(order)}
     ordered = sorted(records.values(), key=lambda r: rank.get(r["id"], len(rank)))
-    tmp = os.path.join(out_dir, f".{task}.jsonl.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in ordered:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    for part in parts:
-        os.remove(part)
+    from ..eval.store import replace_records
+
+    replace_records(target, ordered, merged_parts=parts)
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -297,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     chat = not args.no_chat_template
     check_samples(tasks, lengths, tokenizer, args.seed, chat)
 
-    from .tasks import GENERATOR_VERSION, TASK_SPECS, uses_chat_template
+    from ..eval.ruler.tasks import GENERATOR_VERSION, TASK_SPECS, uses_chat_template
 
     patched = bool(args.plan) or args.method != "none"
     settings = {
@@ -322,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         "generator_version": GENERATOR_VERSION,
     }
 
-    from ..longbench.distributed import start_processes
+    from ..eval.longbench.distributed import start_processes
 
     processes = start_processes()
     try:
@@ -332,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _open_run_dir(args, settings, processes):
-    from ..run_dir import RunDir
+    from ..eval.run_dir import RunDir
 
     run_dir, error = None, None
     if processes.is_main:
@@ -350,7 +321,7 @@ def _open_run_dir(args, settings, processes):
 def _pending(tasks, lengths, samples, seed, out_dir) -> list[tuple[str, int, int]]:
     """(task, length, index) of every sample without a prediction, ordered by length (RoPE rescaled once per
     length), then task, then index."""
-    from .tasks import sample_id
+    from ..eval.ruler.tasks import sample_id
 
     done = {t: set(read_task_records(out_dir, t)) for t in tasks}
     return [(t, n, i) for n in lengths for t in tasks for i in range(samples)
@@ -358,7 +329,7 @@ def _pending(tasks, lengths, samples, seed, out_dir) -> list[tuple[str, int, int
 
 
 def _load(args, path, processes):
-    from ...commands.loading import load_model
+    from .models import load_model
 
     if args.model.lower() in SMOLLM2_NAMES:
         device = str(processes.device) if processes.device.type != "cpu" else None
@@ -383,10 +354,10 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
     import torch
     from tqdm.auto import tqdm
 
-    from ..store import JsonlStore
-    from . import predict
-    from .metrics import sample_hits
-    from .tasks import generate_sample, sample_id
+    from ..eval.store import JsonlStore
+    from ..eval.ruler import predict
+    from ..eval.ruler.metrics import sample_hits
+    from ..eval.ruler.tasks import generate_sample, sample_id
 
     started = time.perf_counter()
     chat = not args.no_chat_template
@@ -420,7 +391,7 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
     rope_used: dict[int, Any] = {}
     for task, length, index in mine:
         if args.rope_scaling and scaled_to != length:
-            from ..bench.measure import scale_rope
+            from ..eval.bench.measure import scale_rope
 
             rope_used[length] = scale_rope(model, length, args.rope_scaling)
             scaled_to = length
@@ -460,7 +431,7 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
                              f"(e.g. {missing[:3]}); rerun the same command to predict them")
         records[task] = [by_id[rid] for rid in order]
 
-    from .report import write_outputs
+    from ..eval.ruler.report import write_outputs
 
     meta = {
         "model": model_name,
@@ -487,7 +458,7 @@ def _plan_counts(plan) -> Optional[dict]:
     exact attention by design, counted apart)."""
     if plan is None:
         return None
-    from ...patches.base import DECODE_REASON
+    from ..patches.base import DECODE_REASON
 
     served = sum(layer.served for layer in plan.layers if layer.patched)
     fallbacks: dict[str, int] = {}

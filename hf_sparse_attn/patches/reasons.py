@@ -1,0 +1,37 @@
+"""Why a patched layer ran exact attention instead of its method: one wording per reason, shared by every adapter and
+the runtime's decision (:meth:`hf_sparse_attn.patches.base.LayerRuntime.decide`). A plan counts its fallbacks under
+these words (``LayerPlan.fallbacks``), so they are part of what a saved plan says: change one only on purpose.
+
+The rules that give them, in the order the decision applies them (the first that holds wins):
+
+1. ``OUTPUT_ATTENTIONS_REASON``   the caller asked for the attention weights
+2. ``DROPOUT_REASON``             attention dropout while training
+3. ``DECODE_REASON``              not self-attention over a whole sequence: a decode step or a chunked prefill
+                                  against a KV cache, or cross-attention
+4. ``FULL_MASK_REASON``           a mask that is neither None nor causal + key padding
+5. ``UNSUPPORTED_INPUT_REASON``   a position bias, logit softcapping or a sliding window handed to the call
+6. ``min_seq_len_reason(n)``      fewer keys than the method's declared threshold
+7. ``NO_GRADIENT_REASON``         autograd needs a gradient the method cannot give
+8. the method's own ``check``     its own words (``MethodSpec.why_not``)
+"""
+
+from __future__ import annotations
+
+from ..methods.registry import NO_GRADIENT_REASON, NOT_SELF_ATTENTION_REASON
+
+OUTPUT_ATTENTIONS_REASON = "output_attentions=True"
+DROPOUT_REASON = "attention dropout in training"
+DECODE_REASON = NOT_SELF_ATTENTION_REASON
+FULL_MASK_REASON = "mask is not causal + key padding (sliding window, packed sequences or a custom mask)"
+UNSUPPORTED_INPUT_REASON = "position bias / softcap / sliding window"
+
+
+def min_seq_len_reason(min_seq_len: int) -> str:
+    """The reason for a call with fewer keys than ``min_seq_len``."""
+    return f"seq_len < min_seq_len={min_seq_len}"
+
+
+__all__ = [
+    "DECODE_REASON", "DROPOUT_REASON", "FULL_MASK_REASON", "NO_GRADIENT_REASON", "OUTPUT_ATTENTIONS_REASON",
+    "UNSUPPORTED_INPUT_REASON", "min_seq_len_reason",
+]
