@@ -32,7 +32,7 @@ def _install_runtimes(model, adapter, runtimes) -> PatchState:
 
 def _uninstall_runtimes(model, state: PatchState) -> None:
     """The runtimes only: the ``save_pretrained`` hook stays, so that saving the unpatched model removes a stale plan
-    file of ours from the target folder (loading.py)."""
+    file of ours from the target folder (plan_file.py)."""
     uninstall_runtimes(model, state)
 
 
