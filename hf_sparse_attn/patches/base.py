@@ -284,7 +284,9 @@ class LayerRuntime:
             groups = query.shape[1] // key.shape[1]
             key = expand_kv_heads(key, groups)
             value = expand_kv_heads(value, groups)
-            decision = self.decide(call, query, key, key_padding_mask)
+            reason = self._spec.why_not(query, key, call.causal, key_padding_mask, self.params, call.scale)
+            if reason:  # the shared rules passed above: only the method's own check is left
+                decision = Decision(SERVE_EXACT, reason)
         if decision.path != SERVE_METHOD:
             self._count_fallback(decision.reason)
             return None
