@@ -32,8 +32,12 @@ _LAZY_EXPORTS = {
                      "register_method"), "hf_sparse_attn.methods"),
     **dict.fromkeys(("CapturedAttention", "capture_attention", "register_adapter", "supported_families"),
                     "hf_sparse_attn.patches"),
-    **dict.fromkeys(("current_plan", "patch_model", "patched", "unpatch_model"), "hf_sparse_attn.patching"),
+    **dict.fromkeys(("current_plan", "generation_cache", "patch_model", "patched", "unpatch_model"),
+                    "hf_sparse_attn.patching"),
     **dict.fromkeys(("ATTENTION_NAME", "register_attention"), "hf_sparse_attn.patches.attention_interface"),
+    "GrowingCache": "hf_sparse_attn.patches.decode_cache",
+    **dict.fromkeys(("get_decode_method", "list_decode_methods", "register_decode_method"),
+                    "hf_sparse_attn.methods.decode"),
     **dict.fromkeys(("LayerPlan", "PatchPlan", "PlanError"), "hf_sparse_attn.plan"),
     **dict.fromkeys(("LayerRanking", "rank_layers"), "hf_sparse_attn.selection"),
     # the tools layer, loaded only when asked for
@@ -170,5 +174,6 @@ __all__ = [
     "ATTENTION_NAME", "register_attention", "rank_layers", "LayerRanking", "PatchPlan", "LayerPlan",
     "register_method", "get_method", "get_spec", "list_methods", "MethodSpec", "Param", "merge_attention",
     "capture_attention", "CapturedAttention", "register_adapter", "supported_families",
-    "calibrate", "CalibratedPlan", "recommended",
+    "calibrate", "CalibratedPlan", "recommended", "GrowingCache", "generation_cache", "get_decode_method", "list_decode_methods",
+    "register_decode_method",
 ]

@@ -29,5 +29,5 @@ def from_pretrained(path: Union[str, os.PathLike], auto_class: Any = None, *, st
     if model.config._attn_implementation not in ("sdpa", "eager", "hf_sparse_attn"):
         model.set_attn_implementation("sdpa")
     plan = patch_model(model, plan=plan_file, strict=strict)
-    logger.info("hf_sparse_attn: re-applied the plan of %s (%s on layers %s)", plan_file, plan.method, plan.patched_layers)
+    logger.info("hf_sparse_attn: re-applied the plan of %s (%s on layers %s)", plan_file, plan.method_summary, plan.patched_layers)
     return model

@@ -55,6 +55,8 @@ def _build_plan(model, request: PatchRequest) -> PatchPlan:
             method=method if i in chosen else None,
             params=dict(params) if i in chosen else {},
             head_weight_norms=ranking.head_weight_norms[i],
+            decode_method=request.decode_method if i in chosen else None,
+            decode_params=dict(request.decode_params) if i in chosen else {},
         )
         for i in range(len(ranking))
     ]
@@ -89,6 +91,8 @@ def patch_model(
     calibration: Optional[torch.Tensor] = None,
     adapter_options: Optional[dict[str, Any]] = None,
     strict: bool = True,
+    decode_method: Optional[str] = "exact",
+    decode_params: Optional[dict[str, Any]] = None,
     **method_params: Any,
 ) -> PatchPlan:
     """Run ``method`` in the chosen attention layers of ``model``; return the :class:`PatchPlan`.
@@ -104,14 +108,22 @@ def patch_model(
     seed: drives the hashing and sampling of every layer (per layer: seed and layer index).
     method_params: the method's parameters (``hf_sparse_attn.list_methods()``; errors name the valid ones).
     adapter_options: e.g. ``{"chatglm_layout": "batch_first"}``.
+    decode_method: what the chosen layers run for the calls against a KV cache (decode steps of ``generate()``, a
+        prompt fed in chunks): "exact" (grouped attention over the cache, one fused call; the default), "local"
+        (sinks + window), "lsh" (sinks + window + the keys an LSH index finds, needs a
+        :class:`~hf_sparse_attn.GrowingCache`), any name of ``hf_sparse_attn.list_decode_methods()``, or None (the
+        model's own attention, counted as a fallback). decode_params: its parameters (docs/methods/decode.md).
     """
     request = build_patch_request(model, method, layers, select, plan=plan, seed=seed, norm=norm,
                                   calibration=calibration, adapter_options=adapter_options, strict=strict,
-                                  method_params=method_params)
+                                  method_params=method_params, decode_method=decode_method,
+                                  decode_params=decode_params)
     new_plan = _applied_plan(model, request) if request.plan is not None else _build_plan(model, request)
     adapter, num_layers = request.adapter, request.num_layers
     by_index = {layer.layer_idx: layer for layer in new_plan.layers}  # adapters install runtimes in layer order
-    runtimes = [LayerRuntime(i, by_index[i].method, by_index[i].params, new_plan.seed, by_index[i]) for i in range(num_layers)]
+    runtimes = [LayerRuntime(i, by_index[i].method, by_index[i].params, new_plan.seed, by_index[i],
+                             decode_method=by_index[i].decode_method, decode_params=by_index[i].decode_params)
+                for i in range(num_layers)]
 
     old_state = _state_of(model)
     if old_state is not None:
@@ -146,6 +158,19 @@ def current_plan(model: torch.nn.Module) -> Optional[PatchPlan]:
     return None if state is None else state.plan
 
 
+def generation_cache(model: torch.nn.Module) -> Optional[Any]:
+    """The KV cache ``model.generate`` needs for the plan in force: a :class:`~hf_sparse_attn.GrowingCache` when a
+    layer's decode method keeps an index with the cache (``lsh``), else None (transformers' default cache serves).
+    Pass it as ``model.generate(..., past_key_values=cache)``; a cache is for one generation."""
+    from .methods.decode import get_decode_spec
+    from .patches.decode_cache import GrowingCache
+
+    plan = current_plan(model)
+    if plan is None or not any(get_decode_spec(name).uses_index for name in plan.decode_methods):
+        return None
+    return GrowingCache(getattr(model, "config", None))
+
+
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, method: str = "exact", layers: LayersArg = 0.5, select: SelectArg = "weight_norm",
             **kwargs: Any) -> Iterator[PatchPlan]:
@@ -159,10 +184,11 @@ def patched(model: torch.nn.Module, method: str = "exact", layers: LayersArg = 0
     finally:
         unpatch_model(model)
         if earlier is not None:
-            counts = [(l.served, dict(l.fallbacks)) for l in earlier.layers]
+            counts = [(l.served, dict(l.fallbacks), l.decode_served, dict(l.decode_fallbacks)) for l in earlier.layers]
             earlier = PatchPlan.from_dict(earlier.to_dict())
             # the plan was in force on this very model: it fits the weights as they are now (trained in the block or not)
             earlier.model_fingerprint = model_fingerprint(model, find_adapter(model, earlier_options))
             restored = patch_model(model, plan=earlier, adapter_options=earlier_options)
-            for layer, (served, fallbacks) in zip(restored.layers, counts):
+            for layer, (served, fallbacks, decode_served, decode_fallbacks) in zip(restored.layers, counts):
                 layer.served, layer.fallbacks = served, fallbacks
+                layer.decode_served, layer.decode_fallbacks = decode_served, decode_fallbacks

@@ -31,19 +31,27 @@ class LayerPlan:
     method: Optional[str]  # None: the layer was not chosen and runs what it ran before
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     head_weight_norms: list[float] = dataclasses.field(default_factory=list)
-    served: int = 0  # calls the method computed
-    fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> calls that ran exact attention
+    served: int = 0  # prefill calls the method computed
+    fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> prefill calls that ran exact attention
+    decode_method: Optional[str] = None  # decode steps / chunked prefills against a KV cache (methods/decode.py);
+    # None: they run what the layer ran before patching
+    decode_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    decode_served: int = 0  # calls against a KV cache the decode method computed
+    decode_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> such calls that ran exact
 
     @property
     def patched(self) -> bool:
-        return self.method is not None
+        return self.method is not None or self.decode_method is not None
 
 
 @dataclasses.dataclass
 class PatchPlan:
-    """Per-layer methods and parameters of a patched model, its provenance, and run-time fallback counts."""
+    """Per-layer methods and parameters of a patched model, its provenance, and run-time fallback counts.
 
-    method: str
+    ``method``: the method of every patched layer, or None for a plan made layer by layer (a calibrated plan, whose
+    layers may run different methods): each :class:`LayerPlan` says its own (:attr:`methods` lists them)."""
+
+    method: Optional[str]
     select: str
     layers: list[LayerPlan]
     seed: int = 0
@@ -67,33 +75,72 @@ class PatchPlan:
         raise KeyError(f"the plan has no layer {layer_idx}; layers are 0..{len(self.layers) - 1}")
 
     def fallback_counts(self) -> dict[str, int]:
-        """Fallback calls over all patched layers, per reason."""
+        """Calls that ran exact attention over all patched layers, per reason: prefill calls and calls against a KV
+        cache together (:meth:`decode_fallback_counts`: the latter alone)."""
         total: collections.Counter = collections.Counter()
         for layer in self.layers:
             total.update(layer.fallbacks)
+            total.update(layer.decode_fallbacks)
+        return dict(total)
+
+    def decode_fallback_counts(self) -> dict[str, int]:
+        """Calls against a KV cache (decode steps, chunked prefills) that ran exact attention, per reason."""
+        total: collections.Counter = collections.Counter()
+        for layer in self.layers:
+            total.update(layer.decode_fallbacks)
         return dict(total)
 
     def reset_counts(self) -> None:
         for layer in self.layers:
             layer.served = 0
+            layer.decode_served = 0
             layer.fallbacks = {}
+            layer.decode_fallbacks = {}
 
     def unserved_layers(self) -> list[int]:
         """Patched layers that were called but never served: every call fell back to exact attention."""
-        return [l.layer_idx for l in self.layers if l.patched and l.served == 0 and sum(l.fallbacks.values()) > 0]
+        return [l.layer_idx for l in self.layers
+                if l.patched and l.served == 0 and l.decode_served == 0
+                and sum(l.fallbacks.values()) + sum(l.decode_fallbacks.values()) > 0]
+
+    @property
+    def methods(self) -> list[str]:
+        """The prefill methods of the plan's layers (sorted, without repeats)."""
+        return sorted({l.method for l in self.layers if l.method is not None})
+
+    @property
+    def method_summary(self) -> str:
+        """``method``, or for a plan whose layers run different methods their names joined by "+"."""
+        if self.method is not None:
+            return self.method
+        return "+".join(self.methods) or "none"
+
+    @property
+    def decode_methods(self) -> list[str]:
+        """The decode methods of the plan's layers (sorted, without repeats; empty: decode runs the model's own)."""
+        return sorted({l.decode_method for l in self.layers if l.decode_method is not None})
 
     def __str__(self) -> str:
-        header = f"PatchPlan: method={self.method!r} select={self.select!r} norm={self.norm} seed={self.seed} " \
-                 f"model={self.model_class} ({len(self.patched_layers)}/{len(self.layers)} layers patched)"
-        rows = [f"{'layer':>5} {'R':>10} {'rank':>4}  {'method':<14} {'served':>9}  params / fallbacks"]
+        decode = self.decode_methods
+        header = f"PatchPlan: method={self.method_summary!r} select={self.select!r} norm={self.norm} seed={self.seed} " \
+                 f"model={self.model_class} ({len(self.patched_layers)}/{len(self.layers)} layers patched)" \
+                 + (f" decode={','.join(decode)}" if decode else "")
+        decode_head = f" {'decode':<8} {'served':>7}" if decode else ""
+        rows = [f"{'layer':>5} {'R':>10} {'rank':>4}  {'method':<14} {'served':>9}{decode_head}  params / fallbacks"]
         unserved = set(self.unserved_layers())
         for layer in self.layers:
             method = layer.method or "-"
-            params = ", ".join(f"{k}={v}" for k, v in layer.params.items()) if layer.patched else ""
-            falls = "; ".join(f"{reason}: {n}" for reason, n in sorted(layer.fallbacks.items()))
+            params = ", ".join(f"{k}={v}" for k, v in layer.params.items()) if layer.method is not None else ""
+            if layer.decode_params:
+                params += (" | " if params else "") + "decode " + ", ".join(
+                    f"{k}={v}" for k, v in layer.decode_params.items())
+            merged = collections.Counter(layer.fallbacks) + collections.Counter(layer.decode_fallbacks)
+            falls = "; ".join(f"{reason}: {n}" for reason, n in sorted(merged.items()))
             extra = params + (f" | fallback {falls}" if falls else "")
             served = "0 (!!)" if layer.layer_idx in unserved else str(layer.served)
-            rows.append(f"{layer.layer_idx:>5} {layer.weight_norm:>10.4g} {layer.rank:>4}  {method:<14} {served:>9}  {extra}")
+            decode_cols = f" {layer.decode_method or '-':<8} {layer.decode_served:>7}" if decode else ""
+            rows.append(f"{layer.layer_idx:>5} {layer.weight_norm:>10.4g} {layer.rank:>4}  {method:<14} {served:>9}"
+                        f"{decode_cols}  {extra}")
         lines = [header, *rows]
         if unserved:
             total = sum(l.served for l in self.layers)
@@ -102,7 +149,8 @@ class PatchPlan:
             for l in self.layers:
                 if l.layer_idx in unserved:
                     reasons.update(l.fallbacks)
-            lines.insert(1, f"!! served 0 {scope}: {self.method!r} computed nothing there, every call ran exact attention "
+                    reasons.update(l.decode_fallbacks)
+            lines.insert(1, f"!! served 0 {scope}: {self.method_summary!r} computed nothing there, every call ran exact attention "
                             f"({'; '.join(f'{r}: {n}' for r, n in reasons.most_common())}). Calls served in all: {total}.")
         return "\n".join(lines)
 
@@ -142,10 +190,18 @@ class PatchPlan:
                 raise PlanError(f"{source}: layer {idx} has method={layer['method']!r}; it must be a method name or null")
             if not isinstance(layer.get("params", {}), dict):
                 raise PlanError(f"{source}: layer {idx} has params={layer['params']!r:.60}; it must be an object")
+            if layer.get("decode_method") is not None and not isinstance(layer["decode_method"], str):
+                raise PlanError(f"{source}: layer {idx} has decode_method={layer['decode_method']!r}; it must be a "
+                                "decode method name or null")
+            if not isinstance(layer.get("decode_params", {}), dict):
+                raise PlanError(f"{source}: layer {idx} has decode_params={layer['decode_params']!r:.60}; it must be "
+                                "an object")
             _check_layer_fields(layer, idx, source)
             parsed.append(LayerPlan(**{**layer, "params": dict(layer.get("params", {})),
+                                       "decode_params": dict(layer.get("decode_params", {})),
                                        "head_weight_norms": list(layer.get("head_weight_norms", [])),
-                                       "fallbacks": dict(layer.get("fallbacks", {}))}))
+                                       "fallbacks": dict(layer.get("fallbacks", {})),
+                                       "decode_fallbacks": dict(layer.get("decode_fallbacks", {}))}))
         _check_fingerprint(data.get("model_fingerprint") or {}, source)
         data = dict(data)
         data["layers"] = sorted(parsed, key=lambda layer: layer.layer_idx)
@@ -228,9 +284,11 @@ def _check_plan_fields(data: dict, source: str) -> None:
     from .selection import NORMS
     from .selection import check_seed
 
-    for key in ("method", "select"):
-        if not isinstance(data[key], str) or not data[key]:
-            raise PlanError(f"{source}: '{key}' must be a non-empty string; got {data[key]!r:.60}")
+    if data["method"] is not None and (not isinstance(data["method"], str) or not data["method"]):
+        raise PlanError(f"{source}: 'method' must be a method name, or null for a plan made layer by layer; got "
+                        f"{data['method']!r:.60}")
+    if not isinstance(data["select"], str) or not data["select"]:
+        raise PlanError(f"{source}: 'select' must be a non-empty string; got {data['select']!r:.60}")
     for key in ("model_class", "adapter", "created"):
         if key in data and not isinstance(data[key], str):
             raise PlanError(f"{source}: '{key}' must be a string; got {data[key]!r:.60}")
@@ -287,12 +345,14 @@ def _check_layer_fields(layer: dict, idx: int, source: str) -> None:
     norms = layer.get("head_weight_norms", [])
     if not isinstance(norms, list) or not all(_is_number(x) for x in norms):
         raise PlanError(f"{where} has head_weight_norms={norms!r:.60}; it must be a list of numbers")
-    served = layer.get("served", 0)
-    if not _is_int(served) or served < 0:
-        raise PlanError(f"{where} has served={served!r:.60}; it must be an int >= 0")
-    fallbacks = layer.get("fallbacks", {})
-    if not isinstance(fallbacks, dict) or not all(_is_int(n) and n >= 0 for n in fallbacks.values()):
-        raise PlanError(f"{where} has fallbacks={fallbacks!r:.60}; it must map reasons to call counts (ints >= 0)")
+    for key in ("served", "decode_served"):
+        served = layer.get(key, 0)
+        if not _is_int(served) or served < 0:
+            raise PlanError(f"{where} has {key}={served!r:.60}; it must be an int >= 0")
+    for key in ("fallbacks", "decode_fallbacks"):
+        fallbacks = layer.get(key, {})
+        if not isinstance(fallbacks, dict) or not all(_is_int(n) and n >= 0 for n in fallbacks.values()):
+            raise PlanError(f"{where} has {key}={fallbacks!r:.60}; it must map reasons to call counts (ints >= 0)")
 
 
 def _package_version() -> str:

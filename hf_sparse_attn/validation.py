@@ -100,7 +100,8 @@ class PatchRequest:
 
     Either a plan to re-apply (``plan`` set: a private copy of the given plan or of the file, every layer's
     parameters resolved, ``plan_source`` naming it in errors) or a new one (``method`` and its resolved ``params``,
-    ``layers`` as a plain int / float / "all" / list, ``select``, ``norm``, ``calibration`` for select="measured").
+    ``layers`` as a plain int / float / "all" / list, ``select``, ``norm``, ``calibration`` for select="measured",
+    ``decode_method`` and its resolved ``decode_params`` for the chosen layers' calls against a KV cache).
     """
 
     adapter: Any  # the patches.base.Adapter that recognized the model
@@ -116,6 +117,8 @@ class PatchRequest:
     select: SelectArg = "weight_norm"
     norm: str = "spectral"
     calibration: Optional[torch.Tensor] = None
+    decode_method: Optional[str] = None
+    decode_params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _plain_number(value: Any) -> Any:
@@ -139,14 +142,40 @@ def _plan_to_apply(plan: Any) -> tuple[Any, str]:
     loaded = plan if isinstance(plan, PatchPlan) else PatchPlan.load(plan)
     copy = PatchPlan.from_dict(loaded.to_dict(), source=source)  # our own copy (by layer_idx)
     check_seed(copy.seed, "plan seed")
+    from .methods.decode import get_decode_spec
+
     for layer in copy.layers:
-        if layer.method is not None:
-            try:
+        try:
+            if layer.method is not None:
                 layer.params = get_spec(layer.method).resolve_params(layer.params)
-            except ValueError as err:  # unknown method, unknown parameter, value out of range
-                raise PlanError(f"{source}: layer {layer.layer_idx}: {err}. Fix the plan file or rebuild it with "
-                                "patch_model(model, method=..., layers=...)") from None
+            if layer.decode_method is not None:
+                layer.decode_params = get_decode_spec(layer.decode_method).resolve_params(layer.decode_params)
+            elif layer.decode_params:
+                raise ValueError(f"decode_params {layer.decode_params} without a decode_method")
+        except ValueError as err:  # unknown method, unknown parameter, value out of range
+            raise PlanError(f"{source}: layer {layer.layer_idx}: {err}. Fix the plan file or rebuild it with "
+                            "patch_model(model, method=..., layers=...)") from None
     return copy, source
+
+
+def check_decode(decode_method: Any, decode_params: Any) -> dict[str, Any]:
+    """``decode_method``: a decode method name (``hf_sparse_attn.list_decode_methods()``) or None (decode steps run
+    the model's own attention); ``decode_params``: None or a dict of that method's parameters. Returns the parameters
+    filled in and validated."""
+    from .methods.decode import get_decode_spec, list_decode_methods
+
+    if decode_params is not None and not isinstance(decode_params, dict):
+        raise ValueError(f"decode_params must be a dict of the decode method's parameters or None; got "
+                         f"{_describe(decode_params)}")
+    if decode_method is None:
+        if decode_params:
+            raise ValueError("decode_params given without a decode_method; pass decode_method= one of "
+                             f"{list_decode_methods()}")
+        return {}
+    if not isinstance(decode_method, str):
+        raise ValueError(f"decode_method must be a decode method name (one of {list_decode_methods()}) or None; got "
+                         f"{_describe(decode_method)}")
+    return get_decode_spec(decode_method).resolve_params(dict(decode_params or {}))
 
 
 def build_patch_request(
@@ -162,6 +191,8 @@ def build_patch_request(
     adapter_options: Any = None,
     strict: bool = True,
     method_params: Optional[dict[str, Any]] = None,
+    decode_method: Any = "exact",
+    decode_params: Any = None,
 ) -> PatchRequest:
     """Every argument of ``patch_model`` (see its docstring), checked before the model is changed, and resolved once:
     the adapter found, a plan file read, the method's parameters filled in and validated.
@@ -181,7 +212,7 @@ def build_patch_request(
     num_layers = len(adapter.attention_layers(model))
     options = dict(adapter_options or {})
     if plan is not None:
-        if method_params:
+        if method_params or decode_params:
             raise ValueError("pass either plan= or method parameters, not both: the plan holds each layer's parameters")
         copy, source = _plan_to_apply(plan)
         return PatchRequest(adapter=adapter, num_layers=num_layers, seed=copy.seed, strict=strict,
@@ -189,6 +220,7 @@ def build_patch_request(
     if not isinstance(method, str):
         raise ValueError(f"method must be a method name (a string); got {_describe(method)}")
     params = get_spec(method).resolve_params(method_params)  # unknown names, types and ranges (registry.Param)
+    decode_params = check_decode(decode_method, decode_params)
     seed = check_seed(seed)
     check_norm(norm)
     layers = _plain_number(layers)  # numpy.int64(1) is the count 1, numpy.float64(0.5) the fraction 0.5
@@ -196,4 +228,5 @@ def build_patch_request(
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     check_select(select, num_layers, calibration, vocab_size if isinstance(vocab_size, int) else None)
     return PatchRequest(adapter=adapter, num_layers=num_layers, seed=seed, strict=strict, adapter_options=options,
-                        method=method, params=params, layers=layers, select=select, norm=norm, calibration=calibration)
+                        method=method, params=params, layers=layers, select=select, norm=norm, calibration=calibration,
+                        decode_method=decode_method, decode_params=decode_params)

@@ -2,7 +2,7 @@
 
 For each context length (--contexts, tokens of one real Wikipedia article) the prompt is prefilled once (untimed)
 into a ``DynamicCache``; its keys and values are copied into a fresh cache of each kind (``DynamicCache``, and
-:class:`hf_sparse_attn.decode_cache.GrowingCache`), and --steps greedy single-token steps are timed on each, the two
+:class:`hf_sparse_attn.GrowingCache`), and --steps greedy single-token steps are timed on each, the two
 kinds alternating step by step (the same tokens: each step feeds the previous argmax; the 2-D attention mask of ones
 grows by one each step, as ``generate()`` does). Every step is split with manual timers (perf_counter around the
 wrapped call):
@@ -95,7 +95,7 @@ def copy_cache(source: Any, kind: str, config: Any) -> Any:
     """A fresh cache of ``kind`` holding copies of ``source``'s keys and values (the prefill, computed once)."""
     from transformers import DynamicCache
 
-    from hf_sparse_attn.decode_cache import GrowingCache
+    from hf_sparse_attn import GrowingCache
 
     cache = DynamicCache(config=config) if kind == "dynamic" else GrowingCache(config)
     for i, layer in enumerate(source.layers):

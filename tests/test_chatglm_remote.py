@@ -92,7 +92,8 @@ def test_exact_patch_generates_identical_tokens(checkpoints, flavor, layout):
     out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(out, ref)
     assert [layer.served for layer in plan.layers] == [1, 1, 1]  # the padded prefill, through the method
-    assert plan.fallback_counts() == {"q_len != kv_len (decode step, cache or cross-attention)": 7 * 3}
+    assert plan.fallback_counts() == {}
+    assert [layer.decode_served for layer in plan.layers] == [7, 7, 7]  # the padded decode steps: exact decode
     unpatch_model(model)
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, logits_before)

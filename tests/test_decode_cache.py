@@ -1,4 +1,4 @@
-"""GrowingCache (hf_sparse_attn/decode_cache.py) against transformers' DynamicCache on tiny random Llama models:
+"""GrowingCache (hf_sparse_attn/patches/decode_cache.py) against transformers' DynamicCache on tiny random Llama models:
 identical generate() outputs (greedy with left padding, beam search), crop, batch selection, mask sizes, and appends
 that do not copy the stored tokens."""
 
@@ -13,7 +13,7 @@ import torch
 import transformers as T
 from transformers import DynamicCache
 
-from hf_sparse_attn.decode_cache import GrowingCache, GrowingLayer
+from hf_sparse_attn.patches.decode_cache import GrowingCache, GrowingLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -27,12 +27,12 @@ def test_causal_plus_left_padding_is_recognised(q_len):
     padding = torch.ones(3, 10, dtype=torch.bool)
     padding[1, :4] = False
     padding[2, :1] = False
-    ok, kpm = decode_key_padding_mask(_dense(padding, q_len), q_len, 10)
+    ok, kpm = decode_key_padding_mask(_dense(padding, q_len), q_len, 10)[:2]
     assert ok and torch.equal(kpm, padding)
-    ok, kpm = decode_key_padding_mask(_dense(torch.ones(2, 10, dtype=torch.bool), q_len), q_len, 10)
+    ok, kpm = decode_key_padding_mask(_dense(torch.ones(2, 10, dtype=torch.bool), q_len), q_len, 10)[:2]
     assert ok and kpm is None  # nothing masked
-    assert decode_key_padding_mask(None, q_len, 10) == (True, None)
-    ok, kpm = decode_key_padding_mask(padding.long(), q_len, 10)  # the 2-D form (0/1)
+    assert decode_key_padding_mask(None, q_len, 10)[:2] == (True, None)
+    ok, kpm = decode_key_padding_mask(padding.long(), q_len, 10)[:2]  # the 2-D form (0/1)
     assert ok and torch.equal(kpm, padding)
 
 
@@ -40,14 +40,14 @@ def test_other_masks_are_not_recognised():
     padding = torch.ones(2, 10, dtype=torch.bool)
     hole = padding.clone()
     hole[0, 5] = False  # a masked key after a visible one: not left padding
-    assert decode_key_padding_mask(_dense(hole, 1), 1, 10) == (False, None)
-    assert decode_key_padding_mask(hole, 1, 10) == (False, None)
+    assert decode_key_padding_mask(_dense(hole, 1), 1, 10)[:2] == (False, None)
+    assert decode_key_padding_mask(hole, 1, 10)[:2] == (False, None)
     not_causal = _dense(padding, 3).clone()
     not_causal[0, 0, 0, -1] = True  # row 0 sees a key after its position
-    assert decode_key_padding_mask(not_causal, 3, 10) == (False, None)
+    assert decode_key_padding_mask(not_causal, 3, 10)[:2] == (False, None)
     additive = torch.zeros(2, 1, 1, 10)  # only boolean dense masks are read
-    assert decode_key_padding_mask(additive, 1, 10) == (False, None)
-    assert decode_key_padding_mask(padding, 1, 11) == (False, None)  # wrong length
+    assert decode_key_padding_mask(additive, 1, 10)[:2] == (False, None)
+    assert decode_key_padding_mask(padding, 1, 11)[:2] == (False, None)  # wrong length
 
 
 def test_the_mask_transformers_builds_for_a_left_padded_decode_step_is_recognised(monkeypatch):
@@ -71,7 +71,21 @@ def test_the_mask_transformers_builds_for_a_left_padded_decode_step_is_recognise
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert len(seen) == 3  # the steps after the prefill
     for attention_mask, q_len, kv_len in seen:
-        ok, kpm = decode_key_padding_mask(attention_mask, q_len, kv_len)
+        ok, kpm = decode_key_padding_mask(attention_mask, q_len, kv_len)[:2]
         assert ok, attention_mask
         expected = torch.cat([mask.bool(), torch.ones(2, kv_len - 5, dtype=torch.bool)], dim=1)
         assert torch.equal(kpm, expected)
+
+
+def test_a_static_caches_empty_slots_and_a_missing_mask_are_read_as_sdpa_reads_them():
+    padding = torch.ones(2, 10, dtype=torch.bool)
+    padding[1, :3] = False
+    dense = _dense(padding, 2)  # causal + padding over 10 valid positions
+    static = torch.cat([dense, torch.zeros(2, 1, 2, 6, dtype=torch.bool)], dim=-1)  # 6 empty slots
+    ok, kpm, kv_len = decode_key_padding_mask(static, 2, 16)
+    assert ok and kv_len == 10 and torch.equal(kpm, padding)
+    static[0, 0, 0, 12] = True  # a slot after the valid positions seen: not a static cache's mask
+    assert not decode_key_padding_mask(static, 2, 16).recognised
+    # no mask: sdpa's is_causal aligns top-left (a prefill into a preallocated cache), else every key is seen
+    assert decode_key_padding_mask(None, 8, 11, causal=True) == (True, None, 8)
+    assert decode_key_padding_mask(None, 1, 11) == (True, None, 11)

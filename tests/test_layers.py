@@ -29,8 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("adapters", ("hf_sparse_attn.patches",)),
     ("selection", ("hf_sparse_attn.selection", "hf_sparse_attn.row_sparsity")),
     ("api", ("hf_sparse_attn", "hf_sparse_attn.patching", "hf_sparse_attn.plan", "hf_sparse_attn.plan_file",
-             "hf_sparse_attn.validation", "hf_sparse_attn.loading", "hf_sparse_attn.recommend",
-             "hf_sparse_attn.decode_cache")),
+             "hf_sparse_attn.validation", "hf_sparse_attn.loading", "hf_sparse_attn.recommend")),
     ("eval", ("hf_sparse_attn.eval", "hf_sparse_attn.lm_eval")),
     ("commands", ("hf_sparse_attn.cli", "hf_sparse_attn.commands")),
 ]

@@ -69,7 +69,7 @@ def test_unchosen_layers_run_what_they_ran_before(tiny_model):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
-def test_generate_same_tokens_and_decode_steps_fall_back(tiny_model, family):
+def test_generate_same_tokens_and_decode_steps_served_by_exact_decode(tiny_model, family):
     model = tiny_model(family)
     ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(3))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -77,9 +77,13 @@ def test_generate_same_tokens_and_decode_steps_fall_back(tiny_model, family):
     plan = patch_model(model, method="exact", layers="all")
     out = model.generate(ids, **kwargs)
     assert torch.equal(out, reference)
-    counts = plan.fallback_counts()
-    assert counts.get("q_len != kv_len (decode step, cache or cross-attention)", 0) == 5 * 3  # 5 decode steps x 3 layers
+    assert plan.fallback_counts() == {}
+    assert all(layer.decode_served == 5 for layer in plan.layers)  # 5 decode steps: patch_model's exact decode
     assert all(layer.served == 1 for layer in plan.layers)  # the prefill
+    unpatch_model(model)
+    plan = patch_model(model, method="exact", layers="all", decode_method=None)  # the model's own attention
+    assert torch.equal(model.generate(ids, **kwargs), reference)
+    assert plan.fallback_counts() == {"q_len != kv_len (decode step, cache or cross-attention)": 5 * 3}
 
 
 def test_static_cache_generate(tiny_model):
@@ -87,8 +91,11 @@ def test_static_cache_generate(tiny_model):
     ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(4))
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
     reference = model.generate(ids, **kwargs)
-    with patched(model, method="exact", layers="all"):
+    with patched(model, method="exact", layers="all") as plan:
         assert torch.equal(model.generate(ids, **kwargs), reference)
+    # no mask for the prefill into the preallocated cache (sdpa's top-left causal): served over the valid positions
+    assert all(layer.served == 1 and layer.decode_served == 3 for layer in plan.layers)
+    assert plan.fallback_counts() == {}
 
 
 def test_output_attentions_returns_weights_through_exact_path(tiny_model):

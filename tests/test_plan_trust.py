@@ -243,7 +243,7 @@ def _layer(data, **changes):
 
 @pytest.mark.parametrize("change, match", [
     (lambda d: _layer(d, weight_norm="abc"), r"layer 1 has weight_norm='abc'; it must be a number"),
-    (lambda d: {**d, "method": 5}, r"'method' must be a non-empty string; got 5"),
+    (lambda d: {**d, "method": 5}, r"'method' must be a method name, or null for a plan made layer by layer; got 5"),
     (lambda d: {**d, "norm": "bogus"}, r"'norm' must be one of \['spectral', 'frobenius'\]; got 'bogus'"),
     (lambda d: {**d, "seed": -1}, r"plan seed=-1 is out of range"),
     (lambda d: {**d, "select": None}, r"'select' must be a non-empty string"),

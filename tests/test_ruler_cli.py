@@ -130,6 +130,26 @@ def test_patched_run_beyond_the_positions_with_rope_scaling(model_dir, tmp_path)
     counts = summary["plan_counts_this_invocation"]
     assert counts["patched_layers"] == [0, 1, 2]
     assert counts["served"] + sum(counts["fallbacks"].values()) == counts["prefill_calls"] == 3
-    assert counts["decode_steps_exact"] > 0 and (out / "plan.json").exists()
+    assert counts["decode_served"] > 0 and counts["decode_steps_exact"] == 0 and (out / "plan.json").exists()
     loud = "SERVED" in done.stderr and "SERVED" in (out / "report.md").read_text()
     assert loud == (counts["served"] < 2)  # a plan serving fewer than half its prefill calls is said loudly
+
+
+def test_decode_methods_from_the_command_line_are_served_and_part_of_the_settings(model_dir, tmp_path):
+    """--decode-method lsh runs generate() with a GrowingCache (its index lives there): every decode step served; a
+    rerun with another decode method into the same directory is refused rather than mixed."""
+    out = tmp_path / "lsh"
+    common = ("--model", model_dir, "--tasks", "passkey", "--lengths", "400", "--samples", "1", "--method", "exact",
+              "--layers", "all", "--out", str(out))
+    done = _run(*common, "--decode-method", "lsh", "--decode-param", "window=16", "--decode-param", "block_size=8",
+                "--decode-param", "sample_size=8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads((out / "summary.json").read_text())["plan_counts_this_invocation"]
+    assert counts["decode_served"] > 0 and counts["decode_steps_exact"] == 0, counts
+    plan = json.loads((out / "plan.json").read_text())
+    assert {layer["decode_method"] for layer in plan["layers"]} == {"lsh"}
+    assert plan["layers"][0]["decode_params"]["window"] == 16
+    again = _run(*common, "--decode-method", "local")
+    assert again.returncode != 0 and "decode_method" in again.stderr
+    bad = _run(*common[:-1], str(tmp_path / "bad"), "--decode-method", "quest")
+    assert bad.returncode != 0 and "decode-capable methods: exact, local, lsh" in bad.stderr

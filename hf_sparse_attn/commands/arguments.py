@@ -98,7 +98,8 @@ def parse_layers(text: str) -> Any:
 
 def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that say how a command patches its model, the same for every command that evaluates a patched
-    model (``longbench``, ``ruler``): --method, --layers, --select, --plan and --param."""
+    model (``longbench``, ``ruler``): --method, --layers, --select, --plan, --param, --decode-method and
+    --decode-param."""
     parser.add_argument("--method", default="none",
                         help="attention method for the chosen layers ('none' = the unpatched model; see "
                              "hf_sparse_attn.list_methods())")
@@ -109,3 +110,18 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", help="PatchPlan JSON to re-apply (overrides --method / --layers / --select)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="method parameter passed to patch_model (repeatable), e.g. --param block_size=256")
+    parser.add_argument("--decode-method", default="exact",
+                        help="what the chosen layers run on decode steps against the KV cache: exact (default), "
+                             "local, lsh (hf_sparse_attn.list_decode_methods()), or 'none' (the model's own "
+                             "attention); lsh runs with a GrowingCache")
+    parser.add_argument("--decode-param", action="append", default=[], metavar="NAME=VALUE",
+                        help="decode method parameter (repeatable), e.g. --decode-param window=1024")
+
+
+def decode_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``patch_model``'s decode keyword arguments from --decode-method / --decode-param (add_patch_arguments)."""
+    method = None if args.decode_method in (None, "none") else args.decode_method
+    params = parse_params(args.decode_param, option="--decode-param")
+    if method is None and params:
+        raise ValueError("--decode-param needs a --decode-method (exact, local, lsh)")
+    return {"decode_method": method, "decode_params": params or None}

@@ -9,10 +9,12 @@ Examples::
 
 Output directory: ``<task>.jsonl`` predictions (resumable: rerun the same command after a crash),
 ``result.json`` (official format), ``summary.json`` (scores + categories + averages + run metadata),
-``report.md``, ``plan.json`` (the PatchPlan used, with its served / fallback counts of the last invocation),
-``run_settings.json`` (the settings the predictions were made with: a rerun with other settings is refused unless
-``--overwrite``; ``run_dir.py``), and for the offline suite ``data/`` (the generated samples). While a run writes
-it holds a lock on the directory: a second run on the same ``--out`` is refused, naming the process.
+``report.md``, ``plan.json`` (the PatchPlan used, with its served / fallback counts over every prediction of the
+directory, whichever invocation or process made it), ``plan_counts.ndjson`` (what those counters grew by during each
+sample: :mod:`hf_sparse_attn.eval.plan_counts`), ``run_settings.json`` (the settings the predictions were made with:
+a rerun with other settings is refused unless ``--overwrite``; ``run_dir.py``), and for the offline suite ``data/``
+(the generated samples). While a run writes it holds a lock on the directory: a second run on the same ``--out`` is
+refused, naming the process.
 
 Order of work: arguments and data are checked first (unknown tasks, empty files, missing fields: a clear error
 before any model loads), then the processes join (``distributed.py``), then the model loads, the processes agree
@@ -31,7 +33,8 @@ import time
 from typing import Any
 
 from ..eval.longbench.tasks import LONGBENCH_E_TASKS, LONGBENCH_TASKS, OFFLINE_KINDS, get_task
-from .arguments import add_patch_arguments
+from ..eval.plan_counts import COUNTS_FILE
+from .arguments import add_patch_arguments, decode_arguments
 from .arguments import parse_params as _parse_params
 from .models import check_local_or_hub, model_name
 
@@ -179,12 +182,13 @@ def run_settings(args: argparse.Namespace) -> dict:
         "layers": args.layers if patched and not args.plan else None,
         "select": args.select if patched and not args.plan else None,
         "params": parse_params(args.param) if patched else {},
+        **(decode_arguments(args) if patched and not args.plan else {}),
         "seed": args.seed, "max_length": args.max_length, "max_new_tokens_cap": args.max_new_tokens,
         "chat_template": not args.no_chat_template,
     }
 
 
-OWNED_FILES = ("result.json", "summary.json", "report.md", "plan.json")
+OWNED_FILES = ("result.json", "summary.json", "report.md", "plan.json", COUNTS_FILE)
 
 
 def owned_names(args: argparse.Namespace, tasks: list[str]) -> tuple[list[str], list[str]]:
@@ -199,19 +203,24 @@ def owned_names(args: argparse.Namespace, tasks: list[str]) -> tuple[list[str], 
     return files, patterns
 
 
-def _served_note(plan) -> str:
-    """A warning when the plan served nothing or fewer than half of the prefill calls (decode steps, which every
-    method leaves to exact attention, are not counted), with the top reasons; '' otherwise."""
+def _served_note(plan, scope: str = "in this invocation") -> str:
+    """A warning when the plan served nothing or fewer than half of the prefill calls (calls against the KV cache,
+    counted apart, are not counted here), with the top reasons; '' otherwise. ``scope`` says which calls the plan's
+    counters cover."""
     from ..patches.base import DECODE_REASON
 
     served = sum(layer.served for layer in plan.layers)
-    reasons = {r: n for r, n in plan.fallback_counts().items() if r != DECODE_REASON}
+    reasons: dict[str, int] = {}
+    for layer in plan.layers:
+        for r, n in layer.fallbacks.items():
+            if r != DECODE_REASON:  # plans written before decode calls were counted apart
+                reasons[r] = reasons.get(r, 0) + n
     calls = served + sum(reasons.values())
     if calls == 0 or served * 2 >= calls:
         return ""
     top = "; ".join(f"{r}: {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
     what = "served none" if served == 0 else f"served only {served}"
-    return (f"{plan.method!r} {what} of the {calls} prefill attention calls of its patched layers in this invocation: "
+    return (f"{plan.method_summary!r} {what} of the {calls} prefill attention calls of its patched layers {scope}: "
             f"the rest ran exact attention ({top}). These scores are mostly the unpatched model's; lower the "
             "threshold named (e.g. --param min_seq_len=...) or use longer inputs")
 
@@ -274,6 +283,7 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
     from ..eval.longbench.predict import merge_shards, missing_ids, predict_tasks
     from ..eval.longbench.score import count_samples, environment_info, markdown_report, score_directory, summarize
     from ..eval.longbench.tasks import default_max_length, offline_task
+    from ..eval.plan_counts import SampleCounts, plan_counts
 
     started = time.perf_counter()
     device_map = "auto" if not processes.distributed else {"": str(processes.device)}
@@ -293,7 +303,7 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
             plan = patch_model(model, plan=args.plan, seed=args.seed)
         else:
             plan = patch_model(model, method=args.method, layers=args.layers, select=args.select, seed=args.seed,
-                               **method_params)
+                               **decode_arguments(args), **method_params)
         plan_dict = plan.to_dict()
         if processes.is_main and not os.path.exists(os.path.join(args.out, "plan.json")):
             plan.save(os.path.join(args.out, "plan.json"))  # rewritten with its counts once samples are predicted
@@ -319,13 +329,26 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
         task_samples = {name: (dataclasses.replace(spec, max_new_tokens=min(spec.max_new_tokens, args.max_new_tokens)),
                                samples) for name, (spec, samples) in task_samples.items()}
     pending = _agree_on_pending(processes, task_samples, args.out, run_id)
+    on_sample = None
+    if plan is not None:
+        sample_counts = SampleCounts(plan, args.out)
+
+        def on_sample(task: str, record: dict) -> None:  # what the plan's counters grew by during this sample
+            sample_counts.record(task, record["_id"])
+
     counts = predict_tasks(model, tokenizer, task_samples, args.out, max_length, seed=args.seed,
                            process_index=processes.rank, num_processes=processes.world_size,
                            chat_template=not args.no_chat_template, pending=pending,
-                           progress=not args.no_progress and processes.local_rank == 0, run_id=run_id)
-    all_counts = processes.all_gather(counts)  # also the barrier: every shard is complete after it
-    if not processes.is_main:
+                           progress=not args.no_progress and processes.local_rank == 0, on_sample=on_sample,
+                           run_id=run_id)
+    gathered = processes.all_gather((counts, plan.fallback_counts() if plan is not None else {}))
+    if not processes.is_main:  # the gather is also the barrier: every shard and every count is written after it
         return 0
+    all_counts = [c for c, _ in gathered]
+    fallbacks_now: dict[str, int] = {}
+    for _, fallbacks in gathered:
+        for reason, n in fallbacks.items():
+            fallbacks_now[reason] = fallbacks_now.get(reason, 0) + n
     for task, (_, samples) in task_samples.items():
         order = [s["_id"] for s in samples]
         merge_shards(args.out, task, order=order, run_id=run_id)
@@ -350,17 +373,19 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
         "num_processes": processes.world_size,
         "samples": samples_scored,
         "this_invocation": counts if len(all_counts) == 1 else {"per_process": all_counts},
-        "fallbacks_this_invocation": plan.fallback_counts() if plan is not None else {},
+        "fallbacks_this_invocation": fallbacks_now,
         "wall_s_this_invocation": round(time.perf_counter() - started, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "environment": environment_info(),
     }
     note = ""
     if plan is not None:
-        plan_dict = plan.to_dict()  # with this invocation's per-layer call / fallback counts
-        if counts.get("predicted"):  # the final plan: served / fallback counts of this invocation (if it predicted)
-            plan.save(os.path.join(args.out, "plan.json"))
-        note = _served_note(plan)
+        total, counted = _run_plan(args.out, plan, asked)
+        plan_dict = total.to_dict()  # per-layer served / fallback counts over every prediction of --out
+        if counted:
+            total.save(os.path.join(args.out, "plan.json"))
+        meta["plan_counts"] = {**plan_counts(total), "samples_counted": counted}
+        note = _served_note(total, "over the predictions of this directory")
         if note:
             meta = {"warning": note, **meta}
     if args.e:
@@ -374,6 +399,38 @@ def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, process
         f.write(markdown_report(result, meta, title=f"{meta['suite']}: {model_name}, method {meta['method']}",
                                 samples=samples_scored))
     print(json.dumps(result, ensure_ascii=False, indent=2))
-    if note:
+    if not sum(c.get("predicted", 0) for c in all_counts):
+        print(f"hf-sparse-attn longbench: nothing left to predict: every sample already has a prediction in "
+              f"{args.out}; the outputs were rebuilt from them", file=sys.stderr)
+    elif note:
         print(f"hf-sparse-attn longbench: warning: {note}", file=sys.stderr)
     return 0
+
+
+def _run_plan(out_dir: str, plan, tasks: list[str]):
+    """(``plan`` with its per-layer served / fallback counts summed over the predictions of ``tasks`` in
+    ``out_dir``, whichever invocation or process made them; how many of them have counts). A directory whose
+    predictions have no counts (made by a version that kept none) gives the plan its summary.json recorded."""
+    from ..eval.longbench.files import read_predictions
+    from ..eval.plan_counts import run_plan
+
+    predictions = {task: [r.get("_id") for r in read_predictions(os.path.join(out_dir, f"{task}.jsonl"))]
+                   for task in tasks if os.path.exists(os.path.join(out_dir, f"{task}.jsonl"))}
+    total, counted = run_plan(plan, out_dir, predictions)
+    if not counted:
+        earlier = _earlier_plan(out_dir)
+        if earlier is not None:
+            return earlier, 0
+    return total, counted
+
+
+def _earlier_plan(out_dir: str):
+    """The plan of the summary.json in ``out_dir`` with the counts it recorded, or None where it has none."""
+    from ..plan import PatchPlan
+
+    try:
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+            plan = PatchPlan.from_dict(json.load(f).get("plan"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return plan if any(layer.served or layer.fallbacks or layer.decode_served for layer in plan.layers) else None

@@ -49,7 +49,10 @@ def counts_report(plan) -> str:
     reasons = "; ".join(f"{reason}: {n}" for reason, n in sorted(fallbacks.items(), key=lambda item: -item[1]))
     line = (f"calls served by the method: {served} (in {serving} of {len(plan.patched_layers)} patched layers); "
             f"fell back to exact attention: {total}" + (f" ({reasons})" if reasons else ""))
-    if served == 0 and total == 0:
+    decode_served = sum(layer.decode_served for layer in plan.layers)
+    if decode_served:
+        line += f"; calls against the KV cache served by the decode method: {decode_served}"
+    if served == 0 and total == 0 and decode_served == 0:
         line += " — the plan was saved before any forward pass, or its counts were reset"
     return line
 
@@ -88,7 +91,8 @@ def plan_differences(a, b) -> tuple[list[str], list[str]]:
                     changed.append(f"{name}: {_value(pa)} -> {_value(pb)}")
             runs.append(f"layer {idx} ({la.method}): params {'; '.join(changed)}")
     notes = [field for field in NOTE_FIELDS if getattr(a, field) != getattr(b, field)]
-    if any((la.served, la.fallbacks) != (layers_b[i].served, layers_b[i].fallbacks)
+    if any((la.served, la.fallbacks, la.decode_served, la.decode_fallbacks)
+           != (layers_b[i].served, layers_b[i].fallbacks, layers_b[i].decode_served, layers_b[i].decode_fallbacks)
            for i, la in layers_a.items() if i in layers_b):
         notes.append("served / fallback counts")
     return runs, notes

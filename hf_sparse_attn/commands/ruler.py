@@ -18,12 +18,15 @@ sample of every (task, length) are checked with the tokenizer alone, before any 
 refused naming what differs, a lock while it runs), the model loads, and the processes deal out the samples still
 missing. Each sample is predicted by exactly one process and appended at once to a crash-safe JSONL file (kill -9
 loses at most the sample in flight; rerunning the same command resumes). Process 0 then merges the part files and
-writes ``result.json``, ``summary.json``, ``report.md`` and the plots.
+writes ``result.json``, ``summary.json``, ``report.md`` and the plots. A patched run keeps what its plan's counters
+grew by during each sample in ``plan_counts.ndjson`` (:mod:`hf_sparse_attn.eval.plan_counts`): the served / fallback
+counts of the summary and ``plan.json`` are summed over the samples of the directory, whichever invocation or process
+predicted them, and a rerun with nothing left to predict leaves them as they were.
 
 Output directory: ``<task>.jsonl`` (one record per sample: prediction, answers, hits, depth, prompt tokens),
 ``result.json`` ({task: {length: score}} and ``average``), ``summary.json``, ``report.md``, ``scores.png``,
-``depth_heatmap.png``, ``plan.json`` (a patched run), ``run_settings.json``. A sharded run writes its parts to
-``.ruler-shard-RR-of-NN.<task>.jsonl`` while it runs (merged and removed at the end).
+``depth_heatmap.png``, ``plan.json`` and ``plan_counts.ndjson`` (a patched run), ``run_settings.json``. A sharded run
+writes its parts to ``.ruler-shard-RR-of-NN.<task>.jsonl`` while it runs (merged and removed at the end).
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ import sys
 import time
 from typing import Any, Optional
 
-from .arguments import add_patch_arguments, parse_params
+from ..eval.plan_counts import COUNTS_FILE
+from .arguments import add_patch_arguments, decode_arguments, parse_params
 from .models import SMOLLM2_NAMES, add_model_arguments
 
 PART_FILE = re.compile(r"^\.ruler-shard-(?P<rank>\d{2,})-of-(?P<world>\d{2,})\.(?P<task>[a-z0-9_]+)\.jsonl$")
-OUTPUT_FILES = ("result.json", "summary.json", "report.md", "scores.png", "depth_heatmap.png", "plan.json")
+OUTPUT_FILES = ("result.json", "summary.json", "report.md", "scores.png", "depth_heatmap.png", "plan.json",
+                COUNTS_FILE)
 ROPE_SCALINGS = ("yarn", "linear", "dynamic")
 
 
@@ -165,7 +170,12 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.method not in list_methods():
             raise ValueError(f"unknown method {args.method!r}; registered: {', '.join(list_methods())}")
-    return {"tasks": tasks, "lengths": lengths, "params": params}
+    decode = decode_arguments(args)
+    if decode["decode_method"] is not None:
+        from ..methods.decode import get_decode_spec
+
+        get_decode_spec(decode["decode_method"]).resolve_params(decode["decode_params"] or {})
+    return {"tasks": tasks, "lengths": lengths, "params": params, "decode": decode}
 
 
 def check_lengths(lengths: list[int], positions: Optional[int], rope_scaling: Optional[str], model: str) -> None:
@@ -281,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
         "select": args.select if patched and not args.plan else None,
         "plan": {"path": os.path.abspath(args.plan), "sha1": _file_sha(args.plan)} if args.plan else None,
         "params": params,
+        **({"decode_method": parsed["decode"]["decode_method"], "decode_params": parsed["decode"]["decode_params"]}
+           if patched and not args.plan else {}),
         "seed": args.seed,
         "lengths": lengths,
         "tasks": tasks,
@@ -354,6 +366,7 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
     import torch
     from tqdm.auto import tqdm
 
+    from ..eval.plan_counts import SampleCounts
     from ..eval.store import JsonlStore
     from ..eval.ruler import predict
     from ..eval.ruler.metrics import sample_hits
@@ -380,11 +393,12 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
                 plan = patch_model(model, plan=args.plan, seed=args.seed)
             else:
                 plan = patch_model(model, method=args.method, layers=args.layers, select=args.select, seed=args.seed,
-                                   **params)
-            if processes.is_main:
-                plan.save(os.path.join(args.out, "plan.json"))
+                                   **decode_arguments(args), **params)
+            if processes.is_main and not os.path.exists(os.path.join(args.out, "plan.json")):
+                plan.save(os.path.join(args.out, "plan.json"))  # rewritten with the run's counts at the end
 
     stores: dict[str, JsonlStore] = {}
+    sample_counts = SampleCounts(plan, args.out) if plan is not None and mine else None
     bar = tqdm(total=len(mine), desc=f"ruler[{processes.rank}/{processes.world_size}]", unit="sample",
                disable=args.no_progress or processes.local_rank != 0, dynamic_ncols=True)
     scaled_to = None
@@ -407,6 +421,8 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
                   "chat_template": sample.chat_template, "seconds": round(time.perf_counter() - t0, 3)}
         if processes.distributed:
             record["shard"] = f"{processes.rank:02d}-of-{processes.world_size:02d}"
+        if sample_counts is not None:  # before the prediction: a kill in between leaves counts that count nothing
+            sample_counts.record(task, sample.id)
         if task not in stores:
             name = f"{task}.jsonl" if not processes.distributed else part_file_name(task, processes.rank,
                                                                                        processes.world_size)
@@ -415,8 +431,7 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
         bar.update(1)
     bar.close()
     counts = {"predicted": len(mine), "wall_s": round(time.perf_counter() - started, 1)}
-    plan_counts = _plan_counts(plan)
-    gathered = processes.all_gather({"counts": counts, "plan": plan_counts})  # the barrier: every part is complete
+    gathered = processes.all_gather({"counts": counts})  # the barrier: every part and every count is written
     if not processes.is_main:
         return 0
 
@@ -445,50 +460,51 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     predicted = sum(g["counts"]["predicted"] for g in gathered)
-    plan_summary = _merge_plan_counts([g["plan"] for g in gathered], predicted) if plan is not None else None
-    result = write_outputs(args.out, records, lengths, meta, plan_summary, plan.to_dict() if plan is not None else None)
-    if plan_summary and plan_summary.get("warning"):
+    plan_summary, plan_dict = _run_plan_counts(args.out, plan, records) if plan is not None else (None, None)
+    result = write_outputs(args.out, records, lengths, meta, plan_summary, plan_dict)
+    if not predicted:
+        print(f"hf-sparse-attn ruler: nothing left to predict: every sample already has a prediction in {args.out}; "
+              "the outputs were rebuilt from them", file=sys.stderr)
+    elif plan_summary and plan_summary.get("warning"):
         print(plan_summary["warning"], file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def _plan_counts(plan) -> Optional[dict]:
-    """This process's served / fallback counts of the plan's patched layers (prefill calls; decode steps, which run
-    exact attention by design, counted apart)."""
-    if plan is None:
-        return None
-    from ..patches.base import DECODE_REASON
+def _run_plan_counts(out_dir: str, plan, records: dict[str, list[dict]]) -> tuple[Optional[dict], Optional[dict]]:
+    """(the plan's served / fallback counts over every sample of ``records``, whichever invocation or process
+    predicted it, with ``warning``; the plan with those per-layer counts), also saved as ``plan.json``. A directory
+    whose samples have no counts (predicted by a version that kept none) keeps the counts its summary.json had."""
+    from ..eval.plan_counts import plan_counts, run_plan
 
-    served = sum(layer.served for layer in plan.layers if layer.patched)
-    fallbacks: dict[str, int] = {}
-    for layer in plan.layers:
-        if layer.patched:
-            for reason, n in layer.fallbacks.items():
-                fallbacks[reason] = fallbacks.get(reason, 0) + n
-    decode = fallbacks.pop(DECODE_REASON, 0)
-    return {"served": served, "fallbacks": fallbacks, "decode_steps_exact": decode,
-            "patched_layers": list(plan.patched_layers)}
-
-
-def _merge_plan_counts(parts: list[Optional[dict]], predicted: int) -> dict:
-    """The plan counts of every process summed; ``warning`` set when the plan served no prefill call of this
-    invocation, or fewer than half of them."""
-    served, decode, fallbacks = 0, 0, {}
-    layers: list[int] = []
-    for part in parts:
-        if not part:
-            continue
-        served += part["served"]
-        decode += part["decode_steps_exact"]
-        layers = part["patched_layers"]
-        for reason, n in part["fallbacks"].items():
-            fallbacks[reason] = fallbacks.get(reason, 0) + n
-    calls = served + sum(fallbacks.values())
-    out = {"served": served, "prefill_calls": calls, "fallbacks": dict(sorted(fallbacks.items(), key=lambda kv: -kv[1])),
-           "decode_steps_exact": decode, "patched_layers": layers, "warning": None}
-    if (calls and served < 0.5 * calls) or (predicted and not served):
+    total, counted = run_plan(plan, out_dir, {task: [r["id"] for r in recs] for task, recs in records.items()})
+    if not counted:
+        earlier = _earlier_counts(out_dir)
+        if earlier is not None:
+            return earlier
+    counts = plan_counts(total)
+    served, calls, layers = counts["served"], counts["prefill_calls"], counts["patched_layers"]
+    out = {**counts, "samples_counted": counted, "warning": None}
+    if (calls and served < 0.5 * calls) or (counted and not served):
         top = "; ".join(f"{r}: {n}" for r, n in list(out["fallbacks"].items())[:3]) or "no call reached the method"
         out["warning"] = (f"!! THE PLAN SERVED {served} OF {calls} PREFILL ATTENTION CALLS in its patched layers "
                           f"{layers}: these scores are mostly (or only) exact attention. Top fallback reasons: {top}.")
-    return out
+    if counted:
+        total.save(os.path.join(out_dir, "plan.json"))
+    return out, total.to_dict()
+
+
+def _earlier_counts(out_dir: str) -> Optional[tuple[dict, dict]]:
+    """(plan counts, plan) of the summary.json in ``out_dir``, or None where there is none with counts."""
+    path = os.path.join(out_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    counts = summary.get("plan_counts_this_invocation")
+    if not isinstance(counts, dict) or not counts.get("prefill_calls"):
+        return None
+    return counts, summary.get("plan")

@@ -526,7 +526,7 @@ def _skeleton_plan(model: torch.nn.Module, adapter: Any, seed: int) -> Calibrate
     rank_of = {layer: r for r, layer in enumerate(ranking.order)}
     layers = [LayerPlan(layer_idx=i, weight_norm=ranking.weight_norms[i], rank=rank_of[i], method=None, params={},
                         head_weight_norms=ranking.head_weight_norms[i]) for i in range(len(ranking))]
-    return CalibratedPlan(method="calibrated", select="calibrated", layers=layers, seed=seed, norm=ranking.norm,
+    return CalibratedPlan(method=None, select="calibrated", layers=layers, seed=seed, norm=ranking.norm,
                           model_fingerprint=model_fingerprint(model, adapter), model_class=type(model).__name__,
                           adapter=adapter.name, versions=library_versions(), created=now_iso())
 
@@ -536,6 +536,7 @@ def _with_cells(skeleton: PatchPlan, cells: Sequence[Cell]) -> PatchPlan:
     for cell in cells:
         layer = plan.layer(cell.layer)
         layer.method, layer.params = cell.method, dict(cell.params)
+        layer.decode_method = "exact"  # patch_model's default for the layers it patches
     return plan
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .base import LayerRuntime, QKWeights, describe_call
+from .decode_step import decode_mask_of_call
 from .masks import compact_mask, dense_mask
 
 ATTENTION_NAME = "hf_sparse_attn"
@@ -117,19 +118,22 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     output_attentions = bool(kwargs.get("output_attentions", False))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
-    if runtime.method is not None or runtime.capture is not None:
+    if runtime.active or runtime.capture is not None:
         recognized = attention_mask is None or compact
         key_padding_mask = attention_mask if compact else None
+        valid = n_key
+        if n_query != n_key and not compact:  # against a KV cache: the mask reduced to key padding (decode_step.py)
+            recognized, key_padding_mask, valid = decode_mask_of_call(attention_mask, n_query, n_key, causal)
         if recognized and n_query == n_key:
             runtime.record(query, key, value, scale, causal, key_padding_mask)
         elif runtime.capture is not None:
             runtime.record(query, key, value, scale, causal, None, attend_mask=attention_mask)
-        if runtime.method is not None:
+        if runtime.active:
             call = describe_call(
                 query, key, value, scale=scale, causal=causal, mask_recognized=recognized,
                 output_attentions=output_attentions, dropout_in_training=bool(module.training and dropout and dropout > 0),
                 cross_attention=bool(getattr(module, "is_cross_attention", False)),
-                unsupported_inputs=_unsupported_inputs(kwargs),
+                unsupported_inputs=_unsupported_inputs(kwargs), kv_len=valid,
             )
             out = runtime.attend(query, key, value, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
                                  call=call)

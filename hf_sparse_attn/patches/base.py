@@ -21,10 +21,11 @@ import torch
 
 from ..methods.common import expand_kv_heads
 from ..kernels import needs_grad
+from ..methods.decode import get_decode_spec
 from ..methods.registry import get_spec
 from .compiled import attend_compiled
-from .reasons import (DECODE_REASON, DROPOUT_REASON, FULL_MASK_REASON, NO_GRADIENT_REASON, OUTPUT_ATTENTIONS_REASON,
-                      UNSUPPORTED_INPUT_REASON, min_seq_len_reason)
+from .reasons import (DECODE_COMPILE_REASON, DECODE_REASON, DROPOUT_REASON, FULL_MASK_REASON, NO_GRADIENT_REASON,
+                      NO_INDEXED_CACHE_REASON, OUTPUT_ATTENTIONS_REASON, UNSUPPORTED_INPUT_REASON, min_seq_len_reason)
 
 
 @dataclasses.dataclass
@@ -97,16 +98,18 @@ CROSS_ATTENTION = "cross_attention"  # queries of one sequence, keys of another
 DECODE_MAX_QUERIES = 16
 
 # Which path serves a call (Decision.path).
-SERVE_METHOD = "method"
-SERVE_EXACT = "exact"
+SERVE_METHOD = "method"  # the layer's prefill method
+SERVE_DECODE = "decode"  # the layer's decode method, over the KV cache
+SERVE_EXACT = "exact"  # the model's own attention
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionCall:
     """What an adapter knows about one attention call, before anything is decided: shapes and flags, no tensors.
 
-    The tensors it describes: query [batch, num_heads, q_len, head_dim], key / value [batch, num_kv_heads, kv_len,
-    head_dim]. ``mask_recognized``: the mask is None or causal + key padding (the only forms a method honours).
+    The tensors it describes: query [batch, num_heads, q_len, head_dim], key / value [batch, num_kv_heads, L,
+    head_dim] of which the first ``kv_len`` positions are valid (L > kv_len only for a preallocated cache, e.g. a
+    ``StaticCache``). ``mask_recognized``: the mask is None or causal + key padding (the only forms a method honours).
     ``unsupported_inputs``: names of inputs of the call no method honours (``"position_bias"``, ``"softcap"``,
     ``"sliding_window"``). Build one with :func:`describe_call`.
     """
@@ -151,12 +154,15 @@ def describe_call(
     dropout_in_training: bool = False,
     cross_attention: bool = False,
     unsupported_inputs: tuple[str, ...] = (),
+    kv_len: Optional[int] = None,
 ) -> AttentionCall:
-    """The :class:`AttentionCall` of query [B, H, Nq, D], key / value [B, Hkv, Nk, D] (KV heads not expanded);
-    ``needs_grad`` is read off the tensors (autograd recording and one of them requiring a gradient)."""
+    """The :class:`AttentionCall` of query [B, H, Nq, D], key / value [B, Hkv, L, D] (KV heads not expanded), of which
+    the first ``kv_len`` positions are valid (default: all L); ``needs_grad`` is read off the tensors (autograd
+    recording and one of them requiring a gradient)."""
     batch, num_heads, q_len, head_dim = query.shape
     return AttentionCall(
-        batch=batch, num_heads=num_heads, num_kv_heads=key.shape[1], q_len=q_len, kv_len=key.shape[2],
+        batch=batch, num_heads=num_heads, num_kv_heads=key.shape[1], q_len=q_len,
+        kv_len=key.shape[2] if kv_len is None else int(kv_len),
         head_dim=head_dim, scale=float(scale), causal=bool(causal), mask_recognized=bool(mask_recognized),
         output_attentions=bool(output_attentions), dropout_in_training=bool(dropout_in_training),
         needs_grad=needs_grad(query, key, value), cross_attention=bool(cross_attention),
@@ -166,28 +172,32 @@ def describe_call(
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """Which path serves one call: ``path`` SERVE_METHOD or SERVE_EXACT, and for SERVE_EXACT the ``reason`` the plan
-    counts (None where the layer has no method: nothing to count)."""
+    """Which path serves one call: ``path`` SERVE_METHOD, SERVE_DECODE or SERVE_EXACT, and for SERVE_EXACT the
+    ``reason`` the plan counts (None where the layer has no method for that kind of call: nothing to count)."""
 
     path: str
     reason: Optional[str] = None
 
 
-def exact_reason(call: AttentionCall, *, min_seq_len: int = 0, supports_grad: bool = True) -> Optional[str]:
+def exact_reason(call: AttentionCall, *, min_seq_len: int = 0, supports_grad: bool = True,
+                 serves_cache: bool = False) -> Optional[str]:
     """The rules every method shares, in their one fixed order (patches/reasons.py lists them): the reason ``call``
-    must run exact attention, or None when the method's own check decides. ``min_seq_len``: the method's declared
-    threshold (``MethodSpec.min_seq_len``); ``supports_grad``: whether the method has a backward."""
+    must run exact attention, or None when the method's own check decides. ``min_seq_len``: the prefill method's
+    declared threshold (``MethodSpec.min_seq_len``); ``supports_grad``: whether the method that would serve the call
+    has a backward; ``serves_cache``: the layer has a decode method for decode steps and chunked prefills (calls
+    against a KV cache)."""
     if call.output_attentions:
         return OUTPUT_ATTENTIONS_REASON
     if call.dropout_in_training:
         return DROPOUT_REASON
-    if call.kind != PREFILL:
+    against_cache = call.kind in (DECODE, CHUNKED_PREFILL)
+    if call.kind != PREFILL and not (against_cache and serves_cache):
         return DECODE_REASON
     if not call.mask_recognized:
         return FULL_MASK_REASON
     if call.unsupported_inputs:
         return UNSUPPORTED_INPUT_REASON
-    if call.kv_len < min_seq_len:
+    if not against_cache and call.kv_len < min_seq_len:
         return min_seq_len_reason(min_seq_len)
     if call.needs_grad and not supports_grad:
         return NO_GRADIENT_REASON  # exact attention: its backward is autograd's own
@@ -195,14 +205,18 @@ def exact_reason(call: AttentionCall, *, min_seq_len: int = 0, supports_grad: bo
 
 
 class LayerRuntime:
-    """One attention layer at run time: its method (or None: not chosen), its counters, an optional capture list.
+    """One attention layer at run time: its prefill method and its decode method (either may be None: not chosen),
+    its counters, an optional capture list.
 
-    ``decide(call, ...)`` is the one place where a call is given to the method or to exact attention; ``attend(...)``
+    ``decide(call, ...)`` is the one place where a call is given to a method or to exact attention; ``attend(...)``
     applies it: the method's output [B, H, Nq, D], or None when the call must run exact attention — then the reason
-    is counted in the layer's plan entry.
+    is counted in the layer's plan entry. Prefill calls (self-attention over the whole sequence) go to the prefill
+    method; decode steps and chunked prefills (queries at the end of a KV cache) to the decode method
+    (methods/decode.py).
     """
 
-    def __init__(self, layer_idx: int, method: Optional[str], params: dict[str, Any], seed: int, layer_plan: Any = None):
+    def __init__(self, layer_idx: int, method: Optional[str], params: dict[str, Any], seed: int, layer_plan: Any = None,
+                 decode_method: Optional[str] = None, decode_params: Optional[dict[str, Any]] = None):
         self.layer_idx = layer_idx
         self.method = method
         self.params = dict(params)
@@ -215,18 +229,38 @@ class LayerRuntime:
             self._fn = self._spec.fn
             self._min_seq_len = self._spec.min_seq_len(self.params)
             self._params_json = json.dumps(self.params, sort_keys=True)  # for the compiled path (compiled.py)
+        self.decode_method = decode_method
+        self.decode_params: dict[str, Any] = {}
+        if decode_method is not None:
+            self._decode_spec = get_decode_spec(decode_method)
+            self.decode_params = self._decode_spec.resolve_params(dict(decode_params or {}))
+            self._decode_fn = self._decode_spec.fn
+            self._index_slot = (decode_method, json.dumps(self.decode_params, sort_keys=True))
+
+    @property
+    def active(self) -> bool:
+        """Whether the layer has a method for some kind of call (else every call runs the model's own attention)."""
+        return self.method is not None or self.decode_method is not None
 
     # -- the counters live in the layer's plan entry (a runtime with a method always has one) --
     # (under a lock: one patched model may be called from several threads at once)
-    def _count_fallback(self, reason: str) -> None:
+    def _count_fallback(self, reason: str, against_cache: bool = False) -> None:
+        """One call that ran exact attention, under ``reason``: a prefill call, or (``against_cache``) a decode step
+        or chunked prefill (``LayerPlan.decode_fallbacks``)."""
         if self.layer_plan is not None:
+            counts = self.layer_plan.decode_fallbacks if against_cache else self.layer_plan.fallbacks
             with _count_lock():
-                self.layer_plan.fallbacks[reason] = self.layer_plan.fallbacks.get(reason, 0) + 1
+                counts[reason] = counts.get(reason, 0) + 1
 
     def _count_served(self) -> None:
         if self.layer_plan is not None:
             with _count_lock():
                 self.layer_plan.served += 1
+
+    def _count_decode_served(self) -> None:
+        if self.layer_plan is not None:
+            with _count_lock():
+                self.layer_plan.decode_served += 1
 
     def generator_seed(self) -> int:
         return self.seed * 1_000_003 + self.layer_idx
@@ -252,8 +286,15 @@ class LayerRuntime:
         key_padding_mask: Optional[torch.Tensor] = None,
     ) -> Decision:
         """Which path serves ``call``: the rules every method shares in their fixed order (:func:`exact_reason`),
-        then the method's own check — the check only when ``query`` [B, H, Nq, D] and ``key`` [B, H, Nk, D] (KV heads
-        expanded) are given, since it may read them. Counts nothing."""
+        then the serving method's own check — for a prefill call the prefill method's check, only when ``query``
+        [B, H, Nq, D] and ``key`` [B, H, Nk, D] (KV heads expanded) are given, since it may read them; for a call
+        against a cache, that decode steps do not run under torch.compile. Counts nothing."""
+        against_cache = call.kind in (DECODE, CHUNKED_PREFILL)
+        if against_cache and self.decode_method is not None:
+            reason = exact_reason(call, supports_grad=False, serves_cache=True)  # decode methods have no backward
+            if reason is None and torch.compiler.is_compiling():
+                reason = DECODE_COMPILE_REASON
+            return Decision(SERVE_EXACT, reason) if reason else Decision(SERVE_DECODE)
         if self.method is None:
             return Decision(SERVE_EXACT)
         reason = exact_reason(call, min_seq_len=self._min_seq_len, supports_grad=self._spec.supports_grad)
@@ -272,15 +313,20 @@ class LayerRuntime:
         key_padding_mask: Optional[torch.Tensor],
         call: Optional[AttentionCall] = None,
     ) -> Optional[torch.Tensor]:
-        """query [B, H, Nq, D], key/value [B, Hkv, Nk, D], key_padding_mask [B, Nk] bool or None. ``call``: the
-        adapter's description of the call (:func:`describe_call`); None describes plain self-attention with this
-        mask. Returns the method's output [B, H, Nq, D], or None (exact attention; the reason is counted)."""
-        if self.method is None:
+        """query [B, H, Nq, D], key/value [B, Hkv, L, D] (the first ``call.kv_len`` positions valid),
+        key_padding_mask [B, kv_len] bool or None. ``call``: the adapter's description of the call
+        (:func:`describe_call`); None describes plain self-attention with this mask. Returns the method's output
+        [B, H, Nq, D], or None (exact attention; the reason is counted)."""
+        if not self.active:
             return None
         if call is None:
             call = describe_call(query, key, value, scale=scale, causal=causal)
         decision = self.decide(call)  # the shared rules first: no KV-head expansion for a call that runs exact
+        if decision.path == SERVE_DECODE:
+            return self._attend_cache(query, key, value, call, key_padding_mask)
         if decision.path == SERVE_METHOD:
+            if key.shape[2] != call.kv_len:  # a prefill into a preallocated cache: its valid positions only
+                key, value = key[:, :, :call.kv_len].contiguous(), value[:, :, :call.kv_len].contiguous()
             groups = query.shape[1] // key.shape[1]
             key = expand_kv_heads(key, groups)
             value = expand_kv_heads(value, groups)
@@ -288,7 +334,8 @@ class LayerRuntime:
             if reason:  # the shared rules passed above: only the method's own check is left
                 decision = Decision(SERVE_EXACT, reason)
         if decision.path != SERVE_METHOD:
-            self._count_fallback(decision.reason)
+            if decision.reason is not None:
+                self._count_fallback(decision.reason, against_cache=call.kind in (DECODE, CHUNKED_PREFILL))
             return None
         if torch.compiler.is_compiling():  # a Generator cannot be traced: one opaque operator, same seed (compiled.py)
             out = attend_compiled(self.method, self._params_json, self.generator_seed(), query, key, value,
@@ -300,3 +347,38 @@ class LayerRuntime:
             )
         self._count_served()
         return out
+
+    def _attend_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall,
+                      key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The decode method over the cache: query [B, H, Nq, D], key / value [B, Hkv, L, D] (grouped heads, first
+        call.kv_len valid). A method with an index (``lsh``) finds it on the cache layer (decode_cache.py) and
+        brings it up to date; without a cache that keeps one the call runs exact attention, counted."""
+        index = None
+        if self._decode_spec.uses_index:
+            index = self._cache_index(key, call, key_padding_mask)
+            if index is None:
+                self._count_fallback(NO_INDEXED_CACHE_REASON, against_cache=True)
+                return None
+        out, _lse = self._decode_fn(query, key, value, scale=call.scale, kv_len=call.kv_len,
+                                    key_padding_mask=key_padding_mask, index=index, **self.decode_params)
+        self._count_decode_served()
+        return out
+
+    def _cache_index(self, key: torch.Tensor, call: AttentionCall, key_padding_mask: Optional[torch.Tensor]) -> Any:
+        """The decode method's index of this layer's cached keys, kept on the cache layer (GrowingCache) and
+        describing positions [0, kv_len) on return: built over the positions before this call's queries the first
+        time, then extended by the keys each call brings. None when the keys are not a GrowingCache layer's."""
+        from .decode_cache import cache_layer_of
+
+        layer = cache_layer_of(key)
+        if layer is None or layer.get_seq_length() != call.kv_len:
+            return None
+        prior = call.kv_len - call.q_len
+        index = layer.decode_indexes.get(self._index_slot)
+        if index is None or not (index.matches(prior, call.batch) or index.matches(call.kv_len, call.batch)):
+            mask = None if key_padding_mask is None else key_padding_mask[:, :prior]
+            index = self._decode_spec.build_index(key, prior, mask, **self.decode_params)
+            layer.decode_indexes[self._index_slot] = index
+        if index.length == prior:
+            index.append(key[:, :, prior:call.kv_len])
+        return index

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .base import LayerRuntime, QKWeights, describe_call
+from .decode_step import decode_mask_of_call
 from .masks import split_attend_mask
 
 LAYOUTS = ("auto", "seq_first", "batch_first")
@@ -125,13 +126,17 @@ def _make_forward(adapter: ChatGLMAdapter, runtime: LayerRuntime, original):
             q, k, v = query_layer, key_layer, value_layer
         n_query, n_key = q.shape[2], k.shape[2]
         scale = q.shape[-1] ** -0.5
+        valid = n_key
         if attention_mask is None:
             causal, key_padding_mask, recognized = n_query == n_key and n_query > 1, None, True
+        elif n_query != n_key:  # against the KV cache: the mask reduced to key padding (decode_step.py)
+            causal = n_query > 1
+            recognized, key_padding_mask, valid = decode_mask_of_call(~attention_mask, n_query, n_key)
         else:
             causal, key_padding_mask, recognized = split_attend_mask(~attention_mask, n_query > 1, n_query)
         if recognized and n_query == n_key:
             runtime.record(q, k, v, scale, causal, key_padding_mask)
-        call = describe_call(q, k, v, scale=scale, causal=causal, mask_recognized=recognized,
+        call = describe_call(q, k, v, scale=scale, causal=causal, mask_recognized=recognized, kv_len=valid,
                              dropout_in_training=bool(core.training and getattr(core.attention_dropout, "p", 0.0) > 0))
         out = runtime.attend(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, call=call)
         if out is None:

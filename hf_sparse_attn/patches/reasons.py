@@ -6,13 +6,19 @@ The rules that give them, in the order the decision applies them (the first that
 
 1. ``OUTPUT_ATTENTIONS_REASON``   the caller asked for the attention weights
 2. ``DROPOUT_REASON``             attention dropout while training
-3. ``DECODE_REASON``              not self-attention over a whole sequence: a decode step or a chunked prefill
-                                  against a KV cache, or cross-attention
+3. ``DECODE_REASON``              not self-attention over a whole sequence: cross-attention, or a decode step
+                                  or a chunked prefill against a KV cache in a layer without a decode method
 4. ``FULL_MASK_REASON``           a mask that is neither None nor causal + key padding
 5. ``UNSUPPORTED_INPUT_REASON``   a position bias, logit softcapping or a sliding window handed to the call
 6. ``min_seq_len_reason(n)``      fewer keys than the method's declared threshold
 7. ``NO_GRADIENT_REASON``         autograd needs a gradient the method cannot give
 8. the method's own ``check``     its own words (``MethodSpec.why_not``)
+
+For calls against a KV cache served by a decode method, rule 6 does not apply, rule 7 always holds when a gradient is
+needed (decode methods have no backward), and the decode path adds:
+
+- ``DECODE_COMPILE_REASON``       the call is traced by torch.compile (decode methods run eagerly)
+- ``NO_INDEXED_CACHE_REASON``     the decode method keeps an index with the cache, and the cache keeps none
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ DROPOUT_REASON = "attention dropout in training"
 DECODE_REASON = NOT_SELF_ATTENTION_REASON
 FULL_MASK_REASON = "mask is not causal + key padding (sliding window, packed sequences or a custom mask)"
 UNSUPPORTED_INPUT_REASON = "position bias / softcap / sliding window"
+DECODE_COMPILE_REASON = "decode step under torch.compile (decode methods run eagerly)"
+NO_INDEXED_CACHE_REASON = ("the decode method keeps an index with the KV cache: pass "
+                           "past_key_values=hf_sparse_attn.GrowingCache(model.config)")
 
 
 def min_seq_len_reason(min_seq_len: int) -> str:
@@ -32,6 +41,6 @@ def min_seq_len_reason(min_seq_len: int) -> str:
 
 
 __all__ = [
-    "DECODE_REASON", "DROPOUT_REASON", "FULL_MASK_REASON", "NO_GRADIENT_REASON", "OUTPUT_ATTENTIONS_REASON",
+    "DECODE_COMPILE_REASON", "DECODE_REASON", "DROPOUT_REASON", "NO_INDEXED_CACHE_REASON", "FULL_MASK_REASON", "NO_GRADIENT_REASON", "OUTPUT_ATTENTIONS_REASON",
     "UNSUPPORTED_INPUT_REASON", "min_seq_len_reason",
 ]

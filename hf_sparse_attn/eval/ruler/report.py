@@ -115,8 +115,11 @@ def markdown(result: dict, samples: dict, depths: dict, meta: dict, plan_summary
             lines += ["", f"**{plan_summary['warning']}**"]
         lines += ["", f"Plan (this invocation): patched layers {plan_summary['patched_layers']}; prefill calls served "
                       f"{plan_summary['served']} of {plan_summary['prefill_calls']}; fallbacks "
-                      f"{plan_summary['fallbacks'] or 'none'}; decode steps (exact attention by design): "
-                      f"{plan_summary['decode_steps_exact']}."]
+                      f"{plan_summary['fallbacks'] or 'none'}; "
+                      + (f"decode steps served by the decode method {plan_summary['decode_served']}, exact "
+                         f"{plan_summary['decode_steps_exact']} ({plan_summary.get('decode_fallbacks') or 'none'})."
+                         if "decode_served" in plan_summary else
+                         f"decode steps (exact attention by design): {plan_summary['decode_steps_exact']}.")]
     lines += ["", "## Scores (0-100)", "", "| task | " + " | ".join(str(n) for n in lengths) + " |",
               "|---|" + "---:|" * len(lengths)]
     for task in [t for t in result if t != "average"]:

@@ -19,6 +19,11 @@ Layers of other kinds (sliding-window layers, whose cache is bounded by the wind
 Works with transformers 5.0 through 5.25 (the layer API changed between them: ``get_mask_sizes`` takes the cache
 positions in 5.0 and the query length later; ``crop`` keeps its caller's convention, being transformers' own).
 
+A layer also keeps the index a decode method builds over its keys (``GrowingLayer.decode_indexes``: the ``lsh`` decode
+method's :class:`~hf_sparse_attn.methods.decode_index.DecodeIndex`), so the index lives and dies with the cache and
+follows its ``crop``, beam reorders and batch selections; a ``reset`` drops it. The patched attention finds the layer
+from the keys it is handed (:func:`cache_layer_of`).
+
 Memory: up to ``growth`` times the cached tokens (the spare capacity after a doubling); pass
 ``max_cache_len`` (prompt + new tokens) to allocate once. Tensors returned by an earlier ``update`` are views of the
 buffer: after a ``crop``, later appends overwrite the positions they showed beyond the cropped length.
@@ -27,12 +32,13 @@ buffer: after a ``crop``, later appends overwrite the positions they showed beyo
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Optional
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .methods.kv_buffer import KVBuffer
+from ..methods.kv_buffer import KVBuffer
 
 
 class GrowingLayer(DynamicLayer):
@@ -51,6 +57,7 @@ class GrowingLayer(DynamicLayer):
         self.max_cache_len = None if max_cache_len is None else int(max_cache_len)
         self.growth = float(growth)
         self.buffer: Optional[KVBuffer] = None
+        self.decode_indexes: dict[Any, Any] = {}  # a decode method's index over these keys (DecodeIndex), by method
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Record dtype and device; the buffer is allocated by the first update that brings positions."""
@@ -61,6 +68,11 @@ class GrowingLayer(DynamicLayer):
 
     def _sync(self) -> None:
         self.keys, self.values = self.buffer.keys, self.buffer.values
+        self._tag()
+
+    def _tag(self) -> None:
+        """Mark the keys view handed to attention as this layer's (:func:`cache_layer_of`)."""
+        self.keys._hf_sparse_attn_cache_layer = weakref.ref(self)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +85,7 @@ class GrowingLayer(DynamicLayer):
             self._sync()
         else:
             self.keys, self.values = self.buffer.append(key_states, value_states)
+            self._tag()
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -97,11 +110,16 @@ class GrowingLayer(DynamicLayer):
         super().crop(length)  # slices self.keys / self.values
         self.buffer.crop(self.keys.shape[-2])
         self._sync()
+        for index in self.decode_indexes.values():
+            if index.length > self.buffer.length:
+                index.crop(self.buffer.length)
 
     def _select_batch(self, index: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
             self.buffer.reorder(index.to(self.buffer.key_storage.device))
             self._sync()
+            for decode_index in self.decode_indexes.values():
+                decode_index.reorder(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: batch row i becomes row ``beam_idx[i]``."""
@@ -124,12 +142,20 @@ class GrowingLayer(DynamicLayer):
         self.buffer = None
         self.keys = self.values = None
         self.is_initialized = False
+        self.decode_indexes = {}
 
     def offload(self) -> None:
         raise NotImplementedError("GrowingCache does not offload layers; use DynamicCache(offloading=True)")
 
     def prefetch(self) -> None:
         raise NotImplementedError("GrowingCache does not offload layers; use DynamicCache(offloading=True)")
+
+
+def cache_layer_of(keys: torch.Tensor) -> Optional[GrowingLayer]:
+    """The :class:`GrowingLayer` whose ``update`` returned ``keys`` (the [B, Hkv, L, D] view handed to attention), or
+    None for keys of any other cache (or of a layer that no longer exists)."""
+    ref = getattr(keys, "_hf_sparse_attn_cache_layer", None)
+    return None if ref is None else ref()
 
 
 class GrowingCache(DynamicCache):
