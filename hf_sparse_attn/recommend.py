@@ -18,6 +18,13 @@ eval/results/model_bench_causal/frontier.md). Measured on all three axes at 8k
 :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever
 prefers its perplexity.
 
+Decode steps: ``exact`` (grouped attention over the cache, no expanded KV heads), generated with
+``generation_cache(model)`` (a ``GrowingCache``): 1.33x per generated token at 8k against the unpatched model with a
+``DynamicCache``, every pass key and niah answer of the unpatched model kept. ``local`` (1.79x) and ``lsh`` (1.19x)
+keep 1 of 4 pass keys at 8k and 3 of 10 niah_single_1 answers at 4k; ``quest`` keeps them all only at a budget of
+2048 keys, where it is 1.28x (eval/results/decode_patched_smollm2/results.md,
+eval/results/ruler_frontier_smollm2/frontier.md, docs/methods/decode.md).
+
 Encoders (bidirectional attention): ``sparse_hyper`` ("Attention is Naturally Sparse", Algorithm 1) on all layers with
 its defaults: 11x SDPA at 8k and 41x at 32k bidirectional (eval/results/kernels_full/results.md). Its defaults run
 exact attention below 2048 tokens (eval/results/defaults_min_seq_len/results.md), so a 512-position encoder runs
@@ -40,7 +47,8 @@ LOCAL_RECOMMENDATION = {"method": "local", "layers": "all", "window": LOCAL_WIND
 CAUSAL_RECOMMENDATION = {"method": "block_select", "layers": "all", "selection": BLOCK_SELECT_SELECTION,
                          "window": BLOCK_SELECT_WINDOW, "num_sink_tokens": BLOCK_SELECT_NUM_SINK_TOKENS,
                          "num_selected": BLOCK_SELECT_NUM_SELECTED, "block_size": BLOCK_SELECT_BLOCK_SIZE,
-                         "probe_queries": BLOCK_SELECT_PROBE_QUERIES, "min_seq_len": BLOCK_SELECT_MIN_SEQ_LEN}
+                         "probe_queries": BLOCK_SELECT_PROBE_QUERIES, "min_seq_len": BLOCK_SELECT_MIN_SEQ_LEN,
+                         "decode_method": "exact"}
 ENCODER_RECOMMENDATION = {"method": "sparse_hyper", "layers": "all"}
 
 # Causal LM families whose attention modules may not say so (remote code: ChatGLM's core_attention).

@@ -323,7 +323,12 @@ def main() -> int:
     ap.add_argument("--real-steps", type=int, default=32)
     ap.add_argument("--real-sweep", nargs="*", default=list(REAL_SWEEP),
                     help="configurations of REAL_SWEEP whose real-layer error is measured too (not timed)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite results.md and the plot from results.json")
     args = ap.parse_args()
+    if args.report_only:
+        with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
+            write_report(json.load(f), args.out)
+        return 0
     unknown = [c for c in args.configs if c not in CONFIGS] + [c for c in args.real_sweep if c not in REAL_SWEEP]
     if unknown:
         raise SystemExit(f"--configs / --real-sweep: unknown {unknown}; known: {list(CONFIGS)} / {list(REAL_SWEEP)}")

@@ -18,7 +18,8 @@ same command again):
    prefill speed-up; the exact model timed in the same process when the checks run in one invocation);
 3. the proxy check: single-layer loss change of every layer with one candidate (layer i: candidate i mod 4) on
    the first calibration article, against that cell's output error (Spearman) -> OUT/proxy.json;
-4. the report (also alone: --report-only): OUT/results.json, OUT/results.md, OUT/frontier.png.
+4. the report (also alone: --report-only, which keeps the date and load average of the report it rewrites):
+   OUT/results.json, OUT/results.md, OUT/frontier.png.
 ``--max-minutes`` stops before a step whose estimate (from the measured forward time) would end past it; the
 report is written on whatever exists.
 
@@ -283,10 +284,15 @@ def write_report(args: argparse.Namespace) -> None:
     proxy_path = os.path.join(args.out, "proxy.json")
     proxy = json.load(open(proxy_path)) if os.path.exists(proxy_path) else None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    stored_path = os.path.join(args.out, "results.json")
+    if args.report_only and os.path.exists(stored_path):  # a rebuild keeps the date and load of the report it rewrites
+        stored = json.load(open(stored_path)).get("meta", {})
+        date, load = stored.get("date", date), stored.get("load_avg_1min_at_report", load)
     meta = {"model": "SmolLM2-135M-Instruct (fp32)", "tokens": args.tokens, "articles": titles,
             "metric": args.metric, "search": args.search, "proxy": args.proxy, "methods": args.methods, "candidates": args.candidates, "layers": args.layers,
             "threads": args.threads, "command": "scripts/calibrate_smollm2.py " + " ".join(sys.argv[1:]),
-            "machine": "2-core CPU VM, no GPU", "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "machine": "2-core CPU VM, no GPU", "date": date,
             "load_avg_1min_at_report": load, "fixed_sources": args.fixed}
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "budgets": rows, "fixed": fixed, "proxy": proxy, "notes": notes}, f, indent=2)

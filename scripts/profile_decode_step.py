@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -85,12 +86,6 @@ class StepTimers:
             del ALL_ATTENTION_FUNCTIONS["sdpa"]  # back to transformers' global entry
 
 
-def cache_kwarg(model: torch.nn.Module) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def copy_cache(source: Any, kind: str, config: Any) -> Any:
     """A fresh cache of ``kind`` holding copies of ``source``'s keys and values (the prefill, computed once)."""
     from transformers import DynamicCache
@@ -107,7 +102,9 @@ def copy_cache(source: Any, kind: str, config: Any) -> Any:
 def profile_context(model, ids: torch.Tensor, steps: int, kinds: tuple[str, ...]) -> dict:
     from transformers import DynamicCache
 
-    name = cache_kwarg(model)
+    from hf_sparse_attn.patches.decode_cache import cache_keyword
+
+    name = cache_keyword(model)
     prefill = DynamicCache(config=model.config)
     logits = model(input_ids=ids, use_cache=True, **{name: prefill}).logits
     first = logits[:, -1:].argmax(-1)
@@ -190,7 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 8000], help="prompt lengths in tokens")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per cache kind and context")
     parser.add_argument("--kinds", nargs="+", default=["dynamic", "growing"], choices=["dynamic", "growing"])
+    parser.add_argument("--report-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+            f.write(markdown(saved))
+        return 0
     torch.set_num_threads(1)
     import transformers
 

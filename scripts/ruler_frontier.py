@@ -36,6 +36,19 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
                               ("eval/results/model_bench_block_select_w1024", "block_select", 30, {"window": 1024})),
     "sparse_hyper_recursive_15": (["--method", "sparse_hyper", "--layers", "15"],
                                   ("eval/results/model_bench_grid", "sparse_hyper", 15, {})),
+    # the recommended prefill with a decode method over the KV cache (the prefill speed is block_select_30's)
+    "block_select_30_decode_local": (["--method", "block_select", "--layers", "all", "--decode-method", "local"],
+                                     ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    "block_select_30_decode_lsh": (["--method", "block_select", "--layers", "all", "--decode-method", "lsh"],
+                                   ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    "block_select_30_decode_quest": (["--method", "block_select", "--layers", "all", "--decode-method", "quest"],
+                                     ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    "block_select_30_decode_quest_p16": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
+                                          "--decode-param", "page_size=16"],
+                                         ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    "block_select_30_decode_quest_b2048": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
+                                            "--decode-param", "token_budget=2048"],
+                                           ("eval/results/model_bench_block_select", "block_select", 30, {})),
 }
 DEFAULT_CONFIGS = ("exact", "local_w1024_30", "block_select_30")
 
@@ -74,7 +87,9 @@ def sample_scores(run_dir: str, task: str) -> dict[str, float]:
 
 
 def served_share(run_dir: str) -> Optional[list[int]]:
-    """[prefill calls the plan's method served, prefill calls of its patched layers] of the run, or None unpatched."""
+    """[prefill calls the plan's method served, prefill calls of its patched layers] of the run, or None unpatched;
+    for a run that counted calls against the KV cache apart, two more: [decode steps its decode method served, decode
+    steps of its patched layers]."""
     path = os.path.join(run_dir, "summary.json")
     if not os.path.exists(path):
         return None
@@ -82,7 +97,10 @@ def served_share(run_dir: str) -> Optional[list[int]]:
         counts = json.load(f).get("plan_counts_this_invocation") or {}
     if not counts.get("prefill_calls"):
         return None
-    return [counts["served"], counts["prefill_calls"]]
+    share = [counts["served"], counts["prefill_calls"]]
+    if "decode_served" in counts:
+        share += [counts["decode_served"], counts["decode_served"] + counts["decode_steps_exact"]]
+    return share
 
 
 def interval(scores: list[float]) -> tuple[float, float]:
@@ -171,7 +189,8 @@ def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[s
             cell["differs_from_exact"] = bool(ref and name != "exact" and
                                               (cell["high"] < ref["low"] or cell["low"] > ref["high"]))
         scores = [c["score"] for c in row["cells"].values()]
-        row["mean_score"] = sum(scores) / len(scores) if scores else None
+        # the mean of every task cell; none where a cell was not run (a mean of fewer tasks would not compare)
+        row["mean_score"] = sum(scores) / len(scores) if scores and len(scores) == len(tasks) else None
     result = {"date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; one torch thread per run",
               "command": "python scripts/ruler_frontier.py --out " + out,
@@ -192,7 +211,8 @@ def write_markdown(out: str, result: dict) -> None:
              "Scores 0-100 with 95% intervals; `*` marks a score whose interval does not overlap the unpatched "
              "model's. \"kept a/b\": of the b samples the unpatched model answers fully (the same prompts, "
              "the same seed), the configuration answers a: the facts a plan loses. \"served s/c\": prefill attention calls "
-             "of the patched layers its method ran (the rest ran exact attention, e.g. prompts under `min_seq_len`). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
+             "of the patched layers its method ran (the rest ran exact attention, e.g. prompts under `min_seq_len`); \"decode served\": "
+             "decode steps its decode method ran (`_decode_<method>` configurations; the others decode with exact attention). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
              "in the last column (each against its own exact run), with 95% bootstrap intervals over articles. RULER's essay haystack is replaced by offline "
              "Wikipedia articles (niah tasks).", "",
              "| configuration | " + " | ".join(keys) + " | mean | perplexity change | prefill speed-up | source |",
@@ -204,7 +224,9 @@ def write_markdown(out: str, result: dict) -> None:
             cells.append("—" if c is None else f"{c['score']:.0f} [{c['low']:.0f}, {c['high']:.0f}] "
                          f"(n={c['samples']}){' *' if c['differs_from_exact'] else ''}; kept "
                          f"{c['kept'][0]}/{c['kept'][1]}"
-                         + ("" if not c.get("served") else f"; served {c['served'][0]}/{c['served'][1]}"))
+                         + ("" if not c.get("served") else f"; served {c['served'][0]}/{c['served'][1]}")
+                         + ("" if not c.get("served") or len(c["served"]) < 4 or not c["served"][3] else
+                            f"; decode served {c['served'][2]}/{c['served'][3]}"))
         m = row["model"]
         mean = "—" if row["mean_score"] is None else f"{row['mean_score']:.0f}"
         ppl = "not measured" if m is None else f"{m['ppl_change_pct']:+.1f}%" + (

@@ -51,7 +51,9 @@ BENCHES = {2048: "model_bench_2k", 4096: "model_bench_4k", 8192: "model_bench_gr
 DENSE_SINK_MASS = 0.2  # layers whose rows put less than this mass on their first 64 keys
 
 
-def main() -> None:
+def main(keep_date: bool = False) -> None:
+    """Write results.json, results.md and the plots into OUT; ``keep_date``: state the date stored in OUT's
+    results.json (a rebuild) instead of today's."""
     with open(os.path.join(RESULTS, "smollm2_layer_error", "results.json"), encoding="utf-8") as f:
         layer_error = json.load(f)
     num_layers = len(layer_error["layers"])
@@ -88,7 +90,11 @@ def main() -> None:
                          "lowest_perplexity_change": f"{lowest_cost['select']} {lowest_cost['seed']}"})
 
     os.makedirs(OUT, exist_ok=True)
-    result = {"script": "scripts/selection_vs_layer_error.py", "date": datetime.date.today().isoformat(),
+    date = datetime.date.today().isoformat()
+    stored = os.path.join(OUT, "results.json")
+    if keep_date and os.path.exists(stored):  # --report-only: the rebuilt report keeps the date of the one it rewrites
+        date = json.load(open(stored, encoding="utf-8")).get("date", date)
+    result = {"script": "scripts/selection_vs_layer_error.py", "date": date,
               "machine": "2-core CPU VM, no GPU (reads committed JSON only)",
               "layer_error_source": "eval/results/smollm2_layer_error/results.json",
               "error_columns": ERROR_COLUMNS, "dense_sink_mass_below": DENSE_SINK_MASS, "dense_layers": dense,
@@ -180,7 +186,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=OUT, help="results directory")
     parser.add_argument("--results", default=RESULTS, help="the results directories it reads (eval/results)")
-    parser.add_argument("--report-only", action="store_true", help="accepted for `bench run`: this script only reads JSON")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report keeping the date stored in --out's results.json (this script only reads JSON)")
     args = parser.parse_args()
     OUT, RESULTS = args.out, args.results
-    main()
+    main(keep_date=args.report_only)

@@ -15,6 +15,7 @@ from hf_sparse_attn import current_plan
 from hf_sparse_attn.eval.bench import baseline_cell
 from hf_sparse_attn.eval.bench.grid import Cell
 from hf_sparse_attn.eval.bench.grid import run_decode_cells
+from hf_sparse_attn.eval.bench import measure
 from hf_sparse_attn.eval.bench.measure import compare_decode, ratio_interval, time_decode
 from hf_sparse_attn.eval.bench.report import decode_lines
 from hf_sparse_attn.eval.bench.results import read_jsonl
@@ -72,8 +73,20 @@ def test_compare_decode_shared_prefill_and_patched_cell(llama):
         events.append("exit")
         unpatch_model(llama)
 
-    patched = compare_decode(llama, ids, 4, enter_cell=enter, exit_cell=leave, cell_first=True)
-    assert events == ["enter", "exit"] and current_plan(llama) is None
+    real_step = measure._DecodeRun.step
+
+    def step(run):  # which side steps, the cell's model patched or not
+        events.append("cell step" if current_plan(llama) is not None else "baseline step")
+        real_step(run)
+
+    measure._DecodeRun.step = step
+    try:
+        patched = compare_decode(llama, ids, 4, enter_cell=enter, exit_cell=leave, cell_first=True)
+    finally:
+        measure._DecodeRun.step = real_step
+    # the cell's prefill patched, then the steps alternating, the cell's first, each of its steps patched
+    assert events == ["enter", "exit"] + ["enter", "cell step", "exit", "baseline step"] * 4
+    assert current_plan(llama) is None
     assert len(patched["cell"]["step_ms"]) == 4
     assert patched["baseline"]["tokens"] == _generate(llama, ids, 5)
     enter()
@@ -116,6 +129,97 @@ def test_decode_cells_record_steps_per_model_and_the_cache_kinds(llama, tmp_path
     assert len(rows) == 2 and any("DynamicCache" in x and "GrowingCache" in x for x in lines)
 
 
+LOCAL_CELL = Cell("local", 48, 3, "last")
+LOCAL_PARAMS = {"local": {"window": 8, "num_sink_tokens": 2, "min_seq_len": 16}}
+
+
+def _decode_records(path: str) -> list[dict]:
+    return [r for r in read_jsonl(path) if r["kind"] == "decode"]
+
+
+def test_decode_method_is_patched_recorded_and_part_of_the_setting(llama, tmp_path):
+    texts = [("a", _prompt(48, 2)), ("b", _prompt(48, 3))]
+    cells = [baseline_cell(48), LOCAL_CELL]
+    path = str(tmp_path / "results.jsonl")
+
+    def run(decode_method, decode_params=None):
+        return run_decode_cells(llama, cells, lambda n: texts, path, steps=3, cell_cache="growing", baseline_cache="dynamic",
+                                method_params=LOCAL_PARAMS, progress=False, decode_method=decode_method,
+                                decode_params=decode_params)
+
+    base, local = run("local", {"window": 8, "num_sink_tokens": 2})
+    assert (base["decode_method"], base["decode_params"], base["decode_served"], base["served"]) == (None, {}, 0, 0)
+    assert (local["decode_method"], local["decode_params"]) == ("local", {"window": 8, "num_sink_tokens": 2})
+    # 2 texts x 3 layers: one prefill call each served by the prefill method, 3 decode steps by the decode method
+    assert (local["served"], local["decode_served"], local["fallbacks"]) == (6, 18, {})
+    assert current_plan(llama) is None
+    assert run("local", {"window": 8, "num_sink_tokens": 2}) == []  # the same setting: done
+    (exact,) = run("exact")  # another decode method: the patched cell again, the unpatched baseline is done
+    assert (exact["key"], exact["decode_method"], exact["decode_params"], exact["decode_served"]) == (LOCAL_CELL.key, "exact", {}, 18)
+    (wider,) = run("local", {"window": 16, "num_sink_tokens": 2})  # other parameters: again
+    assert wider["decode_params"] == {"window": 16, "num_sink_tokens": 2}
+    assert len(_decode_records(path)) == 4
+    rows, lines = decode_lines(read_jsonl(path))
+    assert len(rows) == 4
+    table = [x for x in lines if x.startswith("| 48 |")]
+    assert [x.split(" | ")[5] for x in table] == ["-", "exact", "local window=16, num_sink_tokens=2",
+                                                  "local window=8, num_sink_tokens=2"]  # parameters other than defaults
+    assert [x.split(" | ")[-2] for x in table] == ["-", "18", "18", "18"]  # decode served
+    assert ("Decode parameters (all of them): exact: none; local window=16, num_sink_tokens=2: window=16, num_sink_tokens=2; "
+            "local window=8, num_sink_tokens=2: window=8, num_sink_tokens=2.") in lines
+
+
+@pytest.mark.parametrize("cache, served", [("dynamic", 0), ("growing", 18)])
+def test_lsh_decode_is_served_only_with_a_growing_cache(llama, tmp_path, cache, served):
+    from hf_sparse_attn.patches.reasons import NO_INDEXED_CACHE_REASON
+
+    texts = [("a", _prompt(48, 2)), ("b", _prompt(48, 3))]
+    path = str(tmp_path / "results.jsonl")
+    (record,) = run_decode_cells(llama, [LOCAL_CELL], lambda n: texts, path, steps=3, cell_cache=cache,
+                                 method_params=LOCAL_PARAMS, progress=False, decode_method="lsh",
+                                 decode_params={"window": 8, "num_sink_tokens": 2, "block_size": 8, "sample_size": 8})
+    assert record["decode_method"] == "lsh" and record["decode_params"]["block_size"] == 8
+    assert record["decode_served"] == served
+    assert record["fallbacks"] == ({NO_INDEXED_CACHE_REASON: 18} if cache == "dynamic" else {})
+    _, lines = decode_lines(read_jsonl(path))
+    row = next(x for x in lines if x.startswith("| 48 |"))
+    assert (f"0 (fallback {NO_INDEXED_CACHE_REASON}: 18)" if cache == "dynamic" else "| 18 |") in row
+
+
+def test_records_without_a_decode_method_measured_the_models_own_attention(llama, tmp_path):
+    """A decode record made before --decode-method existed counts as decode_method None (the model's own attention
+    in the patched layers): done for that setting, not for patch_model's default "exact"."""
+    texts = [("a", _prompt(48, 2))]
+    path = str(tmp_path / "results.jsonl")
+
+    def run(decode_method):
+        return run_decode_cells(llama, [LOCAL_CELL], lambda n: texts, path, steps=2, method_params=LOCAL_PARAMS,
+                                progress=False, decode_method=decode_method)
+
+    (own,) = run(None)
+    assert (own["decode_method"], own["decode_served"]) == (None, 0)
+    assert sum(own["fallbacks"].values()) == 2 * 3  # the steps ran the model's attention, counted per layer
+    older = {k: v for k, v in own.items() if k not in ("decode_method", "decode_params", "served", "decode_served", "fallbacks")}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(older) + "\n")
+    assert run(None) == []
+    (exact,) = run("exact")
+    assert exact["decode_method"] == "exact" and exact["decode_served"] == 2 * 3
+    rows, lines = decode_lines(read_jsonl(path))
+    assert [r.get("decode_method") for r in rows] == [None, "exact"]
+
+
+def test_cli_bench_model_refuses_an_unknown_decode_method_before_loading(tmp_path, capsys):
+    from hf_sparse_attn.cli import main
+
+    (tmp_path / "model").mkdir()  # nothing in it: the model is never loaded
+    common = ["bench", "model", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--decode-tokens", "2"]
+    rc = main([*common, "--decode-method", "nope"])
+    assert rc == 2 and "nope" in capsys.readouterr().err
+    rc = main([*common, "--decode-method", "local", "--decode-param", "windw=8"])
+    assert rc == 2 and "windw" in capsys.readouterr().err
+
+
 @pytest.mark.integration  # bench model reads the offline Wikipedia articles
 def test_cli_bench_model_decode_tokens(tmp_path):
     from tiny_checkpoint import save_tiny_checkpoint
@@ -123,14 +227,18 @@ def test_cli_bench_model_decode_tokens(tmp_path):
     save_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "bench"
     argv = [sys.executable, "-m", "hf_sparse_attn.cli", "bench", "model", "--model", str(tmp_path / "ckpt"), "--out",
-            str(out), "--tokens", "64", "--articles", "2", "--methods", "local", "--layers", "0", "--no-profile",
+            str(out), "--tokens", "64", "--articles", "2", "--methods", "local", "--layers", "0", "1", "--no-profile",
             "--no-progress", "--calibration-tokens", "32", "--threads", "1", "--decode-tokens", "3",
-            "--decode-cache", "growing", "--decode-baseline-cache", "dynamic"]
+            "--decode-cache", "growing", "--decode-baseline-cache", "dynamic", "--decode-method", "local",
+            "--decode-param", "window=16", "--method-param", "local.min_seq_len=16", "--selections", "weight_norm"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     decode = [r for r in read_jsonl(str(out / "results.jsonl")) if r["kind"] == "decode"]
-    assert [r["key"] for r in decode] == ["exact|N=64|layers=0|none|seed=0"]
+    assert [r["key"] for r in decode] == ["exact|N=64|layers=0|none|seed=0", "local|N=64|layers=1|weight_norm|seed=0"]
     assert all(len(a["cell_step_ms"]) == 3 for a in decode[0]["per_article"]) and len(decode[0]["per_article"]) == 2
+    assert decode[1]["decode_method"] == "local" and decode[1]["decode_params"]["window"] == 16
+    assert decode[1]["decode_served"] == 2 * 3  # 2 articles x 3 steps x 1 layer
     report = (out / "results.md").read_text()
     assert "## Decode" in report and "| DynamicCache |" in report and "| GrowingCache |" in report
+    assert "| local window=16 | 3 |" in report and "local window=16: window=16, num_sink_tokens=64" in report
     assert json.loads((out / "results.json").read_text())["decode"][0]["cache"] == "GrowingCache"

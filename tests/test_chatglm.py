@@ -13,7 +13,7 @@ from accelerate.hooks import ModelHook, add_hook_to_module
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures", "chatglm"))
 from write_checkpoint import write_checkpoint  # noqa: E402
 
-from hf_sparse_attn import capture_attention, patch_model, rank_layers, unpatch_model  # noqa: E402
+from hf_sparse_attn import capture_attention, generation_cache, patch_model, rank_layers, unpatch_model  # noqa: E402
 
 
 
@@ -55,6 +55,7 @@ def test_exact_patch_matches_with_padding_and_decode(load, layout):
     assert all(layer.served == 2 for layer in plan.layers)
     assert all(layer.decode_served == 1 for layer in plan.layers)  # the padded decode step: patch_model's exact decode
     assert plan.fallback_counts() == {}
+    assert generation_cache(model) is None  # the remote code keeps its own cache: no GrowingCache is handed to it
     unpatch_model(model)
     with torch.no_grad():
         assert torch.equal(model(ids, attention_mask=mask).logits, ref.logits)

@@ -1,10 +1,12 @@
-"""`hf-sparse-attn bench run CONFIG`: experiment configs (parsing, errors, argv), dry runs, and a real tiny model
-grid run whole and in two shards into one directory."""
+"""`hf-sparse-attn bench run CONFIG`: experiment configs (parsing, errors, argv), dry runs, a real tiny model
+grid run whole and in two shards into one directory, and `--report-only` rebuilding committed reports unchanged."""
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
+import sys
 
 import pytest
 
@@ -246,3 +248,38 @@ def test_results_index_has_one_row_per_experiment_with_its_config():
         assert load_config(os.path.normpath(os.path.join(os.path.dirname(index), config)))["experiment"]["name"] == name
         for link in links:
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(index), link))), link
+
+
+# ---- --report-only rebuilds a committed report byte for byte ---------------------------------------------------
+
+# A representative few (each rebuild takes seconds): a script experiment and a `bench kernel` one, whose reports
+# state the run's date and machine, not the rebuild's. Experiment -> the files its rebuild writes (from the rest).
+REBUILT = {"calibrate_default_run": ["results.md"],
+           "kernels_kmv_blocks": ["results.md", "time_vs_n_random.png", "time_vs_n_smollm2.png"]}
+
+
+@pytest.mark.parametrize("name", sorted(REBUILT))
+def test_report_only_rebuilds_the_committed_report(tmp_path, monkeypatch, name):
+    import torch
+
+    # a scratch repository root: the configs and scripts linked, the experiment's records copied without the files
+    # the rebuild writes
+    results = tmp_path / "eval" / "results" / name
+    os.makedirs(results.parent)
+    os.symlink(os.path.join(REPO, "eval", "experiments"), tmp_path / "eval" / "experiments")
+    os.symlink(os.path.join(REPO, "scripts"), tmp_path / "scripts")
+    committed = os.path.join(REPO, "eval", "results", name)
+    shutil.copytree(committed, results)
+    for file in REBUILT[name]:
+        os.remove(results / file)
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "run", os.path.join("eval", "experiments", f"{name}.toml"), "--report-only"]
+    monkeypatch.setattr(sys, "argv", ["hf-sparse-attn", *argv])  # the report names the command that wrote it
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # the config's --threads applies to this process
+    for file in REBUILT[name]:
+        with open(os.path.join(committed, file), "rb") as a:
+            assert a.read() == (results / file).read_bytes(), f"{name}/{file}: the rebuild differs from the committed file"

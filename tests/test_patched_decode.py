@@ -289,8 +289,8 @@ def test_the_decode_choice_travels_with_the_plan_and_the_checkpoint(model, tmp_p
 
 
 def test_bad_decode_arguments_are_refused_with_the_valid_ones(model):
-    with pytest.raises(ValueError, match="decode-capable methods: exact, local, lsh"):
-        patch_model(model, method="exact", decode_method="quest")
+    with pytest.raises(ValueError, match="decode-capable methods: exact, local, lsh, quest"):
+        patch_model(model, method="exact", decode_method="nope")
     with pytest.raises(ValueError, match="window"):
         patch_model(model, method="exact", decode_method="local", decode_params={"widow": 3})
     with pytest.raises(ValueError, match="without a decode_method"):
@@ -298,13 +298,14 @@ def test_bad_decode_arguments_are_refused_with_the_valid_ones(model):
     assert hf_sparse_attn.current_plan(model) is None  # nothing half-applied
 
 
-def test_generation_cache_is_a_growing_cache_only_where_a_decode_method_needs_one(model):
+def test_generation_cache_is_a_growing_cache_where_a_layer_has_a_decode_method(model):
     assert hf_sparse_attn.generation_cache(model) is None  # not patched
-    patch_model(model, method="exact", layers="all", decode_method="local")
+    patch_model(model, method="exact", layers="all", decode_method=None)
     try:
-        assert hf_sparse_attn.generation_cache(model) is None
-        patch_model(model, method="exact", layers="all", decode_method="lsh")
-        assert isinstance(hf_sparse_attn.generation_cache(model), GrowingCache)
+        assert hf_sparse_attn.generation_cache(model) is None  # decode runs the model's own attention
+        for name in ("exact", "local", "lsh", "quest"):
+            patch_model(model, method="exact", layers="all", decode_method=name)
+            assert isinstance(hf_sparse_attn.generation_cache(model), GrowingCache), name
     finally:
         unpatch_model(model)
 

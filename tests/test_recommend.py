@@ -27,7 +27,8 @@ def _tiny_bert(positions: int):
 
 def _check_and_serve(model, kwargs, n):
     spec = get_spec(kwargs["method"])
-    params = {key: value for key, value in kwargs.items() if key not in ("method", "layers", "select")}
+    params = {key: value for key, value in kwargs.items()
+              if key not in ("method", "layers", "select", "decode_method", "decode_params")}
     spec.resolve_params(params)  # every parameter exists and is in range
     ids = torch.randint(4, 100, (1, n), generator=torch.Generator().manual_seed(0))
     plan = patch_model(model, **kwargs)
@@ -38,6 +39,7 @@ def _check_and_serve(model, kwargs, n):
         assert torch.isfinite(hidden).all()
         assert all(layer.patched for layer in plan.layers)
         assert sum(layer.served for layer in plan.layers) == len(plan.layers), str(plan)
+        assert {layer.decode_method for layer in plan.layers} == {kwargs.get("decode_method", "exact")}
     finally:
         unpatch_model(model)
 
@@ -46,7 +48,7 @@ def test_causal_lm_gets_block_select_on_all_layers():
     model = _tiny_llama(4096)
     assert is_causal_lm(model)
     kwargs = recommended(model)
-    assert kwargs["method"] == "block_select" and kwargs["layers"] == "all"
+    assert kwargs["method"] == "block_select" and kwargs["layers"] == "all" and kwargs["decode_method"] == "exact"
     assert recommended(model) is not kwargs  # a fresh dict each call
     _check_and_serve(model, kwargs, kwargs["min_seq_len"])
 

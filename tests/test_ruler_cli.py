@@ -137,7 +137,8 @@ def test_patched_run_beyond_the_positions_with_rope_scaling(model_dir, tmp_path)
 
 def test_decode_methods_from_the_command_line_are_served_and_part_of_the_settings(model_dir, tmp_path):
     """--decode-method lsh runs generate() with a GrowingCache (its index lives there): every decode step served; a
-    rerun with another decode method into the same directory is refused rather than mixed."""
+    rerun with another decode method (the default exact one included) into the same directory is refused rather
+    than mixed."""
     out = tmp_path / "lsh"
     common = ("--model", model_dir, "--tasks", "passkey", "--lengths", "400", "--samples", "1", "--method", "exact",
               "--layers", "all", "--out", str(out))
@@ -151,5 +152,7 @@ def test_decode_methods_from_the_command_line_are_served_and_part_of_the_setting
     assert plan["layers"][0]["decode_params"]["window"] == 16
     again = _run(*common, "--decode-method", "local")
     assert again.returncode != 0 and "decode_method" in again.stderr
-    bad = _run(*common[:-1], str(tmp_path / "bad"), "--decode-method", "quest")
-    assert bad.returncode != 0 and "decode-capable methods: exact, local, lsh" in bad.stderr
+    exact = _run(*common)  # the default decode records no decode keys (runs made before decode methods resume)...
+    assert exact.returncode != 0 and "decode_method" in exact.stderr  # ...and still differs from lsh's settings
+    bad = _run(*common[:-1], str(tmp_path / "bad"), "--decode-method", "nope")
+    assert bad.returncode != 0 and "decode-capable methods: exact, local, lsh, quest" in bad.stderr

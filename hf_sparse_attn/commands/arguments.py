@@ -112,8 +112,8 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="method parameter passed to patch_model (repeatable), e.g. --param block_size=256")
     parser.add_argument("--decode-method", default="exact",
                         help="what the chosen layers run on decode steps against the KV cache: exact (default), "
-                             "local, lsh (hf_sparse_attn.list_decode_methods()), or 'none' (the model's own "
-                             "attention); lsh runs with a GrowingCache")
+                             "local, lsh, quest (hf_sparse_attn.list_decode_methods()), or 'none' (the model's own "
+                             "attention); lsh and quest run with a GrowingCache, which holds their index")
     parser.add_argument("--decode-param", action="append", default=[], metavar="NAME=VALUE",
                         help="decode method parameter (repeatable), e.g. --decode-param window=1024")
 
@@ -123,5 +123,12 @@ def decode_arguments(args: argparse.Namespace) -> dict[str, Any]:
     method = None if args.decode_method in (None, "none") else args.decode_method
     params = parse_params(args.decode_param, option="--decode-param")
     if method is None and params:
-        raise ValueError("--decode-param needs a --decode-method (exact, local, lsh)")
+        raise ValueError("--decode-param needs a --decode-method (one of hf_sparse_attn.list_decode_methods())")
     return {"decode_method": method, "decode_params": params or None}
+
+
+def decode_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The decode keys of a run's recorded settings: none for the default (exact attention on decode steps, what runs
+    made before decode methods existed did, so that they keep resuming), else ``decode_arguments(args)``."""
+    decode = decode_arguments(args)
+    return {} if decode == {"decode_method": "exact", "decode_params": None} else decode

@@ -20,7 +20,7 @@ import shlex
 import sys
 from typing import Any, Optional
 
-from .arguments import parse_method_params, parse_shard
+from .arguments import decode_arguments, parse_method_params, parse_shard
 from .bench_options import SELECTIONS, add_kernel_and_model_levels  # noqa: F401  (SELECTIONS: tests/test_run_trust.py)
 from .experiments import configure_run, load_config, run_experiment_command
 from .models import SMOLLM2_NAMES, load_model
@@ -44,12 +44,15 @@ def _parse_max_n(items: Optional[list[str]]) -> dict[str, int]:
     return out
 
 
-def machine_description(note: str = "") -> str:
-    import torch
+def machine_description(note: str = "", hardware: Optional[str] = None) -> str:
+    """A report's machine, e.g. "2-core CPU (x86_64), no GPU; NOTE": ``hardware`` (default: this machine's CPU
+    cores and GPU), then the note."""
+    if hardware is None:
+        import torch
 
-    cuda = torch.cuda.is_available()
-    desc = f"{os.cpu_count()}-core CPU ({platform.machine()}), {'GPU: ' + torch.cuda.get_device_name(0) if cuda else 'no GPU'}"
-    return desc + (f"; {note}" if note else "")
+        cuda = torch.cuda.is_available()
+        hardware = f"{os.cpu_count()}-core CPU ({platform.machine()}), {'GPU: ' + torch.cuda.get_device_name(0) if cuda else 'no GPU'}"
+    return hardware + (f"; {note}" if note else "")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -60,12 +63,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     configure_run(levels)
 
 
-def _header(args: argparse.Namespace, what: str) -> list[str]:
+def run_facts(args: argparse.Namespace) -> dict:
+    """What a report states of the run: machine, date, torch, threads, python. For a run that measures, this
+    process's; with --report-only, what --out's results.json recorded of the run that measured its cells (the
+    hardware part of its machine, with the machine note of this command; ``bench model``: its latest run record for
+    torch, threads and python; this process's for anything not recorded), so that a rebuild on another day or
+    machine reproduces the report."""
     import torch
 
+    facts = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+    path = os.path.join(args.out, "results.json")
+    if not getattr(args, "report_only", False) or not os.path.exists(path):
+        return facts
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    last_run = (stored.get("runs") or [{}])[-1]
+    facts = {key: stored.get(key, last_run.get(key, value)) for key, value in facts.items()}
+    if stored.get("machine"):
+        facts["machine"] = machine_description(args.machine_note, hardware=stored["machine"].split("; ", 1)[0])
+    return facts
+
+
+def _header(args: argparse.Namespace, what: str, facts: dict) -> list[str]:
     return [f"# {what}", "",
-            f"Machine: {machine_description(args.machine_note)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"Python {platform.python_version()}. Date: {datetime.date.today().isoformat()}.",
+            f"Machine: {facts['machine']}; torch {facts['torch']}, {facts['threads']} threads, "
+            f"Python {facts['python']}. Date: {facts['date']}.",
             f"Command: `hf-sparse-attn bench {' '.join(shlex.quote(a) for a in getattr(args, '_argv', []))}`"
             if getattr(args, "_argv", None) else f"Command: `{' '.join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]])}`"
             + (" (this report was rewritten from the saved results; the same command without --report-only ran the cells)"
@@ -123,7 +148,8 @@ def _run_kernel(args: argparse.Namespace) -> int:
     causal_modes = {"both": [False, True], "causal": [True], "bidirectional": [False]}[args.causal]
     cells = suite_cells(args.inputs, args.ns, causal_modes, args.dtypes)
     header = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": methods, "params": params,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+              "methods": methods, "params": params,
               "max_n": _parse_max_n(args.max_n), "device": args.device}
     if not args.report_only:
         results = run_kernel_suite(args.out, cells, methods, repeats=args.repeats, warmup=args.warmup, params=params,
@@ -134,7 +160,7 @@ def _run_kernel(args: argparse.Namespace) -> int:
 
         with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
             results = json.load(f)
-    lines = _header(args, "Kernel benchmark: every method vs torch SDPA on the same inputs")
+    lines = _header(args, "Kernel benchmark: every method vs torch SDPA on the same inputs", run_facts(args))
     lines += ["", "Time = median of the repeats (spread = max - min), method and SDPA alternated on every repeat. Useful GFLOP/s = "
               "4*B*H*N^2*D (halved for causal) / time. Rel. error = ||out - ref||_F / ||ref||_F with ref = SDPA in fp32 on the "
               "same inputs; 'SDPA err' is SDPA's own error in the cell's dtype (0 in fp32); load = 1-minute load average after the cell. Method parameters: "
@@ -200,6 +226,14 @@ def _run_model(args: argparse.Namespace, shard) -> int:
     if shard is not None and args.report_only:
         print("--report-only reads every shard's results file: give it without --shard", file=sys.stderr)
         return 2
+    try:
+        from ..validation import check_decode
+
+        decode = decode_arguments(args)
+        check_decode(decode["decode_method"], decode["decode_params"])
+    except ValueError as err:
+        print(f"--decode-method / --decode-param: {err}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     model, tokenizer = load_model(args.model, args.trust_remote_code, dtype=torch.float32, causal_lm=True)
     model_name = ("SmolLM2-135M-Instruct (real weights, fp32)" if args.model.lower() in SMOLLM2_NAMES
@@ -222,7 +256,9 @@ def _run_model(args: argparse.Namespace, shard) -> int:
     # the calibration article for select=measured: the last long-enough article, never one of the scored ones
     calibration_title, calibration_text = next(
         (t, x) for t, x in reversed(articles) if len(tokenizer(x).input_ids) >= args.calibration_tokens)
-    header = _header(args, f"Model benchmark: patched {model_name.split(' (')[0]} on Wikipedia, prefill time and perplexity")
+    facts = run_facts(args)
+    header = _header(args, f"Model benchmark: patched {model_name.split(' (')[0]} on Wikipedia, prefill time and perplexity",
+                     facts)
     if not args.report_only:
         cache: dict[int, list] = {}
 
@@ -250,16 +286,17 @@ def _run_model(args: argparse.Namespace, shard) -> int:
         other_results = results_files(args.out)
         run_grid(model, cells, texts_for, results_file, other_results=other_results,
                  method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
-                 profile=not args.no_profile, progress=not args.no_progress, prepare_tokens=prepare)
+                 profile=not args.no_profile, progress=not args.no_progress, prepare_tokens=prepare, decode=decode)
         if args.decode_tokens > 0:
             from ..eval.bench.grid import run_decode_cells
 
             run_decode_cells(model, cells, texts_for, results_file, steps=args.decode_tokens,
                              cell_cache=args.decode_cache, baseline_cache=args.decode_baseline_cache,
                              method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
-                             other_results=other_results, progress=not args.no_progress, prepare_tokens=prepare)
+                             other_results=other_results, progress=not args.no_progress, prepare_tokens=prepare,
+                             **decode)
     ranking = rank_layers(model)
-    extra = {"machine": machine_description(args.machine_note), "date": datetime.date.today().isoformat(),
+    extra = {"machine": facts["machine"], "date": facts["date"],
              "model": model_name, "num_layers": num_layers, "rope_scaling": args.rope_scaling,
              "concat_articles": args.concat_articles,
              "weight_norm_order": ranking.order, "calibration_article": calibration_title,

@@ -88,6 +88,14 @@ def add_kernel_and_model_levels(levels: argparse._SubParsersAction) -> None:
     model.add_argument("--decode-baseline-cache", choices=["dynamic", "growing"], default=None,
                        help="the exact model's KV cache in the decode comparison (default: --decode-cache); with "
                             "--layers 0 and another --decode-cache this measures one cache against the other")
+    model.add_argument("--decode-method", default="exact",
+                       help="what the patched layers of the cells run on the --decode-tokens steps against the KV "
+                            "cache (patch_model's decode_method): exact (default), local, lsh, quest "
+                            "(hf_sparse_attn.list_decode_methods(); lsh and quest need --decode-cache growing, with a "
+                            "DynamicCache it falls back to the model's attention), or 'none' (the model's own "
+                            "attention); recorded with each decode record, a rerun with another one measures again")
+    model.add_argument("--decode-param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a parameter of --decode-method, repeatable (e.g. --decode-param window=512)")
     model.add_argument("--concat-articles", action="store_true",
                        help="texts made of consecutive articles joined until N tokens (for N longer than any article); "
                             "default: whole articles with >= N tokens")

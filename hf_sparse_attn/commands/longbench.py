@@ -34,7 +34,7 @@ from typing import Any
 
 from ..eval.longbench.tasks import LONGBENCH_E_TASKS, LONGBENCH_TASKS, OFFLINE_KINDS, get_task
 from ..eval.plan_counts import COUNTS_FILE
-from .arguments import add_patch_arguments, decode_arguments
+from .arguments import add_patch_arguments, decode_arguments, decode_settings
 from .arguments import parse_params as _parse_params
 from .models import check_local_or_hub, model_name
 
@@ -182,7 +182,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         "layers": args.layers if patched and not args.plan else None,
         "select": args.select if patched and not args.plan else None,
         "params": parse_params(args.param) if patched else {},
-        **(decode_arguments(args) if patched and not args.plan else {}),
+        **(decode_settings(args) if patched and not args.plan else {}),
         "seed": args.seed, "max_length": args.max_length, "max_new_tokens_cap": args.max_new_tokens,
         "chat_template": not args.no_chat_template,
     }

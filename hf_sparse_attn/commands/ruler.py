@@ -42,7 +42,7 @@ import time
 from typing import Any, Optional
 
 from ..eval.plan_counts import COUNTS_FILE
-from .arguments import add_patch_arguments, decode_arguments, parse_params
+from .arguments import add_patch_arguments, decode_arguments, decode_settings, parse_params
 from .models import SMOLLM2_NAMES, add_model_arguments
 
 PART_FILE = re.compile(r"^\.ruler-shard-(?P<rank>\d{2,})-of-(?P<world>\d{2,})\.(?P<task>[a-z0-9_]+)\.jsonl$")
@@ -291,8 +291,7 @@ def run(args: argparse.Namespace) -> int:
         "select": args.select if patched and not args.plan else None,
         "plan": {"path": os.path.abspath(args.plan), "sha1": _file_sha(args.plan)} if args.plan else None,
         "params": params,
-        **({"decode_method": parsed["decode"]["decode_method"], "decode_params": parsed["decode"]["decode_params"]}
-           if patched and not args.plan else {}),
+        **(decode_settings(args) if patched and not args.plan else {}),
         "seed": args.seed,
         "lengths": lengths,
         "tasks": tasks,

@@ -11,6 +11,7 @@ from . import hyper, sparse_hyper  # noqa: F401  (register "hyper", "sparse_hype
 from . import local  # noqa: F401  (registers "local": attention sinks + local window)
 from . import block_select  # noqa: F401  (registers "block_select": sinks + window + selected key blocks)
 from .decode import get_decode_method, get_decode_spec, list_decode_methods, register_decode_method
+from . import decode_pages  # noqa: F401  (registers the decode method "quest")
 from .decode_index import DecodeIndex
 from .kv_buffer import KVBuffer
 

@@ -415,6 +415,7 @@ register_method(
         "min_seq_len": Param(kind=int, low=1, help="the adapter runs exact attention below this length"),
     },
     check=check_block_select,
+    min_seq_len_param="min_seq_len",
     source="MInference (Jiang et al. 2024, vertical index from the last queries); MoBA (Lu et al. 2025, top-k blocks "
            "by pooled keys); StreamingLLM (Xiao et al. 2023, sinks + window)",
     summary="attention sinks + exact local window + selected key blocks (causal prefill), merged via lse",

@@ -1,4 +1,5 @@
-"""Decode-step attention over a KV cache: the decode-method contract, its registry and three methods.
+"""Decode-step attention over a KV cache: the decode-method contract, its registry and three methods
+(a fourth, ``quest``, registers from decode_pages.py).
 
 Every prefill method (registry.py) serves self-attention only; decode steps (q_len != kv_len) go to exact attention
 with the KV heads expanded. This module is the tensor-level half of serving them (docs/methods/decode.md):

@@ -275,6 +275,7 @@ register_method(
         "min_seq_len": Param(kind=int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
     },
     check=feature_sketch_check,
+    min_seq_len_param="min_seq_len",
     source="Deng, Mahadevan & Song, Theorems 3.5/3.6, Algorithms 1-2, Lemma 5.2, Definition 5.3, Theorem 4.2",
     summary="sparsify the feature columns of [Q; K] (d >> n) by leverage scores or a deterministic spectral sparsifier",
 )

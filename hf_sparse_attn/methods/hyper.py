@@ -162,6 +162,7 @@ register_method(
     hyper_attention,
     params=HYPER_PARAMS,
     check=check_sorted_lsh,
+    min_seq_len_param="min_seq_len",
     source="HyperAttention (Han et al. 2023), Algorithms 1-3; causal recursion",
     summary="sortLSH block diagonal + uniformly sampled residual, merged via lse",
 )

@@ -1033,6 +1033,7 @@ register_method(
         "check_rows": Param(kind=int, low=1, high=MAX_TOKENS, help="regime check: query rows sampled to estimate the tail/head ratio"),
     },
     check=kmv_check,
+    min_seq_len_param="min_seq_len",
     source="Indyk, Kapralov, Sheth, Wagner, Algorithms 1-3, Definition 3.1, Lemmas 3.2-3.5, 4.1, A.1.4",
     summary="attention as Gaussian-kernel matrix-vector products: exact heavy values, LSH heavy keys, sampled light keys",
 )

@@ -93,6 +93,7 @@ register_method(
         "min_seq_len": Param(kind=int, low=1, high=MAX_TOKENS, help="the adapter runs exact attention below this length"),
     },
     check=check_local,
+    min_seq_len_param="min_seq_len",
     source="StreamingLLM (Xiao et al. 2023, attention sinks + window); MInference's A-shape pattern",
     summary="attention sinks + exact local window, merged via lse",
 )

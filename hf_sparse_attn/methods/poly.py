@@ -355,6 +355,7 @@ register_method(
         "min_seq_len": Param(kind=int, low=0, high=MAX_TOKENS, help="below this many keys: exact attention"),
     },
     check=poly_check,
+    min_seq_len_param="min_seq_len",
     source="Alman & Song, Algorithm 1, Lemmas 3.2-3.6, Corollary 2.2",
     summary="low-rank attention from a degree-g polynomial of exp with explicit symmetric-tensor features",
 )

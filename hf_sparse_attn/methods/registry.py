@@ -171,7 +171,8 @@ class MethodSpec:
     # are needed the adapter runs exact attention instead and the plan counts NO_GRADIENT_REASON.
     supports_grad: bool = True
     # The parameter that holds the length below which the adapter's decision runs exact attention instead (None: the
-    # method has no such threshold). The decision reads it through :meth:`min_seq_len`, never by a name of its own.
+    # method has no such threshold); register_method's ``min_seq_len_param`` sets it. The decision reads it through
+    # :meth:`min_seq_len`, never by a name of its own.
     min_seq_len_param: Optional[str] = "min_seq_len"
 
     def min_seq_len(self, params: dict[str, Any]) -> int:
@@ -199,6 +200,8 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+# register_method's default min_seq_len_param: the parameter named "min_seq_len" when the method declares one, else none
+_BY_NAME: Any = object()
 
 
 def register_method(
@@ -210,6 +213,7 @@ def register_method(
     source: str = "",
     summary: str = "",
     supports_grad: bool = True,
+    min_seq_len_param: Optional[str] = _BY_NAME,
     overwrite: bool = False,
 ) -> MethodSpec:
     """Register ``fn`` (the contract in this module's docstring) under ``name``.
@@ -218,6 +222,10 @@ def register_method(
     default is the one of ``fn``'s signature (:func:`params_with_defaults`).
     ``supports_grad``: False declares that ``fn`` has no usable backward; the adapter then runs exact attention
     whenever autograd needs the gradient of the attention inputs (and the plan records why).
+    ``min_seq_len_param``: the declared int parameter that holds the method's minimum sequence length: the adapter's
+    decision runs exact attention for a call with fewer keys, counted as ``seq_len < min_seq_len=N``
+    (:attr:`MethodSpec.min_seq_len_param`). None: no threshold. Left out: the parameter ``min_seq_len`` if the method
+    declares one, else none. A name that is not a declared int parameter is a ValueError naming the parameters.
     """
     if not isinstance(supports_grad, bool):
         raise TypeError(f"method {name!r}: supports_grad must be a bool, got {supports_grad!r}")
@@ -232,8 +240,14 @@ def register_method(
         if required not in signature.parameters and not accepts_kwargs:
             raise TypeError(f"method {name!r}: its function must take the keyword {required!r} (see the method contract)")
     params = params_with_defaults(f"method {name!r}", fn, params)
+    if min_seq_len_param is _BY_NAME:
+        min_seq_len_param = "min_seq_len" if "min_seq_len" in params else None
+    elif min_seq_len_param is not None and (min_seq_len_param not in params or params[min_seq_len_param].kind is not int):
+        declared = ", ".join(f"{p} ({param.kind.__name__})" for p, param in params.items()) or "none"
+        raise ValueError(f"method {name!r}: min_seq_len_param={min_seq_len_param!r} must name one of its declared int "
+                         f"parameters; its parameters: {declared}")
     spec = MethodSpec(name=name, fn=fn, params=params, check=check, source=source, summary=summary,
-                      supports_grad=supports_grad)
+                      supports_grad=supports_grad, min_seq_len_param=min_seq_len_param)
     _REGISTRY[name] = spec
     return spec
 

@@ -212,6 +212,7 @@ register_method(
     sparse_hyper_attention,
     params=_PARAMS,
     check=check_sorted_lsh,
+    min_seq_len_param="min_seq_len",
     source="Attention is Naturally Sparse with Gaussian Distributed Input, Algorithm 1, Definitions 5.2-5.3",
     summary="sortLSH block diagonal only, scaled by the estimated k-sparsity error",
 )

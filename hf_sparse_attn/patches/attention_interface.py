@@ -159,6 +159,7 @@ class AttentionInterfaceAdapter:
     """BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2, GLM, GLM-4 (and every model with the same attention layout)."""
 
     name = "attention_interface"
+    uses_transformers_cache = True
     families = "BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2, GLM, GLM-4"
 
     def matches(self, model: torch.nn.Module) -> bool:

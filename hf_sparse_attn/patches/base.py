@@ -65,6 +65,9 @@ class Adapter(Protocol):
     """The protocol an architecture adapter follows (see docs/adapters.md)."""
 
     name: str
+    # True when the model keeps its KV cache in transformers' Cache objects, so that generation_cache(model) may hand
+    # it a GrowingCache (absent: False, the model's own cache serves; decode methods without an index still run)
+    uses_transformers_cache: bool
 
     def matches(self, model: torch.nn.Module) -> bool: ...
 

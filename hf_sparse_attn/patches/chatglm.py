@@ -41,6 +41,7 @@ LAYOUTS = ("auto", "seq_first", "batch_first")
 
 class ChatGLMAdapter:
     name = "chatglm"
+    uses_transformers_cache = False  # the remote code keeps its own (tuple) cache
     families = "ChatGLM2, ChatGLM3 (remote code)"
 
     def __init__(self, chatglm_layout: str = "auto"):

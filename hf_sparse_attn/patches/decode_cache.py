@@ -158,6 +158,14 @@ def cache_layer_of(keys: torch.Tensor) -> Optional[GrowingLayer]:
     return None if ref is None else ref()
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword a model's forward and ``generate`` take the KV cache by: ``cache`` (transformers releases after
+    5.x renamed it; ``past_key_values`` still works there with a FutureWarning) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class GrowingCache(DynamicCache):
     """A ``DynamicCache`` whose full-attention layers append into buffers that grow by doubling (:class:`GrowingLayer`)
     instead of ``torch.cat`` (a copy of the whole layer per step).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import uuid
@@ -156,10 +157,13 @@ def selection_order_measured(model: torch.nn.Module, calibration_ids: torch.Tens
     return selection_order(rank_layers(model), "measured", measured_scores=scores)
 
 
-def _patch_for(model: torch.nn.Module, cell: Cell, method_params: dict, measured_order: Optional[list[int]]):
+def _patch_for(model: torch.nn.Module, cell: Cell, method_params: dict, measured_order: Optional[list[int]],
+               decode: Optional[dict] = None):
+    """Patch ``model`` as ``cell`` says; ``decode``: patch_model's ``decode_method`` / ``decode_params`` (default:
+    patch_model's own)."""
     from ... import patch_model
 
-    params = dict(method_params.get(cell.method, {}))
+    params = {**method_params.get(cell.method, {}), **(decode or {})}
     if cell.select == "measured":
         if measured_order is None:
             raise ValueError("select 'measured' needs the measured sparsity order (calibration text)")
@@ -171,9 +175,10 @@ def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torc
              method_params: Optional[dict[str, dict]] = None, measured_order: Optional[list[int]] = None,
              scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll,
              done_articles: Optional[dict[str, dict]] = None,
-             on_article: Optional[Callable[[dict], None]] = None) -> dict:
+             on_article: Optional[Callable[[dict], None]] = None, decode: Optional[dict] = None) -> dict:
     """Run one cell on every text (the model is patched for the cell and unpatched after). Returns the record
-    (without the run fields: see :func:`run_grid`).
+    (without the run fields: see :func:`run_grid`). ``decode``: patch_model's ``decode_method`` / ``decode_params``
+    for the patched layers (the prefill runs without a cache: they only reach the plan).
 
     ``done_articles``: title -> article record (``{"title", "nll_sum", "tokens", "prefill_s", ...}``) finished by an
     earlier, interrupted run of this cell: reused, not recomputed. ``on_article`` is called with each newly
@@ -183,7 +188,7 @@ def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torc
     for _, ids in texts:
         if ids.shape[1] != cell.tokens:
             raise ValueError(f"a text has {ids.shape[1]} tokens; cell {cell.key} needs {cell.tokens}")
-    plan = None if cell.is_baseline else _patch_for(model, cell, method_params or {}, measured_order)
+    plan = None if cell.is_baseline else _patch_for(model, cell, method_params or {}, measured_order, decode)
     per_article = []
     load_before = os.getloadavg()[0]
     try:
@@ -228,8 +233,9 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
              measured_order_for: Optional[Callable[[], list[int]]] = None, profile: bool = True,
              scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll, progress: bool = True,
              run_info: Optional[dict] = None, prepare_tokens: Optional[Callable[[int], None]] = None,
-             other_results: Sequence[str] = ()) -> list[dict]:
+             other_results: Sequence[str] = (), decode: Optional[dict] = None) -> list[dict]:
     """Run every cell not yet in ``out_path`` and append its record. Returns all records of the file afterwards.
+    ``decode``: patch_model's ``decode_method`` / ``decode_params`` for the patched cells (see :func:`run_cell`).
 
     ``prepare_tokens(n)``, when given, is called before the cells of each context length n run (e.g. to scale the
     model's RoPE to n: the baseline and every cell of that n then use the same model).
@@ -310,7 +316,7 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
                 bar.set_postfix_str(f"{key} article {article['title'][:20]}")
 
             record = run_cell(model, cell, texts, method_params=method_params, measured_order=measured_order, scorer=scorer,
-                              done_articles=partial.get(cell.key), on_article=on_article)
+                              done_articles=partial.get(cell.key), on_article=on_article, decode=decode)
             base_times = {a["title"]: a["prefill_s"] for a in baselines[n]["per_article"] if not a.get("resumed")}
             timed_here = [a for a in record["per_article"] if not a.get("resumed")]
             base_s = sum(base_times[a["title"]] for a in timed_here)
@@ -324,35 +330,59 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     return read_jsonl(out_path)
 
 
+def decode_setting(record: dict) -> tuple[Optional[str], str]:
+    """(decode method, its parameters as sorted JSON) of a ``"kind": "decode"`` record: what the patched layers ran
+    on the decode steps. A record without the fields (made before bench model had --decode-method) measured the
+    model's own attention there: (None, "{}")."""
+    return record.get("decode_method"), json.dumps(record.get("decode_params") or {}, sort_keys=True)
+
+
 def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Callable[[int], Sequence[tuple[str, torch.Tensor]]],
                      out_path: str, *, steps: int, cell_cache: str = "dynamic", baseline_cache: Optional[str] = None,
                      method_params: Optional[dict] = None, measured_order_for: Optional[Callable[[], list[int]]] = None,
                      other_results: Sequence[str] = (), progress: bool = True,
-                     prepare_tokens: Optional[Callable[[int], None]] = None) -> list[dict]:
+                     prepare_tokens: Optional[Callable[[int], None]] = None, decode_method: Optional[str] = "exact",
+                     decode_params: Optional[dict] = None) -> list[dict]:
     """``bench model --decode-tokens``: for every cell (:class:`hf_sparse_attn.eval.bench.grid.Cell`; the baseline
     cell too) and every text of its N, :func:`compare_decode` of the exact model with ``baseline_cache`` (default:
-    ``cell_cache``) against the cell's model (patched as the cell says) with ``cell_cache``, the order alternating
-    from text to text. Appends one ``"kind": "decode"`` record per cell to ``out_path`` and returns the new records;
-    a cell with such a record for the same steps and caches (in ``out_path`` or ``other_results``) is skipped.
-    ``prepare_tokens(n)`` is called before the cells of each N (as in ``run_grid``, e.g. RoPE scaling).
+    ``cell_cache``) against the cell's model (patched as the cell says, its layers running ``decode_method`` with
+    ``decode_params`` on the steps against the cache: patch_model's arguments) with ``cell_cache``, their steps
+    alternating (the cell's first on every other text). Appends one ``"kind": "decode"`` record per cell to
+    ``out_path`` and returns the new records; a cell with such a record for the same steps, caches and decode setting (in ``out_path`` or
+    ``other_results``) is skipped. The baseline cell is the unpatched model on both sides: its decode setting is
+    None whatever ``decode_method`` says. ``prepare_tokens(n)`` is called before the cells of each N (as in
+    ``run_grid``, e.g. RoPE scaling).
 
     Record: {"kind": "decode", "key", "method", "tokens", "layers", "select", "seed", "decode_tokens",
-    "cache", "baseline_cache" (class names), "per_article": [{"title", "baseline_ms", "cell_ms" (medians),
-    "baseline_step_ms", "cell_step_ms", "same_tokens", "cell_tokens"}], "baseline_median_ms", "cell_median_ms" (the
-    means of the per-text medians), "speedup" (sum of baseline medians / sum of cell medians), "speedup_ci" (95%
-    bootstrap over texts), "baseline_tokens_per_s", "cell_tokens_per_s", "load_avg_1min"}."""
+    "cache", "baseline_cache" (class names), "decode_method" (None: the model's own attention), "decode_params"
+    (filled in with the method's defaults), "served" (prefill calls the cell's method served), "decode_served"
+    (calls against the cache its decode method served), "fallbacks" (reason -> calls that ran the model's
+    attention; counts summed over the texts, 0 / {} for the baseline), "per_article": [{"title", "baseline_ms",
+    "cell_ms" (medians), "baseline_step_ms", "cell_step_ms", "same_tokens", "cell_tokens"}], "baseline_median_ms",
+    "cell_median_ms" (the means of the per-text medians), "speedup" (sum of baseline medians / sum of cell medians),
+    "speedup_ci" (95% bootstrap over texts), "baseline_tokens_per_s", "cell_tokens_per_s", "load_avg_1min"}."""
+    import collections
     import os
 
     from tqdm import tqdm
 
-    from ... import unpatch_model
+    from ... import current_plan, unpatch_model
+    from ...validation import check_decode
     from .results import append_jsonl, read_jsonl
 
     baseline_cache = baseline_cache or cell_cache
     names = (DECODE_CACHE_NAMES[cell_cache], DECODE_CACHE_NAMES[baseline_cache])
-    done = {r["key"] for path in {*other_results, out_path} for r in read_jsonl(path)
+    resolved = check_decode(decode_method, decode_params)  # an unknown method or parameter fails before any prefill
+    patched_setting = {"decode_method": decode_method, "decode_params": resolved}
+    unpatched_setting = {"decode_method": None, "decode_params": {}}
+
+    def setting(cell: Any) -> dict:
+        return unpatched_setting if cell.is_baseline else patched_setting
+
+    done = {(r["key"], decode_setting(r)) for path in {*other_results, out_path} for r in read_jsonl(path)
             if r.get("kind") == "decode" and r.get("decode_tokens") == steps and (r.get("cache"), r.get("baseline_cache")) == names}
-    todo = sorted((c for c in cells if c.key not in done), key=lambda c: c.tokens)  # stable: baselines stay first
+    todo = sorted((c for c in cells if (c.key, decode_setting(setting(c))) not in done),
+                  key=lambda c: c.tokens)  # stable: baselines stay first
     prepared = None
     measured_order: Optional[list[int]] = None
     new = []
@@ -362,12 +392,19 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
             prepared = cell.tokens
         if cell.select == "measured" and measured_order is None and measured_order_for is not None:
             measured_order = list(measured_order_for())
+        counts = {"served": 0, "decode_served": 0, "fallbacks": collections.Counter()}
         enter = exit_ = None
         if not cell.is_baseline:
             def enter(cell=cell) -> None:
-                _patch_for(model, cell, method_params or {}, measured_order)
+                _patch_for(model, cell, method_params or {}, measured_order,
+                           {"decode_method": decode_method, "decode_params": decode_params})
 
-            def exit_() -> None:
+            def exit_() -> None:  # the counts of the plan of this text, then unpatch
+                plan = current_plan(model)
+                for i in plan.patched_layers:
+                    counts["served"] += plan.layer(i).served
+                    counts["decode_served"] += plan.layer(i).decode_served
+                counts["fallbacks"].update(plan.fallback_counts())
                 unpatch_model(model)
         load_before = os.getloadavg()[0]
         per_article = []
@@ -381,7 +418,9 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
         mine = [a["cell_ms"] for a in per_article]
         record = {"kind": "decode", "key": cell.key, "method": cell.method, "tokens": cell.tokens, "layers": cell.layers,
                   "select": cell.select, "seed": cell.seed, "decode_tokens": steps, "cache": names[0],
-                  "baseline_cache": names[1], "per_article": per_article,
+                  "baseline_cache": names[1], **setting(cell), "served": counts["served"],
+                  "decode_served": counts["decode_served"], "fallbacks": dict(counts["fallbacks"]),
+                  "per_article": per_article,
                   "baseline_median_ms": sum(base) / len(base), "cell_median_ms": sum(mine) / len(mine),
                   "speedup": sum(base) / sum(mine), "speedup_ci": list(ratio_interval(base, mine)),
                   "baseline_tokens_per_s": 1e3 * len(base) / sum(base), "cell_tokens_per_s": 1e3 * len(mine) / sum(mine),

@@ -187,23 +187,16 @@ DECODE_CACHE_NAMES = {"dynamic": "DynamicCache", "growing": "GrowingCache"}
 
 def new_decode_cache(kind: str, model: torch.nn.Module) -> Any:
     """An empty cache of ``kind``: "dynamic" (transformers' ``DynamicCache``, appends with ``torch.cat``) or "growing"
-    (:class:`hf_sparse_attn.decode_cache.GrowingCache`, appends into buffers that grow by doubling)."""
+    (:class:`hf_sparse_attn.GrowingCache`, appends into buffers that grow by doubling)."""
     from transformers import DynamicCache
 
-    from ...decode_cache import GrowingCache
+    from ...patches.decode_cache import GrowingCache
 
     if kind == "dynamic":
         return DynamicCache(config=model.config)
     if kind == "growing":
         return GrowingCache(model.config)
     raise ValueError(f"decode cache {kind!r}: choose one of {', '.join(DECODE_CACHES)}")
-
-
-def cache_argument(model: torch.nn.Module) -> str:
-    """The forward's keyword for the cache: ``cache`` (later transformers 5.x releases) or ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def copy_decode_cache(source: Any, kind: str, model: torch.nn.Module) -> Any:
@@ -223,7 +216,9 @@ class _DecodeRun:
         self.mask = torch.ones(1, prompt_tokens, dtype=torch.long)
         self.tokens = [int(first_token)]
         self.step_ms: list[float] = []
-        self._arg = cache_argument(model)
+        from ...patches.decode_cache import cache_keyword
+
+        self._arg = cache_keyword(model)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -240,8 +235,10 @@ class _DecodeRun:
 @torch.no_grad()
 def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """Fill ``cache`` with the prompt (untimed); returns the first generated token [1, 1] (greedy)."""
+    from ...patches.decode_cache import cache_keyword
+
     logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
-                   **{cache_argument(model): cache}).logits
+                   **{cache_keyword(model): cache}).logits
     return logits[:, -1:].argmax(-1)
 
 
@@ -272,36 +269,46 @@ def compare_decode(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, 
                    exit_cell: Optional[Callable[[], None]] = None, cell_first: bool = False) -> dict:
     """Greedy decode of one prompt [1, N] by the baseline (``model`` as it is, ``baseline_cache``) and by the cell
     (the model between ``enter_cell()`` and ``exit_cell()``, e.g. patched, with ``cell_cache``), ``steps`` timed
-    single-token steps each (:func:`time_decode`).
+    single-token steps each (as :func:`time_decode`), the two decodes alternating step by step (``cell_first``: the
+    cell's step first in every pair), so that both sides see the same load of the machine.
 
-    Without ``enter_cell`` both sides are the same model: the prompt is prefilled once and copied into both caches,
-    and the two decodes alternate step by step. Otherwise the whole decodes alternate (``cell_first`` picks the order).
+    Without ``enter_cell`` both sides are the same model: the prompt is prefilled once and copied into both caches.
+    Otherwise each side prefills its own cache (untimed), and the cell's prefill and each of its steps run between
+    an ``enter_cell()`` and an ``exit_cell()`` call, both outside the timed step.
     Returns {"baseline": time_decode's dict, "cell": ..., "speedup": baseline median_ms / cell median_ms,
     "same_tokens": how many leading generated tokens agree}."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or steps < 1:
+        raise ValueError(f"input_ids must be [1, N] and steps >= 1; got {tuple(input_ids.shape)}, {steps}")
+
+    def as_cell(fn: Callable[[], Any]) -> Any:
+        if enter_cell is not None:
+            enter_cell()
+        try:
+            return fn()
+        finally:
+            if exit_cell is not None:
+                exit_cell()
+
+    n = input_ids.shape[1]
     if enter_cell is None:
         shared = new_decode_cache("dynamic", model)
         first = _prefill(model, input_ids, shared)
-        runs = {side: _DecodeRun(model, copy_decode_cache(shared, kind, model), first, input_ids.shape[1])
+        runs = {side: _DecodeRun(model, copy_decode_cache(shared, kind, model), first, n)
                 for side, kind in (("baseline", baseline_cache), ("cell", cell_cache))}
         del shared
-        order = ("cell", "baseline") if cell_first else ("baseline", "cell")
-        for _ in range(steps):
-            for side in order:
-                runs[side].step()
-        out = {"baseline": _summary(runs["baseline"], baseline_cache), "cell": _summary(runs["cell"], cell_cache)}
     else:
-        def cell() -> dict:
-            enter_cell()
-            try:
-                return time_decode(model, input_ids, steps, cell_cache)
-            finally:
-                if exit_cell is not None:
-                    exit_cell()
-
-        if cell_first:
-            out = {"cell": cell(), "baseline": time_decode(model, input_ids, steps, baseline_cache)}
-        else:
-            out = {"baseline": time_decode(model, input_ids, steps, baseline_cache), "cell": cell()}
+        base_kv = new_decode_cache(baseline_cache, model)
+        runs = {"baseline": _DecodeRun(model, base_kv, _prefill(model, input_ids, base_kv), n)}
+        cell_kv = new_decode_cache(cell_cache, model)
+        runs["cell"] = _DecodeRun(model, cell_kv, as_cell(lambda: _prefill(model, input_ids, cell_kv)), n)
+    order = ("cell", "baseline") if cell_first else ("baseline", "cell")
+    for _ in range(steps):
+        for side in order:
+            if side == "cell":
+                as_cell(runs["cell"].step)
+            else:
+                runs["baseline"].step()
+    out = {"baseline": _summary(runs["baseline"], baseline_cache), "cell": _summary(runs["cell"], cell_cache)}
     same = 0
     for a, b in zip(out["baseline"]["tokens"], out["cell"]["tokens"]):
         if a != b:

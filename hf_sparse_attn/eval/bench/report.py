@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 from ..store import write_json
 from .goals import evaluate_goals
-from .grid import SELECTIONS
+from .grid import SELECTIONS, decode_setting
 from .measure import amdahl_ceiling, perplexity
 from .results import latest_cells, latest_profiles, read_results
 
@@ -139,33 +139,87 @@ def selections_by_layer_count(comparison: Sequence[dict]) -> list[dict]:
     return out
 
 
+def decode_label(record: dict) -> str:
+    """How a decode table names what a record's patched layers ran on the decode steps: the decode method and its
+    parameters that differ from the method's defaults ("local window=512"), "-" for the model's own attention."""
+    name = record.get("decode_method")
+    if name is None:
+        return "-"
+    params = record.get("decode_params") or {}
+    try:
+        from ...methods.decode import get_decode_spec
+
+        defaults = get_decode_spec(name).resolve_params({})
+    except ValueError:  # a method registered by the process that measured it
+        defaults = {}
+    changed = ", ".join(f"{k}={v}" for k, v in params.items() if k not in defaults or defaults[k] != v)
+    return f"{name} {changed}" if changed else name
+
+
 def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
     """The ``"kind": "decode"`` records (``bench model --decode-tokens``, the latest per cell and setting) and the
     report section on them: ms per generated token and tokens/s of the exact model and of each cell, the speed-up
-    with its bootstrap interval over articles, and the cache kinds."""
+    with its bootstrap interval over articles, and the cache kinds. When some record's patched layers ran a decode
+    method (``bench model --decode-method``: records that name their decode setting), the table also names it, the
+    calls it served and the cell's first step, and the parameters of each method are listed below it."""
     latest: dict[tuple, dict] = {}
     for r in records:
         if r.get("kind") == "decode":
-            latest[(r["key"], r["decode_tokens"], r["cache"], r["baseline_cache"])] = r
-    rows = sorted(latest.values(), key=lambda r: (r["tokens"], r["layers"] > 0, r["method"], r["layers"], r["select"], r["seed"]))
+            latest[(r["key"], r["decode_tokens"], r["cache"], r["baseline_cache"], decode_setting(r))] = r
+    rows = sorted(latest.values(), key=lambda r: (r["tokens"], r["layers"] > 0, r["method"], r["layers"], r["select"],
+                                                  r["seed"], decode_label(r)))
     if not rows:
         return [], []
+    # records that name their decode setting (bench model --decode-method) get its columns; a directory of older
+    # records alone keeps the report it had
+    with_decode = any("decode_method" in r for r in rows)
+    alternation = ("The exact model and the cell alternate step by step, each from its own untimed prefill (one shared "
+                   "prefill when both are the unpatched model); the cell's model is patched for its prefill and each of "
+                   "its steps and unpatched after, outside the timed step (records made before the decode method was "
+                   "recorded alternated whole decodes, article by article)." if with_decode else
+                   "The exact model and the cell alternate article by article (step by step when both are the unpatched "
+                   "model, from one shared prefill).")
     lines = ["", "## Decode: time per generated token after the prompt", "",
              "Each article is prefilled (untimed) and then decoded greedily one token per step; ms/token = median over "
              "the steps, averaged over the articles; speed-up = sum of the exact model's medians / sum of the cell's, "
-             "with a 95% bootstrap interval over articles. The exact model and the cell alternate article by article "
-             "(step by step when both are the unpatched model, from one shared prefill). 'same tokens' = leading generated "
-             "tokens equal to the exact model's, summed over articles.", "",
-             "| N | method | layers | select | seed | steps | exact: cache | exact ms/token | cell: cache | cell ms/token | "
-             "tokens/s exact / cell | speed-up | same tokens | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"with a 95% bootstrap interval over articles. {alternation} 'same tokens' = leading generated "
+             "tokens equal to the exact model's, summed over articles."
+             + (" 'decode' = what the cell's patched layers ran on the steps against the cache ('-': the model's own "
+                "attention; the exact baseline row is the unpatched model; parameters other than the method's "
+                "defaults follow its name); 'decode served' = the calls against the "
+                "cache the decode method served, with the calls that fell back to the model's attention and why; "
+                "'cell 1st step ms' = the cell's first timed step, averaged over the articles (a decode method that "
+                "builds an index of the cached keys builds it there)." if with_decode else ""), ""]
+    if with_decode:
+        lines += ["| N | method | layers | select | seed | decode | steps | exact: cache | exact ms/token | cell: cache | "
+                  "cell ms/token | cell 1st step ms | tokens/s exact / cell | speed-up | same tokens | decode served | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| N | method | layers | select | seed | steps | exact: cache | exact ms/token | cell: cache | cell ms/token | "
+                  "tokens/s exact / cell | speed-up | same tokens | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["speedup_ci"]
         same = sum(a["same_tokens"] for a in r["per_article"])
         total = sum(len(a["cell_tokens"]) for a in r["per_article"])
-        lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['decode_tokens']} | "
-                     f"{r['baseline_cache']} | {r['baseline_median_ms']:.1f} | {r['cache']} | {r['cell_median_ms']:.1f} | "
-                     f"{r['baseline_tokens_per_s']:.2f} / {r['cell_tokens_per_s']:.2f} | {r['speedup']:.3f}x [{lo:.3f}, {hi:.3f}] | "
-                     f"{same}/{total} | {'/'.join(f'{x:.1f}' for x in r['load_avg_1min'])} |")
+        load = "/".join(f"{x:.1f}" for x in r["load_avg_1min"])
+        if with_decode:
+            first = sum(a["cell_step_ms"][0] for a in r["per_article"]) / len(r["per_article"])
+            falls = "; ".join(f"{reason}: {n}" for reason, n in sorted((r.get("fallbacks") or {}).items()))
+            served = "-" if r["layers"] == 0 else f"{r.get('decode_served', 0)}" + (f" (fallback {falls})" if falls else "")
+            lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | "
+                         f"{decode_label(r)} | {r['decode_tokens']} | {r['baseline_cache']} | "
+                         f"{r['baseline_median_ms']:.1f} | {r['cache']} | {r['cell_median_ms']:.1f} | {first:.1f} | "
+                         f"{r['baseline_tokens_per_s']:.2f} / {r['cell_tokens_per_s']:.2f} | {r['speedup']:.3f}x [{lo:.3f}, {hi:.3f}] | "
+                         f"{same}/{total} | {served} | {load} |")
+        else:
+            lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['decode_tokens']} | "
+                         f"{r['baseline_cache']} | {r['baseline_median_ms']:.1f} | {r['cache']} | {r['cell_median_ms']:.1f} | "
+                         f"{r['baseline_tokens_per_s']:.2f} / {r['cell_tokens_per_s']:.2f} | {r['speedup']:.3f}x [{lo:.3f}, {hi:.3f}] | "
+                         f"{same}/{total} | {load} |")
+    params = {decode_label(r): r["decode_params"] for r in rows if r.get("decode_method") is not None}
+    if params:
+        lines += ["", "Decode parameters (all of them): " + "; ".join(
+            f"{label}: " + (", ".join(f"{k}={v}" for k, v in p.items()) or "none") for label, p in sorted(params.items())) + "."]
     return rows, lines
 
 

@@ -116,11 +116,12 @@ def generate_one(model, tokenizer, spec: TaskSpec, inputs: dict) -> str:
         kwargs["eos_token_id"] = [t for t in (eos, newline_token_id(tokenizer)) if t is not None]
         kwargs["min_new_tokens"] = 1  # official: min_length = context_length + 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    from ...patches.decode_cache import cache_keyword
     from ...patching import generation_cache
 
     cache = generation_cache(model)  # a GrowingCache where a decode method keeps its index with the cache
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[cache_keyword(model)] = cache
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad, **kwargs)
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 

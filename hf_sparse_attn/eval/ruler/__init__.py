@@ -46,10 +46,11 @@ def predict(model, tokenizer, sample: RulerSample, *, chat_template: bool = True
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    from ...patches.decode_cache import cache_keyword
     from ...patching import generation_cache
 
     cache = generation_cache(model)  # a GrowingCache where a decode method keeps its index with the cache
-    extra = {} if cache is None else {"past_key_values": cache}
+    extra = {} if cache is None else {cache_keyword(model): cache}
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=sample.max_new_tokens, do_sample=False, num_beams=1,
