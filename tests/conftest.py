@@ -85,7 +85,7 @@ REAL_FIXTURES = {"smollm2", "minilm", "wiki_article_text"}
 #    test's name without its parameters; a name alone marks the whole file). A new such test goes here or carries
 #    @pytest.mark.integration itself.
 REAL_TESTS = {
-    "test_demo.py": {"test_demo_ranks_patches_half_checks_and_reports"},
+    "test_demo.py": {"test_demo_ranks_patches_the_recommended_plan_checks_and_reports"},
     "test_readme.py": {"test_readme_usage_example_runs", "test_readme_load_and_lm_eval_examples_run"},
     "test_chatglm_remote.py": {"test_bench_model_runs_chatglm_only_with_the_opt_in"},
     "test_experiments.py": {"test_two_shards_make_the_cells_of_one_whole_run"},  # `bench run`: Wikipedia articles

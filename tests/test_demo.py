@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from hf_sparse_attn.eval.plots import plot_demo
 
 
 @pytest.mark.slow
-def test_demo_ranks_patches_half_checks_and_reports(tmp_path):
+def test_demo_ranks_patches_the_recommended_plan_checks_and_reports(tmp_path):
     argv = [sys.executable, "-m", "hf_sparse_attn.cli", "demo", "--tokens", "2048", "--check-tokens", "256",
             "--plan-out", "plan.json", "--plot-out", "demo.png"]
     result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900,
@@ -23,20 +24,25 @@ def test_demo_ranks_patches_half_checks_and_reports(tmp_path):
     assert "(OK, limit 1e-5); unpatched bit-identical: True" in out  # the exactness check passed
     plan = json.loads((tmp_path / "plan.json").read_text())
     layers = sorted(plan["layers"], key=lambda entry: entry["layer_idx"])
-    patched = [e for e in layers if e["method"] == "sparse_hyper"]
-    norms = sorted((e["weight_norm"] for e in layers), reverse=True)
-    assert len(patched) == 15 and sorted(e["weight_norm"] for e in patched) == sorted(norms[:15])  # half, largest R
-    # at 2048 tokens sparse_hyper's defaults run causal calls exact (below the causal threshold 2 x min_seq_len = 4096), and the plan says
-    # so on every patched layer; so the patched model is the exact model and the table must show the same perplexity
+    patched = [e for e in layers if e["method"] == "block_select"]
+    assert len(patched) == 30  # the recommendation: block_select on every layer
+    assert all(e["decode_method"] == "exact" for e in patched)
+    # at 2048 tokens block_select's defaults run exact (below min_seq_len = 4096), and the plan says so on every patched
+    # layer; so the patched model is the exact model and the table must show the same perplexity
     assert all(e["served"] == 0 and sum(e["fallbacks"].values()) == 1 for e in patched)
-    table = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("exact (sdpa)", "sparse_hyper on"))}
-    (exact_row,), (patched_row,) = ([v for k, v in table.items() if k.startswith(p)] for p in ("exact", "sparse_hyper"))
+    table = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("exact (sdpa)", "block_select on"))}
+    (exact_row,), (patched_row,) = ([v for k, v in table.items() if k.startswith(p)] for p in ("exact", "block_select"))
     assert float(exact_row[-1]) == pytest.approx(float(patched_row[-1]), rel=1e-4)
     assert 5.0 < float(exact_row[-1]) < 60.0  # the real model on real text
     assert "over 2047 scored tokens" in out and "figure to demo.png" in out
     # the timed prefills show progress (issue 32 item 16): one bar per prefill, counting SmolLM2's 30 decoder layers
-    for name in ("exact prefill, 2048 tokens", "sparse_hyper prefill, 2048 tokens"):
+    for name in ("exact prefill, 2048 tokens", "block_select prefill, 2048 tokens"):
         assert f"{name}: 100%" in result.stderr and "30/30" in result.stderr, result.stderr[-2000:]
+    # the pass keys: three asked of both models; below min_seq_len the patched prefill is exact (and its decode is the
+    # exact decode method), so both find the same keys, and the unpatched model finds the one at 50% at 2k
+    found = re.search(r"^found: exact (\d)/3, block_select (\d)/3 ", out, re.M)
+    exact_found, patched_found = int(found[1]), int(found[2])
+    assert exact_found == patched_found >= 1 and "pass keys hidden in" in out, out[-1500:]
     assert (tmp_path / "demo.png").stat().st_size > 20_000
 
 

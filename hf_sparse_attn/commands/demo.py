@@ -1,10 +1,13 @@
 """`hf-sparse-attn demo` (`make demo`): the whole job on a real model (SmolLM2-135M, real Wikipedia text).
 
 1. rank SmolLM2's 30 layers by Q/K weight norm and print the ranking;
-2. patch half of them with `exact` and check that the logits are unchanged (<= 1e-5) and unpatching is bit-identical;
-3. patch the same half with a fast method (default `sparse_hyper`) and print prefill time and perplexity, exact vs patched,
-   on a long real article, with the plan (what ran where, and every fallback); write a figure (R per layer with the
-   patched layers marked; loss along the article, exact vs patched).
+2. patch the fast plan's layers with `exact` and check that the logits are unchanged (<= 1e-5) and unpatching is bit-identical;
+3. patch with a fast plan (default: ``recommended(model)``, the plan the project's measurements recommend; or
+   ``--method`` on ``--layers``) and print prefill time and perplexity, exact vs patched, on a long real article, with
+   the plan (what ran where, and every fallback); write a figure (R per layer with the patched layers marked; loss
+   along the article, exact vs patched);
+4. hide pass keys in a ``--tokens`` prompt (RULER's passkey task) and ask the exact and the patched model for them: a
+   faster model that loses a fact is a wrong answer that perplexity does not show.
 
 Every argument is checked before anything loads (an unknown method is an error, not a skipped step). The timed
 prefills take minutes on a small CPU: a progress bar on stderr counts the decoder layers of each forward pass.
@@ -21,12 +24,19 @@ import sys
 from .arguments import BUILTIN_METHODS, SELECT_PRESETS, one_of
 
 DEMO_SELECTIONS = tuple(s for s in SELECT_PRESETS if s != "measured")  # "measured" needs calibration text
+DEMO_METHODS = ("recommended",) + tuple(BUILTIN_METHODS)
+# RULER passkey samples (seed 0) at depths 10, 20 and 50%: at 8192 tokens the unpatched SmolLM2 finds these keys
+# (4 of the 11 depths 0-100%: eval/results/ruler_frontier_smollm2/exact/8192/passkey.jsonl)
+DEMO_PASSKEY_INDEXES = (1, 2, 5)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="sparse_hyper", type=one_of(BUILTIN_METHODS, "method"),
-                        help=f"fast method of the timed run (default sparse_hyper; one of {', '.join(BUILTIN_METHODS)})")
-    parser.add_argument("--layers", type=float, default=0.5, help="fraction of layers to patch, in (0, 1] (default 0.5)")
+    parser.add_argument("--method", default="recommended", type=one_of(DEMO_METHODS, "method"),
+                        help="fast method of the timed run (default: hf_sparse_attn.recommended(model), its method, "
+                             f"layers and parameters; or one of {', '.join(BUILTIN_METHODS)} with its defaults)")
+    parser.add_argument("--layers", type=float, default=None,
+                        help="fraction of layers to patch, in (0, 1] (default: the recommendation's layers, 0.5 with "
+                             "another --method)")
     parser.add_argument("--select", default="weight_norm", type=one_of(DEMO_SELECTIONS, "selection"),
                         help=f"layer selection (default weight_norm; one of {', '.join(DEMO_SELECTIONS)})")
     parser.add_argument("--tokens", type=int, default=8192,
@@ -36,11 +46,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot-out", default="demo.png",
                         help="where to write the figure: R per layer, loss along the article exact vs patched (default demo.png)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--passkeys", type=int, default=len(DEMO_PASSKEY_INDEXES), choices=range(len(DEMO_PASSKEY_INDEXES) + 1),
+                        help="pass keys (depths 10, 20, 50%%) hidden in a --tokens prompt and asked of the exact and the "
+                             f"patched model (default {len(DEMO_PASSKEY_INDEXES)}; 0: skip)")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """What argparse cannot check, before anything loads."""
-    if not 0 < args.layers <= 1:
+    if args.layers is not None and not 0 < args.layers <= 1:
         raise SystemExit(f"--layers is a fraction of the layers in (0, 1], got {args.layers:g}")
     if args.tokens < 2 or args.check_tokens < 2:
         raise SystemExit(f"--tokens and --check-tokens must be >= 2, got {args.tokens} and {args.check_tokens}")
@@ -87,12 +100,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .. import list_methods, patch_model, rank_layers, unpatch_model
+    from .. import list_methods, patch_model, rank_layers, recommended, unpatch_model
     from ..eval.data import load_smollm2, wikipedia_articles
     from ..eval.perplexity import token_losses_and_time
     from ..eval.plots import plot_demo
 
-    if args.method not in list_methods():  # BUILTIN_METHODS out of date: say so rather than skip
+    if args.method != "recommended" and args.method not in list_methods():  # BUILTIN_METHODS out of date
         raise SystemExit(f"method {args.method!r} is not registered (available: {', '.join(list_methods())})")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,11 +117,20 @@ def run(args: argparse.Namespace) -> int:
 
     ranking = rank_layers(model)
     print(ranking, "\n")
+    if args.method == "recommended":
+        fast = recommended(model)
+        print(f"the recommended plan (hf_sparse_attn.recommended): {fast}\n")
+    else:
+        fast = {"method": args.method, "layers": 0.5}
+    if args.layers is not None:
+        fast["layers"] = args.layers
+    fast["select"] = args.select
+    method = fast["method"]
 
     check = ids[:, : args.check_tokens]
     with torch.no_grad():
         reference = model(check).logits
-        plan = patch_model(model, method="exact", layers=args.layers, select=args.select)
+        plan = patch_model(model, method="exact", layers=fast["layers"], select=args.select)
         diff = (model(check).logits - reference).abs().max().item()
         unpatch_model(model)
         identical = torch.equal(model(check).logits, reference)
@@ -120,25 +142,65 @@ def run(args: argparse.Namespace) -> int:
     ok = relative <= 1e-5 and identical
 
     long_ids = ids[:, : args.tokens]
-    print(f"timing two prefills of {long_ids.shape[1]} tokens: exact, then {args.method} (progress on stderr)",
+    print(f"timing two prefills of {long_ids.shape[1]} tokens: exact, then {method} (progress on stderr)",
           flush=True)
     with layer_progress(model, f"exact prefill, {long_ids.shape[1]} tokens"):
         exact_losses, t_exact = token_losses_and_time(model, long_ids)
-    plan = patch_model(model, method=args.method, layers=args.layers, select=args.select)
-    with layer_progress(model, f"{args.method} prefill, {long_ids.shape[1]} tokens"):
+    plan = patch_model(model, **fast)
+    with layer_progress(model, f"{method} prefill, {long_ids.shape[1]} tokens"):
         fast_losses, t_fast = token_losses_and_time(model, long_ids)
     plan.save(args.plan_out)
+    passkeys = passkey_samples(tokenizer, args.tokens, args.passkeys)
+    fast_answers = [ask(model, tokenizer, sample, f"{method}, pass key {i + 1}") for i, sample in enumerate(passkeys)]
     unpatch_model(model)
+    exact_answers = [ask(model, tokenizer, sample, f"exact, pass key {i + 1}") for i, sample in enumerate(passkeys)]
     n_scored = exact_losses.numel()
     ppl_exact, ppl_fast = (math.exp(losses.double().mean().item()) for losses in (exact_losses, fast_losses))
     plot_demo(ranking.weight_norms, plan.patched_layers, exact_losses.tolist(), fast_losses.tolist(), args.plot_out,
-              method=args.method)
+              method=method)
     print(plan, "\n")
     print(f"{'configuration':<44} {'prefill s':>9} {'perplexity':>10}")
     print(f"{'exact (sdpa), all 30 layers':<44} {t_exact:>9.2f} {ppl_exact:>10.3f}")
-    name = f"{args.method} on {len(plan.patched_layers)} layers ({args.select})"
+    name = f"{method} on {len(plan.patched_layers)} layers ({args.select})"
     print(f"{name:<44} {t_fast:>9.2f} {ppl_fast:>10.3f}")
     print(f"\nspeed-up {t_exact / t_fast:.2f}x, perplexity {100 * (ppl_fast / ppl_exact - 1):+.1f}% over {n_scored} scored tokens "
           f"(one run each; `hf-sparse-attn bench` repeats and profiles). Plan written to {args.plan_out}, "
           f"figure to {args.plot_out}.")
+    if passkeys:
+        print_passkeys(passkeys, exact_answers, fast_answers, method)
     return 0 if ok else 1
+
+
+def passkey_samples(tokenizer, tokens: int, count: int) -> list:
+    """RULER passkey samples (seed 0) of ``tokens`` tokens at the depths of DEMO_PASSKEY_INDEXES (the first
+    ``count``)."""
+    from ..eval.ruler.tasks import generate_sample
+
+    return [generate_sample("passkey", tokenizer, tokens, seed=0, index=i) for i in DEMO_PASSKEY_INDEXES[:count]]
+
+
+def ask(model, tokenizer, sample, description: str) -> str:
+    """The model's greedy answer to ``sample`` (as ``hf-sparse-attn ruler`` asks it), with a note on stderr."""
+    from ..eval.ruler import predict
+
+    print(f"asking: {description} ({sample.prompt_tokens} tokens)", file=sys.stderr, flush=True)
+    return predict(model, tokenizer, sample)
+
+
+def print_passkeys(samples: list, exact_answers: list[str], fast_answers: list[str], method: str) -> None:
+    """The pass-key table: depth, key, each model's answer and whether it holds the key (RULER's string match)."""
+    from ..eval.ruler.metrics import sample_hits
+
+    def cell(answer: str, sample) -> str:
+        found = all(sample_hits(answer, sample.answers))
+        return f"{'found' if found else 'MISSED'} ({answer.strip()[:24]!r})"
+
+    print(f"\npass keys hidden in {samples[0].prompt_tokens}-token prompts (RULER passkey, greedy, chat template):")
+    print(f"{'depth':>6} {'key':>7}  {'exact':<36} {method}")
+    found = {"exact": 0, method: 0}
+    for sample, exact_answer, fast_answer in zip(samples, exact_answers, fast_answers):
+        print(f"{sample.depth:>5.0f}% {sample.answers[0]:>7}  {cell(exact_answer, sample):<36} {cell(fast_answer, sample)}")
+        found["exact"] += all(sample_hits(exact_answer, sample.answers))
+        found[method] += all(sample_hits(fast_answer, sample.answers))
+    print(f"found: exact {found['exact']}/{len(samples)}, {method} {found[method]}/{len(samples)} (a key the exact model "
+          "finds and the patched one misses is a fact the speed-up lost)")
