@@ -24,8 +24,8 @@ Decode steps: ``exact`` (grouped attention over the cache, no expanded KV heads)
 keep 1 of 4 pass keys at 8k and 3 of 10 niah_single_1 answers at 4k; ``quest`` keeps them all only at a budget of
 2048 keys, where it is 1.28x (eval/results/decode_patched_smollm2/results.md,
 eval/results/ruler_frontier_smollm2/frontier.md, docs/methods/decode.md). At 16k (YaRN) ``exact`` gives 1.64x and
-``quest`` with a 2048-key budget 2.37x (eval/results/decode_patched_smollm2_16k/results.md), but its facts were
-measured at 4k and 8k only, so it is not the recommendation.
+``quest`` with a 2048-key budget 2.37x (eval/results/decode_patched_smollm2_16k/results.md), but at 16k it keeps none
+of the 3 pass keys the unpatched model finds (exact decode keeps 1: eval/results/ruler_decode_16k/frontier.md).
 
 Encoders (bidirectional attention): ``sparse_hyper`` ("Attention is Naturally Sparse", Algorithm 1) on all layers with
 its defaults: 11x SDPA at 8k and 41x at 32k bidirectional (eval/results/kernels_full/results.md). Its defaults run

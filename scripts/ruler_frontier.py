@@ -51,6 +51,7 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
                                            ("eval/results/model_bench_block_select", "block_select", 30, {})),
 }
 DEFAULT_CONFIGS = ("exact", "local_w1024_30", "block_select_30")
+SMOLLM2_POSITIONS = 8192
 
 
 def parse_tasks(text: str) -> list[tuple[str, int]]:
@@ -74,6 +75,8 @@ def run_config(name: str, out: str, tasks: list[tuple[str, int]], samples: int) 
         command = [sys.executable, "-m", "hf_sparse_attn.cli", "ruler", "--model", "smollm2", "--tasks",
                    ",".join(names), "--lengths", str(length), "--samples", str(samples),
                    "--out", os.path.join(out, name, str(length)), *args]
+        if length > SMOLLM2_POSITIONS:  # beyond the checkpoint's positions: RoPE YaRN-scaled, as model_bench_scaling
+            command += ["--rope-scaling", "yarn"]
         print("+", " ".join(command), flush=True)
         subprocess.run(command, check=True, env=env)
 

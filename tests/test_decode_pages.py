@@ -395,3 +395,23 @@ def test_quest_in_a_patched_model_serves_the_middle_through_pages(model):
         assert plan.layers[0].decode_served == served + 1
     finally:
         unpatch_model(model)
+
+
+def test_quest_with_a_cache_that_keeps_no_index_runs_exact_counted(model):
+    """A DynamicCache cannot hold the page index: every decode step runs exact attention, its reason counted, and the
+    tokens are the unpatched model's."""
+    from transformers import DynamicCache
+
+    from hf_sparse_attn.patches import reasons
+
+    ids, mask = _prompt(length=60)
+    ref_seq, _ = _generate(model, ids, mask)
+    plan = patch_model(model, method="exact", layers="all", decode_method="quest",
+                       decode_params={"page_size": 4, "token_budget": 8, "window": 8, "num_sink_tokens": 2})
+    try:
+        seq, _ = _generate(model, ids, mask, DynamicCache())
+    finally:
+        unpatch_model(model)
+    assert torch.equal(seq, ref_seq)
+    assert sum(layer.decode_served for layer in plan.layers) == 0
+    assert plan.fallback_counts() == {reasons.NO_INDEXED_CACHE_REASON: 3 * 11}
