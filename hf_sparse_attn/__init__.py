@@ -40,6 +40,7 @@ _LAZY_EXPORTS = {
                     "hf_sparse_attn.methods.decode"),
     **dict.fromkeys(("LayerPlan", "PatchPlan", "PlanError"), "hf_sparse_attn.plan"),
     **dict.fromkeys(("LayerRanking", "rank_layers"), "hf_sparse_attn.selection"),
+    **dict.fromkeys(("RetrievalProbe", "retrieval_probe", "retrieval_scores"), "hf_sparse_attn.retrieval"),
     # the tools layer, loaded only when asked for
     **dict.fromkeys(("calibrate", "CalibratedPlan"), "hf_sparse_attn.eval.calibrate"),
     "recommended": "hf_sparse_attn.recommend",

@@ -18,6 +18,7 @@ from .plan_file import install_save_hook
 from .patches import LayerRuntime, find_adapter
 from .patches.runtime import PatchState, install_runtimes, state_of as _state_of, uninstall_runtimes
 from .plan import LayerPlan, PatchPlan, check_plan_matches, library_versions, model_fingerprint, now_iso
+from .retrieval import retrieval_scores
 from .row_sparsity import measured_sparsity_scores
 from .selection import LayersArg, SelectArg, rank_layers, resolve_layers, selection_order
 from .validation import PatchRequest, build_patch_request
@@ -39,11 +40,14 @@ def _uninstall_runtimes(model, state: PatchState) -> None:
 def _build_plan(model, request: PatchRequest) -> PatchPlan:
     """The plan of a new patch: rank the layers, order them by ``request.select``, take ``request.layers`` of them."""
     adapter = request.adapter
-    measured = None
+    measured = retrieval = None
     if request.select == "measured":  # calibration checked by the request
         measured = measured_sparsity_scores(model, request.calibration)
+    elif request.select == "retrieval":
+        retrieval = retrieval_scores(model, request.calibration)
     ranking = rank_layers(model, norm=request.norm, adapter=adapter)
-    order = selection_order(ranking, request.select, seed=request.seed, measured_scores=measured)
+    order = selection_order(ranking, request.select, seed=request.seed, measured_scores=measured,
+                            retrieval_scores=retrieval)
     chosen = set(resolve_layers(request.layers, order, len(ranking)))
     rank_of = {layer: r for r, layer in enumerate(order)}
     method, params, select = request.method, request.params, request.select
@@ -88,7 +92,7 @@ def patch_model(
     plan: Union[None, PatchPlan, str, os.PathLike] = None,
     seed: int = 0,
     norm: str = "spectral",
-    calibration: Optional[torch.Tensor] = None,
+    calibration: Any = None,
     adapter_options: Optional[dict[str, Any]] = None,
     strict: bool = True,
     decode_method: Optional[str] = "exact",
@@ -100,7 +104,8 @@ def patch_model(
     layers: a count (int), a fraction of the layers (float), "all", or a list of layer indices.
     select: the order layers are chosen in — "weight_norm" (largest Q/K weight norm R first; "Attention is Naturally Sparse" §5.1),
         "last", "first", "even", "odd", "random" (with ``seed``), "measured" (most k-sparse first on ``calibration``
-        input ids), a list, or a callable taking the :class:`LayerRanking`.
+        input ids), "retrieval" (least needle attention first on ``calibration=retrieval_probe(tokenizer)``), a list,
+        or a callable taking the :class:`LayerRanking`.
     plan: a PatchPlan or a path to its JSON: re-apply it; method/layers/select are then ignored. It must fit the model:
         same architecture, layer count, head layout and Q/K weights (whatever the dtype or run-time config fields);
         layers are matched by ``layer_idx``. A misfit is an error naming what differs; ``strict=False`` applies it

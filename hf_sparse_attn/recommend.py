@@ -14,7 +14,9 @@ against 0.178): eval/results/kernels_block_select/results.md. Its cost: perplexi
 eval/results/model_bench_causal/frontier.md). Measured on all three axes at 8k
 (eval/results/ruler_frontier_smollm2/frontier.md, eval/results/model_bench_block_select/results.md): of the 4 pass keys
 (of 11, depths 0-100%) the unpatched model finds, ``block_select`` keeps 4 and ``local`` 1; prefill 1.77x (95% interval
-1.76-1.79x, 10 articles) against ``local``'s 1.62x; perplexity +6.3% (+2.7..+13.0%) against ``local``'s +3.5%.
+1.76-1.79x, 10 articles) against ``local``'s 1.62x; perplexity +6.3% (+2.7..+13.0%) against ``local``'s +3.5%. On
+RULER's niah_single_1 / niah_single_2 at 8k (20 samples each) it scores what the unpatched model scores (90 / 55),
+keeping 18 of 18 and 10 of 11 of its answers (eval/results/ruler_niah_8k/frontier.md).
 :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever
 prefers its perplexity.
 
@@ -22,7 +24,7 @@ Decode steps: ``exact`` (grouped attention over the cache, no expanded KV heads)
 ``generation_cache(model)`` (a ``GrowingCache``): 1.33x per generated token at 8k against the unpatched model with a
 ``DynamicCache``, every pass key and niah answer of the unpatched model kept. ``local`` (1.79x) and ``lsh`` (1.19x)
 keep 1 of 4 pass keys at 8k and 3 of 10 niah_single_1 answers at 4k; ``quest`` keeps them all only at a budget of
-2048 keys, where it is 1.28x (eval/results/decode_patched_smollm2/results.md,
+2048 keys (its default), where it is 1.28x (eval/results/decode_patched_smollm2/results.md,
 eval/results/ruler_frontier_smollm2/frontier.md, docs/methods/decode.md). At 16k (YaRN) ``exact`` gives 1.64x and
 ``quest`` with a 2048-key budget 2.37x (eval/results/decode_patched_smollm2_16k/results.md), but at 16k it keeps none
 of the 3 pass keys the unpatched model finds (exact decode keeps 1: eval/results/ruler_decode_16k/frontier.md).

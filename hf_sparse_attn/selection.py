@@ -32,7 +32,7 @@ import torch
 
 from .patches import find_adapter
 
-SELECT_PRESETS = ("weight_norm", "last", "first", "even", "odd", "random", "measured")
+SELECT_PRESETS = ("weight_norm", "last", "first", "even", "odd", "random", "measured", "retrieval")
 NORMS = ("spectral", "frobenius")
 
 
@@ -107,12 +107,15 @@ SelectArg = Union[str, Sequence[int], Callable[[LayerRanking], Sequence[int]]]
 
 
 def selection_order(ranking: LayerRanking, select: SelectArg, seed: int = 0,
-                    measured_scores: Optional[Sequence[float]] = None) -> list[int]:
+                    measured_scores: Optional[Sequence[float]] = None,
+                    retrieval_scores: Optional[Sequence[float]] = None) -> list[int]:
     """Every layer index, in the order layers are chosen.
 
     ``weight_norm``: descending R. ``last`` / ``first``: from the end / the start. ``even`` / ``odd``: those layers
     first (ascending), then the others (the HyperAttention presets). ``random``: shuffled with ``seed``.
-    ``measured``: descending measured sparsity (``measured_scores``). A list: that order. A callable: called with
+    ``measured``: descending measured sparsity (``measured_scores``). ``retrieval``: ascending needle mass
+    (``retrieval_scores``, :mod:`hf_sparse_attn.retrieval`): the layers that read the fact least first. A list:
+    that order. A callable: called with
     the ranking, returns the order.
     """
     n = len(ranking)
@@ -135,6 +138,11 @@ def selection_order(ranking: LayerRanking, select: SelectArg, seed: int = 0,
             if measured_scores is None or len(measured_scores) != n:
                 raise ValueError("select='measured' needs calibration inputs: patch_model(..., select='measured', calibration=input_ids)")
             order = sorted(range(n), key=lambda i: (-measured_scores[i], i))
+        elif select == "retrieval":
+            if retrieval_scores is None or len(retrieval_scores) != n:
+                raise ValueError("select='retrieval' needs a retrieval probe: patch_model(..., select='retrieval', "
+                                 "calibration=hf_sparse_attn.retrieval_probe(tokenizer))")
+            order = sorted(range(n), key=lambda i: (retrieval_scores[i], i))
         else:
             raise ValueError(f"unknown select {select!r}; use one of {list(SELECT_PRESETS)}, a list of layer indices or a callable")
     else:

@@ -20,7 +20,8 @@ from .selection import SEED_MAX, LayersArg, SelectArg, check_layers, check_seed,
 
 def check_select(select: Any, num_layers: int, calibration: Any, vocab_size: Optional[int] = None) -> None:
     """``select``: a preset name, a list holding every layer index once (the order layers are chosen in), or a
-    callable taking the ranking. ``calibration`` is needed by, and only used by, select="measured"."""
+    callable taking the ranking. ``calibration`` is needed by, and only used by, select="measured" (input ids) and
+    select="retrieval" (a :class:`hf_sparse_attn.retrieval.RetrievalProbe`)."""
     from .selection import SELECT_PRESETS
 
     valid = f"one of {list(SELECT_PRESETS)}, a list of every layer index 0..{num_layers - 1} in the order of choice, or a callable"
@@ -41,8 +42,16 @@ def check_select(select: Any, num_layers: int, calibration: Any, vocab_size: Opt
         raise ValueError(f"select must be {valid}; got {_describe(select)}")
     if select == "measured":
         check_calibration(calibration, vocab_size)
+    elif select == "retrieval":
+        from .retrieval import RetrievalProbe
+
+        if not isinstance(calibration, RetrievalProbe):
+            raise ValueError("select='retrieval' needs calibration=hf_sparse_attn.retrieval_probe(tokenizer) (a "
+                             f"RetrievalProbe of pass-key prompts); got {_describe(calibration)}")
+        check_calibration(calibration.input_ids, vocab_size)
     elif calibration is not None:
-        raise ValueError("calibration= is used only by select='measured'; pass select='measured' or drop calibration")
+        raise ValueError("calibration= is used only by select='measured' (input ids) and select='retrieval' (a "
+                         "retrieval probe); pass one of those or drop calibration")
 
 
 def check_calibration(calibration: Any, vocab_size: Optional[int] = None) -> None:
@@ -116,7 +125,7 @@ class PatchRequest:
     layers: LayersArg = 0.5
     select: SelectArg = "weight_norm"
     norm: str = "spectral"
-    calibration: Optional[torch.Tensor] = None
+    calibration: Any = None  # input ids (select="measured") or a RetrievalProbe (select="retrieval")
     decode_method: Optional[str] = None
     decode_params: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -8,19 +8,21 @@ machine load), medians of --repeats calls of:
   [B, Hkv, g, D] against the cache, no KV expansion;
 * ``transformers enable_gqa``: ``scaled_dot_product_attention(..., enable_gqa=True)``, what transformers 5.25's sdpa
   path runs for an unmasked decode step; ``transformers repeat_kv``: KV heads expanded first, its path with a mask;
-* ``exact`` / ``local`` / ``lsh`` decode methods (hf_sparse_attn/methods/decode.py), ``lsh`` with its index prebuilt.
+* ``exact`` / ``local`` / ``lsh`` decode methods (hf_sparse_attn/methods/decode.py) and ``quest``
+  (decode_pages.py), ``lsh`` and ``quest`` with their index prebuilt.
 
 Times: wall clock (perf_counter) and this thread's CPU time (thread_time). The VM's 2 cores are shared with other
 sessions, so wall times carry time slices of other processes; the CPU-time ratios are the primary figures, both
 are in the tables. Cache upkeep per decode step (appending one position): ``torch.cat`` of K and V (what
 DynamicCache does), :class:`KVBuffer` append (capacity doubling; amortised over --append-steps steps) and the
-:class:`DecodeIndex` append (hashing, with its periodic re-sorts amortised), plus the index build of the prefill.
+:class:`DecodeIndex` append (hashing, with its periodic re-sorts amortised) and the :class:`PageIndex` append (quest's page
+bounds), plus the ``lsh`` index build of the prefill.
 
 Errors: relative Frobenius error of the output against ``exact`` over all query heads, (a) on the random inputs
 (16 query vectors), (b) on real SmolLM2-135M-Instruct q/k/v (one 8192-token Wikipedia article, layers
 --real-layers, captured after RoPE by ``capture_smollm2_qkv``): the last --real-steps positions are decoded one by
-one, the cache holding every earlier key, the ``lsh`` index built from the prefix and appended step by step as a
-decoder would. Also the softmax mass of the keys each method computes exactly (sinks + window [+ LSH blocks]).
+one, the cache holding every earlier key, the ``lsh`` / ``quest`` index built from the prefix and appended step by
+step as a decoder would. Also the softmax mass of the keys each method computes exactly (sinks + window [+ LSH blocks]).
 
 Writes --out/{results.json, results.md, ratio_vs_n.png}.
 
@@ -46,6 +48,7 @@ from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods.common import expand_kv_heads
 from hf_sparse_attn.methods.decode import get_decode_method, get_decode_spec
 from hf_sparse_attn.methods.decode_index import DecodeIndex
+from hf_sparse_attn.methods.decode_pages import PageIndex
 from hf_sparse_attn.methods.kv_buffer import KVBuffer, kv_bytes
 
 HQ, HKV, D = 9, 3, 64
@@ -61,6 +64,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "lsh w512 b256 s256": ("lsh", dict(window=512, block_size=256, sample_size=256)),
     "lsh w256 b128 s128": ("lsh", dict(window=256, block_size=128, sample_size=128)),
     "lsh w256 b64 s64": ("lsh", dict(window=256, block_size=64, sample_size=64)),
+    "quest b2048": ("quest", dict(token_budget=2048)),  # the default: pages of 32, window 256, 64 sinks
+    "quest b1024": ("quest", dict(token_budget=1024)),
+    "quest p16 b1024": ("quest", dict(page_size=16, token_budget=1024)),
 }
 
 # Real-layer error only (not timed): the sample budget, block size, bits and tables around the lsh default.
@@ -167,7 +173,13 @@ def upkeep(k: torch.Tensor, v: torch.Tensor, steps: int) -> dict:
     for t in range(steps):
         index.append(new_k[:, :, t:t + 1])
     ix_w, ix_c = (time.perf_counter() - w0) / steps, (time.thread_time() - c0) / steps
-    return {"steps": steps, "cat_ms": {"wall": statistics.median(cat_w) * 1e3, "cpu": statistics.median(cat_c) * 1e3},
+    pages = PageIndex.build(k)
+    w0, c0 = time.perf_counter(), time.thread_time()
+    for t in range(steps):
+        pages.append(new_k[:, :, t:t + 1])
+    pg_w, pg_c = (time.perf_counter() - w0) / steps, (time.thread_time() - c0) / steps
+    return {"page_index_append_ms": {"wall": pg_w * 1e3, "cpu": pg_c * 1e3},
+            "steps": steps, "cat_ms": {"wall": statistics.median(cat_w) * 1e3, "cpu": statistics.median(cat_c) * 1e3},
             "kv_buffer_ms": {"wall": buf_w * 1e3, "cpu": buf_c * 1e3, "reallocations": buf.reallocations},
             "index_append_ms": {"wall": ix_w * 1e3, "cpu": ix_c * 1e3, "sorts": index.sorts - 1},
             "index_build_ms": {"wall": b_w * 1e3, "cpu": b_c * 1e3}}
@@ -261,17 +273,20 @@ def write_report(results: dict, out_dir: str) -> None:
         lines.append(f"| {name} | {errs} | {'-' if frac is None else f'{100 * frac:.2f}%'} |")
     lines += ["", "## Cache upkeep per decode step (one layer, K and V of 3 KV heads)", "",
               "| cache | torch.cat (DynamicCache) CPU / wall ms | KVBuffer append CPU / wall ms (reallocations) | "
-              "DecodeIndex append CPU / wall ms (re-sorts) | index build CPU / wall ms |", "|---|---|---|---|---|"]
+              "DecodeIndex append CPU / wall ms (re-sorts) | index build CPU / wall ms | PageIndex append CPU / wall ms |",
+              "|---|---|---|---|---|---|"]
     for c in results["cells"]:
         u = c["upkeep"]
         lines.append(f"| {c['n']} | {u['cat_ms']['cpu']:.3f} / {u['cat_ms']['wall']:.3f} | "
                      f"{u['kv_buffer_ms']['cpu']:.4f} / {u['kv_buffer_ms']['wall']:.4f} ({u['kv_buffer_ms']['reallocations']}) | "
                      f"{u['index_append_ms']['cpu']:.4f} / {u['index_append_ms']['wall']:.4f} ({u['index_append_ms']['sorts']}) | "
-                     f"{u['index_build_ms']['cpu']:.1f} / {u['index_build_ms']['wall']:.1f} |")
+                     f"{u['index_build_ms']['cpu']:.1f} / {u['index_build_ms']['wall']:.1f} | "
+                     + ("- |" if "page_index_append_ms" not in u else
+                        f"{u['page_index_append_ms']['cpu']:.4f} / {u['page_index_append_ms']['wall']:.4f} |"))
     if results.get("real"):
         real = results["real"]
         lines += ["", f"## Real SmolLM2-135M layers ({real[0]['n']}-token article, last {real[0]['steps']} positions "
-                  "decoded one by one, the lsh index appended per step)", "",
+                  "decoded one by one, the lsh / quest index appended per step)", "",
                   "Mean relative error against exact; in brackets the mean softmax mass of the keys computed exactly "
                   "(sinks + window, + the LSH blocks for lsh). Rows below the timed configurations: the real-layer sweep "
                   "(--real-sweep; t = hash tables, p = bits per table; default 10 bits, 1 table).", "",
@@ -338,7 +353,7 @@ def main() -> int:
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     results = {"question": "How fast (ratio to grouped SDPA) and how accurate (random and real SmolLM2 keys) are the "
-                           "decode methods exact / local / lsh on one CPU thread at 4k-32k cached positions, and what "
+                           "decode methods exact / local / lsh / quest on one CPU thread at 4k-32k cached positions, and what "
                            "do cache and index upkeep cost per step?",
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv), "torch": torch.__version__,

@@ -23,13 +23,17 @@ import subprocess
 import sys
 from typing import Any, Optional
 
-# name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params))
+# name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params), or
+# None where they were not measured)
 CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
     "exact": ([], None),
     "local_w1024_30": (["--method", "local", "--layers", "all", "--param", "window=1024"],
                        ("eval/results/model_bench_causal", "local", 30, {"window": 1024})),
     "local_w1024_15": (["--method", "local", "--layers", "15", "--param", "window=1024"],
                        ("eval/results/model_bench_causal", "local", 15, {"window": 1024})),
+    # the same 15 layers' count chosen by the needle mass of a pass-key probe (least first) instead of the weight norm
+    "local_w1024_15_retrieval": (["--method", "local", "--layers", "15", "--select", "retrieval", "--param",
+                                  "window=1024"], None),
     "block_select_30": (["--method", "block_select", "--layers", "all"],
                         ("eval/results/model_bench_block_select", "block_select", 30, {})),
     "block_select_w1024_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024"],
@@ -41,10 +45,12 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
                                      ("eval/results/model_bench_block_select", "block_select", 30, {})),
     "block_select_30_decode_lsh": (["--method", "block_select", "--layers", "all", "--decode-method", "lsh"],
                                    ("eval/results/model_bench_block_select", "block_select", 30, {})),
-    "block_select_30_decode_quest": (["--method", "block_select", "--layers", "all", "--decode-method", "quest"],
+    # quest at a budget of 1024 keys (its default until the runs below chose 2048), pages of 32 and of 16
+    "block_select_30_decode_quest": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
+                                      "--decode-param", "token_budget=1024"],
                                      ("eval/results/model_bench_block_select", "block_select", 30, {})),
     "block_select_30_decode_quest_p16": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
-                                          "--decode-param", "page_size=16"],
+                                          "--decode-param", "page_size=16", "--decode-param", "token_budget=1024"],
                                          ("eval/results/model_bench_block_select", "block_select", 30, {})),
     "block_select_30_decode_quest_b2048": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
                                             "--decode-param", "token_budget=2048"],
@@ -120,10 +126,14 @@ def interval(scores: list[float]) -> tuple[float, float]:
     return 100 * float(np.percentile(means, 2.5)), 100 * float(np.percentile(means, 97.5))
 
 
-def model_cell(source: Optional[tuple[str, str, int, dict]]) -> Optional[dict]:
-    """Perplexity change and prefill speed-up of the configuration at 8k from its own experiment's results.json."""
-    if source is None:
+def model_cell(name: str) -> Optional[dict]:
+    """Perplexity change and prefill speed-up of the configuration at 8k from its own experiment's results.json
+    (None: not measured)."""
+    if name == "exact":
         return {"ppl_change_pct": 0.0, "speedup": 1.0, "source": "reference"}
+    source = CONFIGS[name][1]
+    if source is None:
+        return None
     results_dir, method, layers, params = source
     path = os.path.join(results_dir, "results.json")
     if not os.path.exists(path):
@@ -184,7 +194,7 @@ def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[s
                 found = [i for i, v in exact.items() if v == 1.0 and i in by_id]
                 cells[f"{task}@{length}"]["kept"] = [sum(by_id[i] == 1.0 for i in found), len(found)]
                 cells[f"{task}@{length}"]["served"] = served_share(os.path.join(out, name, str(length)))
-        rows[name] = {"cells": cells, "model": model_cell(CONFIGS[name][1])}
+        rows[name] = {"cells": cells, "model": model_cell(name)}
     reference = rows.get("exact", {}).get("cells", {})
     for name, row in rows.items():
         for key, cell in row["cells"].items():
@@ -208,8 +218,8 @@ def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[s
 
 def write_markdown(out: str, result: dict) -> None:
     keys = result["tasks"]
-    lines = ["# RULER / pass key on the 8k frontier (SmolLM2-135M-Instruct)", "",
-             f"Written by `scripts/ruler_frontier.py` (eval/experiments/ruler_frontier_smollm2.toml) on "
+    lines = [f"# RULER / pass key of patched SmolLM2-135M-Instruct plans: {os.path.basename(os.path.normpath(out))}", "",
+             f"Written by `scripts/ruler_frontier.py` (eval/experiments/{os.path.basename(os.path.normpath(out))}.toml) on "
              f"{result['date']}; machine: {result['machine']}.",
              "Scores 0-100 with 95% intervals; `*` marks a score whose interval does not overlap the unpatched "
              "model's. \"kept a/b\": of the b samples the unpatched model answers fully (the same prompts, "

@@ -4,6 +4,8 @@ on tiny random Llama models."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 import warnings
@@ -96,6 +98,40 @@ def test_compare_decode_shared_prefill_and_patched_cell(llama):
         unpatch_model(llama)
 
 
+def _reference_nll(model, ids: torch.Tensor, tokens: list[int]) -> float:
+    """Mean nll of ``tokens`` after ``ids`` from one forward of the whole sequence, no cache."""
+    full = torch.cat([ids, torch.tensor([tokens])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=full).logits[0, ids.shape[1] - 1:-1].float()
+    return -float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).mean())
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "growing"])
+def test_continuations_are_scored_by_the_exact_model(llama, cache):
+    """compare_decode scores both sides' generated tokens with the exact model, from the baseline's cache cropped back
+    to the prompt: the same numbers as one forward of prompt + tokens; a cell whose decode sees only a few keys
+    generates other tokens, and those are scored by the exact model, not by the cell's."""
+    from hf_sparse_attn import patch_model, unpatch_model
+
+    ids = _prompt(seed=2)
+    same = compare_decode(llama, ids, 5, baseline_cache=cache, cell_cache=cache)
+    reference = _reference_nll(llama, ids, same["baseline"]["tokens"])
+    assert same["exact_nll"]["baseline"] == pytest.approx(reference, rel=1e-4)
+    assert same["exact_nll"]["cell"] == pytest.approx(reference, rel=1e-4)
+
+    def enter():
+        patch_model(llama, method="local", layers="all", window=4, num_sink_tokens=1, min_seq_len=16,
+                    decode_method="local", decode_params={"window": 2, "num_sink_tokens": 1})
+
+    patched = compare_decode(llama, ids, 8, baseline_cache=cache, cell_cache=cache, enter_cell=enter,
+                             exit_cell=lambda: unpatch_model(llama))
+    tokens = patched["cell"]["tokens"]
+    assert tokens != patched["baseline"]["tokens"]  # the window of 2 changes what is generated...
+    assert patched["exact_nll"]["cell"] == pytest.approx(_reference_nll(llama, ids, tokens), rel=1e-4)  # ...scored exact
+    assert patched["exact_nll"]["baseline"] == pytest.approx(_reference_nll(llama, ids, patched["baseline"]["tokens"]),
+                                                             rel=1e-4)
+
+
 def test_ratio_interval_resamples_prompts():
     lo, hi = ratio_interval([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
     assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)  # every prompt 2x: no spread
@@ -120,7 +156,10 @@ def test_decode_cells_record_steps_per_model_and_the_cache_kinds(llama, tmp_path
         lo, hi = r["speedup_ci"]
         assert lo <= r["speedup"] <= hi
     exact = records[0]["per_article"]
-    assert all(a["same_tokens"] == 4 for a in exact)  # the same model with either cache: the same tokens
+    assert all(a["same_tokens"] == 4 for a in exact)  # the same model with either cache: the same tokens...
+    assert records[0]["continuation_ppl_change_pct"] == pytest.approx(0.0, abs=1e-3)  # ...scored the same
+    assert records[1]["continuation_ppl_change_pct"] == pytest.approx(100 * (math.exp(
+        sum(a["cell_exact_nll"] - a["baseline_exact_nll"] for a in records[1]["per_article"]) / 2) - 1))
     assert exact[0]["cell_tokens"] == _generate(llama, texts[0][1], 4)
     again = run_decode_cells(llama, cells, lambda n: texts, path, steps=3, cell_cache="growing",
                              baseline_cache="dynamic", method_params=params, progress=False)
@@ -165,6 +204,8 @@ def test_decode_method_is_patched_recorded_and_part_of_the_setting(llama, tmp_pa
     assert [x.split(" | ")[5] for x in table] == ["-", "exact", "local window=16, num_sink_tokens=2",
                                                   "local window=8, num_sink_tokens=2"]  # parameters other than defaults
     assert [x.split(" | ")[-2] for x in table] == ["-", "18", "18", "18"]  # decode served
+    ppl = [x.split(" | ")[-3] for x in table]  # continuation perplexity against the exact model's own tokens
+    assert ppl[0] == "+0.0%" and all(re.fullmatch(r"[+-]\d+\.\d%", p) for p in ppl)
     assert ("Decode parameters (all of them): exact: none; local window=16, num_sink_tokens=2: window=16, num_sink_tokens=2; "
             "local window=8, num_sink_tokens=2: window=8, num_sink_tokens=2.") in lines
 

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("hf_sparse_attn.kernels",)),
     ("methods", ("hf_sparse_attn.methods",)),
     ("adapters", ("hf_sparse_attn.patches",)),
-    ("selection", ("hf_sparse_attn.selection", "hf_sparse_attn.row_sparsity")),
+    ("selection", ("hf_sparse_attn.selection", "hf_sparse_attn.row_sparsity", "hf_sparse_attn.retrieval")),
     ("api", ("hf_sparse_attn", "hf_sparse_attn.patching", "hf_sparse_attn.plan", "hf_sparse_attn.plan_file",
              "hf_sparse_attn.validation", "hf_sparse_attn.loading", "hf_sparse_attn.recommend")),
     ("eval", ("hf_sparse_attn.eval", "hf_sparse_attn.lm_eval")),

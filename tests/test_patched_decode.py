@@ -335,3 +335,25 @@ def test_the_decision_for_calls_against_a_cache_applies_the_shared_rules_first()
     assert without.decide(call()) == Decision(SERVE_EXACT, reasons.DECODE_REASON)
     decode_only = LayerRuntime(0, None, {}, 0, decode_method="exact")  # a plan may give a layer a decode method only
     assert decode_only.decide(call()).path == SERVE_DECODE and decode_only.decide(call(q_len=100)) == Decision(SERVE_EXACT)
+
+
+def test_run_settings_record_the_resolved_decode_parameters():
+    """A ruler / longbench run records the decode parameters it ran with, defaults filled in: a run made before a
+    default changed then differs from a rerun under the new default (refused, not resumed with other settings); the
+    default exact decode records nothing (runs made before decode methods existed keep resuming)."""
+    import argparse
+
+    from hf_sparse_attn.commands.arguments import decode_settings
+    from hf_sparse_attn.eval.run_dir import settings_diff
+    from hf_sparse_attn.methods import defaults
+
+    quest = decode_settings(argparse.Namespace(decode_method="quest", decode_param=[]))
+    assert quest["decode_method"] == "quest"
+    assert quest["decode_params"]["token_budget"] == defaults.QUEST_TOKEN_BUDGET
+    assert quest["decode_params"]["page_size"] == defaults.QUEST_PAGE_SIZE
+    older = {"decode_method": "quest", "decode_params": {**quest["decode_params"], "token_budget": 1024}}
+    diff = settings_diff(older, quest)
+    assert diff == [f"decode_params.token_budget (1024 -> {defaults.QUEST_TOKEN_BUDGET})"]
+    assert decode_settings(argparse.Namespace(decode_method="exact", decode_param=[])) == {}
+    asked = decode_settings(argparse.Namespace(decode_method="quest", decode_param=["token_budget=1024"]))
+    assert asked == older

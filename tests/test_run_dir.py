@@ -68,3 +68,8 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 def test_settings_diff_names_each_change():
     assert settings_diff({"a": 1, "b": [1, 2]}, {"a": 1, "b": (1, 2)}) == []
     assert settings_diff({"a": 1}, {"a": 2, "c": 3}) == ["a (1 -> 2)", "c (unset -> 3)"]
+    # inside a dict setting, the entry that differs is named, however long the dict (a truncated dict would hide it)
+    long = {f"param_{i:02d}": i for i in range(20)}
+    assert settings_diff({"params": long}, {"params": {**long, "param_19": 7}, "seed": 0}) == [
+        "params.param_19 (19 -> 7)", "seed (unset -> 0)"]
+    assert settings_diff({"params": None}, {"params": {"a": 1}}) == ['params (null -> {"a": 1})']

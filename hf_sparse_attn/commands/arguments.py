@@ -12,7 +12,7 @@ import tomllib
 # The names a command line can choose from, known without importing torch (the registry imports it), so that a typo
 # is an argument error at once. tests/test_cli_newcomer.py keeps them equal to the registry and the presets.
 BUILTIN_METHODS = ("block_select", "exact", "feature_sketch", "hyper", "kmv", "local", "poly", "sparse_hyper")
-SELECT_PRESETS = ("weight_norm", "last", "first", "even", "odd", "random", "measured")
+SELECT_PRESETS = ("weight_norm", "last", "first", "even", "odd", "random", "measured", "retrieval")
 
 
 def one_of(names: Iterable[str], what: str) -> Callable[[str], str]:
@@ -118,6 +118,29 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode method parameter (repeatable), e.g. --decode-param window=1024")
 
 
+RETRIEVAL_PROBE_LENGTH = 2048  # tokens per prompt of the probe --select retrieval ranks layers on (or the positions)
+
+
+def retrieval_probe_settings(args: argparse.Namespace, positions: Optional[int]) -> dict[str, Any]:
+    """The probe ``--select retrieval`` builds (hf_sparse_attn.retrieval_probe's arguments), recorded in the run's
+    settings; empty for any other selection."""
+    if getattr(args, "select", None) != "retrieval" or getattr(args, "plan", None):
+        return {}
+    return {"retrieval_probe": {"length": min(RETRIEVAL_PROBE_LENGTH, positions or RETRIEVAL_PROBE_LENGTH),
+                                "samples": 4, "seed": args.seed}}
+
+
+def selection_calibration(args: argparse.Namespace, tokenizer: Any, positions: Optional[int]) -> dict[str, Any]:
+    """``patch_model``'s ``calibration`` for the command line's ``--select``: a retrieval probe made with the run's
+    tokenizer for ``retrieval``; nothing for the selections that need none."""
+    probe = retrieval_probe_settings(args, positions).get("retrieval_probe")
+    if probe is None:
+        return {}
+    from ..retrieval import retrieval_probe
+
+    return {"calibration": retrieval_probe(tokenizer, **probe)}
+
+
 def decode_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """``patch_model``'s decode keyword arguments from --decode-method / --decode-param (add_patch_arguments)."""
     method = None if args.decode_method in (None, "none") else args.decode_method
@@ -129,6 +152,14 @@ def decode_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 def decode_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The decode keys of a run's recorded settings: none for the default (exact attention on decode steps, what runs
-    made before decode methods existed did, so that they keep resuming), else ``decode_arguments(args)``."""
+    made before decode methods existed did, so that they keep resuming), else ``decode_arguments(args)`` with the
+    parameters resolved (the method's defaults filled in), so that a run made before a default changed is never
+    resumed under the new one."""
+    from ..validation import check_decode
+
     decode = decode_arguments(args)
-    return {} if decode == {"decode_method": "exact", "decode_params": None} else decode
+    if decode == {"decode_method": "exact", "decode_params": None}:
+        return {}
+    if decode["decode_method"] is not None:
+        decode["decode_params"] = check_decode(decode["decode_method"], decode["decode_params"])
+    return decode

@@ -23,7 +23,7 @@ import sys
 
 from .arguments import BUILTIN_METHODS, SELECT_PRESETS, one_of
 
-DEMO_SELECTIONS = tuple(s for s in SELECT_PRESETS if s != "measured")  # "measured" needs calibration text
+DEMO_SELECTIONS = tuple(s for s in SELECT_PRESETS if s not in ("measured", "retrieval"))  # these need calibration
 DEMO_METHODS = ("recommended",) + tuple(BUILTIN_METHODS)
 # RULER passkey samples (seed 0) at depths 10, 20 and 50%: at 8192 tokens the unpatched SmolLM2 finds these keys
 # (4 of the 11 depths 0-100%: eval/results/ruler_frontier_smollm2/exact/8192/passkey.jsonl)

@@ -134,6 +134,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--contexts takes positive sizes in K tokens like 2,4,8; got {args.contexts!r}")
     if args.plan and not os.path.isfile(args.plan):
         raise ValueError(f"--plan {args.plan}: no such file (a PatchPlan JSON written by plan.save / a previous run)")
+    if args.select in ("measured", "retrieval") and not args.plan:
+        raise ValueError(f"--select {args.select} needs calibration input, which longbench does not make: save a plan "
+                         f"made with patch_model(..., select={args.select!r}, calibration=...) and pass --plan (or "
+                         f"run `hf-sparse-attn ruler --select retrieval`, which makes its probe)")
 
 
 def load_longbench_data(args: argparse.Namespace, tasks: list[str]) -> dict:

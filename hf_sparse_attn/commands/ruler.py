@@ -42,7 +42,8 @@ import time
 from typing import Any, Optional
 
 from ..eval.plan_counts import COUNTS_FILE
-from .arguments import add_patch_arguments, decode_arguments, decode_settings, parse_params
+from .arguments import (add_patch_arguments, decode_arguments, decode_settings, parse_params,
+                        retrieval_probe_settings, selection_calibration)
 from .models import SMOLLM2_NAMES, add_model_arguments
 
 PART_FILE = re.compile(r"^\.ruler-shard-(?P<rank>\d{2,})-of-(?P<world>\d{2,})\.(?P<task>[a-z0-9_]+)\.jsonl$")
@@ -292,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
         "plan": {"path": os.path.abspath(args.plan), "sha1": _file_sha(args.plan)} if args.plan else None,
         "params": params,
         **(decode_settings(args) if patched and not args.plan else {}),
+        **(retrieval_probe_settings(args, positions) if patched else {}),
         "seed": args.seed,
         "lengths": lengths,
         "tasks": tasks,
@@ -392,7 +394,8 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
                 plan = patch_model(model, plan=args.plan, seed=args.seed)
             else:
                 plan = patch_model(model, method=args.method, layers=args.layers, select=args.select, seed=args.seed,
-                                   **decode_arguments(args), **params)
+                                   **selection_calibration(args, tokenizer, positions), **decode_arguments(args),
+                                   **params)
             if processes.is_main and not os.path.exists(os.path.join(args.out, "plan.json")):
                 plan.save(os.path.join(args.out, "plan.json"))  # rewritten with the run's counts at the end
 

@@ -52,15 +52,23 @@ def _normalise(value: Any) -> Any:
 
 
 def settings_diff(old: dict, new: dict) -> list[str]:
-    """The names of the settings whose values differ, each as ``name (old -> new)``, sorted by name."""
-    old, new = _normalise(old), _normalise(new)
+    """The names of the settings whose values differ, each as ``name (old -> new)``, sorted by name; inside settings
+    that are dicts on both sides, the entries that differ (``decode_params.token_budget (1024 -> 2048)``)."""
+    return _diff(_normalise(old), _normalise(new), "")
+
+
+def _diff(old: dict, new: dict, prefix: str) -> list[str]:
     missing = object()
     out = []
     for name in sorted(set(old) | set(new)):
         a, b = old.get(name, missing), new.get(name, missing)
-        if a != b:
-            show = lambda v: "unset" if v is missing else json.dumps(v)[:60]  # noqa: E731
-            out.append(f"{name} ({show(a)} -> {show(b)})")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{name}.")
+            continue
+        show = lambda v: "unset" if v is missing else json.dumps(v)[:60]  # noqa: E731
+        out.append(f"{prefix}{name} ({show(a)} -> {show(b)})")
     return out
 
 

@@ -36,23 +36,12 @@ import torch
 
 from .decode import (NEG_INF, _finish, _sinks, _span, attend, check_decode_inputs, exact_decode, gather_kv_rows,
                      group_queries, leading_pad, register_decode_method)
-from .defaults import LOCAL_NUM_SINK_TOKENS
+from .defaults import QUEST_NUM_SINK_TOKENS, QUEST_PAGE_SIZE, QUEST_TOKEN_BUDGET, QUEST_WINDOW
 from .kv_buffer import GrowingTensor
 from .merge import merge_many
 from .registry import Param
 
 POS_INF = float("inf")
-
-# Defaults. Quest's pages hold 16 tokens; 32 halves the index (3.1% of the cache instead of 6.3%) and the number of
-# bounds per step. A budget of 1024 tokens (32 pages) plus 64 sinks and a window of 256: about 1.3k keys read per step
-# whatever the cache length, 1/6 of an 8k cache and 1/24 of a 32k one. Measured on SmolLM2 with block_select's prefill
-# (eval/results/ruler_frontier_smollm2/frontier.md): this budget keeps every pass key at 8k but 7 of 10 niah_single_1
-# answers at 4k; a budget of 2048 keeps all 10 at 2.37x (1024: 2.47x) per generated token at 16k
-# (eval/results/decode_patched_smollm2_16k/results.md). Where facts matter, pass token_budget=2048.
-QUEST_PAGE_SIZE = 32
-QUEST_TOKEN_BUDGET = 1024
-QUEST_WINDOW = 256
-QUEST_NUM_SINK_TOKENS = LOCAL_NUM_SINK_TOKENS
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -96,3 +96,15 @@ BLOCK_SELECT_QUERY_BLOCK = 256
 # Not measured for block_select itself: local's crossover (its window and sink parts run local's code, and it measured
 # 0.94x local w1024's speed at 8k): eval/results/defaults_causal_threshold/results.md.
 BLOCK_SELECT_MIN_SEQ_LEN = LOCAL_MIN_SEQ_LEN
+
+# quest (decode over the KV cache) ---------------------------------------------------------------------------------
+# Pages of 32 tokens: the index (per-page key min / max) costs 1/32 of the cache (3.1%; Quest's 16 costs 6.3%), and
+# page 16 kept fewer facts at the same budget (pass keys at 8k 3 of the unpatched 4 against 4, niah_single_1 at 4k 6 of
+# 10 against 7): eval/results/ruler_frontier_smollm2/frontier.md. A budget of 1024 keys (32 pages) lost 3 of 10
+# niah_single_1 answers at 4k (trailing digits dropped) where 2048 kept all 10 and every pass key at 8k (same file);
+# 2048 decodes 2.37x faster per generated token than the unpatched model at 16k (1024: 2.47x):
+# eval/results/decode_patched_smollm2_16k/results.md. Sinks as local's, 64; the exact window 256.
+QUEST_PAGE_SIZE = 32
+QUEST_TOKEN_BUDGET = 2048
+QUEST_WINDOW = 256
+QUEST_NUM_SINK_TOKENS = LOCAL_NUM_SINK_TOKENS

@@ -337,6 +337,17 @@ def decode_setting(record: dict) -> tuple[Optional[str], str]:
     return record.get("decode_method"), json.dumps(record.get("decode_params") or {}, sort_keys=True)
 
 
+def continuation_ppl_change(per_article: Sequence[dict]) -> float:
+    """Perplexity of the cell's generated tokens over that of the exact model's own, both scored by the exact model
+    (per article "cell_exact_nll" / "baseline_exact_nll", nats per token, every article the same number of tokens),
+    in percent: 100 * (exp(mean cell nll - mean baseline nll) - 1)."""
+    import math
+
+    cell = sum(a["cell_exact_nll"] for a in per_article) / len(per_article)
+    base = sum(a["baseline_exact_nll"] for a in per_article) / len(per_article)
+    return 100 * (math.exp(cell - base) - 1)
+
+
 def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Callable[[int], Sequence[tuple[str, torch.Tensor]]],
                      out_path: str, *, steps: int, cell_cache: str = "dynamic", baseline_cache: Optional[str] = None,
                      method_params: Optional[dict] = None, measured_order_for: Optional[Callable[[], list[int]]] = None,
@@ -360,7 +371,9 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
     attention; counts summed over the texts, 0 / {} for the baseline), "per_article": [{"title", "baseline_ms",
     "cell_ms" (medians), "baseline_step_ms", "cell_step_ms", "same_tokens", "cell_tokens"}], "baseline_median_ms",
     "cell_median_ms" (the means of the per-text medians), "speedup" (sum of baseline medians / sum of cell medians),
-    "speedup_ci" (95% bootstrap over texts), "baseline_tokens_per_s", "cell_tokens_per_s", "load_avg_1min"}."""
+    "speedup_ci" (95% bootstrap over texts), "baseline_tokens_per_s", "cell_tokens_per_s",
+    "continuation_ppl_change_pct" (:func:`continuation_ppl_change`; per article "baseline_exact_nll" / "cell_exact_nll"),
+    "load_avg_1min"}."""
     import collections
     import os
 
@@ -413,7 +426,8 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
                                enter_cell=enter, exit_cell=exit_, cell_first=i % 2 == 1)
             per_article.append({"title": title, "baseline_ms": r["baseline"]["median_ms"], "cell_ms": r["cell"]["median_ms"],
                                 "baseline_step_ms": r["baseline"]["step_ms"], "cell_step_ms": r["cell"]["step_ms"],
-                                "same_tokens": r["same_tokens"], "cell_tokens": r["cell"]["tokens"]})
+                                "same_tokens": r["same_tokens"], "cell_tokens": r["cell"]["tokens"],
+                                "baseline_exact_nll": r["exact_nll"]["baseline"], "cell_exact_nll": r["exact_nll"]["cell"]})
         base = [a["baseline_ms"] for a in per_article]
         mine = [a["cell_ms"] for a in per_article]
         record = {"kind": "decode", "key": cell.key, "method": cell.method, "tokens": cell.tokens, "layers": cell.layers,
@@ -424,6 +438,7 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
                   "baseline_median_ms": sum(base) / len(base), "cell_median_ms": sum(mine) / len(mine),
                   "speedup": sum(base) / sum(mine), "speedup_ci": list(ratio_interval(base, mine)),
                   "baseline_tokens_per_s": 1e3 * len(base) / sum(base), "cell_tokens_per_s": 1e3 * len(mine) / sum(mine),
+                  "continuation_ppl_change_pct": continuation_ppl_change(per_article),
                   "load_avg_1min": [load_before, os.getloadavg()[0]]}
         append_jsonl(out_path, record)
         new.append(record)

@@ -235,11 +235,41 @@ class _DecodeRun:
 @torch.no_grad()
 def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """Fill ``cache`` with the prompt (untimed); returns the first generated token [1, 1] (greedy)."""
+    return _prefill_logits(model, input_ids, cache).argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def _prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Fill ``cache`` with the prompt (untimed); returns the logits of the prompt's last position [1, V]."""
     from ...patches.decode_cache import cache_keyword
 
     logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
                    **{cache_keyword(model): cache}).logits
-    return logits[:, -1:].argmax(-1)
+    return logits[:, -1].float()
+
+
+@torch.no_grad()
+def continuation_nll(model: torch.nn.Module, cache: Any, prompt_tokens: int, last_logits: torch.Tensor,
+                     tokens: Sequence[int]) -> float:
+    """Mean negative log-likelihood (nats per token) under ``model`` of ``tokens`` [T ints] continuing a prompt of
+    ``prompt_tokens`` tokens: ``last_logits`` [1, V] (the prompt's last position) scores the first token, one forward
+    of tokens[:-1] against ``cache`` the rest (teacher forcing). ``cache`` must hold the prompt first (it is cropped
+    to ``prompt_tokens``, so a cache that has decoded since can serve)."""
+    from ...patches.decode_cache import cache_keyword
+
+    extra = cache.get_seq_length() - prompt_tokens
+    if extra < 0:
+        raise ValueError(f"the cache holds {cache.get_seq_length()} tokens, fewer than the prompt's {prompt_tokens}")
+    if extra:
+        cache.crop(-extra)  # a negative crop removes that many tokens in every transformers 5.x release
+    log_probs = [torch.log_softmax(last_logits.float(), -1)[0, tokens[0]]]
+    if len(tokens) > 1:
+        ids = torch.tensor([list(tokens[:-1])])
+        mask = torch.ones(1, prompt_tokens + ids.shape[1], dtype=torch.long)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_keyword(model): cache}).logits
+        step = torch.log_softmax(logits[0].float(), -1)
+        log_probs += list(step.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0])
+    return -float(torch.stack(log_probs).mean())
 
 
 def _summary(run: _DecodeRun, kind: str) -> dict:
@@ -276,7 +306,9 @@ def compare_decode(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, 
     Otherwise each side prefills its own cache (untimed), and the cell's prefill and each of its steps run between
     an ``enter_cell()`` and an ``exit_cell()`` call, both outside the timed step.
     Returns {"baseline": time_decode's dict, "cell": ..., "speedup": baseline median_ms / cell median_ms,
-    "same_tokens": how many leading generated tokens agree}."""
+    "same_tokens": how many leading generated tokens agree, "exact_nll": {"baseline": ..., "cell": ...}: each side's
+    generated tokens scored by the exact model (:func:`continuation_nll`, nats per token)}: the quality of the
+    cell's continuation, which greedy agreement alone under-rates (a different but as likely wording)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or steps < 1:
         raise ValueError(f"input_ids must be [1, N] and steps >= 1; got {tuple(input_ids.shape)}, {steps}")
 
@@ -292,13 +324,15 @@ def compare_decode(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, 
     n = input_ids.shape[1]
     if enter_cell is None:
         shared = new_decode_cache("dynamic", model)
-        first = _prefill(model, input_ids, shared)
+        base_logits = _prefill_logits(model, input_ids, shared)
+        first = base_logits.argmax(-1, keepdim=True)
         runs = {side: _DecodeRun(model, copy_decode_cache(shared, kind, model), first, n)
                 for side, kind in (("baseline", baseline_cache), ("cell", cell_cache))}
         del shared
     else:
         base_kv = new_decode_cache(baseline_cache, model)
-        runs = {"baseline": _DecodeRun(model, base_kv, _prefill(model, input_ids, base_kv), n)}
+        base_logits = _prefill_logits(model, input_ids, base_kv)
+        runs = {"baseline": _DecodeRun(model, base_kv, base_logits.argmax(-1, keepdim=True), n)}
         cell_kv = new_decode_cache(cell_cache, model)
         runs["cell"] = _DecodeRun(model, cell_kv, as_cell(lambda: _prefill(model, input_ids, cell_kv)), n)
     order = ("cell", "baseline") if cell_first else ("baseline", "cell")
@@ -314,7 +348,12 @@ def compare_decode(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, 
         if a != b:
             break
         same += 1
-    return {**out, "speedup": out["baseline"]["median_ms"] / out["cell"]["median_ms"], "same_tokens": same}
+    # both continuations scored by the exact model (the baseline's cache, cropped back to the prompt)
+    del runs["cell"]
+    nll = {side: continuation_nll(model, runs["baseline"].cache, n, base_logits, out[side]["tokens"])
+           for side in ("baseline", "cell")}
+    return {**out, "speedup": out["baseline"]["median_ms"] / out["cell"]["median_ms"], "same_tokens": same,
+            "exact_nll": nll}
 
 
 def ratio_interval(baseline: Sequence[float], cell: Sequence[float], draws: int = 10000,

@@ -183,7 +183,9 @@ def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
              "Each article is prefilled (untimed) and then decoded greedily one token per step; ms/token = median over "
              "the steps, averaged over the articles; speed-up = sum of the exact model's medians / sum of the cell's, "
              f"with a 95% bootstrap interval over articles. {alternation} 'same tokens' = leading generated "
-             "tokens equal to the exact model's, summed over articles."
+             "tokens equal to the exact model's, summed over articles; 'continuation ppl' = the perplexity of the "
+             "cell's generated tokens over that of the exact model's own greedy tokens, both scored by the exact "
+             "model ('-': a record made before it was measured)."
              + (" 'decode' = what the cell's patched layers ran on the steps against the cache ('-': the model's own "
                 "attention; the exact baseline row is the unpatched model; parameters other than the method's "
                 "defaults follow its name); 'decode served' = the calls against the "
@@ -192,16 +194,19 @@ def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
                 "builds an index of the cached keys builds it there)." if with_decode else ""), ""]
     if with_decode:
         lines += ["| N | method | layers | select | seed | decode | steps | exact: cache | exact ms/token | cell: cache | "
-                  "cell ms/token | cell 1st step ms | tokens/s exact / cell | speed-up | same tokens | decode served | load |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "cell ms/token | cell 1st step ms | tokens/s exact / cell | speed-up | same tokens | continuation ppl | "
+                  "decode served | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     else:
         lines += ["| N | method | layers | select | seed | steps | exact: cache | exact ms/token | cell: cache | cell ms/token | "
-                  "tokens/s exact / cell | speed-up | same tokens | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "tokens/s exact / cell | speed-up | same tokens | continuation ppl | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["speedup_ci"]
         same = sum(a["same_tokens"] for a in r["per_article"])
         total = sum(len(a["cell_tokens"]) for a in r["per_article"])
         load = "/".join(f"{x:.1f}" for x in r["load_avg_1min"])
+        ppl = "-" if r.get("continuation_ppl_change_pct") is None else f"{r['continuation_ppl_change_pct']:+.1f}%"
         if with_decode:
             first = sum(a["cell_step_ms"][0] for a in r["per_article"]) / len(r["per_article"])
             falls = "; ".join(f"{reason}: {n}" for reason, n in sorted((r.get("fallbacks") or {}).items()))
@@ -210,12 +215,12 @@ def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
                          f"{decode_label(r)} | {r['decode_tokens']} | {r['baseline_cache']} | "
                          f"{r['baseline_median_ms']:.1f} | {r['cache']} | {r['cell_median_ms']:.1f} | {first:.1f} | "
                          f"{r['baseline_tokens_per_s']:.2f} / {r['cell_tokens_per_s']:.2f} | {r['speedup']:.3f}x [{lo:.3f}, {hi:.3f}] | "
-                         f"{same}/{total} | {served} | {load} |")
+                         f"{same}/{total} | {ppl} | {served} | {load} |")
         else:
             lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['decode_tokens']} | "
                          f"{r['baseline_cache']} | {r['baseline_median_ms']:.1f} | {r['cache']} | {r['cell_median_ms']:.1f} | "
                          f"{r['baseline_tokens_per_s']:.2f} / {r['cell_tokens_per_s']:.2f} | {r['speedup']:.3f}x [{lo:.3f}, {hi:.3f}] | "
-                         f"{same}/{total} | {load} |")
+                         f"{same}/{total} | {ppl} | {load} |")
     params = {decode_label(r): r["decode_params"] for r in rows if r.get("decode_method") is not None}
     if params:
         lines += ["", "Decode parameters (all of them): " + "; ".join(
