@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
              f"Probe: {args.samples} pass-key prompts of {args.length} tokens (the key at depths (i + 0.5) / "
              f"{args.samples}); needle mass = the softmax mass the last {probe.query_rows} positions put on the key's "
              f"tokens, the maximum over heads (a uniform share would be {uniform:.4f}).", "",
-             f"- Layers of most needle mass: " + ", ".join(f"{i} ({scores[i]:.3f})" for i in top) + ".",
+             "- Layers of most needle mass: " + ", ".join(f"{i} ({scores[i]:.3f})" for i in top) + ".",
              f"- The {args.patched} layers `weight_norm` patches first carry {result['needle_mass_of_the_patched']['weight_norm']:.3f} "
              f"of summed needle mass; the {args.patched} `retrieval` patches first {result['needle_mass_of_the_patched']['retrieval']:.3f}; "
              f"they share {len(result['overlap_of_the_patched'])} layers.",
