@@ -33,7 +33,8 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
                        ("eval/results/model_bench_causal", "local", 15, {"window": 1024})),
     # the same 15 layers' count chosen by the needle mass of a pass-key probe (least first) instead of the weight norm
     "local_w1024_15_retrieval": (["--method", "local", "--layers", "15", "--select", "retrieval", "--param",
-                                  "window=1024"], None),
+                                  "window=1024"],
+                                 ("eval/results/model_bench_retrieval_select", "local", 15, {"window": 1024})),
     "block_select_30": (["--method", "block_select", "--layers", "all"],
                         ("eval/results/model_bench_block_select", "block_select", 30, {})),
     "block_select_w1024_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024"],
@@ -135,6 +136,8 @@ def model_cell(name: str) -> Optional[dict]:
     if source is None:
         return None
     results_dir, method, layers, params = source
+    args = CONFIGS[name][0]
+    select = args[args.index("--select") + 1] if "--select" in args else "weight_norm"
     path = os.path.join(results_dir, "results.json")
     if not os.path.exists(path):
         return None
@@ -142,6 +145,7 @@ def model_cell(name: str) -> Optional[dict]:
         data = json.load(f)
     for cell in data.get("rows", []):
         if cell.get("method") == method and cell.get("layers") == layers and cell.get("tokens", 8192) == 8192 \
+                and cell.get("select", "weight_norm") == select \
                 and all(cell.get("params", {}).get(k) == v for k, v in params.items()):
             if cell.get("ppl_change_pct") is not None and cell.get("speedup") is not None:
                 return {"ppl_change_pct": cell["ppl_change_pct"], "speedup": cell["speedup"],

@@ -239,6 +239,34 @@ def test_measured_selection_uses_one_calibration(llama, tmp_path):
     assert done[cells[2].key]["patched_layers"] == sorted(expected[:2])
 
 
+def test_retrieval_selection_patches_the_least_needle_layers_once_computed(llama, tmp_path):
+    """select="retrieval" cells take the needle-mass order (computed once, on a pass-key probe); the default grid
+    leaves it out (it needs a tokenizer and is asked for by name)."""
+    from hf_sparse_attn.eval.bench.grid import DEFAULT_SELECTIONS, selection_order_retrieval
+    from hf_sparse_attn.commands import bench_options
+    from tiny_checkpoint import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    calls = []
+
+    def order():
+        calls.append(1)
+        return selection_order_retrieval(llama, tokenizer, length=200)
+
+    cells = [mb.baseline_cell(64), mb.Cell("sparse_hyper", 64, 1, "retrieval"), mb.Cell("sparse_hyper", 64, 2, "retrieval")]
+    records = mb.run_grid(llama, cells, {64: _texts(64)}.__getitem__, str(tmp_path / "r.jsonl"), method_params=PARAMS,
+                          retrieval_order_for=order, profile=False, progress=False)
+    expected = order()
+    assert len(calls) == 2 and sorted(expected) == [0, 1, 2]  # once in the grid, once here
+    done = mb.latest_cells(records)
+    assert done[cells[1].key]["patched_layers"] == [expected[0]]
+    assert done[cells[2].key]["patched_layers"] == sorted(expected[:2])
+    with pytest.raises(ValueError, match="retrieval_order_for"):
+        mb.run_grid(llama, cells[1:2], {64: _texts(64)}.__getitem__, str(tmp_path / "other.jsonl"),
+                    method_params=PARAMS, profile=False, progress=False)
+    assert "retrieval" not in DEFAULT_SELECTIONS and bench_options.DEFAULT_SELECTIONS == DEFAULT_SELECTIONS
+
+
 def test_profile_attention_share(llama):
     prof = mb.profile_attention_share(llama, _texts(96, 1)[0][1])
     assert prof["sdpa_calls"] == 3 and prof["attention_module_calls"] == 3  # one per layer

@@ -272,6 +272,12 @@ def _run_model(args: argparse.Namespace, shard) -> int:
             ids = tokenizer(calibration_text, return_tensors="pt").input_ids[:, : args.calibration_tokens]
             return selection_order_measured(model, ids)
 
+        def retrieval_order():
+            from ..eval.bench.grid import selection_order_retrieval
+
+            positions = getattr(model.config, "max_position_embeddings", None) or 2048
+            return selection_order_retrieval(model, tokenizer, length=min(2048, positions))
+
         prepare = None
         if args.rope_scaling:
             from ..eval.bench.measure import scale_rope
@@ -286,14 +292,14 @@ def _run_model(args: argparse.Namespace, shard) -> int:
         other_results = results_files(args.out)
         run_grid(model, cells, texts_for, results_file, other_results=other_results,
                  method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
-                 profile=not args.no_profile, progress=not args.no_progress, prepare_tokens=prepare, decode=decode)
+                 retrieval_order_for=retrieval_order, profile=not args.no_profile, progress=not args.no_progress, prepare_tokens=prepare, decode=decode)
         if args.decode_tokens > 0:
             from ..eval.bench.grid import run_decode_cells
 
             run_decode_cells(model, cells, texts_for, results_file, steps=args.decode_tokens,
                              cell_cache=args.decode_cache, baseline_cache=args.decode_baseline_cache,
                              method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
-                             other_results=other_results, progress=not args.no_progress, prepare_tokens=prepare,
+                             retrieval_order_for=retrieval_order, other_results=other_results, progress=not args.no_progress, prepare_tokens=prepare,
                              **decode)
     ranking = rank_layers(model)
     extra = {"machine": facts["machine"], "date": facts["date"],

@@ -10,7 +10,8 @@ from .models import add_model_arguments
 
 # = hf_sparse_attn.eval.bench.grid.SELECTIONS (tests/test_run_trust.py checks it), spelled out here so that building
 # the parser imports no torch
-SELECTIONS = ("weight_norm", "last", "first", "measured", "random")
+SELECTIONS = ("weight_norm", "last", "first", "measured", "random", "retrieval")
+DEFAULT_SELECTIONS = ("weight_norm", "last", "first", "measured", "random")  # retrieval: asked for by name
 
 
 def add_kernel_and_model_levels(levels: argparse._SubParsersAction) -> None:
@@ -64,7 +65,8 @@ def add_kernel_and_model_levels(levels: argparse._SubParsersAction) -> None:
     model.add_argument("--methods", nargs="+", default=["sparse_hyper", "hyper"], help="methods to patch with")
     model.add_argument("--layers", nargs="+", type=int, default=list(range(0, 31, 3)) + [15],
                        help="numbers of replaced layers (0 = the exact baseline, always run)")
-    model.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=list(SELECTIONS), help="layer selections")
+    model.add_argument("--selections", nargs="+", default=list(DEFAULT_SELECTIONS), choices=list(SELECTIONS),
+                       help="layer selections (retrieval: the needle-mass order of a 2048-token pass-key probe, or the model's positions if fewer; not run unless named)")
     model.add_argument("--random-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the random selection")
     model.add_argument("--compare-selections-at", nargs="+", type=int, default=None,
                        help="run selections other than weight_norm only at these layer counts (default: at every count)")

@@ -17,7 +17,9 @@ from .measure import DECODE_CACHE_NAMES, compare_decode, perplexity, prefill_and
 from .results import append_jsonl, finished_keys, latest_cells, read_jsonl
 
 # the layer selections the benchmark compares (presets of hf_sparse_attn.selection), in report order
-SELECTIONS = ("weight_norm", "last", "first", "measured", "random")
+SELECTIONS = ("weight_norm", "last", "first", "measured", "random", "retrieval")
+# what `bench model --selections` runs when not told (retrieval needs a probe: asked for by name)
+DEFAULT_SELECTIONS = ("weight_norm", "last", "first", "measured", "random")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,6 +149,16 @@ def article_token_sets(tokenizer: Any, tokens: int, num_articles: int, articles:
 # Running cells
 # ---------------------------------------------------------------------------------------------------------
 
+def selection_order_retrieval(model: torch.nn.Module, tokenizer: Any, length: int = 2048) -> list[int]:
+    """Layer order of ``select="retrieval"``: least needle mass first on a pass-key probe of ``length`` tokens
+    (:func:`hf_sparse_attn.retrieval_probe`, its defaults otherwise; computed once, reused by every cell)."""
+    from ...retrieval import retrieval_probe, retrieval_scores
+    from ...selection import rank_layers, selection_order
+
+    scores = retrieval_scores(model, retrieval_probe(tokenizer, length=length))
+    return selection_order(rank_layers(model), "retrieval", retrieval_scores=scores)
+
+
 def selection_order_measured(model: torch.nn.Module, calibration_ids: torch.Tensor) -> list[int]:
     """Layer order of ``select="measured"``: most (k, eps)-sparse first on ``calibration_ids`` [1, N], from
     :func:`hf_sparse_attn.eval.sparsity.measured_sparsity_scores` (computed once, reused by every cell)."""
@@ -158,21 +170,26 @@ def selection_order_measured(model: torch.nn.Module, calibration_ids: torch.Tens
 
 
 def _patch_for(model: torch.nn.Module, cell: Cell, method_params: dict, measured_order: Optional[list[int]],
-               decode: Optional[dict] = None):
+               decode: Optional[dict] = None, retrieval_order: Optional[list[int]] = None):
     """Patch ``model`` as ``cell`` says; ``decode``: patch_model's ``decode_method`` / ``decode_params`` (default:
-    patch_model's own)."""
+    patch_model's own). The orders of the selections computed on the model (``measured``, ``retrieval``) are given,
+    computed once for every cell."""
     from ... import patch_model
 
     params = {**method_params.get(cell.method, {}), **(decode or {})}
-    if cell.select == "measured":
-        if measured_order is None:
-            raise ValueError("select 'measured' needs the measured sparsity order (calibration text)")
-        return patch_model(model, method=cell.method, layers=cell.layers, select=measured_order, seed=cell.seed, **params)
+    computed = {"measured": (measured_order, "the measured sparsity order (calibration text)"),
+                "retrieval": (retrieval_order, "the needle-mass order of a retrieval probe")}
+    if cell.select in computed:
+        order, what = computed[cell.select]
+        if order is None:
+            raise ValueError(f"select {cell.select!r} needs {what}")
+        return patch_model(model, method=cell.method, layers=cell.layers, select=order, seed=cell.seed, **params)
     return patch_model(model, method=cell.method, layers=cell.layers, select=cell.select, seed=cell.seed, **params)
 
 
 def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torch.Tensor]], *,
              method_params: Optional[dict[str, dict]] = None, measured_order: Optional[list[int]] = None,
+             retrieval_order: Optional[list[int]] = None,
              scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll,
              done_articles: Optional[dict[str, dict]] = None,
              on_article: Optional[Callable[[dict], None]] = None, decode: Optional[dict] = None) -> dict:
@@ -188,7 +205,8 @@ def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torc
     for _, ids in texts:
         if ids.shape[1] != cell.tokens:
             raise ValueError(f"a text has {ids.shape[1]} tokens; cell {cell.key} needs {cell.tokens}")
-    plan = None if cell.is_baseline else _patch_for(model, cell, method_params or {}, measured_order, decode)
+    plan = None if cell.is_baseline else _patch_for(model, cell, method_params or {}, measured_order, decode,
+                                                    retrieval_order)
     per_article = []
     load_before = os.getloadavg()[0]
     try:
@@ -230,7 +248,8 @@ def new_run_info() -> dict:
 
 def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[[int], Sequence[tuple[str, torch.Tensor]]],
              out_path: str, *, method_params: Optional[dict[str, dict]] = None,
-             measured_order_for: Optional[Callable[[], list[int]]] = None, profile: bool = True,
+             measured_order_for: Optional[Callable[[], list[int]]] = None,
+             retrieval_order_for: Optional[Callable[[], list[int]]] = None, profile: bool = True,
              scorer: Callable[..., tuple[float, int, float]] = prefill_and_nll, progress: bool = True,
              run_info: Optional[dict] = None, prepare_tokens: Optional[Callable[[int], None]] = None,
              other_results: Sequence[str] = (), decode: Optional[dict] = None) -> list[dict]:
@@ -276,6 +295,7 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     append_jsonl(out_path, {"kind": "run", **run_info, "cells_todo": [c.key for c in todo]})
     baselines: dict[int, dict] = {}
     measured_order: Optional[list[int]] = None
+    retrieval_order: Optional[list[int]] = None
     bar = tqdm(total=len(todo), desc="model bench", unit="cell", disable=not progress)
     warmed = False
     for n in sorted({c.tokens for c in todo}):
@@ -311,11 +331,16 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
                 if measured_order_for is None:
                     raise ValueError("a 'measured' cell needs measured_order_for (calibration)")
                 measured_order = list(measured_order_for())
+            if cell.select == "retrieval" and retrieval_order is None:
+                if retrieval_order_for is None:
+                    raise ValueError("a 'retrieval' cell needs retrieval_order_for (a retrieval probe)")
+                retrieval_order = list(retrieval_order_for())
             def on_article(article: dict, key: str = cell.key) -> None:
                 append_jsonl(out_path, {"kind": "article", "key": key, "run_id": run_id, **article})
                 bar.set_postfix_str(f"{key} article {article['title'][:20]}")
 
-            record = run_cell(model, cell, texts, method_params=method_params, measured_order=measured_order, scorer=scorer,
+            record = run_cell(model, cell, texts, method_params=method_params, measured_order=measured_order,
+                              retrieval_order=retrieval_order, scorer=scorer,
                               done_articles=partial.get(cell.key), on_article=on_article, decode=decode)
             base_times = {a["title"]: a["prefill_s"] for a in baselines[n]["per_article"] if not a.get("resumed")}
             timed_here = [a for a in record["per_article"] if not a.get("resumed")]
@@ -351,6 +376,7 @@ def continuation_ppl_change(per_article: Sequence[dict]) -> float:
 def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Callable[[int], Sequence[tuple[str, torch.Tensor]]],
                      out_path: str, *, steps: int, cell_cache: str = "dynamic", baseline_cache: Optional[str] = None,
                      method_params: Optional[dict] = None, measured_order_for: Optional[Callable[[], list[int]]] = None,
+                     retrieval_order_for: Optional[Callable[[], list[int]]] = None,
                      other_results: Sequence[str] = (), progress: bool = True,
                      prepare_tokens: Optional[Callable[[int], None]] = None, decode_method: Optional[str] = "exact",
                      decode_params: Optional[dict] = None) -> list[dict]:
@@ -398,6 +424,7 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
                   key=lambda c: c.tokens)  # stable: baselines stay first
     prepared = None
     measured_order: Optional[list[int]] = None
+    retrieval_order: Optional[list[int]] = None
     new = []
     for cell in tqdm(todo, desc="decode", unit="cell", disable=not progress):
         if prepare_tokens is not None and prepared != cell.tokens:
@@ -405,12 +432,14 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
             prepared = cell.tokens
         if cell.select == "measured" and measured_order is None and measured_order_for is not None:
             measured_order = list(measured_order_for())
+        if cell.select == "retrieval" and retrieval_order is None and retrieval_order_for is not None:
+            retrieval_order = list(retrieval_order_for())
         counts = {"served": 0, "decode_served": 0, "fallbacks": collections.Counter()}
         enter = exit_ = None
         if not cell.is_baseline:
             def enter(cell=cell) -> None:
                 _patch_for(model, cell, method_params or {}, measured_order,
-                           {"decode_method": decode_method, "decode_params": decode_params})
+                           {"decode_method": decode_method, "decode_params": decode_params}, retrieval_order)
 
             def exit_() -> None:  # the counts of the plan of this text, then unpatch
                 plan = current_plan(model)
