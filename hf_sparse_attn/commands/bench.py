@@ -20,7 +20,7 @@ import shlex
 import sys
 from typing import Any, Optional
 
-from .arguments import decode_arguments, parse_method_params, parse_shard
+from .arguments import RETRIEVAL_PROBE_LENGTH, decode_arguments, parse_method_params, parse_shard
 from .bench_options import SELECTIONS, add_kernel_and_model_levels  # noqa: F401  (SELECTIONS: tests/test_run_trust.py)
 from .experiments import configure_run, load_config, run_experiment_command
 from .models import SMOLLM2_NAMES, load_model
@@ -275,8 +275,8 @@ def _run_model(args: argparse.Namespace, shard) -> int:
         def retrieval_order():
             from ..eval.bench.grid import selection_order_retrieval
 
-            positions = getattr(model.config, "max_position_embeddings", None) or 2048
-            return selection_order_retrieval(model, tokenizer, length=min(2048, positions))
+            positions = getattr(model.config, "max_position_embeddings", None) or RETRIEVAL_PROBE_LENGTH
+            return selection_order_retrieval(model, tokenizer, length=min(RETRIEVAL_PROBE_LENGTH, positions))
 
         prepare = None
         if args.rope_scaling:
@@ -292,14 +292,16 @@ def _run_model(args: argparse.Namespace, shard) -> int:
         other_results = results_files(args.out)
         run_grid(model, cells, texts_for, results_file, other_results=other_results,
                  method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
-                 retrieval_order_for=retrieval_order, profile=not args.no_profile, progress=not args.no_progress, prepare_tokens=prepare, decode=decode)
+                 retrieval_order_for=retrieval_order, profile=not args.no_profile, progress=not args.no_progress,
+                 prepare_tokens=prepare, decode=decode)
         if args.decode_tokens > 0:
             from ..eval.bench.grid import run_decode_cells
 
             run_decode_cells(model, cells, texts_for, results_file, steps=args.decode_tokens,
                              cell_cache=args.decode_cache, baseline_cache=args.decode_baseline_cache,
                              method_params=_parse_method_params(args.method_param), measured_order_for=measured_order,
-                             retrieval_order_for=retrieval_order, other_results=other_results, progress=not args.no_progress, prepare_tokens=prepare,
+                             retrieval_order_for=retrieval_order, other_results=other_results,
+                             progress=not args.no_progress, prepare_tokens=prepare,
                              **decode)
     ranking = rank_layers(model)
     extra = {"machine": facts["machine"], "date": facts["date"],
