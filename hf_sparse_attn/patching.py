@@ -51,19 +51,20 @@ def _build_plan(model, request: PatchRequest) -> PatchPlan:
     chosen = set(resolve_layers(request.layers, order, len(ranking)))
     rank_of = {layer: r for r, layer in enumerate(order)}
     method, params, select = request.method, request.params, request.select
-    layer_plans = [
-        LayerPlan(
-            layer_idx=i,
-            weight_norm=ranking.weight_norms[i],
-            rank=rank_of[i],
-            method=method if i in chosen else None,
-            params=dict(params) if i in chosen else {},
-            head_weight_norms=ranking.head_weight_norms[i],
-            decode_method=request.decode_method if i in chosen else None,
-            decode_params=dict(request.decode_params) if i in chosen else {},
+    other = request.other_method  # the layers not chosen: this method, or the model's own attention (None)
+
+    def layer_plan(i: int) -> LayerPlan:
+        runs, runs_params = (method, params) if i in chosen else (other, request.other_params)
+        return LayerPlan(
+            layer_idx=i, weight_norm=ranking.weight_norms[i], rank=rank_of[i],
+            method=runs, params=dict(runs_params) if runs else {}, head_weight_norms=ranking.head_weight_norms[i],
+            decode_method=request.decode_method if runs else None,
+            decode_params=dict(request.decode_params) if runs else {},
         )
-        for i in range(len(ranking))
-    ]
+
+    layer_plans = [layer_plan(i) for i in range(len(ranking))]
+    if other is not None and len(chosen) < len(ranking):
+        method = None  # a mixed plan: each layer says what it runs (PatchPlan.methods)
     select_name = select if isinstance(select, str) else ("callable" if callable(select) else "explicit")
     if not isinstance(request.layers, (int, float, str)):
         select_name = "explicit"
@@ -97,6 +98,7 @@ def patch_model(
     strict: bool = True,
     decode_method: Optional[str] = "exact",
     decode_params: Optional[dict[str, Any]] = None,
+    other_layers: Optional[dict[str, Any]] = None,
     **method_params: Any,
 ) -> PatchPlan:
     """Run ``method`` in the chosen attention layers of ``model``; return the :class:`PatchPlan`.
@@ -118,11 +120,14 @@ def patch_model(
         (sinks + window), "lsh" (sinks + window + the keys an LSH index finds, needs a
         :class:`~hf_sparse_attn.GrowingCache`), any name of ``hf_sparse_attn.list_decode_methods()``, or None (the
         model's own attention, counted as a fallback). decode_params: its parameters (docs/methods/decode.md).
+    other_layers: what the layers that ``layers`` does not choose run, as ``{"method": NAME, **its parameters}``,
+        e.g. ``{"method": "local", "window": 512}`` (default None: the model's own attention). They run the same
+        decode method. The plan is then mixed (``plan.method`` None, ``plan.methods`` lists both).
     """
     request = build_patch_request(model, method, layers, select, plan=plan, seed=seed, norm=norm,
                                   calibration=calibration, adapter_options=adapter_options, strict=strict,
                                   method_params=method_params, decode_method=decode_method,
-                                  decode_params=decode_params)
+                                  decode_params=decode_params, other_layers=other_layers)
     new_plan = _applied_plan(model, request) if request.plan is not None else _build_plan(model, request)
     adapter, num_layers = request.adapter, request.num_layers
     by_index = {layer.layer_idx: layer for layer in new_plan.layers}  # adapters install runtimes in layer order

@@ -16,9 +16,14 @@ eval/results/model_bench_causal/frontier.md). Measured on all three axes at 8k
 (of 11, depths 0-100%) the unpatched model finds, ``block_select`` keeps 4 and ``local`` 1; prefill 1.77x (95% interval
 1.76-1.79x, 10 articles) against ``local``'s 1.62x; perplexity +6.3% (+2.7..+13.0%) against ``local``'s +3.5%. On
 RULER's niah_single_1 / niah_single_2 at 8k (20 samples each) it scores what the unpatched model scores (90 / 55),
-keeping 18 of 18 and 10 of 11 of its answers (eval/results/ruler_niah_8k/frontier.md).
-:data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever
-prefers its perplexity.
+keeping 18 of 18 and 10 of 11 of its answers (eval/results/ruler_niah_8k/frontier.md); the pass key at depths 0-100%
+(22 keys) 45 against the unpatched 41 (keeps 9 of 9), niah_multikey_1 36 against 41 (keeps 8 of 9), vt 14 against 14
+(eval/results/ruler_recommended_8k/frontier.md).
+:data:`WINDOW_BY_R_RECOMMENDATION` (window 1024 on the half of the layers of largest R, 512 on the others, through
+``patch_model``'s ``other_layers``) costs less perplexity, +3.6% at 1.59x on the same 10 articles
+(eval/results/model_bench_hybrid_windows/results.md), but kept fewer facts: niah_multikey_1 27 (6 of 9), pass key 41
+(8 of 9). The intervals of 22 samples overlap, so that is not a difference; facts come first, so it is not the
+default. :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever prefers its perplexity.
 
 Decode steps: ``exact`` (grouped attention over the cache, no expanded KV heads), generated with
 ``generation_cache(model)`` (a ``GrowingCache``): 1.33x per generated token at 8k against the unpatched model with a
@@ -37,13 +42,15 @@ exactly what it ran before.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from .methods.defaults import (BLOCK_SELECT_BLOCK_SIZE, BLOCK_SELECT_MIN_SEQ_LEN, BLOCK_SELECT_NUM_SELECTED,
                                BLOCK_SELECT_NUM_SINK_TOKENS, BLOCK_SELECT_PROBE_QUERIES, BLOCK_SELECT_SELECTION,
-                               BLOCK_SELECT_WINDOW, LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW)
+                               BLOCK_SELECT_WIDE_LAYERS, BLOCK_SELECT_WIDE_WINDOW, BLOCK_SELECT_WINDOW,
+                               LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW)
 
 # The previous causal recommendation (eval/results/model_bench_causal/frontier.md): better perplexity, loses far facts.
 LOCAL_RECOMMENDATION = {"method": "local", "layers": "all", "window": LOCAL_WINDOW,
@@ -53,6 +60,12 @@ CAUSAL_RECOMMENDATION = {"method": "block_select", "layers": "all", "selection":
                          "num_selected": BLOCK_SELECT_NUM_SELECTED, "block_size": BLOCK_SELECT_BLOCK_SIZE,
                          "probe_queries": BLOCK_SELECT_PROBE_QUERIES, "min_seq_len": BLOCK_SELECT_MIN_SEQ_LEN,
                          "decode_method": "exact"}
+# The window following R (eval/results/model_bench_hybrid_windows/results.md): less perplexity, slower, kept fewer
+# multikey needles at 8k (eval/results/ruler_recommended_8k/frontier.md).
+WINDOW_BY_R_RECOMMENDATION = {**CAUSAL_RECOMMENDATION, "layers": BLOCK_SELECT_WIDE_LAYERS, "select": "weight_norm",
+                              "window": BLOCK_SELECT_WIDE_WINDOW,
+                              "other_layers": {k: v for k, v in CAUSAL_RECOMMENDATION.items()
+                                               if k not in ("layers", "decode_method")}}
 ENCODER_RECOMMENDATION = {"method": "sparse_hyper", "layers": "all"}
 
 # Causal LM families whose attention modules may not say so (remote code: ChatGLM's core_attention).
@@ -88,4 +101,4 @@ def recommended(model: torch.nn.Module) -> dict[str, Any]:
     :data:`ENCODER_RECOMMENDATION`, ``sparse_hyper`` on all layers with its defaults
     (eval/results/kernels_full/results.md).
     """
-    return dict(CAUSAL_RECOMMENDATION if is_causal_lm(model) else ENCODER_RECOMMENDATION)
+    return copy.deepcopy(CAUSAL_RECOMMENDATION if is_causal_lm(model) else ENCODER_RECOMMENDATION)

@@ -110,7 +110,8 @@ class PatchRequest:
     Either a plan to re-apply (``plan`` set: a private copy of the given plan or of the file, every layer's
     parameters resolved, ``plan_source`` naming it in errors) or a new one (``method`` and its resolved ``params``,
     ``layers`` as a plain int / float / "all" / list, ``select``, ``norm``, ``calibration`` for select="measured",
-    ``decode_method`` and its resolved ``decode_params`` for the chosen layers' calls against a KV cache).
+    ``decode_method`` and its resolved ``decode_params`` for the chosen layers' calls against a KV cache,
+    ``other_method`` and its resolved ``other_params`` for the layers not chosen).
     """
 
     adapter: Any  # the patches.base.Adapter that recognized the model
@@ -128,6 +129,8 @@ class PatchRequest:
     calibration: Any = None  # input ids (select="measured") or a RetrievalProbe (select="retrieval")
     decode_method: Optional[str] = None
     decode_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    other_method: Optional[str] = None  # what the layers ``layers`` does not choose run (None: the model's own)
+    other_params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _plain_number(value: Any) -> Any:
@@ -187,6 +190,28 @@ def check_decode(decode_method: Any, decode_params: Any) -> dict[str, Any]:
     return get_decode_spec(decode_method).resolve_params(dict(decode_params or {}))
 
 
+def check_other_layers(other_layers: Any) -> tuple[Optional[str], dict[str, Any]]:
+    """``other_layers``: None (the layers ``layers`` does not choose keep the model's own attention) or a dict
+    ``{"method": NAME, **params}`` they run instead. Returns the method and its parameters filled in and validated."""
+    from .methods.registry import get_spec, list_methods
+
+    if other_layers is None:
+        return None, {}
+    example = "e.g. other_layers={'method': 'local', 'window': 512}"
+    if not isinstance(other_layers, dict):
+        raise ValueError(f"other_layers must be a dict with a 'method' and that method's parameters ({example}) or "
+                         f"None; got {_describe(other_layers)}")
+    params = dict(other_layers)
+    method = params.pop("method", None)
+    if not isinstance(method, str):
+        raise ValueError(f"other_layers needs a 'method' (one of {', '.join(list_methods())}), {example}; got "
+                         f"{_describe(method)}")
+    try:
+        return method, get_spec(method).resolve_params(params)
+    except ValueError as err:
+        raise ValueError(f"other_layers: {err}") from None
+
+
 def build_patch_request(
     model: Any,
     method: Any = "exact",
@@ -202,6 +227,7 @@ def build_patch_request(
     method_params: Optional[dict[str, Any]] = None,
     decode_method: Any = "exact",
     decode_params: Any = None,
+    other_layers: Any = None,
 ) -> PatchRequest:
     """Every argument of ``patch_model`` (see its docstring), checked before the model is changed, and resolved once:
     the adapter found, a plan file read, the method's parameters filled in and validated.
@@ -221,8 +247,9 @@ def build_patch_request(
     num_layers = len(adapter.attention_layers(model))
     options = dict(adapter_options or {})
     if plan is not None:
-        if method_params or decode_params:
-            raise ValueError("pass either plan= or method parameters, not both: the plan holds each layer's parameters")
+        if method_params or decode_params or other_layers is not None:
+            raise ValueError("pass either plan= or method parameters (other_layers included), not both: the plan "
+                             "holds each layer's method and parameters")
         copy, source = _plan_to_apply(plan)
         return PatchRequest(adapter=adapter, num_layers=num_layers, seed=copy.seed, strict=strict,
                             adapter_options=options, plan=copy, plan_source=source)
@@ -230,6 +257,7 @@ def build_patch_request(
         raise ValueError(f"method must be a method name (a string); got {_describe(method)}")
     params = get_spec(method).resolve_params(method_params)  # unknown names, types and ranges (registry.Param)
     decode_params = check_decode(decode_method, decode_params)
+    other_method, other_params = check_other_layers(other_layers)
     seed = check_seed(seed)
     check_norm(norm)
     layers = _plain_number(layers)  # numpy.int64(1) is the count 1, numpy.float64(0.5) the fraction 0.5
@@ -238,4 +266,5 @@ def build_patch_request(
     check_select(select, num_layers, calibration, vocab_size if isinstance(vocab_size, int) else None)
     return PatchRequest(adapter=adapter, num_layers=num_layers, seed=seed, strict=strict, adapter_options=options,
                         method=method, params=params, layers=layers, select=select, norm=norm, calibration=calibration,
-                        decode_method=decode_method, decode_params=decode_params)
+                        decode_method=decode_method, decode_params=decode_params, other_method=other_method,
+                        other_params=other_params)

@@ -39,6 +39,14 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
                         ("eval/results/model_bench_block_select", "block_select", 30, {})),
     "block_select_w1024_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024"],
                               ("eval/results/model_bench_block_select_w1024", "block_select", 30, {"window": 1024})),
+    # block_select (window 1024) on the 15 layers of largest R, where the needle mass sits, local w512 on the others
+    "hybrid_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
+                   'other_layers={method = "local", window = 512}'],
+                  ("eval/results/model_bench_hybrid", "block_select", 15, {"window": 1024})),
+    # block_select everywhere, its window following R: 1024 on the 15 layers of largest R, its default 512 on the others
+    "hybrid_windows_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
+                           'other_layers={method = "block_select", window = 512}'],
+                          ("eval/results/model_bench_hybrid_windows", "block_select", 15, {"window": 1024})),
     "sparse_hyper_recursive_15": (["--method", "sparse_hyper", "--layers", "15"],
                                   ("eval/results/model_bench_grid", "sparse_hyper", 15, {})),
     # the recommended prefill with a decode method over the KV cache (the prefill speed is block_select_30's)
@@ -269,9 +277,15 @@ def plot(out: str, result: dict) -> None:
     if points:
         sc = ax.scatter([r["model"]["speedup"] for _, r in points], [r["model"]["ppl_change_pct"] for _, r in points],
                         c=[r["mean_score"] for _, r in points], cmap="viridis", vmin=0, vmax=100, s=80)
+        at: dict[tuple[float, float], list[str]] = {}  # configurations with one prefill share a point: one label
         for name, r in points:
-            ax.annotate(name, (r["model"]["speedup"], r["model"]["ppl_change_pct"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+            at.setdefault((r["model"]["speedup"], r["model"]["ppl_change_pct"]), []).append(name)
+        middle = sum(x for x, _ in at) / len(at)
+        for (x, y), names in at.items():
+            right = x > middle  # labels of the right-hand points go to their left, inside the axes
+            ax.annotate("\n".join(names), (x, y), fontsize=7, xytext=(-6 if right else 6, 4),
+                        textcoords="offset points", ha="right" if right else "left", va="bottom")
+        ax.margins(x=0.12, y=0.15)
         fig.colorbar(sc, ax=ax, label="mean RULER / pass-key score")
     ax.set_xlabel("prefill speed-up at 8k (x)")
     ax.set_ylabel("perplexity change (%)")

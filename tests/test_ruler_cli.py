@@ -156,3 +156,21 @@ def test_decode_methods_from_the_command_line_are_served_and_part_of_the_setting
     assert exact.returncode != 0 and "decode_method" in exact.stderr  # ...and still differs from lsh's settings
     bad = _run(*common[:-1], str(tmp_path / "bad"), "--decode-method", "nope")
     assert bad.returncode != 0 and "decode-capable methods: exact, local, lsh, quest" in bad.stderr
+
+
+def test_other_layers_from_the_command_line_make_a_mixed_plan_recorded_in_the_settings(model_dir, tmp_path):
+    """--param 'other_layers={...}' patches the layers --layers does not choose with the other method; a rerun with
+    another other-layers method is refused, naming what differs."""
+    out = tmp_path / "mixed"
+    common = ("--model", model_dir, "--tasks", "passkey", "--lengths", "400", "--samples", "1", "--method", "exact",
+              "--layers", "1", "--out", str(out))
+    done = _run(*common, "--param", 'other_layers={method = "local", window = 16, min_seq_len = 1}')
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] is None
+    assert sorted(layer["method"] for layer in plan["layers"]) == ["exact", "local", "local"]
+    assert {layer["params"]["window"] for layer in plan["layers"] if layer["method"] == "local"} == {16}
+    counts = json.loads((out / "summary.json").read_text())["plan_counts_this_invocation"]
+    assert counts["patched_layers"] == [0, 1, 2] and counts["served"] == 3
+    again = _run(*common, "--param", 'other_layers={method = "local", window = 32, min_seq_len = 1}')
+    assert again.returncode != 0 and "other_layers" in again.stderr

@@ -109,7 +109,9 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layer order: weight_norm (largest Q/K norm first), last, first, even, odd, random")
     parser.add_argument("--plan", help="PatchPlan JSON to re-apply (overrides --method / --layers / --select)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="method parameter passed to patch_model (repeatable), e.g. --param block_size=256")
+                        help="method parameter passed to patch_model (repeatable), e.g. --param block_size=256; "
+                             "the layers not chosen run another method with --param 'other_layers={method = "
+                             "\"local\", window = 512}'")
     parser.add_argument("--decode-method", default="exact",
                         help="what the chosen layers run on decode steps against the KV cache: exact (default), "
                              "local, lsh, quest (hf_sparse_attn.list_decode_methods()), or 'none' (the model's own "

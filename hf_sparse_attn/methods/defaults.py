@@ -96,6 +96,15 @@ BLOCK_SELECT_QUERY_BLOCK = 256
 # Not measured for block_select itself: local's crossover (its window and sink parts run local's code, and it measured
 # 0.94x local w1024's speed at 8k): eval/results/defaults_causal_threshold/results.md.
 BLOCK_SELECT_MIN_SEQ_LEN = LOCAL_MIN_SEQ_LEN
+# The window of the layers of largest Q/K weight norm R in recommend.WINDOW_BY_R_RECOMMENDATION: block_select on
+# all 30 layers of SmolLM2 at 8k, same 10 articles, window 512 everywhere +6.3% perplexity at 1.77x prefill, 1024
+# everywhere +2.6% at 1.52x, 1024 on the half of largest R and 512 on the rest +3.6% at 1.59x
+# (eval/results/model_bench_hybrid_windows/results.md); local w512 instead of block_select on the low-R half: +4.8% at
+# 1.72x (eval/results/model_bench_hybrid/results.md). The half of largest R is where the needle mass of a pass-key
+# probe sits (eval/results/retrieval_layers_smollm2/results.md). Not the default: at 8k it kept 6 of the unpatched
+# model's 9 niah_multikey_1 answers, window 512 everywhere 8 (eval/results/ruler_recommended_8k/frontier.md).
+BLOCK_SELECT_WIDE_WINDOW = 1024
+BLOCK_SELECT_WIDE_LAYERS = 0.5
 
 # quest (decode over the KV cache) ---------------------------------------------------------------------------------
 # Pages of 32 tokens: the index (per-page key min / max) costs 1/32 of the cache (3.1%; Quest's 16 costs 6.3%), and

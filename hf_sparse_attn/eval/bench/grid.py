@@ -232,7 +232,11 @@ def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torc
     }
     if plan is not None:
         record["patched_layers"] = plan.patched_layers
-        record["params"] = plan.layer(plan.patched_layers[0]).params if plan.patched_layers else {}
+        own = [i for i in plan.patched_layers if plan.layer(i).rank < cell.layers]  # the cell's `layers` chosen
+        record["params"] = dict(plan.layer(own[0]).params) if own else {}
+        others = [plan.layer(i) for i in plan.patched_layers if i not in own]
+        if others:  # patch_model's other_layers: the layers the cell's count does not choose
+            record["params"]["other_layers"] = {"method": others[0].method, **others[0].params}
         record["served"] = sum(plan.layer(i).served for i in plan.patched_layers)
         record["fallbacks"] = plan.fallback_counts()
     else:
