@@ -51,19 +51,22 @@ def _build_plan(model, request: PatchRequest) -> PatchPlan:
     chosen = set(resolve_layers(request.layers, order, len(ranking)))
     rank_of = {layer: r for r, layer in enumerate(order)}
     method, params, select = request.method, request.params, request.select
-    other = request.other_method  # the layers not chosen: this method, or the model's own attention (None)
+    other = request.other  # the layers not chosen: another method, or the model's own attention (method None)
 
     def layer_plan(i: int) -> LayerPlan:
-        runs, runs_params = (method, params) if i in chosen else (other, request.other_params)
+        if i in chosen:
+            runs, runs_params, decode, decode_params = method, params, request.decode_method, request.decode_params
+        else:
+            runs, runs_params, decode, decode_params = other.method, other.params, other.decode_method, \
+                other.decode_params
         return LayerPlan(
             layer_idx=i, weight_norm=ranking.weight_norms[i], rank=rank_of[i],
             method=runs, params=dict(runs_params) if runs else {}, head_weight_norms=ranking.head_weight_norms[i],
-            decode_method=request.decode_method if runs else None,
-            decode_params=dict(request.decode_params) if runs else {},
+            decode_method=decode if runs else None, decode_params=dict(decode_params) if runs else {},
         )
 
     layer_plans = [layer_plan(i) for i in range(len(ranking))]
-    if other is not None and len(chosen) < len(ranking):
+    if other.method is not None and len(chosen) < len(ranking):
         method = None  # a mixed plan: each layer says what it runs (PatchPlan.methods)
     select_name = select if isinstance(select, str) else ("callable" if callable(select) else "explicit")
     if not isinstance(request.layers, (int, float, str)):
@@ -122,7 +125,10 @@ def patch_model(
         model's own attention, counted as a fallback). decode_params: its parameters (docs/methods/decode.md).
     other_layers: what the layers that ``layers`` does not choose run, as ``{"method": NAME, **its parameters}``,
         e.g. ``{"method": "local", "window": 512}`` (default None: the model's own attention). They run the same
-        decode method. The plan is then mixed (``plan.method`` None, ``plan.methods`` lists both).
+        decode method unless the dict has its own ``"decode_method"`` (and ``"decode_params"``), e.g.
+        ``{"method": "block_select", "decode_method": "local"}`` beside ``decode_method="exact"``: exact decode on
+        the chosen layers, sinks + window on the others. The plan is then mixed (``plan.method`` None,
+        ``plan.methods`` lists both).
     """
     request = build_patch_request(model, method, layers, select, plan=plan, seed=seed, norm=norm,
                                   calibration=calibration, adapter_options=adapter_options, strict=strict,

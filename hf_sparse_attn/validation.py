@@ -103,6 +103,18 @@ def check_plan(plan: Any) -> None:
 
 
 @dataclasses.dataclass
+class OtherLayers:
+    """What the layers that ``layers`` does not choose run (``patch_model(other_layers=...)``): ``method`` None keeps
+    the model's own attention there; else its resolved ``params`` and the decode method with its resolved parameters
+    (the chosen layers' by default)."""
+
+    method: Optional[str] = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    decode_method: Optional[str] = None
+    decode_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class PatchRequest:
     """``patch_model``'s arguments, checked and resolved once (:func:`build_patch_request`); the plan is built from
     it and from nothing else.
@@ -111,7 +123,7 @@ class PatchRequest:
     parameters resolved, ``plan_source`` naming it in errors) or a new one (``method`` and its resolved ``params``,
     ``layers`` as a plain int / float / "all" / list, ``select``, ``norm``, ``calibration`` for select="measured",
     ``decode_method`` and its resolved ``decode_params`` for the chosen layers' calls against a KV cache,
-    ``other_method`` and its resolved ``other_params`` for the layers not chosen).
+    ``other``: what the layers not chosen run).
     """
 
     adapter: Any  # the patches.base.Adapter that recognized the model
@@ -129,8 +141,7 @@ class PatchRequest:
     calibration: Any = None  # input ids (select="measured") or a RetrievalProbe (select="retrieval")
     decode_method: Optional[str] = None
     decode_params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    other_method: Optional[str] = None  # what the layers ``layers`` does not choose run (None: the model's own)
-    other_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    other: OtherLayers = dataclasses.field(default_factory=lambda: OtherLayers())  # the layers not chosen
 
 
 def _plain_number(value: Any) -> Any:
@@ -190,13 +201,16 @@ def check_decode(decode_method: Any, decode_params: Any) -> dict[str, Any]:
     return get_decode_spec(decode_method).resolve_params(dict(decode_params or {}))
 
 
-def check_other_layers(other_layers: Any) -> tuple[Optional[str], dict[str, Any]]:
+def check_other_layers(other_layers: Any, decode_method: Optional[str] = None,
+                       decode_params: Optional[dict[str, Any]] = None) -> OtherLayers:
     """``other_layers``: None (the layers ``layers`` does not choose keep the model's own attention) or a dict
-    ``{"method": NAME, **params}`` they run instead. Returns the method and its parameters filled in and validated."""
+    ``{"method": NAME, **params}`` they run instead, optionally with ``"decode_method"`` / ``"decode_params"`` keys of
+    their own (default: ``decode_method`` / ``decode_params``, the chosen layers' resolved decode). Returns what they
+    run, every value filled in and validated."""
     from .methods.registry import get_spec, list_methods
 
     if other_layers is None:
-        return None, {}
+        return OtherLayers()
     example = "e.g. other_layers={'method': 'local', 'window': 512}"
     if not isinstance(other_layers, dict):
         raise ValueError(f"other_layers must be a dict with a 'method' and that method's parameters ({example}) or "
@@ -206,8 +220,16 @@ def check_other_layers(other_layers: Any) -> tuple[Optional[str], dict[str, Any]
     if not isinstance(method, str):
         raise ValueError(f"other_layers needs a 'method' (one of {', '.join(list_methods())}), {example}; got "
                          f"{_describe(method)}")
+    if "decode_params" in params and "decode_method" not in params:
+        raise ValueError("other_layers: 'decode_params' needs a 'decode_method' beside it, e.g. other_layers="
+                         "{'method': 'block_select', 'decode_method': 'local', 'decode_params': {'window': 1024}}")
+    if "decode_method" in params:
+        other_decode, other_decode_params = params.pop("decode_method"), params.pop("decode_params", None)
+    else:
+        other_decode, other_decode_params = decode_method, decode_params
     try:
-        return method, get_spec(method).resolve_params(params)
+        return OtherLayers(method, get_spec(method).resolve_params(params), other_decode,
+                           check_decode(other_decode, other_decode_params))
     except ValueError as err:
         raise ValueError(f"other_layers: {err}") from None
 
@@ -257,7 +279,7 @@ def build_patch_request(
         raise ValueError(f"method must be a method name (a string); got {_describe(method)}")
     params = get_spec(method).resolve_params(method_params)  # unknown names, types and ranges (registry.Param)
     decode_params = check_decode(decode_method, decode_params)
-    other_method, other_params = check_other_layers(other_layers)
+    other = check_other_layers(other_layers, decode_method, decode_params)
     seed = check_seed(seed)
     check_norm(norm)
     layers = _plain_number(layers)  # numpy.int64(1) is the count 1, numpy.float64(0.5) the fraction 0.5
@@ -266,5 +288,4 @@ def build_patch_request(
     check_select(select, num_layers, calibration, vocab_size if isinstance(vocab_size, int) else None)
     return PatchRequest(adapter=adapter, num_layers=num_layers, seed=seed, strict=strict, adapter_options=options,
                         method=method, params=params, layers=layers, select=select, norm=norm, calibration=calibration,
-                        decode_method=decode_method, decode_params=decode_params, other_method=other_method,
-                        other_params=other_params)
+                        decode_method=decode_method, decode_params=decode_params, other=other)

@@ -23,6 +23,10 @@ import subprocess
 import sys
 from typing import Any, Optional
 
+# the layers a plan does not choose: block_select's prefill (its defaults) and local decode (its defaults, spelled out)
+LOCAL_DECODE_ELSEWHERE = ('other_layers={method = "block_select", decode_method = "local", '
+                          'decode_params = {window = 1024, num_sink_tokens = 64}}')
+
 # name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params), or
 # None where they were not measured)
 CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
@@ -64,6 +68,24 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
     "block_select_30_decode_quest_b2048": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
                                             "--decode-param", "token_budget=2048"],
                                            ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    # the recommended prefill unchanged (block_select on all 30 layers); decode exact on the 10 / 15 layers of largest
+    # R, where the needle mass sits, sinks + window (local) on the others (other_layers with its own decode method)
+    "block_select_30_decode_split_10": (["--method", "block_select", "--layers", "10", "--decode-method", "exact",
+                                         "--param", LOCAL_DECODE_ELSEWHERE],
+                                        ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    "block_select_30_decode_split_15": (["--method", "block_select", "--layers", "15", "--decode-method", "exact",
+                                         "--param", LOCAL_DECODE_ELSEWHERE],
+                                        ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    "block_select_30_decode_split_20": (["--method", "block_select", "--layers", "20", "--decode-method", "exact",
+                                         "--param", LOCAL_DECODE_ELSEWHERE],
+                                        ("eval/results/model_bench_block_select", "block_select", 30, {})),
+    # the roles turned: local decode on the 20 layers that carry the least needle attention on a pass-key probe
+    # (select="retrieval" chooses those first), exact decode on the other 10
+    "block_select_30_decode_local_20_retrieval": (["--method", "block_select", "--layers", "20", "--select", "retrieval",
+                                                   "--decode-method", "local", "--decode-param", "window=1024",
+                                                   "--decode-param", "num_sink_tokens=64", "--param",
+                                                   'other_layers={method = "block_select", decode_method = "exact"}'],
+                                                  ("eval/results/model_bench_block_select", "block_select", 30, {})),
 }
 DEFAULT_CONFIGS = ("exact", "local_w1024_30", "block_select_30")
 SMOLLM2_POSITIONS = 8192

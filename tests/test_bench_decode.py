@@ -86,8 +86,9 @@ def test_compare_decode_shared_prefill_and_patched_cell(llama):
         patched = compare_decode(llama, ids, 4, enter_cell=enter, exit_cell=leave, cell_first=True)
     finally:
         measure._DecodeRun.step = real_step
-    # the cell's prefill patched, then the steps alternating, the cell's first, each of its steps patched
-    assert events == ["enter", "exit"] + ["enter", "cell step", "exit", "baseline step"] * 4
+    # the cell's prefill patched, then the steps alternating, the cell's first, each of its steps patched, then the
+    # cell's teacher-forced steps over the prompt's end, patched
+    assert events == ["enter", "exit"] + ["enter", "cell step", "exit", "baseline step"] * 4 + ["enter", "exit"]
     assert current_plan(llama) is None
     assert len(patched["cell"]["step_ms"]) == 4
     assert patched["baseline"]["tokens"] == _generate(llama, ids, 5)
@@ -104,6 +105,32 @@ def _reference_nll(model, ids: torch.Tensor, tokens: list[int]) -> float:
     with torch.no_grad():
         logits = model(input_ids=full).logits[0, ids.shape[1] - 1:-1].float()
     return -float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).mean())
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "growing"])
+def test_teacher_forced_decode_nll_is_the_full_forward_nll_of_the_prompts_end(llama, cache):
+    """Through exact decode steps the prompt's last tokens score as one forward of the whole prompt scores them; local
+    decode with a short window scores them otherwise (its steps do not see the middle of the prompt)."""
+    from hf_sparse_attn import patch_model, unpatch_model
+
+    ids = _prompt(48, 5)
+    with torch.no_grad():
+        logits = llama(input_ids=ids).logits[0, 48 - 7:-1].float()  # positions 41..46 predict tokens 42..47
+    reference = -float(torch.log_softmax(logits, -1).gather(-1, ids[0, 42:, None]).mean())
+
+    def forced(decode_method: str, **decode_params) -> float:
+        kv = measure.new_decode_cache(cache, llama)
+        patch_model(llama, method="exact", layers="all", decode_method=decode_method, decode_params=decode_params)
+        try:
+            measure._prefill(llama, ids, kv)
+            return measure.teacher_forced_decode_nll(llama, kv, ids, 6)
+        finally:
+            unpatch_model(llama)
+
+    assert forced("exact") == pytest.approx(reference, abs=1e-4)
+    assert abs(forced("local", window=4, num_sink_tokens=1) - reference) > 1e-3
+    with pytest.raises(ValueError, match="tokens must be in"):
+        measure.teacher_forced_decode_nll(llama, measure.new_decode_cache(cache, llama), ids, 47)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "growing"])
@@ -189,12 +216,13 @@ def test_decode_method_is_patched_recorded_and_part_of_the_setting(llama, tmp_pa
     base, local = run("local", {"window": 8, "num_sink_tokens": 2})
     assert (base["decode_method"], base["decode_params"], base["decode_served"], base["served"]) == (None, {}, 0, 0)
     assert (local["decode_method"], local["decode_params"]) == ("local", {"window": 8, "num_sink_tokens": 2})
-    # 2 texts x 3 layers: one prefill call each served by the prefill method, 3 decode steps by the decode method
-    assert (local["served"], local["decode_served"], local["fallbacks"]) == (6, 18, {})
+    # 2 texts x 3 layers: one prefill call each served by the prefill method, 3 timed decode steps and 3
+    # teacher-forced ones by the decode method
+    assert (local["served"], local["decode_served"], local["fallbacks"]) == (6, 36, {})
     assert current_plan(llama) is None
     assert run("local", {"window": 8, "num_sink_tokens": 2}) == []  # the same setting: done
     (exact,) = run("exact")  # another decode method: the patched cell again, the unpatched baseline is done
-    assert (exact["key"], exact["decode_method"], exact["decode_params"], exact["decode_served"]) == (LOCAL_CELL.key, "exact", {}, 18)
+    assert (exact["key"], exact["decode_method"], exact["decode_params"], exact["decode_served"]) == (LOCAL_CELL.key, "exact", {}, 36)
     (wider,) = run("local", {"window": 16, "num_sink_tokens": 2})  # other parameters: again
     assert wider["decode_params"] == {"window": 16, "num_sink_tokens": 2}
     assert len(_decode_records(path)) == 4
@@ -203,14 +231,16 @@ def test_decode_method_is_patched_recorded_and_part_of_the_setting(llama, tmp_pa
     table = [x for x in lines if x.startswith("| 48 |")]
     assert [x.split(" | ")[5] for x in table] == ["-", "exact", "local window=16, num_sink_tokens=2",
                                                   "local window=8, num_sink_tokens=2"]  # parameters other than defaults
-    assert [x.split(" | ")[-2] for x in table] == ["-", "18", "18", "18"]  # decode served
-    ppl = [x.split(" | ")[-3] for x in table]  # continuation perplexity against the exact model's own tokens
+    assert [x.split(" | ")[-2] for x in table] == ["-", "36", "36", "36"]  # decode served
+    forced = [x.split(" | ")[-3] for x in table]  # the prompt's end through each decode path, against exact decode
+    assert forced[0] == "+0.00%" and all(re.fullmatch(r"[+-]\d+\.\d\d%", p) for p in forced)
+    ppl = [x.split(" | ")[-4] for x in table]  # continuation perplexity against the exact model's own tokens
     assert ppl[0] == "+0.0%" and all(re.fullmatch(r"[+-]\d+\.\d%", p) for p in ppl)
     assert ("Decode parameters (all of them): exact: none; local window=16, num_sink_tokens=2: window=16, num_sink_tokens=2; "
             "local window=8, num_sink_tokens=2: window=8, num_sink_tokens=2.") in lines
 
 
-@pytest.mark.parametrize("cache, served", [("dynamic", 0), ("growing", 18)])
+@pytest.mark.parametrize("cache, served", [("dynamic", 0), ("growing", 36)])
 def test_lsh_decode_is_served_only_with_a_growing_cache(llama, tmp_path, cache, served):
     from hf_sparse_attn.patches.reasons import NO_INDEXED_CACHE_REASON
 
@@ -221,10 +251,10 @@ def test_lsh_decode_is_served_only_with_a_growing_cache(llama, tmp_path, cache, 
                                  decode_params={"window": 8, "num_sink_tokens": 2, "block_size": 8, "sample_size": 8})
     assert record["decode_method"] == "lsh" and record["decode_params"]["block_size"] == 8
     assert record["decode_served"] == served
-    assert record["fallbacks"] == ({NO_INDEXED_CACHE_REASON: 18} if cache == "dynamic" else {})
+    assert record["fallbacks"] == ({NO_INDEXED_CACHE_REASON: 36} if cache == "dynamic" else {})
     _, lines = decode_lines(read_jsonl(path))
     row = next(x for x in lines if x.startswith("| 48 |"))
-    assert (f"0 (fallback {NO_INDEXED_CACHE_REASON}: 18)" if cache == "dynamic" else "| 18 |") in row
+    assert (f"0 (fallback {NO_INDEXED_CACHE_REASON}: 36)" if cache == "dynamic" else "| 36 |") in row
 
 
 def test_records_without_a_decode_method_measured_the_models_own_attention(llama, tmp_path):
@@ -239,13 +269,13 @@ def test_records_without_a_decode_method_measured_the_models_own_attention(llama
 
     (own,) = run(None)
     assert (own["decode_method"], own["decode_served"]) == (None, 0)
-    assert sum(own["fallbacks"].values()) == 2 * 3  # the steps ran the model's attention, counted per layer
+    assert sum(own["fallbacks"].values()) == 2 * 2 * 3  # timed + teacher-forced steps ran the model's attention
     older = {k: v for k, v in own.items() if k not in ("decode_method", "decode_params", "served", "decode_served", "fallbacks")}
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(older) + "\n")
     assert run(None) == []
     (exact,) = run("exact")
-    assert exact["decode_method"] == "exact" and exact["decode_served"] == 2 * 3
+    assert exact["decode_method"] == "exact" and exact["decode_served"] == 2 * 2 * 3
     rows, lines = decode_lines(read_jsonl(path))
     assert [r.get("decode_method") for r in rows] == [None, "exact"]
 
@@ -278,8 +308,25 @@ def test_cli_bench_model_decode_tokens(tmp_path):
     assert [r["key"] for r in decode] == ["exact|N=64|layers=0|none|seed=0", "local|N=64|layers=1|weight_norm|seed=0"]
     assert all(len(a["cell_step_ms"]) == 3 for a in decode[0]["per_article"]) and len(decode[0]["per_article"]) == 2
     assert decode[1]["decode_method"] == "local" and decode[1]["decode_params"]["window"] == 16
-    assert decode[1]["decode_served"] == 2 * 3  # 2 articles x 3 steps x 1 layer
+    assert decode[1]["decode_served"] == 2 * 2 * 3  # 2 articles x (3 timed + 3 teacher-forced steps) x 1 layer
     report = (out / "results.md").read_text()
     assert "## Decode" in report and "| DynamicCache |" in report and "| GrowingCache |" in report
     assert "| local window=16 | 3 |" in report and "local window=16: window=16, num_sink_tokens=64" in report
     assert json.loads((out / "results.json").read_text())["decode"][0]["cache"] == "GrowingCache"
+
+
+def test_decode_cells_record_how_many_layers_ran_each_decode_method(llama, tmp_path):
+    """patch_model's other_layers with a decode method of its own: the record counts the layers of each."""
+    texts = [("a", _prompt(48, 4))]
+    path = str(tmp_path / "results.jsonl")
+    cell = Cell("local", 48, 1, "last")
+    params = {"local": {**LOCAL_PARAMS["local"],
+                        "other_layers": {"method": "local", **LOCAL_PARAMS["local"], "decode_method": "local",
+                                         "decode_params": {"window": 8, "num_sink_tokens": 2}}}}
+    (base, split) = run_decode_cells(llama, [baseline_cell(48), cell], lambda n: texts, path, steps=3,
+                                     cell_cache="growing", baseline_cache="dynamic", method_params=params,
+                                     progress=False, decode_method="exact")
+    assert split["layer_decode"] == {"exact": 1, "local": 2} and split["decode_served"] == 18
+    assert base["layer_decode"] == {}
+    _, lines = decode_lines(read_jsonl(path))
+    assert [x.split(" | ")[5] for x in lines if x.startswith("| 48 |")] == ["-", "exact (exact on 1, local on 2 layers)"]

@@ -136,3 +136,87 @@ def test_a_bench_cell_with_one_method_and_two_windows_records_each_window():
     record = mb.run_cell(model, cell, texts, method_params={"block_select": {**SELECT_WIDE, "other_layers": narrow}})
     assert record["params"]["window"] == 64  # the chosen layer's (largest R), not layer 0's
     assert record["params"]["other_layers"]["window"] == 8 and record["params"]["other_layers"]["method"] == "block_select"
+
+
+SHORT_DECODE = {"window": 8, "num_sink_tokens": 2}
+
+
+def _split_decode_plan(model):
+    """Exact prefill everywhere; exact decode on the one layer of largest R, sinks + a window of 8 on the other two."""
+    return patch_model(model, method="exact", layers=1, decode_method="exact",
+                       other_layers={"method": "exact", "decode_method": "local", "decode_params": SHORT_DECODE})
+
+
+def test_the_other_layers_can_run_their_own_decode_method_and_the_plan_says_which(tmp_path):
+    model = _model()
+    plan = _split_decode_plan(model)
+    unpatch_model(model)
+    chosen = next(l.layer_idx for l in plan.layers if l.rank == 0)
+    assert [l.decode_method for l in plan.layers] == ["exact" if i == chosen else "local" for i in range(3)]
+    local = next(l for l in plan.layers if l.layer_idx != chosen)
+    assert local.decode_params["window"] == 8 and local.decode_params["num_sink_tokens"] == 2
+    assert plan.layer(chosen).decode_params == {} and plan.decode_methods == ["exact", "local"]
+    plan.save(tmp_path / "plan.json")
+    again = patch_model(model, plan=tmp_path / "plan.json")
+    unpatch_model(model)
+    assert [(l.decode_method, l.decode_params) for l in again.layers] == \
+        [(l.decode_method, l.decode_params) for l in plan.layers]
+
+
+def test_each_layer_decodes_with_its_own_method():
+    """One decode step over a cache whose middle keys and values are replaced: in the layers running local decode
+    (sinks 2 + window 8) the step cannot tell; in the layer running exact decode it can."""
+    from transformers import DynamicCache
+
+    model = _model()
+    ids = torch.randint(4, 64, (1, 48), generator=torch.Generator().manual_seed(4))
+    step = torch.tensor([[5]])
+    plan = _split_decode_plan(model)
+    chosen = next(l.layer_idx for l in plan.layers if l.rank == 0)
+
+    def step_logits(replace_in: list[int]) -> torch.Tensor:
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache)
+            for i in replace_in:
+                layer = cache.layers[i]
+                gen = torch.Generator().manual_seed(i)
+                layer.keys[:, :, 4:30] = torch.randn(layer.keys[:, :, 4:30].shape, generator=gen)
+                layer.values[:, :, 4:30] = torch.randn(layer.values[:, :, 4:30].shape, generator=gen)
+            return model(input_ids=step, past_key_values=cache).logits
+
+    try:
+        reference = step_logits([])
+        in_local_layers = step_logits([i for i in range(3) if i != chosen])
+        in_exact_layer = step_logits([chosen])
+    finally:
+        unpatch_model(model)
+    torch.testing.assert_close(in_local_layers, reference)
+    assert not torch.allclose(in_exact_layer, reference, atol=1e-3)
+    assert [l.decode_served for l in plan.layers] == [3, 3, 3]  # three decode steps, each served in every layer
+
+
+def test_the_other_layers_inherit_the_chosen_layers_decode_unless_they_name_their_own():
+    model = _model()
+    plan = patch_model(model, method="exact", layers=1, decode_method="local", decode_params=SHORT_DECODE,
+                       other_layers={"method": "exact"})
+    unpatch_model(model)
+    assert {(l.decode_method, l.decode_params["window"]) for l in plan.layers} == {("local", 8)}
+    plan = patch_model(model, method="exact", layers=1, decode_method="local", decode_params=SHORT_DECODE,
+                       other_layers={"method": "exact", "decode_method": "local"})
+    unpatch_model(model)
+    chosen = next(l.layer_idx for l in plan.layers if l.rank == 0)
+    assert [l.decode_params["window"] == 8 for l in plan.layers] == [i == chosen for i in range(3)]  # own defaults
+
+
+@pytest.mark.parametrize("other, message", [
+    ({"method": "exact", "decode_params": {"window": 8}}, "'decode_params' needs a 'decode_method'"),
+    ({"method": "exact", "decode_method": "nope"}, "other_layers: .*nope.*exact.*local"),
+    ({"method": "exact", "decode_method": "local", "decode_params": {"bogus": 1}}, "other_layers: .*bogus"),
+    ({"method": "exact", "decode_method": "local", "decode_params": 8}, "other_layers: decode_params must be a dict"),
+])
+def test_bad_decode_in_other_layers_is_refused_before_the_model_changes(other, message):
+    model = _model()
+    with pytest.raises(ValueError, match=message):
+        patch_model(model, method="exact", layers=1, other_layers=other)
+    assert current_plan(model) is None

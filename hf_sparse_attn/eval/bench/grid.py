@@ -366,14 +366,19 @@ def decode_setting(record: dict) -> tuple[Optional[str], str]:
     return record.get("decode_method"), json.dumps(record.get("decode_params") or {}, sort_keys=True)
 
 
-def continuation_ppl_change(per_article: Sequence[dict]) -> float:
-    """Perplexity of the cell's generated tokens over that of the exact model's own, both scored by the exact model
-    (per article "cell_exact_nll" / "baseline_exact_nll", nats per token, every article the same number of tokens),
-    in percent: 100 * (exp(mean cell nll - mean baseline nll) - 1)."""
+def continuation_ppl_change(per_article: Sequence[dict], kind: str = "exact") -> Optional[float]:
+    """Perplexity of the cell's tokens over the exact model's, in percent: 100 * (exp(mean cell nll - mean baseline
+    nll) - 1), every article the same number of tokens. ``kind`` "exact": each side's generated tokens scored by the
+    exact model (per article "cell_exact_nll" / "baseline_exact_nll", nats per token); "forced": the prompt's last
+    tokens predicted through each side's own decode path ("cell_forced_nll" / "baseline_forced_nll"). None where the
+    articles lack them (a record made before they were measured)."""
     import math
 
-    cell = sum(a["cell_exact_nll"] for a in per_article) / len(per_article)
-    base = sum(a["baseline_exact_nll"] for a in per_article) / len(per_article)
+    keys = (f"cell_{kind}_nll", f"baseline_{kind}_nll")
+    if not per_article or any(a.get(k) is None for a in per_article for k in keys):
+        return None
+    cell = sum(a[keys[0]] for a in per_article) / len(per_article)
+    base = sum(a[keys[1]] for a in per_article) / len(per_article)
     return 100 * (math.exp(cell - base) - 1)
 
 
@@ -397,12 +402,15 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
     Record: {"kind": "decode", "key", "method", "tokens", "layers", "select", "seed", "decode_tokens",
     "cache", "baseline_cache" (class names), "decode_method" (None: the model's own attention), "decode_params"
     (filled in with the method's defaults), "served" (prefill calls the cell's method served), "decode_served"
-    (calls against the cache its decode method served), "fallbacks" (reason -> calls that ran the model's
+    (calls against the cache its decode method served), "layer_decode" (decode method -> patched layers running it:
+    ``other_layers`` may give the layers not chosen their own), "fallbacks" (reason -> calls that ran the model's
     attention; counts summed over the texts, 0 / {} for the baseline), "per_article": [{"title", "baseline_ms",
     "cell_ms" (medians), "baseline_step_ms", "cell_step_ms", "same_tokens", "cell_tokens"}], "baseline_median_ms",
     "cell_median_ms" (the means of the per-text medians), "speedup" (sum of baseline medians / sum of cell medians),
     "speedup_ci" (95% bootstrap over texts), "baseline_tokens_per_s", "cell_tokens_per_s",
     "continuation_ppl_change_pct" (:func:`continuation_ppl_change`; per article "baseline_exact_nll" / "cell_exact_nll"),
+    "forced_ppl_change_pct" (the prompt's last ``steps`` tokens through each side's decode path; per article
+    "baseline_forced_nll" / "cell_forced_nll"; decode_served counts these steps too),
     "load_avg_1min"}."""
     import collections
     import os
@@ -438,7 +446,7 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
             measured_order = list(measured_order_for())
         if cell.select == "retrieval" and retrieval_order is None and retrieval_order_for is not None:
             retrieval_order = list(retrieval_order_for())
-        counts = {"served": 0, "decode_served": 0, "fallbacks": collections.Counter()}
+        counts = {"served": 0, "decode_served": 0, "fallbacks": collections.Counter(), "layer_decode": {}}
         enter = exit_ = None
         if not cell.is_baseline:
             def enter(cell=cell) -> None:
@@ -451,6 +459,8 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
                     counts["served"] += plan.layer(i).served
                     counts["decode_served"] += plan.layer(i).decode_served
                 counts["fallbacks"].update(plan.fallback_counts())
+                counts["layer_decode"] = dict(collections.Counter(str(plan.layer(i).decode_method)
+                                                                  for i in plan.patched_layers))
                 unpatch_model(model)
         load_before = os.getloadavg()[0]
         per_article = []
@@ -460,18 +470,21 @@ def run_decode_cells(model: torch.nn.Module, cells: Sequence[Any], texts_for: Ca
             per_article.append({"title": title, "baseline_ms": r["baseline"]["median_ms"], "cell_ms": r["cell"]["median_ms"],
                                 "baseline_step_ms": r["baseline"]["step_ms"], "cell_step_ms": r["cell"]["step_ms"],
                                 "same_tokens": r["same_tokens"], "cell_tokens": r["cell"]["tokens"],
-                                "baseline_exact_nll": r["exact_nll"]["baseline"], "cell_exact_nll": r["exact_nll"]["cell"]})
+                                "baseline_exact_nll": r["exact_nll"]["baseline"], "cell_exact_nll": r["exact_nll"]["cell"],
+                                "baseline_forced_nll": r["forced_nll"]["baseline"],
+                                "cell_forced_nll": r["forced_nll"]["cell"]})
         base = [a["baseline_ms"] for a in per_article]
         mine = [a["cell_ms"] for a in per_article]
         record = {"kind": "decode", "key": cell.key, "method": cell.method, "tokens": cell.tokens, "layers": cell.layers,
                   "select": cell.select, "seed": cell.seed, "decode_tokens": steps, "cache": names[0],
                   "baseline_cache": names[1], **setting(cell), "served": counts["served"],
                   "decode_served": counts["decode_served"], "fallbacks": dict(counts["fallbacks"]),
-                  "per_article": per_article,
+                  "layer_decode": counts["layer_decode"], "per_article": per_article,
                   "baseline_median_ms": sum(base) / len(base), "cell_median_ms": sum(mine) / len(mine),
                   "speedup": sum(base) / sum(mine), "speedup_ci": list(ratio_interval(base, mine)),
                   "baseline_tokens_per_s": 1e3 * len(base) / sum(base), "cell_tokens_per_s": 1e3 * len(mine) / sum(mine),
                   "continuation_ppl_change_pct": continuation_ppl_change(per_article),
+                  "forced_ppl_change_pct": continuation_ppl_change(per_article, "forced"),
                   "load_avg_1min": [load_before, os.getloadavg()[0]]}
         append_jsonl(out_path, record)
         new.append(record)

@@ -272,6 +272,35 @@ def continuation_nll(model: torch.nn.Module, cache: Any, prompt_tokens: int, las
     return -float(torch.stack(log_probs).mean())
 
 
+@torch.no_grad()
+def teacher_forced_decode_nll(model: torch.nn.Module, cache: Any, input_ids: torch.Tensor, tokens: int) -> float:
+    """Mean negative log-likelihood (nats per token) of the last ``tokens`` tokens of the prompt input_ids [1, N], each
+    predicted by a single-token step against ``cache`` (teacher forcing through the decode path, on the true text).
+
+    ``cache`` holds the prompt first (and maybe tokens decoded since); it is cropped to its first N - tokens - 1
+    positions, then ids[N - tokens - 1], ..., ids[N - 2] are fed one per step, each step's logits scoring the next
+    true token. Through a patched model every prediction runs its decode method (the positions kept hold the keys and
+    values of the prefill of all N tokens)."""
+    from ...patches.decode_cache import cache_keyword
+
+    n = input_ids.shape[1]
+    if not 1 <= tokens <= n - 2:
+        raise ValueError(f"tokens must be in [1, N - 2] = [1, {n - 2}], got {tokens}")
+    keep = n - tokens - 1
+    extra = cache.get_seq_length() - keep
+    if extra < 0 or cache.get_seq_length() < n:
+        raise ValueError(f"the cache holds {cache.get_seq_length()} tokens, fewer than the prompt's {n}")
+    cache.crop(-extra)
+    mask = torch.ones(1, keep, dtype=torch.long)
+    nll = []
+    for j in range(keep, n - 1):
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        logits = model(input_ids=input_ids[:, j:j + 1], attention_mask=mask, use_cache=True,
+                       **{cache_keyword(model): cache}).logits
+        nll.append(-torch.log_softmax(logits[0, -1].float(), -1)[input_ids[0, j + 1]])
+    return float(torch.stack(nll).mean())
+
+
 def _summary(run: _DecodeRun, kind: str) -> dict:
     median = statistics.median(run.step_ms)
     return {"cache": DECODE_CACHE_NAMES[kind], "step_ms": run.step_ms, "median_ms": median,
@@ -308,9 +337,14 @@ def compare_decode(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, 
     Returns {"baseline": time_decode's dict, "cell": ..., "speedup": baseline median_ms / cell median_ms,
     "same_tokens": how many leading generated tokens agree, "exact_nll": {"baseline": ..., "cell": ...}: each side's
     generated tokens scored by the exact model (:func:`continuation_nll`, nats per token)}: the quality of the
-    cell's continuation, which greedy agreement alone under-rates (a different but as likely wording)."""
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or steps < 1:
-        raise ValueError(f"input_ids must be [1, N] and steps >= 1; got {tuple(input_ids.shape)}, {steps}")
+    cell's continuation, which greedy agreement alone under-rates (a different but as likely wording); "forced_nll":
+    {"baseline": ..., "cell": ...}: the prompt's last ``steps`` tokens predicted through each side's decode path
+    (:func:`teacher_forced_decode_nll`, after the timed steps; the cell's between enter_cell and exit_cell): the
+    decode attention's own error on the true text, which the generated continuation cannot show (a patched model that
+    repeats the article scores well there).
+    The prompt must be longer than ``steps + 1`` tokens."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or not 1 <= steps <= input_ids.shape[1] - 2:
+        raise ValueError(f"input_ids must be [1, N] and 1 <= steps <= N - 2; got {tuple(input_ids.shape)}, {steps}")
 
     def as_cell(fn: Callable[[], Any]) -> Any:
         if enter_cell is not None:
@@ -348,12 +382,15 @@ def compare_decode(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, 
         if a != b:
             break
         same += 1
-    # both continuations scored by the exact model (the baseline's cache, cropped back to the prompt)
+    # the prompt's last `steps` tokens predicted through the cell's decode path (teacher forcing on the true text)
+    forced = {"cell": as_cell(lambda: teacher_forced_decode_nll(model, runs["cell"].cache, input_ids, steps))}
     del runs["cell"]
+    # both continuations scored by the exact model (the baseline's cache, cropped back to the prompt)
     nll = {side: continuation_nll(model, runs["baseline"].cache, n, base_logits, out[side]["tokens"])
            for side in ("baseline", "cell")}
+    forced["baseline"] = teacher_forced_decode_nll(model, runs["baseline"].cache, input_ids, steps)
     return {**out, "speedup": out["baseline"]["median_ms"] / out["cell"]["median_ms"], "same_tokens": same,
-            "exact_nll": nll}
+            "exact_nll": nll, "forced_nll": forced}
 
 
 def ratio_interval(baseline: Sequence[float], cell: Sequence[float], draws: int = 10000,

@@ -141,7 +141,9 @@ def selections_by_layer_count(comparison: Sequence[dict]) -> list[dict]:
 
 def decode_label(record: dict) -> str:
     """How a decode table names what a record's patched layers ran on the decode steps: the decode method and its
-    parameters that differ from the method's defaults ("local window=512"), "-" for the model's own attention."""
+    parameters that differ from the method's defaults ("local window=512"), "-" for the model's own attention; when
+    the layers ran more than one decode method (``other_layers`` with its own), how many ran each
+    ("exact (exact on 10 layers, local on 20)")."""
     name = record.get("decode_method")
     if name is None:
         return "-"
@@ -153,7 +155,11 @@ def decode_label(record: dict) -> str:
     except ValueError:  # a method registered by the process that measured it
         defaults = {}
     changed = ", ".join(f"{k}={v}" for k, v in params.items() if k not in defaults or defaults[k] != v)
-    return f"{name} {changed}" if changed else name
+    label = f"{name} {changed}" if changed else name
+    split = record.get("layer_decode") or {}
+    if len(split) > 1:
+        label += " (" + ", ".join(f"{method} on {n}" for method, n in sorted(split.items())) + " layers)"
+    return label
 
 
 def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
@@ -191,12 +197,15 @@ def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
                 "defaults follow its name); 'decode served' = the calls against the "
                 "cache the decode method served, with the calls that fell back to the model's attention and why; "
                 "'cell 1st step ms' = the cell's first timed step, averaged over the articles (a decode method that "
-                "builds an index of the cached keys builds it there)." if with_decode else ""), ""]
+                "builds an index of the cached keys builds it there); 'decode ppl (true text)' = the perplexity of "
+                "the prompt's last tokens (as many as the steps), each predicted by a single-token step through the "
+                "cell's decode path after its cache is cropped back, over the same through the exact model's "
+                "('-': not measured; the decode steps served include these)." if with_decode else ""), ""]
     if with_decode:
         lines += ["| N | method | layers | select | seed | decode | steps | exact: cache | exact ms/token | cell: cache | "
                   "cell ms/token | cell 1st step ms | tokens/s exact / cell | speed-up | same tokens | continuation ppl | "
-                  "decode served | load |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "decode ppl (true text) | decode served | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     else:
         lines += ["| N | method | layers | select | seed | steps | exact: cache | exact ms/token | cell: cache | cell ms/token | "
                   "tokens/s exact / cell | speed-up | same tokens | continuation ppl | load |",
@@ -207,6 +216,7 @@ def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
         total = sum(len(a["cell_tokens"]) for a in r["per_article"])
         load = "/".join(f"{x:.1f}" for x in r["load_avg_1min"])
         ppl = "-" if r.get("continuation_ppl_change_pct") is None else f"{r['continuation_ppl_change_pct']:+.1f}%"
+        forced = "-" if r.get("forced_ppl_change_pct") is None else f"{r['forced_ppl_change_pct']:+.2f}%"
         if with_decode:
             first = sum(a["cell_step_ms"][0] for a in r["per_article"]) / len(r["per_article"])
             falls = "; ".join(f"{reason}: {n}" for reason, n in sorted((r.get("fallbacks") or {}).items()))
@@ -215,7 +225,7 @@ def decode_lines(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
                          f"{decode_label(r)} | {r['decode_tokens']} | {r['baseline_cache']} | "
                          f"{r['baseline_median_ms']:.1f} | {r['cache']} | {r['cell_median_ms']:.1f} | {first:.1f} | "
                          f"{r['baseline_tokens_per_s']:.2f} / {r['cell_tokens_per_s']:.2f} | {r['speedup']:.3f}x [{lo:.3f}, {hi:.3f}] | "
-                         f"{same}/{total} | {ppl} | {served} | {load} |")
+                         f"{same}/{total} | {ppl} | {forced} | {served} | {load} |")
         else:
             lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['decode_tokens']} | "
                          f"{r['baseline_cache']} | {r['baseline_median_ms']:.1f} | {r['cache']} | {r['cell_median_ms']:.1f} | "
