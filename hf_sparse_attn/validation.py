@@ -205,7 +205,8 @@ def check_other_layers(other_layers: Any, decode_method: Optional[str] = None,
                        decode_params: Optional[dict[str, Any]] = None) -> OtherLayers:
     """``other_layers``: None (the layers ``layers`` does not choose keep the model's own attention) or a dict
     ``{"method": NAME, **params}`` they run instead, optionally with ``"decode_method"`` / ``"decode_params"`` keys of
-    their own (default: ``decode_method`` / ``decode_params``, the chosen layers' resolved decode). Returns what they
+    their own (default: ``decode_method`` / ``decode_params``, the chosen layers' decode, already resolved by
+    :func:`check_decode`). Returns what they
     run, every value filled in and validated."""
     from .methods.registry import get_spec, list_methods
 
@@ -223,13 +224,13 @@ def check_other_layers(other_layers: Any, decode_method: Optional[str] = None,
     if "decode_params" in params and "decode_method" not in params:
         raise ValueError("other_layers: 'decode_params' needs a 'decode_method' beside it, e.g. other_layers="
                          "{'method': 'block_select', 'decode_method': 'local', 'decode_params': {'window': 1024}}")
-    if "decode_method" in params:
-        other_decode, other_decode_params = params.pop("decode_method"), params.pop("decode_params", None)
-    else:
-        other_decode, other_decode_params = decode_method, decode_params
+    own_decode = "decode_method" in params
+    other_decode, other_decode_params = params.pop("decode_method", None), params.pop("decode_params", None)
     try:
-        return OtherLayers(method, get_spec(method).resolve_params(params), other_decode,
-                           check_decode(other_decode, other_decode_params))
+        resolved = get_spec(method).resolve_params(params)
+        if not own_decode:  # the chosen layers' decode, already resolved by the caller
+            return OtherLayers(method, resolved, decode_method, dict(decode_params or {}))
+        return OtherLayers(method, resolved, other_decode, check_decode(other_decode, other_decode_params))
     except ValueError as err:
         raise ValueError(f"other_layers: {err}") from None
 

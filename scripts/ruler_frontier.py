@@ -68,8 +68,8 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
     "block_select_30_decode_quest_b2048": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
                                             "--decode-param", "token_budget=2048"],
                                            ("eval/results/model_bench_block_select", "block_select", 30, {})),
-    # the recommended prefill unchanged (block_select on all 30 layers); decode exact on the 10 / 15 layers of largest
-    # R, where the needle mass sits, sinks + window (local) on the others (other_layers with its own decode method)
+    # the recommended prefill unchanged (block_select on all 30 layers); decode exact on the 10 / 15 / 20 layers of
+    # largest R, where the needle mass sits, sinks + window (local) on the others (other_layers with its own decode method)
     "block_select_30_decode_split_10": (["--method", "block_select", "--layers", "10", "--decode-method", "exact",
                                          "--param", LOCAL_DECODE_ELSEWHERE],
                                         ("eval/results/model_bench_block_select", "block_select", 30, {})),
