@@ -25,14 +25,16 @@ keeping 18 of 18 and 10 of 11 of its answers (eval/results/ruler_niah_8k/frontie
 (8 of 9). The intervals of 22 samples overlap, so that is not a difference; facts come first, so it is not the
 default. :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever prefers its perplexity.
 
-Decode steps: ``exact`` (grouped attention over the cache, no expanded KV heads), generated with
-``generation_cache(model)`` (a ``GrowingCache``): 1.33x per generated token at 8k against the unpatched model with a
-``DynamicCache``, every pass key and niah answer of the unpatched model kept. ``local`` (1.79x) and ``lsh`` (1.19x)
-keep 1 of 4 pass keys at 8k and 3 of 10 niah_single_1 answers at 4k; ``quest`` keeps them all only at a budget of
-2048 keys (its default), where it is 1.28x (eval/results/decode_patched_smollm2/results.md,
-eval/results/ruler_frontier_smollm2/frontier.md, docs/methods/decode.md). At 16k (YaRN) ``exact`` gives 1.64x and
-``quest`` with a 2048-key budget 2.37x (eval/results/decode_patched_smollm2_16k/results.md), but at 16k it keeps none
-of the 3 pass keys the unpatched model finds (exact decode keeps 1: eval/results/ruler_decode_16k/frontier.md).
+Decode steps, generated with ``generation_cache(model)`` (a ``GrowingCache``): ``exact`` (grouped attention over the
+cache) on the two thirds of the layers of largest R and ``local`` (sinks + window 1024) on the others. On SmolLM2 at 8k
+that decodes 1.53x faster per generated token than the unpatched model with a ``DynamicCache``
+(eval/results/decode_split_smollm2/results.md) and keeps every pass key (9 of 9) and niah_multikey_1 answer (8 of 9,
+22 samples each) that exact decode on every layer keeps (eval/results/ruler_recommended_8k/frontier.md). With a
+tokenizer, ``recommended(model, tokenizer)`` ranks the layers by the needle attention of a pass-key probe instead and
+decodes exactly on the third of most: 1.54x (exact decode on every layer 1.17x in the same run), the same facts kept (eval/results/decode_split_retrieval_smollm2/
+results.md). ``local`` on every layer (2.1x) keeps 1 of 4 pass keys; ``quest`` keeps them at a budget of 2048 keys at
+about exact decode's speed at 8k (docs/methods/decode.md, eval/results/ruler_frontier_smollm2/frontier.md). At 16k
+(YaRN) the prefill itself loses pass keys (eval/results/ruler_decode_16k/frontier.md).
 
 Encoders (bidirectional attention): ``sparse_hyper`` ("Attention is Naturally Sparse", Algorithm 1) on all layers with
 its defaults: 11x SDPA at 8k and 41x at 32k bidirectional (eval/results/kernels_full/results.md). Its defaults run
@@ -50,22 +52,34 @@ import torch
 from .methods.defaults import (BLOCK_SELECT_BLOCK_SIZE, BLOCK_SELECT_MIN_SEQ_LEN, BLOCK_SELECT_NUM_SELECTED,
                                BLOCK_SELECT_NUM_SINK_TOKENS, BLOCK_SELECT_PROBE_QUERIES, BLOCK_SELECT_SELECTION,
                                BLOCK_SELECT_WIDE_LAYERS, BLOCK_SELECT_WIDE_WINDOW, BLOCK_SELECT_WINDOW,
-                               LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW)
+                               DECODE_EXACT_LAYERS_BY_R, DECODE_LOCAL_LAYERS_BY_RETRIEVAL, LOCAL_MIN_SEQ_LEN,
+                               LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW)
 
 # The previous causal recommendation (eval/results/model_bench_causal/frontier.md): better perplexity, loses far facts.
 LOCAL_RECOMMENDATION = {"method": "local", "layers": "all", "window": LOCAL_WINDOW,
                         "num_sink_tokens": LOCAL_NUM_SINK_TOKENS, "min_seq_len": LOCAL_MIN_SEQ_LEN}
-CAUSAL_RECOMMENDATION = {"method": "block_select", "layers": "all", "selection": BLOCK_SELECT_SELECTION,
-                         "window": BLOCK_SELECT_WINDOW, "num_sink_tokens": BLOCK_SELECT_NUM_SINK_TOKENS,
-                         "num_selected": BLOCK_SELECT_NUM_SELECTED, "block_size": BLOCK_SELECT_BLOCK_SIZE,
-                         "probe_queries": BLOCK_SELECT_PROBE_QUERIES, "min_seq_len": BLOCK_SELECT_MIN_SEQ_LEN,
-                         "decode_method": "exact"}
+# block_select's prefill with its defaults, spelled out (every layer of the causal recommendations runs it)
+BLOCK_SELECT_PREFILL = {"method": "block_select", "selection": BLOCK_SELECT_SELECTION, "window": BLOCK_SELECT_WINDOW,
+                        "num_sink_tokens": BLOCK_SELECT_NUM_SINK_TOKENS, "num_selected": BLOCK_SELECT_NUM_SELECTED,
+                        "block_size": BLOCK_SELECT_BLOCK_SIZE, "probe_queries": BLOCK_SELECT_PROBE_QUERIES,
+                        "min_seq_len": BLOCK_SELECT_MIN_SEQ_LEN}
+LOCAL_DECODE = {"decode_method": "local",
+                "decode_params": {"window": LOCAL_WINDOW, "num_sink_tokens": LOCAL_NUM_SINK_TOKENS}}
+# The prefill on every layer; decode exact on the layers of largest R, sinks + window on the others
+# (methods/defaults.py DECODE_EXACT_LAYERS_BY_R).
+CAUSAL_RECOMMENDATION = {**BLOCK_SELECT_PREFILL, "layers": DECODE_EXACT_LAYERS_BY_R, "select": "weight_norm",
+                         "decode_method": "exact", "other_layers": {**BLOCK_SELECT_PREFILL, **LOCAL_DECODE}}
+# The same prefill; decode sinks + window on the layers of least needle mass on a pass-key probe (select="retrieval",
+# which needs the probe: recommended(model, tokenizer) adds it as ``calibration``), exact on the others
+# (methods/defaults.py DECODE_LOCAL_LAYERS_BY_RETRIEVAL).
+RETRIEVAL_DECODE_RECOMMENDATION = {**BLOCK_SELECT_PREFILL, "layers": DECODE_LOCAL_LAYERS_BY_RETRIEVAL,
+                                   "select": "retrieval", **LOCAL_DECODE,
+                                   "other_layers": {**BLOCK_SELECT_PREFILL, "decode_method": "exact"}}
 # The window following R (eval/results/model_bench_hybrid_windows/results.md): less perplexity, slower, kept fewer
-# multikey needles at 8k (eval/results/ruler_recommended_8k/frontier.md).
-WINDOW_BY_R_RECOMMENDATION = {**CAUSAL_RECOMMENDATION, "layers": BLOCK_SELECT_WIDE_LAYERS, "select": "weight_norm",
-                              "window": BLOCK_SELECT_WIDE_WINDOW,
-                              "other_layers": {k: v for k, v in CAUSAL_RECOMMENDATION.items()
-                                               if k not in ("layers", "decode_method")}}
+# multikey needles at 8k (eval/results/ruler_recommended_8k/frontier.md); exact decode.
+WINDOW_BY_R_RECOMMENDATION = {**BLOCK_SELECT_PREFILL, "layers": BLOCK_SELECT_WIDE_LAYERS, "select": "weight_norm",
+                              "window": BLOCK_SELECT_WIDE_WINDOW, "decode_method": "exact",
+                              "other_layers": dict(BLOCK_SELECT_PREFILL)}
 ENCODER_RECOMMENDATION = {"method": "sparse_hyper", "layers": "all"}
 
 # Causal LM families whose attention modules may not say so (remote code: ChatGLM's core_attention).
@@ -93,12 +107,25 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
     return type(model).__name__.endswith("ForCausalLM")
 
 
-def recommended(model: torch.nn.Module) -> dict[str, Any]:
+def recommended(model: torch.nn.Module, tokenizer: Any = None) -> dict[str, Any]:
     """Keyword arguments of :func:`hf_sparse_attn.patch_model` recommended for this kind of model (a new dict).
 
-    Causal LM: :data:`CAUSAL_RECOMMENDATION`, ``block_select`` on all layers with its defaults
-    (eval/results/kernels_block_select/results.md, docs/methods/block_select.md#measured). Encoder:
-    :data:`ENCODER_RECOMMENDATION`, ``sparse_hyper`` on all layers with its defaults
-    (eval/results/kernels_full/results.md).
+    Causal LM: :data:`CAUSAL_RECOMMENDATION`, ``block_select``'s prefill with its defaults on every layer
+    (eval/results/kernels_block_select/results.md, docs/methods/block_select.md#measured); decode exact on the two
+    thirds of the layers of largest R and ``local`` on the others. With the model's ``tokenizer``,
+    :data:`RETRIEVAL_DECODE_RECOMMENDATION`: the same prefill, decode ``local`` on the two thirds of the layers that
+    carry the least attention from a pass-key question to its key and exact on the others, ranked on a pass-key probe
+    made with the tokenizer (``calibration``: :func:`hf_sparse_attn.retrieval_probe`, 4 prompts of 2048 tokens or the
+    model's positions; ``patch_model`` runs the model once on it). Encoder: :data:`ENCODER_RECOMMENDATION`,
+    ``sparse_hyper`` on all layers with its defaults (eval/results/kernels_full/results.md); no tokenizer needed.
+    The measurements behind each choice: the module docstring and methods/defaults.py.
     """
-    return copy.deepcopy(CAUSAL_RECOMMENDATION if is_causal_lm(model) else ENCODER_RECOMMENDATION)
+    if not is_causal_lm(model):
+        return copy.deepcopy(ENCODER_RECOMMENDATION)
+    if tokenizer is None:
+        return copy.deepcopy(CAUSAL_RECOMMENDATION)
+    from .retrieval import PROBE_LENGTH, retrieval_probe
+
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or PROBE_LENGTH
+    probe = retrieval_probe(tokenizer, length=min(PROBE_LENGTH, int(positions)))
+    return {**copy.deepcopy(RETRIEVAL_DECODE_RECOMMENDATION), "calibration": probe}

@@ -23,6 +23,10 @@ import torch
 
 __all__ = ["RetrievalProbe", "retrieval_probe", "retrieval_scores"]
 
+# Tokens per prompt of the probe that --select retrieval and recommended(model, tokenizer) rank layers on (or the model's
+# positions if fewer): the probe of every measurement that chose a plan by retrieval
+# (eval/results/retrieval_layers_smollm2/results.md, eval/results/ruler_recommended_8k/frontier.md).
+PROBE_LENGTH = 2048
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = " What is the pass key? The pass key is"
 
@@ -55,7 +59,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def retrieval_probe(tokenizer: Any, *, length: int = 2048, samples: int = 4, seed: int = 0,
+def retrieval_probe(tokenizer: Any, *, length: int = PROBE_LENGTH, samples: int = 4, seed: int = 0,
                     query_rows: int = 8) -> RetrievalProbe:
     """``samples`` pass-key prompts of exactly ``length`` tokens for ``tokenizer``, the needle at depths
     (i + 0.5) / samples of the filler, a fresh 5-digit key each (``seed``); the needle mask marks the key's tokens in

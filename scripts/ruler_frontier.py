@@ -27,9 +27,9 @@ from typing import Any, Optional
 LOCAL_DECODE_ELSEWHERE = ('other_layers={method = "block_select", decode_method = "local", '
                           'decode_params = {window = 1024, num_sink_tokens = 64}}')
 
-# name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params), or
-# None where they were not measured)
-CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
+# name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params[,
+# selection of that row, where it is not the configuration's own]), or None where they were not measured)
+CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
     "exact": ([], None),
     "local_w1024_30": (["--method", "local", "--layers", "all", "--param", "window=1024"],
                        ("eval/results/model_bench_causal", "local", 30, {"window": 1024})),
@@ -85,7 +85,10 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple[str, str, int, dict]]]] = {
                                                    "--decode-method", "local", "--decode-param", "window=1024",
                                                    "--decode-param", "num_sink_tokens=64", "--param",
                                                    'other_layers={method = "block_select", decode_method = "exact"}'],
-                                                  ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                                  # every layer prefills with block_select: the selection only
+                                                  # decides the decode, so the prefill row is block_select_30's
+                                                  ("eval/results/model_bench_block_select", "block_select", 30, {},
+                                                   "weight_norm")),
 }
 DEFAULT_CONFIGS = ("exact", "local_w1024_30", "block_select_30")
 SMOLLM2_POSITIONS = 8192
@@ -116,6 +119,19 @@ def run_config(name: str, out: str, tasks: list[tuple[str, int]], samples: int) 
             command += ["--rope-scaling", "yarn"]
         print("+", " ".join(command), flush=True)
         subprocess.run(command, check=True, env=env)
+
+
+def measured(out: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """The configurations with a directory in OUT (in CONFIGS' order) and every (task, length) they have records of
+    (sorted): the report covers the whole directory, whichever [[run]] of the experiment wrote a part of it."""
+    configs = [c for c in CONFIGS if os.path.isdir(os.path.join(out, c))]
+    tasks = set()
+    for name in configs:
+        for length in os.listdir(os.path.join(out, name)):
+            if length.isdigit():
+                tasks.update((f[:-len(".jsonl")], int(length)) for f in os.listdir(os.path.join(out, name, length))
+                             if f.endswith(".jsonl"))
+    return configs, sorted(tasks, key=lambda t: (t[1], t[0]))
 
 
 def sample_scores(run_dir: str, task: str) -> dict[str, float]:
@@ -165,9 +181,9 @@ def model_cell(name: str) -> Optional[dict]:
     source = CONFIGS[name][1]
     if source is None:
         return None
-    results_dir, method, layers, params = source
+    results_dir, method, layers, params = source[:4]
     args = CONFIGS[name][0]
-    select = args[args.index("--select") + 1] if "--select" in args else "weight_norm"
+    select = source[4] if len(source) > 4 else args[args.index("--select") + 1] if "--select" in args else "weight_norm"
     path = os.path.join(results_dir, "results.json")
     if not os.path.exists(path):
         return None
@@ -335,8 +351,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.report_only:
         for name in configs:
             run_config(name, args.out, tasks, args.samples)
-    done = [c for c in configs if os.path.isdir(os.path.join(args.out, c))]
-    report(args.out, done, tasks)
+    done, found = measured(args.out)
+    report(args.out, done, [t for t in tasks if t in found] + [t for t in found if t not in tasks])
     print(open(os.path.join(args.out, "frontier.md"), encoding="utf-8").read())
     return 0
 

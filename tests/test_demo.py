@@ -26,7 +26,11 @@ def test_demo_ranks_patches_the_recommended_plan_checks_and_reports(tmp_path):
     layers = sorted(plan["layers"], key=lambda entry: entry["layer_idx"])
     patched = [e for e in layers if e["method"] == "block_select"]
     assert len(patched) == 30  # the recommendation: block_select on every layer
-    assert all(e["decode_method"] == "exact" for e in patched)
+    # recommended(model, tokenizer): local decode on the 20 layers of least needle mass on its pass-key probe, exact on
+    # the 10 of most (layers 6, 7, 14, 18, 20-23, 26 and 29 on SmolLM2: eval/results/ruler_frontier_smollm2)
+    assert sorted(e["layer_idx"] for e in patched if e["decode_method"] == "exact") == [6, 7, 14, 18, 20, 21, 22, 23,
+                                                                                       26, 29]
+    assert sum(e["decode_method"] == "local" for e in patched) == 20 and plan["select"] == "retrieval"
     # at 2048 tokens block_select's defaults run exact (below min_seq_len = 4096), and the plan says so on every patched
     # layer; so the patched model is the exact model and the table must show the same perplexity
     assert all(e["served"] == 0 and sum(e["fallbacks"].values()) == 1 for e in patched)

@@ -120,15 +120,14 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode method parameter (repeatable), e.g. --decode-param window=1024")
 
 
-RETRIEVAL_PROBE_LENGTH = 2048  # tokens per prompt of the probe --select retrieval ranks layers on (or the positions)
-
-
 def retrieval_probe_settings(args: argparse.Namespace, positions: Optional[int]) -> dict[str, Any]:
     """The probe ``--select retrieval`` builds (hf_sparse_attn.retrieval_probe's arguments), recorded in the run's
     settings; empty for any other selection."""
     if getattr(args, "select", None) != "retrieval" or getattr(args, "plan", None):
         return {}
-    return {"retrieval_probe": {"length": min(RETRIEVAL_PROBE_LENGTH, positions or RETRIEVAL_PROBE_LENGTH),
+    from ..retrieval import PROBE_LENGTH
+
+    return {"retrieval_probe": {"length": min(PROBE_LENGTH, positions or PROBE_LENGTH),
                                 "samples": 4, "seed": args.seed}}
 
 

@@ -20,7 +20,7 @@ import shlex
 import sys
 from typing import Any, Optional
 
-from .arguments import RETRIEVAL_PROBE_LENGTH, decode_arguments, parse_method_params, parse_shard
+from .arguments import decode_arguments, parse_method_params, parse_shard
 from .bench_options import SELECTIONS, add_kernel_and_model_levels  # noqa: F401  (SELECTIONS: tests/test_run_trust.py)
 from .experiments import configure_run, load_config, run_experiment_command
 from .models import SMOLLM2_NAMES, load_model
@@ -274,9 +274,10 @@ def _run_model(args: argparse.Namespace, shard) -> int:
 
         def retrieval_order():
             from ..eval.bench.grid import selection_order_retrieval
+            from ..retrieval import PROBE_LENGTH
 
-            positions = getattr(model.config, "max_position_embeddings", None) or RETRIEVAL_PROBE_LENGTH
-            return selection_order_retrieval(model, tokenizer, length=min(RETRIEVAL_PROBE_LENGTH, positions))
+            positions = getattr(model.config, "max_position_embeddings", None) or PROBE_LENGTH
+            return selection_order_retrieval(model, tokenizer, length=min(PROBE_LENGTH, positions))
 
         prepare = None
         if args.rope_scaling:

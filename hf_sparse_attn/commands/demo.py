@@ -37,8 +37,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=float, default=None,
                         help="fraction of layers to patch, in (0, 1] (default: the recommendation's layers, 0.5 with "
                              "another --method)")
-    parser.add_argument("--select", default="weight_norm", type=one_of(DEMO_SELECTIONS, "selection"),
-                        help=f"layer selection (default weight_norm; one of {', '.join(DEMO_SELECTIONS)})")
+    parser.add_argument("--select", default=None, type=one_of(DEMO_SELECTIONS, "selection"),
+                        help="layer selection (default: the recommendation's, which ranks the layers on a pass-key "
+                             f"probe for its decode; weight_norm with another --method; one of {', '.join(DEMO_SELECTIONS)})")
     parser.add_argument("--tokens", type=int, default=8192,
                         help="tokens of the article in the timed run (default 8192; causal calls shorter than 2 x min_seq_len = 4096 run exact by default)")
     parser.add_argument("--check-tokens", type=int, default=1024, help="tokens of the exactness check with method exact (default 1024)")
@@ -118,19 +119,25 @@ def run(args: argparse.Namespace) -> int:
     ranking = rank_layers(model)
     print(ranking, "\n")
     if args.method == "recommended":
-        fast = recommended(model)
-        print(f"the recommended plan (hf_sparse_attn.recommended): {fast}\n")
+        fast = recommended(model, tokenizer)
+        shown = {k: v for k, v in fast.items() if k != "calibration"}
+        print(f"the recommended plan (hf_sparse_attn.recommended(model, tokenizer)): {shown}"
+              + (", calibration: a pass-key probe" if "calibration" in fast else "") + "\n")
     else:
         fast = {"method": args.method, "layers": 0.5}
     if args.layers is not None:
         fast["layers"] = args.layers
-    fast["select"] = args.select
+    if args.select is not None and args.select != fast.get("select"):
+        fast["select"] = args.select
+        fast.pop("calibration", None)  # the probe serves select="retrieval" only
+    fast.setdefault("select", "weight_norm")
     method = fast["method"]
 
     check = ids[:, : args.check_tokens]
     with torch.no_grad():
         reference = model(check).logits
-        plan = patch_model(model, method="exact", layers=fast["layers"], select=args.select)
+        plan = patch_model(model, method="exact", layers=fast["layers"], select=fast["select"],
+                           calibration=fast.get("calibration"))
         diff = (model(check).logits - reference).abs().max().item()
         unpatch_model(model)
         identical = torch.equal(model(check).logits, reference)
@@ -161,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     print(plan, "\n")
     print(f"{'configuration':<44} {'prefill s':>9} {'perplexity':>10}")
     print(f"{'exact (sdpa), all 30 layers':<44} {t_exact:>9.2f} {ppl_exact:>10.3f}")
-    name = f"{method} on {len(plan.patched_layers)} layers ({args.select})"
+    name = f"{method} on {len(plan.patched_layers)} layers ({fast['select']})"
     print(f"{name:<44} {t_fast:>9.2f} {ppl_fast:>10.3f}")
     print(f"\nspeed-up {t_exact / t_fast:.2f}x, perplexity {100 * (ppl_fast / ppl_exact - 1):+.1f}% over {n_scored} scored tokens "
           f"(one run each; `hf-sparse-attn bench` repeats and profiles). Plan written to {args.plan_out}, "

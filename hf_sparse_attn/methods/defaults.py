@@ -105,6 +105,21 @@ BLOCK_SELECT_MIN_SEQ_LEN = LOCAL_MIN_SEQ_LEN
 # model's 9 niah_multikey_1 answers, window 512 everywhere 8 (eval/results/ruler_recommended_8k/frontier.md).
 BLOCK_SELECT_WIDE_WINDOW = 1024
 BLOCK_SELECT_WIDE_LAYERS = 0.5
+# Decode steps of the recommended plans: exact on some layers, sinks + window (local, its defaults) on the others, every
+# layer keeping block_select's prefill. SmolLM2 at 8k (8000-token prompts, one thread, against the unpatched model's
+# DynamicCache; RULER: 22 pass keys at depths 0-100% and 22 niah_multikey_1 samples at 8k):
+# - recommend.CAUSAL_RECOMMENDATION: exact on the two thirds of largest Q/K weight norm R (20 of 30), local on the rest:
+#   1.53x [1.46, 1.61] per token (eval/results/decode_split_smollm2/results.md), keeping every pass key (9 of 9) and
+#   niah_multikey_1 answer (8 of 9) that exact decode keeps (eval/results/ruler_recommended_8k/frontier.md); exact on
+#   the 10 of largest R is faster (1.87x in that run) but dropped a digit of 1 of 4 pass keys
+#   (eval/results/ruler_frontier_smollm2/frontier.md).
+# - recommend.RETRIEVAL_DECODE_RECOMMENDATION: local on the two thirds of least needle mass on a pass-key probe
+#   (select="retrieval"), exact on the third of most: 1.54x [1.44, 1.67] per token against exact decode everywhere's
+#   1.17x in the same run (eval/results/decode_split_retrieval_smollm2/results.md), the same facts kept
+#   (ruler_recommended_8k).
+# Local decode on every layer keeps 1 of the 4 pass keys exact decode keeps (ruler_frontier_smollm2).
+DECODE_EXACT_LAYERS_BY_R = 2 / 3
+DECODE_LOCAL_LAYERS_BY_RETRIEVAL = 2 / 3
 
 # quest (decode over the KV cache) ---------------------------------------------------------------------------------
 # Pages of 32 tokens: the index (per-page key min / max) costs 1/32 of the cache (3.1%; Quest's 16 costs 6.3%), and
