@@ -124,8 +124,8 @@ def recommended(model: torch.nn.Module, tokenizer: Any = None) -> dict[str, Any]
         return copy.deepcopy(ENCODER_RECOMMENDATION)
     if tokenizer is None:
         return copy.deepcopy(CAUSAL_RECOMMENDATION)
-    from .retrieval import PROBE_LENGTH, retrieval_probe
+    from .retrieval import probe_length, retrieval_probe
 
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or PROBE_LENGTH
-    probe = retrieval_probe(tokenizer, length=min(PROBE_LENGTH, int(positions)))
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    probe = retrieval_probe(tokenizer, length=probe_length(positions))
     return {**copy.deepcopy(RETRIEVAL_DECODE_RECOMMENDATION), "calibration": probe}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -57,6 +57,12 @@ class RetrievalProbe:
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def probe_length(positions: Optional[int]) -> int:
+    """The probe length for a model of ``positions`` positions (its ``max_position_embeddings``; None: unknown):
+    PROBE_LENGTH, or fewer where the model has fewer positions."""
+    return min(PROBE_LENGTH, int(positions)) if positions else PROBE_LENGTH
 
 
 def retrieval_probe(tokenizer: Any, *, length: int = PROBE_LENGTH, samples: int = 4, seed: int = 0,

@@ -1,13 +1,16 @@
 """Where a decode step's time goes: real SmolLM2-135M, one thread, single-token greedy steps after a long prompt.
 
 For each context length (--contexts, tokens of one real Wikipedia article) the prompt is prefilled once (untimed)
-into a ``DynamicCache``; its keys and values are copied into a fresh cache of each kind (``DynamicCache``, and
-:class:`hf_sparse_attn.GrowingCache`), and --steps greedy single-token steps are timed on each, the two
+into a ``DynamicCache``; its keys and values are copied into a fresh cache of each kind (--kinds: ``dynamic``, the
+unpatched model with a ``DynamicCache``; ``growing``, the unpatched model with a :class:`hf_sparse_attn.GrowingCache`;
+``exact_decode``, a copy of the model patched on every layer with the project's exact decode method, on a
+``GrowingCache``), and --steps greedy single-token steps are timed on each, the
 kinds alternating step by step (the same tokens: each step feeds the previous argmax; the 2-D attention mask of ones
 grows by one each step, as ``generate()`` does). Every step is split with manual timers (perf_counter around the
 wrapped call):
 
-* attention: transformers' ``sdpa`` attention function (all layers; the KV heads stay grouped for an unmasked step);
+* attention: the attention function (all layers): transformers' ``sdpa`` (the KV heads stay grouped for an unmasked
+  step), or ``hf_sparse_attn`` for the patched copy;
 * cache append: ``cache.update`` (all layers; ``torch.cat`` of the whole layer for ``DynamicCache``);
 * mask: ``create_causal_mask`` (once per step; for sdpa without padding it returns None without building a mask);
 * LM head: the ``lm_head`` module (its projection to the vocabulary);
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -38,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 PARTS = ("attention", "cache_append", "mask", "lm_head")
+KINDS = ("dynamic", "growing", "exact_decode")
 
 
 class StepTimers:
@@ -47,17 +52,21 @@ class StepTimers:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.seconds = dict.fromkeys(PARTS, 0.0)
+        self.depth: dict[str, int] = {}
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(PARTS, 0.0)
 
     def _timed(self, part: str, fn: Callable) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.depth[part] = self.depth.get(part, 0) + 1
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[part] += time.perf_counter() - start
+                self.depth[part] -= 1
+                if self.depth[part] == 0:  # the outermost call only: hf_sparse_attn may call sdpa inside
+                    self.seconds[part] += time.perf_counter() - start
 
         return wrapper
 
@@ -67,8 +76,12 @@ class StepTimers:
 
         module = sys.modules[type(self.model).__module__]
         original_mask = module.create_causal_mask
-        original_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = self._timed("attention", original_sdpa)
+        from hf_sparse_attn.patches.attention_interface import ATTENTION_NAME, register_attention
+
+        register_attention()
+        originals = {name: ALL_ATTENTION_FUNCTIONS[name] for name in ("sdpa", ATTENTION_NAME)}
+        for name, fn in originals.items():
+            ALL_ATTENTION_FUNCTIONS[name] = self._timed("attention", fn)
         module.create_causal_mask = self._timed("mask", original_mask)
         cache.update = self._timed("cache_append", cache.update)  # instance attribute shadows the method
         head = self.model.get_output_embeddings()
@@ -83,7 +96,8 @@ class StepTimers:
             post.remove()
             del cache.update
             module.create_causal_mask = original_mask
-            del ALL_ATTENTION_FUNCTIONS["sdpa"]  # back to transformers' global entry
+            for name in originals:
+                del ALL_ATTENTION_FUNCTIONS[name]  # back to the global entries
 
 
 def copy_cache(source: Any, kind: str, config: Any) -> Any:
@@ -99,31 +113,34 @@ def copy_cache(source: Any, kind: str, config: Any) -> Any:
 
 
 @torch.no_grad()
-def profile_context(model, ids: torch.Tensor, steps: int, kinds: tuple[str, ...]) -> dict:
+def profile_context(models: dict[str, torch.nn.Module], ids: torch.Tensor, steps: int) -> dict:
+    """models: kind -> the model that steps that kind's cache (``exact_decode``: the patched copy)."""
     from transformers import DynamicCache
 
     from hf_sparse_attn.patches.decode_cache import cache_keyword
 
+    kinds = tuple(models)
+    model = models[kinds[0]]
     name = cache_keyword(model)
     prefill = DynamicCache(config=model.config)
     logits = model(input_ids=ids, use_cache=True, **{name: prefill}).logits
     first = logits[:, -1:].argmax(-1)
-    state = {k: {"cache": copy_cache(prefill, k, model.config), "token": first, "mask": torch.ones_like(ids),
-                 "steps": []} for k in kinds}
+    state = {k: {"cache": copy_cache(prefill, "dynamic" if k == "dynamic" else "growing", model.config),
+                 "token": first, "mask": torch.ones_like(ids), "steps": []} for k in kinds}
     del prefill, logits
-    timers = StepTimers(model)
+    timers = {k: StepTimers(m) for k, m in models.items()}
     for step in range(steps + 1):  # step 0 is a warm-up, not recorded
         for kind in kinds:
             s = state[kind]
             s["mask"] = torch.cat([s["mask"], s["mask"].new_ones(1, 1)], dim=1)
-            timers.reset()
-            with timers.installed(s["cache"]):
+            timers[kind].reset()
+            with timers[kind].installed(s["cache"]):
                 start = time.perf_counter()
-                out = model(input_ids=s["token"], attention_mask=s["mask"], use_cache=True, **{name: s["cache"]})
+                out = models[kind](input_ids=s["token"], attention_mask=s["mask"], use_cache=True, **{name: s["cache"]})
                 wall = time.perf_counter() - start
             s["token"] = out.logits[:, -1:].argmax(-1)
             if step > 0:
-                parts = {k: 1e3 * v for k, v in timers.seconds.items()}
+                parts = {k: 1e3 * v for k, v in timers[kind].seconds.items()}
                 s["steps"].append({"total_ms": 1e3 * wall, **{f"{k}_ms": v for k, v in parts.items()},
                                    "rest_ms": 1e3 * wall - sum(parts.values()), "token": int(s["token"])})
     result = {}
@@ -132,7 +149,7 @@ def profile_context(model, ids: torch.Tensor, steps: int, kinds: tuple[str, ...]
         fields = ["total_ms", *[f"{p}_ms" for p in PARTS], "rest_ms"]
         result[kind] = {"median": {f: statistics.median(x[f] for x in s["steps"]) for f in fields},
                         "steps": s["steps"], "cache_length_after": s["cache"].get_seq_length(),
-                        "top_ops": top_ops(model, s, name)}
+                        "top_ops": top_ops(models[kind], s, name)}
     result["same_tokens"] = len({tuple(x["token"] for x in state[k]["steps"]) for k in kinds}) == 1
     return result
 
@@ -163,13 +180,13 @@ def markdown(result: dict) -> str:
              f"contexts: its first tokens), prefilled once, untimed. Median over {result['steps']} single-token greedy "
              "steps per cache kind (kinds alternating step by step; the 2-D mask of ones passed as generate() does). "
              "ms per token.", "",
-             "| context | cache | total | attention | cache append | mask | LM head | rest |", "|---|---|---|---|---|---|---|---|"]
+             "| context | kind | total | attention | cache append | mask | LM head | rest |", "|---|---|---|---|---|---|---|---|"]
     for n in result["contexts"]:
         for kind in result["kinds"]:
             m = result["by_context"][str(n)][kind]["median"]
             lines.append(f"| {n} | {kind} | {m['total_ms']:.1f} | {m['attention_ms']:.1f} | {m['cache_append_ms']:.2f} | "
                          f"{m['mask_ms']:.3f} | {m['lm_head_ms']:.1f} | {m['rest_ms']:.1f} |")
-    lines += ["", "Same greedy tokens from both caches at every context: "
+    lines += ["", "Same greedy tokens from every kind at every context: "
               + str(all(result["by_context"][str(n)]["same_tokens"] for n in result["contexts"])) + ".", ""]
     for n in result["contexts"]:
         for kind in result["kinds"]:
@@ -186,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 8000], help="prompt lengths in tokens")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per cache kind and context")
-    parser.add_argument("--kinds", nargs="+", default=["dynamic", "growing"], choices=["dynamic", "growing"])
+    parser.add_argument("--kinds", nargs="+", default=["dynamic", "growing"], choices=KINDS,
+                        help="dynamic / growing: the unpatched model with a DynamicCache / GrowingCache; exact_decode: "
+                             "a copy patched on every layer with the exact decode method (GrowingCache)")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -207,8 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                       if len(tokenizer(x).input_ids) >= longest)
     load_before = os.getloadavg()[0]
     by_context = {}
+    models = {kind: model for kind in args.kinds}
+    if "exact_decode" in models:
+        from hf_sparse_attn import patch_model
+
+        models["exact_decode"] = copy.deepcopy(model)
+        patch_model(models["exact_decode"], method="exact", layers="all", decode_method="exact")
     for n in args.contexts:
-        by_context[str(n)] = profile_context(model, ids[:, :n].contiguous(), args.steps, tuple(args.kinds))
+        by_context[str(n)] = profile_context(models, ids[:, :n].contiguous(), args.steps)
         print(f"context {n}: " + ", ".join(f"{k} {by_context[str(n)][k]['median']['total_ms']:.1f} ms"
                                            for k in args.kinds), file=sys.stderr)
     result = {"machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU; 2 cores shared with other jobs", "date": datetime.date.today().isoformat(),

@@ -174,3 +174,22 @@ def test_other_layers_from_the_command_line_make_a_mixed_plan_recorded_in_the_se
     assert counts["patched_layers"] == [0, 1, 2] and counts["served"] == 3
     again = _run(*common, "--param", 'other_layers={method = "local", window = 32, min_seq_len = 1}')
     assert again.returncode != 0 and "other_layers" in again.stderr
+
+
+def test_a_prompt_fed_in_chunks_is_served_by_the_prefill_method_and_recorded(model_dir, tmp_path):
+    """--prefill-chunk-size 100: each chunk of the prompt is a call the prefill method (local) serves, so the plan
+    serves more calls than one prefill per layer; the chunk size is part of the settings (a rerun without it is
+    refused, naming it)."""
+    out = tmp_path / "chunked"
+    common = ("--model", model_dir, "--tasks", "passkey", "--lengths", "400", "--samples", "1", "--method", "local",
+              "--layers", "all", "--param", "window=16", "--param", "min_seq_len=1", "--out", str(out))
+    done = _run(*common, "--prefill-chunk-size", "100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads((out / "summary.json").read_text())["plan_counts_this_invocation"]
+    prompt = _records(out, "passkey")[0]["prompt_tokens"]
+    assert prompt > 300 and counts["served"] == 3 * -(-prompt // 100), (counts, prompt)
+    assert json.loads((out / "run_settings.json").read_text())["generation"]["prefill_chunk_size"] == 100
+    again = _run(*common)
+    assert again.returncode != 0 and "prefill_chunk_size" in again.stderr
+    bad = _run(*common[:-1], str(tmp_path / "bad"), "--prefill-chunk-size", "0")
+    assert bad.returncode != 0 and "--prefill-chunk-size must be >= 1" in bad.stderr

@@ -125,9 +125,9 @@ def retrieval_probe_settings(args: argparse.Namespace, positions: Optional[int])
     settings; empty for any other selection."""
     if getattr(args, "select", None) != "retrieval" or getattr(args, "plan", None):
         return {}
-    from ..retrieval import PROBE_LENGTH
+    from ..retrieval import probe_length
 
-    return {"retrieval_probe": {"length": min(PROBE_LENGTH, positions or PROBE_LENGTH),
+    return {"retrieval_probe": {"length": probe_length(positions),
                                 "samples": 4, "seed": args.seed}}
 
 

@@ -274,10 +274,10 @@ def _run_model(args: argparse.Namespace, shard) -> int:
 
         def retrieval_order():
             from ..eval.bench.grid import selection_order_retrieval
-            from ..retrieval import PROBE_LENGTH
+            from ..retrieval import probe_length
 
-            positions = getattr(model.config, "max_position_embeddings", None) or PROBE_LENGTH
-            return selection_order_retrieval(model, tokenizer, length=min(PROBE_LENGTH, positions))
+            positions = getattr(model.config, "max_position_embeddings", None)
+            return selection_order_retrieval(model, tokenizer, length=probe_length(positions))
 
         prepare = None
         if args.rope_scaling:

@@ -75,6 +75,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the patch plan")
     parser.add_argument("--no-chat-template", action="store_true",
                         help="feed the plain RULER prompt even to a model with a chat template")
+    parser.add_argument("--prefill-chunk-size", type=int, default=None, metavar="N",
+                        help="feed each prompt in chunks of N tokens (generate(prefill_chunk_size=N)); local and "
+                             "block_select serve the chunks as their whole prefill would, chunks of at most 16 "
+                             "tokens are decode steps (default: the prompt at once)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -159,6 +163,8 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     lengths = parse_lengths(args.lengths)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if getattr(args, "prefill_chunk_size", None) is not None and args.prefill_chunk_size < 1:
+        raise ValueError(f"--prefill-chunk-size must be >= 1 (tokens per chunk), got {args.prefill_chunk_size}")
     params = parse_params(args.param)
     if args.plan and not os.path.isfile(args.plan):
         raise ValueError(f"--plan {args.plan}: no such file (a PatchPlan JSON written by plan.save / a previous run)")
@@ -301,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
         "rope_scaling": args.rope_scaling,
         "dtype": args.dtype,
         "generation": {"decoding": "greedy", "chat_template": uses_chat_template(tokenizer, chat),
-                       "max_new_tokens": {t: TASK_SPECS[t].max_new_tokens for t in tasks}},
+                       "max_new_tokens": {t: TASK_SPECS[t].max_new_tokens for t in tasks},
+                       **({"prefill_chunk_size": args.prefill_chunk_size} if args.prefill_chunk_size else {})},
         "essay_haystack": "offline English Wikipedia articles (substituting Paul Graham's essays)",
         "generator_version": GENERATOR_VERSION,
     }
@@ -415,7 +422,7 @@ def _predict_and_report(args, tasks, lengths, params, settings, tokenizer, path,
         t0 = time.perf_counter()
         sample = generate_sample(task, tokenizer, length, seed=args.seed, index=index, chat_template=chat)
         torch.manual_seed(args.seed)  # a sample never depends on what ran before it: resumed == uninterrupted
-        pred = predict(model, tokenizer, sample, chat_template=chat)
+        pred = predict(model, tokenizer, sample, chat_template=chat, prefill_chunk_size=args.prefill_chunk_size)
         record = {"id": sample.id, "task": task, "length": length, "index": index, "pred": pred,
                   "answers": sample.answers, "hits": sample_hits(pred, sample.answers), "depth": sample.depth,
                   "answer_depths": sample.answer_depths, "prompt_tokens": sample.prompt_tokens,

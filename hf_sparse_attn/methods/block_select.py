@@ -48,6 +48,7 @@ import torch
 
 from ..kernels.workspace import workspace
 from .common import check_inputs
+from .decode import CHUNK_TILE_ROWS, attend, check_decode_inputs, in_row_tiles, leading_pad, local_decode
 from .defaults import (BLOCK_SELECT_BLOCK_SIZE, BLOCK_SELECT_MIN_SEQ_LEN, BLOCK_SELECT_NUM_SELECTED,
                        BLOCK_SELECT_NUM_SINK_TOKENS, BLOCK_SELECT_PROBE_QUERIES, BLOCK_SELECT_QUERY_BLOCK,
                        BLOCK_SELECT_SELECTION, BLOCK_SELECT_SELECTIONS, BLOCK_SELECT_WINDOW)
@@ -95,14 +96,7 @@ def block_select_attention(
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"block_select: self-attention only (Nq == Nk), got {q.shape[2]} queries and {k.shape[2]} "
                          "keys; the adapter sends other calls to exact attention")
-    for name, value in (("window", window), ("num_sink_tokens", num_sink_tokens), ("num_selected", num_selected),
-                        ("probe_queries", probe_queries)):
-        if int(value) < 0:
-            raise ValueError(f"block_select: {name} must be >= 0, got {value}")
-    if int(block_size) < 1 or int(query_block) < 1:
-        raise ValueError(f"block_select: block_size and query_block must be >= 1, got {block_size}, {query_block}")
-    if selection not in BLOCK_SELECT_SELECTIONS:
-        raise ValueError(f"block_select: selection must be one of {list(BLOCK_SELECT_SELECTIONS)}, got {selection!r}")
+    _check_params(window, num_sink_tokens, num_selected, probe_queries, block_size, query_block, selection)
     if not causal:
         return exact_attention(q, k, v, causal=False, scale=scale, key_padding_mask=key_padding_mask)
     B, H, N, D = q.shape
@@ -139,6 +133,18 @@ def block_select_attention(
             probe_pos = (probe_pos + shift[:, None]) % N
         out, lse = _overwrite_rows(out, lse, probe_pos, probe_valid, probe_out, probe_lse)
     return out.to(q.dtype), lse
+
+
+def _check_params(window: int, num_sink_tokens: int, num_selected: int, probe_queries: int, block_size: int,
+                  query_block: int, selection: str) -> None:
+    for name, value in (("window", window), ("num_sink_tokens", num_sink_tokens), ("num_selected", num_selected),
+                        ("probe_queries", probe_queries)):
+        if int(value) < 0:
+            raise ValueError(f"block_select: {name} must be >= 0, got {value}")
+    if int(block_size) < 1 or int(query_block) < 1:
+        raise ValueError(f"block_select: block_size and query_block must be >= 1, got {block_size}, {query_block}")
+    if selection not in BLOCK_SELECT_SELECTIONS:
+        raise ValueError(f"block_select: selection must be one of {list(BLOCK_SELECT_SELECTIONS)}, got {selection!r}")
 
 
 def probe_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, scale: float,
@@ -379,6 +385,182 @@ def _overwrite_rows(out: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor, val
     return out.scatter_(2, index[..., None].expand(B, H, P, D), new_out), lse.scatter_(2, index, new_lse)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# A prompt fed in chunks against a KV cache (the chunk contract, registry.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def block_select_chunk(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    scale: float,
+    kv_len: int,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    window: int = BLOCK_SELECT_WINDOW,
+    num_sink_tokens: int = BLOCK_SELECT_NUM_SINK_TOKENS,
+    selection: str = BLOCK_SELECT_SELECTION,
+    num_selected: int = BLOCK_SELECT_NUM_SELECTED,
+    block_size: int = BLOCK_SELECT_BLOCK_SIZE,
+    probe_queries: int = BLOCK_SELECT_PROBE_QUERIES,
+    query_block: int = BLOCK_SELECT_QUERY_BLOCK,
+    min_seq_len: int = BLOCK_SELECT_MIN_SEQ_LEN,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of one prompt chunk, as :func:`block_select_attention` computes them over the whole prompt.
+
+    q [B, Hq, C, D]: the chunk's rows at positions kv_len - C ... kv_len - 1; k_cache / v_cache [B, Hkv, L, D] grouped
+    heads (Hq = g Hkv), the first kv_len valid; key_padding_mask [B, kv_len] bool or None -> (out [B, Hq, C, D] q's
+    dtype, lse [B, Hq, C] float32).
+
+    Sinks + window are local decode's, in row tiles (decode.in_row_tiles). The probe rows are the chunk's last
+    ``probe_queries`` rows (MInference's last queries; the last chunk's are the prompt's, so that chunk's rows equal the
+    whole prefill's); ``moba`` pools each query block over its rows inside the chunk (equal to the whole prefill's when
+    the chunk starts on a query block). Each batch row is taken from its first real key (left padding), so blocks,
+    sinks and query blocks sit where the whole prefill, which rolls the padding away, puts them.
+    """
+    check_decode_inputs(q, k_cache, v_cache, kv_len, key_padding_mask)
+    _check_params(window, num_sink_tokens, num_selected, probe_queries, block_size, query_block, selection)
+    B, Hq, C, D = q.shape
+    W, S, bs = int(window), int(num_sink_tokens), int(block_size)
+    num_blocks = -(-int(num_selected) // bs)
+    qf, kf, vf = q.float(), k_cache.float(), v_cache.float()
+    out, lse = in_row_tiles(local_decode, qf, kf, vf, scale=scale, kv_len=kv_len, key_padding_mask=key_padding_mask,
+                            window=W, num_sink_tokens=S)
+    pad = leading_pad(key_padding_mask, B, q.device)
+    for b in range(B):
+        first = int(pad[b])
+        n = kv_len - first  # this row's keys, from its first real one
+        c = min(C, n)  # the chunk's rows at or after it (the others are padding)
+        if c == 0:
+            continue
+        qb = qf[b:b + 1, :, C - c:]
+        kb, vb = kf[b:b + 1, :, first:kv_len], vf[b:b + 1, :, first:kv_len]
+        valid = None if key_padding_mask is None else key_padding_mask[b:b + 1, first:kv_len]
+        if valid is not None and bool(valid.all()):
+            valid = None
+        probe = _chunk_probe(qb, kb, vb, scale=scale, key_valid=valid, num_probes=int(probe_queries),
+                             want_mass=selection == "vertical")
+        if selection == "vertical":
+            pos, ok = vertical_blocks(probe[2], key_valid=valid, num_sinks=min(S, n), window=W, block_size=bs,
+                                      num_blocks=num_blocks)
+            first_set, rows_per_set = 0, n
+        else:
+            rows_per_set = int(query_block)
+            first_set = (n - c) // rows_per_set
+            pos, ok = _chunk_moba_blocks(qb, kb, key_valid=valid, num_sinks=min(S, n), window=W, block_size=bs,
+                                         num_blocks=num_blocks, query_block=rows_per_set)
+        ob, lb = out[b:b + 1, :, C - c:], lse[b:b + 1, :, C - c:]
+        if pos.shape[-1] > 0:
+            sel_out, sel_lse = _chunk_selected(qb, kb, vb, pos, ok, first_set=first_set, rows_per_set=rows_per_set,
+                                               window=W, scale=scale)
+            ob, lb = merge_attention_into(ob.contiguous(), lb.contiguous(), sel_out, sel_lse)
+        if probe[0] is not None:
+            P = probe[0].shape[2]
+            ob[:, :, c - P:], lb[:, :, c - P:] = probe[0], probe[1]
+        out[b:b + 1, :, C - c:], lse[b:b + 1, :, C - c:] = ob, lb
+    return out.to(q.dtype), lse
+
+
+def _chunk_probe(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, *, scale: float,
+                 key_valid: Optional[torch.Tensor], num_probes: int,
+                 want_mass: bool) -> tuple[Optional[torch.Tensor], ...]:
+    """Exact attention of the last P = min(num_probes, c) rows of qb [1, Hq, c, D] (positions n - c ... n - 1) over
+    kb / vb [1, Hkv, n, D] (grouped, no leading padding), key_valid [1, n] bool or None. Returns (out [1, Hq, P, D],
+    lse [1, Hq, P], mass [1, Hq, n] = sum over the valid probe rows of their softmax weights, or None when not
+    ``want_mass``); all None when P = 0."""
+    _, Hq, c, D = qb.shape
+    Hkv, n = kb.shape[1], kb.shape[2]
+    P = min(num_probes, c)
+    if P == 0:
+        return None, None, None
+    g = Hq // Hkv
+    qg = qb[:, :, c - P:].reshape(1, Hkv, g * P, D)
+    rows = n - P + torch.arange(P, device=qb.device).repeat(g)  # [g P] the position of each grouped row
+    attend_ = torch.arange(n, device=qb.device)[None, :] <= rows[:, None]  # [g P, n]
+    if key_valid is not None:
+        attend_ = attend_ & key_valid
+    scores = torch.matmul(qg, kb.transpose(-1, -2)).mul_(scale).masked_fill_(~attend_, NEG_INF)  # [1, Hkv, g P, n]
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = scores.sub_(safe[..., None]).exp_()
+    out, lse = empty_rows_to_zero(torch.matmul(probs, vb), lse, ~attend_.any(-1).expand(lse.shape))
+    mass = None
+    if want_mass:
+        row_valid = torch.ones(P, dtype=torch.bool, device=qb.device) if key_valid is None else key_valid[0, n - P:]
+        mass = (probs.view(1, Hkv, g, P, n) * row_valid[:, None]).sum(3).reshape(1, Hq, n)
+    return out.reshape(1, Hq, P, -1), lse.reshape(1, Hq, P), mass
+
+
+def _chunk_moba_blocks(qb: torch.Tensor, kb: torch.Tensor, *, key_valid: Optional[torch.Tensor], num_sinks: int,
+                       window: int, block_size: int, num_blocks: int,
+                       query_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moba_blocks` for the chunk rows qb [1, Hq, c, D] (positions n - c ... n - 1) over kb [1, Hkv, n, D]
+    (grouped): query blocks of ``query_block`` = R positions aligned at 0, each pooled over its rows in the chunk.
+    Returns pos / ok [1, Hq, T, M] for the T query blocks holding a chunk row, the first being (n - c) // R."""
+    _, Hq, c, D = qb.shape
+    Hkv, n = kb.shape[1], kb.shape[2]
+    device = qb.device
+    R = query_block
+    t0, t1 = (n - c) // R, -(-n // R)
+    T, nblk = t1 - t0, -(-n // block_size)
+    if num_blocks == 0:
+        empty = torch.zeros(1, Hq, T, 0, dtype=torch.long, device=device)
+        return empty, empty.bool()
+    valid = torch.ones(1, n, dtype=torch.bool, device=device) if key_valid is None else key_valid
+    kpad = nblk * block_size - n
+    weights = torch.nn.functional.pad(valid.float(), (0, kpad)).view(1, 1, nblk, block_size, 1)
+    k_sum = (torch.nn.functional.pad(kb, (0, 0, 0, kpad)).view(1, Hkv, nblk, block_size, D) * weights).sum(3)
+    k_pool = (k_sum / weights.sum(3).clamp(min=1.0)).repeat_interleave(Hq // Hkv, dim=1)  # [1, Hq, nblk, D]
+    # the chunk's rows padded in front to the first block's start: block t pools the rows it holds
+    lead = (n - c) - t0 * R
+    rows = torch.nn.functional.pad(qb, (0, 0, lead, T * R - lead - c)).view(1, Hq, T, R, D).sum(3)
+    starts = torch.clamp(torch.arange(t0, t1, device=device) * R, min=n - c)
+    stops = torch.clamp((torch.arange(t0, t1, device=device) + 1) * R, max=n)
+    q_pool = rows / (stops - starts)[None, None, :, None]
+    score = torch.matmul(q_pool, k_pool.transpose(-1, -2))  # [1, Hq, T, nblk]
+    positions = torch.arange(n, device=device)
+    usable = valid & (positions[None, :] >= num_sinks)
+    first_usable = torch.where(usable, positions[None, :], torch.full_like(positions[None, :], n))
+    first_usable = torch.nn.functional.pad(first_usable, (0, kpad), value=n).view(1, nblk, block_size).amin(-1)
+    candidate = first_usable[:, None, :] <= (stops - 1 - window)[None, :, None]  # [1, T, nblk]
+    score = score.masked_fill(~candidate[:, None], NEG_INF)
+    top = score.topk(min(num_blocks, nblk), dim=-1)
+    chosen, finite = top.indices, torch.isfinite(top.values)
+    order = chosen.argsort(dim=-1)
+    return _block_keys(chosen.gather(-1, order), finite.gather(-1, order), valid, num_sinks, block_size, n)
+
+
+def _chunk_selected(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, pos: torch.Tensor, ok: torch.Tensor, *,
+                    first_set: int, rows_per_set: int, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of the chunk rows qb [1, Hq, c, D] (positions n - c ... n - 1) over their selected keys behind
+    their window: key set t of pos / ok [1, Hq, T, M] serves the positions [(first_set + t) R, (first_set + t + 1) R)
+    (R = ``rows_per_set``); row p attends pos[t, m] iff ok[t, m] and pos[t, m] <= p - window. kb / vb [1, Hkv, n, D]
+    grouped. Returns out [1, Hq, c, D], lse [1, Hq, c] float32 (0 and -inf for a row with none), in tiles of at most
+    CHUNK_TILE_ROWS rows of one key set."""
+    _, Hq, c, D = qb.shape
+    Hkv, n, Dv = kb.shape[1], kb.shape[2], vb.shape[3]
+    device = qb.device
+    kv_head = torch.arange(Hq, device=device) // (Hq // Hkv)
+    ks = kb[0][kv_head[:, None, None], pos[0]]  # [Hq, T, M, D]
+    vs = vb[0][kv_head[:, None, None], pos[0]]
+    out = torch.zeros(1, Hq, c, Dv, device=device)
+    lse = torch.full((1, Hq, c), NEG_INF, device=device)
+    start = n - c
+    for t in range(pos.shape[2]):
+        lo = max(start, (first_set + t) * rows_per_set)
+        hi = min(n, (first_set + t + 1) * rows_per_set)
+        for r0 in range(lo, hi, CHUNK_TILE_ROWS):
+            r1 = min(hi, r0 + CHUNK_TILE_ROWS)
+            row_pos = torch.arange(r0, r1, device=device)
+            allowed = ok[0, :, t, None, :] & (pos[0, :, t, None, :] <= (row_pos - window)[None, :, None])
+            if not bool(allowed.any()):
+                continue
+            bias = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, NEG_INF)[None]
+            o, s = attend(qb[:, :, r0 - start:r1 - start], ks[None, :, t], vs[None, :, t], scale, bias)
+            out[:, :, r0 - start:r1 - start], lse[:, :, r0 - start:r1 - start] = o, s
+    return out, lse
+
+
 def check_block_select(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: Optional[torch.Tensor],
                        params: dict) -> Optional[str]:
     """Why ``block_select`` cannot serve a call: a call that is not self-attention (q_len != kv_len: the adapter's
@@ -415,6 +597,7 @@ register_method(
         "min_seq_len": Param(kind=int, low=1, help="the adapter runs exact attention below this length"),
     },
     check=check_block_select,
+    chunk_fn=block_select_chunk,
     min_seq_len_param="min_seq_len",
     source="MInference (Jiang et al. 2024, vertical index from the last queries); MoBA (Lu et al. 2025, top-k blocks "
            "by pooled keys); StreamingLLM (Xiao et al. 2023, sinks + window)",

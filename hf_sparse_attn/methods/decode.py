@@ -173,6 +173,14 @@ def _empty(qg: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.full((B, H, M), NEG_INF, device=qg.device))
 
 
+def _fused_serves(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether torch's fused CPU flash kernel computes this call: CPU tensors of one float dtype it takes (it
+    accumulates in float32, also for bf16), autograd off for them (the kernel's lse has no gradient)."""
+    return (qg.device.type == "cpu" and qg.dtype == k.dtype == v.dtype
+            and qg.dtype in (torch.float32, torch.bfloat16, torch.float16) and flash_cpu_op() is not None
+            and not (torch.is_grad_enabled() and (qg.requires_grad or k.requires_grad or v.requires_grad)))
+
+
 def attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of grouped queries with an additive bias and its lse.
@@ -185,12 +193,9 @@ def attend(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     L = k.shape[2]
     if L == 0:
         return _empty(qg, v.shape[-1])
-    op = flash_cpu_op()
-    grad = torch.is_grad_enabled() and (qg.requires_grad or k.requires_grad or v.requires_grad)
-    if (op is not None and not grad and qg.device.type == "cpu" and qg.dtype == k.dtype == v.dtype
-            and qg.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    if _fused_serves(qg, k, v):
         mask = None if bias is None else bias.to(qg.dtype)
-        out, lse = op(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+        out, lse = flash_cpu_op()(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
         out = out.float()
     else:
         scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale
@@ -330,6 +335,32 @@ def _sinks(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pad: 
     return attend(qg, ks, vs, scale, bias)
 
 
+# Query rows per call when a decode-contract function serves a prompt chunk (in_row_tiles): its per-row masks are
+# [g * rows, window + rows] for local, so a tile stays near a window's size whatever the chunk's length.
+CHUNK_TILE_ROWS = 256
+
+
+def in_row_tiles(fn: DecodeFn, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, scale: float,
+                 kv_len: int, key_padding_mask: Optional[torch.Tensor] = None, rows: int = CHUNK_TILE_ROWS,
+                 **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` (the decode contract) over the Nq query rows of q [B, Hq, Nq, D] in tiles of ``rows``: the tile of rows
+    [r0, r1) (positions kv_len - Nq + r0 ...) is one call of ``fn`` over the first kv_len - Nq + r1 keys, which are
+    all its rows may attend (causal). Returns (out [B, Hq, Nq, D], lse [B, Hq, Nq]) as ``fn`` does: the same rows
+    as one call with every row, at a bounded tile size (a prompt chunk of thousands of rows)."""
+    nq = q.shape[2]
+    if nq <= rows:
+        return fn(q, k_cache, v_cache, scale=scale, kv_len=kv_len, key_padding_mask=key_padding_mask, **params)
+    first = kv_len - nq
+    outs, lses = [], []
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        mask = None if key_padding_mask is None else key_padding_mask[:, :first + r1]
+        o, s = fn(q[:, :, r0:r1], k_cache, v_cache, scale=scale, kv_len=first + r1, key_padding_mask=mask, **params)
+        outs.append(o)
+        lses.append(s)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
 def _finish(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     o, l_ = ungroup(out, lse, q.shape[1], q.shape[2])
     return o.to(q.dtype), l_
@@ -346,6 +377,10 @@ def exact_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     check_decode_inputs(q, k_cache, v_cache, kv_len, key_padding_mask)
     Hkv, nq = k_cache.shape[1], q.shape[2]
     qg = group_queries(q, Hkv)
+    if nq == 1 and key_padding_mask is None and _fused_serves(qg, k_cache, v_cache):
+        # the common decode step (one query, nothing padded): one fused call on views of the cache, nothing else
+        out, lse = flash_cpu_op()(qg, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], 0.0, False, scale=scale)[:2]
+        return out.reshape(q.shape), lse.reshape(q.shape[:3])
     split = kv_len - nq + 1  # keys [0, split) are visible to every row
     out, lse = _span(qg, k_cache, v_cache, 0, split, scale=scale, nq=nq, kv_len=kv_len,
                      key_padding_mask=key_padding_mask)

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .common import check_inputs
+from .decode import in_row_tiles, local_decode
 from .defaults import LOCAL_MIN_SEQ_LEN, LOCAL_NUM_SINK_TOKENS, LOCAL_WINDOW
 from .registry import MAX_TOKENS, Param, register_method, self_attention_only
 from .padding import leading_padding, move_leading_padding_to_end
@@ -82,6 +83,17 @@ def check_local(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask
     return self_attention_only(q, k)
 
 
+def local_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, scale: float, kv_len: int,
+                key_padding_mask: Optional[torch.Tensor] = None, window: int = WINDOW,
+                num_sink_tokens: int = NUM_SINK_TOKENS, min_seq_len: int = MIN_SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt chunk against a KV cache (the chunk contract, registry.py): q [B, Hq, C, D], the rows at positions
+    kv_len - C ... kv_len - 1; k_cache / v_cache [B, Hkv, L, D] grouped heads, the first kv_len valid;
+    key_padding_mask [B, kv_len] bool or None -> (out [B, Hq, C, D] q's dtype, lse [B, Hq, C] float32): the last C
+    rows of :func:`local_attention`'s causal output over the kv_len keys, computed by local decode in row tiles."""
+    return in_row_tiles(local_decode, q, k_cache, v_cache, scale=scale, kv_len=kv_len,
+                        key_padding_mask=key_padding_mask, window=window, num_sink_tokens=num_sink_tokens)
+
+
 register_method(
     "local",
     local_attention,
@@ -93,6 +105,7 @@ register_method(
         "min_seq_len": Param(kind=int, low=1, high=MAX_TOKENS, help="the adapter runs exact attention below this length"),
     },
     check=check_local,
+    chunk_fn=local_chunk,
     min_seq_len_param="min_seq_len",
     source="StreamingLLM (Xiao et al. 2023, attention sinks + window); MInference's A-shape pattern",
     summary="attention sinks + exact local window, merged via lse",

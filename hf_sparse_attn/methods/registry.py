@@ -19,6 +19,19 @@ runs exact attention for calls that need gradients (``needs_grad``).
 A method may also declare ``check(q, k, causal, key_padding_mask, params[, scale]) -> str | None``: a reason why it
 cannot serve this call (the adapter then runs exact attention and counts the reason in the plan). The call's softmax
 scale is passed as the keyword ``scale`` to checks that take it.
+
+A causal method may declare ``chunk_fn``, which serves a prompt fed in chunks against a KV cache (transformers'
+``generate(prefill_chunk_size=...)``) as the method's own prefill would, under the decode contract
+(methods/decode.py: grouped KV heads, the first kv_len cache positions valid)::
+
+    chunk_fn(q, k_cache, v_cache, *, scale, kv_len, key_padding_mask=None, **params) -> (out, lse)
+
+    q                 [B, Hq, C, D]   the chunk's rows, at positions kv_len - C ... kv_len - 1 (causal)
+    k_cache, v_cache  [B, Hkv, L, D]  grouped heads (Hq = g Hkv), the first kv_len <= L positions valid
+    key_padding_mask  [B, kv_len]     bool, True = real key; or None
+    out, lse          [B, Hq, C, D], [B, Hq, C]  as the method's
+
+with every parameter of the method. Without one, chunks go to the layer's decode method (exact by default).
 """
 
 from __future__ import annotations
@@ -174,6 +187,9 @@ class MethodSpec:
     # method has no such threshold); register_method's ``min_seq_len_param`` sets it. The decision reads it through
     # :meth:`min_seq_len`, never by a name of its own.
     min_seq_len_param: Optional[str] = "min_seq_len"
+    # Serves a prompt chunk against a KV cache (the chunk contract of this module's docstring), or None: chunks go to
+    # the layer's decode method. No backward: a chunk that needs gradients goes to the decode method too.
+    chunk_fn: Optional[Callable[..., "tuple[torch.Tensor, torch.Tensor]"]] = None
 
     def min_seq_len(self, params: dict[str, Any]) -> int:
         """The threshold of ``params`` (resolved or partial: a missing value is the declared default); 0 for none."""
@@ -214,6 +230,7 @@ def register_method(
     summary: str = "",
     supports_grad: bool = True,
     min_seq_len_param: Optional[str] = _BY_NAME,
+    chunk_fn: Optional[Callable[..., Any]] = None,
     overwrite: bool = False,
 ) -> MethodSpec:
     """Register ``fn`` (the contract in this module's docstring) under ``name``.
@@ -226,6 +243,8 @@ def register_method(
     decision runs exact attention for a call with fewer keys, counted as ``seq_len < min_seq_len=N``
     (:attr:`MethodSpec.min_seq_len_param`). None: no threshold. Left out: the parameter ``min_seq_len`` if the method
     declares one, else none. A name that is not a declared int parameter is a ValueError naming the parameters.
+    ``chunk_fn``: serves prompt chunks against a KV cache (the chunk contract in this module's docstring); it must
+    take every declared parameter.
     """
     if not isinstance(supports_grad, bool):
         raise TypeError(f"method {name!r}: supports_grad must be a bool, got {supports_grad!r}")
@@ -246,8 +265,14 @@ def register_method(
         declared = ", ".join(f"{p} ({param.kind.__name__})" for p, param in params.items()) or "none"
         raise ValueError(f"method {name!r}: min_seq_len_param={min_seq_len_param!r} must name one of its declared int "
                          f"parameters; its parameters: {declared}")
+    if chunk_fn is not None:
+        chunk_signature = inspect.signature(chunk_fn).parameters
+        missing = [p for p in ("scale", "kv_len", "key_padding_mask", *params) if p not in chunk_signature]
+        if missing and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in chunk_signature.values()):
+            raise TypeError(f"method {name!r}: its chunk_fn must take the keywords {missing} (the chunk contract and "
+                            "every parameter of the method)")
     spec = MethodSpec(name=name, fn=fn, params=params, check=check, source=source, summary=summary,
-                      supports_grad=supports_grad, min_seq_len_param=min_seq_len_param)
+                      supports_grad=supports_grad, min_seq_len_param=min_seq_len_param, chunk_fn=chunk_fn)
     _REGISTRY[name] = spec
     return spec
 

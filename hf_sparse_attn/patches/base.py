@@ -103,6 +103,7 @@ DECODE_MAX_QUERIES = 16
 # Which path serves a call (Decision.path).
 SERVE_METHOD = "method"  # the layer's prefill method
 SERVE_DECODE = "decode"  # the layer's decode method, over the KV cache
+SERVE_CHUNK = "chunk"  # the layer's prefill method, for a prompt chunk against the KV cache (MethodSpec.chunk_fn)
 SERVE_EXACT = "exact"  # the model's own attention
 
 
@@ -175,7 +176,7 @@ def describe_call(
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """Which path serves one call: ``path`` SERVE_METHOD, SERVE_DECODE or SERVE_EXACT, and for SERVE_EXACT the
+    """Which path serves one call: ``path`` SERVE_METHOD, SERVE_CHUNK, SERVE_DECODE or SERVE_EXACT, and for SERVE_EXACT the
     ``reason`` the plan counts (None where the layer has no method for that kind of call: nothing to count)."""
 
     path: str
@@ -214,8 +215,9 @@ class LayerRuntime:
     ``decide(call, ...)`` is the one place where a call is given to a method or to exact attention; ``attend(...)``
     applies it: the method's output [B, H, Nq, D], or None when the call must run exact attention — then the reason
     is counted in the layer's plan entry. Prefill calls (self-attention over the whole sequence) go to the prefill
-    method; decode steps and chunked prefills (queries at the end of a KV cache) to the decode method
-    (methods/decode.py).
+    method; chunked prefills (a prompt fed in chunks against a KV cache) to the prefill method when it serves chunks
+    (``MethodSpec.chunk_fn``; exact attention where its prefill would run exact), else with decode steps to the
+    decode method (methods/decode.py).
     """
 
     def __init__(self, layer_idx: int, method: Optional[str], params: dict[str, Any], seed: int, layer_plan: Any = None,
@@ -293,6 +295,8 @@ class LayerRuntime:
         [B, H, Nq, D] and ``key`` [B, H, Nk, D] (KV heads expanded) are given, since it may read them; for a call
         against a cache, that decode steps do not run under torch.compile. Counts nothing."""
         against_cache = call.kind in (DECODE, CHUNKED_PREFILL)
+        if call.kind == CHUNKED_PREFILL and self.method is not None and self._spec.chunk_fn is not None:
+            return self._chunk_decision(call)
         if against_cache and self.decode_method is not None:
             reason = exact_reason(call, supports_grad=False, serves_cache=True)  # decode methods have no backward
             if reason is None and torch.compiler.is_compiling():
@@ -304,6 +308,18 @@ class LayerRuntime:
         if reason is None and query is not None and key is not None:
             reason = self._spec.why_not(query, key, call.causal, key_padding_mask, self.params, call.scale)
         return Decision(SERVE_EXACT, reason) if reason else Decision(SERVE_METHOD)
+
+    def _chunk_decision(self, call: AttentionCall) -> Decision:
+        """A chunked prefill in a layer whose prefill method serves chunks (``MethodSpec.chunk_fn``): served as the
+        method would serve the whole prompt up to the chunk's end: by the method, or by exact attention where the
+        shared rules say so (no backward), below the method's ``min_seq_len`` (where its prefill runs exact too) or
+        under torch.compile (the chunk functions read data-dependent sizes)."""
+        reason = exact_reason(call, supports_grad=False, serves_cache=True)
+        if reason is None and call.kv_len < self._min_seq_len:
+            reason = min_seq_len_reason(self._min_seq_len)
+        if reason is None and torch.compiler.is_compiling():
+            reason = DECODE_COMPILE_REASON
+        return Decision(SERVE_EXACT, reason) if reason else Decision(SERVE_CHUNK)
 
     def attend(
         self,
@@ -327,6 +343,11 @@ class LayerRuntime:
         decision = self.decide(call)  # the shared rules first: no KV-head expansion for a call that runs exact
         if decision.path == SERVE_DECODE:
             return self._attend_cache(query, key, value, call, key_padding_mask)
+        if decision.path == SERVE_CHUNK:
+            out, _lse = self._spec.chunk_fn(query, key, value, scale=call.scale, kv_len=call.kv_len,
+                                            key_padding_mask=key_padding_mask, **self.params)
+            self._count_served()
+            return out
         if decision.path == SERVE_METHOD:
             if key.shape[2] != call.kv_len:  # a prefill into a preallocated cache: its valid positions only
                 key, value = key[:, :, :call.kv_len].contiguous(), value[:, :, :call.kv_len].contiguous()

@@ -16,6 +16,8 @@ transformers.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .metrics import score, string_match_all, string_match_part
 from .tasks import (
     PASSKEY_DEPTHS,
@@ -34,11 +36,13 @@ __all__ = ["TASKS", "RULER_TASKS", "TASK_SPECS", "PASSKEY_DEPTHS", "RulerSample"
            "minimum_length"]
 
 
-def predict(model, tokenizer, sample: RulerSample, *, chat_template: bool = True) -> str:
+def predict(model, tokenizer, sample: RulerSample, *, chat_template: bool = True,
+            prefill_chunk_size: Optional[int] = None) -> str:
     """Greedy generation of at most ``sample.max_new_tokens`` tokens after the sample's model input
     (:func:`encode_prompt`: the chat template applied to the user turn when ``chat_template`` and the tokenizer has
     one, then the answer prefix); returns the decoded continuation (special tokens skipped). Input ids ``[1, L]``
-    on the model's device; the output ``[1, L + new]``."""
+    on the model's device; the output ``[1, L + new]``. ``prefill_chunk_size``: feed the prompt in chunks of that
+    many tokens (transformers' ``generate(prefill_chunk_size=...)``); None: at once."""
     import torch
 
     ids = encode_prompt(tokenizer, sample.user_text, sample.answer_prefix, chat_template)
@@ -51,6 +55,12 @@ def predict(model, tokenizer, sample: RulerSample, *, chat_template: bool = True
 
     cache = generation_cache(model)  # a GrowingCache where a decode method keeps its index with the cache
     extra = {} if cache is None else {cache_keyword(model): cache}
+    if prefill_chunk_size is not None:
+        extra["prefill_chunk_size"] = int(prefill_chunk_size)
+        if cache is None:  # some transformers releases chunk only into a cache they are given
+            from transformers import DynamicCache
+
+            extra[cache_keyword(model)] = DynamicCache()
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=sample.max_new_tokens, do_sample=False, num_beams=1,
