@@ -229,3 +229,28 @@ def test_generate_with_prefill_chunks_uses_the_prefill_method(model):
     assert sum(layer.served for layer in plan.layers) == 3 * 3  # 3 chunks of the 60-token prompt, 3 layers
     steps = out.shape[1] - ids.shape[1] - 1  # the first new token comes from the last chunk
     assert steps > 0 and sum(layer.decode_served for layer in plan.layers) == 3 * steps
+
+
+def test_chunks_computed_in_threads_at_once_equal_the_sequential_ones(model):
+    """No state shared between calls: three prompts fed in chunks from three threads at once give each prompt's
+    sequential logits (block_select serving the chunks)."""
+    import threading
+
+    prompts = [torch.randint(4, 64, (1, 60), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    patch_model(model, method="block_select", layers="all", window=8, num_selected=6, probe_queries=8, min_seq_len=1)
+    try:
+        sequential = [_chunked_logits(model, ids, torch.ones_like(ids), 20) for ids in prompts]
+        results = [None] * 3
+
+        def run(i):
+            results[i] = _chunked_logits(model, prompts[i], torch.ones_like(prompts[i]), 20)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        unpatch_model(model)
+    for got, want in zip(results, sequential):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -46,6 +46,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import use_triton
 from ..kernels.workspace import workspace
 from .common import check_inputs
 from .decode import CHUNK_TILE_ROWS, attend, check_decode_inputs, in_row_tiles, leading_pad, local_decode
@@ -56,7 +57,7 @@ from .exact import exact_attention
 from .registry import Param, register_method, self_attention_only
 from ..kernels.sorted_blocks_torch import masked_attention_with_lse
 from .merge import empty_rows_to_zero, merge_attention_into, needs_grad
-from .padding import leading_padding, move_leading_padding_to_end
+from .padding import leading_padding, move_leading_padding_to_end, restore_leading_padding
 from .sinks import add_sinks_and_restore
 from .window import window_attention
 
@@ -120,19 +121,49 @@ def block_select_attention(
         pos, ok = moba_blocks(qf, kf, key_valid=mask, num_sinks=num_sinks, window=W, block_size=bs,
                               num_blocks=num_blocks, query_block=rows_per_set)
 
-    out, lse, _ = window_attention(qf, kf, vf, window=W, scale=scale, key_valid=mask, aligned=False, causal=True,
-                                   first_key=num_sinks)
-    if pos.shape[-1] > 0:
-        sel_out, sel_lse = selected_attention(qf, kf, vf, pos, ok, rows_per_set=rows_per_set, window=W, scale=scale)
-        out, lse = merge_attention_into(out, lse, sel_out, sel_lse)
-    out, lse = add_sinks_and_restore(out, lse, qf, kf, vf, num_sinks=num_sinks, causal=True, scale=scale,
-                                     key_padding_mask=mask, shift=shift)
+    if _triton_serves(qf, kf, vf, pos, rows_per_set):
+        from ..kernels.triton_block_select import block_select_attention_triton
+
+        out, lse = block_select_attention_triton(qf, kf, vf, mask, pos, ok, rows_per_set=rows_per_set, window=W,
+                                                 num_sinks=num_sinks, scale=scale)
+        if shift is not None:
+            out, lse = restore_leading_padding(out, lse, shift, N, True)
+    else:
+        out, lse = _attend_parts(qf, kf, vf, mask, pos, ok, rows_per_set=rows_per_set, window=W,
+                                 num_sinks=num_sinks, scale=scale, shift=shift)
     if probe[0] is not None:
         probe_pos, probe_valid, probe_out, probe_lse = probe[:4]
         if shift is not None:
             probe_pos = (probe_pos + shift[:, None]) % N
         out, lse = _overwrite_rows(out, lse, probe_pos, probe_valid, probe_out, probe_lse)
     return out.to(q.dtype), lse
+
+
+def _attend_parts(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, mask: Optional[torch.Tensor],
+                  pos: torch.Tensor, ok: torch.Tensor, *, rows_per_set: int, window: int, num_sinks: int, scale: float,
+                  shift: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path of the three key sets on rolled inputs qf, kf, vf [B, H, N, D] (mask [B, N] or None; pos / ok
+    [B, H, T, M]): the window (window.window_attention), the selected keys (:func:`selected_attention`) and the sinks,
+    merged through their lse values, then the left padding moved back (``shift``). Returns out [B, H, N, D], lse
+    [B, H, N] float32."""
+    out, lse, _ = window_attention(qf, kf, vf, window=window, scale=scale, key_valid=mask, aligned=False, causal=True,
+                                   first_key=num_sinks)
+    if pos.shape[-1] > 0:
+        sel_out, sel_lse = selected_attention(qf, kf, vf, pos, ok, rows_per_set=rows_per_set, window=window,
+                                              scale=scale)
+        out, lse = merge_attention_into(out, lse, sel_out, sel_lse)
+    return add_sinks_and_restore(out, lse, qf, kf, vf, num_sinks=num_sinks, causal=True, scale=scale,
+                                 key_padding_mask=mask, shift=shift)
+
+
+def _triton_serves(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos: torch.Tensor, rows_per_set: int) -> bool:
+    """The Triton kernel (kernels/triton_block_select.py) serves CUDA tensors with Triton importable, no gradient,
+    value dim == query dim, and key sets whose size a tile of rows divides."""
+    if not (use_triton(qf) and not needs_grad(qf, kf, vf) and vf.shape[-1] == qf.shape[-1]):
+        return False
+    from ..kernels.triton_block_select import rows_per_program
+
+    return rows_per_program(rows_per_set, pos.shape[2]) is not None
 
 
 def _check_params(window: int, num_sink_tokens: int, num_selected: int, probe_queries: int, block_size: int,
