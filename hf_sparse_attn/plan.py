@@ -31,7 +31,7 @@ class LayerPlan:
     method: Optional[str]  # None: the layer was not chosen and runs what it ran before
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     head_weight_norms: list[float] = dataclasses.field(default_factory=list)
-    served: int = 0  # prefill calls the method computed
+    served: int = 0  # prefill calls the method computed (whole prompts, and chunks of a prompt fed in chunks)
     fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> prefill calls that ran exact attention
     decode_method: Optional[str] = None  # decode steps / chunked prefills against a KV cache (methods/decode.py);
     # None: they run what the layer ran before patching

@@ -43,6 +43,8 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
                         ("eval/results/model_bench_block_select", "block_select", 30, {})),
     "block_select_w1024_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024"],
                               ("eval/results/model_bench_block_select_w1024", "block_select", 30, {"window": 1024})),
+    "block_select_w768_30": (["--method", "block_select", "--layers", "all", "--param", "window=768"],
+                             ("eval/results/model_bench_block_select_w768", "block_select", 30, {"window": 768})),
     # block_select (window 1024) on the 15 layers of largest R, where the needle mass sits, local w512 on the others
     "hybrid_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
                    'other_layers={method = "local", window = 512}'],

@@ -96,7 +96,7 @@ def test_a_chunk_is_exact_where_window_or_selection_covers_the_cache(chunk_fn, p
 
 
 def test_a_chunk_finds_a_needle_far_behind_its_window():
-    """MInference's premise: the last queries' mass finds the keys every row needs. A key planted 600 positions
+    """MInference's premise: the last queries' mass finds the keys every row needs. A key planted 572-699 positions
     behind the chunk, aligned with every query, carries most of each row's softmax mass: block_select's chunk attends
     it (near-exact output), local's window does not."""
     q, k, v = _qkv(batch=1, n=800)
