@@ -30,7 +30,11 @@ exact attention when the window covers the sequence or when the selected blocks 
 Cost per row: S + (W + 64) + num_selected key slots (the default 64 + 576 + 512), independent of N, plus
 the probe rows' P x N scores per head. No [N, N] tensor: the selected part is computed in row tiles of at most
 SELECT_MASK_BUDGET elements of mask, its keys gathered once per head (vertical) or once per query block (moba) into
-reused buffers (kernels/workspace.py).
+reused buffers (kernels/workspace.py). On CUDA tensors (Triton importable, no gradient) the sinks, window and selected
+keys go through one Triton kernel instead (kernels/triton_block_select.py).
+
+A prompt fed in chunks against a KV cache: :func:`block_select_chunk` (the method's ``chunk_fn``, the chunk contract
+of registry.py) computes a chunk's rows as the whole prefill computes them, the chunk's own last rows as the probe.
 
 Causal only: a bidirectional call has no "last queries" to probe; ``check`` sends it to exact attention (and a direct
 call computes exact attention).
