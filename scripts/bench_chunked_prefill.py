@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -123,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from hf_sparse_attn import patch_model, recommended
+    from hf_sparse_attn.commands.bench import machine_description
     from hf_sparse_attn.eval.data import load_smollm2
     from hf_sparse_attn.eval.ruler import generate_sample, predict
     from hf_sparse_attn.eval.ruler.tasks import sample_id
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[name]["passkey_found_depths"] = [r["depth"] for r in mine if all(r["hits"])]
 
     result = {"date": datetime.date.today().isoformat(),
-              "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU; 2 cores shared with other jobs",
+              "machine": machine_description("2 cores shared with other jobs"),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "command": f"taskset -c {','.join(map(str, sorted(os.sched_getaffinity(0))))} .venv/bin/python "
                          + " ".join(shlex.quote(a) for a in sys.argv),

@@ -7,12 +7,11 @@ tests.
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from triton_child import run_under_interpreter
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -71,13 +70,5 @@ CHILD = textwrap.dedent(
 
 
 def test_block_select_triton_kernel_matches_the_torch_path_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "TRITON_OK" not in proc.stdout:
-        err = proc.stderr[-3000:]
-        if "ModuleNotFoundError: No module named 'triton'" in err:
-            pytest.skip("triton does not import in the subprocess")
-        raise AssertionError(f"child failed:\n{proc.stdout[-2000:]}\n{err}")
-    assert "TRITON_OK 16" in proc.stdout
+    stdout = run_under_interpreter(CHILD, timeout=600)
+    assert "TRITON_OK 16" in stdout

@@ -28,18 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_online import online_softmax_step
+
 
 @triton.jit
 def _online_step(q, k, v, allowed, m_i, l_i, acc, scale):
-    s = tl.dot(q, tl.trans(k)) * scale
-    s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, v)
-    return m_new, l_i, acc
+    s = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+    return online_softmax_step(s, v, m_i, l_i, acc)
 
 
 @triton.jit

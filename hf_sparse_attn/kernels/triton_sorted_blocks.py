@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_online import online_softmax_step
+
 
 @triton.jit
 def _sorted_block_attn_kernel(
@@ -56,13 +58,7 @@ def _sorted_block_attn_kernel(
             b = tl.load(BIAS + blk * L + offs_n, mask=n_ok, other=float("-inf"))
             s = s + b[None, :]
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]

@@ -261,38 +261,46 @@ def vertical_blocks(mass: Optional[torch.Tensor], *, key_valid: Optional[torch.T
 
 
 def moba_blocks(qf: torch.Tensor, kf: torch.Tensor, *, key_valid: Optional[torch.Tensor], num_sinks: int, window: int,
-                block_size: int, num_blocks: int, query_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoBA's gate, per head and block of ``query_block`` = R query rows: score(b_q, b_k) = mean(q over b_q) .
-    mean(valid k over b_k); the ``num_blocks`` highest-scoring key blocks among those holding a key some row of b_q
-    may attend outside its sinks and window (S <= j <= last row of b_q - W).
+                block_size: int, num_blocks: int, query_block: int,
+                first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA's gate, per head and block of ``query_block`` = R query positions (aligned at 0): score(b_q, b_k) =
+    mean(q over b_q's rows in qf) . mean(valid k over b_k); the ``num_blocks`` highest-scoring key blocks among those
+    holding a key some row of b_q may attend outside its sinks and window (S <= j <= last row of b_q - W).
 
-    qf, kf [B, H, N, D] float32. Returns pos [B, H, nq, M] int64 and ok [B, H, nq, M] bool (nq = ceil(N / R)), as
-    :func:`vertical_blocks` does per query block.
+    qf [B, Hq, c, D] float32: the rows at positions first_row ... N - 1 (the whole prefill: first_row 0, c = N; a
+    prompt chunk: its rows at the end of the cache); kf [B, Hkv, N, D] float32, Hq a multiple of Hkv (grouped heads:
+    each key block pooled once, shared by the g query heads). Returns pos [B, Hq, T, M] int64 and ok [B, Hq, T, M]
+    bool for the T query blocks holding a row of qf, the first being first_row // R, as :func:`vertical_blocks` does
+    per query block.
     """
-    B, H, N, D = qf.shape
+    B, Hq, c, D = qf.shape
+    Hkv, N = kf.shape[1], kf.shape[2]
     device = qf.device
-    nblk = -(-N // block_size)
-    nq = -(-N // query_block)
+    R = query_block
+    t0, t1 = first_row // R, -(-N // R)
+    T, nblk = t1 - t0, -(-N // block_size)
     if num_blocks == 0:
-        empty = torch.zeros(B, H, nq, 0, dtype=torch.long, device=device)
+        empty = torch.zeros(B, Hq, T, 0, dtype=torch.long, device=device)
         return empty, empty.bool()
     valid = torch.ones(B, N, dtype=torch.bool, device=device) if key_valid is None else key_valid
     kpad = nblk * block_size - N
     weights = torch.nn.functional.pad(valid.float(), (0, kpad)).view(B, 1, nblk, block_size, 1)
-    k_sum = (torch.nn.functional.pad(kf, (0, 0, 0, kpad)).view(B, H, nblk, block_size, D) * weights).sum(3)
-    k_pool = k_sum / weights.sum(3).clamp(min=1.0)  # [B, 1 -> H, nblk, D]
-    qpad = nq * query_block - N
-    q_sum = torch.nn.functional.pad(qf, (0, 0, 0, qpad)).view(B, H, nq, query_block, D).sum(3)
-    q_rows = (N - torch.arange(nq, device=device) * query_block).clamp(max=query_block)
-    q_pool = q_sum / q_rows[None, None, :, None]
-    score = torch.matmul(q_pool, k_pool.transpose(-1, -2))  # [B, H, nq, nblk]
+    k_sum = (torch.nn.functional.pad(kf, (0, 0, 0, kpad)).view(B, Hkv, nblk, block_size, D) * weights).sum(3)
+    k_pool = k_sum / weights.sum(3).clamp(min=1.0)  # [B, Hkv, nblk, D]
+    if Hq != Hkv:
+        k_pool = k_pool.repeat_interleave(Hq // Hkv, dim=1)
+    lead = first_row - t0 * R  # qf's rows padded in front to the first block's start: block t pools the rows it holds
+    q_sum = torch.nn.functional.pad(qf, (0, 0, lead, T * R - lead - c)).view(B, Hq, T, R, D).sum(3)
+    starts = torch.clamp(torch.arange(t0, t1, device=device) * R, min=first_row)
+    stops = torch.clamp((torch.arange(t0, t1, device=device) + 1) * R, max=N)
+    q_pool = q_sum / (stops - starts)[None, None, :, None]
+    score = torch.matmul(q_pool, k_pool.transpose(-1, -2))  # [B, Hq, T, nblk]
     positions = torch.arange(N, device=device)
     usable = valid & (positions[None, :] >= num_sinks)
-    last_row = ((torch.arange(nq, device=device) + 1) * query_block).clamp(max=N) - 1  # [nq]
     # first usable key of each key block; the block is a candidate for b_q if that key <= last row of b_q - W
     first_usable = torch.where(usable, positions[None, :], torch.full_like(positions[None, :], N))
     first_usable = torch.nn.functional.pad(first_usable, (0, kpad), value=N).view(B, nblk, block_size).amin(-1)
-    candidate = first_usable[:, None, :] <= (last_row - window)[None, :, None]  # [B, nq, nblk]
+    candidate = first_usable[:, None, :] <= (stops - 1 - window)[None, :, None]  # [B, T, nblk]
     score = score.masked_fill(~candidate[:, None], NEG_INF)
     top = score.topk(min(num_blocks, nblk), dim=-1)
     chosen, finite = top.indices, torch.isfinite(top.values)
@@ -482,8 +490,8 @@ def block_select_chunk(
         else:
             rows_per_set = int(query_block)
             first_set = (n - c) // rows_per_set
-            pos, ok = _chunk_moba_blocks(qb, kb, key_valid=valid, num_sinks=min(S, n), window=W, block_size=bs,
-                                         num_blocks=num_blocks, query_block=rows_per_set)
+            pos, ok = moba_blocks(qb, kb, key_valid=valid, num_sinks=min(S, n), window=W, block_size=bs,
+                                  num_blocks=num_blocks, query_block=rows_per_set, first_row=n - c)
         ob, lb = out[b:b + 1, :, C - c:], lse[b:b + 1, :, C - c:]
         if pos.shape[-1] > 0:
             sel_out, sel_lse = _chunk_selected(qb, kb, vb, pos, ok, first_set=first_set, rows_per_set=rows_per_set,
@@ -524,45 +532,6 @@ def _chunk_probe(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, *, scale:
         row_valid = torch.ones(P, dtype=torch.bool, device=qb.device) if key_valid is None else key_valid[0, n - P:]
         mass = (probs.view(1, Hkv, g, P, n) * row_valid[:, None]).sum(3).reshape(1, Hq, n)
     return out.reshape(1, Hq, P, -1), lse.reshape(1, Hq, P), mass
-
-
-def _chunk_moba_blocks(qb: torch.Tensor, kb: torch.Tensor, *, key_valid: Optional[torch.Tensor], num_sinks: int,
-                       window: int, block_size: int, num_blocks: int,
-                       query_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`moba_blocks` for the chunk rows qb [1, Hq, c, D] (positions n - c ... n - 1) over kb [1, Hkv, n, D]
-    (grouped): query blocks of ``query_block`` = R positions aligned at 0, each pooled over its rows in the chunk.
-    Returns pos / ok [1, Hq, T, M] for the T query blocks holding a chunk row, the first being (n - c) // R."""
-    _, Hq, c, D = qb.shape
-    Hkv, n = kb.shape[1], kb.shape[2]
-    device = qb.device
-    R = query_block
-    t0, t1 = (n - c) // R, -(-n // R)
-    T, nblk = t1 - t0, -(-n // block_size)
-    if num_blocks == 0:
-        empty = torch.zeros(1, Hq, T, 0, dtype=torch.long, device=device)
-        return empty, empty.bool()
-    valid = torch.ones(1, n, dtype=torch.bool, device=device) if key_valid is None else key_valid
-    kpad = nblk * block_size - n
-    weights = torch.nn.functional.pad(valid.float(), (0, kpad)).view(1, 1, nblk, block_size, 1)
-    k_sum = (torch.nn.functional.pad(kb, (0, 0, 0, kpad)).view(1, Hkv, nblk, block_size, D) * weights).sum(3)
-    k_pool = (k_sum / weights.sum(3).clamp(min=1.0)).repeat_interleave(Hq // Hkv, dim=1)  # [1, Hq, nblk, D]
-    # the chunk's rows padded in front to the first block's start: block t pools the rows it holds
-    lead = (n - c) - t0 * R
-    rows = torch.nn.functional.pad(qb, (0, 0, lead, T * R - lead - c)).view(1, Hq, T, R, D).sum(3)
-    starts = torch.clamp(torch.arange(t0, t1, device=device) * R, min=n - c)
-    stops = torch.clamp((torch.arange(t0, t1, device=device) + 1) * R, max=n)
-    q_pool = rows / (stops - starts)[None, None, :, None]
-    score = torch.matmul(q_pool, k_pool.transpose(-1, -2))  # [1, Hq, T, nblk]
-    positions = torch.arange(n, device=device)
-    usable = valid & (positions[None, :] >= num_sinks)
-    first_usable = torch.where(usable, positions[None, :], torch.full_like(positions[None, :], n))
-    first_usable = torch.nn.functional.pad(first_usable, (0, kpad), value=n).view(1, nblk, block_size).amin(-1)
-    candidate = first_usable[:, None, :] <= (stops - 1 - window)[None, :, None]  # [1, T, nblk]
-    score = score.masked_fill(~candidate[:, None], NEG_INF)
-    top = score.topk(min(num_blocks, nblk), dim=-1)
-    chosen, finite = top.indices, torch.isfinite(top.values)
-    order = chosen.argsort(dim=-1)
-    return _block_keys(chosen.gather(-1, order), finite.gather(-1, order), valid, num_sinks, block_size, n)
 
 
 def _chunk_selected(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, pos: torch.Tensor, ok: torch.Tensor, *,
