@@ -224,7 +224,7 @@ def test_compiled_patched_model_matches_eager():
 @pytest.mark.parametrize("selection,block_size", [("vertical", 1), ("vertical", 8), ("moba", 8)])
 def test_equals_dense_masked_reference_of_its_key_sets(selection, block_size):
     """A sparse budget: every row's output equals exact attention over sinks + window + its selected keys behind the
-    window (a dense [N, N] mask built here from the selection), with right padding and a hole."""
+    window (a dense [N, N] mask built here from the selection), with right padding and holes (one among the sinks)."""
     from hf_sparse_attn.methods.block_select import moba_blocks
 
     N, S, W = 320, 4, 16
@@ -232,6 +232,7 @@ def test_equals_dense_masked_reference_of_its_key_sets(selection, block_size):
     mask = torch.ones(2, N, dtype=torch.bool)
     mask[0, 290:] = False
     mask[1, 150:155] = False
+    mask[1, 2] = False
     params = dict(SMALL, block_size=block_size, num_selected=40)
     out, _ = get_method("block_select", selection=selection, **params)(q, k, v, causal=True, scale=SCALE,
                                                                        key_padding_mask=mask)

@@ -62,7 +62,6 @@ from .registry import Param, register_method, self_attention_only
 from ..kernels.sorted_blocks_torch import masked_attention_with_lse
 from .merge import empty_rows_to_zero, merge_attention_into, needs_grad
 from .padding import leading_padding, move_leading_padding_to_end, restore_leading_padding
-from .sinks import add_sinks_and_restore
 from .window import window_attention
 
 NEG_INF = float("-inf")
@@ -70,6 +69,9 @@ NEG_INF = float("-inf")
 SELECT_MASK_BUDGET = 1 << 22
 # Rows per tile of the vertical selection: smaller tiles attend shorter key prefixes (rows see only keys behind them).
 SELECT_ROWS = 512
+# A tile's keys that every one of its rows attends go to a call of their own, without a mask, when there are at
+# least this many (fewer do not pay for the extra call and merge).
+MASK_FREE_PREFIX = 64
 
 
 def block_select_attention(
@@ -147,17 +149,18 @@ def _attend_parts(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, mask: Op
                   pos: torch.Tensor, ok: torch.Tensor, *, rows_per_set: int, window: int, num_sinks: int, scale: float,
                   shift: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch path of the three key sets on rolled inputs qf, kf, vf [B, H, N, D] (mask [B, N] or None; pos / ok
-    [B, H, T, M]): the window (window.window_attention), the selected keys (:func:`selected_attention`) and the sinks,
-    merged through their lse values, then the left padding moved back (``shift``). Returns out [B, H, N, D], lse
+    [B, H, T, M]): the window (window.window_attention) and the sinks with the selected keys (one key set per row,
+    :func:`selected_attention`), merged through their lse values, then the left padding moved back (``shift``). Returns out [B, H, N, D], lse
     [B, H, N] float32."""
     out, lse, _ = window_attention(qf, kf, vf, window=window, scale=scale, key_valid=mask, aligned=False, causal=True,
                                    first_key=num_sinks)
-    if pos.shape[-1] > 0:
+    if pos.shape[-1] > 0 or num_sinks > 0:
         sel_out, sel_lse = selected_attention(qf, kf, vf, pos, ok, rows_per_set=rows_per_set, window=window,
-                                              scale=scale)
+                                              scale=scale, num_sinks=num_sinks, key_valid=mask)
         out, lse = merge_attention_into(out, lse, sel_out, sel_lse)
-    return add_sinks_and_restore(out, lse, qf, kf, vf, num_sinks=num_sinks, causal=True, scale=scale,
-                                 key_padding_mask=mask, shift=shift)
+    if shift is not None:
+        out, lse = restore_leading_padding(out, lse, shift, qf.shape[2], True)
+    return out, lse
 
 
 def _triton_serves(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos: torch.Tensor, rows_per_set: int) -> bool:
@@ -209,10 +212,13 @@ def probe_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, scale: f
     attend = positions[None, None, :] <= pos[:, :, None]  # [B, P, N] causal
     if key_valid is not None:
         attend = attend & key_valid[:, None, :]
-    bias = torch.zeros(B, 1, P, N, device=device).masked_fill_(~attend[:, None], NEG_INF)
+    grad = needs_grad(qf, kf, vf)
+    bias = None
+    if grad or key_valid is not None:
+        bias = torch.zeros(B, 1, P, N, device=device).masked_fill_(~attend[:, None], NEG_INF)
     counts = attend.sum(-1)[:, None, :]  # [B, 1, P]
     mass = None
-    if needs_grad(qf, kf, vf):
+    if grad:
         out, lse = masked_attention_with_lse(qp, kf, vf, scale, bias)
         if want_mass:
             with torch.no_grad():
@@ -220,14 +226,23 @@ def probe_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, scale: f
                 safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).detach()
                 mass = scores.sub_(safe[..., None]).exp_().mul_(valid[:, None, :, None]).sum(2)
     else:
-        scores = torch.matmul(qp, kf.transpose(-1, -2), out=workspace("bsel_probe", (B, H, P, N), qf))
-        scores.mul_(scale).add_(bias)
-        lse = torch.logsumexp(scores, dim=-1)  # [B, H, P]
-        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        probs = scores.sub_(safe[..., None]).exp_()
-        out = torch.matmul(probs, vf)
+        # few passes over the [B, H, P, N] scores: scale folded into the P queries, the causal mask only on the last
+        # P columns when nothing is padded (the probes are the last P rows), the softmax normalized in the two
+        # matmuls that read it (out, and mass as a [1, P] x [P, N] product)
+        scores = torch.matmul(qp * scale, kf.transpose(-1, -2), out=workspace("bsel_probe", (B, H, P, N), qf))
+        if key_valid is None:
+            scores[..., N - P:].masked_fill_(~attend[:, None, :, N - P:], NEG_INF)
+        else:
+            scores.add_(bias)
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        probs = scores.sub_(row_max).exp_()  # unnormalized
+        total = probs.sum(dim=-1)  # [B, H, P]
+        lse = total.log().add_(row_max[..., 0])
+        inv_total = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+        out = torch.matmul(probs, vf).mul_(inv_total[..., None])
         if want_mass:
-            mass = probs.mul_(valid[:, None, :, None]).sum(2)
+            mass = torch.matmul((inv_total * valid[:, None, :])[:, :, None, :], probs)[:, :, 0]
     out, lse = empty_rows_to_zero(out, lse, counts == 0)
     return pos, valid, out, lse, mass
 
@@ -324,16 +339,21 @@ def _block_keys(chosen: torch.Tensor, chosen_ok: Optional[torch.Tensor], valid: 
 
 
 def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos: torch.Tensor, ok: torch.Tensor, *,
-                       rows_per_set: int, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of every row over its selected keys behind its window.
+                       rows_per_set: int, window: int, scale: float, num_sinks: int = 0,
+                       key_valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of every row over its selected keys behind its window, and over the sinks.
 
     qf, kf, vf [B, H, N, D] float32; pos / ok [B, H, T, M]: key set t serves rows t R .. (t + 1) R - 1 (R =
     ``rows_per_set``; T = 1, R = N for the vertical selection). Row i attends key pos[t, m] iff ok[t, m] and
-    pos[t, m] <= i - window. Returns out [B, H, N, D] and lse [B, H, N] float32 (0 and -inf for a row with none).
+    pos[t, m] <= i - window, and (``num_sinks`` = S > 0) the sinks j < S with j <= i that key_valid [B, N] (None: all
+    valid) allows: every key set starts with the S sinks, whose rule j <= i is the selected keys' rule for the
+    threshold j - window (below every selected key's threshold, since selected keys lie at positions >= S). Returns
+    out [B, H, N, D] and lse [B, H, N] float32 (0 and -inf for a row with none).
 
     Keys are gathered once per key set (index_select into a reused buffer) and the rows go to torch's fused attention
     op in tiles of at most SELECT_MASK_BUDGET mask elements: [G, T', R', M] tiles of whole key sets (moba) or of
-    R' rows of the one key set (vertical). Rows i < window + min(pos) have no key and are skipped.
+    R' rows of the one key set (vertical). Rows i < window + min(pos) (rows before the first sink with sinks) have
+    no key and are skipped. The sinks in the key set spare a fused call and a merge of their own.
     """
     B, H, N, D = qf.shape
     Dv = vf.shape[3]
@@ -341,12 +361,21 @@ def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos
     G = B * H
     device = qf.device
     grad = needs_grad(qf, kf, vf)
+    threshold = pos  # row i attends a key of threshold <= i - window
+    if num_sinks > 0:
+        sinks = torch.arange(num_sinks, device=device)
+        sink_ok = torch.ones(B, num_sinks, dtype=torch.bool, device=device) if key_valid is None else key_valid[:, :num_sinks]
+        pos = torch.cat([sinks.expand(B, H, T, num_sinks), pos], dim=-1)
+        threshold = torch.cat([(sinks - window).expand(B, H, T, num_sinks), threshold], dim=-1)
+        ok = torch.cat([sink_ok[:, None, None, :].expand(B, H, T, num_sinks), ok], dim=-1)
+        M = M + num_sinks
     pos_g, ok_g = pos.reshape(G, T, M), ok.reshape(G, T, M)
-    # the attendable keys' positions ascending, the others pushed past every row: row i attends the first
-    # count_i = #{pos <= i - window} keys of its set, so a tile of rows needs only a prefix of the gathered keys
-    pos_sorted = pos_g.masked_fill(~ok_g, N + window).sort(dim=-1).values  # [G, T, M]
+    # the attendable keys' thresholds ascending, the others pushed past every row: row i attends the first
+    # count_i = #{threshold <= i - window} keys of its set, so a tile of rows needs only a prefix of the gathered keys
+    thr_sorted, order = threshold.reshape(G, T, M).masked_fill(~ok_g, N + window).sort(dim=-1)  # [G, T, M]
+    pos_sorted = pos_g.gather(-1, order) if num_sinks > 0 else thr_sorted
     rows_base = (torch.arange(G, device=device) * N)[:, None, None]
-    key_rows = (rows_base + pos_sorted.clamp(max=N - 1)).reshape(-1)  # [G * T * M] rows of the flattened k / v
+    key_rows = (rows_base + pos_sorted.clamp(min=0, max=N - 1)).reshape(-1)  # [G * T * M] rows of the flattened k / v
     k_flat, v_flat = kf.reshape(G * N, D), vf.reshape(G * N, Dv)
     if grad:
         ks, vs = k_flat.index_select(0, key_rows), v_flat.index_select(0, key_rows)
@@ -355,8 +384,7 @@ def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos
         vs = torch.index_select(v_flat, 0, key_rows, out=workspace("bsel_v", (G * T * M, Dv), v_flat))
     ks, vs = ks.view(G, T, M, D), vs.view(G, T, M, Dv)
     qg = qf.reshape(G, N, D)
-    first = min(N, int(pos_sorted[..., 0].amin().item()) + window)  # first row that can attend a selected key
-    zero, neg_inf = torch.zeros((), device=device), torch.full((), NEG_INF, device=device)
+    first = max(0, min(N, int(thr_sorted[..., 0].amin().item()) + window))  # first row that can attend a key
 
     # tiles: (row start, row stop, set start, set stop); each tile is [T', R'] rows of T' whole sets or one set
     tiles = []
@@ -376,29 +404,33 @@ def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos
         parts_out = [torch.zeros(G, start, Dv, device=device)]
         parts_lse = [torch.full((G, start), NEG_INF, device=device)]
     else:
-        out = torch.zeros(G, N, Dv, device=device)
-        lse = torch.full((G, N), NEG_INF, device=device)
+        out = torch.empty(G, N, Dv, device=device)  # the tiles write every row from the first tile's on
+        lse = torch.empty(G, N, device=device)
+        start = tiles[0][0] if tiles else N
+        out[:, :start].zero_()
+        lse[:, :start].fill_(NEG_INF)
     for r0, r1, s0, s1 in tiles:
         nt = s1 - s0
         rows = r1 - r0 if nt == 1 else (r1 - r0) // nt
         q_tile = qg[:, r0:r1].reshape(G, nt, rows, D)
         row_pos = torch.arange(r0, r1, device=device).view(nt, rows)
         limit = (row_pos - window)[None, :, :, None]  # [1, T', R', 1]
-        counts = torch.searchsorted(pos_sorted[:, s0:s1].contiguous(), limit[..., 0].expand(G, nt, rows).contiguous(),
+        counts = torch.searchsorted(thr_sorted[:, s0:s1].contiguous(), limit[..., 0].expand(G, nt, rows).contiguous(),
                                     right=True)  # [G, T', R'] keys each row attends
         m = int(counts.amax().item())  # the tile's key prefix
         if m == 0:
             o = torch.zeros(G, nt, rows, Dv, device=device)
             s = torch.full((G, nt, rows), NEG_INF, device=device)
         else:
-            bias = None
-            if int(counts.amin().item()) < m:  # some row stops before the prefix's end
-                blocked = pos_sorted[:, s0:s1, None, :m] > limit  # [G, T', R', m]
-                if grad:
-                    bias = torch.where(blocked, neg_inf, zero)
-                else:
-                    bias = torch.where(blocked, neg_inf, zero, out=workspace("bsel_mask", (G, nt, rows, m), qf))
-            o, s = masked_attention_with_lse(q_tile, ks[:, s0:s1, :m], vs[:, s0:s1, :m], scale, bias)
+            # keys [0, lo) every row of the tile attends (thresholds ascending): no mask there; the staircase [lo, m)
+            # gets one, in a call of its own when the shared prefix is long enough to pay for the merge
+            lo = int(counts.amin().item())
+            lo = lo if MASK_FREE_PREFIX <= lo < m else 0
+            o, s = _tile_attention(q_tile, ks[:, s0:s1], vs[:, s0:s1], thr_sorted[:, s0:s1], limit, counts, lo, m,
+                                   scale=scale, grad=grad, buffer_like=qf)
+            if lo > 0:
+                o_pre, s_pre = masked_attention_with_lse(q_tile, ks[:, s0:s1, :lo], vs[:, s0:s1, :lo], scale, None)
+                o, s = merge_attention_into(o_pre, s_pre, o, s)
         o, s = empty_rows_to_zero(o, s, counts == 0)
         if grad:
             parts_out.append(o.reshape(G, r1 - r0, Dv))
@@ -409,6 +441,25 @@ def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos
     if grad:
         out, lse = torch.cat(parts_out, dim=1), torch.cat(parts_lse, dim=1)
     return out.view(B, H, N, Dv), lse.view(B, H, N)
+
+
+def _tile_attention(q_tile: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, thr_sorted: torch.Tensor,
+                    limit: torch.Tensor, counts: torch.Tensor, lo: int, m: int, *, scale: float, grad: bool,
+                    buffer_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile of :func:`selected_attention` over the keys [lo, m) of its sets: q_tile [G, T', R', D], ks / vs
+    [G, T', M, D], thr_sorted [G, T', M], limit [1, T', R', 1], counts [G, T', R'] (keys each row attends). Returns
+    out [G, T', R', Dv], lse [G, T', R'] (rows with no key among them: 0 and -inf)."""
+    G, nt, rows, _ = q_tile.shape
+    bias = None
+    if int(counts.amin().item()) < m:  # some row stops before the prefix's end
+        blocked = thr_sorted[:, :, None, lo:m] > limit  # [G, T', R', m - lo]
+        zero, neg_inf = torch.zeros((), device=q_tile.device), torch.full((), NEG_INF, device=q_tile.device)
+        if grad:
+            bias = torch.where(blocked, neg_inf, zero)
+        else:
+            bias = torch.where(blocked, neg_inf, zero, out=workspace("bsel_mask", (G, nt, rows, m - lo), buffer_like))
+    o, s = masked_attention_with_lse(q_tile, ks[:, :, lo:m], vs[:, :, lo:m], scale, bias)
+    return empty_rows_to_zero(o, s, counts <= lo)
 
 
 def _overwrite_rows(out: torch.Tensor, lse: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
