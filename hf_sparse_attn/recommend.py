@@ -8,7 +8,7 @@ per row chosen by MInference's vertical estimate (Jiang et al. 2024; the last 64
 columns), the same key budget per row as ``local`` w1024. Why it replaced ``local`` (StreamingLLM, Xiao et al. 2023):
 ``local`` loses facts far behind its window. On real SmolLM2-135M at ~8k tokens a pass key at depths 10/30/50% is kept
 by ``block_select`` (3/3) and lost by ``local`` (0/3) (docs/methods/block_select.md#measured, scripts/passkey_quick.py),
-at 0.94x ``local``'s kernel speed at 8k (2.89x SDPA; 10.4x at 32k) with a lower per-layer error on real q/k/v (0.106
+at ``local``'s kernel speed at 8k (2.48x SDPA each; 9.35x at 32k, ``local`` 9.76x) with a lower per-layer error on real q/k/v (0.106
 against 0.178): eval/results/kernels_block_select/results.md. Its cost: perplexity on one 8k article +3.2% against
 ``local``'s +2.0% (quick check; ``local`` on 20 articles: +3.5% at 1.62x prefill,
 eval/results/model_bench_causal/frontier.md). Measured on all three axes at 8k

@@ -81,8 +81,8 @@ LOCAL_MIN_SEQ_LEN = 4096
 # Sinks + window + selected keys (block_select.py), the key budget of local w1024 per row: 64 sinks + window 512 + 512
 # selected keys, chosen by the vertical estimate of the last 64 rows (MInference's "last q" of 64). Single key columns
 # (block_size 1) against 8 blocks of 64 and MoBA's 8 blocks of 64 per 256-query block, in one run with local w1024:
-# real-layer error 0.106 / 0.265 / 0.192 (local w1024 0.178) at 2.89x / 2.72x / 2.31x SDPA at 8k (local 3.08x) and
-# 10.4x / 10.9x / 8.2x at 32k (local 12.6x): eval/results/kernels_block_select/results.md. Columns are the only
+# real-layer error 0.106 / 0.265 / 0.192 (local w1024 0.178) at 2.48x / 2.36x / 1.90x SDPA at 8k (local 2.48x) and
+# 9.35x / 8.62x / 7.11x at 32k (local 9.76x): eval/results/kernels_block_select/results.md. Columns are the only
 # selection on the error-speed Pareto front next to local; the pass key at 8k is kept by all three (3/3 each, local
 # 0/3): docs/methods/block_select.md.
 BLOCK_SELECT_SELECTIONS = ("vertical", "moba")
@@ -93,8 +93,8 @@ BLOCK_SELECT_NUM_SELECTED = 512
 BLOCK_SELECT_BLOCK_SIZE = 1
 BLOCK_SELECT_PROBE_QUERIES = 64
 BLOCK_SELECT_QUERY_BLOCK = 256
-# Not measured for block_select itself: local's crossover (its window and sink parts run local's code, and it measured
-# 0.94x local w1024's speed at 8k): eval/results/defaults_causal_threshold/results.md.
+# Not measured for block_select itself: local's crossover (its window runs local's code, and it runs at local w1024's
+# speed at 8k, eval/results/kernels_block_select/results.md): eval/results/defaults_causal_threshold/results.md.
 BLOCK_SELECT_MIN_SEQ_LEN = LOCAL_MIN_SEQ_LEN
 # The window of the layers of largest Q/K weight norm R in recommend.WINDOW_BY_R_RECOMMENDATION: block_select on
 # all 30 layers of SmolLM2 at 8k, same 10 articles, window 512 everywhere +6.3% perplexity at 1.77x prefill, 1024
