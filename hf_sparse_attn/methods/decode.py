@@ -23,8 +23,8 @@ Methods:
 * ``exact``: one fused call of torch's CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu``, which also
   returns the lse) on the grouped reshape; with Nq > 1 the last Nq - 1 keys (the only ones some row may not see) go
   through a second small call with the causal mask, merged by lse. torch 2.13 CPU, one thread, 9/3 heads, D 64, 32k
-  cache: 6.6 ms, against 11.0 ms for ``scaled_dot_product_attention(enable_gqa=True)`` (transformers' unmasked
-  decode call) and 99 ms with the KV heads expanded first (repeat_kv): eval/results/kernels_decode/results.md.
+  cache: 4.3 ms, against 10.4 ms for ``scaled_dot_product_attention(enable_gqa=True)`` (transformers' unmasked
+  decode call) and 77 ms with the KV heads expanded first (repeat_kv): eval/results/kernels_decode/results.md.
 * ``local``: attention sinks + window (StreamingLLM, Xiao et al. 2023): the last row of ``local``'s causal prefill,
   on slicing views of the cache (no copy).
 * ``lsh``: sinks + window exactly, plus for the keys in between (the "middle") the sorted-LSH block of each query
@@ -423,7 +423,7 @@ def local_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 # Defaults: local's window and sinks plus one table of 10 bits, blocks of 256 and 256 samples. On real SmolLM2-135M
 # layers 3/10/20/28 (8k article, 32 decode steps) the mean relative error is 0.220 against local w1024's 0.278, at
-# 3.0x grouped SDPA's speed at 32k (local w1024: 8.9x): eval/results/kernels_decode/results.md.
+# 2.8x grouped SDPA's speed at 32k (local w1024: 8.4x): eval/results/kernels_decode/results.md.
 LSH_WINDOW = LOCAL_WINDOW
 LSH_NUM_SINK_TOKENS = LOCAL_NUM_SINK_TOKENS
 LSH_BLOCK_SIZE = 256
