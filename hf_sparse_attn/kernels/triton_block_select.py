@@ -1,8 +1,8 @@
 """Triton kernel: ``block_select``'s three key sets (sinks, window, selected keys) in one pass with log-sum-exp.
 
-Same result as the torch path of ``hf_sparse_attn.methods.block_select`` (window.window_attention, then
-``selected_attention``, then the sinks, merged through their lse values), on inputs already rolled past their left
-padding:
+Same result as the torch path of ``hf_sparse_attn.methods.block_select`` (window.window_attention and
+``selected_attention`` over the sinks with the selected keys, merged through their lse values), on inputs already
+rolled past their left padding:
 
     q, k, v    [B, H, N, D] float32 (self-attention, KV heads expanded), D == Dv
     key_valid  [B, N] bool (True = may be attended) or None

@@ -70,7 +70,8 @@ SELECT_MASK_BUDGET = 1 << 22
 # Rows per tile of the vertical selection: smaller tiles attend shorter key prefixes (rows see only keys behind them).
 SELECT_ROWS = 512
 # A tile's keys that every one of its rows attends go to a call of their own, without a mask, when there are at
-# least this many (fewer do not pay for the extra call and merge).
+# least this many (a kernel-tuning constant, not swept: at 8k a tile of 512 rows shares 64-516 keys and its staircase
+# is ~20-60 keys wide, so the split always applies there).
 MASK_FREE_PREFIX = 64
 
 
