@@ -14,7 +14,8 @@ against 0.178): eval/results/kernels_block_select/results.md. Its cost: perplexi
 eval/results/model_bench_causal/frontier.md). Measured on all three axes at 8k
 (eval/results/ruler_frontier_smollm2/frontier.md, eval/results/model_bench_block_select/results.md): of the 4 pass keys
 (of 11, depths 0-100%) the unpatched model finds, ``block_select`` keeps 4 and ``local`` 1; prefill 1.77x (95% interval
-1.76-1.79x, 10 articles) against ``local``'s 1.62x; perplexity +6.3% (+2.7..+13.0%) against ``local``'s +3.5%. On
+1.76-1.79x, 10 articles) against ``local``'s 1.62x (timed again with the other core idle: 1.66x, 1.59-1.72x,
+eval/results/model_bench_block_select_quiet/results.md); perplexity +6.3% (+2.7..+13.0%) against ``local``'s +3.5%. On
 RULER's niah_single_1 / niah_single_2 at 8k (20 samples each) it scores what the unpatched model scores (90 / 55),
 keeping 18 of 18 and 10 of 11 of its answers (eval/results/ruler_niah_8k/frontier.md); the pass key at depths 0-100%
 (22 keys) 45 against the unpatched 41 (keeps 9 of 9), niah_multikey_1 36 against 41 (keeps 8 of 9), vt 14 against 14
