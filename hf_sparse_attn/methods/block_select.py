@@ -149,9 +149,9 @@ def block_select_attention(
 def _attend_parts(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, mask: Optional[torch.Tensor],
                   pos: torch.Tensor, ok: torch.Tensor, *, rows_per_set: int, window: int, num_sinks: int, scale: float,
                   shift: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch path of the three key sets on rolled inputs qf, kf, vf [B, H, N, D] (mask [B, N] or None; pos / ok
-    [B, H, T, M]): the window (window.window_attention) and the sinks with the selected keys (one key set per row,
-    :func:`selected_attention`), merged through their lse values, then the left padding moved back (``shift``). Returns out [B, H, N, D], lse
+    """The torch path on rolled inputs qf, kf, vf [B, H, N, D] (mask [B, N] or None; pos / ok [B, H, T, M]), two key
+    sets: the window (window.window_attention) and the sinks with the selected keys (:func:`selected_attention`),
+    merged through their lse values, then the left padding moved back (``shift``). Returns out [B, H, N, D], lse
     [B, H, N] float32."""
     out, lse, _ = window_attention(qf, kf, vf, window=window, scale=scale, key_valid=mask, aligned=False, causal=True,
                                    first_key=num_sinks)
@@ -425,14 +425,13 @@ def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos
         else:
             # keys [0, lo) every row of the tile attends (thresholds ascending): no mask there; the staircase [lo, m)
             # gets one, in a call of its own when the shared prefix is long enough to pay for the merge
-            lo = int(counts.amin().item())
-            lo = lo if MASK_FREE_PREFIX <= lo < m else 0
+            least = int(counts.amin().item())
+            lo = least if MASK_FREE_PREFIX <= least < m else 0
             o, s = _tile_attention(q_tile, ks[:, s0:s1], vs[:, s0:s1], thr_sorted[:, s0:s1], limit, counts, lo, m,
-                                   scale=scale, grad=grad, buffer_like=qf)
+                                   masked=least < m, scale=scale, grad=grad, buffer_like=qf)
             if lo > 0:
                 o_pre, s_pre = masked_attention_with_lse(q_tile, ks[:, s0:s1, :lo], vs[:, s0:s1, :lo], scale, None)
                 o, s = merge_attention_into(o_pre, s_pre, o, s)
-        o, s = empty_rows_to_zero(o, s, counts == 0)
         if grad:
             parts_out.append(o.reshape(G, r1 - r0, Dv))
             parts_lse.append(s.reshape(G, r1 - r0))
@@ -445,14 +444,15 @@ def selected_attention(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, pos
 
 
 def _tile_attention(q_tile: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, thr_sorted: torch.Tensor,
-                    limit: torch.Tensor, counts: torch.Tensor, lo: int, m: int, *, scale: float, grad: bool,
-                    buffer_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    limit: torch.Tensor, counts: torch.Tensor, lo: int, m: int, *, masked: bool, scale: float,
+                    grad: bool, buffer_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One tile of :func:`selected_attention` over the keys [lo, m) of its sets: q_tile [G, T', R', D], ks / vs
-    [G, T', M, D], thr_sorted [G, T', M], limit [1, T', R', 1], counts [G, T', R'] (keys each row attends). Returns
-    out [G, T', R', Dv], lse [G, T', R'] (rows with no key among them: 0 and -inf)."""
+    [G, T', M, D], thr_sorted [G, T', M], limit [1, T', R', 1], counts [G, T', R'] (keys each row attends);
+    ``masked``: some row stops before m. Returns out [G, T', R', Dv], lse [G, T', R'] (rows with no key among them:
+    0 and -inf)."""
     G, nt, rows, _ = q_tile.shape
     bias = None
-    if int(counts.amin().item()) < m:  # some row stops before the prefix's end
+    if masked:
         blocked = thr_sorted[:, :, None, lo:m] > limit  # [G, T', R', m - lo]
         zero, neg_inf = torch.zeros((), device=q_tile.device), torch.full((), NEG_INF, device=q_tile.device)
         if grad:
