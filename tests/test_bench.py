@@ -162,13 +162,15 @@ def test_run_grid_resumes_a_cell_from_its_finished_articles(llama, tmp_path):
     cells = [mb.baseline_cell(64), cell]
     clean = mb.run_grid(llama, cells, texts.__getitem__, str(tmp_path / "clean.jsonl"), method_params=PARAMS,
                         profile=False, scorer=FakeClockScorer(2.0, 1.0), progress=False)
-    # calls: 1 warm-up, 3 baseline articles, then the cell's articles: killed during its third article
+    # calls: 1 warm-up, then per article the baseline and the cell: killed during the cell's third article
     with pytest.raises(KeyboardInterrupt):
         mb.run_grid(llama, cells, texts.__getitem__, out, method_params=PARAMS, profile=False,
-                    scorer=CrashingScorer(2.0, 1.0, crash_at=1 + 3 + 3), progress=False)
+                    scorer=CrashingScorer(2.0, 1.0, crash_at=1 + 2 + 2 + 2), progress=False)
     assert current_plan(llama) is None  # the kill did not leave the model patched
-    saved = [r for r in mb.read_jsonl(out) if r["kind"] == "article"]
-    assert [r["title"] for r in saved] == ["text0", "text1"] and cell.key not in mb.finished_keys(mb.read_jsonl(out))
+    saved = [(r["key"], r["title"]) for r in mb.read_jsonl(out) if r["kind"] == "article"]
+    base = mb.baseline_cell(64).key
+    assert saved == [(base, "text0"), (cell.key, "text0"), (base, "text1"), (cell.key, "text1"), (base, "text2")]
+    assert cell.key not in mb.finished_keys(mb.read_jsonl(out))
     resumed_scorer = FakeClockScorer(4.0, 1.0)  # a slower machine for the baseline of the second run
     records = mb.run_grid(llama, cells, texts.__getitem__, out, method_params=PARAMS, profile=False,
                           scorer=resumed_scorer, progress=False)
@@ -177,6 +179,36 @@ def test_run_grid_resumes_a_cell_from_its_finished_articles(llama, tmp_path):
     assert [a["title"] for a in done["per_article"]] == ["text0", "text1", "text2"]
     assert done["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-6)
     assert done["articles_timed"] == 1 and done["speedup"] == pytest.approx(4.0)  # this run's baseline of text2 only
+
+
+class OrderScorer(FakeClockScorer):
+    """Records which plan (None or its patched layers) scored which article, in call order."""
+
+    def __init__(self, base_s: float, patched_s: float):
+        super().__init__(base_s, patched_s)
+        self.order = []
+
+    def __call__(self, model, ids):
+        plan = current_plan(model)
+        self.order.append((None if plan is None else tuple(plan.patched_layers), int(ids[0, :8].sum())))
+        return super().__call__(model, ids)
+
+
+def test_run_grid_times_the_baseline_and_the_cells_article_by_article(llama, tmp_path):
+    """Drift of the machine during a run must reach both sides of a ratio: each article is scored exact, then by every
+    patched cell, before the next article (not every article exact, then every article patched)."""
+    texts = _texts(64, count=3)
+    cells = [mb.baseline_cell(64), mb.Cell("sparse_hyper", 64, 2, "weight_norm"), mb.Cell("sparse_hyper", 64, 1, "last")]
+    scorer = OrderScorer(2.0, 1.0)
+    records = mb.run_grid(llama, cells, {64: texts}.__getitem__, str(tmp_path / "r.jsonl"), method_params=PARAMS,
+                          profile=False, scorer=scorer, progress=False)
+    done = mb.latest_cells(records)
+    plans = [None, tuple(done[cells[1].key]["patched_layers"]), tuple(done[cells[2].key]["patched_layers"])]
+    assert len(plans[1]) == 2 and plans[2] == (2,)
+    article = [int(ids[0, :8].sum()) for _, ids in texts]
+    assert len(set(article)) == 3 and scorer.order[1:] == [(plan, a) for a in article for plan in plans]
+    assert done[cells[1].key]["served"] == 2 * 3 and done[cells[2].key]["served"] == 1 * 3  # every patch counted
+    assert [a["title"] for a in done[cells[2].key]["per_article"]] == ["text0", "text1", "text2"]
 
 
 def test_run_grid_extends_finished_cells_to_more_articles(llama, tmp_path):

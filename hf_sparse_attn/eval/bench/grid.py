@@ -244,6 +244,23 @@ def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torc
     return record
 
 
+def merge_article_records(parts: Sequence[dict]) -> dict:
+    """One cell record from :func:`run_cell` records of the same cell on one article each (in article order): the
+    articles, sums and perplexity over all of them, the calls served and fallbacks of every patch added up."""
+    per_article = [a for p in parts for a in p["per_article"]]
+    nll_sum = sum(a["nll_sum"] for a in per_article)
+    tokens_scored = sum(a["tokens"] for a in per_article)
+    fallbacks: dict[str, int] = {}
+    for p in parts:
+        for reason, count in p["fallbacks"].items():
+            fallbacks[reason] = fallbacks.get(reason, 0) + count
+    return {**parts[0], "perplexity": perplexity(nll_sum, tokens_scored), "nll_sum": nll_sum,
+            "tokens_scored": tokens_scored, "articles": len(per_article),
+            "prefill_s": sum(a["prefill_s"] for a in per_article), "per_article": per_article,
+            "load_avg_1min": [parts[0]["load_avg_1min"][0], parts[-1]["load_avg_1min"][1]],
+            "served": sum(p["served"] for p in parts), "fallbacks": fallbacks}
+
+
 def new_run_info() -> dict:
     return {"run_id": uuid.uuid4().hex[:12], "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
@@ -263,15 +280,17 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     ``prepare_tokens(n)``, when given, is called before the cells of each context length n run (e.g. to scale the
     model's RoPE to n: the baseline and every cell of that n then use the same model).
 
-    For each N with cells left to do, the exact baseline is measured first in this run (again, if an earlier run
-    already has it: a speed-up is only computed against a baseline of the same run) and, with ``profile``, one
-    profiled exact prefill of the first text gives attention's share. Each cell record carries ``run_id``,
-    ``baseline_prefill_s`` (this run's) and ``speedup`` = baseline_prefill_s / prefill_s.
+    For each N with cells left to do, the exact baseline is measured in this run (again, if an earlier run
+    already has it: a speed-up is only computed against a baseline of the same run), article by article in turn with
+    the patched cells (the baseline on an article, then every cell on it), so that the machine's drift during a run
+    reaches both sides of a ratio alike; with ``profile``, one profiled exact prefill of the first text then gives
+    attention's share. Each cell record carries ``run_id``, ``baseline_prefill_s`` (this run's) and ``speedup`` =
+    baseline_prefill_s / prefill_s.
 
-    Every finished article of a patched cell is appended at once (``"kind": "article"``); a rerun after a crash
-    reuses them, so it loses at most the article in flight. ``other_results``: the other results files of the same
-    out dir (other shards', see :func:`shard_cells`): their finished cells and articles count as done here, nothing
-    is written to them. The speed-up of a cell finished across two runs is
+    Every finished article of a cell (the baseline's too, until it is finished) is appended at once (``"kind":
+    "article"``); a rerun after a crash reuses them, so it loses at most the article in flight. ``other_results``: the
+    other results files of the same out dir (other shards', see :func:`shard_cells`): their finished cells and
+    articles count as done here, nothing is written to them. The speed-up of a cell finished across two runs is
     then taken over the articles timed in this run, against this run's baseline times of the same articles.
     """
     from tqdm import tqdm
@@ -310,14 +329,39 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
             scorer(model, texts[0][1][:, : min(512, n)])
             warmed = True
         base = baseline_cell(n)
+        cells_n = [c for c in todo if c.tokens == n and not c.is_baseline]
+        if any(c.select == "measured" for c in cells_n) and measured_order is None:
+            if measured_order_for is None:
+                raise ValueError("a 'measured' cell needs measured_order_for (calibration)")
+            measured_order = list(measured_order_for())
+        if any(c.select == "retrieval" for c in cells_n) and retrieval_order is None:
+            if retrieval_order_for is None:
+                raise ValueError("a 'retrieval' cell needs retrieval_order_for (a retrieval probe)")
+            retrieval_order = list(retrieval_order_for())
         # the baseline is timed in this run on every article a patched cell will time in this run (and on the
-        # articles it lacks); its other articles are reused from the earlier record
-        to_time = {t for c in todo if c.tokens == n and not c.is_baseline for t, _ in texts if t not in partial.get(c.key, {})}
-        earlier_base = previous_cells.get(base.key)
-        base_reuse = {a["title"]: a for a in (earlier_base or {}).get("per_article", []) if a["title"] not in to_time}
-        bar.set_postfix_str(f"{base.key} ({len(texts) - len(base_reuse)} articles to time)")
-        record = run_cell(model, base, texts, scorer=scorer, done_articles=base_reuse,
-                          on_article=lambda a, key=base.key: bar.set_postfix_str(f"{key} article {a['title'][:20]}"))
+        # articles it lacks); its other articles are reused from the earlier record or an interrupted run's articles
+        to_time = {t for c in cells_n for t, _ in texts if t not in partial.get(c.key, {})}
+        earlier_base = {a["title"]: a for a in (previous_cells.get(base.key) or {}).get("per_article", [])}
+        earlier_base.update(partial.get(base.key, {}))
+        base_reuse = {t: a for t, a in earlier_base.items() if t not in to_time}
+
+        def on_article(article: dict, key: str) -> None:
+            if key != base.key or base.key not in done:  # a finished baseline's re-timing goes in its rerun record
+                append_jsonl(out_path, {"kind": "article", "key": key, "run_id": run_id, **article})
+            bar.set_postfix_str(f"{key} article {article['title'][:20]}")
+
+        # article by article: the exact baseline, then every patched cell on the same article, so that a drift of the
+        # machine during the run reaches the baseline and the cells alike (each cell is patched for its article only)
+        parts: dict[str, list[dict]] = {c.key: [] for c in [base, *cells_n]}
+        for title, ids in texts:
+            parts[base.key].append(run_cell(model, base, [(title, ids)], scorer=scorer, done_articles=base_reuse,
+                                            on_article=lambda a: on_article(a, base.key)))
+            for cell in cells_n:
+                parts[cell.key].append(run_cell(
+                    model, cell, [(title, ids)], method_params=method_params, measured_order=measured_order,
+                    retrieval_order=retrieval_order, scorer=scorer, done_articles=partial.get(cell.key),
+                    on_article=lambda a, key=cell.key: on_article(a, key), decode=decode))
+        record = merge_article_records(parts[base.key])
         record["run_id"] = run_id
         baselines[n] = record
         if base.key not in done:
@@ -329,24 +373,9 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
         if profile:
             prof = profile_attention_share(model, texts[0][1])
             append_jsonl(out_path, {"kind": "profile", "run_id": run_id, "tokens": n, "title": texts[0][0], **prof})
-        for cell in [c for c in todo if c.tokens == n and not c.is_baseline]:
-            bar.set_postfix_str(cell.key)
-            if cell.select == "measured" and measured_order is None:
-                if measured_order_for is None:
-                    raise ValueError("a 'measured' cell needs measured_order_for (calibration)")
-                measured_order = list(measured_order_for())
-            if cell.select == "retrieval" and retrieval_order is None:
-                if retrieval_order_for is None:
-                    raise ValueError("a 'retrieval' cell needs retrieval_order_for (a retrieval probe)")
-                retrieval_order = list(retrieval_order_for())
-            def on_article(article: dict, key: str = cell.key) -> None:
-                append_jsonl(out_path, {"kind": "article", "key": key, "run_id": run_id, **article})
-                bar.set_postfix_str(f"{key} article {article['title'][:20]}")
-
-            record = run_cell(model, cell, texts, method_params=method_params, measured_order=measured_order,
-                              retrieval_order=retrieval_order, scorer=scorer,
-                              done_articles=partial.get(cell.key), on_article=on_article, decode=decode)
-            base_times = {a["title"]: a["prefill_s"] for a in baselines[n]["per_article"] if not a.get("resumed")}
+        base_times = {a["title"]: a["prefill_s"] for a in record["per_article"] if not a.get("resumed")}
+        for cell in cells_n:
+            record = merge_article_records(parts[cell.key])
             timed_here = [a for a in record["per_article"] if not a.get("resumed")]
             base_s = sum(base_times[a["title"]] for a in timed_here)
             cell_s = sum(a["prefill_s"] for a in timed_here)
