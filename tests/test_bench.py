@@ -209,6 +209,14 @@ def test_run_grid_times_the_baseline_and_the_cells_article_by_article(llama, tmp
     assert len(set(article)) == 3 and scorer.order[1:] == [(plan, a) for a in article for plan in plans]
     assert done[cells[1].key]["served"] == 2 * 3 and done[cells[2].key]["served"] == 1 * 3  # every patch counted
     assert [a["title"] for a in done[cells[2].key]["per_article"]] == ["text0", "text1", "text2"]
+    rows = mb.summarize(records, 3)["rows"]
+    assert all(r["timing"] == "paired by article" for r in rows)
+    report = mb.model_report_markdown({**mb.summarize(records, 3), "profiles": {}}, [], header_lines=["# t"])
+    assert "timed article by article in turn" in report and "†" not in report
+    # a directory holding an earlier run's cells (timed in two halves) beside paired ones marks the paired speed-ups
+    old = [dict(r, timing=None) if r.get("key") == cells[2].key else r for r in records]
+    report = mb.model_report_markdown({**mb.summarize(old, 3), "profiles": {}}, [], header_lines=["# t"])
+    assert "marked †" in report and report.count("x †") == 2  # the exact row and cells[1]; not cells[2]
 
 
 def test_run_grid_extends_finished_cells_to_more_articles(llama, tmp_path):

@@ -18,6 +18,9 @@ from .results import append_jsonl, finished_keys, latest_cells, read_jsonl
 
 # the layer selections the benchmark compares (presets of hf_sparse_attn.selection), in report order
 SELECTIONS = ("weight_norm", "last", "first", "measured", "random", "retrieval")
+# a cell record's "timing": its articles were timed in turn with the exact baseline's, article by article (records
+# without it come from runs that timed every article exact, then every article patched)
+PAIRED_TIMING = "paired by article"
 # what `bench model --selections` runs when not told (retrieval needs a probe: asked for by name)
 DEFAULT_SELECTIONS = ("weight_norm", "last", "first", "measured", "random")
 
@@ -362,7 +365,7 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
                     retrieval_order=retrieval_order, scorer=scorer, done_articles=partial.get(cell.key),
                     on_article=lambda a, key=cell.key: on_article(a, key), decode=decode))
         record = merge_article_records(parts[base.key])
-        record["run_id"] = run_id
+        record.update(run_id=run_id, timing=PAIRED_TIMING)
         baselines[n] = record
         if base.key not in done:
             record.update(baseline_prefill_s=record["prefill_s"], speedup=1.0)
@@ -379,7 +382,8 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
             timed_here = [a for a in record["per_article"] if not a.get("resumed")]
             base_s = sum(base_times[a["title"]] for a in timed_here)
             cell_s = sum(a["prefill_s"] for a in timed_here)
-            record.update(run_id=run_id, baseline_prefill_s=base_s, articles_timed=len(timed_here), prefill_s_timed=cell_s,
+            record.update(run_id=run_id, timing=PAIRED_TIMING, baseline_prefill_s=base_s, articles_timed=len(timed_here),
+                          prefill_s_timed=cell_s,
                           speedup=base_s / cell_s if cell_s > 0 else None,
                           baseline_perplexity=baselines[n]["perplexity"])
             append_jsonl(out_path, record)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 from ..store import write_json
 from .goals import evaluate_goals
-from .grid import SELECTIONS, decode_setting
+from .grid import PAIRED_TIMING, SELECTIONS, decode_setting
 from .measure import amdahl_ceiling, perplexity
 from .results import latest_cells, latest_profiles, read_results
 
@@ -35,7 +35,7 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
     for c in cells.values():
         row = {k: c.get(k) for k in ("key", "method", "tokens", "layers", "select", "seed", "perplexity", "tokens_scored",
                                       "articles", "prefill_s", "baseline_prefill_s", "speedup", "run_id", "served", "fallbacks",
-                                      "load_avg_1min", "params")}
+                                      "load_avg_1min", "params", "timing")}
         timed = [a for a in c.get("per_article", []) if not a.get("resumed")]  # timed in the cell's own run
         row["articles_timed"] = len(timed) if timed else c.get("articles")
         row["prefill_s_timed"] = sum(a["prefill_s"] for a in timed) if timed else c.get("prefill_s")
@@ -242,6 +242,20 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _timing_sentence(rows: Sequence[dict]) -> str:
+    """How the rows' prefills were timed: paired with the exact model article by article, or in two halves."""
+    paired = [r.get("timing") == PAIRED_TIMING for r in rows]
+    if all(paired):
+        return ("Timing: the exact model and every cell were timed article by article in turn (an article exact, then "
+                "with each cell), so a drift of the machine during the run reaches both sides of a speed-up.")
+    halves = ("every article exact, then every article with each cell (a drift of the machine between the halves "
+              "moves a speed-up more than its interval over articles shows)")
+    if not any(paired):
+        return f"Timing: {halves}."
+    return (f"Timing: the speed-ups marked † were timed article by article in turn with the exact model; the others "
+            f"{halves}.")
+
+
 def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines: Sequence[str],
                           comparison: Sequence[dict] = (), comparison_plots: Optional[dict] = None) -> str:
     """results.md: header, goals, profile table, the article-by-article selection comparison, every cell,
@@ -296,13 +310,19 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
               "article's own perplexity change; ceiling = Amdahl bound for that many layers; load = 1-minute "
               "load average of the machine before/after the cell (2 cores: above ~2 other jobs competed). 'articles' = scored "
               "(timed in the run of the speed-up): a cell extended to more articles in a later run is timed on the new ones; "
-              "its change is against the exact model on its own articles.", "",
+              "its change is against the exact model on its own articles. "
+              + _timing_sentence(summary["rows"]), "",
               "| N | method | layers | select | seed | perplexity | change | median article change | articles (timed) | tokens scored | prefill s | speed-up | ceiling | served | fallbacks | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    mixed = len({r.get("timing") == PAIRED_TIMING for r in summary["rows"]}) > 1
+
+    def mark(r: dict) -> str:
+        return " †" if mixed and r.get("timing") == PAIRED_TIMING else ""
+
     for r in summary["rows"]:
         falls = "; ".join(f"{k}: {v}" for k, v in sorted((r.get("fallbacks") or {}).items())) or "-"
         lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['perplexity']:.3f} | "
-                     f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {_fmt(r.get('median_article_change_pct'), '+.1f')}% | {r.get('articles')} ({r['articles_timed']}) | {r['tokens_scored']} | {r['prefill_s_timed']:.1f} | {_fmt(r['speedup'], '.2f')}x | "
+                     f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {_fmt(r.get('median_article_change_pct'), '+.1f')}% | {r.get('articles')} ({r['articles_timed']}) | {r['tokens_scored']} | {r['prefill_s_timed']:.1f} | {_fmt(r['speedup'], '.2f')}x{mark(r)} | "
                      f"{_fmt(r['amdahl_ceiling'], '.2f')}x | {r.get('served', 0)} | {falls} | "
                      f"{'-' if not r.get('load_avg_1min') else '/'.join(f'{x:.1f}' for x in r['load_avg_1min'])} |")
     params_seen: dict[str, set] = {}
