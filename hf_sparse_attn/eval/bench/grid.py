@@ -290,8 +290,8 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     attention's share. Each cell record carries ``run_id``, ``baseline_prefill_s`` (this run's) and ``speedup`` =
     baseline_prefill_s / prefill_s.
 
-    Every finished article of a cell (the baseline's too, until it is finished) is appended at once (``"kind":
-    "article"``); a rerun after a crash reuses them, so it loses at most the article in flight. ``other_results``: the
+    Every finished article of a patched cell is appended at once (``"kind": "article"``); a rerun after a crash
+    reuses them, so it loses at most the article in flight (the baseline is re-timed on the articles left to do). ``other_results``: the
     other results files of the same out dir (other shards', see :func:`shard_cells`): their finished cells and
     articles count as done here, nothing is written to them. The speed-up of a cell finished across two runs is
     then taken over the articles timed in this run, against this run's baseline times of the same articles.
@@ -342,14 +342,13 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
                 raise ValueError("a 'retrieval' cell needs retrieval_order_for (a retrieval probe)")
             retrieval_order = list(retrieval_order_for())
         # the baseline is timed in this run on every article a patched cell will time in this run (and on the
-        # articles it lacks); its other articles are reused from the earlier record or an interrupted run's articles
+        # articles it lacks); its other articles are reused from the earlier record
         to_time = {t for c in cells_n for t, _ in texts if t not in partial.get(c.key, {})}
-        earlier_base = {a["title"]: a for a in (previous_cells.get(base.key) or {}).get("per_article", [])}
-        earlier_base.update(partial.get(base.key, {}))
-        base_reuse = {t: a for t, a in earlier_base.items() if t not in to_time}
+        earlier_base = (previous_cells.get(base.key) or {}).get("per_article", [])
+        base_reuse = {a["title"]: a for a in earlier_base if a["title"] not in to_time}
 
         def on_article(article: dict, key: str) -> None:
-            if key != base.key or base.key not in done:  # a finished baseline's re-timing goes in its rerun record
+            if key != base.key:  # the baseline's times serve this run's ratios only: its record is written whole
                 append_jsonl(out_path, {"kind": "article", "key": key, "run_id": run_id, **article})
             bar.set_postfix_str(f"{key} article {article['title'][:20]}")
 
