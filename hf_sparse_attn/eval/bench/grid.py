@@ -3,6 +3,7 @@ them: each cell patches the model, scores every text and appends its records to 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -253,15 +254,14 @@ def merge_article_records(parts: Sequence[dict]) -> dict:
     per_article = [a for p in parts for a in p["per_article"]]
     nll_sum = sum(a["nll_sum"] for a in per_article)
     tokens_scored = sum(a["tokens"] for a in per_article)
-    fallbacks: dict[str, int] = {}
+    fallbacks: collections.Counter = collections.Counter()
     for p in parts:
-        for reason, count in p["fallbacks"].items():
-            fallbacks[reason] = fallbacks.get(reason, 0) + count
+        fallbacks.update(p["fallbacks"])
     return {**parts[0], "perplexity": perplexity(nll_sum, tokens_scored), "nll_sum": nll_sum,
             "tokens_scored": tokens_scored, "articles": len(per_article),
             "prefill_s": sum(a["prefill_s"] for a in per_article), "per_article": per_article,
             "load_avg_1min": [parts[0]["load_avg_1min"][0], parts[-1]["load_avg_1min"][1]],
-            "served": sum(p["served"] for p in parts), "fallbacks": fallbacks}
+            "served": sum(p["served"] for p in parts), "fallbacks": dict(fallbacks)}
 
 
 def new_run_info() -> dict:
@@ -291,9 +291,9 @@ def run_grid(model: torch.nn.Module, cells: Sequence[Cell], texts_for: Callable[
     baseline_prefill_s / prefill_s.
 
     Every finished article of a patched cell is appended at once (``"kind": "article"``); a rerun after a crash
-    reuses them, so it loses at most the article in flight (the baseline is re-timed on the articles left to do). ``other_results``: the
-    other results files of the same out dir (other shards', see :func:`shard_cells`): their finished cells and
-    articles count as done here, nothing is written to them. The speed-up of a cell finished across two runs is
+    reuses them, so it loses at most the article in flight (the baseline is re-timed on the articles left to do).
+    ``other_results``: the other results files of the same out dir (other shards', see :func:`shard_cells`): their
+    finished cells and articles count as done here, nothing is written to them. The speed-up of a cell finished across two runs is
     then taken over the articles timed in this run, against this run's baseline times of the same articles.
     """
     from tqdm import tqdm

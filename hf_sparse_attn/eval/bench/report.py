@@ -314,7 +314,8 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
               + _timing_sentence(summary["rows"]), "",
               "| N | method | layers | select | seed | perplexity | change | median article change | articles (timed) | tokens scored | prefill s | speed-up | ceiling | served | fallbacks | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    mixed = len({r.get("timing") == PAIRED_TIMING for r in summary["rows"]}) > 1
+    paired = [r.get("timing") == PAIRED_TIMING for r in summary["rows"]]
+    mixed = any(paired) and not all(paired)  # only then do the paired rows need a mark
 
     def mark(r: dict) -> str:
         return " †" if mixed and r.get("timing") == PAIRED_TIMING else ""
