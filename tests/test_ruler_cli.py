@@ -1,5 +1,5 @@
 """`hf-sparse-attn ruler` on a tiny random Llama checkpoint (tests/tiny_checkpoint.py): the outputs, resume without
-redoing samples, a rerun with other settings refused, and the bad-input errors (exit code 2, before any model loads).
+redoing samples, a rerun adding tasks and lengths, a rerun with other settings refused, and the bad-input errors (exit code 2, before any model loads).
 """
 
 from __future__ import annotations
@@ -73,8 +73,26 @@ def test_outputs_resume_and_refusal(model_dir, tmp_path):
     assert [r["id"] for r in _records(out, "passkey")] == [r["id"] for r in records]
     assert [r["pred"] for r in _records(out, "passkey")] == [r["pred"] for r in records]  # same as uninterrupted
 
+    # a rerun that adds a task and a length predicts only those; what was there is kept as it was
+    grown = ["--model", model_dir, "--tasks", "niah_single_2," + TASKS, "--lengths", "300,400,500", "--samples", "3", "--out",
+             str(out)]
+    more = _run(*grown)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "adding to the run" in more.stderr and "tasks" in more.stderr and "lengths" in more.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["this_invocation"][0]["predicted"] == 3 * 3 + 2 * 3  # the new task at 3 lengths, 2 at 400
+    assert path.read_text().splitlines(keepends=True)[:len(resumed)] == resumed
+    result = json.loads((out / "result.json").read_text())
+    assert set(result) == {"niah_single_2", "niah_single_1", "passkey", "average"} and set(result["niah_single_2"]) == {"300", "400", "500"}
+    assert json.loads((out / "run_settings.json").read_text())["tasks"] == ["niah_single_2", "niah_single_1", "passkey"]
+    resumed = path.read_text().splitlines(keepends=True)
+    # a rerun that leaves a task out is another run: refused (its report would drop that task)
+    fewer = _run("--model", model_dir, "--tasks", "passkey", "--lengths", "300,400,500", "--samples", "3", "--out",
+                 str(out))
+    assert fewer.returncode == 2 and "other settings" in fewer.stderr and "tasks (" in fewer.stderr
+
     # other settings: refused, naming what differs; nothing touched
-    other = _run(*[a if a != "3" else "4" for a in base[:-2]], "--seed", "1", "--out", str(out))
+    other = _run(*[a if a != "3" else "4" for a in grown[:-2]], "--seed", "1", "--out", str(out))
     assert other.returncode == 2
     assert "other settings" in other.stderr and "samples (3 -> 4)" in other.stderr and "seed (0 -> 1)" in other.stderr
     assert path.read_text().splitlines(keepends=True) == resumed

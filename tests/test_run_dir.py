@@ -73,3 +73,32 @@ def test_settings_diff_names_each_change():
     assert settings_diff({"params": long}, {"params": {**long, "param_19": 7}, "seed": 0}) == [
         "params.param_19 (19 -> 7)", "seed (unset -> 0)"]
     assert settings_diff({"params": None}, {"params": {"a": 1}}) == ['params (null -> {"a": 1})']
+
+
+def test_a_rerun_may_grow_the_extendable_settings_and_nothing_else(tmp_path):
+    extendable = ("tasks", "generation.max_new_tokens")
+    old = {"tasks": ["a", "b"], "generation": {"max_new_tokens": {"a": 8, "b": 16}, "greedy": True}, "seed": 0}
+    grown = {"tasks": ["c", "a", "b"], "generation": {"max_new_tokens": {"a": 8, "b": 16, "c": 30}, "greedy": True},
+             "seed": 0}
+    assert settings_diff(old, grown, extendable) == []
+    assert settings_diff(old, grown) == ["generation.max_new_tokens.c (unset -> 30)", 'tasks (["a", "b"] -> ["c", "a", "b"])']
+    fewer = {**old, "tasks": ["a"]}
+    assert settings_diff(old, fewer, extendable) == ['tasks (["a", "b"] -> ["a"])']
+    changed = {**grown, "generation": {"max_new_tokens": {"a": 9, "b": 16, "c": 30}, "greedy": True}}
+    assert settings_diff(old, changed, extendable) == ["generation.max_new_tokens.a (8 -> 9)"]
+    assert settings_diff(old, {**grown, "seed": 1}, extendable) == ["seed (0 -> 1)"]  # not extendable
+
+    out = tmp_path / "run"
+    with RunDir(str(out), old, owned_files=["a.jsonl"], extendable=extendable) as run:
+        (out / "a.jsonl").write_text("{}\n")
+        assert run.extended == []
+    with RunDir(str(out), grown, owned_files=["a.jsonl"], extendable=extendable) as run:
+        assert run.extended == settings_diff(old, grown)
+    assert (out / "a.jsonl").read_text() == "{}\n"  # kept
+    assert json.loads((out / SETTINGS_FILE).read_text()) == grown  # the grown settings are the run's now
+    for other in (old, changed):  # the old, smaller settings are now fewer tasks: refused, nothing discarded
+        with pytest.raises(RunSettingsError, match="other settings"):
+            RunDir(str(out), other, owned_files=["a.jsonl"], extendable=extendable).open()
+    assert (out / "a.jsonl").exists()
+    with pytest.raises(RunSettingsError, match="tasks"):  # without extendable, growth is a change like any other
+        RunDir(str(out), {**grown, "tasks": grown["tasks"] + ["d"]}, owned_files=["a.jsonl"]).open()

@@ -15,7 +15,7 @@ pass-key retrieval at depths 0, 10, ..., 100 % (samples cycle through them).
 Order of work: arguments, tasks, lengths against the model's positions, the wonderwords word lists and the first
 sample of every (task, length) are checked with the tokenizer alone, before any model loads; then the processes join
 (torchrun), process 0 takes the output directory (``RunDir``: the settings recorded, a rerun with other settings
-refused naming what differs, a lock while it runs), the model loads, and the processes deal out the samples still
+refused naming what differs, a rerun that only adds tasks or lengths accepted, a lock while it runs), the model loads, and the processes deal out the samples still
 missing. Each sample is predicted by exactly one process and appended at once to a crash-safe JSONL file (kill -9
 loses at most the sample in flight; rerunning the same command resumes). Process 0 then merges the part files and
 writes ``result.json``, ``summary.json``, ``report.md`` and the plots. A patched run keeps what its plan's counters
@@ -50,6 +50,8 @@ PART_FILE = re.compile(r"^\.ruler-shard-(?P<rank>\d{2,})-of-(?P<world>\d{2,})\.(
 OUTPUT_FILES = ("result.json", "summary.json", "report.md", "scores.png", "depth_heatmap.png", "plan.json",
                 COUNTS_FILE)
 ROPE_SCALINGS = ("yarn", "linear", "dynamic")
+# the settings a rerun may grow (RunDir's extendable): tasks and lengths added, the results already there kept
+EXTENDABLE_SETTINGS = ("tasks", "lengths", "generation.max_new_tokens")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -328,8 +330,12 @@ def _open_run_dir(args, settings, processes):
     run_dir, error = None, None
     if processes.is_main:
         try:
+            # a rerun may add tasks and lengths: each task has its own file, and what is there has the same settings
             run_dir = RunDir(args.out, settings, overwrite=args.overwrite, owned_files=owned_files(args.out),
-                             command="hf-sparse-attn ruler").open()
+                             command="hf-sparse-attn ruler", extendable=EXTENDABLE_SETTINGS).open()
+            if run_dir.extended:
+                print(f"hf-sparse-attn ruler: adding to the run in {args.out}: {'; '.join(run_dir.extended)}",
+                      file=sys.stderr, flush=True)
         except ValueError as err:
             error = str(err)
     error = processes.broadcast(error)

@@ -16,6 +16,11 @@ Nothing in the directory that the run did not write is removed: ``overwrite`` de
 ``owned_files`` or matching ``owned_patterns`` (regular expressions of file names, for files with variable names such
 as shard parts) and the settings file, the ones the command itself writes.
 
+``extendable`` names the settings a rerun may grow without starting afresh (dotted names into nested dicts): a list
+that gains items, a dict that gains entries, every old item and entry kept as it was. ``ruler`` lets a rerun add tasks
+and lengths to a directory this way (each task has its own results file; the results already there were made with the
+same settings); the settings recorded become the grown ones, and ``RunDir.extended`` names what grew.
+
 ``record=False`` only checks: no lock, nothing written, a directory without settings accepted (``--report-only``
 rebuilding the report of results made by an older version). ``lock_name`` gives concurrent writers of disjoint files
 their own lock (the shards of ``bench model``). ``run_id`` is a short hash of the settings: it names the files one run
@@ -36,7 +41,8 @@ try:
 except ImportError:  # not on Windows: no lock there
     fcntl = None
 
-__all__ = ["RunDir", "RunSettingsError", "SETTINGS_FILE", "LOCK_FILE", "settings_diff", "settings_id", "path_fingerprint"]
+__all__ = ["RunDir", "RunSettingsError", "SETTINGS_FILE", "LOCK_FILE", "extends", "settings_diff", "settings_id",
+           "path_fingerprint"]
 
 SETTINGS_FILE = "run_settings.json"
 LOCK_FILE = ".run.lock"
@@ -51,21 +57,33 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def settings_diff(old: dict, new: dict) -> list[str]:
+def settings_diff(old: dict, new: dict, extendable: Iterable[str] = ()) -> list[str]:
     """The names of the settings whose values differ, each as ``name (old -> new)``, sorted by name; inside settings
-    that are dicts on both sides, the entries that differ (``decode_params.token_budget (1024 -> 2048)``)."""
-    return _diff(_normalise(old), _normalise(new), "")
+    that are dicts on both sides, the entries that differ (``decode_params.token_budget (1024 -> 2048)``). A setting
+    named in ``extendable`` differs only where ``new`` does not extend ``old`` (see ``extends``)."""
+    return _diff(_normalise(old), _normalise(new), "", frozenset(extendable))
 
 
-def _diff(old: dict, new: dict, prefix: str) -> list[str]:
+def extends(old: Any, new: Any) -> bool:
+    """Whether ``new`` keeps every item of list ``old`` (in any order) or every entry of dict ``old`` (same value)."""
+    if isinstance(old, list) and isinstance(new, list):
+        return all(item in new for item in old)
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(key in new and new[key] == value for key, value in old.items())
+    return False
+
+
+def _diff(old: dict, new: dict, prefix: str, extendable: frozenset = frozenset()) -> list[str]:
     missing = object()
     out = []
     for name in sorted(set(old) | set(new)):
         a, b = old.get(name, missing), new.get(name, missing)
-        if a == b:
+        if a == b or (f"{prefix}{name}" in extendable and extends(a, b)):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{name}.")
+            if f"{prefix}{name}" in extendable:  # entries it gains are no difference; name those that changed
+                b = {key: value for key, value in b.items() if key in a}
+            out += _diff(a, b, f"{prefix}{name}.", extendable)
             continue
         show = lambda v: "unset" if v is missing else json.dumps(v)[:60]  # noqa: E731
         out.append(f"{prefix}{name} ({show(a)} -> {show(b)})")
@@ -105,12 +123,14 @@ class RunDir:
     ``settings``: a JSON-serialisable dict of everything that changes the results (model path and fingerprint,
     method, plan, parameters, seed, lengths, generation settings). ``overwrite``: delete ``owned_files`` and the
     settings of an earlier run with other settings, then start afresh. ``forbidden``: paths the directory must not be,
-    or contain (the input data of the run), refused with a clear error.
+    or contain (the input data of the run), refused with a clear error. ``extendable``: the settings a rerun may grow
+    (module docstring); after ``open``, ``extended`` lists what this run added, as ``settings_diff`` names it.
     """
 
     def __init__(self, path: str, settings: dict, *, overwrite: bool = False,
                  owned_files: Iterable[str] = (), forbidden: Iterable[str] = (), command: str = "this command",
-                 owned_patterns: Iterable[str] = (), record: bool = True, lock_name: str = LOCK_FILE) -> None:
+                 owned_patterns: Iterable[str] = (), record: bool = True, lock_name: str = LOCK_FILE,
+                 extendable: Iterable[str] = ()) -> None:
         self.path = path
         self.settings = _normalise(settings)
         self.overwrite = overwrite
@@ -119,6 +139,8 @@ class RunDir:
         self.command = command
         self.record = record
         self.lock_name = lock_name
+        self.extendable = tuple(extendable)
+        self.extended: list[str] = []
         out = os.path.realpath(path)
         for other in forbidden:
             if other is None:
@@ -177,13 +199,15 @@ class RunDir:
                 except (OSError, ValueError) as err:
                     raise RunSettingsError(f"{self.settings_path} is unreadable ({err}); use another --out, or "
                                            "--overwrite to start afresh") from None
-                diff = settings_diff(old, self.settings)
+                diff = settings_diff(old, self.settings, self.extendable)
                 if diff and not self.overwrite:
                     raise RunSettingsError(
                         f"{self.path} holds results of {self.command} made with other settings: {'; '.join(diff)}. "
                         "Use another --out, or --overwrite to discard those results")
                 if diff:
                     self.discard()
+                else:
+                    self.extended = settings_diff(old, self.settings)
             elif not self.overwrite and self._has_owned_results():
                 raise RunSettingsError(
                     f"{self.path} holds results of {self.command} that record no settings (made by an older "
