@@ -30,7 +30,12 @@ def test_exact_when_window_or_budget_covers(selection):
                                                                                                  num_selected=300)):
         out, lse = get_method("block_select", selection=selection, **params)(q, k, v, causal=True, scale=SCALE,
                                                                              key_padding_mask=mask)
-        torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=1e-5)
+        # a rare failure of this test in full CI runs (batch row 1) was never reproduced alone: say where and under
+        # which global settings it happens, should it happen again
+        worst = [int(i) for i in torch.unravel_index((out - ref_out).abs().argmax(), out.shape)[:3]]
+        context = (f"params {params}; largest error at [b, h, row] {worst}; threads {torch.get_num_threads()}; "
+                   f"matmul precision {torch.get_float32_matmul_precision()}; mkldnn {torch.backends.mkldnn.enabled}")
+        torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=1e-5, msg=lambda m: f"{m}\n{context}")
         valid = torch.isfinite(ref_lse)
         assert torch.equal(valid, torch.isfinite(lse))
         torch.testing.assert_close(lse[valid], ref_lse[valid], atol=2e-6, rtol=1e-5)
