@@ -216,7 +216,44 @@ def test_run_grid_times_the_baseline_and_the_cells_article_by_article(llama, tmp
     # a directory holding an earlier run's cells (timed in two halves) beside paired ones marks the paired speed-ups
     old = [dict(r, timing=None) if r.get("key") == cells[2].key else r for r in records]
     report = mb.model_report_markdown({**mb.summarize(old, 3), "profiles": {}}, [], header_lines=["# t"])
-    assert "marked †" in report and report.count("x †") == 2  # the exact row and cells[1]; not cells[2]
+    # the exact row and cells[1] (its interval printed before the mark: every article 2.0 s exact, 1.0 s patched)
+    assert "marked †" in report and report.count("| 1.00x †") == 1 and report.count("| 2.00x [2.00, 2.00] †") == 1
+    assert "| 2.00x [2.00, 2.00] |" in report  # cells[2], older: unmarked
+
+
+def _cell_record(key: str, layers: int, run_id: str, times: list, nll: list, kind: str = "cell") -> dict:
+    return {"kind": kind, "key": key, "method": "exact" if layers == 0 else "local", "tokens": 64, "layers": layers,
+            "select": "weight_norm", "seed": 0, "run_id": run_id, "tokens_scored": 3 * 63,
+            "perplexity": math.exp(sum(nll) / (3 * 63)), "articles": 3, "prefill_s": sum(times),
+            "per_article": [{"title": f"t{i}", "nll_sum": n, "tokens": 63, "prefill_s": t}
+                            for i, (t, n) in enumerate(zip(times, nll))]}
+
+
+def test_summary_gives_bootstrap_intervals_over_articles_against_the_same_runs_baseline():
+    """The speed-up interval pairs each article with the exact time of the cell's own run (a later run's
+    baseline_rerun), the perplexity change interval with the exact model's loss on the same article."""
+    from hf_sparse_attn.eval.bench.measure import perplexity_change_interval, ratio_interval
+
+    exact = _cell_record("exact|64", 0, "A", [2.0, 4.0, 3.0], [100.0, 110.0, 120.0])
+    early = dict(_cell_record("local|64|1", 1, "A", [1.0, 1.0, 2.0], [101.0, 115.0, 121.0]), speedup=9 / 4)
+    rerun = _cell_record("exact|64", 0, "B", [4.0, 8.0, 6.0], [100.0, 110.0, 120.0], kind="baseline_rerun")
+    later = dict(_cell_record("local|64|2", 2, "B", [1.0, 2.0, 2.0], [102.0, 111.0, 130.0]), speedup=18 / 5)
+    rows = {r["key"]: r for r in mb.summarize([exact, early, rerun, later], 3)["rows"]}
+    assert rows["exact|64"]["speedup_ci"] is None and rows["exact|64"]["ppl_change_ci"] is None
+    assert rows["local|64|1"]["speedup_ci"] == list(ratio_interval([2.0, 4.0, 3.0], [1.0, 1.0, 2.0]))
+    assert rows["local|64|2"]["speedup_ci"] == list(ratio_interval([4.0, 8.0, 6.0], [1.0, 2.0, 2.0]))  # run B's
+    assert rows["local|64|2"]["ppl_change_ci"] == list(perplexity_change_interval(
+        [100.0, 110.0, 120.0], [102.0, 111.0, 130.0], [63, 63, 63]))
+    for r in (rows["local|64|1"], rows["local|64|2"]):
+        lo, hi = r["speedup_ci"]
+        assert lo < r["speedup"] < hi
+        lo, hi = r["ppl_change_ci"]
+        assert lo < r["ppl_change_pct"] < hi
+    # every article changed by the same loss per token: the interval collapses onto the change
+    lo, hi = perplexity_change_interval([10.0, 20.0], [11.0, 21.0], [50, 50])
+    assert lo == pytest.approx(100 * math.expm1(2 / 100)) and hi == pytest.approx(lo)
+    with pytest.raises(ValueError, match="one token count per article"):
+        perplexity_change_interval([1.0], [1.0, 2.0], [5])
 
 
 def test_run_grid_extends_finished_cells_to_more_articles(llama, tmp_path):

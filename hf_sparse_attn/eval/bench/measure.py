@@ -404,3 +404,18 @@ def ratio_interval(baseline: Sequence[float], cell: Sequence[float], draws: int 
     ratios = torch.tensor(baseline, dtype=torch.float64)[idx].sum(1) / torch.tensor(cell, dtype=torch.float64)[idx].sum(1)
     lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     return lo, hi
+
+
+def perplexity_change_interval(baseline_nll: Sequence[float], cell_nll: Sequence[float], tokens: Sequence[int],
+                               draws: int = 10000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval, in %, of the perplexity change 100 * (exp((sum(cell_nll) - sum(baseline_nll)) /
+    sum(tokens)) - 1) over articles (each article's summed natural-log loss of both sides and its scored tokens;
+    articles resampled with replacement, ``draws`` times, the generator of :func:`ratio_interval`)."""
+    if not (len(baseline_nll) == len(cell_nll) == len(tokens)) or not tokens:
+        raise ValueError("need one baseline loss, one cell loss and one token count per article")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(tokens), (draws, len(tokens)), generator=g)
+    as64 = lambda v: torch.tensor(v, dtype=torch.float64)[idx].sum(1)  # noqa: E731
+    change = 100 * torch.expm1((as64(cell_nll) - as64(baseline_nll)) / as64(tokens))
+    lo, hi = torch.quantile(change, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 from ..store import write_json
 from .goals import evaluate_goals
 from .grid import PAIRED_TIMING, SELECTIONS, decode_setting
-from .measure import amdahl_ceiling, perplexity
+from .measure import amdahl_ceiling, perplexity, perplexity_change_interval, ratio_interval
 from .results import latest_cells, latest_profiles, read_results
 
 # ---------------------------------------------------------------------------------------------------------
@@ -31,6 +31,10 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
     cells = latest_cells(records)
     profiles = latest_profiles(records)
     baseline_articles = {c["tokens"]: {a["title"]: a for a in c.get("per_article", [])} for c in cells.values() if c["layers"] == 0}
+    # (run, N) -> the exact prefill time of each article timed in that run: the other side of that run's speed-ups
+    run_baseline_s = {(r.get("run_id"), r["tokens"]): {a["title"]: a["prefill_s"] for a in r.get("per_article", [])
+                                                      if not a.get("resumed")}
+                      for r in records if r.get("kind") in ("cell", "baseline_rerun") and r.get("layers") == 0}
     rows = []
     for c in cells.values():
         row = {k: c.get(k) for k in ("key", "method", "tokens", "layers", "select", "seed", "perplexity", "tokens_scored",
@@ -52,6 +56,16 @@ def summarize(records: Sequence[dict], num_layers: int) -> dict:
         changes = sorted(article_change_pct(a, exact_articles[a["title"]])
                          for a in c.get("per_article", []) if a["title"] in exact_articles)
         row["median_article_change_pct"] = statistics.median(changes) if changes else None
+        # 95% bootstrap intervals over the articles: the change on all the cell's articles, the speed-up on those
+        # timed in its run against that run's exact times (none for the baseline, or with fewer than 2 articles)
+        articles = c.get("per_article", [])
+        row["ppl_change_ci"] = list(perplexity_change_interval(
+            [exact_articles[a["title"]]["nll_sum"] for a in articles], [a["nll_sum"] for a in articles],
+            [exact_articles[a["title"]]["tokens"] for a in articles])) \
+            if c["layers"] and row["ppl_change_pct"] is not None and len(articles) > 1 else None
+        base_s = run_baseline_s.get((c.get("run_id"), c["tokens"]), {})
+        row["speedup_ci"] = list(ratio_interval([base_s[a["title"]] for a in timed], [a["prefill_s"] for a in timed])) \
+            if c["layers"] and len(timed) > 1 and all(a["title"] in base_s for a in timed) else None
         prof = profiles.get(c["tokens"])
         row["amdahl_ceiling"] = None if prof is None else amdahl_ceiling(prof["sdpa_share"], c["layers"], num_layers)
         rows.append(row)
@@ -306,7 +320,8 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
                          + ("-" if r["select"] == "weight_norm" else f"{r['weight_norm_lower_on']}/{r['articles']}") + " |")
     lines += ["", "## Every cell", "",
               "Perplexity = exp(mean natural-log loss) over the identical token set of each N; speed-up = this run's exact "
-              "prefill time / the cell's (sums over the articles timed in the cell's run: 'prefill s' is that sum); median article change = the median over the articles of each "
+              "prefill time / the cell's (sums over the articles timed in the cell's run: 'prefill s' is that sum); in brackets, 95% "
+              "bootstrap intervals over the articles (resampled with replacement, 10,000 draws); median article change = the median over the articles of each "
               "article's own perplexity change; ceiling = Amdahl bound for that many layers; load = 1-minute "
               "load average of the machine before/after the cell (2 cores: above ~2 other jobs competed). 'articles' = scored "
               "(timed in the run of the speed-up): a cell extended to more articles in a later run is timed on the new ones; "
@@ -320,10 +335,18 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
     def mark(r: dict) -> str:
         return " †" if mixed and r.get("timing") == PAIRED_TIMING else ""
 
+    def change(r: dict) -> str:
+        ci = r.get("ppl_change_ci")
+        return f"{_fmt(r['ppl_change_pct'], '+.1f')}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+
+    def speedup(r: dict) -> str:
+        ci = r.get("speedup_ci")
+        return f"{_fmt(r['speedup'], '.2f')}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + mark(r)
+
     for r in summary["rows"]:
         falls = "; ".join(f"{k}: {v}" for k, v in sorted((r.get("fallbacks") or {}).items())) or "-"
         lines.append(f"| {r['tokens']} | {r['method']} | {r['layers']} | {r['select']} | {r['seed']} | {r['perplexity']:.3f} | "
-                     f"{_fmt(r['ppl_change_pct'], '+.1f')}% | {_fmt(r.get('median_article_change_pct'), '+.1f')}% | {r.get('articles')} ({r['articles_timed']}) | {r['tokens_scored']} | {r['prefill_s_timed']:.1f} | {_fmt(r['speedup'], '.2f')}x{mark(r)} | "
+                     f"{change(r)} | {_fmt(r.get('median_article_change_pct'), '+.1f')}% | {r.get('articles')} ({r['articles_timed']}) | {r['tokens_scored']} | {r['prefill_s_timed']:.1f} | {speedup(r)} | "
                      f"{_fmt(r['amdahl_ceiling'], '.2f')}x | {r.get('served', 0)} | {falls} | "
                      f"{'-' if not r.get('load_avg_1min') else '/'.join(f'{x:.1f}' for x in r['load_avg_1min'])} |")
     params_seen: dict[str, set] = {}
