@@ -13,18 +13,22 @@ against 0.178): eval/results/kernels_block_select/results.md. Its cost: perplexi
 ``local``'s +2.0% (quick check; ``local`` on 20 articles: +3.5% at 1.62x prefill,
 eval/results/model_bench_causal/frontier.md). Measured on all three axes at 8k
 (eval/results/ruler_frontier_smollm2/frontier.md, eval/results/model_bench_block_select/results.md): of the 4 pass keys
-(of 11, depths 0-100%) the unpatched model finds, ``block_select`` keeps 4 and ``local`` 1; prefill 1.77x (95% interval
-1.76-1.79x, 10 articles) against ``local``'s 1.62x (timed again with the other core idle: 1.66x, 1.59-1.72x,
-eval/results/model_bench_block_select_quiet/results.md); perplexity +6.3% (+2.7..+13.0%) against ``local``'s +3.5%. On
+(of 11, depths 0-100%) the unpatched model finds, ``block_select`` keeps 4 and ``local`` 1. Prefill, the exact model
+and each plan timed article by article in turn on the same 10 articles: 1.50x (1.43-1.59x) against ``local`` w1024's
+1.52x (1.50-1.53x) (eval/results/model_bench_block_select_w512_paired/results.md,
+eval/results/model_bench_frontier_paired/results.md; in its own first run 1.77x, with the other core idle 1.66x:
+eval/results/model_bench_block_select_quiet/results.md); perplexity +6.3% (+2.7..+13.0%) against ``local``'s +3.3%. On
 RULER's niah_single_1 / niah_single_2 at 8k (20 samples each) it scores what the unpatched model scores (90 / 55),
 keeping 18 of 18 and 10 of 11 of its answers (eval/results/ruler_niah_8k/frontier.md); the pass key at depths 0-100%
-(22 keys) 45 against the unpatched 41 (keeps 9 of 9), niah_multikey_1 36 against 41 (keeps 8 of 9), vt 14 against 14
-(eval/results/ruler_recommended_8k/frontier.md).
+(22 keys) 45 against the unpatched 41 (keeps 9 of 9), niah_multikey_1 36 against 41 (keeps 8 of 9), vt 14 against 14;
+``local`` w1024 9 (keeps 2 of 9), 0 (keeps none of 9) and 0 (eval/results/ruler_recommended_8k/frontier.md).
 :data:`WINDOW_BY_R_RECOMMENDATION` (window 1024 on the half of the layers of largest R, 512 on the others, through
-``patch_model``'s ``other_layers``) costs less perplexity, +3.6% at 1.59x on the same 10 articles
-(eval/results/model_bench_hybrid_windows/results.md), but kept fewer facts: niah_multikey_1 27 (6 of 9), pass key 41
+``patch_model``'s ``other_layers``) costs less perplexity, +3.6% on the same 10 articles, at 1.41x timed as above
+(eval/results/model_bench_frontier_paired/results.md; 1.59x in its own run), but kept fewer facts: niah_multikey_1 27 (6 of 9), pass key 41
 (8 of 9). The intervals of 22 samples overlap, so that is not a difference; facts come first, so it is not the
-default. :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever prefers its perplexity.
+default. Window 768 with 256 selected columns (``local`` w1024's keys per row) runs at ``local``'s speed, 1.54x at +4.3%
+(eval/results/model_bench_block_select_w768_s256_paired/results.md), but kept one niah_multikey_1 answer fewer (7 of
+9). :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever prefers its perplexity.
 
 Decode steps, generated with ``generation_cache(model)`` (a ``GrowingCache``): ``exact`` (grouped attention over the
 cache) on the two thirds of the layers of largest R and ``local`` (sinks + window 1024) on the others. On SmolLM2 at 8k

@@ -27,12 +27,17 @@ from typing import Any, Optional
 LOCAL_DECODE_ELSEWHERE = ('other_layers={method = "block_select", decode_method = "local", '
                           'decode_params = {window = 1024, num_sink_tokens = 64}}')
 
+# the 8k perplexity and prefill speed-up of the frontier's plans come from the runs that timed the exact model and the
+# plan article by article in turn (bench model's paired protocol), on the same 10 articles with the other core busy
+W512_PAIRED = "eval/results/model_bench_block_select_w512_paired"  # the recommended prefill, window 512
+FRONTIER_PAIRED = "eval/results/model_bench_frontier_paired"  # local w1024 and block_select's windows by R
+
 # name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params[,
 # selection of that row, where it is not the configuration's own]), or None where they were not measured)
 CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
     "exact": ([], None),
     "local_w1024_30": (["--method", "local", "--layers", "all", "--param", "window=1024"],
-                       ("eval/results/model_bench_causal", "local", 30, {"window": 1024})),
+                       (FRONTIER_PAIRED, "local", 30, {"window": 1024})),
     "local_w1024_15": (["--method", "local", "--layers", "15", "--param", "window=1024"],
                        ("eval/results/model_bench_causal", "local", 15, {"window": 1024})),
     # the same 15 layers' count chosen by the needle mass of a pass-key probe (least first) instead of the weight norm
@@ -40,11 +45,17 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
                                   "window=1024"],
                                  ("eval/results/model_bench_retrieval_select", "local", 15, {"window": 1024})),
     "block_select_30": (["--method", "block_select", "--layers", "all"],
-                        ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                        (W512_PAIRED, "block_select", 30, {})),
     "block_select_w1024_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024"],
                               ("eval/results/model_bench_block_select_w1024", "block_select", 30, {"window": 1024})),
     "block_select_w768_30": (["--method", "block_select", "--layers", "all", "--param", "window=768"],
-                             ("eval/results/model_bench_block_select_w768", "block_select", 30, {"window": 768})),
+                             ("eval/results/model_bench_block_select_w768_paired", "block_select", 30,
+                              {"window": 768})),
+    # window 768 and 256 selected columns: 64 + 768 + 256 = 1088 keys per row, as many as local w1024 reads
+    "block_select_w768_s256_30": (["--method", "block_select", "--layers", "all", "--param", "window=768", "--param",
+                                   "num_selected=256"],
+                                  ("eval/results/model_bench_block_select_w768_s256_paired", "block_select", 30,
+                                   {"window": 768, "num_selected": 256})),
     # block_select (window 1024) on the 15 layers of largest R, where the needle mass sits, local w512 on the others
     "hybrid_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
                    'other_layers={method = "local", window = 512}'],
@@ -52,35 +63,35 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
     # block_select everywhere, its window following R: 1024 on the 15 layers of largest R, its default 512 on the others
     "hybrid_windows_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
                            'other_layers={method = "block_select", window = 512}'],
-                          ("eval/results/model_bench_hybrid_windows", "block_select", 15, {"window": 1024})),
+                          (FRONTIER_PAIRED, "block_select", 15, {"window": 1024})),
     "sparse_hyper_recursive_15": (["--method", "sparse_hyper", "--layers", "15"],
                                   ("eval/results/model_bench_grid", "sparse_hyper", 15, {})),
     # the recommended prefill with a decode method over the KV cache (the prefill speed is block_select_30's)
     "block_select_30_decode_local": (["--method", "block_select", "--layers", "all", "--decode-method", "local"],
-                                     ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                     (W512_PAIRED, "block_select", 30, {})),
     "block_select_30_decode_lsh": (["--method", "block_select", "--layers", "all", "--decode-method", "lsh"],
-                                   ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                   (W512_PAIRED, "block_select", 30, {})),
     # quest at a budget of 1024 keys (its default until the runs below chose 2048), pages of 32 and of 16
     "block_select_30_decode_quest": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
                                       "--decode-param", "token_budget=1024"],
-                                     ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                     (W512_PAIRED, "block_select", 30, {})),
     "block_select_30_decode_quest_p16": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
                                           "--decode-param", "page_size=16", "--decode-param", "token_budget=1024"],
-                                         ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                         (W512_PAIRED, "block_select", 30, {})),
     "block_select_30_decode_quest_b2048": (["--method", "block_select", "--layers", "all", "--decode-method", "quest",
                                             "--decode-param", "token_budget=2048"],
-                                           ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                           (W512_PAIRED, "block_select", 30, {})),
     # the recommended prefill unchanged (block_select on all 30 layers); decode exact on the 10 / 15 / 20 layers of
     # largest R, where the needle mass sits, sinks + window (local) on the others (other_layers with its own decode method)
     "block_select_30_decode_split_10": (["--method", "block_select", "--layers", "10", "--decode-method", "exact",
                                          "--param", LOCAL_DECODE_ELSEWHERE],
-                                        ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                        (W512_PAIRED, "block_select", 30, {})),
     "block_select_30_decode_split_15": (["--method", "block_select", "--layers", "15", "--decode-method", "exact",
                                          "--param", LOCAL_DECODE_ELSEWHERE],
-                                        ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                        (W512_PAIRED, "block_select", 30, {})),
     "block_select_30_decode_split_20": (["--method", "block_select", "--layers", "20", "--decode-method", "exact",
                                          "--param", LOCAL_DECODE_ELSEWHERE],
-                                        ("eval/results/model_bench_block_select", "block_select", 30, {})),
+                                        (W512_PAIRED, "block_select", 30, {})),
     # the roles turned: local decode on the 20 layers that carry the least needle attention on a pass-key probe
     # (select="retrieval" chooses those first), exact decode on the other 10
     "block_select_30_decode_local_20_retrieval": (["--method", "block_select", "--layers", "20", "--select", "retrieval",
@@ -89,11 +100,12 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
                                                    'other_layers={method = "block_select", decode_method = "exact"}'],
                                                   # every layer prefills with block_select: the selection only
                                                   # decides the decode, so the prefill row is block_select_30's
-                                                  ("eval/results/model_bench_block_select", "block_select", 30, {},
+                                                  (W512_PAIRED, "block_select", 30, {},
                                                    "weight_norm")),
 }
 DEFAULT_CONFIGS = ("exact", "local_w1024_30", "block_select_30")
 SMOLLM2_POSITIONS = 8192
+PAIRED_TIMING = "paired by article"  # a model bench record's "timing" (hf_sparse_attn.eval.bench.grid.PAIRED_TIMING)
 
 
 def parse_tasks(text: str) -> list[tuple[str, int]]:
@@ -196,38 +208,11 @@ def model_cell(name: str) -> Optional[dict]:
                 and cell.get("select", "weight_norm") == select \
                 and all(cell.get("params", {}).get(k) == v for k, v in params.items()):
             if cell.get("ppl_change_pct") is not None and cell.get("speedup") is not None:
+                # the 95% bootstrap intervals over articles are the benchmark report's own (bench.report.summarize)
                 return {"ppl_change_pct": cell["ppl_change_pct"], "speedup": cell["speedup"],
                         "articles": cell.get("articles"), "source": results_dir,
-                        **article_intervals(results_dir, cell["key"])}
+                        **{k: cell[k] for k in ("ppl_change_ci", "speedup_ci", "timing") if cell.get(k)}}
     return None
-
-
-def article_intervals(results_dir: str, key: str) -> dict:
-    """95% percentile-bootstrap intervals (articles resampled, 10,000 draws) of the perplexity change and the prefill
-    speed-up of cell ``key`` against the exact cell of the same results.jsonl (the articles both measured)."""
-    import numpy as np
-
-    from hf_sparse_attn.eval.store import read_records
-
-    articles: dict[str, dict[str, dict]] = {}
-    for record in read_records(os.path.join(results_dir, "results.jsonl")):
-        if record.get("kind") == "cell" and record.get("tokens", 8192) == 8192:
-            cell = "exact" if record["key"].startswith("exact|") else record["key"]
-            for a in record.get("per_article", []):
-                articles.setdefault(cell, {})[a["title"]] = a
-    exact, mine = articles.get("exact", {}), articles.get(key, {})
-    titles = sorted(set(exact) & set(mine))
-    if len(titles) < 2 or not all("prefill_s" in exact[t] and "prefill_s" in mine[t] for t in titles):
-        return {}
-    rng = np.random.default_rng(0)
-    draws = rng.integers(0, len(titles), size=(10000, len(titles)))
-    arr = lambda src, field: np.array([src[t][field] for t in titles], dtype=float)  # noqa: E731
-    nll_e, nll_m, tok = arr(exact, "nll_sum"), arr(mine, "nll_sum"), arr(exact, "tokens")
-    time_e, time_m = arr(exact, "prefill_s"), arr(mine, "prefill_s")
-    change = 100 * (np.exp((nll_m[draws].sum(1) - nll_e[draws].sum(1)) / tok[draws].sum(1)) - 1)
-    speed = time_e[draws].sum(1) / time_m[draws].sum(1)
-    q = lambda x: [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]  # noqa: E731
-    return {"ppl_change_ci": q(change), "speedup_ci": q(speed), "articles_paired": len(titles)}
 
 
 def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[str, Any]:
@@ -278,7 +263,8 @@ def write_markdown(out: str, result: dict) -> None:
              "the same seed), the configuration answers a: the facts a plan loses. \"served s/c\": prefill attention calls "
              "of the patched layers its method ran (the rest ran exact attention, e.g. prompts under `min_seq_len`); \"decode served\": "
              "decode steps its decode method ran (`_decode_<method>` configurations; the others decode with exact attention). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
-             "in the last column (each against its own exact run), with 95% bootstrap intervals over articles. RULER's essay haystack is replaced by offline "
+             "in the last column (each against its own exact run; \"paired\": the exact model and the plan timed article by article in turn, "
+             "the others every article exact, then every article patched), with 95% bootstrap intervals over articles. RULER's essay haystack is replaced by offline "
              "Wikipedia articles (niah tasks).", "",
              "| configuration | " + " | ".join(keys) + " | mean | perplexity change | prefill speed-up | source |",
              "|---|" + "---|" * (len(keys) + 4)]
@@ -298,7 +284,8 @@ def write_markdown(out: str, result: dict) -> None:
             f" [{m['ppl_change_ci'][0]:+.1f}, {m['ppl_change_ci'][1]:+.1f}]" if "ppl_change_ci" in m else "")
         speed = "not measured" if m is None else f"{m['speedup']:.2f}x" + (
             f" [{m['speedup_ci'][0]:.2f}, {m['speedup_ci'][1]:.2f}]" if "speedup_ci" in m else "")
-        source = "—" if m is None else m["source"] + (f" ({m['articles']} articles)" if m.get("articles") else "")
+        source = "—" if m is None else m["source"] + (f" ({m['articles']} articles" if m.get("articles") else "") + (
+            ", paired" if m.get("timing") == PAIRED_TIMING else "") + (")" if m.get("articles") else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {ppl} | {speed} | "
                      f"{source} |")
     lines += ["", "![frontier](frontier.png)", ""]
