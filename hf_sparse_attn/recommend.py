@@ -24,8 +24,8 @@ keeping 18 of 18 and 10 of 11 of its answers (eval/results/ruler_niah_8k/frontie
 ``local`` w1024 9 (keeps 2 of 9), 0 (keeps none of 9) and 0 (eval/results/ruler_recommended_8k/frontier.md).
 :data:`WINDOW_BY_R_RECOMMENDATION` (window 1024 on the half of the layers of largest R, 512 on the others, through
 ``patch_model``'s ``other_layers``) costs less perplexity, +3.6% on the same 10 articles, at 1.41x timed as above
-(eval/results/model_bench_frontier_paired/results.md; 1.59x in its own run), but kept fewer facts: niah_multikey_1 27 (6 of 9), pass key 41
-(8 of 9). The intervals of 22 samples overlap, so that is not a difference; facts come first, so it is not the
+(eval/results/model_bench_frontier_paired/results.md; 1.59x in its own run), but kept fewer facts: niah_multikey_1 27
+(6 of 9), pass key 41 (8 of 9). The intervals of 22 samples overlap, so that is not a difference; facts come first, so it is not the
 default. Window 768 with 256 selected columns (``local`` w1024's keys per row) runs at ``local``'s speed, 1.54x at +4.3%
 (eval/results/model_bench_block_select_w768_s256_paired/results.md), but kept one niah_multikey_1 answer fewer (7 of
 9). :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever prefers its perplexity.

@@ -105,7 +105,6 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
 }
 DEFAULT_CONFIGS = ("exact", "local_w1024_30", "block_select_30")
 SMOLLM2_POSITIONS = 8192
-PAIRED_TIMING = "paired by article"  # a model bench record's "timing" (hf_sparse_attn.eval.bench.grid.PAIRED_TIMING)
 
 
 def parse_tasks(text: str) -> list[tuple[str, int]]:
@@ -254,6 +253,8 @@ def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[s
 
 
 def write_markdown(out: str, result: dict) -> None:
+    from hf_sparse_attn.eval.bench.grid import PAIRED_TIMING
+
     keys = result["tasks"]
     lines = [f"# RULER / pass key of patched SmolLM2-135M-Instruct plans: {os.path.basename(os.path.normpath(out))}", "",
              f"Written by `scripts/ruler_frontier.py` (eval/experiments/{os.path.basename(os.path.normpath(out))}.toml) on "

@@ -15,8 +15,8 @@ pass-key retrieval at depths 0, 10, ..., 100 % (samples cycle through them).
 Order of work: arguments, tasks, lengths against the model's positions, the wonderwords word lists and the first
 sample of every (task, length) are checked with the tokenizer alone, before any model loads; then the processes join
 (torchrun), process 0 takes the output directory (``RunDir``: the settings recorded, a rerun with other settings
-refused naming what differs, a rerun that only adds tasks or lengths accepted, a lock while it runs), the model loads, and the processes deal out the samples still
-missing. Each sample is predicted by exactly one process and appended at once to a crash-safe JSONL file (kill -9
+refused naming what differs, a rerun that only adds tasks or lengths accepted, a lock while it runs), the model
+loads, and the processes deal out the samples still missing. Each sample is predicted by exactly one process and appended at once to a crash-safe JSONL file (kill -9
 loses at most the sample in flight; rerunning the same command resumes). Process 0 then merges the part files and
 writes ``result.json``, ``summary.json``, ``report.md`` and the plots. A patched run keeps what its plan's counters
 grew by during each sample in ``plan_counts.ndjson`` (:mod:`hf_sparse_attn.eval.plan_counts`): the served / fallback

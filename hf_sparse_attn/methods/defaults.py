@@ -100,8 +100,8 @@ BLOCK_SELECT_MIN_SEQ_LEN = LOCAL_MIN_SEQ_LEN
 # all 30 layers of SmolLM2 at 8k, same 10 articles, window 512 everywhere +6.3% perplexity at 1.77x prefill, 1024
 # everywhere +2.6% at 1.52x, 1024 on the half of largest R and 512 on the rest +3.6% at 1.59x, each in its own run
 # (eval/results/model_bench_hybrid_windows/results.md; timed article by article in turn with the exact model: 512
-# everywhere 1.50x, the half of largest R 1.41x, eval/results/model_bench_frontier_paired/results.md); local w512 instead of block_select on the low-R half: +4.8% at
-# 1.72x (eval/results/model_bench_hybrid/results.md). The half of largest R is where the needle mass of a pass-key
+# everywhere 1.50x, the half of largest R 1.41x, eval/results/model_bench_frontier_paired/results.md); local w512
+# instead of block_select on the low-R half: +4.8% at 1.72x (eval/results/model_bench_hybrid/results.md). The half of largest R is where the needle mass of a pass-key
 # probe sits (eval/results/retrieval_layers_smollm2/results.md). Not the default: at 8k it kept 6 of the unpatched
 # model's 9 niah_multikey_1 answers, window 512 everywhere 8 (eval/results/ruler_recommended_8k/frontier.md).
 BLOCK_SELECT_WIDE_WINDOW = 1024
