@@ -136,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
     check = ids[:, : args.check_tokens]
     with torch.no_grad():
         reference = model(check).logits
-        plan = patch_model(model, method="exact", layers=fast["layers"], select=fast["select"],
-                           calibration=fast.get("calibration"))
+        # the fast plan chooses its layers once (a retrieval probe, where it selects by one); the check patches the
+        # same layers with exact attention, and the timed run re-applies the plan as it is
+        fast_plan = patch_model(model, **fast)
+        unpatch_model(model)
+        plan = patch_model(model, method="exact", layers=fast_plan.patched_layers)
         diff = (model(check).logits - reference).abs().max().item()
         unpatch_model(model)
         identical = torch.equal(model(check).logits, reference)
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     with layer_progress(model, f"exact prefill, {long_ids.shape[1]} tokens"):
         exact_losses, t_exact = token_losses_and_time(model, long_ids)
-    plan = patch_model(model, **fast)
+    plan = patch_model(model, plan=fast_plan)
     with layer_progress(model, f"{method} prefill, {long_ids.shape[1]} tokens"):
         fast_losses, t_fast = token_losses_and_time(model, long_ids)
     plan.save(args.plan_out)
