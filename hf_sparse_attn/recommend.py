@@ -21,7 +21,8 @@ eval/results/model_bench_block_select_quiet/results.md); perplexity +6.3% (+2.7.
 RULER's niah_single_1 / niah_single_2 at 8k (20 samples each) it scores what the unpatched model scores (90 / 55),
 keeping 18 of 18 and 10 of 11 of its answers (eval/results/ruler_niah_8k/frontier.md); the pass key at depths 0-100%
 (22 keys) 45 against the unpatched 41 (keeps 9 of 9), niah_multikey_1 36 against 41 (keeps 8 of 9), vt 14 against 14;
-``local`` w1024 9 (keeps 2 of 9), 0 (keeps none of 9) and 0 (eval/results/ruler_recommended_8k/frontier.md).
+``local`` w1024 9 (keeps 2 of 9), 0 (keeps none of 9) and 0 (eval/results/ruler_recommended_8k/frontier.md), and
+niah_single_1 / niah_single_2 65 / 10 (keeps 13 of 18 and 2 of 11).
 :data:`WINDOW_BY_R_RECOMMENDATION` (window 1024 on the half of the layers of largest R, 512 on the others, through
 ``patch_model``'s ``other_layers``) costs less perplexity, +3.6% on the same 10 articles, at 1.41x timed as above
 (eval/results/model_bench_frontier_paired/results.md; 1.59x in its own run), but kept fewer facts: niah_multikey_1 27
