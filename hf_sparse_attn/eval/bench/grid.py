@@ -226,14 +226,8 @@ def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torc
     finally:
         if plan is not None:
             unpatch_model(model)
-    nll_sum = sum(a["nll_sum"] for a in per_article)
-    tokens_scored = sum(a["tokens"] for a in per_article)
-    record = {
-        "kind": "cell", "key": cell.key, **dataclasses.asdict(cell),
-        "perplexity": perplexity(nll_sum, tokens_scored), "nll_sum": nll_sum, "tokens_scored": tokens_scored,
-        "articles": len(per_article), "prefill_s": sum(a["prefill_s"] for a in per_article), "per_article": per_article,
-        "load_avg_1min": [load_before, os.getloadavg()[0]],
-    }
+    record = {"kind": "cell", "key": cell.key, **dataclasses.asdict(cell), **article_totals(per_article),
+              "load_avg_1min": [load_before, os.getloadavg()[0]]}
     if plan is not None:
         record["patched_layers"] = plan.patched_layers
         own = [i for i in plan.patched_layers if plan.layer(i).rank < cell.layers]  # the cell's `layers` chosen
@@ -248,18 +242,23 @@ def run_cell(model: torch.nn.Module, cell: Cell, texts: Sequence[tuple[str, torc
     return record
 
 
+def article_totals(per_article: Sequence[dict]) -> dict:
+    """A cell record's sums over its article records (``{"nll_sum", "tokens", "prefill_s", ...}``): perplexity,
+    nll_sum, tokens_scored, articles, prefill_s and the articles themselves."""
+    nll_sum = sum(a["nll_sum"] for a in per_article)
+    tokens_scored = sum(a["tokens"] for a in per_article)
+    return {"perplexity": perplexity(nll_sum, tokens_scored), "nll_sum": nll_sum, "tokens_scored": tokens_scored,
+            "articles": len(per_article), "prefill_s": sum(a["prefill_s"] for a in per_article),
+            "per_article": list(per_article)}
+
+
 def merge_article_records(parts: Sequence[dict]) -> dict:
     """One cell record from :func:`run_cell` records of the same cell on one article each (in article order): the
     articles, sums and perplexity over all of them, the calls served and fallbacks of every patch added up."""
-    per_article = [a for p in parts for a in p["per_article"]]
-    nll_sum = sum(a["nll_sum"] for a in per_article)
-    tokens_scored = sum(a["tokens"] for a in per_article)
     fallbacks: collections.Counter = collections.Counter()
     for p in parts:
         fallbacks.update(p["fallbacks"])
-    return {**parts[0], "perplexity": perplexity(nll_sum, tokens_scored), "nll_sum": nll_sum,
-            "tokens_scored": tokens_scored, "articles": len(per_article),
-            "prefill_s": sum(a["prefill_s"] for a in per_article), "per_article": per_article,
+    return {**parts[0], **article_totals([a for p in parts for a in p["per_article"]]),
             "load_avg_1min": [parts[0]["load_avg_1min"][0], parts[-1]["load_avg_1min"][1]],
             "served": sum(p["served"] for p in parts), "fallbacks": dict(fallbacks)}
 

@@ -399,10 +399,18 @@ def ratio_interval(baseline: Sequence[float], cell: Sequence[float], draws: int 
     replacement, ``draws`` times, a fixed generator): the interval of a speed-up measured on these prompts."""
     if len(baseline) != len(cell) or not baseline:
         raise ValueError("need one baseline and one cell value per prompt")
+    return _bootstrap(lambda total: total(baseline) / total(cell), len(baseline), draws, level)
+
+
+def _bootstrap(statistic: Callable, count: int, draws: int, level: float) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``statistic(total)`` over ``count`` prompts resampled with replacement
+    (``draws`` times, a fixed generator); ``total(values)`` is the [draws] float64 tensor of each draw's sum of
+    ``values`` (one per prompt)."""
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(baseline), (draws, len(baseline)), generator=g)
-    ratios = torch.tensor(baseline, dtype=torch.float64)[idx].sum(1) / torch.tensor(cell, dtype=torch.float64)[idx].sum(1)
-    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    idx = torch.randint(0, count, (draws, count), generator=g)
+    total = lambda values: torch.tensor(values, dtype=torch.float64)[idx].sum(1)  # noqa: E731
+    lo, hi = torch.quantile(statistic(total), torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                           dtype=torch.float64)).tolist()
     return lo, hi
 
 
@@ -413,9 +421,5 @@ def perplexity_change_interval(baseline_nll: Sequence[float], cell_nll: Sequence
     articles resampled with replacement, ``draws`` times, the generator of :func:`ratio_interval`)."""
     if not (len(baseline_nll) == len(cell_nll) == len(tokens)) or not tokens:
         raise ValueError("need one baseline loss, one cell loss and one token count per article")
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(tokens), (draws, len(tokens)), generator=g)
-    as64 = lambda v: torch.tensor(v, dtype=torch.float64)[idx].sum(1)  # noqa: E731
-    change = 100 * torch.expm1((as64(cell_nll) - as64(baseline_nll)) / as64(tokens))
-    lo, hi = torch.quantile(change, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
-    return lo, hi
+    return _bootstrap(lambda total: 100 * torch.expm1((total(cell_nll) - total(baseline_nll)) / total(tokens)),
+                      len(tokens), draws, level)

@@ -256,9 +256,9 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _timing_sentence(rows: Sequence[dict]) -> str:
-    """How the rows' prefills were timed: paired with the exact model article by article, or in two halves."""
-    paired = [r.get("timing") == PAIRED_TIMING for r in rows]
+def _timing_sentence(paired: Sequence[bool]) -> str:
+    """How the rows' prefills were timed (``paired``: per row, timed article by article in turn with the exact
+    model), or in two halves."""
     if all(paired):
         return ("Timing: the exact model and every cell were timed article by article in turn (an article exact, then "
                 "with each cell), so a drift of the machine during the run reaches both sides of a speed-up.")
@@ -318,6 +318,8 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
             lines.append(f"| {r['select']} | {r['seed']} | {r['perplexity']:.3f} | {r['ppl_change_pct']:+.1f}% | "
                          f"{ch[0]:+.1f}% / {med:+.1f}% / {ch[-1]:+.1f}% | "
                          + ("-" if r["select"] == "weight_norm" else f"{r['weight_norm_lower_on']}/{r['articles']}") + " |")
+    paired = [r.get("timing") == PAIRED_TIMING for r in summary["rows"]]
+    mixed = any(paired) and not all(paired)  # only then do the paired rows need a mark
     lines += ["", "## Every cell", "",
               "Perplexity = exp(mean natural-log loss) over the identical token set of each N; speed-up = this run's exact "
               "prefill time / the cell's (sums over the articles timed in the cell's run: 'prefill s' is that sum); in brackets, 95% "
@@ -326,11 +328,9 @@ def model_report_markdown(summary: dict, goals: Sequence[dict], *, header_lines:
               "load average of the machine before/after the cell (2 cores: above ~2 other jobs competed). 'articles' = scored "
               "(timed in the run of the speed-up): a cell extended to more articles in a later run is timed on the new ones; "
               "its change is against the exact model on its own articles. "
-              + _timing_sentence(summary["rows"]), "",
+              + _timing_sentence(paired), "",
               "| N | method | layers | select | seed | perplexity | change | median article change | articles (timed) | tokens scored | prefill s | speed-up | ceiling | served | fallbacks | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    paired = [r.get("timing") == PAIRED_TIMING for r in summary["rows"]]
-    mixed = any(paired) and not all(paired)  # only then do the paired rows need a mark
 
     def mark(r: dict) -> str:
         return " †" if mixed and r.get("timing") == PAIRED_TIMING else ""
