@@ -31,6 +31,7 @@ LOCAL_DECODE_ELSEWHERE = ('other_layers={method = "block_select", decode_method 
 # plan article by article in turn (bench model's paired protocol), on the same 10 articles with the other core busy
 W512_PAIRED = "eval/results/model_bench_block_select_w512_paired"  # the recommended prefill, window 512
 FRONTIER_PAIRED = "eval/results/model_bench_frontier_paired"  # local w1024 and block_select's windows by R
+W1024_S64_PAIRED = "eval/results/model_bench_block_select_w1024_s64_paired"  # local w1024 + 64 columns, and local
 
 # name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params[,
 # selection of that row, where it is not the configuration's own]), or None where they were not measured)
@@ -56,6 +57,10 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
                                    "num_selected=256"],
                                   ("eval/results/model_bench_block_select_w768_s256_paired", "block_select", 30,
                                    {"window": 768, "num_selected": 256})),
+    # local w1024's window and sinks plus 64 selected columns: 64 + 1024 + 64 = 1152 keys per row, 6% more than local
+    "block_select_w1024_s64_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024", "--param",
+                                   "num_selected=64"],
+                                  (W1024_S64_PAIRED, "block_select", 30, {"window": 1024, "num_selected": 64})),
     # block_select (window 1024) on the 15 layers of largest R, where the needle mass sits, local w512 on the others
     "hybrid_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
                    'other_layers={method = "local", window = 512}'],

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_sparse_attn import patch_model
+from hf_sparse_attn.patches import reasons
 from tiny_checkpoint import tiny_llama
 
 HYPER_SMALL = dict(block_size=16, sample_size=16, min_seq_len=32, causal_min_seq_len=32, window=8, num_sink_tokens=4)
@@ -79,3 +80,99 @@ def test_padded_batch_compiles_without_graph_breaks_and_matches_eager():
     dynamo.reset()
     torch.testing.assert_close(compiled[mask.bool()], eager[mask.bool()], rtol=1e-5, atol=1e-5)
     assert plan.layer(1).served >= 2 and not plan.layer(1).fallbacks, str(plan)
+
+
+# ---- calls against a KV cache (decode steps, a prefill into a StaticCache): one operator decides at run time ----
+
+DECODE_SMALL = dict(window=8, num_sink_tokens=2, min_seq_len=16)
+DECODE_PARAMS = dict(window=8, num_sink_tokens=2)
+
+
+def _greedy_steps(forward, model, ids, mask, steps: int = 3) -> torch.Tensor:
+    """Logits [B, steps + 1, V]: a prefill of ids [B, n] into a fresh StaticCache, then ``steps`` greedy decode steps
+    (``forward`` is the model or its compiled form)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 5)
+    n = ids.shape[1]
+    logits = [forward(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                      cache_position=torch.arange(n)).logits[:, -1]]
+    for step in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits.append(forward(logits[-1].argmax(-1, keepdim=True), attention_mask=mask, past_key_values=cache,
+                              use_cache=True, cache_position=torch.tensor([n + step])).logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+def _counts(plan) -> list:
+    return [(layer.served, layer.decode_served, dict(layer.fallbacks), dict(layer.decode_fallbacks)) for layer in plan.layers]
+
+
+@pytest.mark.parametrize("decode_method,padded", [("local", False), ("local", True), ("exact", True)])
+def test_compiled_decode_steps_serve_the_decode_method_without_graph_breaks(decode_method, padded):
+    """Decode steps against a StaticCache under torch.compile run the layer's decode method (not exact attention, as
+    before), with no graph break, the eager outputs and the eager counts; a left-padded batch too. ``exact`` (prefill
+    and decode): what the unpatched model computes."""
+    import torch._dynamo as dynamo
+
+    model = tiny_llama(101, num_layers=2)
+    ids = torch.randint(4, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :5] = 0
+    with torch.no_grad():
+        unpatched = _greedy_steps(model, model, ids, mask)
+        local = decode_method == "local"
+        plan = patch_model(model, method=decode_method, layers="all", decode_method=decode_method,
+                           decode_params=DECODE_PARAMS if local else None, **(DECODE_SMALL if local else {}))
+        eager = _greedy_steps(model, model, ids, mask)
+        eager_counts = _counts(plan)
+        assert all((layer.served, layer.decode_served) == (1, 3) for layer in plan.layers), str(plan)  # prefill, 3 steps
+        dynamo.reset()
+        explanation = dynamo.explain(model)(ids[:, :1], attention_mask=mask, use_cache=True,
+                                            past_key_values=_static_cache(model, ids.shape[1] + 1),
+                                            cache_position=torch.tensor([ids.shape[1] - 1]))
+        assert _package_breaks(explanation) == [], _package_breaks(explanation)
+        dynamo.reset()
+        plan.reset_counts()
+        compiled = _greedy_steps(torch.compile(model, backend="aot_eager"), model, ids, mask)
+    dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert _counts(plan) == eager_counts, str(plan)  # the operator decided and counted as the eager path
+    assert not any(layer.fallbacks or layer.decode_fallbacks for layer in plan.layers), str(plan)
+    if local:  # sinks + window 8 over a 40-token prompt: not what exact attention computes
+        assert (compiled[:, 1:] - unpatched[:, 1:]).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(compiled, unpatched, rtol=1e-4, atol=1e-4)
+
+
+def _static_cache(model, length: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def test_compiled_decode_with_an_index_runs_exact_with_its_reason():
+    """``lsh`` finds its index from the keys a GrowingCache layer hands over; a compiled graph hands them over without
+    their layer, so the step runs exact attention (the unpatched model's logits), counted as a compile fallback, not
+    as a missing GrowingCache."""
+    import torch._dynamo as dynamo
+    from transformers import DynamicCache
+
+    from hf_sparse_attn import GrowingCache
+
+    model = tiny_llama(101, num_layers=2)
+    ids = torch.randint(4, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = DynamicCache()
+        step = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        unpatched = model(step, past_key_values=cache, use_cache=True).logits
+        plan = patch_model(model, method="exact", layers="all", decode_method="lsh", decode_params=DECODE_PARAMS)
+        cache = GrowingCache(model.config)
+        model(ids, past_key_values=cache, use_cache=True)
+        dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")(step, past_key_values=cache, use_cache=True).logits
+    dynamo.reset()
+    torch.testing.assert_close(compiled, unpatched, rtol=1e-5, atol=1e-5)
+    for layer in plan.layers:
+        assert layer.decode_fallbacks == {reasons.DECODE_COMPILE_REASON: 1}, str(plan)

@@ -20,7 +20,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..kernels import needs_grad
 from .base import LayerRuntime, QKWeights, describe_call
+from .compiled_cache import attend_cache_compiled
 from .decode_step import decode_mask_of_call
 from .masks import compact_mask, dense_mask
 
@@ -118,6 +120,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     output_attentions = bool(kwargs.get("output_attentions", False))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
+    dropout_in_training = bool(module.training and dropout and dropout > 0)
+    cross_attention = bool(getattr(module, "is_cross_attention", False))
+    if (runtime.active and n_query != n_key and not compact and torch.compiler.is_compiling()
+            and runtime.capture is None and not output_attentions and not dropout_in_training
+            and not needs_grad(query, key, value)):  # against a cache, traced: decided at run time (compiled_cache.py)
+        out = attend_cache_compiled(runtime.token, query, key, value, attention_mask, causal=causal, scale=scale,
+                                    cross_attention=cross_attention, unsupported_inputs=_unsupported_inputs(kwargs))
+        return out.transpose(1, 2).contiguous(), None
     if runtime.active or runtime.capture is not None:
         recognized = attention_mask is None or compact
         key_padding_mask = attention_mask if compact else None
@@ -131,8 +141,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if runtime.active:
             call = describe_call(
                 query, key, value, scale=scale, causal=causal, mask_recognized=recognized,
-                output_attentions=output_attentions, dropout_in_training=bool(module.training and dropout and dropout > 0),
-                cross_attention=bool(getattr(module, "is_cross_attention", False)),
+                output_attentions=output_attentions, dropout_in_training=dropout_in_training,
+                cross_attention=cross_attention,
                 unsupported_inputs=_unsupported_inputs(kwargs), kv_len=valid,
             )
             out = runtime.attend(query, key, value, scale=scale, causal=causal, key_padding_mask=key_padding_mask,

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import threading
 import json
+import weakref
 from typing import Any, Optional, Protocol
 
 import torch
@@ -208,6 +210,20 @@ def exact_reason(call: AttentionCall, *, min_seq_len: int = 0, supports_grad: bo
     return None
 
 
+_RUNTIMES: "weakref.WeakValueDictionary[int, LayerRuntime]" = weakref.WeakValueDictionary()
+_RUNTIME_TOKENS = itertools.count()
+
+
+def runtime_of_token(token: int) -> "LayerRuntime":
+    """The live :class:`LayerRuntime` whose ``token`` is ``token`` (how a compiled graph names a layer's runtime:
+    compiled_cache.py)."""
+    runtime = _RUNTIMES.get(int(token))
+    if runtime is None:
+        raise RuntimeError(f"no patched layer has runtime token {token}: the model was unpatched after this graph was "
+                           "compiled; compile it again (torch._dynamo.reset())")
+    return runtime
+
+
 class LayerRuntime:
     """One attention layer at run time: its prefill method and its decode method (either may be None: not chosen),
     its counters, an optional capture list.
@@ -229,6 +245,8 @@ class LayerRuntime:
         self.layer_plan = layer_plan  # a plan.LayerPlan whose counters we update, or None
         self.previous_implementation = "sdpa"  # set by the adapter: what the layer ran before patching
         self.capture: Optional[list[CapturedAttention]] = None
+        self.token = next(_RUNTIME_TOKENS)  # names this runtime inside a compiled graph (compiled_cache.py)
+        _RUNTIMES[self.token] = self
         if method is not None:
             self._spec = get_spec(method)
             self._fn = self._spec.fn
@@ -331,18 +349,20 @@ class LayerRuntime:
         causal: bool,
         key_padding_mask: Optional[torch.Tensor],
         call: Optional[AttentionCall] = None,
+        traced: bool = False,
     ) -> Optional[torch.Tensor]:
         """query [B, H, Nq, D], key/value [B, Hkv, L, D] (the first ``call.kv_len`` positions valid),
         key_padding_mask [B, kv_len] bool or None. ``call``: the adapter's description of the call
-        (:func:`describe_call`); None describes plain self-attention with this mask. Returns the method's output
-        [B, H, Nq, D], or None (exact attention; the reason is counted)."""
+        (:func:`describe_call`); None describes plain self-attention with this mask. ``traced``: the call comes from
+        a compiled graph's operator (compiled_cache.py), whose keys no longer lead to their cache layer. Returns the
+        method's output [B, H, Nq, D], or None (exact attention; the reason is counted)."""
         if not self.active:
             return None
         if call is None:
             call = describe_call(query, key, value, scale=scale, causal=causal)
         decision = self.decide(call)  # the shared rules first: no KV-head expansion for a call that runs exact
         if decision.path == SERVE_DECODE:
-            return self._attend_cache(query, key, value, call, key_padding_mask)
+            return self._attend_cache(query, key, value, call, key_padding_mask, traced)
         if decision.path == SERVE_CHUNK:
             out, _lse = self._spec.chunk_fn(query, key, value, scale=call.scale, kv_len=call.kv_len,
                                             key_padding_mask=key_padding_mask, **self.params)
@@ -373,15 +393,16 @@ class LayerRuntime:
         return out
 
     def _attend_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall,
-                      key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                      key_padding_mask: Optional[torch.Tensor], traced: bool = False) -> Optional[torch.Tensor]:
         """The decode method over the cache: query [B, H, Nq, D], key / value [B, Hkv, L, D] (grouped heads, first
         call.kv_len valid). A method with an index (``lsh``) finds it on the cache layer (decode_cache.py) and
-        brings it up to date; without a cache that keeps one the call runs exact attention, counted."""
+        brings it up to date; without a cache that keeps one, or in a compiled graph (``traced``), the call runs
+        exact attention, counted."""
         index = None
         if self._decode_spec.uses_index:
-            index = self._cache_index(key, call, key_padding_mask)
+            index = None if traced else self._cache_index(key, call, key_padding_mask)
             if index is None:
-                self._count_fallback(NO_INDEXED_CACHE_REASON, against_cache=True)
+                self._count_fallback(DECODE_COMPILE_REASON if traced else NO_INDEXED_CACHE_REASON, against_cache=True)
                 return None
         out, _lse = self._decode_fn(query, key, value, scale=call.scale, kv_len=call.kv_len,
                                     key_padding_mask=key_padding_mask, index=index, **self.decode_params)

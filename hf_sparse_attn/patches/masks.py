@@ -58,10 +58,9 @@ def compact_mask(
         q_length = int(kwargs["q_length"])
     else:  # transformers 5.0: the queries' positions
         q_length = int(kwargs["cache_position"].shape[0])
-    q_offset = int(kwargs.get("q_offset", 0) or 0)
     plain = (
         _plain_kind(mask_function, kwargs.get("config")) is not None
-        and q_length == kv_length and q_offset == 0 and kv_offset == 0
+        and q_length == kv_length and _is_zero(kwargs.get("q_offset", 0)) and kv_offset == 0
         and (attention_mask is None or (attention_mask.dim() == 2 and tuple(attention_mask.shape) == (batch_size, kv_length)))
     )
     if not plain:
@@ -74,6 +73,17 @@ def compact_mask(
     if not torch.compiler.is_compiling() and bool(key_padding_mask.all()):
         return None
     return key_padding_mask
+
+
+def _is_zero(offset: Any) -> bool:
+    """Whether the queries' offset in the cache is 0. A StaticCache gives it as a tensor (transformers 5.x), whose
+    value cannot be read while torch.compile traces: there it counts as non-zero (sdpa_mask's dense mask is exact for
+    every offset)."""
+    if offset is None:
+        return True
+    if isinstance(offset, torch.Tensor):
+        return not torch.compiler.is_compiling() and int(offset) == 0
+    return int(offset) == 0
 
 
 _SDPA_MASK_TAKES_Q_LENGTH: Optional[bool] = None

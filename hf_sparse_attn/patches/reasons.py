@@ -17,7 +17,8 @@ The rules that give them, in the order the decision applies them (the first that
 For calls against a KV cache served by a decode method, rule 6 does not apply, rule 7 always holds when a gradient is
 needed (decode methods have no backward), and the decode path adds:
 
-- ``DECODE_COMPILE_REASON``       the call is traced by torch.compile (decode methods run eagerly)
+- ``DECODE_COMPILE_REASON``       the call is traced by torch.compile and its decode method runs only eagerly (an index
+                                  kept with the cache; every decode method in ChatGLM's adapter)
 - ``NO_INDEXED_CACHE_REASON``     the decode method keeps an index with the cache, and the cache keeps none
 """
 
@@ -30,7 +31,7 @@ DROPOUT_REASON = "attention dropout in training"
 DECODE_REASON = NOT_SELF_ATTENTION_REASON
 FULL_MASK_REASON = "mask is not causal + key padding (sliding window, packed sequences or a custom mask)"
 UNSUPPORTED_INPUT_REASON = "position bias / softcap / sliding window"
-DECODE_COMPILE_REASON = "decode step under torch.compile (decode methods run eagerly)"
+DECODE_COMPILE_REASON = "decode step under torch.compile (this decode method runs eagerly only)"
 NO_INDEXED_CACHE_REASON = ("the decode method keeps an index with the KV cache: pass "
                            "past_key_values=hf_sparse_attn.GrowingCache(model.config)")
 
