@@ -176,3 +176,30 @@ def test_compiled_decode_with_an_index_runs_exact_with_its_reason():
     torch.testing.assert_close(compiled, unpatched, rtol=1e-5, atol=1e-5)
     for layer in plan.layers:
         assert layer.decode_fallbacks == {reasons.DECODE_COMPILE_REASON: 1}, str(plan)
+
+
+def test_a_compiled_prompt_fed_in_chunks_runs_the_prefill_methods_chunks():
+    """A prompt fed in two chunks against a StaticCache, compiled: the second chunk (q_len < kv_len) is served by the
+    prefill method's chunk function at run time (before, exact attention with the compile reason), as in eager."""
+    import torch._dynamo as dynamo
+
+    model = tiny_llama(101, num_layers=2)
+    ids = torch.randint(4, 100, (1, 48), generator=torch.Generator().manual_seed(0))
+    plan = patch_model(model, method="local", layers="all", decode_method="local", decode_params=DECODE_PARAMS,
+                       **DECODE_SMALL)
+    outputs, counts = [], []
+    for forward in (model, "compiled"):
+        plan.reset_counts()
+        dynamo.reset()
+        cache = _static_cache(model, 64)
+        run = torch.compile(model, backend="aot_eager") if forward == "compiled" else model
+        with torch.no_grad():
+            for start, stop in ((0, 24), (24, 48)):
+                logits = run(ids[:, start:stop], attention_mask=torch.ones(1, stop, dtype=torch.long),
+                             past_key_values=cache, use_cache=True, cache_position=torch.arange(start, stop)).logits
+        outputs.append(logits)
+        counts.append(_counts(plan))
+    dynamo.reset()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    assert counts[1] == counts[0], counts
+    assert all(layer.served == 2 and not layer.fallbacks for layer in plan.layers), str(plan)  # both chunks served
