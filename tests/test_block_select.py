@@ -83,7 +83,7 @@ def test_planted_needle_is_selected_and_served_far_outside_the_window(block_size
     assert err_local > 0.3 and err_mine < 0.2 * err_local, (err_mine, err_local)
     # the selected set holds the needle (its block of 64, or its own column) in every head
     probe = probe_rows(q, k, v, scale=scale, key_valid=None, num_probes=64, want_mass=True)
-    pos, ok = vertical_blocks(probe[4], key_valid=None, num_sinks=16, window=128, block_size=block_size,
+    pos, ok = vertical_blocks(probe[4], queries=q, key_valid=None, num_sinks=16, window=128, block_size=block_size,
                               num_blocks=256 // block_size)
     assert pos.shape == (1, 2, 1, 256)
     assert all(bool(((pos[0, h, 0] == 300) & ok[0, h, 0]).any()) for h in range(2))
@@ -243,7 +243,7 @@ def test_equals_dense_masked_reference_of_its_key_sets(selection, block_size):
                                                                        key_padding_mask=mask)
     if selection == "vertical":
         probe = probe_rows(q, k, v, scale=SCALE, key_valid=mask, num_probes=16, want_mass=True)
-        pos, ok = vertical_blocks(probe[4], key_valid=mask, num_sinks=S, window=W, block_size=block_size,
+        pos, ok = vertical_blocks(probe[4], queries=q, key_valid=mask, num_sinks=S, window=W, block_size=block_size,
                                   num_blocks=-(-40 // block_size))
         rows_per_set = N
     else:
@@ -268,3 +268,35 @@ def test_equals_dense_masked_reference_of_its_key_sets(selection, block_size):
             rows = torch.ones(N, dtype=torch.bool)
             rows[probe[0][b][probe[1][b]]] = False  # the probe rows are exact instead
             torch.testing.assert_close(out[b, h, rows], ref[rows], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_no_probe_rows_is_local(padded):
+    """``probe_queries=0`` selects nothing (the parameter table: "0: nothing selected, i.e. local"): the output is
+    local's with the same window and sinks, bit for bit, left padding included (it raised before: the empty key set
+    had no batch or head dimension)."""
+    q, k, v = _qkv(B=2, H=2, N=200, D=16, seed=3)
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    if padded:
+        mask[1, :13] = False
+    mask = mask if padded else None
+    local, local_lse = get_method("local", window=16, num_sink_tokens=4)(q, k, v, causal=True, scale=SCALE,
+                                                                        key_padding_mask=mask)
+    for num_selected in (0, 40):
+        out, lse = get_method("block_select", **dict(SMALL, probe_queries=0, num_selected=num_selected))(
+            q, k, v, causal=True, scale=SCALE, key_padding_mask=mask)
+        torch.testing.assert_close(out, local, rtol=0, atol=0)
+        torch.testing.assert_close(lse, local_lse, rtol=0, atol=0)
+
+
+def test_a_chunk_with_no_probe_rows_is_locals_chunk():
+    from hf_sparse_attn.methods.block_select import block_select_chunk
+    from hf_sparse_attn.methods.local import local_chunk
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 20, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 200, 16, generator=g)
+    mine, _ = block_select_chunk(q, k, v, scale=SCALE, kv_len=200, window=16, num_sink_tokens=4, probe_queries=0,
+                                 num_selected=40)
+    local, _ = local_chunk(q, k, v, scale=SCALE, kv_len=200, window=16, num_sink_tokens=4)
+    torch.testing.assert_close(mine, local, rtol=0, atol=0)

@@ -120,7 +120,7 @@ def block_select_attention(
     probe = probe_rows(qf, kf, vf, scale=scale, key_valid=mask, num_probes=int(probe_queries),
                        want_mass=selection == "vertical")
     if selection == "vertical":
-        pos, ok = vertical_blocks(probe[4], key_valid=mask, num_sinks=num_sinks, window=W, block_size=bs,
+        pos, ok = vertical_blocks(probe[4], queries=qf, key_valid=mask, num_sinks=num_sinks, window=W, block_size=bs,
                                   num_blocks=num_blocks)
         rows_per_set = N
     else:
@@ -248,18 +248,18 @@ def probe_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, *, scale: f
     return pos, valid, out, lse, mass
 
 
-def vertical_blocks(mass: Optional[torch.Tensor], *, key_valid: Optional[torch.Tensor], num_sinks: int, window: int,
-                    block_size: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vertical_blocks(mass: Optional[torch.Tensor], *, queries: torch.Tensor, key_valid: Optional[torch.Tensor],
+                    num_sinks: int, window: int, block_size: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """MInference's vertical estimate, per head: the ``num_blocks`` key blocks of ``block_size`` keys with the most
     probe mass among the keys some row may attend outside its sinks and window (S <= j <= last valid row - W).
 
-    mass [B, H, N] float32 from :func:`probe_rows` (None: no probes, nothing selected). Returns pos [B, H, 1, M]
+    mass [B, H, N] float32 from :func:`probe_rows` (None: no probes, nothing selected); queries [B, H, Nq, D] the rows
+    the keys are selected for (their batch, heads and device). Returns pos [B, H, 1, M]
     int64 (M = num_blocks' keys, ascending positions, clamped into [0, N)) and ok [B, H, 1, M] bool (the key exists,
     is valid and is no sink); blocks are taken by mass, then (ties) by index.
     """
     if mass is None or num_blocks == 0:
-        B, H = (0, 0) if mass is None else mass.shape[:2]
-        empty = torch.zeros(B, H, 1, 0, dtype=torch.long)
+        empty = torch.zeros(*queries.shape[:2], 1, 0, dtype=torch.long, device=queries.device)
         return empty, empty.bool()
     B, H, N = mass.shape
     device = mass.device
@@ -536,7 +536,7 @@ def block_select_chunk(
         probe = _chunk_probe(qb, kb, vb, scale=scale, key_valid=valid, num_probes=int(probe_queries),
                              want_mass=selection == "vertical")
         if selection == "vertical":
-            pos, ok = vertical_blocks(probe[2], key_valid=valid, num_sinks=min(S, n), window=W, block_size=bs,
+            pos, ok = vertical_blocks(probe[2], queries=qb, key_valid=valid, num_sinks=min(S, n), window=W, block_size=bs,
                                       num_blocks=num_blocks)
             first_set, rows_per_set = 0, n
         else:
