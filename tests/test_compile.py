@@ -203,3 +203,27 @@ def test_a_compiled_prompt_fed_in_chunks_runs_the_prefill_methods_chunks():
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     assert counts[1] == counts[0], counts
     assert all(layer.served == 2 and not layer.fallbacks for layer in plan.layers), str(plan)  # both chunks served
+
+
+def test_generate_with_a_static_cache_and_a_fullgraph_compiled_forward():
+    """transformers' compiled generation path (``cache_implementation="static"``, the forward compiled with
+    fullgraph=True, which fails on any graph break): a patched model generates the unpatched model's tokens for a
+    left-padded batch, every decode step served by the exact decode method."""
+    import torch._dynamo as dynamo
+
+    model = tiny_llama(101, num_layers=2)
+    ids = torch.randint(4, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    reference = model.generate(input_ids=ids, **kwargs)
+    plan = patch_model(model, method="exact", layers="all", decode_method="exact")
+    dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    try:
+        generated = model.generate(input_ids=ids, **kwargs)
+    finally:
+        del model.forward
+        dynamo.reset()
+    assert torch.equal(generated, reference)
+    assert all(layer.decode_served == 5 and not layer.decode_fallbacks for layer in plan.layers), str(plan)
