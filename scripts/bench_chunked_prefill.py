@@ -31,11 +31,11 @@ import argparse
 import datetime
 import json
 import os
-import shlex
-import sys
 import time
 
 import torch
+
+from hf_sparse_attn.eval.script_report import command_line, write_report
 
 CONFIGS = ("unpatched_chunked", "recommended_chunked", "unpatched_whole", "recommended_whole")
 
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args(argv)
     if args.report_only:
-        with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-            f.write(markdown(saved))
+        write_report(args.out, markdown)
         return 0
     torch.set_num_threads(1)
     import transformers
@@ -182,13 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": datetime.date.today().isoformat(),
               "machine": machine_description("2 cores shared with other jobs"),
               "torch": torch.__version__, "transformers": transformers.__version__,
-              "command": f"taskset -c {','.join(map(str, sorted(os.sched_getaffinity(0))))} .venv/bin/python "
-                         + " ".join(shlex.quote(a) for a in sys.argv),
+              "command": command_line(),
               "load_before": load_before, "load_after": os.getloadavg()[0], "length": args.length,
               "chunk": args.chunk, "repeats": args.repeats, "plan": plan.to_dict(), "configs": summary}
-    write_json(os.path.join(args.out, "results.json"), result)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(result))
+    write_report(args.out, markdown, result)
     print(markdown(result))
     return 0
 

@@ -30,16 +30,16 @@ import argparse
 import contextlib
 import copy
 import datetime
-import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
 from typing import Any, Callable
 
 import torch
+
+from hf_sparse_attn.eval.script_report import command_line, write_report
 
 PARTS = ("attention", "cache_append", "mask", "lm_head")
 KINDS = ("dynamic", "growing", "exact_decode")
@@ -209,16 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args(argv)
     if args.report_only:
-        with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-            f.write(markdown(saved))
+        write_report(args.out, markdown)
         return 0
     torch.set_num_threads(1)
     import transformers
 
     from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles
-    from hf_sparse_attn.eval.store import write_json
 
     model, tokenizer = load_smollm2()
     longest = max(args.contexts)
@@ -238,14 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                                            for k in args.kinds), file=sys.stderr)
     result = {"machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU; 2 cores shared with other jobs", "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-              "command": f"taskset -c {','.join(map(str, sorted(os.sched_getaffinity(0))))} .venv/bin/python "
-                         + " ".join(shlex.quote(a) for a in sys.argv),
+              "command": command_line(),
               "article": title, "contexts": args.contexts, "steps": args.steps, "kinds": args.kinds,
               "load_before": load_before, "load_after": os.getloadavg()[0], "by_context": by_context}
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "results.json"), result)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(result))
+    write_report(args.out, markdown, result)
     print(f"wrote {args.out}/results.json and results.md")
     return 0
 
