@@ -122,8 +122,9 @@ def parse_tasks(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def run_config(name: str, out: str, tasks: list[tuple[str, int]], samples: int) -> None:
-    """One `ruler` run per length of the configuration (its tasks at that length) into OUT/<name>/<length>."""
+def run_config(name: str, out: str, tasks: list[tuple[str, int]], samples: int, seed: int = 0) -> None:
+    """One `ruler` run per length of the configuration (its tasks at that length) into OUT/<name>/<length>; ``seed``
+    draws the samples (another seed: other needles, keys and haystacks)."""
     args, _ = CONFIGS[name]
     by_length: dict[int, list[str]] = {}
     for task, length in tasks:
@@ -132,7 +133,7 @@ def run_config(name: str, out: str, tasks: list[tuple[str, int]], samples: int) 
     for length, names in sorted(by_length.items()):
         command = [sys.executable, "-m", "hf_sparse_attn.cli", "ruler", "--model", "smollm2", "--tasks",
                    ",".join(names), "--lengths", str(length), "--samples", str(samples),
-                   "--out", os.path.join(out, name, str(length)), *args]
+                   "--seed", str(seed), "--out", os.path.join(out, name, str(length)), *args]
         if length > SMOLLM2_POSITIONS:  # beyond the checkpoint's positions: RoPE YaRN-scaled, as model_bench_scaling
             command += ["--rope-scaling", "yarn"]
         print("+", " ".join(command), flush=True)
@@ -336,6 +337,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tasks", default="passkey:8192,niah_single_1:4096", help="TASK:LENGTH items")
     parser.add_argument("--samples", type=int, default=11, help="samples per task and length (passkey: 11 = one "
                                                                 "per depth 0, 10, ..., 100%%)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (and of each plan), passed to ruler")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -345,7 +347,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tasks = parse_tasks(args.tasks)
     if not args.report_only:
         for name in configs:
-            run_config(name, args.out, tasks, args.samples)
+            run_config(name, args.out, tasks, args.samples, args.seed)
     done, found = measured(args.out)
     report(args.out, done, [t for t in tasks if t in found] + [t for t in found if t not in tasks])
     print(open(os.path.join(args.out, "frontier.md"), encoding="utf-8").read())
