@@ -61,6 +61,14 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
     "block_select_w1024_s64_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024", "--param",
                                    "num_selected=64"],
                                   (W1024_S64_PAIRED, "block_select", 30, {"window": 1024, "num_selected": 64})),
+    # the same prefill with recommended(model)'s decode: exact on the 20 layers of largest R, local on the others
+    "block_select_w1024_s64_30_decode_split_20": (["--method", "block_select", "--layers", "20", "--param", "window=1024",
+                                                   "--param", "num_selected=64", "--decode-method", "exact", "--param",
+                                                   'other_layers={method = "block_select", window = 1024, '
+                                                   'num_selected = 64, decode_method = "local", decode_params = '
+                                                   '{window = 1024, num_sink_tokens = 64}}'],
+                                                  (W1024_S64_PAIRED, "block_select", 30,
+                                                   {"window": 1024, "num_selected": 64})),
     # block_select (window 1024) on the 15 layers of largest R, where the needle mass sits, local w512 on the others
     "hybrid_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
                    'other_layers={method = "local", window = 512}'],
