@@ -46,7 +46,7 @@ WARMUP_STEPS = 2  # the compiling call and one more
 def patched_copy(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """The model of ``kind`` (a patched deep copy, or ``model`` itself for ``unpatched``)."""
     from hf_sparse_attn import patch_model, recommended
-    from hf_sparse_attn.recommend import BLOCK_SELECT_PREFILL, LOCAL_DECODE
+    from hf_sparse_attn.recommend import LOCAL_DECODE, RECOMMENDED_PREFILL
 
     if kind == "unpatched":
         return model
@@ -54,7 +54,7 @@ def patched_copy(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     if kind == "recommended":
         patch_model(copied, **recommended(copied))
     else:
-        patch_model(copied, **BLOCK_SELECT_PREFILL, layers="all", **LOCAL_DECODE)
+        patch_model(copied, **RECOMMENDED_PREFILL, layers="all", **LOCAL_DECODE)
     return copied
 
 

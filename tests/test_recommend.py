@@ -6,6 +6,7 @@ import torch
 
 from hf_sparse_attn import patch_model, unpatch_model
 from hf_sparse_attn.methods import get_spec
+from hf_sparse_attn.methods.defaults import RECOMMENDED_BLOCK_SELECT_NUM_SELECTED, RECOMMENDED_BLOCK_SELECT_WINDOW
 from hf_sparse_attn.recommend import LOCAL_RECOMMENDATION, WINDOW_BY_R_RECOMMENDATION, is_causal_lm, recommended
 from tiny_checkpoint import tiny_llama
 
@@ -69,6 +70,8 @@ def test_causal_lm_gets_block_select_on_all_layers_and_exact_decode_where_r_is_l
     assert [layer.decode_method for layer in by_r] == ["exact"] * 4 + ["local"] * 2  # round(2/3 x 6) of largest R
     assert by_r[-1].decode_params == {"window": 1024, "num_sink_tokens": 64}
     assert by_r[0].params == by_r[-1].params  # one prefill everywhere
+    assert (by_r[0].params["window"], by_r[0].params["num_selected"]) == (RECOMMENDED_BLOCK_SELECT_WINDOW,
+                                                                          RECOMMENDED_BLOCK_SELECT_NUM_SELECTED)
 
 
 def test_encoder_gets_sparse_hyper_on_all_layers():
@@ -100,7 +103,7 @@ def test_recommended_returns_a_fresh_copy():
     model = _tiny_llama(4096)
     kwargs = recommended(model)
     kwargs["window"] = 7
-    assert recommended(model)["window"] == 512
+    assert recommended(model)["window"] == RECOMMENDED_BLOCK_SELECT_WINDOW
 
 
 def test_with_a_tokenizer_the_least_needle_layers_decode_locally_and_the_others_exactly():

@@ -106,6 +106,17 @@ BLOCK_SELECT_MIN_SEQ_LEN = LOCAL_MIN_SEQ_LEN
 # model's 9 niah_multikey_1 answers, window 512 everywhere 8 (eval/results/ruler_recommended_8k/frontier.md).
 BLOCK_SELECT_WIDE_WINDOW = 1024
 BLOCK_SELECT_WIDE_LAYERS = 0.5
+# The prefill of recommend.CAUSAL_RECOMMENDATION (the method's own defaults above stay the kernel's): local w1024's
+# window and sinks plus 64 selected key columns (1152 keys per row). SmolLM2 at 8k, 10 articles, one thread, each
+# paired with the exact model, the two plans timed at the same time on the two cores: 1.45x [1.42, 1.47] against window
+# 512 + 512 columns' 1.43x [1.40, 1.46] (eval/results/model_bench_speed_w1024_s64_beside_w512/results.md,
+# eval/results/model_bench_speed_w512_beside_w1024_s64/results.md), perplexity +3.1% against +6.3%; RULER at 8k: pass
+# key 45 (9 of 9 kept) as window 512, niah_single_1/2 90 / 50 against 90 / 55 (10 of 11 kept each),
+# niah_multikey_1 over two draws 21 of the unpatched model's 25 answers kept against 20
+# (eval/results/ruler_recommended_8k/frontier.md, eval/results/ruler_niah_8k/frontier.md,
+# eval/results/ruler_multikey_8k_seed1/frontier.md).
+RECOMMENDED_BLOCK_SELECT_WINDOW = 1024
+RECOMMENDED_BLOCK_SELECT_NUM_SELECTED = 64
 # Decode steps of the recommended plans: exact on some layers, sinks + window (local, its defaults) on the others, every
 # layer keeping block_select's prefill. SmolLM2 at 8k (8000-token prompts, one thread, against the unpatched model's
 # DynamicCache; RULER: 22 pass keys at depths 0-100% and 22 niah_multikey_1 samples at 8k):
