@@ -181,12 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from hf_sparse_attn.eval.bench.measure import ratio_interval
-    from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles
+    from hf_sparse_attn.eval.data import first_article_of, load_smollm2
 
     model, tokenizer = load_smollm2()
     longest = max(args.contexts)
-    title, ids = next((t, tokenizer(x, return_tensors="pt").input_ids) for t, x in wikipedia_articles(min_chars=longest)
-                      if len(tokenizer(x).input_ids) >= longest)
+    title, ids = first_article_of(tokenizer, longest)
     load_before = os.getloadavg()[0]
     models = {kind: patched_copy(model, kind) for kind in args.kinds}
     by_context = {}

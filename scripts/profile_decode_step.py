@@ -214,12 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     import transformers
 
-    from hf_sparse_attn.eval.data import load_smollm2, wikipedia_articles
+    from hf_sparse_attn.eval.data import first_article_of, load_smollm2
 
     model, tokenizer = load_smollm2()
     longest = max(args.contexts)
-    title, ids = next((t, tokenizer(x, return_tensors="pt").input_ids) for t, x in wikipedia_articles(min_chars=longest)
-                      if len(tokenizer(x).input_ids) >= longest)
+    title, ids = first_article_of(tokenizer, longest)
     load_before = os.getloadavg()[0]
     by_context = {}
     models = {kind: model for kind in args.kinds}

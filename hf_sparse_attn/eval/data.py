@@ -119,6 +119,16 @@ def wikipedia_articles(min_chars: int = 0) -> list[tuple[str, str]]:
     return [(t, x) for t, x in _all_articles() if len(x) >= min_chars]
 
 
+def first_article_of(tokenizer, tokens: int) -> tuple[str, torch.Tensor]:
+    """(title, input_ids [1, n]) of the first Wikipedia article that ``tokenizer`` makes at least ``tokens`` tokens of
+    (the whole article: n >= tokens)."""
+    for title, text in wikipedia_articles(min_chars=tokens):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] >= tokens:
+            return title, ids
+    raise ValueError(f"no Wikipedia article has {tokens} tokens or more")
+
+
 def wikipedia_sentences(n: Optional[int] = None, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:
     """Sentences from those articles (split on '. ' and line breaks), ``n`` of them drawn with ``seed``."""
     sentences = []
