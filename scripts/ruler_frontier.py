@@ -69,6 +69,17 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
                                                    '{window = 1024, num_sink_tokens = 64}}'],
                                                   (W1024_S64_PAIRED, "block_select", 30,
                                                    {"window": 1024, "num_selected": 64})),
+    # the same prefill with recommended(model, tokenizer)'s decode: local on the 20 layers of least needle attention
+    # on a pass-key probe, exact on the other 10 (every layer prefills with block_select: the prefill row is the plan's)
+    "block_select_w1024_s64_30_decode_local_20_retrieval": (["--method", "block_select", "--layers", "20", "--select",
+                                                             "retrieval", "--param", "window=1024", "--param",
+                                                             "num_selected=64", "--decode-method", "local",
+                                                             "--decode-param", "window=1024", "--decode-param",
+                                                             "num_sink_tokens=64", "--param",
+                                                             'other_layers={method = "block_select", window = 1024, '
+                                                             'num_selected = 64, decode_method = "exact"}'],
+                                                            (W1024_S64_PAIRED, "block_select", 30,
+                                                             {"window": 1024, "num_selected": 64}, "weight_norm")),
     # block_select (window 1024) on the 15 layers of largest R, where the needle mass sits, local w512 on the others
     "hybrid_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
                    'other_layers={method = "local", window = 512}'],
