@@ -586,3 +586,20 @@ def test_two_processes_appending_large_records_to_one_file_never_interleave(tmp_
         mine = [r for r in records if r["writer"] == writer_name]
         assert [r["i"] for r in mine] == list(range(40))
         assert all(r["payload"] == writer_name * 100_000 for r in mine)
+
+
+def test_kernel_configs_from_the_command_line():
+    """The kernel benchmarks' ``--configs``: a table name or NAME=METHOD:param=value,...; a wrong name, a pair
+    without '=' or a parameter the method does not take fails before any timing, naming what to write."""
+    from hf_sparse_attn.eval.bench.kernel_suite import parse_kernel_configs
+
+    table = {"local w512": ("local", {"window": 512})}
+    specs = parse_kernel_configs(["local w512", "mine=block_select:window=1024,num_selected=64"], table)
+    assert specs == {"local w512": ("local", {"window": 512}),
+                     "mine": ("block_select", {"window": 1024, "num_selected": 64})}
+    with pytest.raises(SystemExit, match="neither a name of the built-in table"):
+        parse_kernel_configs(["local w2048"], table)
+    with pytest.raises(SystemExit, match="is not param=value"):
+        parse_kernel_configs(["mine=local:window"], table)
+    with pytest.raises(Exception, match="num_selected"):
+        parse_kernel_configs(["mine=local:num_selected=3"], table)

@@ -227,10 +227,19 @@ def test_compiled_patched_model_matches_eager():
 
 
 @pytest.mark.parametrize("selection,block_size", [("vertical", 1), ("vertical", 8), ("moba", 8)])
-def test_equals_dense_masked_reference_of_its_key_sets(selection, block_size):
+@pytest.mark.parametrize("tiling", ["default", "small_tiles_split_prefix"])
+def test_equals_dense_masked_reference_of_its_key_sets(selection, block_size, tiling, monkeypatch):
     """A sparse budget: every row's output equals exact attention over sinks + window + its selected keys behind the
-    window (a dense [N, N] mask built here from the selection), with right padding and holes (one among the sinks)."""
+    window (a dense [N, N] mask built here from the selection), with right padding and holes (one among the sinks).
+    ``small_tiles_split_prefix``: row tiles of 40 rows (several per sequence) whose shared key prefix always goes to a
+    call of its own, merged with the masked staircase (the branch longer selections take)."""
+    from hf_sparse_attn.methods import block_select as block_select_module
     from hf_sparse_attn.methods.block_select import moba_blocks
+
+    if tiling == "small_tiles_split_prefix":
+        monkeypatch.setattr(block_select_module, "SELECT_ROWS", 40)
+        monkeypatch.setattr(block_select_module, "MASK_FREE_PREFIX", 1)
+        monkeypatch.setattr(block_select_module, "SELECT_MASK_BUDGET", 2 * 2 * 32 * 50)
 
     N, S, W = 320, 4, 16
     q, k, v = _qkv(B=2, H=2, N=N)
