@@ -119,3 +119,39 @@ def test_capture_sees_rotated_queries(load):
         model(ids)
     (call,) = captured[1]
     assert call.query.shape == (1, 4, 7, 16) and call.causal and call.key_padding_mask is None
+
+
+def test_compiled_decode_steps_serve_the_decode_method(load):
+    """Decode steps of the remote code under torch.compile: the adapter hands each call against the model's own cache
+    to the run-time operator (compiled_cache.py), so ``local`` decode serves them as in eager (the same logits and
+    counts; before, they ran exact attention, counted as a compile fallback). ``local`` over a 40-token prompt with a
+    window of 8 is not exact attention, so a quiet exact fallback would fail the last check."""
+    import torch._dynamo as dynamo
+
+    model = load("seq_first")
+    ids = torch.randint(3, 150, (1, 40), generator=torch.Generator().manual_seed(2))
+
+    def greedy(forward, steps=3):
+        out = forward(ids)
+        logits, cache = [out.logits[:, -1]], out.kv_cache
+        for _ in range(steps):
+            out = forward(logits[-1].argmax(-1, keepdim=True), kv_cache=cache)
+            logits.append(out.logits[:, -1])
+            cache = out.kv_cache
+        return torch.stack(logits, dim=1)
+
+    with torch.no_grad():
+        unpatched = greedy(model)
+        plan = patch_model(model, method="local", layers="all", window=8, num_sink_tokens=2, min_seq_len=16,
+                           decode_method="local", decode_params={"window": 8, "num_sink_tokens": 2})
+        eager = greedy(model)
+        eager_counts = [(layer.served, layer.decode_served) for layer in plan.layers]
+        assert eager_counts == [(1, 3)] * len(plan.layers), str(plan)
+        plan.reset_counts()
+        dynamo.reset()
+        compiled = greedy(torch.compile(model, backend="aot_eager"))
+    dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert [(layer.served, layer.decode_served) for layer in plan.layers] == eager_counts, str(plan)
+    assert not any(layer.fallbacks or layer.decode_fallbacks for layer in plan.layers), str(plan)
+    assert (compiled[:, 1:] - unpatched[:, 1:]).abs().max() > 1e-3

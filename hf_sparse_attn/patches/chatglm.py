@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
+from ..kernels import needs_grad
 from .base import LayerRuntime, QKWeights, describe_call
+from .compiled_cache import attend_cache_compiled
 from .decode_step import decode_mask_of_call
 from .masks import split_attend_mask
 
@@ -127,6 +129,14 @@ def _make_forward(adapter: ChatGLMAdapter, runtime: LayerRuntime, original):
             q, k, v = query_layer, key_layer, value_layer
         n_query, n_key = q.shape[2], k.shape[2]
         scale = q.shape[-1] ** -0.5
+        dropout_in_training = bool(core.training and getattr(core.attention_dropout, "p", 0.0) > 0)
+        if (runtime.active and n_query != n_key and torch.compiler.is_compiling() and runtime.capture is None
+                and not dropout_in_training and not needs_grad(q, k, v)):
+            # against its cache, traced: decided at run time by the operator (compiled_cache.py); no mask = no mask
+            out = attend_cache_compiled(runtime.token, q, k, v, None if attention_mask is None else ~attention_mask,
+                                        causal=attention_mask is not None and n_query > 1, scale=scale,
+                                        cross_attention=False, unsupported_inputs=())
+            return _to_layout(out, layout)
         valid = n_key
         if attention_mask is None:
             causal, key_padding_mask, recognized = n_query == n_key and n_query > 1, None, True
@@ -138,13 +148,18 @@ def _make_forward(adapter: ChatGLMAdapter, runtime: LayerRuntime, original):
         if recognized and n_query == n_key:
             runtime.record(q, k, v, scale, causal, key_padding_mask)
         call = describe_call(q, k, v, scale=scale, causal=causal, mask_recognized=recognized, kv_len=valid,
-                             dropout_in_training=bool(core.training and getattr(core.attention_dropout, "p", 0.0) > 0))
+                             dropout_in_training=dropout_in_training)
         out = runtime.attend(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, call=call)
         if out is None:
             return original(query_layer, key_layer, value_layer, attention_mask)
-        b, h, s, d = out.shape
-        if layout == "seq_first":
-            return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
-        return out.transpose(1, 2).reshape(b, s, h * d)
+        return _to_layout(out, layout)
 
     return forward
+
+
+def _to_layout(out: torch.Tensor, layout: str) -> torch.Tensor:
+    """out [b, np, sq, hn] -> the core attention's output: [sq, b, np * hn] (seq_first) or [b, sq, np * hn]."""
+    b, h, s, d = out.shape
+    if layout == "seq_first":
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+    return out.transpose(1, 2).reshape(b, s, h * d)

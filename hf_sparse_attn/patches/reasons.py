@@ -18,7 +18,8 @@ For calls against a KV cache served by a decode method, rule 6 does not apply, r
 needed (decode methods have no backward), and the decode path adds:
 
 - ``DECODE_COMPILE_REASON``       the call is traced by torch.compile and its decode method runs only eagerly (an index
-                                  kept with the cache; every decode method in ChatGLM's adapter)
+                                  kept with the cache; a call traced outside the run-time operator of
+                                  compiled_cache.py, e.g. while attention is captured)
 - ``NO_INDEXED_CACHE_REASON``     the decode method keeps an index with the cache, and the cache keeps none
 """
 
