@@ -23,8 +23,6 @@ import subprocess
 import sys
 import tempfile
 
-from hf_sparse_attn.eval.bench.kernel_suite import parse_kernel_configs
-
 METHODS = ("local", "block_select", "sparse_hyper", "hyper")
 
 CHILD = r"""
@@ -33,10 +31,10 @@ import torch
 torch.set_num_threads(1)
 import hf_sparse_attn
 from hf_sparse_attn.methods import get_method
-method, n, repeats, params = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+method, n, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 9, n, 64, generator=g) for _ in range(3))
-fn = get_method(method, **params)
+fn = get_method(method)
 def run_method():
     return fn(q, k, v, causal=True, scale=64 ** -0.5, generator=torch.Generator().manual_seed(1))
 def run_sdpa():
@@ -57,10 +55,9 @@ def worktree(commit: str, root: str) -> str:
     return path
 
 
-def measure(path: str, method: str, params: dict, n: int, repeats: int) -> dict:
+def measure(path: str, method: str, n: int, repeats: int) -> dict:
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", CHILD, method, str(n), str(repeats), json.dumps(params)], env=env,
-                         cwd=path,
+    out = subprocess.run([sys.executable, "-c", CHILD, method, str(n), str(repeats)], env=env, cwd=path,
                          check=True, capture_output=True, text=True).stdout
     record = json.loads(out.strip().splitlines()[-1])
     if not record["file"].startswith(path):
@@ -77,16 +74,14 @@ def write_report(out: str) -> None:
              f"Written by `scripts/kernel_speed_between_commits.py` on {meta['date']}; machine: {meta['machine']}. "
              f"Command: `{meta['command']}`.", "",
              f"Commits: before `{commits['before']}`, after `{commits['after']}`. Random q/k/v [1, 9, {meta['tokens']}, "
-             "64] fp32, causal; each row's method with its parameters (none: the method's defaults). Per round and commit, one subprocess times the method and SDPA "
+             "64] fp32, causal, default parameters. Per round and commit, one subprocess times the method and SDPA "
              f"alternately ({meta['repeats']} repeats, median); its figure is method time / SDPA time. Rounds "
              "alternate which commit goes first. 'after / before' = median after / median before (1.00: unchanged); "
              "the ranges are min-max over rounds.", "",
-             "| configuration | method | parameters | before (x SDPA time) | after (x SDPA time) | after / before |",
-             "|---|---|---|---|---|---|"]
+             "| method | before (x SDPA time) | after (x SDPA time) | after / before |", "|---|---|---|---|"]
     for row in rows:
         b, a = row["before_rel_sdpa"], row["after_rel_sdpa"]
-        params = ", ".join(f"{k}={v}" for k, v in row.get("params", {}).items()) or "defaults"
-        lines.append(f"| {row.get('name', row['method'])} | {row['method']} | {params} | {statistics.median(b):.3f} [{min(b):.3f}, {max(b):.3f}] | "
+        lines.append(f"| {row['method']} | {statistics.median(b):.3f} [{min(b):.3f}, {max(b):.3f}] | "
                      f"{statistics.median(a):.3f} [{min(a):.3f}, {max(a):.3f}] | {row['ratio_after_over_before']:.3f} |")
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -100,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", default=",".join(METHODS), help="methods timed with their defaults")
-    parser.add_argument("--configs", nargs="*", default=[],
-                        help="configurations timed instead of --methods: NAME=METHOD:param=value,param=value")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -115,24 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     commits = {side: subprocess.run(["git", "-C", root, "rev-parse", "--short", ref], check=True, capture_output=True,
                                     text=True).stdout.strip() for side, ref in (("before", args.before),
                                                                                 ("after", args.after))}
-    if args.configs:
-        specs = parse_kernel_configs(args.configs, {})
-    else:
-        specs = {m: (m, {}) for m in args.methods.split(",") if m}
     trees = {side: worktree(commit, root) for side, commit in commits.items()}
     rows = []
     try:
-        for name, (method, params) in specs.items():
+        for method in [m for m in args.methods.split(",") if m]:
             rel: dict[str, list[float]] = {"before": [], "after": []}
             for r in range(args.rounds):
                 for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                    rec = measure(trees[side], method, params, args.tokens, args.repeats)
+                    rec = measure(trees[side], method, args.tokens, args.repeats)
                     rel[side].append(rec["method_s"] / rec["sdpa_s"])
             before, after = statistics.median(rel["before"]), statistics.median(rel["after"])
-            rows.append({"name": name, "method": method, "params": params, "tokens": args.tokens,
-                         "before_rel_sdpa": rel["before"], "after_rel_sdpa": rel["after"],
-                         "ratio_after_over_before": after / before})
-            print(f"{name}: before {before:.3f} x SDPA time, after {after:.3f}, after/before {after / before:.3f}",
+            rows.append({"method": method, "tokens": args.tokens, "before_rel_sdpa": rel["before"],
+                         "after_rel_sdpa": rel["after"], "ratio_after_over_before": after / before})
+            print(f"{method}: before {before:.3f} x SDPA time, after {after:.3f}, after/before {after / before:.3f}",
                   flush=True)
     finally:
         for path in trees.values():
