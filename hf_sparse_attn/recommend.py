@@ -15,24 +15,26 @@ and 10 of 11 (eval/results/ruler_niah_8k/frontier.md; ``local`` 65 / 10). Perple
 the same run (eval/results/model_bench_block_select_w1024_s64_paired/results.md). It replaced ``block_select``'s own
 defaults (window 512 + 512 columns, the kernel defaults): as fast timed at the same time (1.45x against 1.43x,
 eval/results/model_bench_speed_w1024_s64_beside_w512/results.md), +3.1% perplexity against +6.3%, and as many facts
-(multikey over two draws 21 of 25 kept against 20). Not measured with this prefill: 32k.
+(multikey over two draws 21 of 25 kept against 20). At 16k / 32k (YaRN): 2.03x / 3.41x at +2.5% / -1.3%
+(eval/results/recommended_smollm2_16k/results.md, recommended_smollm2_32k/results.md).
 :data:`WINDOW_BY_R_RECOMMENDATION` (``block_select``'s defaults with window 1024 on the half of the layers of largest
 R, through ``patch_model``'s ``other_layers``): +3.6% at 1.41x (eval/results/model_bench_frontier_paired/results.md),
 kept fewer niah_multikey_1 answers (6 of 9). :data:`LOCAL_RECOMMENDATION` keeps ``local``'s arguments for whoever
 prefers its speed and accepts its lost facts.
 
 Decode steps, generated with ``generation_cache(model)`` (a ``GrowingCache``): ``exact`` (grouped attention over the
-cache) on the two thirds of the layers of largest R and ``local`` (sinks + window 1024) on the others. On SmolLM2 at 8k
-that decodes 1.53x faster per generated token than the unpatched model with a ``DynamicCache``
-(eval/results/decode_split_smollm2/results.md, with the window 512 prefill) and keeps every pass key and
-niah_multikey_1 answer that exact decode on every layer keeps, with this prefill (9 of 9, 7 of 9) as with window
-512's (9 of 9, 8 of 9; 22 samples each, eval/results/ruler_recommended_8k/frontier.md). With a
-tokenizer, ``recommended(model, tokenizer)`` ranks the layers by the needle attention of a pass-key probe instead and
-decodes exactly on the third of most: 1.54x (exact decode on every layer 1.17x in the same run), the same facts kept
-with window 512's prefill (eval/results/decode_split_retrieval_smollm2/results.md); with this prefill it keeps 9 of 9
-pass keys and 6 of 9 niah_multikey_1 answers, one fewer than exact decode (ruler_recommended_8k). ``local`` on every layer (2.1x) keeps 1 of 4 pass keys; ``quest`` keeps them at a budget of 2048 keys at
-about exact decode's speed at 8k (docs/methods/decode.md, eval/results/ruler_frontier_smollm2/frontier.md). At 16k
-(YaRN) the prefill itself loses pass keys (eval/results/ruler_decode_16k/frontier.md).
+cache) on the two thirds of the layers of largest R and ``local`` (sinks + window 1024) on the others. On SmolLM2 that
+decodes 1.84x / 2.43x / 2.71x faster per generated token than the unpatched model with a ``DynamicCache`` at 8k / 16k /
+32k (exact decode on every layer 1.62x / 1.99x / 2.35x; eval/results/recommended_smollm2_8k/results.md, _16k, _32k)
+and keeps every pass key and niah_multikey_1 answer that exact decode on every layer keeps, with this prefill (9 of 9,
+7 of 9) as with window 512's (9 of 9, 8 of 9; 22 samples each, eval/results/ruler_recommended_8k/frontier.md). At 16k
+(YaRN) this plan keeps 2 of the 3 pass keys the unpatched model finds (eval/results/ruler_decode_16k/frontier.md).
+With a tokenizer, ``recommended(model, tokenizer)`` ranks the layers by the needle attention of a pass-key probe
+instead and decodes exactly on the third of most: 1.54x (exact decode on every layer 1.17x in the same run), the same
+facts kept with window 512's prefill (eval/results/decode_split_retrieval_smollm2/results.md); with this prefill it
+keeps 9 of 9 pass keys and 6 of 9 niah_multikey_1 answers, one fewer than exact decode (ruler_recommended_8k).
+``local`` on every layer (2.1x) keeps 1 of 4 pass keys; ``quest`` keeps them at a budget of 2048 keys at about exact
+decode's speed at 8k (docs/methods/decode.md, eval/results/ruler_frontier_smollm2/frontier.md).
 
 Encoders (bidirectional attention): ``sparse_hyper`` ("Attention is Naturally Sparse", Algorithm 1) on all layers with
 its defaults: 11x SDPA at 8k and 41x at 32k bidirectional (eval/results/kernels_full/results.md). Its defaults run
