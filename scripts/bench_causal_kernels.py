@@ -45,8 +45,9 @@ import time
 
 import torch
 
-from hf_sparse_attn.eval.bench.kernel_suite import (parse_kernel_configs, random_qkv, relative_error,
-                                                      smollm2_article_qkv)
+from hf_sparse_attn.commands.arguments import parse_value
+
+from hf_sparse_attn.eval.bench.kernel_suite import random_qkv, relative_error, smollm2_article_qkv
 from hf_sparse_attn.eval.bench.kernel_timing import machine_state
 from hf_sparse_attn.eval.store import write_json
 from hf_sparse_attn.methods import causal_recursion, get_method, single_pass
@@ -76,7 +77,27 @@ DEFAULT_CONFIGS = {"hyper recursive": "the method's default", "sparse_hyper recu
 
 def parse_configs(items: list[str]) -> dict[str, tuple[str, dict]]:
     """--configs items -> {name: (method, params)}: a name of CONFIGS, or ``NAME=METHOD:param=value,param=value``."""
-    return parse_kernel_configs(items, CONFIGS)
+    out: dict[str, tuple[str, dict]] = {}
+    for item in items:
+        if "=" not in item:
+            if item not in CONFIGS:
+                raise SystemExit(f"--configs: {item!r} is neither a name of the built-in table ({', '.join(CONFIGS)}) "
+                                 "nor a declaration NAME=METHOD:param=value,param=value")
+            out[item] = CONFIGS[item]
+            continue
+        name, decl = item.split("=", 1)
+        method, _, plist = decl.partition(":")
+        params = {}
+        for pair in filter(None, (x.strip() for x in plist.split(","))):
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise SystemExit(f"--configs {item!r}: parameter {pair!r} is not param=value")
+            params[key.strip()] = parse_value(value.strip())
+        if not name.strip() or not method.strip():
+            raise SystemExit(f"--configs {item!r}: write NAME=METHOD:param=value,param=value")
+        get_method(method.strip(), **params)  # validates the method and its parameters now, not after an hour
+        out[name.strip()] = (method.strip(), params)
+    return out
 
 
 def pairs_per_head(method: str, fn, q, k, v, scale: float) -> float | None:

@@ -589,17 +589,20 @@ def test_two_processes_appending_large_records_to_one_file_never_interleave(tmp_
 
 
 def test_kernel_configs_from_the_command_line():
-    """The kernel benchmarks' ``--configs``: a table name or NAME=METHOD:param=value,...; a wrong name, a pair
+    """The causal kernel benchmark's ``--configs``: a table name or NAME=METHOD:param=value,...; a wrong name, a pair
     without '=' or a parameter the method does not take fails before any timing, naming what to write."""
-    from hf_sparse_attn.eval.bench.kernel_suite import parse_kernel_configs
+    import importlib.util
 
-    table = {"local w512": ("local", {"window": 512})}
-    specs = parse_kernel_configs(["local w512", "mine=block_select:window=1024,num_selected=64"], table)
-    assert specs == {"local w512": ("local", {"window": 512}),
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_causal_kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_causal_kernels", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    specs = script.parse_configs(["local w512", "mine=block_select:window=1024,num_selected=64"])
+    assert specs == {"local w512": script.CONFIGS["local w512"],
                      "mine": ("block_select", {"window": 1024, "num_selected": 64})}
     with pytest.raises(SystemExit, match="neither a name of the built-in table"):
-        parse_kernel_configs(["local w2048"], table)
+        script.parse_configs(["local w4096"])
     with pytest.raises(SystemExit, match="is not param=value"):
-        parse_kernel_configs(["mine=local:window"], table)
+        script.parse_configs(["mine=local:window"])
     with pytest.raises(Exception, match="num_selected"):
-        parse_kernel_configs(["mine=local:num_selected=3"], table)
+        script.parse_configs(["mine=local:num_selected=3"])

@@ -24,35 +24,6 @@ from .kernel_timing import dense_flops, timed_call
 from ..store import write_json
 
 
-def parse_kernel_configs(items: Sequence[str], table: dict[str, tuple[str, dict]]) -> dict[str, tuple[str, dict]]:
-    """Configurations of a kernel benchmark's command line -> {name: (method, params)}: each item a name of ``table``
-    or a declaration ``NAME=METHOD:param=value,param=value`` (values parsed as on the CLI's ``--param``). The method
-    and its parameters are validated here, before any timing."""
-    from ...commands.arguments import parse_value
-
-    out: dict[str, tuple[str, dict]] = {}
-    for item in items:
-        if "=" not in item:
-            if item not in table:
-                raise SystemExit(f"--configs: {item!r} is neither a name of the built-in table ({', '.join(table)}) "
-                                 "nor a declaration NAME=METHOD:param=value,param=value")
-            out[item] = table[item]
-            continue
-        name, decl = item.split("=", 1)
-        method, _, plist = decl.partition(":")
-        params = {}
-        for pair in filter(None, (x.strip() for x in plist.split(","))):
-            key, eq, value = pair.partition("=")
-            if not eq:
-                raise SystemExit(f"--configs {item!r}: parameter {pair!r} is not param=value")
-            params[key.strip()] = parse_value(value.strip())
-        if not name.strip() or not method.strip():
-            raise SystemExit(f"--configs {item!r}: write NAME=METHOD:param=value,param=value")
-        get_method(method.strip(), **params)  # validates the method and its parameters now, not after an hour
-        out[name.strip()] = (method.strip(), params)
-    return out
-
-
 def random_qkv(n: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64, dtype: torch.dtype = torch.float32,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standard-normal q, k, v [batch, heads, n, head_dim] (the inputs kernel_timing draws), cast to ``dtype``."""
