@@ -33,6 +33,12 @@ W512_PAIRED = "eval/results/model_bench_block_select_w512_paired"  # the recomme
 FRONTIER_PAIRED = "eval/results/model_bench_frontier_paired"  # local w1024 and block_select's windows by R
 W1024_S64_PAIRED = "eval/results/model_bench_block_select_w1024_s64_paired"  # local w1024 + 64 columns, and local
 
+# the recommended prefill (block_select window 1024 + 64 selected columns): its arguments, the same as other_layers'
+# TOML, and where its 8k perplexity / speed come from
+W1024_S64_ARGS = ["--param", "window=1024", "--param", "num_selected=64"]
+W1024_S64_LAYERS = 'method = "block_select", window = 1024, num_selected = 64'
+W1024_S64_SOURCE = (W1024_S64_PAIRED, "block_select", 30, {"window": 1024, "num_selected": 64})
+
 # name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params[,
 # selection of that row, where it is not the configuration's own]), or None where they were not measured)
 CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
@@ -58,28 +64,22 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
                                   ("eval/results/model_bench_block_select_w768_s256_paired", "block_select", 30,
                                    {"window": 768, "num_selected": 256})),
     # local w1024's window and sinks plus 64 selected columns: 64 + 1024 + 64 = 1152 keys per row, 6% more than local
-    "block_select_w1024_s64_30": (["--method", "block_select", "--layers", "all", "--param", "window=1024", "--param",
-                                   "num_selected=64"],
-                                  (W1024_S64_PAIRED, "block_select", 30, {"window": 1024, "num_selected": 64})),
+    "block_select_w1024_s64_30": (["--method", "block_select", "--layers", "all", *W1024_S64_ARGS], W1024_S64_SOURCE),
     # the same prefill with recommended(model)'s decode: exact on the 20 layers of largest R, local on the others
-    "block_select_w1024_s64_30_decode_split_20": (["--method", "block_select", "--layers", "20", "--param", "window=1024",
-                                                   "--param", "num_selected=64", "--decode-method", "exact", "--param",
-                                                   'other_layers={method = "block_select", window = 1024, '
-                                                   'num_selected = 64, decode_method = "local", decode_params = '
-                                                   '{window = 1024, num_sink_tokens = 64}}'],
-                                                  (W1024_S64_PAIRED, "block_select", 30,
-                                                   {"window": 1024, "num_selected": 64})),
+    "block_select_w1024_s64_30_decode_split_20": (["--method", "block_select", "--layers", "20", *W1024_S64_ARGS,
+                                                   "--decode-method", "exact", "--param",
+                                                   f'other_layers={{{W1024_S64_LAYERS}, decode_method = "local", '
+                                                   'decode_params = {window = 1024, num_sink_tokens = 64}}'],
+                                                  W1024_S64_SOURCE),
     # the same prefill with recommended(model, tokenizer)'s decode: local on the 20 layers of least needle attention
     # on a pass-key probe, exact on the other 10 (every layer prefills with block_select: the prefill row is the plan's)
     "block_select_w1024_s64_30_decode_local_20_retrieval": (["--method", "block_select", "--layers", "20", "--select",
-                                                             "retrieval", "--param", "window=1024", "--param",
-                                                             "num_selected=64", "--decode-method", "local",
+                                                             "retrieval", *W1024_S64_ARGS, "--decode-method", "local",
                                                              "--decode-param", "window=1024", "--decode-param",
                                                              "num_sink_tokens=64", "--param",
-                                                             'other_layers={method = "block_select", window = 1024, '
-                                                             'num_selected = 64, decode_method = "exact"}'],
-                                                            (W1024_S64_PAIRED, "block_select", 30,
-                                                             {"window": 1024, "num_selected": 64}, "weight_norm")),
+                                                             f'other_layers={{{W1024_S64_LAYERS}, '
+                                                             'decode_method = "exact"}'],
+                                                            (*W1024_S64_SOURCE, "weight_norm")),
     # block_select (window 1024) on the 15 layers of largest R, where the needle mass sits, local w512 on the others
     "hybrid_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
                    'other_layers={method = "local", window = 512}'],

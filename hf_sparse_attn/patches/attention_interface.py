@@ -20,9 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..kernels import needs_grad
 from .base import LayerRuntime, QKWeights, describe_call
-from .compiled_cache import attend_cache_compiled
+from .compiled_cache import attend_cache_compiled, goes_to_operator
 from .decode_step import decode_mask_of_call
 from .masks import compact_mask, dense_mask
 
@@ -122,9 +121,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 
     dropout_in_training = bool(module.training and dropout and dropout > 0)
     cross_attention = bool(getattr(module, "is_cross_attention", False))
-    if (runtime.active and n_query != n_key and not compact and torch.compiler.is_compiling()
-            and runtime.capture is None and not output_attentions and not dropout_in_training
-            and not needs_grad(query, key, value)):  # against a cache, traced: decided at run time (compiled_cache.py)
+    if (not compact and not output_attentions
+            and goes_to_operator(runtime, query, key, value, dropout_in_training=dropout_in_training)):
+        # against a cache, traced: decided at run time (compiled_cache.py)
         out = attend_cache_compiled(runtime.token, query, key, value, attention_mask, causal=causal, scale=scale,
                                     cross_attention=cross_attention, unsupported_inputs=_unsupported_inputs(kwargs))
         return out.transpose(1, 2).contiguous(), None

@@ -32,9 +32,8 @@ from typing import Any
 
 import torch
 
-from ..kernels import needs_grad
 from .base import LayerRuntime, QKWeights, describe_call
-from .compiled_cache import attend_cache_compiled
+from .compiled_cache import attend_cache_compiled, goes_to_operator
 from .decode_step import decode_mask_of_call
 from .masks import split_attend_mask
 
@@ -130,8 +129,7 @@ def _make_forward(adapter: ChatGLMAdapter, runtime: LayerRuntime, original):
         n_query, n_key = q.shape[2], k.shape[2]
         scale = q.shape[-1] ** -0.5
         dropout_in_training = bool(core.training and getattr(core.attention_dropout, "p", 0.0) > 0)
-        if (runtime.active and n_query != n_key and torch.compiler.is_compiling() and runtime.capture is None
-                and not dropout_in_training and not needs_grad(q, k, v)):
+        if goes_to_operator(runtime, q, k, v, dropout_in_training=dropout_in_training):
             # against its cache, traced: decided at run time by the operator (compiled_cache.py); no mask = no mask
             out = attend_cache_compiled(runtime.token, q, k, v, None if attention_mask is None else ~attention_mask,
                                         causal=attention_mask is not None and n_query > 1, scale=scale,

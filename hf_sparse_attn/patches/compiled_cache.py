@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import needs_grad
 from .base import describe_call, runtime_of_token
 from .decode_step import decode_mask_of_call
 
@@ -63,6 +64,15 @@ def attend_cache_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 @attend_cache_op.register_fake
 def _(query, key, value, attention_mask, causal, scale, runtime_token, cross_attention, unsupported_inputs):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def goes_to_operator(runtime, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                     dropout_in_training: bool) -> bool:
+    """Whether an adapter hands this call to the operator: an active layer's call against a cache (Nq != Nk) while
+    torch.compile traces, with nothing the operator does not take (attention captured, dropout in training, inputs
+    that need a gradient: the operator has no backward). Every adapter asks this one rule."""
+    return (runtime.active and query.shape[2] != key.shape[2] and torch.compiler.is_compiling()
+            and runtime.capture is None and not dropout_in_training and not needs_grad(query, key, value))
 
 
 def attend_cache_compiled(runtime_token: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
