@@ -34,7 +34,10 @@ instead and decodes exactly on the third of most: 1.54x (exact decode on every l
 facts kept with window 512's prefill (eval/results/decode_split_retrieval_smollm2/results.md); with this prefill it
 keeps 9 of 9 pass keys and 6 of 9 niah_multikey_1 answers, one fewer than exact decode (ruler_recommended_8k).
 ``local`` on every layer (2.1x) keeps 1 of 4 pass keys; ``quest`` keeps them at a budget of 2048 keys at about exact
-decode's speed at 8k (docs/methods/decode.md, eval/results/ruler_frontier_smollm2/frontier.md).
+decode's speed at 8k (docs/methods/decode.md, eval/results/ruler_frontier_smollm2/frontier.md). ``quest`` instead of
+``exact`` on the 20 layers decodes 4.46x at 32k with a budget of 4096 keys (5.26x at 2048, which loses 2 of the 4 pass
+keys exact decode finds at 16k; at 4096 it keeps the unpatched model's), but its facts at 32k are not measured
+(eval/results/decode_quest_b4096_split_smollm2_32k/results.md, ruler_decode_16k/frontier.md).
 
 Encoders (bidirectional attention): ``sparse_hyper`` ("Attention is Naturally Sparse", Algorithm 1) on all layers with
 its defaults: 11x SDPA at 8k and 41x at 32k bidirectional (eval/results/kernels_full/results.md). Its defaults run

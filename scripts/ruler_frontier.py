@@ -71,6 +71,20 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
                                                    f'other_layers={{{W1024_S64_LAYERS}, decode_method = "local", '
                                                    'decode_params = {window = 1024, num_sink_tokens = 64}}'],
                                                   W1024_S64_SOURCE),
+    # the same prefill with quest decode (its defaults) on those 20 layers instead of exact, local on the others
+    "block_select_w1024_s64_30_decode_quest_split_20": (["--method", "block_select", "--layers", "20", *W1024_S64_ARGS,
+                                                         "--decode-method", "quest", "--param",
+                                                         f'other_layers={{{W1024_S64_LAYERS}, decode_method = "local", '
+                                                         'decode_params = {window = 1024, num_sink_tokens = 64}}'],
+                                                        W1024_S64_SOURCE),
+    # ... and with quest at a budget of 4096 keys on those 20 layers
+    "block_select_w1024_s64_30_decode_quest_b4096_split_20": (["--method", "block_select", "--layers", "20",
+                                                               *W1024_S64_ARGS, "--decode-method", "quest",
+                                                               "--decode-param", "token_budget=4096", "--param",
+                                                               f'other_layers={{{W1024_S64_LAYERS}, '
+                                                               'decode_method = "local", decode_params = '
+                                                               '{window = 1024, num_sink_tokens = 64}}'],
+                                                              W1024_S64_SOURCE),
     # the same prefill with recommended(model, tokenizer)'s decode: local on the 20 layers of least needle attention
     # on a pass-key probe, exact on the other 10 (every layer prefills with block_select: the prefill row is the plan's)
     "block_select_w1024_s64_30_decode_local_20_retrieval": (["--method", "block_select", "--layers", "20", "--select",
