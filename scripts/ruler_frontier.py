@@ -38,6 +38,9 @@ W1024_S64_PAIRED = "eval/results/model_bench_block_select_w1024_s64_paired"  # l
 W1024_S64_ARGS = ["--param", "window=1024", "--param", "num_selected=64"]
 W1024_S64_LAYERS = 'method = "block_select", window = 1024, num_selected = 64'
 W1024_S64_SOURCE = (W1024_S64_PAIRED, "block_select", 30, {"window": 1024, "num_selected": 64})
+# the layers a decode split does not choose: the same prefill, local decode (its defaults, spelled out)
+W1024_S64_LOCAL_ELSEWHERE = (f'other_layers={{{W1024_S64_LAYERS}, decode_method = "local", '
+                             'decode_params = {window = 1024, num_sink_tokens = 64}}')
 
 # name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params[,
 # selection of that row, where it is not the configuration's own]), or None where they were not measured)
@@ -67,23 +70,18 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
     "block_select_w1024_s64_30": (["--method", "block_select", "--layers", "all", *W1024_S64_ARGS], W1024_S64_SOURCE),
     # the same prefill with recommended(model)'s decode: exact on the 20 layers of largest R, local on the others
     "block_select_w1024_s64_30_decode_split_20": (["--method", "block_select", "--layers", "20", *W1024_S64_ARGS,
-                                                   "--decode-method", "exact", "--param",
-                                                   f'other_layers={{{W1024_S64_LAYERS}, decode_method = "local", '
-                                                   'decode_params = {window = 1024, num_sink_tokens = 64}}'],
+                                                   "--decode-method", "exact", "--param", W1024_S64_LOCAL_ELSEWHERE],
                                                   W1024_S64_SOURCE),
     # the same prefill with quest decode (its defaults) on those 20 layers instead of exact, local on the others
     "block_select_w1024_s64_30_decode_quest_split_20": (["--method", "block_select", "--layers", "20", *W1024_S64_ARGS,
                                                          "--decode-method", "quest", "--param",
-                                                         f'other_layers={{{W1024_S64_LAYERS}, decode_method = "local", '
-                                                         'decode_params = {window = 1024, num_sink_tokens = 64}}'],
+                                                         W1024_S64_LOCAL_ELSEWHERE],
                                                         W1024_S64_SOURCE),
     # ... and with quest at a budget of 4096 keys on those 20 layers
     "block_select_w1024_s64_30_decode_quest_b4096_split_20": (["--method", "block_select", "--layers", "20",
                                                                *W1024_S64_ARGS, "--decode-method", "quest",
                                                                "--decode-param", "token_budget=4096", "--param",
-                                                               f'other_layers={{{W1024_S64_LAYERS}, '
-                                                               'decode_method = "local", decode_params = '
-                                                               '{window = 1024, num_sink_tokens = 64}}'],
+                                                               W1024_S64_LOCAL_ELSEWHERE],
                                                               W1024_S64_SOURCE),
     # the same prefill with recommended(model, tokenizer)'s decode: local on the 20 layers of least needle attention
     # on a pass-key probe, exact on the other 10 (every layer prefills with block_select: the prefill row is the plan's)
