@@ -45,8 +45,7 @@ import time
 
 import torch
 
-from hf_sparse_attn.commands.arguments import parse_value
-
+from hf_sparse_attn.commands.arguments import parse_params
 from hf_sparse_attn.eval.bench.kernel_suite import random_qkv, relative_error, smollm2_article_qkv
 from hf_sparse_attn.eval.bench.kernel_timing import machine_state
 from hf_sparse_attn.eval.store import write_json
@@ -87,12 +86,11 @@ def parse_configs(items: list[str]) -> dict[str, tuple[str, dict]]:
             continue
         name, decl = item.split("=", 1)
         method, _, plist = decl.partition(":")
-        params = {}
-        for pair in filter(None, (x.strip() for x in plist.split(","))):
-            key, eq, value = pair.partition("=")
-            if not eq:
+        pairs = [x.strip() for x in plist.split(",") if x.strip()]
+        for pair in pairs:
+            if "=" not in pair or not pair.partition("=")[0].strip():
                 raise SystemExit(f"--configs {item!r}: parameter {pair!r} is not param=value")
-            params[key.strip()] = parse_value(value.strip())
+        params = parse_params(pairs, option="--configs")
         if not name.strip() or not method.strip():
             raise SystemExit(f"--configs {item!r}: write NAME=METHOD:param=value,param=value")
         get_method(method.strip(), **params)  # validates the method and its parameters now, not after an hour
