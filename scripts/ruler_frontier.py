@@ -9,7 +9,8 @@ per task and length, the score with a 95% interval (Clopper-Pearson from scipy's
 scores 0 or 1, a percentile bootstrap otherwise), beside the perplexity change and prefill speed-up that the
 configuration measured on 20 articles in its own experiment (read from that experiment's results.json, named in the
 table). A configuration differs from the unpatched model on a task only where the two intervals do not overlap.
-Writes OUT/frontier.json, OUT/frontier.md and OUT/frontier.png (speed against perplexity, colour = RULER score).
+Writes OUT/frontier.json, OUT/frontier.md, OUT/frontier.png (speed against perplexity, colour = the pass-key / RULER
+score every plotted configuration has) and OUT/retrieval.png (speed against that score with its interval).
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ W1024_S64_SOURCE = (W1024_S64_PAIRED, "block_select", 30, {"window": 1024, "num_
 # the layers a decode split does not choose: the same prefill, local decode (its defaults, spelled out)
 W1024_S64_LOCAL_ELSEWHERE = (f'other_layers={{{W1024_S64_LAYERS}, decode_method = "local", '
                              'decode_params = {window = 1024, num_sink_tokens = 64}}')
+
+# the single passes and kmv as the 8k frontier measured them (eval/experiments/model_bench_causal.toml)
+SPARSE_HYPER_SINGLE_ARGS = ["--param", "causal_mode=single_pass", "--param", "window=512", "--param", "block_size=128"]
+HYPER_SINGLE_ARGS = ["--param", "causal_mode=single_pass", "--param", "window=256", "--param", "block_size=128",
+                     "--param", "sample_size=128"]
+KMV_BLOCKS_ARGS = ["--param", "engine=blocks", "--param", "eps=0.3"]
+# calibrate's plans at 8k over local's windows (eval/experiments/calibrate_smollm2_windows.toml)
+CALIBRATED = "eval/results/calibrate_smollm2_windows"
 
 # name -> (ruler patch arguments, where its perplexity / speed come from: (results dir, method, layers, params[,
 # selection of that row, where it is not the configuration's own]), or None where they were not measured)
@@ -100,8 +109,36 @@ CONFIGS: dict[str, tuple[list[str], Optional[tuple]]] = {
     "hybrid_windows_15": (["--method", "block_select", "--layers", "15", "--param", "window=1024", "--param",
                            'other_layers={method = "block_select", window = 512}'],
                           (FRONTIER_PAIRED, "block_select", 15, {"window": 1024})),
+    # the rest of the 8k speed-perplexity frontier (README's table): narrower windows, the recursions and single passes
+    # of hyper / sparse_hyper (their parameters in model_bench_causal / model_bench_grid), kmv's blocks engine, and the
+    # calibrated plans
+    "local_w512_30": (["--method", "local", "--layers", "all", "--param", "window=512"],
+                      ("eval/results/model_bench_local_w512", "local", 30, {"window": 512})),
+    "local_w512_15": (["--method", "local", "--layers", "15", "--param", "window=512"],
+                      ("eval/results/model_bench_local_w512", "local", 15, {"window": 512})),
+    "local_w256_30": (["--method", "local", "--layers", "all", "--param", "window=256"],
+                      ("eval/results/model_bench_local_w256", "local", 30, {"window": 256})),
     "sparse_hyper_recursive_15": (["--method", "sparse_hyper", "--layers", "15"],
                                   ("eval/results/model_bench_grid", "sparse_hyper", 15, {})),
+    "sparse_hyper_recursive_30": (["--method", "sparse_hyper", "--layers", "all"],
+                                  ("eval/results/model_bench_grid", "sparse_hyper", 30, {})),
+    "hyper_recursive_15": (["--method", "hyper", "--layers", "15"],
+                           ("eval/results/model_bench_grid", "hyper", 15, {})),
+    "hyper_recursive_30": (["--method", "hyper", "--layers", "all"],
+                           ("eval/results/model_bench_grid", "hyper", 30, {})),
+    "sparse_hyper_single_15": (["--method", "sparse_hyper", "--layers", "15", *SPARSE_HYPER_SINGLE_ARGS],
+                               ("eval/results/model_bench_causal", "sparse_hyper", 15, {"causal_mode": "single_pass"})),
+    "sparse_hyper_single_30": (["--method", "sparse_hyper", "--layers", "all", *SPARSE_HYPER_SINGLE_ARGS],
+                               ("eval/results/model_bench_causal", "sparse_hyper", 30, {"causal_mode": "single_pass"})),
+    "hyper_single_30": (["--method", "hyper", "--layers", "all", *HYPER_SINGLE_ARGS],
+                        ("eval/results/model_bench_causal", "hyper", 30, {"causal_mode": "single_pass"})),
+    "kmv_15": (["--method", "kmv", "--layers", "15", *KMV_BLOCKS_ARGS],
+               ("eval/results/model_bench_causal", "kmv", 15, {"eps": 0.3})),
+    "kmv_30": (["--method", "kmv", "--layers", "all", *KMV_BLOCKS_ARGS],
+               ("eval/results/model_bench_causal", "kmv", 30, {"eps": 0.3})),
+    # calibrate's plans for a perplexity budget of 1% and 3% (windows 1024 / 512 / 256 of local per layer)
+    "calibrated_1pct": (["--plan", f"{CALIBRATED}/plan_0.01.json"], ("calibrated", CALIBRATED, 0.01)),
+    "calibrated_3pct": (["--plan", f"{CALIBRATED}/plan_0.03.json"], ("calibrated", CALIBRATED, 0.03)),
     # the recommended prefill with a decode method over the KV cache (the prefill speed is block_select_30's)
     "block_select_30_decode_local": (["--method", "block_select", "--layers", "all", "--decode-method", "local"],
                                      (W512_PAIRED, "block_select", 30, {})),
@@ -231,15 +268,12 @@ def model_cell(name: str) -> Optional[dict]:
     source = CONFIGS[name][1]
     if source is None:
         return None
+    if source[0] == "calibrated":  # a calibrated plan: its held-out change and speed-up in calibrate's results.json
+        return calibrated_cell(*source[1:])
     results_dir, method, layers, params = source[:4]
     args = CONFIGS[name][0]
     select = source[4] if len(source) > 4 else args[args.index("--select") + 1] if "--select" in args else "weight_norm"
-    path = os.path.join(results_dir, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    for cell in data.get("rows", []):
+    for cell in read_results(results_dir).get("rows", []):
         if cell.get("method") == method and cell.get("layers") == layers and cell.get("tokens", 8192) == 8192 \
                 and cell.get("select", "weight_norm") == select \
                 and all(cell.get("params", {}).get(k) == v for k, v in params.items()):
@@ -248,6 +282,25 @@ def model_cell(name: str) -> Optional[dict]:
                 return {"ppl_change_pct": cell["ppl_change_pct"], "speedup": cell["speedup"],
                         "articles": cell.get("articles"), "source": results_dir,
                         **{k: cell[k] for k in ("ppl_change_ci", "speedup_ci", "timing") if cell.get(k)}}
+    return None
+
+
+def read_results(results_dir: str) -> dict:
+    """An experiment's results.json ({} where it is missing)."""
+    path = os.path.join(results_dir, "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def calibrated_cell(results_dir: str, budget: float) -> Optional[dict]:
+    """Perplexity change and prefill speed-up of calibrate's plan for ``budget`` on its held-out articles (timed in
+    calibrate's own run against the exact model; calibrate reports no interval), or None where it is missing."""
+    for cell in read_results(results_dir).get("budgets", []):
+        if cell.get("budget") == budget and cell.get("heldout_change") is not None:
+            return {"ppl_change_pct": 100 * cell["heldout_change"], "speedup": cell["heldout_speedup"],
+                    "articles": cell.get("heldout_articles"), "source": results_dir}
     return None
 
 
@@ -302,7 +355,8 @@ def write_markdown(out: str, result: dict) -> None:
              "of the patched layers its method ran (the rest ran exact attention, e.g. prompts under `min_seq_len`); \"decode served\": "
              "decode steps its decode method ran (`_decode_<method>` configurations; the others decode with exact attention). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
              "in the last column (each against its own exact run; \"paired\": the exact model and the plan timed article by article in turn, "
-             "the others every article exact, then every article patched), with 95% bootstrap intervals over articles. RULER's essay haystack is replaced by offline "
+             "the others every article exact, then every article patched), with 95% bootstrap intervals over articles; "
+             "calibrated plans: calibrate's held-out articles, timed in its own run, no interval. RULER's essay haystack is replaced by offline "
              "Wikipedia articles (niah tasks).", "",
              "| configuration | " + " | ".join(keys) + " | mean | perplexity change | prefill speed-up | source |",
              "|---|" + "---|" * (len(keys) + 4)]
@@ -326,38 +380,83 @@ def write_markdown(out: str, result: dict) -> None:
             ", paired" if m.get("timing") == PAIRED_TIMING else "") + (")" if m.get("articles") else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {ppl} | {speed} | "
                      f"{source} |")
-    lines += ["", "![frontier](frontier.png)", ""]
+    key = plotted_task(result)
+    if key:
+        lines += ["", f"Plots: the {key} score of every prefill plan with a perplexity and speed-up (a `_decode_` "
+                  "configuration shares its prefill's point and is left out)."]
+    lines += ["", "![frontier](frontier.png)", "", "![retrieval](retrieval.png)", ""]
     with open(os.path.join(out, "frontier.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
 
+def plotted_rows(result: dict) -> list[tuple[str, dict]]:
+    """The configurations the plots show: those with a perplexity / speed-up, but the decode variants (a
+    `_decode_` configuration shares its prefill's point)."""
+    return [(n, r) for n, r in result["rows"].items() if r["model"] and "_decode_" not in n]
+
+
+def plotted_task(result: dict) -> Optional[str]:
+    """The first task cell (e.g. "passkey@8192") that every plotted configuration has: the score the plots show (a
+    mean over tasks would not compare rows that ran different tasks); None if there is none."""
+    rows = [r for _, r in plotted_rows(result)]
+    return next((key for key in result["tasks"] if rows and all(key in r["cells"] for r in rows)), None)
+
+
 def plot(out: str, result: dict) -> None:
+    """frontier.png: speed-up against perplexity change, colour = the plotted task's score; retrieval.png: speed-up
+    against that score with its 95% interval, colour = perplexity change."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    points = [(n, r) for n, r in result["rows"].items() if r["model"] and r["mean_score"] is not None]
+    key = plotted_task(result)
+    points = plotted_rows(result) if key is not None else []
+    score = {n: r["cells"][key]["score"] for n, r in points}
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     if points:
         sc = ax.scatter([r["model"]["speedup"] for _, r in points], [r["model"]["ppl_change_pct"] for _, r in points],
-                        c=[r["mean_score"] for _, r in points], cmap="viridis", vmin=0, vmax=100, s=80)
-        at: dict[tuple[float, float], list[str]] = {}  # configurations with one prefill share a point: one label
-        for name, r in points:
-            at.setdefault((r["model"]["speedup"], r["model"]["ppl_change_pct"]), []).append(name)
-        middle = sum(x for x, _ in at) / len(at)
-        for (x, y), names in at.items():
-            right = x > middle  # labels of the right-hand points go to their left, inside the axes
-            ax.annotate("\n".join(names), (x, y), fontsize=7, xytext=(-6 if right else 6, 4),
-                        textcoords="offset points", ha="right" if right else "left", va="bottom")
-        ax.margins(x=0.12, y=0.15)
-        fig.colorbar(sc, ax=ax, label="mean RULER / pass-key score")
+                        c=[score[n] for n, _ in points], cmap="viridis", vmin=0, vmax=100, s=80)
+        _label(ax, [(n, r["model"]["speedup"], r["model"]["ppl_change_pct"]) for n, r in points])
+        fig.colorbar(sc, ax=ax, label=f"{key} score")
     ax.set_xlabel("prefill speed-up at 8k (x)")
     ax.set_ylabel("perplexity change (%)")
     ax.set_title("SmolLM2-135M: speed, perplexity and retrieval", fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.58)
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
     plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    if points:
+        xs = [r["model"]["speedup"] for _, r in points]
+        cells = [r["cells"][key] for _, r in points]
+        ax.errorbar(xs, [c["score"] for c in cells], yerr=[[c["score"] - c["low"] for c in cells],
+                                                           [c["high"] - c["score"] for c in cells]],
+                    fmt="none", ecolor="0.7", elinewidth=1, zorder=1)
+        ppl = [r["model"]["ppl_change_pct"] for _, r in points]
+        sc = ax.scatter(xs, [c["score"] for c in cells], c=ppl, cmap="magma_r", s=80, zorder=2)
+        _label(ax, [(n, x, c["score"]) for (n, _), x, c in zip(points, xs, cells)])
+        fig.colorbar(sc, ax=ax, label="perplexity change (%)")
+    ax.set_xlabel("prefill speed-up at 8k (x)")
+    ax.set_ylabel(f"{key} score (95% interval)")
+    ax.set_title("SmolLM2-135M: what each plan's speed costs in facts", fontsize=9)
+    fig.subplots_adjust(left=0.08, right=0.58)
+    fig.savefig(os.path.join(out, "retrieval.png"), dpi=120)
+    plt.close(fig)
+
+
+def _label(ax: Any, points: list[tuple[str, float, float]]) -> None:
+    """Number each point (configurations at one point share a number) and list the numbers' names beside the axes:
+    names of nearby points would overlap."""
+    at: dict[tuple[float, float], list[str]] = {}
+    for name, x, y in points:
+        at.setdefault((x, y), []).append(name)
+    key = []
+    for i, ((x, y), names) in enumerate(sorted(at.items()), start=1):
+        ax.annotate(str(i), (x, y), fontsize=7, xytext=(5, 3), textcoords="offset points")
+        key.append(f"{i}  {', '.join(names)}")
+    ax.margins(x=0.1, y=0.15)
+    ax.text(1.3, 1.0, "\n".join(key), transform=ax.transAxes, fontsize=7, va="top", ha="left", family="monospace")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

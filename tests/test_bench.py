@@ -606,3 +606,52 @@ def test_kernel_configs_from_the_command_line():
         script.parse_configs(["mine=local:window"])
     with pytest.raises(Exception, match="num_selected"):
         script.parse_configs(["mine=local:num_selected=3"])
+
+
+def test_ruler_frontier_configurations_and_report(tmp_path, monkeypatch):
+    """scripts/ruler_frontier.py: every configuration's arguments parse as `hf-sparse-attn ruler` options, every one
+    that names where its perplexity / speed-up were measured finds that row in the committed results (a wrong
+    parameter or layer count would silently print "not measured"), and the report counts the facts a plan keeps,
+    plots the task every plotted row has, and leaves decode variants out of the plots."""
+    import importlib.util
+    import json
+
+    from hf_sparse_attn.cli import build_parser
+    from hf_sparse_attn.eval.store import append_record
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = importlib.util.spec_from_file_location("ruler_frontier", os.path.join(root, "scripts", "ruler_frontier.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.chdir(root)
+    parser = build_parser()
+    for name, (args, source) in script.CONFIGS.items():
+        parsed = parser.parse_args(["ruler", "--model", "smollm2", "--out", str(tmp_path / name), *args])
+        assert parsed.command == "ruler"
+        if source is not None:
+            cell = script.model_cell(name)
+            assert cell is not None, name
+            assert cell["speedup"] > 0.9 and -5 < cell["ppl_change_pct"] < 50, (name, cell)
+    assert script.model_cell("calibrated_1pct")["articles"] == 16  # calibrate's held-out articles
+
+    out = tmp_path / "frontier"
+    hits = {"exact": [1, 1, 0, 1], "local_w512_30": [0, 1, 0, 0], "block_select_30_decode_local": [1, 0, 1, 1]}
+    for name, row in hits.items():
+        os.makedirs(out / name / "8192")
+        for i, hit in enumerate(row):
+            append_record(str(out / name / "8192" / "passkey.jsonl"), {"id": f"s{i}", "hits": [bool(hit)]})
+    os.makedirs(out / "exact" / "4096")
+    append_record(str(out / "exact" / "4096" / "vt.jsonl"), {"id": "s0", "hits": [True]})
+    configs, tasks = script.measured(str(out))
+    assert configs == ["exact", "local_w512_30", "block_select_30_decode_local"]
+    assert tasks == [("vt", 4096), ("passkey", 8192)]
+    result = script.report(str(out), configs, tasks)
+    local = result["rows"]["local_w512_30"]["cells"]["passkey@8192"]
+    assert local["score"] == 25 and local["kept"] == [1, 3]
+    assert result["rows"]["block_select_30_decode_local"]["cells"]["passkey@8192"]["kept"] == [2, 3]
+    assert result["rows"]["local_w512_30"]["mean_score"] is None  # vt@4096 not run: no mean over fewer tasks
+    assert script.plotted_task(result) == "passkey@8192"  # the exact row's vt@4096 is not everyone's
+    text = (out / "frontier.md").read_text()
+    assert "| local_w512_30 | — | 25 [" in text and "passkey@8192 score of every prefill plan" in text
+    assert (out / "frontier.png").stat().st_size > 0 and (out / "retrieval.png").stat().st_size > 0
+    assert json.loads((out / "frontier.json").read_text())["tasks"] == ["vt@4096", "passkey@8192"]
