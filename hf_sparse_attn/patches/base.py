@@ -26,6 +26,7 @@ from ..kernels import needs_grad
 from ..methods.decode import get_decode_spec
 from ..methods.registry import get_spec
 from .compiled import attend_compiled
+from .static_index import StaticIndexes
 from .reasons import (DECODE_COMPILE_REASON, DECODE_REASON, DROPOUT_REASON, FULL_MASK_REASON, NO_GRADIENT_REASON,
                       NO_INDEXED_CACHE_REASON, OUTPUT_ATTENTIONS_REASON, UNSUPPORTED_INPUT_REASON, min_seq_len_reason)
 
@@ -259,6 +260,7 @@ class LayerRuntime:
             self.decode_params = self._decode_spec.resolve_params(dict(decode_params or {}))
             self._decode_fn = self._decode_spec.fn
             self._index_slot = (decode_method, json.dumps(self.decode_params, sort_keys=True))
+            self._static_indexes = StaticIndexes()  # the index of a StaticCache's buffer (static_index.py)
 
     @property
     def active(self) -> bool:
@@ -354,7 +356,7 @@ class LayerRuntime:
         """query [B, H, Nq, D], key/value [B, Hkv, L, D] (the first ``call.kv_len`` positions valid),
         key_padding_mask [B, kv_len] bool or None. ``call``: the adapter's description of the call
         (:func:`describe_call`); None describes plain self-attention with this mask. ``traced``: the call comes from
-        a compiled graph's operator (compiled_cache.py), whose keys no longer lead to their cache layer. Returns the
+        a compiled graph's operator (compiled_cache.py), whose keys lead to no GrowingCache layer. Returns the
         method's output [B, H, Nq, D], or None (exact attention; the reason is counted)."""
         if not self.active:
             return None
@@ -363,6 +365,8 @@ class LayerRuntime:
         decision = self.decide(call)  # the shared rules first: no KV-head expansion for a call that runs exact
         if decision.path == SERVE_DECODE:
             return self._attend_cache(query, key, value, call, key_padding_mask, traced)
+        if self.decode_method is not None and not torch.compiler.is_compiling():
+            self._static_indexes.forget(key)  # this call writes the cache without its index
         if decision.path == SERVE_CHUNK:
             out, _lse = self._spec.chunk_fn(query, key, value, scale=call.scale, kv_len=call.kv_len,
                                             key_padding_mask=key_padding_mask, **self.params)
@@ -395,12 +399,12 @@ class LayerRuntime:
     def _attend_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall,
                       key_padding_mask: Optional[torch.Tensor], traced: bool = False) -> Optional[torch.Tensor]:
         """The decode method over the cache: query [B, H, Nq, D], key / value [B, Hkv, L, D] (grouped heads, first
-        call.kv_len valid). A method with an index (``lsh``) finds it on the cache layer (decode_cache.py) and
-        brings it up to date; without a cache that keeps one, or in a compiled graph (``traced``), the call runs
-        exact attention, counted."""
+        call.kv_len valid). A method with an index (``lsh``, ``quest``) finds it on the cache layer (decode_cache.py)
+        or, for a StaticCache, here (static_index.py), and brings it up to date; for keys of another cache the call
+        runs exact attention, counted (the compile reason for a compiled graph's call, ``traced``)."""
         index = None
         if self._decode_spec.uses_index:
-            index = None if traced else self._cache_index(key, call, key_padding_mask)
+            index = self._cache_index(key, call, key_padding_mask)
             if index is None:
                 self._count_fallback(DECODE_COMPILE_REASON if traced else NO_INDEXED_CACHE_REASON, against_cache=True)
                 return None
@@ -410,13 +414,18 @@ class LayerRuntime:
         return out
 
     def _cache_index(self, key: torch.Tensor, call: AttentionCall, key_padding_mask: Optional[torch.Tensor]) -> Any:
-        """The decode method's index of this layer's cached keys, kept on the cache layer (GrowingCache) and
-        describing positions [0, kv_len) on return: built over the positions before this call's queries the first
-        time, then extended by the keys each call brings. None when the keys are not a GrowingCache layer's."""
+        """The decode method's index of this layer's cached keys, kept on the cache layer (GrowingCache) or, for a
+        preallocated cache (StaticCache), by this runtime (static_index.py), and describing positions [0, kv_len) on
+        return: built over the positions before this call's queries the first time, then extended by the keys each
+        call brings. None for keys of any other cache (a DynamicCache, or a GrowingCache under torch.compile)."""
         from .decode_cache import cache_layer_of
 
         layer = cache_layer_of(key)
-        if layer is None or layer.get_seq_length() != call.kv_len:
+        if layer is None:
+            return self._static_indexes.index(
+                key, call.kv_len, call.q_len, key_padding_mask,
+                lambda k, n, mask: self._decode_spec.build_index(k, n, mask, **self.decode_params))
+        if layer.get_seq_length() != call.kv_len:
             return None
         prior = call.kv_len - call.q_len
         index = layer.decode_indexes.get(self._index_slot)

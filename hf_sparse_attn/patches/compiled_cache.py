@@ -9,8 +9,10 @@ reduced to key padding, the layer's decision and counters (``LayerRuntime.attend
 function, or a counted fallback), and, where the runtime declines the call, exact attention with the call's own mask
 (what transformers' ``sdpa`` attention computes). Compiled and eager steps give the same outputs and the same counts,
 with no graph break. A ``StaticCache`` keeps every shape fixed from step to step, so one graph serves every step.
-Decode methods that keep an index with the cache (``lsh``, ``quest``) find it from the keys tensor, which a compiled
-graph hands over without its cache layer: they run exact attention there, counted (reasons.DECODE_COMPILE_REASON).
+Decode methods that keep an index with the cache (``lsh``, ``quest``) serve a ``StaticCache``: inductor writes its
+update in place, so the operator gets the buffer whose index the layer's runtime keeps (static_index.py). A
+``GrowingCache``'s keys reach the operator without their cache layer: those calls run exact attention, counted
+(reasons.DECODE_COMPILE_REASON).
 
 The operator names the layer's runtime by its integer token (``LayerRuntime.token``; a graph cannot hold the Python
 object). It has no backward: the adapter takes this route only where no input needs a gradient (a call against a

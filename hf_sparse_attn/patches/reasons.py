@@ -17,10 +17,12 @@ The rules that give them, in the order the decision applies them (the first that
 For calls against a KV cache served by a decode method, rule 6 does not apply, rule 7 always holds when a gradient is
 needed (decode methods have no backward), and the decode path adds:
 
-- ``DECODE_COMPILE_REASON``       the call is traced by torch.compile and its decode method runs only eagerly (an index
-                                  kept with the cache; a call traced outside the run-time operator of
-                                  compiled_cache.py, e.g. while attention is captured)
-- ``NO_INDEXED_CACHE_REASON``     the decode method keeps an index with the cache, and the cache keeps none
+- ``DECODE_COMPILE_REASON``       the call is traced by torch.compile and its decode method cannot serve it there: an
+                                  index kept with a cache other than a StaticCache (a GrowingCache's layer is not
+                                  reached from a compiled graph), or a call traced outside the run-time operator of
+                                  compiled_cache.py (e.g. while attention is captured)
+- ``NO_INDEXED_CACHE_REASON``     the decode method keeps an index with the cache, and the cache keeps none (neither a
+                                  GrowingCache nor a preallocated StaticCache)
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ DROPOUT_REASON = "attention dropout in training"
 DECODE_REASON = NOT_SELF_ATTENTION_REASON
 FULL_MASK_REASON = "mask is not causal + key padding (sliding window, packed sequences or a custom mask)"
 UNSUPPORTED_INPUT_REASON = "position bias / softcap / sliding window"
-DECODE_COMPILE_REASON = "decode step under torch.compile (this decode method runs eagerly only)"
+DECODE_COMPILE_REASON = ("decode step under torch.compile without an index (compiled, this decode method reads its "
+                         "index from a StaticCache only: generate(..., cache_implementation=\"static\"))")
 NO_INDEXED_CACHE_REASON = ("the decode method keeps an index with the KV cache: pass "
-                           "past_key_values=hf_sparse_attn.GrowingCache(model.config)")
+                           "past_key_values=hf_sparse_attn.GrowingCache(model.config), or use a StaticCache")
 
 
 def min_seq_len_reason(min_seq_len: int) -> str:

@@ -1,0 +1,199 @@
+"""Decode methods with an index (``quest``, ``lsh``) over transformers' ``StaticCache``, eager and compiled: the index
+is kept by the layer's runtime (patches/static_index.py), continued step by step, and never read for other contents."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import StaticCache
+
+from hf_sparse_attn import GrowingCache, patch_model, unpatch_model
+from hf_sparse_attn.methods import decode as decode_module
+from hf_sparse_attn.methods.decode_pages import build_page_index
+from hf_sparse_attn.patches import reasons
+from hf_sparse_attn.patches.static_index import STATIC_INDEXES_KEPT, StaticIndexes
+from tiny_checkpoint import tiny_llama
+
+VOCAB = 64
+QUEST = {"page_size": 4, "token_budget": 16, "window": 8, "num_sink_tokens": 2}
+LSH = {"window": 16, "num_sink_tokens": 4, "block_size": 16, "sample_size": 16}
+PARAMS = {"quest": QUEST, "lsh": LSH}
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_llama(VOCAB, num_layers=3)
+    m.set_attn_implementation("sdpa")
+    return m
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Counts the decode indexes built (DecodeSpec.build_index calls)."""
+    count = [0]
+    build = decode_module.DecodeSpec.build_index
+
+    def counted(self, *args, **kwargs):
+        count[0] += 1
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(decode_module.DecodeSpec, "build_index", counted)
+    return count
+
+
+def _prompt(length=200, seed=0, batch=2):
+    ids = torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :7], mask[1, :7] = 0, 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def _steps(forward, model, ids, mask, cache, steps=4):
+    """Logits [B, steps + 1, V]: a prefill of ids into ``cache`` from position 0, then greedy single-token steps."""
+    n = ids.shape[1]
+    logits = [forward(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                      cache_position=torch.arange(n)).logits[:, -1]]
+    for step in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits.append(forward(logits[-1].argmax(-1, keepdim=True), attention_mask=mask, past_key_values=cache,
+                              use_cache=True, cache_position=torch.tensor([n + step])).logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("decode_method", ["quest", "lsh"])
+def test_a_static_cache_serves_the_decode_method_as_a_growing_cache_does(model, builds, decode_method):
+    """generate(cache_implementation="static"), left-padded batch: every step served by the decode method (before:
+    exact attention, counted), the tokens and scores of the same plan over a GrowingCache, one index built per layer
+    and continued over the 11 steps."""
+    ids, mask = _prompt()
+    _, exact_scores = _generate(model, ids, mask)
+    plan = patch_model(model, method="exact", layers="all", decode_method=decode_method,
+                       decode_params=PARAMS[decode_method])
+    try:
+        growing = _generate(model, ids, mask, past_key_values=GrowingCache(model.config))
+        plan.reset_counts()
+        builds[0] = 0
+        static = _generate(model, ids, mask, cache_implementation="static")
+    finally:
+        unpatch_model(model)
+    assert torch.equal(static[0], growing[0])
+    torch.testing.assert_close(static[1], growing[1], rtol=1e-5, atol=1e-5)
+    assert [layer.decode_served for layer in plan.layers] == [11] * 3 and plan.fallback_counts() == {}, str(plan)
+    assert builds[0] == 3
+    assert (static[1] - exact_scores).abs().max() > 1e-4  # the method's selection, not exact attention
+
+
+def test_a_static_cache_filled_again_is_not_read_through_the_old_index(model, builds):
+    """The same StaticCache reset (as generate() does) and filled with a second prompt as long as the positions the
+    old index describes (116 + 4 steps): its steps equal those over a fresh cache; the index is rebuilt, not
+    continued."""
+    first, first_mask = _prompt(length=116, seed=1)
+    second, mask = _prompt(length=120, seed=2)
+    plan = patch_model(model, method="exact", layers="all", decode_method="quest", decode_params=QUEST)
+    try:
+        with torch.no_grad():
+            fresh = _steps(model, model, second, mask, StaticCache(config=model.config, max_cache_len=130))
+            cache = StaticCache(config=model.config, max_cache_len=130)
+            _steps(model, model, first, first_mask, cache)
+            builds[0] = 0
+            cache.reset()
+            again = _steps(model, model, second, mask, cache)
+    finally:
+        unpatch_model(model)
+    torch.testing.assert_close(again, fresh, rtol=1e-5, atol=1e-5)
+    assert builds[0] == 3 and plan.fallback_counts() == {}, str(plan)
+
+
+def test_the_index_continues_only_over_the_contents_it_saw():
+    """StaticIndexes: a call that follows the indexed positions of the same contents continues the index; keys changed
+    at the indexed edges, another batch size, a non-consecutive call or a buffer that is not preallocated do not."""
+    built = []
+
+    def build(key, n, mask):
+        built.append(n)
+        return build_page_index(key, n, mask, page_size=4)
+
+    buffer = torch.randn(2, 3, 64, 8)
+    indexes = StaticIndexes()
+    assert indexes.index(buffer, 40, 1, None, build).length == 40 and built == [39]
+    assert indexes.index(buffer, 41, 1, None, build).length == 41 and built == [39]  # continued
+    buffer[:, :, 40] += 1.0  # the last indexed key changed: the buffer holds other contents
+    assert indexes.index(buffer, 42, 1, None, build).length == 42 and built == [39, 41]
+    assert indexes.index(buffer, 44, 1, None, build).length == 44 and built == [39, 41, 43]  # a position skipped
+    indexes.forget(buffer)  # a call wrote the buffer without the decode method
+    assert indexes.index(buffer, 45, 1, None, build).length == 45 and built == [39, 41, 43, 44]
+    assert indexes.index(buffer[:1], 46, 1, None, build).length == 46 and built[-1] == 45  # another batch
+    assert indexes.index(torch.randn(2, 3, 50, 8), 50, 1, None, build) is None  # a DynamicCache's keys
+    others = [torch.randn(2, 3, 64, 8) for _ in range(STATIC_INDEXES_KEPT + 2)]  # alive: distinct storages
+    for other in others:
+        indexes.index(other, 10, 1, None, build)
+    assert len(indexes) == STATIC_INDEXES_KEPT
+
+
+def test_compiled_steps_over_a_static_cache_serve_the_index_methods(model):
+    """quest under torch.compile with a StaticCache: served at run time by the operator of compiled_cache.py (before:
+    exact attention, the compile reason counted), with the eager outputs and counts. A GrowingCache under compile
+    still runs exact, counted: tests/test_compile.py."""
+    import torch._dynamo as dynamo
+
+    ids, mask = _prompt(length=60)
+    plan = patch_model(model, method="exact", layers="all", decode_method="quest", decode_params=QUEST)
+    try:
+        with torch.no_grad():
+            eager = _steps(model, model, ids, mask, StaticCache(config=model.config, max_cache_len=70))
+            counts = [layer.decode_served for layer in plan.layers]
+            plan.reset_counts()
+            dynamo.reset()
+            compiled = _steps(torch.compile(model, backend="aot_eager"), model, ids, mask,
+                              StaticCache(config=model.config, max_cache_len=70))
+    finally:
+        dynamo.reset()
+        unpatch_model(model)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert counts == [4] * 3 and [layer.decode_served for layer in plan.layers] == counts, str(plan)
+    assert plan.fallback_counts() == {}, str(plan)
+
+
+def test_concurrent_static_caches_give_the_sequential_results(model):
+    prompts = [_prompt(length=100, seed=s, batch=1) for s in range(3)]
+    patch_model(model, method="exact", layers="all", decode_method="quest", decode_params=QUEST)
+    try:
+        with torch.no_grad():
+            sequential = [_steps(model, model, ids, mask, StaticCache(config=model.config, max_cache_len=110))
+                          for ids, mask in prompts]
+            results = [None] * len(prompts)
+
+            def run(i):
+                ids, mask = prompts[i]
+                with torch.no_grad():
+                    results[i] = _steps(model, model, ids, mask, StaticCache(config=model.config, max_cache_len=110))
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        unpatch_model(model)
+    for a, b in zip(sequential, results):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_dynamic_cache_still_says_how_to_keep_the_index(model):
+    ids, mask = _prompt(length=60)
+    plan = patch_model(model, method="exact", layers="all", decode_method="quest", decode_params=QUEST)
+    try:
+        _generate(model, ids, mask)
+    finally:
+        unpatch_model(model)
+    assert plan.fallback_counts() == {reasons.NO_INDEXED_CACHE_REASON: 3 * 11}
+    assert "StaticCache" in reasons.NO_INDEXED_CACHE_REASON and "GrowingCache" in reasons.NO_INDEXED_CACHE_REASON
