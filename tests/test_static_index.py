@@ -13,7 +13,7 @@ from hf_sparse_attn import GrowingCache, patch_model, unpatch_model
 from hf_sparse_attn.methods import decode as decode_module
 from hf_sparse_attn.methods.decode_pages import build_page_index
 from hf_sparse_attn.patches import reasons
-from hf_sparse_attn.patches.static_index import STATIC_INDEXES_KEPT, StaticIndexes
+from hf_sparse_attn.patches.static_index import StaticIndexes
 from tiny_checkpoint import tiny_llama
 
 VOCAB = 64
@@ -115,7 +115,8 @@ def test_a_static_cache_filled_again_is_not_read_through_the_old_index(model, bu
 
 def test_the_index_continues_only_over_the_contents_it_saw():
     """StaticIndexes: a call that follows the indexed positions of the same contents continues the index; keys changed
-    at the indexed edges, another batch size, a non-consecutive call or a buffer that is not preallocated do not."""
+    at the indexed edges, another view of the buffer, a non-consecutive call or a buffer that is not preallocated do
+    not; an index is released with its buffer."""
     built = []
 
     def build(key, n, mask):
@@ -133,10 +134,11 @@ def test_the_index_continues_only_over_the_contents_it_saw():
     assert indexes.index(buffer, 45, 1, None, build).length == 45 and built == [39, 41, 43, 44]
     assert indexes.index(buffer[:1], 46, 1, None, build).length == 46 and built[-1] == 45  # another batch
     assert indexes.index(torch.randn(2, 3, 50, 8), 50, 1, None, build) is None  # a DynamicCache's keys
-    others = [torch.randn(2, 3, 64, 8) for _ in range(STATIC_INDEXES_KEPT + 2)]  # alive: distinct storages
-    for other in others:
-        indexes.index(other, 10, 1, None, build)
-    assert len(indexes) == STATIC_INDEXES_KEPT
+    other = torch.randn(2, 3, 64, 8)
+    indexes.index(other, 10, 1, None, build)
+    assert len(indexes) == 2
+    del buffer, other  # the caches are gone: so are their indexes
+    assert len(indexes) == 0
 
 
 def test_compiled_steps_over_a_static_cache_serve_the_index_methods(model):

@@ -5,10 +5,10 @@ to it. A ``StaticCache`` is transformers' own class, and the keys it hands over 
 [B, Hkv, max_cache_len, D], written in place step after step: the same storage on every step, eager or compiled
 (inductor writes a graph input's cache update in place, so the run-time operator of compiled_cache.py reads the
 buffer itself). :class:`StaticIndexes` keeps, per layer runtime, the index of each such buffer it has seen, keyed by the
-buffer's storage, for the ``STATIC_INDEXES_KEPT`` most recently used buffers.
+buffer's storage (weakly: an index is released with its cache).
 
-An index is read only where it provably continues: it describes positions [0, n) of the buffer, the call's queries
-follow at n (``prior == n``), the batch is the same, and the keys at positions 0 and n - 1 equal the ones it saw
+An index is read only where it continues: it describes positions [0, n) of the buffer, the call's queries follow at
+n (``prior == n``), the buffer is the same view of the storage with the same batch, and the keys at positions 0 and n - 1 equal the ones it saw
 there. Every other call rebuilds it from the buffer (O(kv_len), once), and a call that writes the buffer without the
 decode method (a prefill into the cache, a chunk of a prompt, a step that ran exact attention) drops it
 (:meth:`StaticIndexes.forget`): a cache reset and filled with another prompt is never read through the old index.
@@ -20,19 +20,16 @@ index with the cache instead).
 
 from __future__ import annotations
 
-import collections
 import threading
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
 
-# Buffers per layer whose index is kept (the least recently used beyond this is dropped with its index).
-STATIC_INDEXES_KEPT = 4
 
-
-def _buffer_key(key: torch.Tensor) -> tuple:
-    """What names a cache buffer: its storage, offset, shape, dtype and device."""
-    return (key.untyped_storage().data_ptr(), key.storage_offset(), tuple(key.shape), key.dtype, str(key.device))
+def _view_of(key: torch.Tensor) -> tuple:
+    """Which view of its storage a key buffer is: offset, shape, strides, dtype."""
+    return key.storage_offset(), tuple(key.shape), key.stride(), key.dtype
 
 
 class _Entry:
@@ -40,12 +37,13 @@ class _Entry:
 
     def __init__(self, index: Any, key: torch.Tensor, length: int):
         self.index = index
+        self.view = _view_of(key)
         self.edges = key[:, :, [0, length - 1]].clone()
         self.length = length
 
     def continues(self, key: torch.Tensor, prior: int, batch: int) -> bool:
         """Whether the call's queries follow the indexed positions of this very buffer content."""
-        return (self.length == prior and self.index.matches(prior, batch)
+        return (self.length == prior and self.view == _view_of(key) and self.index.matches(prior, batch)
                 and torch.equal(key[:, :, [0, prior - 1]], self.edges))
 
 
@@ -53,7 +51,7 @@ class StaticIndexes:
     """The decode indexes of preallocated caches of one layer (thread-safe: each buffer has its own entry)."""
 
     def __init__(self) -> None:
-        self._entries: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+        self._entries: "weakref.WeakKeyDictionary[torch.UntypedStorage, _Entry]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -64,10 +62,10 @@ class StaticIndexes:
         """The index of key [B, Hkv, L, D] describing positions [0, kv_len) on return, or None when the buffer is not
         preallocated (L == kv_len with no index to continue). ``build(key, n, mask)`` indexes the first n positions;
         key_padding_mask [B, >= kv_len] bool or None."""
-        name = _buffer_key(key)
+        storage = key.untyped_storage()
         prior = kv_len - q_len
         with self._lock:
-            entry = self._entries.pop(name, None)
+            entry = self._entries.pop(storage, None)
         if entry is not None and not entry.continues(key, prior, key.shape[0]):
             entry = None
         if entry is None:
@@ -78,15 +76,12 @@ class StaticIndexes:
         else:
             index = entry.index
         index.append(key[:, :, prior:kv_len])
-        entry = _Entry(index, key, kv_len)
         with self._lock:
-            self._entries[name] = entry
-            while len(self._entries) > STATIC_INDEXES_KEPT:
-                self._entries.popitem(last=False)
+            self._entries[storage] = _Entry(index, key, kv_len)
         return index
 
     def forget(self, key: torch.Tensor) -> None:
         """Drop the index of the buffer ``key`` (a call wrote it without the decode method)."""
-        if self._entries:
+        if len(self._entries):
             with self._lock:
-                self._entries.pop(_buffer_key(key), None)
+                self._entries.pop(key.untyped_storage(), None)
