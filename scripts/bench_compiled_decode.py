@@ -8,7 +8,10 @@ time (hf_sparse_attn/patches/compiled_cache.py). Kinds (--kinds):
 * ``unpatched``: the model as loaded;
 * ``recommended``: a copy patched with ``recommended(model)`` (block_select prefill on every layer; exact decode on
   the layers of largest Q/K weight norm, sinks + window on the others);
-* ``local_decode``: a copy with the same prefill and sinks + window decode on every layer.
+* ``local_decode``: a copy with the same prefill and sinks + window decode on every layer;
+* ``quest_split``: ``recommended(model)`` with ``quest`` (token budget 4096) instead of exact decode on its exact
+  layers: the decode plan of ruler_decode_16k's ``block_select_w1024_s64_30_decode_quest_b4096_split_20`` row. Its
+  page index is kept for the StaticCache by the layer's runtime (hf_sparse_attn/patches/static_index.py).
 
 Per context length (tokens of one real Wikipedia article) each kind prefills its own StaticCache (eager, untimed),
 compiles its model (``torch.compile(model, backend=--backend)``; the first call's seconds are reported as the compile
@@ -38,7 +41,9 @@ import torch
 
 from hf_sparse_attn.eval.script_report import command_line, write_report
 
-KINDS = ("unpatched", "recommended", "local_decode")
+KINDS = ("unpatched", "recommended", "local_decode", "quest_split")
+# quest's budget on recommended(model)'s exact-decode layers (eval/results/ruler_decode_16k: its pass keys at 16k)
+QUEST_SPLIT_TOKEN_BUDGET = 4096
 MODES = ("compiled", "eager")
 WARMUP_STEPS = 2  # the compiling call and one more
 
@@ -53,6 +58,9 @@ def patched_copy(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     copied = copy.deepcopy(model)
     if kind == "recommended":
         patch_model(copied, **recommended(copied))
+    elif kind == "quest_split":
+        patch_model(copied, **{**recommended(copied), "decode_method": "quest",
+                               "decode_params": {"token_budget": QUEST_SPLIT_TOKEN_BUDGET}})
     else:
         patch_model(copied, **RECOMMENDED_PREFILL, layers="all", **LOCAL_DECODE)
     return copied
@@ -159,7 +167,8 @@ def markdown(result: dict) -> str:
     lines += ["", "Quality is not measured here (the tokens of a compiled step equal the eager step's, "
               "tests/test_compile.py); the retrieval of these decode plans: eval/results/ruler_frontier_smollm2 "
               "(block_select_30_decode_split_20 is `recommended`'s decode, block_select_30_decode_local is "
-              "`local_decode`).", ""]
+              "`local_decode`) and eval/results/ruler_decode_16k (block_select_w1024_s64_30_decode_quest_b4096_split_20 "
+              "is `quest_split`'s).", ""]
     return "\n".join(lines)
 
 
