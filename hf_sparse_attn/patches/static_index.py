@@ -8,14 +8,14 @@ buffer itself). :class:`StaticIndexes` keeps, per layer runtime, the index of ea
 buffer's storage (weakly: an index is released with its cache).
 
 An index is read only where it continues: it describes positions [0, n) of the buffer, the call's queries follow at
-n (``prior == n``), the buffer is the same view of the storage with the same batch, and the keys at positions 0 and n - 1 equal the ones it saw
-there. Every other call rebuilds it from the buffer (O(kv_len), once), and a call that writes the buffer without the
-decode method (a prefill into the cache, a chunk of a prompt, a step that ran exact attention) drops it
-(:meth:`StaticIndexes.forget`): a cache reset and filled with another prompt is never read through the old index.
-A key buffer that is not preallocated (a ``DynamicCache``: new keys every step) gets no index (the caller runs exact
-attention, counted). Beam search reorders a ``StaticCache`` by copying it into a new buffer every step: the index is
-rebuilt every step, and the step that fills the buffer runs exact attention, counted (a ``GrowingCache`` reorders its
-index with the cache instead).
+n (``prior == n``), the buffer is the same view of the storage with the same batch, and the keys at positions 0 and
+n - 1 equal the ones it saw there. Every other call rebuilds it from the buffer (O(kv_len), once), and a call that
+writes the buffer without the decode method (a prefill into the cache, a chunk of a prompt, a step that ran exact
+attention) drops it (:meth:`StaticIndexes.forget`): a cache reset and filled with another prompt is never read
+through the old index. A key buffer that is not preallocated (a ``DynamicCache``: new keys every step) gets no index
+(the caller runs exact attention, counted). Beam search reorders a ``StaticCache`` by copying it into a new buffer
+every step: the index is rebuilt every step, and the step that fills the buffer runs exact attention, counted (a
+``GrowingCache`` reorders its index with the cache instead).
 """
 
 from __future__ import annotations
