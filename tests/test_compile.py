@@ -8,7 +8,7 @@ import torch
 
 from hf_sparse_attn import patch_model
 from hf_sparse_attn.patches import reasons
-from tiny_checkpoint import tiny_llama
+from tiny_checkpoint import greedy_steps, tiny_llama
 
 HYPER_SMALL = dict(block_size=16, sample_size=16, min_seq_len=32, causal_min_seq_len=32, window=8, num_sink_tokens=4)
 
@@ -93,15 +93,8 @@ def _greedy_steps(forward, model, ids, mask, steps: int = 3) -> torch.Tensor:
     (``forward`` is the model or its compiled form)."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 5)
-    n = ids.shape[1]
-    logits = [forward(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                      cache_position=torch.arange(n)).logits[:, -1]]
-    for step in range(steps):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits.append(forward(logits[-1].argmax(-1, keepdim=True), attention_mask=mask, past_key_values=cache,
-                              use_cache=True, cache_position=torch.tensor([n + step])).logits[:, -1])
-    return torch.stack(logits, dim=1)
+    return greedy_steps(forward, ids, mask, StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 5),
+                        steps)
 
 
 def _counts(plan) -> list:

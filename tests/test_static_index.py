@@ -3,7 +3,7 @@ is kept by the layer's runtime (patches/static_index.py), continued step by step
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -14,12 +14,13 @@ from hf_sparse_attn.methods import decode as decode_module
 from hf_sparse_attn.methods.decode_pages import build_page_index
 from hf_sparse_attn.patches import reasons
 from hf_sparse_attn.patches.static_index import StaticIndexes
-from tiny_checkpoint import tiny_llama
+from tiny_checkpoint import greedy_steps, tiny_llama
 
 VOCAB = 64
 QUEST = {"page_size": 4, "token_budget": 16, "window": 8, "num_sink_tokens": 2}
 LSH = {"window": 16, "num_sink_tokens": 4, "block_size": 16, "sample_size": 16}
 PARAMS = {"quest": QUEST, "lsh": LSH}
+STEPS = 4  # greedy steps after a prefill (tiny_checkpoint.greedy_steps)
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +58,6 @@ def _generate(model, ids, mask, **kwargs):
     return out.sequences, torch.stack(out.scores, dim=1)
 
 
-def _steps(forward, model, ids, mask, cache, steps=4):
-    """Logits [B, steps + 1, V]: a prefill of ids into ``cache`` from position 0, then greedy single-token steps."""
-    n = ids.shape[1]
-    logits = [forward(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                      cache_position=torch.arange(n)).logits[:, -1]]
-    for step in range(steps):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits.append(forward(logits[-1].argmax(-1, keepdim=True), attention_mask=mask, past_key_values=cache,
-                              use_cache=True, cache_position=torch.tensor([n + step])).logits[:, -1])
-    return torch.stack(logits, dim=1)
-
-
 @pytest.mark.parametrize("decode_method", ["quest", "lsh"])
 def test_a_static_cache_serves_the_decode_method_as_a_growing_cache_does(model, builds, decode_method):
     """generate(cache_implementation="static"), left-padded batch: every step served by the decode method (before:
@@ -101,12 +90,12 @@ def test_a_static_cache_filled_again_is_not_read_through_the_old_index(model, bu
     plan = patch_model(model, method="exact", layers="all", decode_method="quest", decode_params=QUEST)
     try:
         with torch.no_grad():
-            fresh = _steps(model, model, second, mask, StaticCache(config=model.config, max_cache_len=130))
+            fresh = greedy_steps(model, second, mask, StaticCache(config=model.config, max_cache_len=130), STEPS)
             cache = StaticCache(config=model.config, max_cache_len=130)
-            _steps(model, model, first, first_mask, cache)
+            greedy_steps(model, first, first_mask, cache, STEPS)
             builds[0] = 0
             cache.reset()
-            again = _steps(model, model, second, mask, cache)
+            again = greedy_steps(model, second, mask, cache, STEPS)
     finally:
         unpatch_model(model)
     torch.testing.assert_close(again, fresh, rtol=1e-5, atol=1e-5)
@@ -151,42 +140,35 @@ def test_compiled_steps_over_a_static_cache_serve_the_index_methods(model):
     plan = patch_model(model, method="exact", layers="all", decode_method="quest", decode_params=QUEST)
     try:
         with torch.no_grad():
-            eager = _steps(model, model, ids, mask, StaticCache(config=model.config, max_cache_len=70))
+            eager = greedy_steps(model, ids, mask, StaticCache(config=model.config, max_cache_len=70), STEPS)
             counts = [layer.decode_served for layer in plan.layers]
             plan.reset_counts()
             dynamo.reset()
-            compiled = _steps(torch.compile(model, backend="aot_eager"), model, ids, mask,
-                              StaticCache(config=model.config, max_cache_len=70))
+            compiled = greedy_steps(torch.compile(model, backend="aot_eager"), ids, mask,
+                                    StaticCache(config=model.config, max_cache_len=70), STEPS)
     finally:
         dynamo.reset()
         unpatch_model(model)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    assert counts == [4] * 3 and [layer.decode_served for layer in plan.layers] == counts, str(plan)
+    assert counts == [STEPS] * 3 and [layer.decode_served for layer in plan.layers] == counts, str(plan)
     assert plan.fallback_counts() == {}, str(plan)
 
 
 def test_concurrent_static_caches_give_the_sequential_results(model):
     prompts = [_prompt(length=100, seed=s, batch=1) for s in range(3)]
+
+    def run(prompt):
+        with torch.no_grad():
+            return greedy_steps(model, *prompt, StaticCache(config=model.config, max_cache_len=110), STEPS)
+
     patch_model(model, method="exact", layers="all", decode_method="quest", decode_params=QUEST)
     try:
-        with torch.no_grad():
-            sequential = [_steps(model, model, ids, mask, StaticCache(config=model.config, max_cache_len=110))
-                          for ids, mask in prompts]
-            results = [None] * len(prompts)
-
-            def run(i):
-                ids, mask = prompts[i]
-                with torch.no_grad():
-                    results[i] = _steps(model, model, ids, mask, StaticCache(config=model.config, max_cache_len=110))
-
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        sequential = [run(prompt) for prompt in prompts]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            concurrent = list(pool.map(run, prompts))
     finally:
         unpatch_model(model)
-    for a, b in zip(sequential, results):
+    for a, b in zip(sequential, concurrent):
         torch.testing.assert_close(a, b)
 
 

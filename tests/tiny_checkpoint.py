@@ -44,3 +44,18 @@ def save_tiny_checkpoint(directory: Path, seed: int = 0, with_tokenizer: bool = 
     if with_tokenizer:
         tokenizer.save_pretrained(directory)
     return model, tokenizer
+
+
+def greedy_steps(forward, ids, mask, cache, steps: int = 3):
+    """Logits [B, steps + 1, V]: a prefill of ids [B, n] (mask [B, n]) into ``cache`` from position 0, then ``steps``
+    greedy single-token steps (``forward``: a model or its compiled form)."""
+    import torch
+
+    n = ids.shape[1]
+    logits = [forward(ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                      cache_position=torch.arange(n)).logits[:, -1]]
+    for step in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits.append(forward(logits[-1].argmax(-1, keepdim=True), attention_mask=mask, past_key_values=cache,
+                              use_cache=True, cache_position=torch.tensor([n + step])).logits[:, -1])
+    return torch.stack(logits, dim=1)
