@@ -198,10 +198,14 @@ def test_a_compiled_prompt_fed_in_chunks_runs_the_prefill_methods_chunks():
     assert all(layer.served == 2 and not layer.fallbacks for layer in plan.layers), str(plan)  # both chunks served
 
 
-def test_generate_with_a_static_cache_and_a_fullgraph_compiled_forward():
+@pytest.mark.parametrize("decode_method,decode_params", [("exact", None),
+                                                         ("quest", {"page_size": 4, "token_budget": 1024})])
+def test_generate_with_a_static_cache_and_a_fullgraph_compiled_forward(decode_method, decode_params):
     """transformers' compiled generation path (``cache_implementation="static"``, the forward compiled with
     fullgraph=True, which fails on any graph break): a patched model generates the unpatched model's tokens for a
-    left-padded batch, every decode step served by the exact decode method."""
+    left-padded batch, every decode step served by the decode method (``quest`` through its index of the StaticCache,
+    with a budget that covers the cache; aot_eager hands the operator a copy of the cache each step, so the index is
+    rebuilt each step and needs a free slot: the cache is given one more than generate's ``max_length``)."""
     import torch._dynamo as dynamo
 
     model = tiny_llama(101, num_layers=2)
@@ -210,7 +214,12 @@ def test_generate_with_a_static_cache_and_a_fullgraph_compiled_forward():
     mask[1, :4] = 0
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
     reference = model.generate(input_ids=ids, **kwargs)
-    plan = patch_model(model, method="exact", layers="all", decode_method="exact")
+    if decode_method == "quest":
+        from transformers import StaticCache
+
+        del kwargs["cache_implementation"]
+        kwargs["past_key_values"] = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 6)
+    plan = patch_model(model, method="exact", layers="all", decode_method=decode_method, decode_params=decode_params)
     dynamo.reset()
     model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
     try:
