@@ -3,6 +3,8 @@ is kept by the layer's runtime (patches/static_index.py), continued step by step
 
 from __future__ import annotations
 
+import copy
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -126,6 +128,7 @@ def test_the_index_continues_only_over_the_contents_it_saw():
     other = torch.randn(2, 3, 64, 8)
     indexes.index(other, 10, 1, None, build)
     assert len(indexes) == 2
+    assert len(copy.deepcopy(indexes)) == 0 and len(pickle.loads(pickle.dumps(indexes))) == 0  # a copied model's
     del buffer, other  # the caches are gone: so are their indexes
     assert len(indexes) == 0
 

@@ -57,6 +57,10 @@ class StaticIndexes:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __reduce__(self):
+        """A copied or pickled model starts without indexes: they describe the caches of the original's calls."""
+        return StaticIndexes, ()
+
     def index(self, key: torch.Tensor, kv_len: int, q_len: int, key_padding_mask: Optional[torch.Tensor],
               build: Callable[[torch.Tensor, int, Optional[torch.Tensor]], Any]) -> Optional[Any]:
         """The index of key [B, Hkv, L, D] describing positions [0, kv_len) on return, or None when the buffer is not
