@@ -380,10 +380,12 @@ def write_markdown(out: str, result: dict) -> None:
             ", paired" if m.get("timing") == PAIRED_TIMING else "") + (")" if m.get("articles") else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {ppl} | {speed} | "
                      f"{source} |")
-    key = plotted_task(result)
-    if key:
-        lines += ["", f"Plots: the {key} score of every prefill plan with a perplexity and speed-up (a `_decode_` "
-                  "configuration shares its prefill's point and is left out)."]
+    keys = plotted_tasks(result)
+    if keys:
+        shown = keys[0] if len(keys) == 1 else "mean of " + " and ".join(keys)
+        lines += ["", f"Plots: every prefill plan with a perplexity and speed-up (a `_decode_` configuration shares its "
+                  f"prefill's point and is left out); frontier.png coloured by its {shown} score, retrieval.png one "
+                  f"panel per task ({', '.join(keys)})."]
     lines += ["", "![frontier](frontier.png)", "", "![retrieval](retrieval.png)", ""]
     with open(os.path.join(out, "frontier.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -395,30 +397,33 @@ def plotted_rows(result: dict) -> list[tuple[str, dict]]:
     return [(n, r) for n, r in result["rows"].items() if r["model"] and "_decode_" not in n]
 
 
-def plotted_task(result: dict) -> Optional[str]:
-    """The first task cell (e.g. "passkey@8192") that every plotted configuration has: the score the plots show (a
-    mean over tasks would not compare rows that ran different tasks); None if there is none."""
+def plotted_tasks(result: dict) -> list[str]:
+    """The task cells (e.g. "passkey@8192") that every plotted configuration has, in the report's order: the scores the
+    plots show (a mean over tasks would not compare rows that ran different tasks); empty if there is none."""
     rows = [r for _, r in plotted_rows(result)]
-    return next((key for key in result["tasks"] if rows and all(key in r["cells"] for r in rows)), None)
+    return [key for key in result["tasks"] if rows and all(key in r["cells"] for r in rows)]
 
 
 def plot(out: str, result: dict) -> None:
-    """frontier.png: speed-up against perplexity change, colour = the plotted task's score; retrieval.png: speed-up
-    against that score with its 95% interval, colour = perplexity change."""
+    """frontier.png: speed-up against perplexity change, colour = the mean score over the plotted tasks; retrieval.png:
+    one panel per plotted task, speed-up against its score with the 95% interval, colour = perplexity change."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = plotted_task(result)
-    points = plotted_rows(result) if key is not None else []
-    score = {n: r["cells"][key]["score"] for n, r in points}
+    keys = plotted_tasks(result)
+    points = plotted_rows(result) if keys else []
+    score = {n: sum(r["cells"][key]["score"] for key in keys) / len(keys) for n, r in points}
     fig, ax = plt.subplots(figsize=(10, 5.5))
     if points:
         sc = ax.scatter([r["model"]["speedup"] for _, r in points], [r["model"]["ppl_change_pct"] for _, r in points],
                         c=[score[n] for n, _ in points], cmap="viridis", vmin=0, vmax=100, s=80)
-        _label(ax, [(n, r["model"]["speedup"], r["model"]["ppl_change_pct"]) for n, r in points])
-        fig.colorbar(sc, ax=ax, label=f"{key} score")
+        numbers = _numbers(points)
+        _label(ax, numbers, [(n, r["model"]["speedup"], r["model"]["ppl_change_pct"]) for n, r in points])
+        ax.text(1.3, 1.0, _key(numbers), transform=ax.transAxes, fontsize=7, va="top", ha="left", family="monospace")
+        label = f"{keys[0]} score" if len(keys) == 1 else "mean score of " + ", ".join(keys)
+        fig.colorbar(sc, ax=ax, label=label)
     ax.set_xlabel("prefill speed-up at 8k (x)")
     ax.set_ylabel("perplexity change (%)")
     ax.set_title("SmolLM2-135M: speed, perplexity and retrieval", fontsize=9)
@@ -426,37 +431,50 @@ def plot(out: str, result: dict) -> None:
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    panels = max(1, len(keys))
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels + 5.5, 5.5), sharex=True, sharey=True, squeeze=False)
+    xs = [r["model"]["speedup"] for _, r in points]
+    ppl = [r["model"]["ppl_change_pct"] for _, r in points]
+    for i, ax in enumerate(axes[0]):
+        if points:
+            cells = [r["cells"][keys[i]] for _, r in points]
+            ax.errorbar(xs, [c["score"] for c in cells], yerr=[[c["score"] - c["low"] for c in cells],
+                                                               [c["high"] - c["score"] for c in cells]],
+                        fmt="none", ecolor="0.7", elinewidth=1, zorder=1)
+            sc = ax.scatter(xs, [c["score"] for c in cells], c=ppl, cmap="magma_r", s=60, zorder=2)
+            _label(ax, _numbers(points), [(n, x, c["score"]) for (n, _), x, c in zip(points, xs, cells)])
+            ax.set_title(f"{keys[i]} (95% interval)", fontsize=9)
+        ax.set_xlabel("prefill speed-up at 8k (x)")
+    axes[0][0].set_ylabel("score")
     if points:
-        xs = [r["model"]["speedup"] for _, r in points]
-        cells = [r["cells"][key] for _, r in points]
-        ax.errorbar(xs, [c["score"] for c in cells], yerr=[[c["score"] - c["low"] for c in cells],
-                                                           [c["high"] - c["score"] for c in cells]],
-                    fmt="none", ecolor="0.7", elinewidth=1, zorder=1)
-        ppl = [r["model"]["ppl_change_pct"] for _, r in points]
-        sc = ax.scatter(xs, [c["score"] for c in cells], c=ppl, cmap="magma_r", s=80, zorder=2)
-        _label(ax, [(n, x, c["score"]) for (n, _), x, c in zip(points, xs, cells)])
-        fig.colorbar(sc, ax=ax, label="perplexity change (%)")
-    ax.set_xlabel("prefill speed-up at 8k (x)")
-    ax.set_ylabel(f"{key} score (95% interval)")
-    ax.set_title("SmolLM2-135M: what each plan's speed costs in facts", fontsize=9)
-    fig.subplots_adjust(left=0.08, right=0.58)
+        fig.colorbar(sc, cax=fig.add_axes((0.68, 0.11, 0.012, 0.77)), label="perplexity change (%)")
+        fig.text(0.75, 0.88, _key(_numbers(points)), fontsize=7, va="top", ha="left", family="monospace")
+    fig.suptitle("SmolLM2-135M: what each plan's speed costs in facts", fontsize=9)
+    fig.subplots_adjust(left=0.06, right=0.66)
     fig.savefig(os.path.join(out, "retrieval.png"), dpi=120)
     plt.close(fig)
 
 
-def _label(ax: Any, points: list[tuple[str, float, float]]) -> None:
-    """Number each point (configurations at one point share a number) and list the numbers' names beside the axes:
-    names of nearby points would overlap."""
-    at: dict[tuple[float, float], list[str]] = {}
+def _numbers(points: list[tuple[str, dict]]) -> dict[str, int]:
+    """One number per plotted configuration, in order of speed-up, the same in every panel: names of nearby points would
+    overlap, so the plots show numbers and list the names beside the axes."""
+    order = sorted(points, key=lambda p: (p[1]["model"]["speedup"], p[1]["model"]["ppl_change_pct"], p[0]))
+    return {name: i for i, (name, _) in enumerate(order, start=1)}
+
+
+def _label(ax: Any, numbers: dict[str, int], points: list[tuple[str, float, float]]) -> None:
+    """Write each point's number beside it (configurations at one point share a label, "3,4")."""
+    at: dict[tuple[float, float], list[int]] = {}
     for name, x, y in points:
-        at.setdefault((x, y), []).append(name)
-    key = []
-    for i, ((x, y), names) in enumerate(sorted(at.items()), start=1):
-        ax.annotate(str(i), (x, y), fontsize=7, xytext=(5, 3), textcoords="offset points")
-        key.append(f"{i}  {', '.join(names)}")
+        at.setdefault((x, y), []).append(numbers[name])
+    for (x, y), nums in at.items():
+        ax.annotate(",".join(str(n) for n in sorted(nums)), (x, y), fontsize=7, xytext=(5, 3),
+                    textcoords="offset points")
     ax.margins(x=0.1, y=0.15)
-    ax.text(1.3, 1.0, "\n".join(key), transform=ax.transAxes, fontsize=7, va="top", ha="left", family="monospace")
+
+
+def _key(numbers: dict[str, int]) -> str:
+    return "\n".join(f"{i}  {name}" for name, i in sorted(numbers.items(), key=lambda item: item[1]))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

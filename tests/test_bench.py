@@ -650,8 +650,18 @@ def test_ruler_frontier_configurations_and_report(tmp_path, monkeypatch):
     assert local["score"] == 25 and local["kept"] == [1, 3]
     assert result["rows"]["block_select_30_decode_local"]["cells"]["passkey@8192"]["kept"] == [2, 3]
     assert result["rows"]["local_w512_30"]["mean_score"] is None  # vt@4096 not run: no mean over fewer tasks
-    assert script.plotted_task(result) == "passkey@8192"  # the exact row's vt@4096 is not everyone's
+    assert script.plotted_tasks(result) == ["passkey@8192"]  # the exact row's vt@4096 is not everyone's
     text = (out / "frontier.md").read_text()
-    assert "| local_w512_30 | — | 25 [" in text and "passkey@8192 score of every prefill plan" in text
+    assert "| local_w512_30 | — | 25 [" in text and "coloured by its passkey@8192 score" in text
     assert (out / "frontier.png").stat().st_size > 0 and (out / "retrieval.png").stat().st_size > 0
     assert json.loads((out / "frontier.json").read_text())["tasks"] == ["vt@4096", "passkey@8192"]
+
+    # a second task every plotted row has: both plotted, the colour their mean, one retrieval panel each
+    for name in ("exact", "local_w512_30"):
+        append_record(str(out / name / "8192" / "niah_multikey_1.jsonl"), {"id": "s0", "hits": [name == "exact"]})
+    result = script.report(str(out), configs, [("passkey", 8192), ("niah_multikey_1", 8192)])
+    assert script.plotted_tasks(result) == ["passkey@8192", "niah_multikey_1@8192"]
+    assert "coloured by its mean of passkey@8192 and niah_multikey_1@8192 score" in (out / "frontier.md").read_text()
+    from PIL import Image
+
+    assert Image.open(out / "retrieval.png").size[0] > Image.open(out / "frontier.png").size[0]  # two panels
