@@ -383,9 +383,11 @@ def write_markdown(out: str, result: dict) -> None:
     keys = plotted_tasks(result)
     if keys:
         shown = keys[0] if len(keys) == 1 else "mean of " + " and ".join(keys)
+        missing = {key: [n for n, r in plotted_rows(result) if key not in r["cells"]] for key in panel_tasks(result)}
+        lacking = "; ".join(f"not run for {key}: {', '.join(names)}" for key, names in missing.items() if names)
         lines += ["", f"Plots: every prefill plan with a perplexity and speed-up (a `_decode_` configuration shares its "
                   f"prefill's point and is left out); frontier.png coloured by its {shown} score, retrieval.png one "
-                  f"panel per task ({', '.join(keys)})."]
+                  f"panel per task most of them ran ({', '.join(missing)})" + (f"; {lacking}." if lacking else ".")]
     lines += ["", "![frontier](frontier.png)", "", "![retrieval](retrieval.png)", ""]
     with open(os.path.join(out, "frontier.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -402,6 +404,13 @@ def plotted_tasks(result: dict) -> list[str]:
     plots show (a mean over tasks would not compare rows that ran different tasks); empty if there is none."""
     rows = [r for _, r in plotted_rows(result)]
     return [key for key in result["tasks"] if rows and all(key in r["cells"] for r in rows)]
+
+
+def panel_tasks(result: dict) -> list[str]:
+    """The task cells that more than half of the plotted configurations have: one panel each in retrieval.png (a
+    configuration without the task is absent from its panel)."""
+    rows = [r for _, r in plotted_rows(result)]
+    return [key for key in result["tasks"] if 2 * sum(key in r["cells"] for r in rows) > len(rows)]
 
 
 def plot(out: str, result: dict) -> None:
@@ -431,22 +440,27 @@ def plot(out: str, result: dict) -> None:
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
     plt.close(fig)
 
-    panels = max(1, len(keys))
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels + 5.5, 5.5), sharex=True, sharey=True, squeeze=False)
-    xs = [r["model"]["speedup"] for _, r in points]
-    ppl = [r["model"]["ppl_change_pct"] for _, r in points]
+    panels = panel_tasks(result) if points else []
+    ppl_low = min((r["model"]["ppl_change_pct"] for _, r in points), default=0.0)
+    ppl_high = max((r["model"]["ppl_change_pct"] for _, r in points), default=1.0)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)) + 5.5, 5.5), sharex=True,
+                             sharey=True, squeeze=False)
     for i, ax in enumerate(axes[0]):
-        if points:
-            cells = [r["cells"][keys[i]] for _, r in points]
+        if panels:
+            ran = [(n, r) for n, r in points if panels[i] in r["cells"]]
+            xs = [r["model"]["speedup"] for _, r in ran]
+            ppl = [r["model"]["ppl_change_pct"] for _, r in ran]
+            cells = [r["cells"][panels[i]] for _, r in ran]
             ax.errorbar(xs, [c["score"] for c in cells], yerr=[[c["score"] - c["low"] for c in cells],
                                                                [c["high"] - c["score"] for c in cells]],
                         fmt="none", ecolor="0.7", elinewidth=1, zorder=1)
-            sc = ax.scatter(xs, [c["score"] for c in cells], c=ppl, cmap="magma_r", s=60, zorder=2)
-            _label(ax, _numbers(points), [(n, x, c["score"]) for (n, _), x, c in zip(points, xs, cells)])
-            ax.set_title(f"{keys[i]} (95% interval)", fontsize=9)
+            sc = ax.scatter(xs, [c["score"] for c in cells], c=ppl, cmap="magma_r", vmin=ppl_low, vmax=ppl_high, s=60,
+                            zorder=2)
+            _label(ax, _numbers(points), [(n, x, c["score"]) for (n, _), x, c in zip(ran, xs, cells)])
+            ax.set_title(f"{panels[i]} (95% interval)", fontsize=9)
         ax.set_xlabel("prefill speed-up at 8k (x)")
     axes[0][0].set_ylabel("score")
-    if points:
+    if panels:
         fig.colorbar(sc, cax=fig.add_axes((0.68, 0.11, 0.012, 0.77)), label="perplexity change (%)")
         fig.text(0.75, 0.88, _key(_numbers(points)), fontsize=7, va="top", ha="left", family="monospace")
     fig.suptitle("SmolLM2-135M: what each plan's speed costs in facts", fontsize=9)

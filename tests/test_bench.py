@@ -651,6 +651,7 @@ def test_ruler_frontier_configurations_and_report(tmp_path, monkeypatch):
     assert result["rows"]["block_select_30_decode_local"]["cells"]["passkey@8192"]["kept"] == [2, 3]
     assert result["rows"]["local_w512_30"]["mean_score"] is None  # vt@4096 not run: no mean over fewer tasks
     assert script.plotted_tasks(result) == ["passkey@8192"]  # the exact row's vt@4096 is not everyone's
+    assert script.panel_tasks(result) == ["passkey@8192"]  # nor most plans': no panel of its own
     text = (out / "frontier.md").read_text()
     assert "| local_w512_30 | — | 25 [" in text and "coloured by its passkey@8192 score" in text
     assert (out / "frontier.png").stat().st_size > 0 and (out / "retrieval.png").stat().st_size > 0
