@@ -9,8 +9,9 @@ per task and length, the score with a 95% interval (Clopper-Pearson from scipy's
 scores 0 or 1, a percentile bootstrap otherwise), beside the perplexity change and prefill speed-up that the
 configuration measured on 20 articles in its own experiment (read from that experiment's results.json, named in the
 table). A configuration differs from the unpatched model on a task only where the two intervals do not overlap.
-Writes OUT/frontier.json, OUT/frontier.md, OUT/frontier.png (speed against perplexity, colour = the pass-key / RULER
-score every plotted configuration has) and OUT/retrieval.png (speed against that score with its interval).
+Writes OUT/frontier.json, OUT/frontier.md, OUT/frontier.png (speed against perplexity, colour = the mean score over
+the tasks every plotted configuration has) and OUT/retrieval.png (one panel per task most of them have: speed against
+its score with the interval).
 """
 
 from __future__ import annotations
