@@ -401,8 +401,8 @@ def plotted_rows(result: dict) -> list[tuple[str, dict]]:
 
 
 def plotted_tasks(result: dict) -> list[str]:
-    """The task cells (e.g. "passkey@8192") that every plotted configuration has, in the report's order: the scores the
-    plots show (a mean over tasks would not compare rows that ran different tasks); empty if there is none."""
+    """The task cells (e.g. "passkey@8192") that every plotted configuration has, in the report's order: frontier.png's
+    colour is their mean (a mean over tasks would not compare rows that ran different tasks); empty if there is none."""
     rows = [r for _, r in plotted_rows(result)]
     return [key for key in result["tasks"] if rows and all(key in r["cells"] for r in rows)]
 
@@ -416,7 +416,8 @@ def panel_tasks(result: dict) -> list[str]:
 
 def plot(out: str, result: dict) -> None:
     """frontier.png: speed-up against perplexity change, colour = the mean score over the plotted tasks; retrieval.png:
-    one panel per plotted task, speed-up against its score with the 95% interval, colour = perplexity change."""
+    one panel per task of :func:`panel_tasks`, speed-up against its score with the 95% interval, colour = perplexity
+    change; the points carry the same numbers in both figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -425,11 +426,11 @@ def plot(out: str, result: dict) -> None:
     keys = plotted_tasks(result)
     points = plotted_rows(result) if keys else []
     score = {n: sum(r["cells"][key]["score"] for key in keys) / len(keys) for n, r in points}
+    numbers = _numbers(points)
     fig, ax = plt.subplots(figsize=(10, 5.5))
     if points:
         sc = ax.scatter([r["model"]["speedup"] for _, r in points], [r["model"]["ppl_change_pct"] for _, r in points],
                         c=[score[n] for n, _ in points], cmap="viridis", vmin=0, vmax=100, s=80)
-        numbers = _numbers(points)
         _label(ax, numbers, [(n, r["model"]["speedup"], r["model"]["ppl_change_pct"]) for n, r in points])
         ax.text(1.3, 1.0, _key(numbers), transform=ax.transAxes, fontsize=7, va="top", ha="left", family="monospace")
         label = f"{keys[0]} score" if len(keys) == 1 else "mean score of " + ", ".join(keys)
@@ -457,13 +458,13 @@ def plot(out: str, result: dict) -> None:
                         fmt="none", ecolor="0.7", elinewidth=1, zorder=1)
             sc = ax.scatter(xs, [c["score"] for c in cells], c=ppl, cmap="magma_r", vmin=ppl_low, vmax=ppl_high, s=60,
                             zorder=2)
-            _label(ax, _numbers(points), [(n, x, c["score"]) for (n, _), x, c in zip(ran, xs, cells)])
+            _label(ax, numbers, [(n, x, c["score"]) for (n, _), x, c in zip(ran, xs, cells)])
             ax.set_title(f"{panels[i]} (95% interval)", fontsize=9)
         ax.set_xlabel("prefill speed-up at 8k (x)")
     axes[0][0].set_ylabel("score")
     if panels:
         fig.colorbar(sc, cax=fig.add_axes((0.68, 0.11, 0.012, 0.77)), label="perplexity change (%)")
-        fig.text(0.75, 0.88, _key(_numbers(points)), fontsize=7, va="top", ha="left", family="monospace")
+        fig.text(0.75, 0.88, _key(numbers), fontsize=7, va="top", ha="left", family="monospace")
     fig.suptitle("SmolLM2-135M: what each plan's speed costs in facts", fontsize=9)
     fig.subplots_adjust(left=0.06, right=0.66)
     fig.savefig(os.path.join(out, "retrieval.png"), dpi=120)
