@@ -635,7 +635,8 @@ def test_ruler_frontier_configurations_and_report(tmp_path, monkeypatch):
     assert script.model_cell("calibrated_1pct")["articles"] == 16  # calibrate's held-out articles
 
     out = tmp_path / "frontier"
-    hits = {"exact": [1, 1, 0, 1], "local_w512_30": [0, 1, 0, 0], "block_select_30_decode_local": [1, 0, 1, 1]}
+    hits = {"exact": [1] * 9 + [0], "local_w512_30": [0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            "block_select_30_decode_local": [1, 0] + [1] * 8}
     for name, row in hits.items():
         os.makedirs(out / name / "8192")
         for i, hit in enumerate(row):
@@ -647,21 +648,31 @@ def test_ruler_frontier_configurations_and_report(tmp_path, monkeypatch):
     assert tasks == [("vt", 4096), ("passkey", 8192)]
     result = script.report(str(out), configs, tasks)
     local = result["rows"]["local_w512_30"]["cells"]["passkey@8192"]
-    assert local["score"] == 25 and local["kept"] == [1, 3]
-    assert result["rows"]["block_select_30_decode_local"]["cells"]["passkey@8192"]["kept"] == [2, 3]
-    assert result["rows"]["local_w512_30"]["mean_score"] is None  # vt@4096 not run: no mean over fewer tasks
+    assert local["score"] == 10 and local["kept"] == [1, 9] and local["differs_from_exact"]
+    assert result["rows"]["block_select_30_decode_local"]["cells"]["passkey@8192"]["kept"] == [8, 9]
+    # vt@4096: one sample, 100 [2.5, 100] overlaps 0 [0, 97.5], so it cannot show a loss and stays out of the mean;
+    # 9 of 10 pass keys [55, 100] lie above no key of 10 [0, 31]
+    assert result["compared_tasks"] == ["passkey@8192"]
+    assert result["rows"]["local_w512_30"]["mean_score"] == 10
     assert script.plotted_tasks(result) == ["passkey@8192"]  # the exact row's vt@4096 is not everyone's
     assert script.panel_tasks(result) == ["passkey@8192"]  # nor most plans': no panel of its own
     text = (out / "frontier.md").read_text()
-    assert "| local_w512_30 | — | 25 [" in text and "coloured by its passkey@8192 score" in text
+    assert "| local_w512_30 | — | 10 [" in text and "| 10 |" in text and "coloured by its passkey@8192 score" in text
+    assert "Mean: over passkey@8192" in text and "left out: vt@4096, where the unpatched model's" in text
     assert (out / "frontier.png").stat().st_size > 0 and (out / "retrieval.png").stat().st_size > 0
     assert json.loads((out / "frontier.json").read_text())["tasks"] == ["vt@4096", "passkey@8192"]
 
-    # a second task every plotted row has: both plotted, the colour their mean, one retrieval panel each
+    # a second task every plotted row has: both plotted, the colour their mean, one retrieval panel each; a third
+    # that cannot show a loss (the unpatched model answers 1 of 10) and not every plotted row has: not averaged
     for name in ("exact", "local_w512_30"):
-        append_record(str(out / name / "8192" / "niah_multikey_1.jsonl"), {"id": "s0", "hits": [name == "exact"]})
-    result = script.report(str(out), configs, [("passkey", 8192), ("niah_multikey_1", 8192)])
-    assert script.plotted_tasks(result) == ["passkey@8192", "niah_multikey_1@8192"]
+        for i in range(10):
+            append_record(str(out / name / "8192" / "niah_multikey_1.jsonl"), {"id": f"s{i}", "hits": [name == "exact"]})
+            if name == "exact":
+                append_record(str(out / name / "8192" / "vt.jsonl"), {"id": f"s{i}", "hits": [i == 0]})
+    result = script.report(str(out), configs, [("passkey", 8192), ("niah_multikey_1", 8192), ("vt", 8192)])
+    assert result["compared_tasks"] == script.plotted_tasks(result) == ["passkey@8192", "niah_multikey_1@8192"]
+    assert result["rows"]["local_w512_30"]["mean_score"] == 5  # (10 + 0) / 2: vt's 0 is not counted
+    assert result["rows"]["block_select_30_decode_local"]["mean_score"] is None  # no niah_multikey_1
     assert "coloured by its mean of passkey@8192 and niah_multikey_1@8192 score" in (out / "frontier.md").read_text()
     from PIL import Image
 
