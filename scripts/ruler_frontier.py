@@ -368,7 +368,7 @@ def write_markdown(out: str, result: dict) -> None:
              "model's. \"kept a/b\": of the b samples the unpatched model answers fully (the same prompts, "
              "the same seed), the configuration answers a: the facts a plan loses. \"served s/c\": prefill attention calls "
              "of the patched layers its method ran (the rest ran exact attention, e.g. prompts under `min_seq_len`); \"decode served\": "
-             "decode steps its decode method ran (`_decode_<method>` configurations; the others decode with exact attention). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
+             "decode steps its decode method ran (`_decode_<method>` configurations; the others decode with exact attention: `patch_model`'s `exact` decode, or, in plan files saved without a decode method such as calibrate's, the model's own attention, counted as 0 served). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
              "in the last column (each against its own exact run; \"paired\": the exact model and the plan timed article by article in turn, "
              "the others every article exact, then every article patched), with 95% bootstrap intervals over articles; "
              "calibrated plans: calibrate's held-out articles, timed in its own run, no interval. RULER's essay haystack is replaced by offline "
