@@ -291,8 +291,8 @@ def model_cell(name: str) -> Optional[dict]:
 def separates(reference: Optional[dict]) -> bool:
     """Whether a task can show what a plan loses: the unpatched model's 95% interval (``reference``, its cell) lies
     above the interval of a plan that answers none of as many samples. Where it does not (vt on SmolLM2: 14 [6, 22] at
-    8k against 0 [0, 15] for no answer), no score a plan makes differs from the unpatched model's, so the task is kept
-    out of the mean (RULER issue: a task the unpatched model scores low on cannot separate the methods)."""
+    8k against 0 [0, 15] for no answer), no score a plan makes differs from the unpatched model's: the task cannot
+    separate the methods and is kept out of the mean."""
     return reference is not None and reference["low"] > interval([0.0] * reference["samples"])[1]
 
 

@@ -671,7 +671,7 @@ def test_ruler_frontier_configurations_and_report(tmp_path, monkeypatch):
                 append_record(str(out / name / "8192" / "vt.jsonl"), {"id": f"s{i}", "hits": [i == 0]})
     result = script.report(str(out), configs, [("passkey", 8192), ("niah_multikey_1", 8192), ("vt", 8192)])
     assert result["compared_tasks"] == script.plotted_tasks(result) == ["passkey@8192", "niah_multikey_1@8192"]
-    assert result["rows"]["local_w512_30"]["mean_score"] == 5  # (10 + 0) / 2: vt's 0 is not counted
+    assert result["rows"]["local_w512_30"]["mean_score"] == 5  # (10 + 0) / 2: vt@8192 (the unpatched model's alone) is not counted
     assert result["rows"]["block_select_30_decode_local"]["mean_score"] is None  # no niah_multikey_1
     assert "coloured by its mean of passkey@8192 and niah_multikey_1@8192 score" in (out / "frontier.md").read_text()
     from PIL import Image
