@@ -12,8 +12,8 @@ table). A configuration differs from the unpatched model on a task only where th
 mean column averages the tasks that can show a loss: those where the unpatched model's interval lies above that of a
 plan answering nothing (:func:`separates`).
 Writes OUT/frontier.json, OUT/frontier.md, OUT/frontier.png (speed against perplexity, colour = the mean score over
-the tasks every plotted configuration has) and OUT/retrieval.png (one panel per task most of them have: speed against
-its score with the interval).
+the tasks every plotted configuration has) and OUT/retrieval.png (one panel per task most of them have, or two plans
+have where it can show a loss: speed against its score with the interval).
 """
 
 from __future__ import annotations
@@ -403,7 +403,7 @@ def write_markdown(out: str, result: dict) -> None:
         lacking = "; ".join(f"not run for {key}: {', '.join(names)}" for key, names in missing.items() if names)
         lines += ["", f"Plots: every prefill plan with a perplexity and speed-up (a `_decode_` configuration shares its "
                   f"prefill's point and is left out); frontier.png coloured by its {shown} score, retrieval.png one "
-                  f"panel per task most of them ran ({', '.join(missing)})" + (f"; {lacking}." if lacking else ".")]
+                  f"panel per task most of them ran or, where it can show a loss, two plans ran ({', '.join(missing)})" + (f"; {lacking}." if lacking else ".")]
     lines += ["", "![frontier](frontier.png)", "", "![retrieval](retrieval.png)", ""]
     with open(os.path.join(out, "frontier.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -435,10 +435,17 @@ def plotted_tasks(result: dict) -> list[str]:
 
 
 def panel_tasks(result: dict) -> list[str]:
-    """The task cells that more than half of the plotted configurations have: one panel each in retrieval.png (a
+    """The task cells that more than half of the plotted configurations have, or that can show a loss
+    (:func:`separates`) and two plotted plans besides the unpatched model have: one panel each in retrieval.png (a
     configuration without the task is absent from its panel)."""
-    rows = [r for _, r in plotted_rows(result)]
-    return [key for key in result["tasks"] if 2 * sum(key in r["cells"] for r in rows) > len(rows)]
+    rows = plotted_rows(result)
+    compared = result.get("compared_tasks", [])
+
+    def count(key: str) -> int:
+        return sum(key in r["cells"] for _, r in rows)
+
+    return [key for key in result["tasks"] if 2 * count(key) > len(rows) or
+            (key in compared and sum(key in r["cells"] for n, r in rows if n != "exact") >= 2)]
 
 
 def plot(out: str, result: dict) -> None:

@@ -677,3 +677,17 @@ def test_ruler_frontier_configurations_and_report(tmp_path, monkeypatch):
     from PIL import Image
 
     assert Image.open(out / "retrieval.png").size[0] > Image.open(out / "frontier.png").size[0]  # two panels
+
+    # four more plans with the pass key only: niah_multikey_1 is then 2 of 6 plotted rows, yet it can show a loss and
+    # two plans besides the unpatched model ran it, so it keeps its panel; vt@8192 (the unpatched model's alone) gets
+    # none
+    for name in ("local_w1024_30", "local_w256_30", "block_select_30", "local_w512_15"):
+        os.makedirs(out / name / "8192")
+        for i in range(10):
+            append_record(str(out / name / "8192" / "passkey.jsonl"), {"id": f"s{i}", "hits": [i < 5]})
+    for i in range(10):
+        append_record(str(out / "local_w256_30" / "8192" / "niah_multikey_1.jsonl"), {"id": f"s{i}", "hits": [False]})
+    configs = [*configs, "local_w1024_30", "local_w256_30", "block_select_30", "local_w512_15"]
+    result = script.report(str(out), configs, [("passkey", 8192), ("niah_multikey_1", 8192), ("vt", 8192)])
+    assert len(script.plotted_rows(result)) == 6 and script.plotted_tasks(result) == ["passkey@8192"]
+    assert script.panel_tasks(result) == ["passkey@8192", "niah_multikey_1@8192"]
