@@ -411,7 +411,7 @@ def write_markdown(out: str, result: dict) -> None:
 
 def mean_note(result: dict) -> str:
     """The report's line on what the mean column averages and which tasks it leaves out."""
-    compared, keys = result.get("compared_tasks", result["tasks"]), result["tasks"]
+    compared, keys = result["compared_tasks"], result["tasks"]
     left_out = [key for key in keys if key not in compared]
     text = ("Mean: over " + ", ".join(compared) + " (a row without one of them has none)") if compared else \
         "Mean: none, no task here can show a loss"
@@ -438,14 +438,15 @@ def panel_tasks(result: dict) -> list[str]:
     """The task cells that more than half of the plotted configurations have, or that can show a loss
     (:func:`separates`) and two plotted plans besides the unpatched model have: one panel each in retrieval.png (a
     configuration without the task is absent from its panel)."""
-    rows = plotted_rows(result)
-    compared = result.get("compared_tasks", [])
+    rows = [r for _, r in plotted_rows(result)]
+    plans = [r for n, r in plotted_rows(result) if n != "exact"]
+    return [key for key in result["tasks"] if 2 * _ran(key, rows) > len(rows) or
+            (key in result["compared_tasks"] and _ran(key, plans) >= 2)]
 
-    def count(key: str) -> int:
-        return sum(key in r["cells"] for _, r in rows)
 
-    return [key for key in result["tasks"] if 2 * count(key) > len(rows) or
-            (key in compared and sum(key in r["cells"] for n, r in rows if n != "exact") >= 2)]
+def _ran(key: str, rows: list[dict]) -> int:
+    """How many of ``rows`` have the task cell ``key``."""
+    return sum(key in r["cells"] for r in rows)
 
 
 def plot(out: str, result: dict) -> None:
