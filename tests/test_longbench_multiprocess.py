@@ -135,3 +135,35 @@ def test_one_process_killed_then_relaunched_with_three_completes_without_duplica
     assert all(c["skipped_done"] == done_before for c in per_process)
     shards = {r["shard"] for task in by_task for r in _predictions(out, task).values()}
     assert {"00-of-02", "00-of-03", "01-of-03", "02-of-03"} <= shards
+
+
+_LEAVE = """
+import json, sys, time
+from hf_sparse_attn.eval.longbench.distributed import start_processes
+processes = start_processes()
+if processes.rank == 0:
+    time.sleep(2.0)  # process 0 still works (merges the shards) while process 1 is done
+began = time.time()
+processes.close(finished=sys.argv[1] == "finished")
+print(json.dumps({"rank": processes.rank, "began": began, "left": time.time()}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_processes_leave_the_group_together_only_after_a_finished_run(finished, tmp_path):
+    """A process done before the others waits for them in close() and they leave the group together (one that
+    left alone while another still used the group could abort at exit, failing a finished run); after an error it
+    neither waits nor leaves."""
+    script = tmp_path / "leave.py"
+    script.write_text(_LEAVE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "finished" if finished else "failed"]
+    proc = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    if finished:  # (after an error the real command exits with it; this script's exit code says nothing then)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    times = {r["rank"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{")))}
+    assert set(times) == {0, 1}, (proc.stdout + proc.stderr)[-3000:]
+    if finished:
+        assert times[1]["left"] >= times[0]["began"]  # process 1 waited for process 0
+    else:
+        assert times[1]["left"] < times[0]["began"]  # process 1 did not wait

@@ -1,5 +1,6 @@
 """`hf-sparse-attn ruler` on a tiny random Llama checkpoint (tests/tiny_checkpoint.py): the outputs, resume without
-redoing samples, a rerun adding tasks and lengths, a rerun with other settings refused, and the bad-input errors (exit code 2, before any model loads).
+redoing samples, a rerun adding tasks and lengths, a rerun with other settings refused, the bad-input errors (exit
+code 2, before any model loads), and a run sharded over two processes.
 """
 
 from __future__ import annotations
@@ -211,3 +212,24 @@ def test_a_prompt_fed_in_chunks_is_served_by_the_prefill_method_and_recorded(mod
     assert again.returncode != 0 and "prefill_chunk_size" in again.stderr
     bad = _run(*common[:-1], str(tmp_path / "bad"), "--prefill-chunk-size", "0")
     assert bad.returncode != 0 and "--prefill-chunk-size must be >= 1" in bad.stderr
+
+
+def test_two_processes_predict_each_sample_once_and_equal_one_process(model_dir, tmp_path):
+    """Sharded over two processes (``python -m torch.distributed.run``, gloo on CPU): each sample predicted once, by
+    one of the two shards, the merged files in the order of one process's, the same predictions and scores."""
+    args = ["--model", model_dir, "--tasks", TASKS, "--lengths", "300", "--samples", "3", "--no-progress"]
+    single = _run(*args[:-1], "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "hf_sparse_attn.cli", "ruler", *args, "--out", str(tmp_path / "two")]
+    sharded = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    for task in TASKS.split(","):
+        one, two = _records(tmp_path / "one", task), _records(tmp_path / "two", task)
+        assert [r["id"] for r in two] == [r["id"] for r in one]  # each sample once, in one process's order
+        assert [r["pred"] for r in two] == [r["pred"] for r in one]
+        assert {r["shard"] for r in two} == {"00-of-02", "01-of-02"}
+    assert (json.loads((tmp_path / "two" / "result.json").read_text())
+            == json.loads((tmp_path / "one" / "result.json").read_text()))
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["meta"]["num_processes"] == 2
+    assert not [name for name in os.listdir(tmp_path / "two") if "part" in name]  # the parts merged and removed

@@ -276,11 +276,14 @@ def run(args: argparse.Namespace) -> int:
             run_dir.open()
         processes.barrier()  # nobody reads --out before process 0 checked (or, with --overwrite, cleared) it
         try:
-            return _run(args, tasks, task_samples, processes, run_dir.run_id)
+            code = _run(args, tasks, task_samples, processes, run_dir.run_id)
         finally:
             run_dir.close()
-    finally:
-        processes.close()
+    except BaseException:
+        processes.close(finished=False)
+        raise
+    processes.close()
+    return code
 
 
 def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, processes, run_id: str = "unset") -> int:

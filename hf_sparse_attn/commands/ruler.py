@@ -319,9 +319,12 @@ def run(args: argparse.Namespace) -> int:
 
     processes = start_processes()
     try:
-        return _run(args, tasks, lengths, params, settings, tokenizer, path, model_name, positions, processes)
-    finally:
-        processes.close()
+        code = _run(args, tasks, lengths, params, settings, tokenizer, path, model_name, positions, processes)
+    except BaseException:
+        processes.close(finished=False)
+        raise
+    processes.close()
+    return code
 
 
 def _open_run_dir(args, settings, processes):

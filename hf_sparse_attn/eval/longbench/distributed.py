@@ -86,13 +86,21 @@ class Processes:
 
             dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group (a no-op for a single process)."""
-        if self.distributed:
-            import torch.distributed as dist
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group (a no-op for a single process).
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        ``finished``: this process's work ended without an error. Then every process waits for the others and they
+        leave the group together: gloo's threads in a process that left while another still used the group could
+        abort that process at exit (SIGABRT, "terminate called without an active exception") after its work was
+        done. After an error the process neither waits (the others may never come) nor leaves: it exits, and the
+        launcher stops the others."""
+        if not self.distributed or not finished:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def _device(local_rank: int, world_size: int) -> torch.device:
