@@ -146,6 +146,8 @@ if processes.rank == 0:
 began = time.time()
 processes.close(finished=sys.argv[1] == "finished")
 print(json.dumps({"rank": processes.rank, "began": began, "left": time.time()}), flush=True)
+if sys.argv[1] != "finished":
+    time.sleep(3.0)  # outlive process 0's print: an exit that aborts here must not stop it before it prints
 """
 
 
