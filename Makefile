@@ -29,10 +29,10 @@ lint: env
 	$(PY) -m ruff check .
 
 test-newest: env
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20
 
 test-oldest: env-oldest
-	HF_SPARSE_ATTN_SKIP_REAL_WEIGHTS=1 $(OLDEST_PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	HF_SPARSE_ATTN_SKIP_REAL_WEIGHTS=1 $(OLDEST_PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=20
 
 test-unit: env
 	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
