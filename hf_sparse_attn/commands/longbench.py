@@ -268,22 +268,16 @@ def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.out, run_settings(args), overwrite=args.overwrite, owned_files=files,
                      owned_patterns=patterns, forbidden=[data], command="longbench")  # --out holding --data: refused
     task_samples = load_longbench_data(args, tasks) if args.suite == "longbench" else {}
-    from ..eval.longbench.distributed import start_processes
+    from ..eval.longbench.distributed import joined_processes
 
-    processes = start_processes()
-    try:
+    with joined_processes() as processes:
         if processes.is_main:  # one writer per directory: process 0 holds the lock for the whole run
             run_dir.open()
         processes.barrier()  # nobody reads --out before process 0 checked (or, with --overwrite, cleared) it
         try:
-            code = _run(args, tasks, task_samples, processes, run_dir.run_id)
+            return _run(args, tasks, task_samples, processes, run_dir.run_id)
         finally:
             run_dir.close()
-    except BaseException:
-        processes.close(finished=False)
-        raise
-    processes.close()
-    return code
 
 
 def _run(args: argparse.Namespace, tasks: list[str], task_samples: dict, processes, run_id: str = "unset") -> int:

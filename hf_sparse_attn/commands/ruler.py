@@ -315,16 +315,10 @@ def run(args: argparse.Namespace) -> int:
         "generator_version": GENERATOR_VERSION,
     }
 
-    from ..eval.longbench.distributed import start_processes
+    from ..eval.longbench.distributed import joined_processes
 
-    processes = start_processes()
-    try:
-        code = _run(args, tasks, lengths, params, settings, tokenizer, path, model_name, positions, processes)
-    except BaseException:
-        processes.close(finished=False)
-        raise
-    processes.close()
-    return code
+    with joined_processes() as processes:
+        return _run(args, tasks, lengths, params, settings, tokenizer, path, model_name, positions, processes)
 
 
 def _open_run_dir(args, settings, processes):

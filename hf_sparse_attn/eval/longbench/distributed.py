@@ -14,14 +14,16 @@ so NCCL would add nothing but one-GPU-per-rank rules and its watchdog. The model
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Processes", "start_processes", "MPI_SIZE_VARIABLES", "GROUP_TIMEOUT"]
+__all__ = ["Processes", "start_processes", "joined_processes", "MPI_SIZE_VARIABLES", "GROUP_TIMEOUT"]
 
 # The longest any process waits for the others at a collective step. The slowest process reaches the final
 # barrier at most one sample behind the others (the remaining samples are dealt out one by one), but model loading
@@ -152,3 +154,16 @@ def start_processes(timeout: datetime.timedelta = GROUP_TIMEOUT) -> Processes:
         raise ValueError(f"the process group has {dist.get_world_size()} processes (this one rank {dist.get_rank()}) "
                          f"but WORLD_SIZE={world_size}, RANK={rank}: refusing to run with an inconsistent group")
     return Processes(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+@contextlib.contextmanager
+def joined_processes() -> Iterator[Processes]:
+    """:func:`start_processes` for the block's work, then :meth:`Processes.close`: together after the block ends,
+    at once (``finished=False``) where it raised."""
+    processes = start_processes()
+    try:
+        yield processes
+    except BaseException:
+        processes.close(finished=False)
+        raise
+    processes.close()
