@@ -138,16 +138,17 @@ def test_one_process_killed_then_relaunched_with_three_completes_without_duplica
 
 
 _LEAVE = """
-import json, sys, time
+import json, os, sys, time
 from hf_sparse_attn.eval.longbench.distributed import start_processes
 processes = start_processes()
 if processes.rank == 0:
     time.sleep(2.0)  # process 0 still works (merges the shards) while process 1 is done
 began = time.time()
 processes.close(finished=sys.argv[1] == "finished")
-print(json.dumps({"rank": processes.rank, "began": began, "left": time.time()}), flush=True)
+with open(os.path.join(sys.argv[2], f"rank{processes.rank}.json"), "w") as f:  # a file each: no interleaved prints
+    json.dump({"began": began, "left": time.time()}, f)
 if sys.argv[1] != "finished":
-    time.sleep(3.0)  # outlive process 0's print: an exit that aborts here must not stop it before it prints
+    time.sleep(3.0)  # outlive process 0's write: an exit that aborts here must not stop it before it writes
 """
 
 
@@ -159,12 +160,13 @@ def test_processes_leave_the_group_together_only_after_a_finished_run(finished, 
     script = tmp_path / "leave.py"
     script.write_text(_LEAVE)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "finished" if finished else "failed"]
+               "finished" if finished else "failed", str(tmp_path)]
     proc = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
     if finished:  # (after an error the real command exits with it; this script's exit code says nothing then)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    times = {r["rank"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{")))}
-    assert set(times) == {0, 1}, (proc.stdout + proc.stderr)[-3000:]
+    written = {rank: tmp_path / f"rank{rank}.json" for rank in (0, 1)}
+    assert all(path.exists() for path in written.values()), (proc.stdout + proc.stderr)[-3000:]
+    times = {rank: json.loads(path.read_text()) for rank, path in written.items()}
     if finished:
         assert times[1]["left"] >= times[0]["began"]  # process 1 waited for process 0
     else:
