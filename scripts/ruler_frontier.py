@@ -438,8 +438,8 @@ def panel_tasks(result: dict) -> list[str]:
     """The task cells that more than half of the plotted configurations have, or that can show a loss
     (:func:`separates`) and two plotted plans besides the unpatched model have: one panel each in retrieval.png (a
     configuration without the task is absent from its panel)."""
-    rows = [r for _, r in plotted_rows(result)]
-    plans = [r for n, r in plotted_rows(result) if n != "exact"]
+    named = plotted_rows(result)
+    rows, plans = [r for _, r in named], [r for n, r in named if n != "exact"]
     return [key for key in result["tasks"] if 2 * _ran(key, rows) > len(rows) or
             (key in result["compared_tasks"] and _ran(key, plans) >= 2)]
 
