@@ -232,6 +232,26 @@ def sample_scores(run_dir: str, task: str) -> dict[str, float]:
     return {r["id"]: sum(r["hits"]) / len(r["hits"]) for r in records if r.get("hits")}
 
 
+def sample_hits(run_dir: str, task: str) -> dict[str, list[bool]]:
+    """Sample id -> which of its references the prediction holds (one bool per reference, in order)."""
+    from hf_sparse_attn.eval.store import read_records
+
+    records = read_records(os.path.join(run_dir, f"{task}.jsonl"))
+    return {r["id"]: [bool(h) for h in r["hits"]] for r in records if r.get("hits")}
+
+
+def kept_answers(hits: dict[str, list[bool]], exact_hits: dict[str, list[bool]]) -> Optional[list[int]]:
+    """For a task with several references per sample (niah_multivalue, niah_multiquery: partial credit), [references
+    the unpatched model finds that this configuration also finds, references the unpatched model finds], over the
+    samples both ran; None for a task of one reference per sample (there "kept" counts whole samples already)."""
+    if not any(len(h) > 1 for h in hits.values()):
+        return None
+    common = [i for i in exact_hits if i in hits]
+    found = sum(sum(exact_hits[i]) for i in common)
+    both = sum(sum(a and b for a, b in zip(exact_hits[i], hits[i])) for i in common)
+    return [both, found]
+
+
 def served_share(run_dir: str) -> Optional[list[int]]:
     """[prefill calls the plan's method served, prefill calls of its patched layers] of the run, or None unpatched;
     for a run that counted calls against the KV cache apart, two more: [decode steps its decode method served, decode
@@ -330,6 +350,11 @@ def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[s
                 exact = sample_scores(os.path.join(out, "exact", str(length)), task) if "exact" in configs else {}
                 found = [i for i, v in exact.items() if v == 1.0 and i in by_id]
                 cells[f"{task}@{length}"]["kept"] = [sum(by_id[i] == 1.0 for i in found), len(found)]
+                answers = kept_answers(sample_hits(os.path.join(out, name, str(length)), task),
+                                       sample_hits(os.path.join(out, "exact", str(length)), task)
+                                       if "exact" in configs else {})
+                if answers is not None:
+                    cells[f"{task}@{length}"]["kept_answers"] = answers
                 cells[f"{task}@{length}"]["served"] = served_share(os.path.join(out, name, str(length)))
         rows[name] = {"cells": cells, "model": model_cell(name)}
     reference = rows.get("exact", {}).get("cells", {})
@@ -366,7 +391,9 @@ def write_markdown(out: str, result: dict) -> None:
              f"{result['date']}; machine: {result['machine']}.",
              "Scores 0-100 with 95% intervals; `*` marks a score whose interval does not overlap the unpatched "
              "model's. \"kept a/b\": of the b samples the unpatched model answers fully (the same prompts, "
-             "the same seed), the configuration answers a: the facts a plan loses. \"served s/c\": prefill attention calls "
+             "the same seed), the configuration answers a: the facts a plan loses; \"answers kept a/b\" (tasks with several answers per sample, "
+             "scored by the fraction found): of the b answers the unpatched model finds, the configuration finds a. "
+             "\"served s/c\": prefill attention calls "
              "of the patched layers its method ran (the rest ran exact attention, e.g. prompts under `min_seq_len`); \"decode served\": "
              "decode steps its decode method ran (`_decode_<method>` configurations; the others decode with exact attention: `patch_model`'s `exact` decode, or, in plan files saved without a decode method such as calibrate's, the model's own attention, counted as 0 served). Perplexity change and prefill speed-up: 8k, Wikipedia articles (count in the last column), from the experiment named "
              "in the last column (each against its own exact run; \"paired\": the exact model and the plan timed article by article in turn, "
@@ -383,6 +410,8 @@ def write_markdown(out: str, result: dict) -> None:
             cells.append("—" if c is None else f"{c['score']:.0f} [{c['low']:.0f}, {c['high']:.0f}] "
                          f"(n={c['samples']}){' *' if c['differs_from_exact'] else ''}; kept "
                          f"{c['kept'][0]}/{c['kept'][1]}"
+                         + ("" if "kept_answers" not in c else
+                            f"; answers kept {c['kept_answers'][0]}/{c['kept_answers'][1]}")
                          + ("" if not c.get("served") else f"; served {c['served'][0]}/{c['served'][1]}")
                          + ("" if not c.get("served") or len(c["served"]) < 4 or not c["served"][3] else
                             f"; decode served {c['served'][2]}/{c['served'][3]}"))

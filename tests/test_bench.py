@@ -678,6 +678,19 @@ def test_ruler_frontier_configurations_and_report(tmp_path, monkeypatch):
 
     assert Image.open(out / "retrieval.png").size[0] > Image.open(out / "frontier.png").size[0]  # two panels
 
+    # several answers per sample (niah_multivalue): no sample answered fully, so "kept" is 0/0; the answers the
+    # unpatched model finds (2 + 1) and those of them a plan also finds (1 + 0; its own third answer of s0 is not one)
+    multivalue = {"exact": [[True, True, False, False], [False, False, True, False]],
+                  "local_w512_30": [[True, False, True, False], [False, False, False, False]]}
+    for name, rows in multivalue.items():
+        for i, row in enumerate(rows):
+            append_record(str(out / name / "8192" / "niah_multivalue.jsonl"), {"id": f"s{i}", "hits": row})
+    result = script.report(str(out), configs, [("passkey", 8192), ("niah_multivalue", 8192)])
+    cell = result["rows"]["local_w512_30"]["cells"]["niah_multivalue@8192"]
+    assert cell["kept"] == [0, 0] and cell["kept_answers"] == [1, 3] and cell["score"] == 25
+    assert "kept_answers" not in result["rows"]["local_w512_30"]["cells"]["passkey@8192"]  # one answer per sample
+    assert "kept 0/0; answers kept 1/3" in (out / "frontier.md").read_text()
+
     # four more plans with the pass key only: niah_multikey_1 is then 2 of 6 plotted rows, yet it can show a loss and
     # two plans besides the unpatched model ran it, so it keeps its panel; vt@8192 (the unpatched model's alone) gets
     # none
