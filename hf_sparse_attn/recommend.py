@@ -10,7 +10,8 @@ vertical estimate, Jiang et al. 2024: the last 64 rows' attention mass, single k
 task, eval/results/ruler_recommended_8k/frontier.md) ``local`` w1024 keeps 2 of the unpatched model's 9 pass keys and
 none of its 9 niah_multikey_1 answers; this plan keeps 9 of 9 and 7 of 9, and on a second draw of 44 multikey samples
 14 of 16 (eval/results/ruler_multikey_8k_seed1/frontier.md); niah_single_1 / niah_single_2 90 / 50, keeping 18 of 18
-and 10 of 11 (eval/results/ruler_niah_8k/frontier.md; ``local`` 65 / 10). Perplexity on 10 articles at 8k +3.1%
+and 10 of 11, niah_multivalue 28 finding 19 of the unpatched model's 27 values (eval/results/ruler_niah_8k/frontier.md;
+``local`` 65 / 10 / 9, 6 values). Perplexity on 10 articles at 8k +3.1%
 (+1.5..+5.8%), ``local``'s +3.3%; prefill 1.48x (1.45-1.51x) timed paired with the exact model, ``local`` 7% faster in
 the same run (eval/results/model_bench_block_select_w1024_s64_paired/results.md). It replaced ``block_select``'s own
 defaults (window 512 + 512 columns, the kernel defaults): as fast timed at the same time (1.45x against 1.43x,
