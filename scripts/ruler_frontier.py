@@ -224,20 +224,18 @@ def measured(out: str) -> tuple[list[str], list[tuple[str, int]]]:
     return configs, sorted(tasks, key=lambda t: (t[1], t[0]))
 
 
-def sample_scores(run_dir: str, task: str) -> dict[str, float]:
-    """Sample id -> score in [0, 1] (RULER's string_match_all: the fraction of references found)."""
-    from hf_sparse_attn.eval.store import read_records
-
-    records = read_records(os.path.join(run_dir, f"{task}.jsonl"))
-    return {r["id"]: sum(r["hits"]) / len(r["hits"]) for r in records if r.get("hits")}
-
-
-def sample_hits(run_dir: str, task: str) -> dict[str, list[bool]]:
-    """Sample id -> which of its references the prediction holds (one bool per reference, in order)."""
+def recorded_hits(run_dir: str, task: str) -> dict[str, list[bool]]:
+    """Sample id -> which of its references the recorded prediction holds (one bool per reference, in order)."""
     from hf_sparse_attn.eval.store import read_records
 
     records = read_records(os.path.join(run_dir, f"{task}.jsonl"))
     return {r["id"]: [bool(h) for h in r["hits"]] for r in records if r.get("hits")}
+
+
+def sample_scores(hits: dict[str, list[bool]]) -> dict[str, float]:
+    """Sample id -> score in [0, 1] (RULER's string_match_all: the fraction of references found), from
+    :func:`recorded_hits`."""
+    return {i: sum(h) / len(h) for i, h in hits.items()}
 
 
 def kept_answers(hits: dict[str, list[bool]], exact_hits: dict[str, list[bool]]) -> Optional[list[int]]:
@@ -337,22 +335,24 @@ def calibrated_cell(results_dir: str, budget: float) -> Optional[dict]:
 
 def report(out: str, configs: list[str], tasks: list[tuple[str, int]]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
+    # the unpatched model's hits, read once per task: every configuration's "kept" counts are against them
+    exact_hits = {(task, length): recorded_hits(os.path.join(out, "exact", str(length)), task)
+                  if "exact" in configs else {} for task, length in tasks}
     for name in configs:
         cells = {}
         for task, length in tasks:
-            by_id = sample_scores(os.path.join(out, name, str(length)), task)
+            hits = recorded_hits(os.path.join(out, name, str(length)), task)
+            by_id = sample_scores(hits)
             if by_id:
                 scores = list(by_id.values())
                 low, high = interval(scores)
                 cells[f"{task}@{length}"] = {"score": 100 * sum(scores) / len(scores), "low": low, "high": high,
                                              "samples": len(scores)}
                 # the facts the unpatched model finds (samples it scores 1 on), and how many of them this one keeps
-                exact = sample_scores(os.path.join(out, "exact", str(length)), task) if "exact" in configs else {}
+                exact = sample_scores(exact_hits[(task, length)])
                 found = [i for i, v in exact.items() if v == 1.0 and i in by_id]
                 cells[f"{task}@{length}"]["kept"] = [sum(by_id[i] == 1.0 for i in found), len(found)]
-                answers = kept_answers(sample_hits(os.path.join(out, name, str(length)), task),
-                                       sample_hits(os.path.join(out, "exact", str(length)), task)
-                                       if "exact" in configs else {})
+                answers = kept_answers(hits, exact_hits[(task, length)])
                 if answers is not None:
                     cells[f"{task}@{length}"]["kept_answers"] = answers
                 cells[f"{task}@{length}"]["served"] = served_share(os.path.join(out, name, str(length)))
